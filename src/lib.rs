@@ -1,0 +1,5 @@
+//! hj212-gateway: the front door of a pollution-source monitoring network.
+//!
+//! (crate documentation is completed as modules land)
+
+pub mod protocol;

@@ -1,0 +1,214 @@
+//! The HJ 212 CRC and the look-alikes devices send instead.
+//!
+//! HJ 212-2017 Appendix A (same procedure in HJ/T 212-2005 Appendix A):
+//!
+//! ```text
+//! crc = 0xFFFF
+//! for each byte b of the data segment:
+//!     crc = (crc >> 8) XOR b          ; the old low byte is discarded
+//!     repeat 8 times: crc = (crc >> 1) XOR (0xA001 if the shifted-out bit was 1)
+//! print "%04X", high byte first
+//! ```
+//!
+//! This is *not* CRC-16/MODBUS (`crc ^= b`), although many loggers send MODBUS,
+//! printed either high byte first or byte-swapped. When the declared CRC does
+//! not match, [`identify`] tells which variant the sender used so the finding
+//! can say so and a per-device policy can accept it.
+
+/// The reflected 0xA001 table shared by HJ 212 and CRC-16/MODBUS.
+const TABLE: [u16; 256] = build_table();
+
+const fn build_table() -> [u16; 256] {
+    let mut table = [0u16; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut crc = i as u16;
+        let mut bit = 0;
+        while bit < 8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xA001 } else { crc >> 1 };
+            bit += 1;
+        }
+        table[i] = crc;
+        i += 1;
+    }
+    table
+}
+
+/// HJ 212 CRC of a data segment (the bytes between the length field and the CRC).
+///
+/// Only the high byte of the register survives each step, so the state is one
+/// byte and the loop is a single table lookup per input byte:
+/// `crc = T[(crc >> 8) ^ b]`.
+#[inline]
+pub fn hj212(data: &[u8]) -> u16 {
+    // The register after each step is always some T[x]; its high byte is all
+    // that feeds the next step, so we carry only that byte.
+    let mut hi: u8 = 0xFF;
+    let mut crc: u16 = 0xFFFF;
+    for &b in data {
+        crc = TABLE[(hi ^ b) as usize];
+        hi = (crc >> 8) as u8;
+    }
+    crc
+}
+
+/// CRC-16/MODBUS (init 0xFFFF, reflected 0xA001, `crc ^= b`), as a 16-bit value.
+#[inline]
+pub fn modbus(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0xFFFF;
+    for &b in data {
+        crc = (crc >> 8) ^ TABLE[((crc ^ b as u16) & 0xFF) as usize];
+    }
+    crc
+}
+
+/// Which CRC algorithm and byte order a declared CRC corresponds to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CrcVariant {
+    /// The HJ 212 algorithm, as the standard requires.
+    Hj212,
+    /// CRC-16/MODBUS printed high byte first.
+    Modbus,
+    /// CRC-16/MODBUS printed low byte first (Modbus RTU wire order rendered as hex).
+    ModbusSwapped,
+    /// Matches none of the known algorithms.
+    Unknown,
+}
+
+impl CrcVariant {
+    /// Stable short name used in JSON and findings.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CrcVariant::Hj212 => "hj212",
+            CrcVariant::Modbus => "modbus",
+            CrcVariant::ModbusSwapped => "modbus-swapped",
+            CrcVariant::Unknown => "unknown",
+        }
+    }
+}
+
+/// Parses 4 hex digits (either case) into a CRC value.
+pub fn parse_hex4(text: &[u8]) -> Option<u16> {
+    if text.len() != 4 {
+        return None;
+    }
+    let mut v: u16 = 0;
+    for &c in text {
+        let d = match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            b'A'..=b'F' => c - b'A' + 10,
+            _ => return None,
+        };
+        v = (v << 4) | d as u16;
+    }
+    Some(v)
+}
+
+/// Formats a CRC the way the standard prints it: 4 upper-case hex digits.
+pub fn format_hex4(crc: u16) -> [u8; 4] {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    [
+        HEX[(crc >> 12) as usize & 0xF],
+        HEX[(crc >> 8) as usize & 0xF],
+        HEX[(crc >> 4) as usize & 0xF],
+        HEX[crc as usize & 0xF],
+    ]
+}
+
+/// Decides which variant produced `declared` over `segment`.
+///
+/// The HJ 212 value is always computed; MODBUS is computed only on a mismatch,
+/// so the common case costs one pass.
+pub fn identify(segment: &[u8], declared: u16) -> (u16, CrcVariant) {
+    let computed = hj212(segment);
+    if computed == declared {
+        return (computed, CrcVariant::Hj212);
+    }
+    let m = modbus(segment);
+    let variant = if m == declared {
+        CrcVariant::Modbus
+    } else if m.swap_bytes() == declared {
+        CrcVariant::ModbusSwapped
+    } else {
+        CrcVariant::Unknown
+    };
+    (computed, variant)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Vectors from the protocol digest §9.1 (HJ 212 and MODBUS columns).
+    #[test]
+    fn known_answers() {
+        let cases: &[(&str, u16, Option<u16>)] = &[
+            (
+                "QN=20160801085857223;ST=32;CN=1062;PW=100000;MN=010000A8900016F000169DC0;Flag=5;CP=&&RtdInterval=30&&",
+                0x1C80,
+                Some(0x0759),
+            ),
+            (
+                "QN=20040516010101001;ST=32;CN=2051;PW=123456;MN=88888880000001;Flag=3;CP=&&BeginTime=20040506111000,EndTime=20040506151000&&",
+                0x6B80,
+                Some(0xAC73),
+            ),
+            (
+                "QN=20201008154743635;ST=91;CN=9014;PW=123456;MN=SD000001;Flag=9;CP=&&QnRtn=1&&",
+                0x71C0,
+                Some(0xF028),
+            ),
+            ("123456789", 0x2F80, Some(0x4B37)),
+            ("", 0xFFFF, Some(0xFFFF)),
+            ("A", 0x7080, Some(0x707F)),
+            (
+                "QN=20160801085857223;ST=32;CN=3020;PW=123456;MN=010000A8900016F000169DC0;Flag=5;CP=&&DataTime=20160801085857;PolId=w01018;i11001-Info=//清洗管路//&&",
+                0x9481,
+                Some(0x7033),
+            ),
+            (
+                "QN=20170516010101001;ST=22;CN=1072;PW=123456;MN=ABCDEFG1234567;Flag=3;CP=&&PW=654321&&",
+                0xE681,
+                Some(0xE476),
+            ),
+            (
+                "QN=20160801085857223;ST=23;CN=2011;PW=123456;MN=010000A8900016F000169DC0;Flag=5;CP=&&DataTime=20160801085857; LA-Rtd=50.1&&",
+                0x1E00,
+                Some(0x25FB),
+            ),
+            (
+                "QN=20240601085857223;ST=32;CN=1011;PW=123456;MN=010000A8900016F000169DC0;Flag=9;CP=&&&&",
+                0x2200,
+                None,
+            ),
+        ];
+        for (seg, hj, mb) in cases {
+            assert_eq!(hj212(seg.as_bytes()), *hj, "hj212 of {seg}");
+            if let Some(mb) = mb {
+                assert_eq!(modbus(seg.as_bytes()), *mb, "modbus of {seg}");
+            }
+        }
+    }
+
+    #[test]
+    fn low_byte_is_always_one_of_eight() {
+        // Digest §2.2: only 256 possible values; low byte in {00,01,40,41,80,81,C0,C1}.
+        for x in 0..=255u8 {
+            let lo = hj212(&[x, x.wrapping_mul(7)]) & 0xFF;
+            assert!([0x00, 0x01, 0x40, 0x41, 0x80, 0x81, 0xC0, 0xC1].contains(&lo));
+        }
+    }
+
+    #[test]
+    fn identify_variants() {
+        let seg = b"QN=20170516010101001;ST=22;CN=1072;PW=123456;MN=ABCDEFG1234567;Flag=3;CP=&&PW=654321&&";
+        assert_eq!(identify(seg, 0xE681).1, CrcVariant::Hj212);
+        assert_eq!(identify(seg, 0xE476).1, CrcVariant::Modbus);
+        assert_eq!(identify(seg, 0x76E4).1, CrcVariant::ModbusSwapped);
+        assert_eq!(identify(seg, 0x1234).1, CrcVariant::Unknown);
+        assert_eq!(parse_hex4(b"1c80"), Some(0x1C80));
+        assert_eq!(parse_hex4(b"1G80"), None);
+        assert_eq!(&format_hex4(0x0A0B), b"0A0B");
+    }
+}
