@@ -1,1 +1,2 @@
+//! `hj212-gateway` binary (wired up as commands land).
 fn main() {}

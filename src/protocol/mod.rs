@@ -3,4 +3,18 @@
 //! Nothing in this module performs I/O, spawns tasks or reads a clock. It is the
 //! only place in the crate that knows HJ 212 syntax.
 
+pub mod codes;
+pub mod cp;
 pub mod crc;
+pub mod crypt;
+pub mod dialect;
+pub mod finding;
+pub mod frame;
+pub mod header;
+pub mod json;
+pub mod reply;
+pub mod time;
+
+pub use dialect::Dialect;
+pub use finding::{Finding, Severity};
+pub use frame::{CrcPolicy, DeviceLookup, DeviceProfile, Frame, Options, decode};

@@ -1,0 +1,268 @@
+//! The CP data area.
+//!
+//! Grammar (HJ 212-2017 §6.3.3; HJ/T 212-2005 §6.3.3):
+//!
+//! ```text
+//! CP    = "CP=&&" [ group *( ";" group ) ] "&&"
+//! group = pair *( "," pair )        ; "," separates items of one factor
+//! pair  = key "=" value             ; key = name | code "-" suffix
+//! ```
+//!
+//! There is no escaping; the only free text is `-Info=//…//` (2017 C.40 note 3),
+//! which is scanned to its closing `//` before splitting. `,` and `;` are not
+//! used consistently (the standard itself writes `BeginTime=…,EndTime=…`), so
+//! both separate pairs. Trailing separators, empty CPs and spaces occur in the
+//! field and are tolerated.
+
+use super::finding::{Finding, Severity, code};
+use super::frame::Span;
+
+/// How a value will be rendered in JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueKind {
+    /// Plain decimal that is also valid JSON number syntax: written with the device's digits.
+    Number,
+    /// A decimal JSON would reject (`+1`, `.5`, `1.`, `007`): normalised.
+    LooseNumber,
+    /// Text (flags, times, ids, info, anything non-numeric).
+    Text,
+}
+
+/// One `key=value` of the CP area.
+#[derive(Debug, Clone, Copy)]
+pub struct Pair {
+    /// Whole key.
+    pub key: Span,
+    /// Factor code part (before the first `-`), for factor items.
+    pub code: Option<Span>,
+    /// Suffix part (after the first `-`), for factor items.
+    pub suffix: Option<Span>,
+    /// The value's exact text (for `//…//` info: the text between the slashes).
+    pub value: Span,
+    /// How the value renders.
+    pub kind: ValueKind,
+}
+
+/// Suffixes whose values are text even when they look numeric (times, ids, flags).
+fn text_suffix(s: &[u8]) -> bool {
+    matches!(
+        s,
+        b"Flag"
+            | b"EFlag"
+            | b"Info"
+            | b"SN"
+            | b"SampleTime"
+            | b"CompleteTime"
+            | b"SampleType"
+            | b"ResultType"
+    )
+}
+
+/// Classifies numeric syntax: `-?(0|[1-9][0-9]*)(\.[0-9]+)?` is JSON-safe;
+/// other decimals (sign, bare point, leading zeros) are loose numbers.
+pub fn classify_number(v: &[u8]) -> ValueKind {
+    let (neg, body) = match v.first() {
+        Some(b'-') => (true, &v[1..]),
+        Some(b'+') => (false, &v[1..]),
+        _ => (false, v),
+    };
+    let plus = v.first() == Some(&b'+');
+    let mut int_digits = 0usize;
+    let mut frac_digits = 0usize;
+    let mut dot = false;
+    for &c in body {
+        match c {
+            b'0'..=b'9' if dot => frac_digits += 1,
+            b'0'..=b'9' => int_digits += 1,
+            b'.' if !dot => dot = true,
+            _ => return ValueKind::Text,
+        }
+    }
+    if int_digits + frac_digits == 0 {
+        return ValueKind::Text;
+    }
+    let _ = neg;
+    let leading_zero = int_digits > 1 && body[0] == b'0';
+    if plus || int_digits == 0 || (dot && frac_digits == 0) || leading_zero {
+        ValueKind::LooseNumber
+    } else {
+        ValueKind::Number
+    }
+}
+
+/// Parses the pairs of `seg[start..end]` (the bytes between `CP=&&` and `&&`).
+pub fn parse(seg: &[u8], start: usize, end: usize, findings: &mut Vec<Finding>) -> Vec<Pair> {
+    let mut pairs = Vec::with_capacity((end - start) / 12 + 1);
+    let mut seen: u64 = 0; // cheap Bloom filter for duplicate keys
+    let mut pos = start;
+    while pos < end {
+        while pos < end && matches!(seg[pos], b' ' | b';' | b',') {
+            pos += 1;
+        }
+        if pos >= end {
+            break;
+        }
+        let tok_end = memchr::memchr2(b';', b',', &seg[pos..end]).map_or(end, |i| pos + i);
+        let Some(eq) = memchr::memchr(b'=', &seg[pos..tok_end]).map(|i| pos + i) else {
+            findings.push(Finding::new(
+                code::CP_SYNTAX,
+                Severity::Warning,
+                format!(
+                    "CP token without '=': {:?}",
+                    String::from_utf8_lossy(&seg[pos..tok_end])
+                ),
+            ));
+            pos = tok_end + 1;
+            continue;
+        };
+        let mut key_end = eq;
+        while key_end > pos && seg[key_end - 1] == b' ' {
+            key_end -= 1;
+        }
+        let key = Span::new(pos, key_end);
+        let (value, next) = if seg[eq + 1..end].starts_with(b"//") {
+            // Info text: may contain ';' and ','; ends at the closing "//".
+            let body = eq + 3;
+            match memchr::memmem::find(&seg[body..end], b"//") {
+                Some(i) => (Span::new(body, body + i), body + i + 2),
+                None => {
+                    findings.push(Finding::new(
+                        code::CP_SYNTAX,
+                        Severity::Warning,
+                        "info text '//' not closed",
+                    ));
+                    (Span::new(body, end), end)
+                }
+            }
+        } else {
+            let mut v_end = tok_end;
+            while v_end > eq + 1 && seg[v_end - 1] == b' ' {
+                v_end -= 1;
+            }
+            (Span::new(eq + 1, v_end), tok_end)
+        };
+        pos = next;
+        let kb = &seg[key.range()];
+        if kb.is_empty() {
+            findings.push(Finding::new(
+                code::CP_SYNTAX,
+                Severity::Warning,
+                "empty CP key",
+            ));
+            continue;
+        }
+        let h = kb.iter().fold(kb.len() as u32, |a, &b| {
+            a.wrapping_mul(31).wrapping_add(b as u32)
+        });
+        let bit = 1u64 << (h % 64);
+        if seen & bit != 0 && pairs.iter().any(|p: &Pair| &seg[p.key.range()] == kb) {
+            findings.push(Finding::new(
+                code::CP_DUPLICATE,
+                Severity::Warning,
+                format!(
+                    "CP key {:?} repeated; the last value wins",
+                    String::from_utf8_lossy(kb)
+                ),
+            ));
+        }
+        seen |= bit;
+        // Split at the FIRST '-': standard suffixes never contain '-', and a
+        // key like `a21026-i22004-Info` is factor a21026, item `i22004-Info`.
+        let (code_span, suffix) = match memchr::memchr(b'-', kb) {
+            Some(d) if d > 0 && d + 1 < kb.len() => (
+                Some(Span::new(key.start(), key.start() + d)),
+                Some(Span::new(key.start() + d + 1, key.end())),
+            ),
+            _ => (None, None),
+        };
+        let kind = match suffix {
+            Some(s) if !text_suffix(&seg[s.range()]) && !seg[eq + 1..].starts_with(b"//") => {
+                classify_number(&seg[value.range()])
+            }
+            _ => ValueKind::Text,
+        };
+        if kind == ValueKind::LooseNumber {
+            findings.push(Finding::new(
+                code::VALUE_FORMAT,
+                Severity::Info,
+                format!(
+                    "{}={} is not a plain decimal; normalised",
+                    String::from_utf8_lossy(kb),
+                    String::from_utf8_lossy(&seg[value.range()])
+                ),
+            ));
+        }
+        pairs.push(Pair {
+            key,
+            code: code_span,
+            suffix,
+            value,
+            kind,
+        });
+    }
+    pairs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(seg: &[u8], pairs: &[Pair]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|p| {
+                (
+                    String::from_utf8_lossy(&seg[p.key.range()]).into_owned(),
+                    String::from_utf8_lossy(&seg[p.value.range()]).into_owned(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn separators_info_and_spaces() {
+        let seg = "DataTime=20160801085857;PolId=w01018,i11001-Info=//清洗;管路,x//; LA-Rtd=50.1;;"
+            .as_bytes();
+        let mut f = Vec::new();
+        let p = parse(seg, 0, seg.len(), &mut f);
+        let got = kv(seg, &p);
+        assert_eq!(got[0], ("DataTime".into(), "20160801085857".into()));
+        assert_eq!(got[1], ("PolId".into(), "w01018".into()));
+        assert_eq!(got[2], ("i11001-Info".into(), "清洗;管路,x".into()));
+        assert_eq!(got[3], ("LA-Rtd".into(), "50.1".into()));
+        assert_eq!(p.len(), 4);
+        assert!(f.is_empty(), "{f:?}");
+        assert_eq!(p[3].kind, ValueKind::Number);
+        assert_eq!(p[2].kind, ValueKind::Text);
+    }
+
+    #[test]
+    fn numbers() {
+        assert_eq!(classify_number(b"12.50"), ValueKind::Number);
+        assert_eq!(classify_number(b"-130.7116"), ValueKind::Number);
+        assert_eq!(classify_number(b"0"), ValueKind::Number);
+        assert_eq!(classify_number(b"0.5"), ValueKind::Number);
+        assert_eq!(classify_number(b"+1"), ValueKind::LooseNumber);
+        assert_eq!(classify_number(b".5"), ValueKind::LooseNumber);
+        assert_eq!(classify_number(b"1."), ValueKind::LooseNumber);
+        assert_eq!(classify_number(b"007"), ValueKind::LooseNumber);
+        assert_eq!(classify_number(b"N"), ValueKind::Text);
+        assert_eq!(classify_number(b""), ValueKind::Text);
+        assert_eq!(classify_number(b"-"), ValueKind::Text);
+        assert_eq!(classify_number(b"1e5"), ValueKind::Text);
+    }
+
+    #[test]
+    fn double_hyphen_and_duplicates() {
+        let seg = b"a21026-i22004-Info=1;a21026-Rtd=1,a21026-Rtd=2;=3;junk";
+        let mut f = Vec::new();
+        let p = parse(seg, 0, seg.len(), &mut f);
+        assert_eq!(&seg[p[0].code.unwrap().range()], b"a21026");
+        assert_eq!(&seg[p[0].suffix.unwrap().range()], b"i22004-Info");
+        let codes: Vec<_> = f.iter().map(|f| f.code).collect();
+        assert_eq!(
+            codes,
+            [code::CP_DUPLICATE, code::CP_SYNTAX, code::CP_SYNTAX]
+        );
+    }
+}

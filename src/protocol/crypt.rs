@@ -1,0 +1,168 @@
+//! HJ 212-2025 CP-area encryption (§6.4.2, App. A.2).
+//!
+//! Rule as summarised in the 2025 digest: SM4, 128-bit key, ECB, "Nopadding";
+//! only the characters between `CP=&&` and the closing `&&` are encrypted, in
+//! groups of 16; a final group shorter than 16 stays plaintext; the CRC is
+//! computed over the plaintext segment before encryption.
+//!
+//! The standard prints ciphertext as `{0xE4,0x3E,...}` and it is unresolved
+//! whether devices send raw cipher bytes (length field unchanged) or that text.
+//! Both wire forms are accepted here: [`WireForm::Raw`] and [`WireForm::Text`].
+
+use sm4::Sm4;
+use sm4::cipher::{Array, BlockCipherDecrypt, BlockCipherEncrypt, KeyInit};
+
+/// A 16-byte SM4 key.
+pub type Key = [u8; 16];
+
+/// How ciphertext travels inside the CP area.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireForm {
+    /// Cipher bytes replace plaintext bytes one for one (length field unchanged).
+    Raw,
+    /// The standard's printed form: `{0xE4,0x3E,...}` followed by the plaintext tail.
+    Text,
+}
+
+impl WireForm {
+    /// Stable name used in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WireForm::Raw => "sm4-raw",
+            WireForm::Text => "sm4-text",
+        }
+    }
+}
+
+/// Decides whether a CP area is encrypted and in which wire form.
+///
+/// Rule (2025 digest §2.4 step 3): a CP starting with `{0x` is the text form;
+/// a CP of at least 16 bytes with a control byte or a byte >= 0x80 among its
+/// first 16 bytes, or not starting with an ASCII letter, is raw ciphertext
+/// (16 printable cipher bytes happen with p ~ 1e-7); anything else is plaintext.
+pub fn sniff(cp: &[u8]) -> Option<WireForm> {
+    if cp.starts_with(b"{0x") || cp.starts_with(b"{0X") {
+        return Some(WireForm::Text);
+    }
+    if cp.len() < 16 {
+        return None;
+    }
+    let head = &cp[..16];
+    if head.iter().any(|&b| !(0x20..0x80).contains(&b)) || !head[0].is_ascii_alphabetic() {
+        return Some(WireForm::Raw);
+    }
+    None
+}
+
+/// Splits a text-form CP (`{0x..,0x..}tail`) into cipher bytes and the plaintext tail.
+/// Returns `None` when the list is malformed.
+pub fn parse_text_form(cp: &[u8]) -> Option<(Vec<u8>, &[u8])> {
+    let close = memchr::memchr(b'}', cp)?;
+    let list = cp.get(1..close)?;
+    let mut out = Vec::with_capacity(list.len() / 5 + 1);
+    for item in list.split(|&b| b == b',') {
+        let item = item.trim_ascii();
+        let hex = item
+            .strip_prefix(b"0x")
+            .or_else(|| item.strip_prefix(b"0X"))?;
+        if hex.is_empty() || hex.len() > 2 {
+            return None;
+        }
+        let mut v = 0u8;
+        for &c in hex {
+            v = (v << 4) | (c as char).to_digit(16)? as u8;
+        }
+        out.push(v);
+    }
+    Some((out, &cp[close + 1..]))
+}
+
+/// Renders cipher bytes in the text form `{0xE4,0x3E,...}`.
+pub fn format_text_form(cipher: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(cipher.len() * 5 + 2);
+    out.push(b'{');
+    for (i, b) in cipher.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(format!("0x{b:02X}").as_bytes());
+    }
+    out.push(b'}');
+    out
+}
+
+/// Decrypts every full 16-byte block in place; a shorter tail is left as is.
+pub fn decrypt_in_place(key: &Key, data: &mut [u8]) {
+    let cipher = Sm4::new(&Array::from(*key));
+    for chunk in data.chunks_exact_mut(16) {
+        let block: &mut Array<u8, _> = chunk.try_into().expect("chunks_exact yields 16 bytes");
+        cipher.decrypt_block(block);
+    }
+}
+
+/// Encrypts every full 16-byte block in place; a shorter tail is left as is.
+pub fn encrypt_in_place(key: &Key, data: &mut [u8]) {
+    let cipher = Sm4::new(&Array::from(*key));
+    for chunk in data.chunks_exact_mut(16) {
+        let block: &mut Array<u8, _> = chunk.try_into().expect("chunks_exact yields 16 bytes");
+        cipher.encrypt_block(block);
+    }
+}
+
+/// Parses a 32-hex-digit key.
+pub fn parse_key(hex_text: &str) -> Option<Key> {
+    let bytes = hex::decode(hex_text.trim()).ok()?;
+    bytes.try_into().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: Key = [0x30; 16];
+    const CP1: &str = "DataTime=20240520210600;a01011-Min=1.35,a01011-Avg=1.35,a01011-Max=1.35,a01011-Flag=N;a01012-Min=9.3,a01012-Avg=9.3,a01012-Max=9.3,a01012-Flag=N;a01014-Min=3.20,a01014-Avg=3.211,a01014-Max=3.212,a01014-Flag=N";
+    const CT1: &str = "E43E159ACFAB242CB53155FB8B9281A1A242577ABFAED881BE88B72D69FC55ED1A80119FAAC8B3CD33D285CC76F57F2CA7F88B9573C6647E0F07E24609BD6B63EB20C5B9784F28E71D2F4994FF61D9E1C2B3075592B4D1E09C4D8BB27BE97B559E3DA6643781A6F477769DEEB009B10DFFF3426922725D607DC4480F0CAC5F70DB2587B124BCB281592721D6E4BC180A97E5E111499CBE822E31C8D7761553543AA24207C290997BBDE64F9266BC5F529A172E381C1D898CA1A0D771A914A7B2D7467C70B94F1D4A7B0350A48DBF8B41";
+
+    /// The standard's worked example 1/2 (2025 digest §8.2), key `30` x 16.
+    #[test]
+    fn standard_example_full_blocks() {
+        assert_eq!(CP1.len(), 208);
+        let mut data = CP1.as_bytes().to_vec();
+        encrypt_in_place(&KEY, &mut data);
+        assert_eq!(hex::encode_upper(&data), CT1);
+        decrypt_in_place(&KEY, &mut data);
+        assert_eq!(data, CP1.as_bytes());
+    }
+
+    /// Example 3/4: 9 blocks + a 3-byte tail `g=N` that stays in clear.
+    #[test]
+    fn standard_example_tail_stays_plain() {
+        let cp = "DataTime=20240520210600;a01011-Min=1.35,a01011-Avg=1.35,a01011-Max=1.35,a01011-Flag=N;a01014-Min=3.20,a01014-Avg=3.20,a01014-Max=3.20,a01014-Flag=N";
+        assert_eq!(cp.len(), 147);
+        let mut data = cp.as_bytes().to_vec();
+        encrypt_in_place(&KEY, &mut data);
+        assert_eq!(&data[144..], b"g=N");
+        assert_eq!(hex::encode_upper(&data[..80]), &CT1[..160]);
+        assert_eq!(
+            hex::encode_upper(&data[80..144]),
+            "3B391A1D2A454B65388D5D9435DBF021528C7BF9755EF16518710C0CAC0ADEF9C5156CD0A5A17674AC0ED2ABC40023E9EF70128554B82438E91ADCE98A0D03A4"
+        );
+    }
+
+    #[test]
+    fn sniffing_and_text_form() {
+        assert_eq!(sniff(CP1.as_bytes()), None);
+        assert_eq!(sniff(b"&&"), None);
+        let ct = hex::decode(CT1).unwrap();
+        assert_eq!(sniff(&ct), Some(WireForm::Raw));
+        let mut text = format_text_form(&ct[..32]);
+        text.extend_from_slice(b"g=N");
+        assert_eq!(sniff(&text), Some(WireForm::Text));
+        let (bytes, tail) = parse_text_form(&text).unwrap();
+        assert_eq!(bytes, &ct[..32]);
+        assert_eq!(tail, b"g=N");
+        assert!(parse_text_form(b"{0xZZ}").is_none());
+        assert_eq!(parse_key("30303030303030303030303030303030"), Some(KEY));
+        assert_eq!(parse_key("3030"), None);
+    }
+}

@@ -1,0 +1,912 @@
+//! One HJ 212 frame: envelope, header, CP, CRC, dialect, findings.
+//!
+//! Envelope (HJ 212-2017 §6.3.1, Table 2):
+//!
+//! ```text
+//! "##" | LLLL | data segment (LLLL bytes, 0..1024) | CCCC | CR LF
+//! ```
+//!
+//! LLLL counts bytes of the data segment only; CCCC is the CRC of the data
+//! segment, 4 hex digits high byte first. [`decode`] takes the bytes the
+//! framer cut (one candidate frame, exactly as received) and never fails:
+//! everything it notices becomes a [`Finding`], and the raw bytes are kept
+//! untouched for storage and pass-through.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::{DateTime, FixedOffset, Utc};
+
+use super::cp::{self, Pair};
+use super::crc::{self, CrcVariant};
+use super::crypt::{self, Key, WireForm};
+use super::dialect::{self, Dialect, FlagBits};
+use super::finding::{Finding, Severity, code};
+use super::header::{self, Header};
+use super::time;
+
+/// A byte range within a frame's (plaintext) data segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Span {
+    start: u32,
+    end: u32,
+}
+
+impl Span {
+    /// Builds a span; frames are capped far below 4 GiB.
+    pub fn new(start: usize, end: usize) -> Span {
+        Span {
+            start: start as u32,
+            end: end as u32,
+        }
+    }
+    /// Start offset.
+    pub fn start(self) -> usize {
+        self.start as usize
+    }
+    /// End offset (exclusive).
+    pub fn end(self) -> usize {
+        self.end as usize
+    }
+    /// As a range for slicing.
+    pub fn range(self) -> std::ops::Range<usize> {
+        self.start()..self.end()
+    }
+}
+
+/// How a device's CRC is judged (`[[device]] crc`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CrcPolicy {
+    /// Only the HJ 212 CRC is accepted.
+    #[default]
+    Strict,
+    /// HJ 212 or CRC-16/MODBUS printed high byte first.
+    Modbus,
+    /// HJ 212 or CRC-16/MODBUS printed low byte first.
+    Swapped,
+    /// The CRC is recorded but not enforced.
+    Any,
+}
+
+impl CrcPolicy {
+    fn accepts(self, v: CrcVariant) -> bool {
+        matches!(
+            (self, v),
+            (_, CrcVariant::Hj212)
+                | (CrcPolicy::Any, _)
+                | (CrcPolicy::Modbus, CrcVariant::Modbus)
+                | (CrcPolicy::Swapped, CrcVariant::ModbusSwapped)
+        )
+    }
+}
+
+/// Per-device knowledge the decoder needs (from the device registry).
+#[derive(Debug, Clone, Default)]
+pub struct DeviceProfile {
+    /// Dialect override (e.g. surface-water for a Flag-9 station).
+    pub dialect: Option<Dialect>,
+    /// CRC policy; `None` uses [`Options::crc`].
+    pub crc: Option<CrcPolicy>,
+    /// SM4 keys to try, current first (old and new during a key change).
+    pub keys: Vec<Key>,
+}
+
+/// Looks devices up by MN. Implemented by the gateway's registry; `()` knows no device.
+pub trait DeviceLookup {
+    /// The profile for `mn`, if the device is known.
+    fn profile(&self, mn: &str) -> Option<Arc<DeviceProfile>>;
+}
+
+impl DeviceLookup for () {
+    fn profile(&self, _mn: &str) -> Option<Arc<DeviceProfile>> {
+        None
+    }
+}
+
+/// Decoder settings that do not depend on the device.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Receive time: the reference for timestamp checks.
+    pub now: DateTime<Utc>,
+    /// Device time zone (HJ 212 timestamps carry none; default UTC+8).
+    pub tz: FixedOffset,
+    /// DataTime may be ahead of `now` by this many seconds before `time.future`.
+    pub future_tolerance_s: i64,
+    /// DataTime older than this many seconds gives `time.stale` (unless RF=1).
+    pub stale_after_s: i64,
+    /// CRC policy for devices without their own.
+    pub crc: CrcPolicy,
+    /// Standard maximum data-segment length (1024); longer gives `frame.oversize`.
+    pub max_segment: usize,
+}
+
+impl Options {
+    /// Defaults: UTC+8, 5 min future tolerance, 48 h staleness, strict CRC.
+    pub fn new(now: DateTime<Utc>) -> Options {
+        Options {
+            now,
+            tz: time::beijing(),
+            future_tolerance_s: 300,
+            stale_after_s: 48 * 3600,
+            crc: CrcPolicy::Strict,
+            max_segment: 1024,
+        }
+    }
+}
+
+/// The CRC as declared and as computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CrcCheck {
+    /// The 4 hex digits as sent, if present.
+    pub declared: Option<[u8; 4]>,
+    /// The HJ 212 CRC of the (plaintext) data segment.
+    pub computed: u16,
+    /// Which algorithm the declared value matches.
+    pub variant: CrcVariant,
+}
+
+/// How the frame ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// CR LF, as the standard requires.
+    CrLf,
+    /// LF only.
+    Lf,
+    /// CR only.
+    Cr,
+    /// Nothing after the CRC.
+    None,
+}
+
+/// A decoded frame. Values are spans into [`Frame::segment`].
+#[derive(Debug, Clone)]
+pub struct Frame {
+    /// The exact bytes received.
+    pub raw: Bytes,
+    /// The data segment in plaintext (decrypted for encrypted 2025 frames).
+    pub segment: Bytes,
+    /// Declared length, if the length field had digits.
+    pub declared_len: Option<usize>,
+    /// Terminator seen.
+    pub ending: Ending,
+    /// Header fields.
+    pub header: Header,
+    /// The CP area (between `CP=&&` and the closing `&&`).
+    pub cp: Option<Span>,
+    /// CP pairs in wire order.
+    pub pairs: Vec<Pair>,
+    /// Flag value, if present and numeric.
+    pub flag: Option<u8>,
+    /// Edition, if known.
+    pub dialect: Option<Dialect>,
+    /// Wire form of the ciphertext, for encrypted frames.
+    pub encryption: Option<WireForm>,
+    /// CRC result.
+    pub crc: CrcCheck,
+    /// DataTime (or SystemTime) in the device zone.
+    pub data_time: Option<DateTime<FixedOffset>>,
+    /// DataTime had 17 digits.
+    pub data_time_ms: bool,
+    /// QN taken from CP (2005 replies put it there) when the header has none.
+    pub cp_qn: Option<Span>,
+    /// Everything validation noticed.
+    pub findings: Vec<Finding>,
+}
+
+impl Frame {
+    /// Text of a span (lossy for the rare non-UTF-8 byte, e.g. GBK info text).
+    pub fn text(&self, s: Span) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.segment[s.range()])
+    }
+    /// Bytes of a span.
+    pub fn bytes(&self, s: Span) -> &[u8] {
+        &self.segment[s.range()]
+    }
+    fn field(&self, s: Option<Span>) -> Option<&str> {
+        s.and_then(|s| std::str::from_utf8(&self.segment[s.range()]).ok())
+    }
+    /// QN: the header's, or for 2005 replies the one inside CP.
+    pub fn qn(&self) -> Option<&str> {
+        self.field(self.header.qn.or(self.cp_qn))
+    }
+    /// ST.
+    pub fn st(&self) -> Option<&str> {
+        self.field(self.header.st)
+    }
+    /// CN.
+    pub fn cn(&self) -> Option<&str> {
+        self.field(self.header.cn)
+    }
+    /// CN as a number, when it is 4 digits.
+    pub fn cn_num(&self) -> Option<u16> {
+        let cn = self.cn()?;
+        if cn.len() == 4 { cn.parse().ok() } else { None }
+    }
+    /// MN.
+    pub fn mn(&self) -> Option<&str> {
+        self.field(self.header.mn)
+    }
+    /// PW (a credential: use for checks and replies, never log it).
+    pub fn pw(&self) -> Option<&str> {
+        self.field(self.header.pw)
+    }
+    /// PNUM.
+    pub fn pnum(&self) -> Option<u32> {
+        self.field(self.header.pnum)?.parse().ok()
+    }
+    /// PNO.
+    pub fn pno(&self) -> Option<u32> {
+        self.field(self.header.pno)?.parse().ok()
+    }
+    /// `RF=1` (re-sent data, 2025).
+    pub fn rf(&self) -> bool {
+        self.field(self.header.rf) == Some("1")
+    }
+    /// Flag bits, if Flag is present.
+    pub fn flag_bits(&self) -> Option<FlagBits> {
+        self.flag.map(FlagBits)
+    }
+    /// The value of a CP parameter (key without `-`), e.g. `QnRtn`.
+    pub fn param(&self, key: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .rev()
+            .find(|p| p.code.is_none() && self.bytes(p.key) == key.as_bytes())
+            .and_then(|p| std::str::from_utf8(self.bytes(p.value)).ok())
+    }
+    /// True when any finding is an error.
+    pub fn has_error(&self) -> bool {
+        super::finding::has_error(&self.findings)
+    }
+}
+
+/// Decodes one frame as cut by the framer. Never fails; problems are findings.
+pub fn decode(raw: Bytes, opts: &Options, devices: &dyn DeviceLookup) -> Frame {
+    let mut findings = Vec::new();
+    let b = &raw[..];
+
+    let (body_end, ending) = if b.ends_with(b"\r\n") {
+        (b.len() - 2, Ending::CrLf)
+    } else if b.ends_with(b"\n") {
+        (b.len() - 1, Ending::Lf)
+    } else if b.ends_with(b"\r") {
+        (b.len() - 1, Ending::Cr)
+    } else {
+        (b.len(), Ending::None)
+    };
+    match ending {
+        Ending::CrLf => {}
+        Ending::Lf | Ending::Cr => findings.push(Finding::new(
+            code::TERMINATOR_NONSTANDARD,
+            Severity::Info,
+            if ending == Ending::Lf {
+                "frame ends with LF only"
+            } else {
+                "frame ends with CR only"
+            },
+        )),
+        Ending::None => findings.push(Finding::new(
+            code::TERMINATOR_MISSING,
+            Severity::Info,
+            "frame has no CR LF terminator",
+        )),
+    }
+
+    // "##" then up to 4 length digits.
+    let mut seg_start = 0;
+    let mut declared_len = None;
+    if b.starts_with(b"##") {
+        let digits = b[2..body_end.max(2)]
+            .iter()
+            .take(4)
+            .take_while(|c| c.is_ascii_digit())
+            .count();
+        if digits > 0 {
+            declared_len = Some(
+                b[2..2 + digits]
+                    .iter()
+                    .fold(0usize, |a, &d| a * 10 + (d - b'0') as usize),
+            );
+        }
+        if digits != 4 {
+            findings.push(Finding::new(
+                code::LENGTH_MALFORMED,
+                Severity::Warning,
+                format!("length field has {digits} digits, the standard requires 4"),
+            ));
+        }
+        seg_start = 2 + digits;
+    } else {
+        findings.push(Finding::new(
+            code::FRAME_HEADER,
+            Severity::Error,
+            "frame does not start with ##",
+        ));
+    }
+
+    let tail = &b[body_end.saturating_sub(4).max(seg_start)..body_end];
+    let (seg_end, declared_crc) = match (tail.len() == 4).then(|| crc::parse_hex4(tail)).flatten() {
+        Some(v) => (
+            body_end - 4,
+            Some((v, [tail[0], tail[1], tail[2], tail[3]])),
+        ),
+        None => {
+            findings.push(Finding::new(
+                code::CRC_MISSING,
+                Severity::Error,
+                "no 4-hex-digit CRC after the data segment",
+            ));
+            (body_end, None)
+        }
+    };
+    let seg_start = seg_start.min(seg_end);
+    let wire_len = seg_end - seg_start;
+    if let Some(d) = declared_len {
+        if d != wire_len {
+            findings.push(Finding::new(
+                code::LENGTH_MISMATCH,
+                Severity::Warning,
+                format!("declared length {d}, data segment has {wire_len} bytes"),
+            ));
+        }
+    }
+    if wire_len > opts.max_segment {
+        findings.push(Finding::new(
+            code::FRAME_OVERSIZE,
+            Severity::Warning,
+            format!(
+                "data segment of {wire_len} bytes exceeds the standard's {}",
+                opts.max_segment
+            ),
+        ));
+    }
+
+    let wire_seg = raw.slice(seg_start..seg_end);
+    let seg = &wire_seg[..];
+    let cp_start = header::find_cp(seg, &mut findings);
+    let header_end = cp_start.map_or(seg.len(), |c| c.key);
+    let hdr = header::parse(seg, header_end, &mut findings);
+    let mn_text = hdr
+        .mn
+        .and_then(|s| std::str::from_utf8(&seg[s.range()]).ok())
+        .unwrap_or("");
+    let profile = if mn_text.is_empty() {
+        None
+    } else {
+        devices.profile(mn_text)
+    };
+    let policy = profile.as_ref().and_then(|p| p.crc).unwrap_or(opts.crc);
+
+    let mut segment = wire_seg.clone();
+    let mut encryption = None;
+    let mut cp_span = None;
+    let mut crc_check = None;
+    if let Some(cps) = cp_start {
+        let body = &seg[cps.body..];
+        encryption = crypt::sniff(body);
+        match encryption {
+            None => {
+                // Plain CP: it ends at the LAST "&&" of the segment; bytes after it
+                // are a vendor extension (seen: `&&#G1010…&` before the CRC).
+                let close = memchr::memmem::rfind(body, b"&&").map(|i| cps.body + i);
+                match close {
+                    Some(c) if cps.opened => {
+                        if c + 2 < seg.len() {
+                            findings.push(Finding::new(
+                                code::CP_TRAILING,
+                                Severity::Warning,
+                                format!(
+                                    "{} bytes after the closing && of CP: {:?}",
+                                    seg.len() - c - 2,
+                                    String::from_utf8_lossy(&seg[c + 2..])
+                                ),
+                            ));
+                        }
+                        cp_span = Some(Span::new(cps.body, c));
+                    }
+                    _ => {
+                        findings.push(Finding::new(
+                            code::CP_SYNTAX,
+                            Severity::Warning,
+                            "CP area is not closed by &&",
+                        ));
+                        cp_span = Some(Span::new(cps.body, seg.len()));
+                    }
+                }
+            }
+            Some(form) => {
+                let keys: &[Key] = profile.as_ref().map_or(&[], |p| &p.keys);
+                if keys.is_empty() {
+                    findings.push(Finding::new(
+                        code::DECRYPT_NOKEY,
+                        Severity::Error,
+                        format!(
+                            "CP is SM4-encrypted ({}) and no key is configured for this MN",
+                            form.as_str()
+                        ),
+                    ));
+                } else {
+                    match decrypt(seg, cps.body, form, keys, declared_crc.map(|d| d.0), policy) {
+                        Some((plain, close)) => {
+                            segment = Bytes::from(plain);
+                            cp_span = Some(Span::new(cps.body, close));
+                        }
+                        None => findings.push(Finding::new(
+                            code::DECRYPT_FAILED,
+                            Severity::Error,
+                            format!("no configured key ({}) decrypts the CP to a frame matching its CRC", keys.len()),
+                        )),
+                    }
+                }
+                if cp_span.is_none() {
+                    // The CRC is over plaintext we do not have: it cannot be judged.
+                    crc_check = Some(CrcCheck {
+                        declared: declared_crc.map(|d| d.1),
+                        computed: crc::hj212(seg),
+                        variant: CrcVariant::Unknown,
+                    });
+                }
+            }
+        }
+    } else {
+        findings.push(Finding::new(
+            code::CP_MISSING,
+            Severity::Error,
+            "no CP= in the data segment",
+        ));
+    }
+
+    let crc_check = crc_check.unwrap_or_else(|| {
+        let (computed, variant) = match declared_crc {
+            Some((d, _)) => crc::identify(&segment, d),
+            None => (crc::hj212(&segment), CrcVariant::Unknown),
+        };
+        if let Some((d, text)) = declared_crc {
+            judge_crc(d, text, computed, variant, policy, &mut findings);
+        }
+        CrcCheck {
+            declared: declared_crc.map(|d| d.1),
+            computed,
+            variant,
+        }
+    });
+
+    if let Some(cp) = cp_span {
+        if cp.end() - cp.start() > 950 {
+            findings.push(Finding::new(
+                code::CP_OVERSIZE,
+                Severity::Info,
+                format!(
+                    "CP area of {} bytes exceeds the standard's 950",
+                    cp.end() - cp.start()
+                ),
+            ));
+        }
+    }
+    let pairs = cp_span.map_or_else(Vec::new, |cp| {
+        cp::parse(&segment, cp.start(), cp.end(), &mut findings)
+    });
+
+    let mut frame = Frame {
+        raw,
+        segment,
+        declared_len,
+        ending,
+        header: hdr,
+        cp: cp_span,
+        pairs,
+        flag: None,
+        dialect: None,
+        encryption,
+        crc: crc_check,
+        data_time: None,
+        data_time_ms: false,
+        cp_qn: None,
+        findings,
+    };
+    validate(&mut frame, opts, profile.as_ref().and_then(|p| p.dialect));
+    frame
+}
+
+fn judge_crc(
+    declared: u16,
+    text: [u8; 4],
+    computed: u16,
+    variant: CrcVariant,
+    policy: CrcPolicy,
+    findings: &mut Vec<Finding>,
+) {
+    let shown = String::from_utf8_lossy(&text).into_owned();
+    if variant == CrcVariant::Hj212 {
+        if text.iter().any(u8::is_ascii_lowercase) {
+            findings.push(Finding::new(
+                code::CRC_LOWERCASE,
+                Severity::Info,
+                format!("CRC {shown} in lower case"),
+            ));
+        }
+        return;
+    }
+    let accepted = policy.accepts(variant);
+    let variant_code = match variant {
+        CrcVariant::Modbus => Some(code::CRC_VARIANT_MODBUS),
+        CrcVariant::ModbusSwapped => Some(code::CRC_VARIANT_MODBUS_SWAPPED),
+        _ => None,
+    };
+    let _ = declared;
+    let computed_s = String::from_utf8_lossy(&crc::format_hex4(computed)).into_owned();
+    if let Some(vc) = variant_code {
+        findings.push(Finding::new(
+            vc,
+            if accepted {
+                Severity::Info
+            } else {
+                Severity::Warning
+            },
+            format!(
+                "declared CRC {shown} is {} (HJ 212 CRC would be {computed_s})",
+                variant.as_str()
+            ),
+        ));
+    }
+    if !accepted {
+        findings.push(Finding::new(
+            code::CRC_MISMATCH,
+            if policy == CrcPolicy::Any {
+                Severity::Warning
+            } else {
+                Severity::Error
+            },
+            format!(
+                "declared {shown}, computed {computed_s} ({})",
+                variant.as_str()
+            ),
+        ));
+    } else if variant == CrcVariant::Unknown {
+        findings.push(Finding::new(
+            code::CRC_MISMATCH,
+            Severity::Warning,
+            format!("declared {shown}, computed {computed_s}; not enforced (crc = any)"),
+        ));
+    }
+}
+
+/// Tries each key; returns the plaintext segment and the offset of its closing `&&`.
+///
+/// A wrong key passes the 256-valued HJ 212 CRC one time in 256, so the
+/// plaintext must also look like CP text (printable, with `=`).
+fn decrypt(
+    seg: &[u8],
+    body: usize,
+    form: WireForm,
+    keys: &[Key],
+    declared: Option<u16>,
+    policy: CrcPolicy,
+) -> Option<(Vec<u8>, usize)> {
+    let declared = declared?;
+    // Raw form: length-framed, the CP is everything up to the final "&&";
+    // never search for delimiters inside ciphertext.
+    let (cipher, tail, after): (Vec<u8>, &[u8], &[u8]) = match form {
+        WireForm::Raw => {
+            if !seg.ends_with(b"&&") || seg.len() < body + 2 {
+                return None;
+            }
+            let cp = &seg[body..seg.len() - 2];
+            let full = cp.len() / 16 * 16;
+            (cp[..full].to_vec(), &cp[full..], b"&&")
+        }
+        WireForm::Text => {
+            let rest = &seg[body..];
+            let close = memchr::memmem::rfind(rest, b"&&")?;
+            let (bytes, tail) = crypt::parse_text_form(&rest[..close])?;
+            if bytes.len() % 16 != 0 {
+                return None;
+            }
+            (bytes, tail, &rest[close..])
+        }
+    };
+    for key in keys {
+        let mut plain_cp = cipher.clone();
+        crypt::decrypt_in_place(key, &mut plain_cp);
+        if plain_cp.iter().any(|&c| c < 0x20 || c == 0x7F)
+            || !plain_cp.is_empty() && !plain_cp.contains(&b'=') && !tail.contains(&b'=')
+        {
+            continue;
+        }
+        let mut plain = Vec::with_capacity(body + plain_cp.len() + tail.len() + after.len());
+        plain.extend_from_slice(&seg[..body]);
+        plain.extend_from_slice(&plain_cp);
+        plain.extend_from_slice(tail);
+        let close = plain.len();
+        plain.extend_from_slice(after);
+        let (_, variant) = crc::identify(&plain, declared);
+        if variant != CrcVariant::Unknown && policy.accepts(variant) || variant == CrcVariant::Hj212
+        {
+            return Some((plain, close));
+        }
+    }
+    None
+}
+
+/// Field, dialect and timestamp checks (HJ 212-2017 Table 3 and Table 4).
+fn validate(f: &mut Frame, opts: &Options, dialect_override: Option<Dialect>) {
+    let mut out = std::mem::take(&mut f.findings);
+    let seg = f.segment.clone();
+    let get = |s: Option<Span>| s.map(|s| &seg[s.range()]);
+
+    // Flag: integer 0..255.
+    if let Some(v) = get(f.header.flag) {
+        match std::str::from_utf8(v)
+            .ok()
+            .and_then(|t| t.parse::<u8>().ok())
+        {
+            Some(n) => f.flag = Some(n),
+            None => out.push(Finding::new(
+                code::FIELD_MALFORMED_FLAG,
+                Severity::Warning,
+                format!(
+                    "Flag={:?} is not an integer 0..255",
+                    String::from_utf8_lossy(v)
+                ),
+            )),
+        }
+    }
+    // 2005 replies put the answered QN inside CP (HJ/T 212-2005 App. C).
+    if f.header.qn.is_none() {
+        f.cp_qn = f
+            .pairs
+            .iter()
+            .find(|p| p.code.is_none() && &seg[p.key.range()] == b"QN")
+            .map(|p| p.value);
+    }
+    let first_factor = f.pairs.iter().find_map(|p| p.code).map(|s| &seg[s.range()]);
+    let mn = get(f.header.mn).unwrap_or(b"");
+    let cls = dialect::classify(
+        f.flag,
+        &dialect::Hints {
+            has_qn: f.header.qn.is_some(),
+            has_rf: f.header.rf.is_some(),
+            mn,
+            first_factor,
+        },
+        dialect_override,
+    );
+    f.dialect = cls.dialect;
+    let is_2005 = f.dialect == Some(Dialect::V2005);
+    if f.flag.is_some() && f.dialect.is_none() {
+        out.push(Finding::new(
+            code::FLAG_VERSION_UNKNOWN,
+            Severity::Warning,
+            format!(
+                "Flag version bits {} name no known edition",
+                f.flag.unwrap_or(0) >> 2
+            ),
+        ));
+    }
+    if f.header.flag.is_none() {
+        out.push(Finding::new(
+            code::FIELD_MISSING_FLAG,
+            if is_2005 {
+                Severity::Info
+            } else {
+                Severity::Warning
+            },
+            "no Flag field; treated as 0 (no ack requested)",
+        ));
+    }
+    if cls.guessed && dialect_override.is_none() && !is_2005 {
+        out.push(Finding::new(
+            code::DIALECT_GUESSED,
+            Severity::Info,
+            format!(
+                "dialect {} inferred without Flag version bits",
+                f.dialect.map_or("?", Dialect::as_str)
+            ),
+        ));
+    }
+
+    match get(f.header.qn) {
+        None if f.cp_qn.is_none() => out.push(Finding::new(
+            code::FIELD_MISSING_QN,
+            if is_2005 {
+                Severity::Info
+            } else {
+                Severity::Warning
+            },
+            "no QN field",
+        )),
+        Some(q) if !(q.len() == 17 && q.iter().all(u8::is_ascii_digit)) => out.push(Finding::new(
+            code::FIELD_MALFORMED_QN,
+            Severity::Warning,
+            format!(
+                "QN={:?} is not 17 digits YYYYMMDDhhmmsszzz",
+                String::from_utf8_lossy(q)
+            ),
+        )),
+        _ => {}
+    }
+    match get(f.header.st) {
+        None => out.push(Finding::new(
+            code::FIELD_MISSING_ST,
+            Severity::Warning,
+            "no ST field",
+        )),
+        Some(s)
+            if s.is_empty()
+                || s.len() > 3
+                || !s
+                    .iter()
+                    .all(|c| c.is_ascii_digit() || c.is_ascii_uppercase()) =>
+        {
+            out.push(Finding::new(
+                code::FIELD_MALFORMED_ST,
+                Severity::Warning,
+                format!(
+                    "ST={:?} is not 1..3 characters of 0-9A-Z",
+                    String::from_utf8_lossy(s)
+                ),
+            ))
+        }
+        _ => {}
+    }
+    match get(f.header.cn) {
+        None => out.push(Finding::new(
+            code::FIELD_MISSING_CN,
+            Severity::Error,
+            "no CN field",
+        )),
+        Some(c) if !(c.len() == 4 && c.iter().all(u8::is_ascii_digit)) => out.push(Finding::new(
+            code::FIELD_MALFORMED_CN,
+            Severity::Error,
+            format!("CN={:?} is not 4 digits", String::from_utf8_lossy(c)),
+        )),
+        _ => {}
+    }
+    match get(f.header.mn) {
+        None => out.push(Finding::new(
+            code::FIELD_MISSING_MN,
+            Severity::Error,
+            "no MN field",
+        )),
+        Some(m)
+            if m.is_empty()
+                || m.len() > 32
+                || !m
+                    .iter()
+                    .all(|c| c.is_ascii_graphic() && !b";,=&".contains(c)) =>
+        {
+            out.push(Finding::new(
+                code::FIELD_MALFORMED_MN,
+                Severity::Error,
+                format!(
+                    "MN={:?} is empty, longer than 32 or has separators",
+                    String::from_utf8_lossy(m)
+                ),
+            ))
+        }
+        Some(m) => {
+            let standard = match f.dialect {
+                Some(Dialect::V2005) => m.len() == 14,
+                Some(_) => {
+                    m.len() == 24
+                        && m.iter()
+                            .all(|c| c.is_ascii_digit() || (b'A'..=b'F').contains(c))
+                }
+                None => true,
+            };
+            if !standard {
+                out.push(Finding::new(
+                    code::FIELD_MALFORMED_MN,
+                    Severity::Info,
+                    format!(
+                        "MN has {} characters; the {} edition specifies {}",
+                        m.len(),
+                        f.dialect.map_or("?", Dialect::as_str),
+                        if is_2005 { "14" } else { "24 hex" }
+                    ),
+                ));
+            }
+        }
+    }
+    match get(f.header.pw) {
+        None => out.push(Finding::new(
+            code::FIELD_MISSING_PW,
+            Severity::Warning,
+            "no PW field",
+        )),
+        // The value itself is a credential: never put it in a finding.
+        Some(p) if p.len() != 6 => out.push(Finding::new(
+            code::FIELD_MALFORMED_PW,
+            Severity::Info,
+            format!("PW has {} characters; the standard specifies 6", p.len()),
+        )),
+        _ => {}
+    }
+    let pnum = get(f.header.pnum);
+    let pno = get(f.header.pno);
+    if pnum.is_some() || pno.is_some() {
+        let num =
+            |v: Option<&[u8]>| v.and_then(|v| std::str::from_utf8(v).ok()?.parse::<u32>().ok());
+        match (num(pnum), num(pno)) {
+            (Some(n), Some(i)) if i >= 1 && i <= n => {}
+            (n, i) => out.push(Finding::new(
+                code::FIELD_MALFORMED_PACKET,
+                Severity::Warning,
+                format!("PNUM={n:?} PNO={i:?}: both must be present with 1 <= PNO <= PNUM"),
+            )),
+        }
+    }
+    if let Some(rf) = get(f.header.rf) {
+        if rf != b"1" {
+            out.push(Finding::new(
+                code::FIELD_UNKNOWN,
+                Severity::Warning,
+                format!(
+                    "RF={:?}; the 2025 edition only defines RF=1",
+                    String::from_utf8_lossy(rf)
+                ),
+            ));
+        }
+    }
+
+    // DataTime (uploads) or SystemTime (1011 replies): device-local time.
+    let time_pair = f
+        .pairs
+        .iter()
+        .rev()
+        .find(|p| p.code.is_none() && &seg[p.key.range()] == b"DataTime")
+        .or_else(|| {
+            f.pairs
+                .iter()
+                .rev()
+                .find(|p| p.code.is_none() && &seg[p.key.range()] == b"SystemTime")
+        });
+    if let Some(p) = time_pair {
+        let v = &seg[p.value.range()];
+        match time::parse_local(v, opts.tz) {
+            None => out.push(Finding::new(
+                code::TIME_MALFORMED,
+                Severity::Warning,
+                format!(
+                    "{}={:?} is not a valid YYYYMMDDhhmmss",
+                    String::from_utf8_lossy(&seg[p.key.range()]),
+                    String::from_utf8_lossy(v)
+                ),
+            )),
+            Some(t) => {
+                f.data_time = Some(t);
+                f.data_time_ms = v.len() == 17;
+                if f.data_time_ms {
+                    out.push(Finding::new(
+                        code::TIME_PRECISION,
+                        Severity::Info,
+                        "DataTime has milliseconds (17 digits)",
+                    ));
+                }
+                let delta = (t.with_timezone(&Utc) - opts.now).num_seconds();
+                if delta > opts.future_tolerance_s {
+                    out.push(Finding::new(
+                        code::TIME_FUTURE,
+                        Severity::Warning,
+                        format!(
+                            "{} is {delta} s ahead of the receive time",
+                            time::rfc3339(t, f.data_time_ms)
+                        ),
+                    ));
+                } else if -delta > opts.stale_after_s && !f.rf() {
+                    out.push(Finding::new(
+                        code::TIME_STALE,
+                        Severity::Warning,
+                        format!(
+                            "{} is {} s older than the receive time",
+                            time::rfc3339(t, f.data_time_ms),
+                            -delta
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    f.findings = out;
+}
