@@ -36,10 +36,11 @@ impl WireForm {
 
 /// Decides whether a CP area is encrypted and in which wire form.
 ///
-/// Rule (2025 digest §2.4 step 3): a CP starting with `{0x` is the text form;
-/// a CP of at least 16 bytes with a control byte or a byte >= 0x80 among its
-/// first 16 bytes, or not starting with an ASCII letter, is raw ciphertext
-/// (16 printable cipher bytes happen with p ~ 1e-7); anything else is plaintext.
+/// Rule (2025 digest §2.4 step 3): a CP starting with `{0x` is the text form.
+/// Otherwise a CP of at least 16 bytes is raw ciphertext when its first 16
+/// bytes hold a control byte, or a byte >= 0x80 before the first `=` (keys are
+/// ASCII; UTF-8 text only appears in values such as `-Info=//…//`). Sixteen
+/// cipher bytes that are all printable ASCII occur with p ~ (95/256)^16 ~ 1e-7.
 pub fn sniff(cp: &[u8]) -> Option<WireForm> {
     if cp.starts_with(b"{0x") || cp.starts_with(b"{0X") {
         return Some(WireForm::Text);
@@ -48,7 +49,8 @@ pub fn sniff(cp: &[u8]) -> Option<WireForm> {
         return None;
     }
     let head = &cp[..16];
-    if head.iter().any(|&b| !(0x20..0x80).contains(&b)) || !head[0].is_ascii_alphabetic() {
+    let key_part = &head[..memchr::memchr(b'=', head).unwrap_or(16)];
+    if head.iter().any(|&b| b < 0x20 || b == 0x7F) || key_part.iter().any(|&b| b >= 0x80) {
         return Some(WireForm::Raw);
     }
     None
@@ -153,6 +155,8 @@ mod tests {
     fn sniffing_and_text_form() {
         assert_eq!(sniff(CP1.as_bytes()), None);
         assert_eq!(sniff(b"&&"), None);
+        assert_eq!(sniff(b"101-LowValue=1.1,101-UpValue=9.9"), None);
+        assert_eq!(sniff("i11001-Info=//清洗管路//".as_bytes()), None);
         let ct = hex::decode(CT1).unwrap();
         assert_eq!(sniff(&ct), Some(WireForm::Raw));
         let mut text = format_text_form(&ct[..32]);

@@ -50,6 +50,8 @@ pub mod code {
     pub const LENGTH_MALFORMED: &str = "length.malformed";
     /// Data segment longer than the standard's 1024 bytes.
     pub const FRAME_OVERSIZE: &str = "frame.oversize";
+    /// Vendor bytes between the data segment and the CRC, outside the declared length.
+    pub const FRAME_EXTENSION: &str = "frame.extension";
     /// Frame does not start with `##`.
     pub const FRAME_HEADER: &str = "frame.header";
     /// Declared CRC differs from the HJ 212 CRC.

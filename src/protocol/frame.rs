@@ -341,6 +341,30 @@ pub fn decode(raw: Bytes, opts: &Options, devices: &dyn DeviceLookup) -> Frame {
         }
     };
     let seg_start = seg_start.min(seg_end);
+    let mut seg_end = seg_end;
+    // Vendor extension between data and CRC (seen: `…&&#G1010…30&3180`): the
+    // declared length ends exactly on the CP's `&&` and the CRC covers only
+    // that much. Accept that reading only when the CRC confirms it.
+    if let (Some(l), Some((d, _))) = (declared_len, declared_crc) {
+        let short = seg_start + l;
+        if short + 2 <= seg_end
+            && short < seg_end
+            && b[seg_start..short].ends_with(b"&&")
+            && crc::identify(&b[seg_start..short], d).1 != CrcVariant::Unknown
+            && crc::identify(&b[seg_start..seg_end], d).1 == CrcVariant::Unknown
+        {
+            findings.push(Finding::new(
+                code::FRAME_EXTENSION,
+                Severity::Warning,
+                format!(
+                    "{} bytes between the data segment and the CRC: {:?}",
+                    seg_end - short,
+                    String::from_utf8_lossy(&b[short..seg_end])
+                ),
+            ));
+            seg_end = short;
+        }
+    }
     let wire_len = seg_end - seg_start;
     if let Some(d) = declared_len {
         if d != wire_len {
