@@ -3,3 +3,4 @@
 //! (crate documentation is completed as modules land)
 
 pub mod protocol;
+pub mod store;

@@ -1,0 +1,118 @@
+//! Errors of the frame log.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Everything that can go wrong in the store. A tampered log is *not* an error: it is
+/// the [`ChainReport`](super::ChainReport) that [`verify_chain`](super::verify_chain)
+/// returns.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The directory for the database file could not be created.
+    #[error("cannot create store directory {path}")]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An SQLite call failed.
+    #[error("sqlite failed while trying to {op}")]
+    Sqlite {
+        /// What the store was doing.
+        op: &'static str,
+        /// The SQLite error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The transaction holding a batch failed and was rolled back. Nothing in the batch
+    /// was committed, so nothing in it may be acknowledged. Every waiter in the batch
+    /// receives this error, sharing the underlying SQLite error.
+    #[error("batch of {records} records failed while trying to {op}; nothing in it was committed")]
+    BatchFailed {
+        /// The step that failed.
+        op: &'static str,
+        /// How many records the batch held.
+        records: usize,
+        /// The SQLite error.
+        #[source]
+        source: Arc<rusqlite::Error>,
+    },
+    /// The file was written by a newer build with a schema this one does not know.
+    #[error("store schema version {found} is newer than this build supports ({supported})")]
+    SchemaTooNew {
+        /// `PRAGMA user_version` of the file.
+        found: i64,
+        /// The newest version this build migrates to.
+        supported: i64,
+    },
+    /// A reader was pointed at a file that no writer has initialised.
+    #[error("{path} is not an initialised frame log (user_version 0)")]
+    NotInitialized {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The writer has shut down (or died); the append was not queued or not answered.
+    #[error("the store writer is closed")]
+    Closed,
+    /// The writer thread panicked.
+    #[error("the store writer thread panicked")]
+    WriterPanicked,
+    /// The writer thread could not be started.
+    #[error("cannot spawn the store writer thread")]
+    Spawn {
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A configuration value is out of range.
+    #[error("invalid store config {field}: {reason}")]
+    InvalidConfig {
+        /// The field.
+        field: &'static str,
+        /// Why.
+        reason: &'static str,
+    },
+    /// A record was refused before it was queued (a caller bug: nothing was stored).
+    #[error("invalid record field {field}: {reason}")]
+    InvalidRecord {
+        /// The field.
+        field: &'static str,
+        /// Why.
+        reason: &'static str,
+    },
+    /// A stored row holds a value the schema does not allow (the file was altered).
+    #[error("stored record {seq} has an invalid {column}: {value:?}")]
+    CorruptRow {
+        /// The record.
+        seq: u64,
+        /// The column.
+        column: &'static str,
+        /// The offending value, as text.
+        value: String,
+    },
+    /// A consumer tried to move its cursor past the end of the log.
+    #[error("cursor {name:?} cannot move to {seq}: the log ends at {head}")]
+    CursorAhead {
+        /// Cursor name.
+        name: String,
+        /// Requested position.
+        seq: u64,
+        /// Last committed seq.
+        head: u64,
+    },
+    /// Writing an export failed.
+    #[error("cannot write the export")]
+    Io {
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    pub(crate) fn sqlite(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+        move |source| StoreError::Sqlite { op, source }
+    }
+}

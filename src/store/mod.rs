@@ -1,0 +1,334 @@
+//! The frame log: the gateway's source of truth, and the only module that touches SQLite.
+//!
+//! # Why a log
+//!
+//! Every byte sequence a device sends (and every reply we send) is appended here
+//! verbatim, with the verdict and decoded document the protocol layer produced for it.
+//! Devices are acknowledged only after the transaction holding their frame has
+//! committed, so an ack is a promise that the frame survives a crash. Consumers
+//! (MQTT, upstream forwarders, the anomaly detector) read the log behind named
+//! [cursors](Cursors); one mechanism gives zero loss across outages, replay for
+//! audits and backfill.
+//!
+//! # Write path: one writer thread, group commit
+//!
+//! [`Store::open`] spawns one dedicated OS thread that owns the only write connection.
+//! Sessions call [`StoreHandle::append`], which puts the record on a **bounded** queue
+//! (when it is full the caller awaits: that is how backpressure reaches the socket) and
+//! resolves only after the transaction containing the record has committed.
+//!
+//! The writer blocks for the first queued item, then takes whatever else is already
+//! queued without waiting. Policy for latency vs throughput:
+//!
+//! * If nothing else was queued (low load), the lone record is committed at once: no
+//!   added latency. While that commit (an `fsync` with [`SyncMode::Full`]) runs, new
+//!   arrivals pile up in the queue and form the next batch, so batching is
+//!   self-clocking.
+//! * If more was queued (there is load), the writer lingers up to
+//!   [`StoreConfig::batch_delay`] (measured from the first item) or until
+//!   [`StoreConfig::batch_max`] records are gathered, because the callers just acked by
+//!   the previous commit are about to resubmit and one `fsync` can cover them all.
+//!
+//! All records of a batch are inserted in one transaction together with the chain head
+//! in `meta`. If anything in the transaction fails, it is rolled back, every waiter in
+//! the batch gets [`StoreError::BatchFailed`] (nothing is acknowledged), the failure is
+//! logged and counted, and the writer carries on with the next batch.
+//!
+//! # Tamper evidence: the hash chain
+//!
+//! Each record carries `hash = SHA-256(prev_hash || enc(seq) || enc(received_at_ms) ||
+//! enc(peer) || enc(session) || enc(direction) || enc(kind) || enc(raw) || enc(dialect)
+//! || enc(st) || enc(cn) || enc(mn) || enc(qn) || enc(data_time) || enc(verdict) ||
+//! enc(duplicate) || enc(findings) || enc(doc))`, i.e. every column of the `records`
+//! table except `hash`, in table order. `prev_hash` is the `hash` of the record with
+//! the previous `seq`; the record with `seq = 1` chains from 32 zero bytes.
+//!
+//! `enc(v)` is the value exactly as stored in its SQLite column:
+//!
+//! * `NULL`: the four bytes `FF FF FF FF`, nothing else;
+//! * INTEGER (`seq`, `received_at_ms`, `session`, `duplicate` as 0/1): the length
+//!   `00 00 00 08` followed by the 64-bit two's-complement value, big-endian;
+//! * TEXT: its UTF-8 byte length as a 32-bit big-endian integer, then the bytes;
+//! * BLOB (`raw`): its byte length as a 32-bit big-endian integer, then the bytes.
+//!
+//! Enumerations are stored (and therefore hashed) as their lower-case text:
+//! `direction` `in`/`out`, `kind` `frame`/`junk`, `verdict` `accepted`/`rejected`/`junk`.
+//! `session` and `seq` are unsigned in Rust and stored as the same 64-bit pattern.
+//! An auditor can recompute the chain with any SQLite client and any SHA-256 tool
+//! (`tests/store_tamper.rs` does it with Python's standard library).
+//!
+//! The single row of table `meta` holds the chain head (`last_seq`, `last_hash`) and is
+//! updated in the same transaction as every batch, so deleting the *last* records is
+//! detectable too. [`verify_chain`] reports hash mismatches, gaps (deleted records),
+//! records swapped between positions, and a log that ends before or after its head.
+//!
+//! # What the triggers are, and are not
+//!
+//! Triggers make `UPDATE` and `DELETE` on `records` (and `DELETE` or a backwards move of
+//! the head in `meta`) fail. They guard against accidents, such as a maintenance script
+//! or a future bug. They are **not** a security boundary: anyone who can write the file
+//! can drop them. The evidence is the hash chain. Someone who rewrites the chain *and*
+//! the head from the point of tampering onward will pass [`verify_chain`]. Detecting
+//! that needs a head anchored off this machine, for example the `seq`/hash published
+//! through MQTT or written to an external log.
+//!
+//! # Readers and cursors
+//!
+//! [`Reader`] uses its own read-only connection; in WAL mode it runs alongside the
+//! writer. Because `seq` is assigned by the single writer in commit order, a reader
+//! paging with `seq > last_seen` can never miss a record that commits later with a
+//! smaller `seq`. [`Cursors`] live in their own table, written through a separate small
+//! connection (never through the append queue) and are not part of the chain.
+//!
+//! Durability: [`SyncMode::Full`] (default) `fsync`s the WAL on every commit, so an ack
+//! survives power loss. [`SyncMode::Normal`] survives a process crash but may lose the
+//! last commits on power loss. [`SyncMode::Off`] is for tests and benchmarks only.
+
+mod chain;
+mod error;
+mod export;
+mod reader;
+mod schema;
+mod writer;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use chain::{BreakReason, ChainBreak, ChainHead, ChainReport, verify_chain};
+pub use error::StoreError;
+pub use export::{ExportDirection, ExportFormat, ExportOptions, export, export_record_json};
+pub use reader::{Cursors, Reader, RecordFilter, Records};
+pub use writer::{Store, StoreHandle, StoreStats, WriterJoin};
+
+/// Whether a record was received from a peer or sent to one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Bytes received from a device (or an upstream).
+    In,
+    /// Bytes the gateway sent (replies, forwarded frames).
+    Out,
+}
+
+impl Direction {
+    /// The text stored in the `direction` column: `"in"` or `"out"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::In => "in",
+            Direction::Out => "out",
+        }
+    }
+
+    /// Parses the stored text form.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "in" => Some(Direction::In),
+            "out" => Some(Direction::Out),
+            _ => None,
+        }
+    }
+}
+
+/// The protocol layer's judgement of an item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    /// A well-formed frame that was accepted.
+    Accepted,
+    /// A frame that was recognised but rejected (bad CRC, bad field, ...).
+    Rejected,
+    /// Bytes that are not a frame at all.
+    Junk,
+}
+
+impl Verdict {
+    /// The text stored in the `verdict` column: `"accepted"`, `"rejected"` or `"junk"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Accepted => "accepted",
+            Verdict::Rejected => "rejected",
+            Verdict::Junk => "junk",
+        }
+    }
+
+    /// Parses the stored text form.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "accepted" => Some(Verdict::Accepted),
+            "rejected" => Some(Verdict::Rejected),
+            "junk" => Some(Verdict::Junk),
+            _ => None,
+        }
+    }
+}
+
+/// What the codec cut out of the byte stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// A delimited frame (`##` ... CR LF), valid or not.
+    Frame,
+    /// Bytes between frames that could not be framed.
+    Junk,
+}
+
+impl Kind {
+    /// The text stored in the `kind` column: `"frame"` or `"junk"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Frame => "frame",
+            Kind::Junk => "junk",
+        }
+    }
+
+    /// Parses the stored text form.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "frame" => Some(Kind::Frame),
+            "junk" => Some(Kind::Junk),
+            _ => None,
+        }
+    }
+}
+
+/// One item to append. Everything here is decided by the caller (the session); the
+/// store adds `seq`, `duplicate` and `hash`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewRecord {
+    /// Reception time, UTC unix milliseconds.
+    pub received_at_ms: i64,
+    /// `"1.2.3.4:5678"` or an upstream's name.
+    pub peer: String,
+    /// Session (connection) number assigned by the server.
+    pub session: u64,
+    /// Received or sent.
+    pub direction: Direction,
+    /// Frame or junk.
+    pub kind: Kind,
+    /// The exact wire bytes; never modified. Must not be empty.
+    pub raw: bytes::Bytes,
+    /// Protocol dialect: `"2005"`, `"2017"`, `"2025"`, ...
+    pub dialect: Option<String>,
+    /// `ST` (system code).
+    pub st: Option<String>,
+    /// `CN` (command code).
+    pub cn: Option<String>,
+    /// `MN` (device identifier).
+    pub mn: Option<String>,
+    /// `QN` (request number).
+    pub qn: Option<String>,
+    /// Data time, RFC 3339 with the device's offset, as decided by the protocol layer.
+    pub data_time: Option<String>,
+    /// The protocol layer's verdict.
+    pub verdict: Verdict,
+    /// JSON array text of `{code, severity, detail}` objects.
+    pub findings: String,
+    /// The decoded frame as JSON object text (without `raw`/`raw_b64`); empty for junk.
+    pub doc: String,
+}
+
+/// The store's answer to an append, given after the record has committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// The record's position in the log (1-based, dense).
+    pub seq: u64,
+    /// True when this is an inbound frame retransmitting an earlier `(mn, qn, cn)`.
+    pub duplicate: bool,
+}
+
+/// A record as stored in the log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredRecord {
+    /// Position in the log (1-based, dense).
+    pub seq: u64,
+    /// Reception time, UTC unix milliseconds.
+    pub received_at_ms: i64,
+    /// Peer address or upstream name.
+    pub peer: String,
+    /// Session number.
+    pub session: u64,
+    /// Received or sent.
+    pub direction: Direction,
+    /// Frame or junk.
+    pub kind: Kind,
+    /// The exact wire bytes.
+    pub raw: Vec<u8>,
+    /// Protocol dialect.
+    pub dialect: Option<String>,
+    /// `ST`.
+    pub st: Option<String>,
+    /// `CN`.
+    pub cn: Option<String>,
+    /// `MN`.
+    pub mn: Option<String>,
+    /// `QN`.
+    pub qn: Option<String>,
+    /// Data time (RFC 3339).
+    pub data_time: Option<String>,
+    /// The protocol layer's verdict.
+    pub verdict: Verdict,
+    /// Retransmission of an earlier inbound `(mn, qn, cn)`.
+    pub duplicate: bool,
+    /// Findings JSON array text.
+    pub findings: String,
+    /// Decoded frame JSON object text (empty for junk).
+    pub doc: String,
+    /// Chain hash of this record (see the module documentation).
+    pub hash: [u8; 32],
+}
+
+/// SQLite `synchronous` setting for the write connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SyncMode {
+    /// `fsync` the WAL at every commit: an ack survives power loss (default).
+    #[default]
+    Full,
+    /// `fsync` only at checkpoints: an ack survives a process crash, not power loss.
+    Normal,
+    /// Never `fsync`. Tests and benchmarks only.
+    Off,
+}
+
+impl SyncMode {
+    pub(crate) fn pragma_value(self) -> &'static str {
+        match self {
+            SyncMode::Full => "FULL",
+            SyncMode::Normal => "NORMAL",
+            SyncMode::Off => "OFF",
+        }
+    }
+}
+
+/// Configuration of [`Store::open`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// The SQLite file; its directory is created if missing.
+    pub path: PathBuf,
+    /// Durability of each commit.
+    pub sync: SyncMode,
+    /// Most records per transaction (a single `append_many` is never split). Default 512.
+    pub batch_max: usize,
+    /// Longest time the writer lingers to fill a batch when there is load. Default 2 ms.
+    pub batch_delay: Duration,
+    /// Capacity of the bounded append queue, in append calls. Default 8192.
+    pub queue: usize,
+}
+
+impl StoreConfig {
+    /// The defaults for a store at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        StoreConfig {
+            path: path.into(),
+            ..StoreConfig::default()
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: PathBuf::from("data/frames.sqlite"),
+            sync: SyncMode::Full,
+            batch_max: 512,
+            batch_delay: Duration::from_millis(2),
+            queue: 8192,
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! Read side: read-only record access and consumer cursors.
+
+use std::collections::VecDeque;
+use std::path::Path;
+
+use rusqlite::{Connection, Row};
+
+use super::chain::ChainHead;
+use super::schema::{self, RECORD_COLUMNS};
+use super::{Direction, Kind, StoreError, StoredRecord, Verdict};
+
+/// Records fetched per query by [`Records`].
+const PAGE: usize = 512;
+
+/// A read-only connection on the log. Runs alongside the writer (WAL).
+///
+/// Each call is its own short read transaction, so a `Reader` never holds back WAL
+/// checkpoints. Blocking: from async code use `spawn_blocking`.
+#[derive(Debug)]
+pub struct Reader {
+    conn: Connection,
+}
+
+impl Reader {
+    /// Opens `path` read-only. The store must have been initialised by [`super::Store::open`].
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Ok(Reader {
+            conn: schema::open_read_only(path.as_ref())?,
+        })
+    }
+
+    /// The last committed seq, 0 for an empty log.
+    pub fn last_seq(&self) -> Result<u64, StoreError> {
+        let max: i64 = self
+            .conn
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM records", [], |r| {
+                r.get(0)
+            })
+            .map_err(StoreError::sqlite("read the last seq"))?;
+        Ok(max as u64)
+    }
+
+    /// The chain head stored in `meta`.
+    pub fn head(&self) -> Result<ChainHead, StoreError> {
+        let (seq, hash): (i64, Vec<u8>) = self
+            .conn
+            .query_row(
+                "SELECT last_seq, last_hash FROM meta WHERE id = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(StoreError::sqlite("read the chain head"))?;
+        let len = hash.len();
+        Ok(ChainHead {
+            last_seq: seq as u64,
+            last_hash: hash.try_into().map_err(|_| StoreError::CorruptRow {
+                seq: seq as u64,
+                column: "meta.last_hash",
+                value: format!("{len} bytes"),
+            })?,
+        })
+    }
+
+    /// One record by seq.
+    pub fn get(&self, seq: u64) -> Result<Option<StoredRecord>, StoreError> {
+        Ok(self
+            .page(&RecordFilter::default(), seq.saturating_sub(1), seq, 1)?
+            .pop_front())
+    }
+
+    /// Up to `limit` records with `seq > after_seq`, in seq order.
+    pub fn read_from(&self, after_seq: u64, limit: usize) -> Result<Vec<StoredRecord>, StoreError> {
+        Ok(self
+            .page(&RecordFilter::default(), after_seq, u64::MAX, limit)?
+            .into())
+    }
+
+    /// Streams the records matching `filter` in seq order, a page at a time (bounded
+    /// memory, no long-lived read transaction). The end is fixed when the iterator is
+    /// created: records committed later are not included, so the iteration terminates
+    /// even while the writer keeps appending.
+    pub fn records(&self, filter: RecordFilter) -> Result<Records<'_>, StoreError> {
+        let last = self.last_seq()?;
+        let until = filter.until_seq.map_or(last, |u| u.min(last));
+        Ok(Records {
+            reader: self,
+            after: filter.after_seq,
+            until,
+            filter,
+            page: VecDeque::new(),
+            done: false,
+        })
+    }
+
+    fn page(
+        &self,
+        filter: &RecordFilter,
+        after: u64,
+        until: u64,
+        limit: usize,
+    ) -> Result<VecDeque<StoredRecord>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {RECORD_COLUMNS} FROM records \
+                 WHERE seq > ?1 AND seq <= ?2 \
+                 AND (?3 IS NULL OR direction = ?3) AND (?4 IS NULL OR kind = ?4) \
+                 AND (?5 IS NULL OR mn = ?5) \
+                 ORDER BY seq LIMIT ?6"
+            ))
+            .map_err(StoreError::sqlite("prepare a page read"))?;
+        let until = i64::try_from(until).unwrap_or(i64::MAX);
+        let mut rows = stmt
+            .query((
+                i64::try_from(after).unwrap_or(i64::MAX),
+                until,
+                filter.direction.map(Direction::as_str),
+                filter.kind.map(Kind::as_str),
+                filter.mn.as_deref(),
+                i64::try_from(limit).unwrap_or(i64::MAX),
+            ))
+            .map_err(StoreError::sqlite("read records"))?;
+        let mut out = VecDeque::new();
+        while let Some(row) = rows.next().map_err(StoreError::sqlite("read records"))? {
+            out.push_back(record_from_row(row)?);
+        }
+        Ok(out)
+    }
+}
+
+/// Which records [`Reader::records`] yields.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecordFilter {
+    /// Only records with `seq > after_seq`.
+    pub after_seq: u64,
+    /// Only records with `seq <= until_seq` (default: the last seq when iteration starts).
+    pub until_seq: Option<u64>,
+    /// Only this direction.
+    pub direction: Option<Direction>,
+    /// Only this kind.
+    pub kind: Option<Kind>,
+    /// Only this MN.
+    pub mn: Option<String>,
+}
+
+/// Iterator returned by [`Reader::records`].
+#[derive(Debug)]
+pub struct Records<'r> {
+    reader: &'r Reader,
+    filter: RecordFilter,
+    after: u64,
+    until: u64,
+    page: VecDeque<StoredRecord>,
+    done: bool,
+}
+
+impl Iterator for Records<'_> {
+    type Item = Result<StoredRecord, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.page.is_empty() && !self.done {
+            match self.reader.page(&self.filter, self.after, self.until, PAGE) {
+                Ok(page) => {
+                    self.done = page.len() < PAGE;
+                    self.page = page;
+                }
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+        let rec = self.page.pop_front()?;
+        self.after = rec.seq;
+        Some(Ok(rec))
+    }
+}
+
+fn record_from_row(row: &Row<'_>) -> Result<StoredRecord, StoreError> {
+    fn col<T: rusqlite::types::FromSql>(row: &Row<'_>, i: usize) -> Result<T, StoreError> {
+        row.get(i).map_err(StoreError::sqlite("decode a record"))
+    }
+    let seq = col::<i64>(row, 0)? as u64;
+    let corrupt = |column, value: &str| StoreError::CorruptRow {
+        seq,
+        column,
+        value: value.to_owned(),
+    };
+    let direction: String = col(row, 4)?;
+    let kind: String = col(row, 5)?;
+    let verdict: String = col(row, 13)?;
+    let hash: Vec<u8> = col(row, 17)?;
+    let hash_len = hash.len();
+    Ok(StoredRecord {
+        seq,
+        received_at_ms: col(row, 1)?,
+        peer: col(row, 2)?,
+        session: col::<i64>(row, 3)? as u64,
+        direction: Direction::parse(&direction).ok_or_else(|| corrupt("direction", &direction))?,
+        kind: Kind::parse(&kind).ok_or_else(|| corrupt("kind", &kind))?,
+        raw: col(row, 6)?,
+        dialect: col(row, 7)?,
+        st: col(row, 8)?,
+        cn: col(row, 9)?,
+        mn: col(row, 10)?,
+        qn: col(row, 11)?,
+        data_time: col(row, 12)?,
+        verdict: Verdict::parse(&verdict).ok_or_else(|| corrupt("verdict", &verdict))?,
+        duplicate: col::<i64>(row, 14)? != 0,
+        findings: col(row, 15)?,
+        doc: col(row, 16)?,
+        hash: hash
+            .try_into()
+            .map_err(|_| corrupt("hash", &format!("{hash_len} bytes")))?,
+    })
+}
+
+/// Consumer cursors (MQTT, upstream, alarms): the last seq each consumer has finished.
+///
+/// Uses its own small read-write connection, never the append queue, and touches only
+/// the `cursors` table, which is outside the hash chain. Blocking: from async code use
+/// `spawn_blocking`.
+#[derive(Debug)]
+pub struct Cursors {
+    conn: Connection,
+}
+
+impl Cursors {
+    /// Opens the cursor table of an initialised store.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Ok(Cursors {
+            conn: schema::open_side(path.as_ref())?,
+        })
+    }
+
+    /// The stored position of `name`, `None` if it never set one.
+    pub fn get_cursor(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        use rusqlite::OptionalExtension;
+        let seq: Option<i64> = self
+            .conn
+            .query_row("SELECT seq FROM cursors WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(StoreError::sqlite("read a cursor"))?;
+        Ok(seq.map(|s| s as u64))
+    }
+
+    /// Stores the position of `name`. Moving backwards (replay) is allowed; moving past
+    /// the last committed seq is refused with [`StoreError::CursorAhead`], because that
+    /// would silently skip records appended later.
+    pub fn set_cursor(&self, name: &str, seq: u64) -> Result<(), StoreError> {
+        let changed = self
+            .conn
+            .execute(
+                "INSERT INTO cursors (name, seq, updated_at) \
+                 SELECT ?1, ?2, ?3 WHERE ?2 <= (SELECT last_seq FROM meta WHERE id = 1) \
+                 ON CONFLICT (name) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at",
+                (
+                    name,
+                    i64::try_from(seq).unwrap_or(i64::MAX),
+                    chrono::Utc::now().timestamp_millis(),
+                ),
+            )
+            .map_err(StoreError::sqlite("write a cursor"))?;
+        if changed == 0 {
+            let head: i64 = self
+                .conn
+                .query_row("SELECT last_seq FROM meta WHERE id = 1", [], |r| r.get(0))
+                .map_err(StoreError::sqlite("read the chain head"))?;
+            return Err(StoreError::CursorAhead {
+                name: name.to_owned(),
+                seq,
+                head: head as u64,
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,176 @@
+//! Schema, migrations by `PRAGMA user_version`, and connection setup.
+//!
+//! `MIGRATIONS[i]` moves a file from `user_version = i` to `i + 1`; each step runs in
+//! its own transaction together with the version bump, so a crash mid-migration leaves
+//! the previous version intact. Steps are never edited once released, only appended.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+
+use super::{StoreError, SyncMode};
+
+/// How long a connection waits for another connection's write lock before `SQLITE_BUSY`.
+pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Column list of `records` in table order (the chain's field order, `hash` last).
+pub(crate) const RECORD_COLUMNS: &str = "seq, received_at_ms, peer, session, direction, kind, raw, \
+     dialect, st, cn, mn, qn, data_time, verdict, duplicate, findings, doc, hash";
+
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1: the log, its head, consumer cursors, accident guards.
+    r#"
+    CREATE TABLE records (
+        seq            INTEGER PRIMARY KEY,
+        received_at_ms INTEGER NOT NULL,
+        peer           TEXT    NOT NULL,
+        session        INTEGER NOT NULL,
+        direction      TEXT    NOT NULL CHECK (direction IN ('in', 'out')),
+        kind           TEXT    NOT NULL CHECK (kind IN ('frame', 'junk')),
+        raw            BLOB    NOT NULL,
+        dialect        TEXT,
+        st             TEXT,
+        cn             TEXT,
+        mn             TEXT,
+        qn             TEXT,
+        data_time      TEXT,
+        verdict        TEXT    NOT NULL CHECK (verdict IN ('accepted', 'rejected', 'junk')),
+        duplicate      INTEGER NOT NULL CHECK (duplicate IN (0, 1)),
+        findings       TEXT    NOT NULL,
+        doc            TEXT    NOT NULL,
+        hash           BLOB    NOT NULL CHECK (length(hash) = 32)
+    ) STRICT;
+
+    -- Retransmission lookup. Partial: only inbound frames with a QN can be duplicates,
+    -- which keeps the index small and the per-append probe a single B-tree seek.
+    CREATE INDEX records_retransmission ON records (mn, qn, cn)
+        WHERE direction = 'in' AND kind = 'frame' AND qn IS NOT NULL AND qn <> '';
+
+    CREATE TABLE meta (
+        id            INTEGER PRIMARY KEY CHECK (id = 1),
+        last_seq      INTEGER NOT NULL,
+        last_hash     BLOB    NOT NULL CHECK (length(last_hash) = 32),
+        updated_at_ms INTEGER NOT NULL
+    ) STRICT;
+    INSERT INTO meta (id, last_seq, last_hash, updated_at_ms) VALUES (1, 0, zeroblob(32), 0);
+
+    CREATE TABLE cursors (
+        name       TEXT    PRIMARY KEY,
+        seq        INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    ) STRICT;
+
+    -- Accident guards, not security: anyone who can write the file can drop them.
+    CREATE TRIGGER records_append_only_update BEFORE UPDATE ON records
+    BEGIN SELECT RAISE(ABORT, 'records are append-only: UPDATE refused'); END;
+    CREATE TRIGGER records_append_only_delete BEFORE DELETE ON records
+    BEGIN SELECT RAISE(ABORT, 'records are append-only: DELETE refused'); END;
+    CREATE TRIGGER meta_head_forward_only BEFORE UPDATE ON meta
+        WHEN NEW.last_seq < OLD.last_seq
+    BEGIN SELECT RAISE(ABORT, 'the chain head only moves forward'); END;
+    CREATE TRIGGER meta_no_delete BEFORE DELETE ON meta
+    BEGIN SELECT RAISE(ABORT, 'the chain head cannot be deleted'); END;
+    "#,
+];
+
+/// The schema version this build writes.
+pub(crate) fn latest_version() -> i64 {
+    MIGRATIONS.len() as i64
+}
+
+/// Opens (creating if needed) the write connection, sets WAL and `synchronous`, and
+/// migrates the schema to the latest version.
+pub(crate) fn open_writer(path: &Path, sync: SyncMode) -> Result<Connection, StoreError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    let mut conn = Connection::open(path).map_err(StoreError::sqlite("open the store file"))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(StoreError::sqlite("set busy_timeout"))?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(StoreError::sqlite("enable WAL"))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Sqlite {
+            op: "enable WAL",
+            source: rusqlite::Error::InvalidQuery,
+        });
+    }
+    conn.pragma_update(None, "synchronous", sync.pragma_value())
+        .map_err(StoreError::sqlite("set synchronous"))?;
+    migrate(&mut conn)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let found: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(StoreError::sqlite("read user_version"))?;
+    if found > latest_version() {
+        return Err(StoreError::SchemaTooNew {
+            found,
+            supported: latest_version(),
+        });
+    }
+    for (from, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(StoreError::sqlite("begin migration"))?;
+        tx.execute_batch(sql)
+            .map_err(StoreError::sqlite("apply migration"))?;
+        tx.pragma_update(None, "user_version", from as i64 + 1)
+            .map_err(StoreError::sqlite("bump user_version"))?;
+        tx.commit()
+            .map_err(StoreError::sqlite("commit migration"))?;
+        tracing::info!(to_version = from + 1, "store schema migrated");
+    }
+    Ok(())
+}
+
+/// Opens a read-only connection on an initialised store.
+pub(crate) fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(StoreError::sqlite("open the store read-only"))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(StoreError::sqlite("set busy_timeout"))?;
+    check_version(&conn, path)?;
+    Ok(conn)
+}
+
+/// Opens a read-write connection for small side tables (cursors) on an initialised store.
+pub(crate) fn open_side(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(StoreError::sqlite("open the store for cursors"))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(StoreError::sqlite("set busy_timeout"))?;
+    check_version(&conn, path)?;
+    Ok(conn)
+}
+
+fn check_version(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let found: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(StoreError::sqlite("read user_version"))?;
+    if found == 0 {
+        return Err(StoreError::NotInitialized {
+            path: path.to_path_buf(),
+        });
+    }
+    if found > latest_version() {
+        return Err(StoreError::SchemaTooNew {
+            found,
+            supported: latest_version(),
+        });
+    }
+    Ok(())
+}

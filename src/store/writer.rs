@@ -1,0 +1,489 @@
+//! The append path: bounded queue, one writer thread, group commit.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot};
+
+use super::chain::{GENESIS, HASHED_COLUMNS, record_hash};
+use super::schema;
+use super::{Appended, Direction, Kind, NewRecord, StoreConfig, StoreError};
+
+/// Longest `raw` accepted. Frames are capped far lower by the codec; this only keeps a
+/// caller bug from writing a huge blob into the permanent log.
+const MAX_RAW: usize = 16 * 1024 * 1024;
+
+const INSERT_SQL: &str = "INSERT INTO records (seq, received_at_ms, peer, session, direction, \
+     kind, raw, dialect, st, cn, mn, qn, data_time, verdict, duplicate, findings, doc, hash) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)";
+
+// The literal WHERE terms repeat the partial index's condition so SQLite can use it.
+const RETRANSMISSION_SQL: &str = "SELECT 1 FROM records INDEXED BY records_retransmission \
+     WHERE direction = 'in' AND kind = 'frame' AND qn IS NOT NULL AND qn <> '' \
+     AND mn IS ?1 AND qn = ?2 AND cn IS ?3 LIMIT 1";
+
+/// Entry point of the write side.
+#[derive(Debug)]
+pub struct Store;
+
+impl Store {
+    /// Creates the file (and directory) if needed, enables WAL, applies `synchronous`,
+    /// migrates the schema, and spawns the writer thread that owns the write connection.
+    ///
+    /// Blocking (file I/O); call it before serving, or from `spawn_blocking`.
+    pub fn open(cfg: StoreConfig) -> Result<(StoreHandle, WriterJoin), StoreError> {
+        if cfg.batch_max == 0 {
+            return Err(StoreError::InvalidConfig {
+                field: "batch_max",
+                reason: "must be at least 1",
+            });
+        }
+        if cfg.queue == 0 {
+            return Err(StoreError::InvalidConfig {
+                field: "queue",
+                reason: "must be at least 1",
+            });
+        }
+        let conn = schema::open_writer(&cfg.path, cfg.sync)?;
+        let (next_seq, prev_hash) = load_head(&conn)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|source| StoreError::Spawn { source })?;
+        let counters = Arc::new(Counters::default());
+        let (tx, rx) = mpsc::channel(cfg.queue);
+        let writer = Writer {
+            conn,
+            next_seq,
+            prev_hash,
+            cfg,
+            counters: Arc::clone(&counters),
+        };
+        let thread = std::thread::Builder::new()
+            .name("hj212-store-writer".into())
+            .spawn(move || writer.run(rx, &rt))
+            .map_err(|source| StoreError::Spawn { source })?;
+        Ok((
+            StoreHandle {
+                tx,
+                counters: Arc::clone(&counters),
+            },
+            WriterJoin { thread, counters },
+        ))
+    }
+}
+
+/// Reads the chain head and reconciles it with the last stored record.
+///
+/// The writer continues from the *head* when the log ends before it (deleted tail), so
+/// the deletion stays visible as a gap instead of being papered over.
+fn load_head(conn: &Connection) -> Result<(u64, [u8; 32]), StoreError> {
+    let (head_seq, head_hash): (i64, Vec<u8>) = conn
+        .query_row(
+            "SELECT last_seq, last_hash FROM meta WHERE id = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(StoreError::sqlite("read the chain head"))?;
+    let head_hash: [u8; 32] = head_hash.try_into().unwrap_or(GENESIS);
+    let last: Option<(i64, Vec<u8>)> = conn
+        .query_row(
+            "SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(StoreError::sqlite("read the last record"))?;
+    let last_seq = last.as_ref().map_or(0, |l| l.0);
+    if last_seq == head_seq {
+        return Ok((head_seq as u64 + 1, head_hash));
+    }
+    if last_seq < head_seq {
+        tracing::error!(
+            head_seq,
+            last_seq,
+            "store log ends before its head: records were deleted; continuing from the head"
+        );
+        return Ok((head_seq as u64 + 1, head_hash));
+    }
+    tracing::error!(
+        head_seq,
+        last_seq,
+        "store log has records after its head; continuing after the last record"
+    );
+    let hash = last.and_then(|l| l.1.try_into().ok()).unwrap_or(GENESIS);
+    Ok((last_seq as u64 + 1, hash))
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    records: AtomicU64,
+    commits: AtomicU64,
+    failed_batches: AtomicU64,
+    failed_records: AtomicU64,
+    largest_batch: AtomicU64,
+    /// Set by `shutdown()`: later appends fail fast instead of queueing.
+    closing: AtomicBool,
+}
+
+impl Counters {
+    fn snapshot(&self, queued: usize) -> StoreStats {
+        StoreStats {
+            records_committed: self.records.load(Ordering::Relaxed),
+            commits: self.commits.load(Ordering::Relaxed),
+            failed_batches: self.failed_batches.load(Ordering::Relaxed),
+            failed_records: self.failed_records.load(Ordering::Relaxed),
+            largest_batch: self.largest_batch.load(Ordering::Relaxed),
+            queued,
+        }
+    }
+}
+
+/// Counters of the writer since [`Store::open`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Records committed.
+    pub records_committed: u64,
+    /// Successful transactions (batches).
+    pub commits: u64,
+    /// Batches rolled back; their waiters got [`StoreError::BatchFailed`].
+    pub failed_batches: u64,
+    /// Records in failed batches.
+    pub failed_records: u64,
+    /// Most records committed in one transaction.
+    pub largest_batch: u64,
+    /// Append calls waiting in the queue right now.
+    pub queued: usize,
+}
+
+struct Job {
+    recs: Vec<NewRecord>,
+    reply: oneshot::Sender<Result<Vec<Appended>, StoreError>>,
+}
+
+enum Msg {
+    Append(Job),
+    Shutdown,
+}
+
+/// Cheap, cloneable sender side of the store. Appends resolve after commit.
+///
+/// When every handle is dropped (or [`shutdown`](Self::shutdown) is called) the writer
+/// commits what is queued, checkpoints the WAL and exits; [`WriterJoin::join`] waits
+/// for that.
+#[derive(Debug, Clone)]
+pub struct StoreHandle {
+    tx: mpsc::Sender<Msg>,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Msg::Append(j) => write!(f, "Append({} records)", j.recs.len()),
+            Msg::Shutdown => f.write_str("Shutdown"),
+        }
+    }
+}
+
+impl StoreHandle {
+    /// Appends one record and resolves once the transaction holding it has committed.
+    ///
+    /// Awaits while the queue is full (backpressure). Cancelling the future after the
+    /// record was queued does not un-append it: it is committed, just not acknowledged.
+    pub async fn append(&self, rec: NewRecord) -> Result<Appended, StoreError> {
+        let mut v = self.append_many(vec![rec]).await?;
+        Ok(v.pop().expect("one result per record"))
+    }
+
+    /// Appends several records (e.g. everything a session cut from one read) in order,
+    /// in the same transaction, as one queue entry. Resolves after commit with one
+    /// [`Appended`] per record, in order.
+    pub async fn append_many(&self, recs: Vec<NewRecord>) -> Result<Vec<Appended>, StoreError> {
+        if recs.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.counters.closing.load(Ordering::Acquire) {
+            return Err(StoreError::Closed);
+        }
+        for rec in &recs {
+            validate(rec)?;
+        }
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Msg::Append(Job { recs, reply }))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Asks the writer to stop: appends queued before this call are committed, appends
+    /// after it fail with [`StoreError::Closed`] (on every clone of the handle). Returns
+    /// once the request is queued; [`WriterJoin::join`] waits for the writer to exit.
+    pub async fn shutdown(&self) {
+        self.counters.closing.store(true, Ordering::Release);
+        // Err means the writer is already gone: nothing left to stop.
+        let _ = self.tx.send(Msg::Shutdown).await;
+    }
+
+    /// Writer counters and current queue depth.
+    pub fn stats(&self) -> StoreStats {
+        self.counters
+            .snapshot(self.tx.max_capacity() - self.tx.capacity())
+    }
+}
+
+/// Join handle of the writer thread.
+#[derive(Debug)]
+pub struct WriterJoin {
+    thread: JoinHandle<Result<(), StoreError>>,
+    counters: Arc<Counters>,
+}
+
+impl WriterJoin {
+    /// Blocks until the writer has drained the queue, committed, checkpointed and
+    /// exited (which happens after every [`StoreHandle`] is dropped or after
+    /// [`StoreHandle::shutdown`]). From async code call it in `spawn_blocking`.
+    pub fn join(self) -> Result<StoreStats, StoreError> {
+        match self.thread.join() {
+            Ok(r) => r.map(|()| self.counters.snapshot(0)),
+            Err(_) => Err(StoreError::WriterPanicked),
+        }
+    }
+
+    /// True once the writer thread has exited.
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+}
+
+fn validate(rec: &NewRecord) -> Result<(), StoreError> {
+    let bad = |field, reason| Err(StoreError::InvalidRecord { field, reason });
+    if rec.raw.is_empty() {
+        return bad("raw", "empty");
+    }
+    if rec.raw.len() > MAX_RAW {
+        return bad("raw", "longer than 16 MiB");
+    }
+    if !is_json_of(&rec.findings, b'[') {
+        return bad("findings", "not a JSON array");
+    }
+    if !rec.doc.is_empty() && !is_json_of(&rec.doc, b'{') {
+        return bad("doc", "neither empty nor a JSON object");
+    }
+    Ok(())
+}
+
+/// Valid JSON whose top-level value opens with `open`. Checked before queueing so a
+/// caller bug cannot poison a whole batch or seal unreadable JSON into the chain.
+fn is_json_of(text: &str, open: u8) -> bool {
+    text.trim_start().as_bytes().first() == Some(&open)
+        && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+}
+
+struct Writer {
+    conn: Connection,
+    next_seq: u64,
+    prev_hash: [u8; 32],
+    cfg: StoreConfig,
+    counters: Arc<Counters>,
+}
+
+impl Writer {
+    fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Msg>,
+        rt: &tokio::runtime::Runtime,
+    ) -> Result<(), StoreError> {
+        let mut batch: Vec<Job> = Vec::new();
+        let mut closing = false;
+        // `recv` yields None once every handle is dropped, or after `close()` (on
+        // Shutdown) once the queue is drained.
+        while let Some(first) = rt.block_on(rx.recv()) {
+            let started = Instant::now();
+            let mut n = 0;
+            take(first, &mut batch, &mut n, &mut rx, &mut closing);
+            let mut lone = true;
+            while n < self.cfg.batch_max {
+                match rx.try_recv() {
+                    Ok(msg) => {
+                        lone = false;
+                        take(msg, &mut batch, &mut n, &mut rx, &mut closing);
+                    }
+                    Err(_) => break,
+                }
+            }
+            // Linger only under load (see the module docs): a lone record commits now.
+            if !lone && !self.cfg.batch_delay.is_zero() {
+                let deadline = tokio::time::Instant::from_std(started + self.cfg.batch_delay);
+                while n < self.cfg.batch_max {
+                    // The timer must be created inside the runtime: build it in the future.
+                    match rt.block_on(async { tokio::time::timeout_at(deadline, rx.recv()).await })
+                    {
+                        Ok(Some(msg)) => take(msg, &mut batch, &mut n, &mut rx, &mut closing),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                self.commit_and_answer(&mut batch, n);
+            }
+        }
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(StoreError::sqlite("checkpoint the WAL at shutdown"))?;
+        tracing::info!(next_seq = self.next_seq, "store writer stopped");
+        Ok(())
+    }
+
+    fn commit_and_answer(&mut self, batch: &mut Vec<Job>, n: usize) {
+        match self.commit(batch) {
+            Ok(results) => {
+                let c = &self.counters;
+                c.records.fetch_add(n as u64, Ordering::Relaxed);
+                c.commits.fetch_add(1, Ordering::Relaxed);
+                c.largest_batch.fetch_max(n as u64, Ordering::Relaxed);
+                for (job, res) in batch.drain(..).zip(results) {
+                    // The waiter may have given up; the record is committed regardless.
+                    let _ = job.reply.send(Ok(res));
+                }
+            }
+            Err((op, err)) => {
+                tracing::error!(op, records = n, error = %err, "store batch rolled back; nothing in it acknowledged");
+                self.counters.failed_batches.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .failed_records
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                let source = Arc::new(err);
+                for job in batch.drain(..) {
+                    let _ = job.reply.send(Err(StoreError::BatchFailed {
+                        op,
+                        records: n,
+                        source: Arc::clone(&source),
+                    }));
+                }
+            }
+        }
+    }
+
+    /// One transaction for the whole batch. The in-memory head only advances after
+    /// COMMIT succeeded; on error the transaction is rolled back when dropped.
+    fn commit(
+        &mut self,
+        batch: &[Job],
+    ) -> Result<Vec<Vec<Appended>>, (&'static str, rusqlite::Error)> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| ("begin the batch", e))?;
+        let mut seq = self.next_seq;
+        let mut prev = self.prev_hash;
+        let mut results = Vec::with_capacity(batch.len());
+        {
+            let mut probe = tx
+                .prepare_cached(RETRANSMISSION_SQL)
+                .map_err(|e| ("prepare the retransmission probe", e))?;
+            let mut insert = tx
+                .prepare_cached(INSERT_SQL)
+                .map_err(|e| ("prepare the insert", e))?;
+            for job in batch {
+                let mut answers = Vec::with_capacity(job.recs.len());
+                for rec in &job.recs {
+                    let duplicate = is_retransmission_candidate(rec)
+                        && probe
+                            .exists((rec.mn.as_deref(), rec.qn.as_deref(), rec.cn.as_deref()))
+                            .map_err(|e| ("probe for a retransmission", e))?;
+                    let cols = columns(rec, seq, duplicate);
+                    let hash = record_hash(&prev, &cols)
+                        .ok_or(("hash a record", rusqlite::Error::InvalidQuery))?;
+                    insert
+                        .execute(rusqlite::params_from_iter(
+                            cols.into_iter()
+                                .chain([ValueRef::Blob(&hash)])
+                                .map(ToSqlOutput::Borrowed),
+                        ))
+                        .map_err(|e| ("insert a record", e))?;
+                    answers.push(Appended { seq, duplicate });
+                    prev = hash;
+                    seq += 1;
+                }
+                results.push(answers);
+            }
+        }
+        tx.execute(
+            "UPDATE meta SET last_seq = ?1, last_hash = ?2, updated_at_ms = ?3 WHERE id = 1",
+            (
+                (seq - 1) as i64,
+                &prev[..],
+                chrono::Utc::now().timestamp_millis(),
+            ),
+        )
+        .map_err(|e| ("advance the chain head", e))?;
+        tx.commit().map_err(|e| ("commit", e))?;
+        self.next_seq = seq;
+        self.prev_hash = prev;
+        Ok(results)
+    }
+}
+
+fn take(
+    msg: Msg,
+    batch: &mut Vec<Job>,
+    n: &mut usize,
+    rx: &mut mpsc::Receiver<Msg>,
+    closing: &mut bool,
+) {
+    match msg {
+        // The queue is FIFO: anything behind the Shutdown was sent after it.
+        Msg::Append(job) if *closing => {
+            let _ = job.reply.send(Err(StoreError::Closed));
+        }
+        Msg::Append(job) => {
+            *n += job.recs.len();
+            batch.push(job);
+        }
+        // Refuse new sends; what is still queued is received (and refused above).
+        Msg::Shutdown => {
+            *closing = true;
+            rx.close();
+        }
+    }
+}
+
+/// A retransmission is an inbound frame with a non-empty QN.
+fn is_retransmission_candidate(rec: &NewRecord) -> bool {
+    rec.direction == Direction::In
+        && rec.kind == Kind::Frame
+        && rec.qn.as_deref().is_some_and(|q| !q.is_empty())
+}
+
+/// The hashed columns in table order, as they will be stored.
+fn columns(rec: &NewRecord, seq: u64, duplicate: bool) -> [ValueRef<'_>; HASHED_COLUMNS] {
+    fn text(s: &Option<String>) -> ValueRef<'_> {
+        s.as_deref()
+            .map_or(ValueRef::Null, |s| ValueRef::Text(s.as_bytes()))
+    }
+    [
+        ValueRef::Integer(seq as i64),
+        ValueRef::Integer(rec.received_at_ms),
+        ValueRef::Text(rec.peer.as_bytes()),
+        ValueRef::Integer(rec.session as i64),
+        ValueRef::Text(rec.direction.as_str().as_bytes()),
+        ValueRef::Text(rec.kind.as_str().as_bytes()),
+        ValueRef::Blob(&rec.raw),
+        text(&rec.dialect),
+        text(&rec.st),
+        text(&rec.cn),
+        text(&rec.mn),
+        text(&rec.qn),
+        text(&rec.data_time),
+        ValueRef::Text(rec.verdict.as_str().as_bytes()),
+        ValueRef::Integer(i64::from(duplicate)),
+        ValueRef::Text(rec.findings.as_bytes()),
+        ValueRef::Text(rec.doc.as_bytes()),
+    ]
+}
