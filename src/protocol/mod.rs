@@ -4,3 +4,4 @@
 //! only place in the crate that knows HJ 212 syntax.
 
 pub mod crc;
+pub mod framing;
