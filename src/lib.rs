@@ -2,4 +2,7 @@
 //!
 //! (crate documentation is completed as modules land)
 
+pub mod codec;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod protocol;
