@@ -2,5 +2,8 @@
 //!
 //! (crate documentation is completed as modules land)
 
+pub mod codec;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod protocol;
 pub mod store;

@@ -10,6 +10,7 @@ pub mod crypt;
 pub mod dialect;
 pub mod finding;
 pub mod frame;
+pub mod framing;
 pub mod header;
 pub mod json;
 pub mod reply;
