@@ -1,2 +1,5 @@
-//! `hj212-gateway` binary (wired up as commands land).
-fn main() {}
+//! `hj212-gateway`: see `hj212-gateway --help` and the README.
+
+fn main() -> std::process::ExitCode {
+    hj212_gateway::cli::main()
+}

@@ -1,0 +1,3 @@
+//! Command implementations behind the CLI.
+
+pub mod decode;

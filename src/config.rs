@@ -1,0 +1,480 @@
+//! Configuration: TOML in, a checked [`Config`] out.
+//!
+//! Unknown keys are rejected (a typo must not silently fall back to a
+//! default), every key has a documented default (see `deploy/gateway.toml`),
+//! and every error names the offending key so `check-config` can point at it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::FixedOffset;
+use serde::Deserialize;
+
+use crate::protocol::{CrcPolicy, Dialect, crypt};
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// File path.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// TOML syntax error or unknown/mistyped key (the message names it).
+    #[error("{path}: {message}")]
+    Parse {
+        /// File path.
+        path: PathBuf,
+        /// toml's message, which names the key and position.
+        message: String,
+    },
+    /// A value that parses but is not acceptable.
+    #[error("{path}: `{key}`: {message}")]
+    Invalid {
+        /// File path (or `<defaults>`).
+        path: PathBuf,
+        /// Dotted key, e.g. `server.listen` or `device[3].key`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A duration written as `500ms`, `30s`, `5m`, `2h` or `1d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_duration(&text)
+            .map(Dur)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses `<integer><unit>` with unit ms, s, m, h or d.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| {
+        format!("invalid duration {text:?}: expected e.g. \"30s\", \"5m\", \"250ms\"")
+    })?;
+    let ms = match unit {
+        "ms" => n,
+        "s" => n * 1000,
+        "m" => n * 60_000,
+        "h" => n * 3_600_000,
+        "d" => n * 86_400_000,
+        _ => {
+            return Err(format!(
+                "invalid duration {text:?}: unit must be ms, s, m, h or d"
+            ));
+        }
+    };
+    Ok(Duration::from_millis(ms))
+}
+
+/// `[server]`: listening and per-connection limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Addresses to listen on.
+    pub listen: Vec<String>,
+    /// Concurrent device sessions; further connections wait in the backlog.
+    pub max_connections: usize,
+    /// Concurrent sessions from one IP address; more are refused.
+    pub max_per_ip: usize,
+    /// Close a session that sent nothing for this long.
+    pub idle_timeout: Dur,
+    /// Close a session whose incomplete frame does not complete within this (slowloris).
+    pub partial_frame_timeout: Dur,
+    /// Cap on one frame's bytes; a frame start without a tail within it becomes junk.
+    pub max_frame_bytes: usize,
+    /// Junk bytes one session may send before it is closed.
+    pub max_junk_bytes: usize,
+    /// TCP keepalive idle time.
+    pub tcp_keepalive: Dur,
+    /// Give up writing a reply to a device after this long.
+    pub write_timeout: Dur,
+    /// On SIGTERM, sessions get this long to finish frames in flight.
+    pub shutdown_grace: Dur,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: vec!["0.0.0.0:9212".into()],
+            max_connections: 10_000,
+            max_per_ip: 1_000,
+            idle_timeout: Dur(Duration::from_secs(600)),
+            partial_frame_timeout: Dur(Duration::from_secs(30)),
+            max_frame_bytes: 10_240,
+            max_junk_bytes: 65_536,
+            tcp_keepalive: Dur(Duration::from_secs(60)),
+            write_timeout: Dur(Duration::from_secs(10)),
+            shutdown_grace: Dur(Duration::from_secs(10)),
+        }
+    }
+}
+
+/// Durability mode of the frame log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sync {
+    /// fsync on every commit (no acked frame is lost on power failure).
+    Full,
+    /// fsync at WAL checkpoints only (an OS crash may lose the last commits).
+    Normal,
+    /// Never fsync (tests and benchmarks only).
+    Off,
+}
+
+/// `[store]`: the SQLite frame log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// Database file; relative paths are under the data directory.
+    pub path: PathBuf,
+    /// `full` (default), `normal` or `off`.
+    pub sync: Sync,
+    /// Most records committed in one transaction.
+    pub batch_max: usize,
+    /// Longest a record waits for companions before its batch commits.
+    pub batch_delay: Dur,
+    /// Bounded queue of records awaiting the writer; when full, sessions stop reading.
+    pub queue: usize,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            path: PathBuf::from("frames.db"),
+            sync: Sync::Full,
+            batch_max: 512,
+            batch_delay: Dur(Duration::from_millis(2)),
+            queue: 8192,
+        }
+    }
+}
+
+/// What to do with frames from an MN that is not in the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownDevice {
+    /// Store, ack, forward and publish as usual.
+    Accept,
+    /// Store as rejected; no ack.
+    Reject,
+    /// Store and ack, but never forward or publish.
+    Quarantine,
+}
+
+/// `[validation]`: timestamps, CRC and identity.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidationSection {
+    /// Device clock zone, e.g. `+08:00` (HJ 212 timestamps carry none).
+    pub time_zone: String,
+    /// DataTime ahead of receive time beyond this gives `time.future`.
+    pub future_tolerance: Dur,
+    /// DataTime older than this gives `time.stale` (unless RF=1).
+    pub stale_after: Dur,
+    /// CRC policy for devices without their own: strict | modbus | swapped | any.
+    pub crc: CrcPolicy,
+    /// accept | reject | quarantine.
+    pub unknown_device: UnknownDevice,
+    /// Standard data-segment maximum; longer segments get `frame.oversize` (warning).
+    pub max_segment: usize,
+}
+
+impl Default for ValidationSection {
+    fn default() -> Self {
+        ValidationSection {
+            time_zone: "+08:00".into(),
+            future_tolerance: Dur(Duration::from_secs(300)),
+            stale_after: Dur(Duration::from_secs(48 * 3600)),
+            crc: CrcPolicy::Strict,
+            unknown_device: UnknownDevice::Accept,
+            max_segment: 1024,
+        }
+    }
+}
+
+/// `[registry]`: where else devices come from.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrySection {
+    /// A TOML file of `[[device]]` entries, re-read on SIGHUP.
+    pub devices_file: Option<PathBuf>,
+}
+
+/// Kind of site equipment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// Analyzer or data logger sending monitoring data.
+    #[default]
+    Analyzer,
+    /// Site video gateway (heartbeats and status only).
+    Video,
+}
+
+/// One `[[device]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceEntry {
+    /// Device id.
+    pub mn: String,
+    /// Expected password; frames with another PW are rejected.
+    pub pw: Option<String>,
+    /// Dialect override: 2005 | 2017 | 2025 | surface-water.
+    pub dialect: Option<String>,
+    /// CRC policy: strict | modbus | swapped | any.
+    pub crc: Option<CrcPolicy>,
+    /// Current SM4 key, 32 hex digits (2025 encrypted devices).
+    pub key: Option<String>,
+    /// Previous keys still accepted during a key change.
+    #[serde(default)]
+    pub old_keys: Vec<String>,
+    /// analyzer | video.
+    #[serde(default)]
+    pub kind: DeviceKind,
+    /// Free-text name for operators.
+    pub name: Option<String>,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[server]`.
+    pub server: ServerConfig,
+    /// `[store]`.
+    pub store: StoreSection,
+    /// `[validation]`.
+    pub validation: ValidationSection,
+    /// `[registry]`.
+    pub registry: RegistrySection,
+    /// `[[device]]`.
+    pub device: Vec<DeviceEntry>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevicesFile {
+    #[serde(default)]
+    device: Vec<DeviceEntry>,
+}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let cfg = Config::parse(&text, path)?;
+        Ok(cfg)
+    }
+
+    /// Parses and checks TOML text (`path` is for messages).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        cfg.check(path)?;
+        Ok(cfg)
+    }
+
+    /// Semantic checks that serde cannot express.
+    pub fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        if self.server.listen.is_empty() {
+            return Err(bad(
+                "server.listen",
+                "at least one address is required".into(),
+            ));
+        }
+        for a in &self.server.listen {
+            a.parse::<SocketAddr>()
+                .map_err(|e| bad("server.listen", format!("{a:?}: {e}")))?;
+        }
+        let positive = [
+            ("server.max_connections", self.server.max_connections),
+            ("server.max_per_ip", self.server.max_per_ip),
+            ("server.max_frame_bytes", self.server.max_frame_bytes),
+            ("store.batch_max", self.store.batch_max),
+            ("store.queue", self.store.queue),
+            ("validation.max_segment", self.validation.max_segment),
+        ];
+        for (k, v) in positive {
+            if v == 0 {
+                return Err(bad(k, "must be greater than 0".into()));
+            }
+        }
+        if self.server.max_frame_bytes < 64 || self.server.max_frame_bytes > 1 << 20 {
+            return Err(bad(
+                "server.max_frame_bytes",
+                "must be between 64 and 1048576".into(),
+            ));
+        }
+        self.time_zone().ok_or_else(|| {
+            bad(
+                "validation.time_zone",
+                format!(
+                    "{:?} is not an offset like \"+08:00\"",
+                    self.validation.time_zone
+                ),
+            )
+        })?;
+        check_devices(&self.device, path)?;
+        Ok(())
+    }
+
+    /// The device time zone.
+    pub fn time_zone(&self) -> Option<FixedOffset> {
+        parse_offset(&self.validation.time_zone)
+    }
+
+    /// Store file path resolved against the data directory.
+    pub fn store_path(&self, data_dir: &Path) -> PathBuf {
+        if self.store.path.is_absolute() {
+            self.store.path.clone()
+        } else {
+            data_dir.join(&self.store.path)
+        }
+    }
+}
+
+/// Loads a devices file (SIGHUP reload source).
+pub fn load_devices_file(path: &Path) -> Result<Vec<DeviceEntry>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let f: DevicesFile = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string().trim_end().to_owned(),
+    })?;
+    check_devices(&f.device, path)?;
+    Ok(f.device)
+}
+
+fn check_devices(devices: &[DeviceEntry], path: &Path) -> Result<(), ConfigError> {
+    let mut seen = std::collections::HashSet::new();
+    for (i, d) in devices.iter().enumerate() {
+        let bad = |field: &str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: format!("device[{i}].{field}"),
+            message,
+        };
+        if d.mn.is_empty() || d.mn.len() > 32 || d.mn.contains([';', ',', '=', '&']) {
+            return Err(bad(
+                "mn",
+                format!(
+                    "{:?} is not a valid MN (1..32 characters, no separators)",
+                    d.mn
+                ),
+            ));
+        }
+        if !seen.insert(d.mn.as_str()) {
+            return Err(bad("mn", format!("{:?} appears twice", d.mn)));
+        }
+        if let Some(dl) = &d.dialect {
+            Dialect::parse(dl).ok_or_else(|| {
+                bad(
+                    "dialect",
+                    format!("{dl:?}: expected 2005, 2017, 2025 or surface-water"),
+                )
+            })?;
+        }
+        // Keys are secrets: the message never repeats them.
+        if let Some(k) = &d.key {
+            crypt::parse_key(k)
+                .ok_or_else(|| bad("key", "must be 32 hex digits (16 bytes)".into()))?;
+        }
+        for (j, k) in d.old_keys.iter().enumerate() {
+            crypt::parse_key(k).ok_or_else(|| {
+                bad(
+                    &format!("old_keys[{j}]"),
+                    "must be 32 hex digits (16 bytes)".into(),
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Parses `+08:00`, `-05:30`, `Z` or `UTC`.
+pub fn parse_offset(text: &str) -> Option<FixedOffset> {
+    let t = text.trim();
+    if t.eq_ignore_ascii_case("z") || t.eq_ignore_ascii_case("utc") {
+        return FixedOffset::east_opt(0);
+    }
+    let (sign, rest) = match t.as_bytes().first()? {
+        b'+' => (1, &t[1..]),
+        b'-' => (-1, &t[1..]),
+        _ => return None,
+    };
+    let (h, m) = rest.split_once(':')?;
+    let h: i32 = h.parse().ok()?;
+    let m: i32 = m.parse().ok()?;
+    if h > 14 || m > 59 {
+        return None;
+    }
+    FixedOffset::east_opt(sign * (h * 3600 + m * 60))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::parse(text, Path::new("t.toml"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::parse("", Path::new("t.toml")).unwrap();
+        assert_eq!(c.server.listen, ["0.0.0.0:9212"]);
+        assert_eq!(c.store.sync, Sync::Full);
+        assert_eq!(c.time_zone(), FixedOffset::east_opt(8 * 3600));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert!(err("[server]\nlisten = [\"nope\"]").contains("`server.listen`"));
+        assert!(err("[server]\nlisen = []").contains("lisen"));
+        assert!(err("[store]\nsync = \"sometimes\"").contains("sync"));
+        assert!(err("[server]\nidle_timeout = \"5 parsecs\"").contains("idle_timeout"));
+        assert!(err("[validation]\ntime_zone = \"Mars\"").contains("`validation.time_zone`"));
+        assert!(err("[[device]]\nmn = \"A\"\nkey = \"00\"").contains("`device[0].key`"));
+        assert!(err("[[device]]\nmn = \"A\"\n[[device]]\nmn = \"A\"").contains("`device[1].mn`"));
+        let e = err("[[device]]\nmn = \"A\"\nkey = \"zz\"");
+        assert!(!e.contains("zz"), "keys never echoed: {e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert!(parse_duration("5").is_err());
+        assert_eq!(
+            parse_offset("-05:30"),
+            FixedOffset::east_opt(-(5 * 3600 + 1800))
+        );
+    }
+}

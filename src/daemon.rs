@@ -1,0 +1,214 @@
+//! `serve`: wires the store, registry, listener and signals together.
+//!
+//! Shutdown is one token and one tracker: SIGTERM/SIGINT cancel the token,
+//! the listener stops accepting, sessions finish the batch in flight (append,
+//! commit, ack) and close; after the grace period the store drains, commits,
+//! checkpoints and the process exits 0.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::config::{self, Config, ConfigError};
+use crate::registry::{Registry, SharedRegistry};
+use crate::server::Server;
+use crate::session::{SessionMap, Shared};
+use crate::store::{Store, StoreConfig, StoreHandle, SyncMode, WriterJoin};
+use crate::systemd;
+
+/// Why `serve` could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Bad configuration (exit 78).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The frame log could not be opened.
+    #[error("frame log: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// Binding or another I/O failure.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Command-line overrides of `serve`.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// Config file.
+    pub config: Option<PathBuf>,
+    /// `--listen`, replacing `[server] listen`.
+    pub listen: Vec<SocketAddr>,
+    /// `--data`.
+    pub data: Option<PathBuf>,
+}
+
+/// Resolves the data directory: flag, then `$STATE_DIRECTORY` (systemd), then `./data`.
+pub fn data_dir(flag: Option<&Path>) -> PathBuf {
+    if let Some(p) = flag {
+        return p.to_owned();
+    }
+    if let Some(s) = std::env::var_os("STATE_DIRECTORY") {
+        // systemd may pass several colon-separated directories; the first is ours.
+        if let Some(first) = s
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .filter(|x| !x.is_empty())
+        {
+            return PathBuf::from(first);
+        }
+    }
+    PathBuf::from("data")
+}
+
+/// Loads the config named by the overrides (or the defaults).
+pub fn load_config(o: &Overrides) -> Result<Config, ConfigError> {
+    match &o.config {
+        Some(p) => Config::load(p),
+        None => Config::parse("", Path::new("<defaults>")),
+    }
+}
+
+/// A running gateway (used by `serve` and by tests).
+#[derive(Debug)]
+pub struct Running {
+    /// Bound addresses.
+    pub addrs: Vec<SocketAddr>,
+    /// Cancel to shut down.
+    pub shutdown: CancellationToken,
+    /// Shared state (store handle, registry, config).
+    pub shared: Arc<Shared>,
+    tracker: TaskTracker,
+    writer: WriterJoin,
+    config_path: Option<PathBuf>,
+}
+
+/// Opens the store and binds the listeners; sessions start immediately.
+pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
+    let data = data_dir(o.data.as_deref());
+    let registry = Registry::from_config(&cfg)?;
+    let store_path = cfg.store_path(&data);
+    let store_cfg = StoreConfig {
+        path: store_path.clone(),
+        sync: match cfg.store.sync {
+            config::Sync::Full => SyncMode::Full,
+            config::Sync::Normal => SyncMode::Normal,
+            config::Sync::Off => SyncMode::Off,
+        },
+        batch_max: cfg.store.batch_max,
+        batch_delay: cfg.store.batch_delay.0,
+        queue: cfg.store.queue,
+    };
+    let (store, writer): (StoreHandle, WriterJoin) =
+        tokio::task::spawn_blocking(move || Store::open(store_cfg))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+    let listen: Vec<SocketAddr> = if o.listen.is_empty() {
+        cfg.server
+            .listen
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect()
+    } else {
+        o.listen.clone()
+    };
+    let devices = registry.len();
+    let shared = Arc::new(Shared {
+        cfg,
+        registry: Arc::new(SharedRegistry::new(registry)),
+        store,
+        sessions: SessionMap::default(),
+        next_id: AtomicU64::new(1),
+    });
+    let server = Server::bind(shared.clone(), &listen).await?;
+    let addrs = server.local_addrs();
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    info!(listen = ?addrs, data = %data.display(), store = %store_path.display(), devices, "listening");
+    let (t, s) = (tracker.clone(), shutdown.clone());
+    tracker.spawn(server.run(s, t));
+    Ok(Running {
+        addrs,
+        shutdown,
+        shared,
+        tracker,
+        writer,
+        config_path: o.config.clone(),
+    })
+}
+
+impl Running {
+    /// Re-reads the registry from the config file (SIGHUP). A bad file keeps
+    /// the old registry.
+    pub fn reload(&self) {
+        let result = match &self.config_path {
+            Some(p) => Config::load(p).and_then(|c| Registry::from_config(&c)),
+            None => Registry::from_config(&self.shared.cfg),
+        };
+        match result {
+            Ok(r) => {
+                info!(devices = r.len(), "registry reloaded");
+                self.shared.registry.replace(r);
+            }
+            Err(e) => error!(error = %e, "registry reload failed; keeping the previous registry"),
+        }
+    }
+
+    /// Stops accepting, lets sessions finish within the grace period, then
+    /// drains and closes the frame log.
+    pub async fn stop(self) -> Result<(), ServeError> {
+        self.shutdown.cancel();
+        self.tracker.close();
+        let grace = self.shared.cfg.server.shutdown_grace.0;
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                grace_s = grace.as_secs(),
+                "sessions still open after the grace period; closing anyway"
+            );
+        }
+        self.shared.store.shutdown().await;
+        let writer = self.writer;
+        let stats = tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+        info!(
+            records = stats.records_committed,
+            commits = stats.commits,
+            "frame log closed"
+        );
+        Ok(())
+    }
+}
+
+/// `serve`: runs until SIGTERM/SIGINT.
+pub async fn serve(o: Overrides) -> Result<(), ServeError> {
+    let cfg = load_config(&o)?;
+    let running = start(cfg, &o).await?;
+    systemd::ready(&format!("listening on {:?}", running.addrs));
+    systemd::spawn_watchdog(running.shutdown.clone());
+    wait_for_signals(&running).await?;
+    info!("shutting down");
+    systemd::stopping();
+    running.stop().await
+}
+
+async fn wait_for_signals(running: &Running) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => running.reload(),
+        }
+    }
+}

@@ -1,0 +1,491 @@
+//! One device connection: bytes -> items -> verdicts -> one commit -> acks.
+//!
+//! Each read is cut into frames and junk; every item, and every reply we are
+//! about to send, becomes a record; the batch is appended and only after its
+//! transaction commits are the replies written to the socket. A device
+//! therefore never holds an ack for a frame that a crash could lose. When
+//! the store's queue is full, `append_many` waits and we stop reading: TCP
+//! flow control pushes the backpressure to the device.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_util::codec::Decoder;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::codec::{Hj212Codec, Item};
+use crate::config::{Config, UnknownDevice};
+use crate::protocol::framing::FramerConfig;
+use crate::protocol::{self, Finding, Frame, Options, Severity, json, reply};
+use crate::registry::SharedRegistry;
+use crate::store::{Direction, Kind, NewRecord, StoreHandle, Verdict};
+
+/// Finding codes added by gateway policy (beyond the protocol's).
+pub mod code {
+    /// PW does not match the registry.
+    pub const AUTH_PASSWORD: &str = "auth.password";
+    /// MN not in the registry and `unknown_device = "reject"`.
+    pub const DEVICE_UNKNOWN: &str = "device.unknown";
+    /// MN not in the registry and `unknown_device = "quarantine"`: stored and
+    /// acked, never forwarded or published.
+    pub const DEVICE_QUARANTINED: &str = "device.quarantined";
+}
+
+/// Which session currently owns each MN, so a reconnecting device supersedes
+/// its stale session (and downlink traffic reaches the live one).
+#[derive(Debug, Default)]
+pub struct SessionMap {
+    inner: Mutex<HashMap<String, (u64, CancellationToken)>>,
+}
+
+impl SessionMap {
+    /// Claims `mn` for session `id`; returns the session it took it from.
+    fn claim(&self, mn: &str, id: u64, token: &CancellationToken) -> Option<u64> {
+        let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        match m.insert(mn.to_owned(), (id, token.clone())) {
+            Some((old, t)) if old != id => {
+                t.cancel();
+                Some(old)
+            }
+            _ => None,
+        }
+    }
+    fn release(&self, mn: &str, id: u64) {
+        let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if m.get(mn).is_some_and(|(owner, _)| *owner == id) {
+            m.remove(mn);
+        }
+    }
+    /// Number of MNs with a live session.
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+    /// True when no MN has a live session.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Everything a session needs, shared by all sessions.
+#[derive(Debug)]
+pub struct Shared {
+    /// Loaded configuration.
+    pub cfg: Config,
+    /// Device registry (reloadable).
+    pub registry: Arc<SharedRegistry>,
+    /// Frame log.
+    pub store: StoreHandle,
+    /// MN ownership.
+    pub sessions: SessionMap,
+    /// Session ids.
+    pub next_id: AtomicU64,
+}
+
+/// Logs the first few warnings per window, then counts silently: a device
+/// spewing garbage must not flood journald.
+struct WarnLimiter {
+    window: Instant,
+    count: u32,
+    suppressed: u32,
+}
+
+impl WarnLimiter {
+    const PER_MINUTE: u32 = 5;
+    fn new() -> Self {
+        WarnLimiter {
+            window: Instant::now(),
+            count: 0,
+            suppressed: 0,
+        }
+    }
+    fn allow(&mut self) -> bool {
+        if self.window.elapsed() > Duration::from_secs(60) {
+            if self.suppressed > 0 {
+                warn!(
+                    suppressed = self.suppressed,
+                    "similar warnings suppressed in the last minute"
+                );
+            }
+            self.window = Instant::now();
+            self.count = 0;
+            self.suppressed = 0;
+        }
+        self.count += 1;
+        if self.count <= Self::PER_MINUTE {
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn findings_json(f: &[Finding]) -> String {
+    serde_json::to_string(f).unwrap_or_else(|_| "[]".into())
+}
+
+/// Runs one session to completion.
+pub async fn run(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let span = info_span!("session", %peer, id, mn = tracing::field::Empty);
+    async move {
+        debug!("connected");
+        let mut s = Session::new(shared, peer, id, shutdown);
+        let reason = s.serve(stream).await;
+        for mn in std::mem::take(&mut s.mns) {
+            s.shared.sessions.release(&mn, id);
+        }
+        info!(
+            reason,
+            frames = s.frames,
+            junk_bytes = s.junk_bytes,
+            "closed"
+        );
+    }
+    .instrument(span)
+    .await
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    peer_text: String,
+    id: u64,
+    token: CancellationToken,
+    shutdown: CancellationToken,
+    codec: Hj212Codec,
+    mns: Vec<String>,
+    frames: u64,
+    junk_bytes: usize,
+    warn: WarnLimiter,
+}
+
+impl Session {
+    fn new(shared: Arc<Shared>, peer: SocketAddr, id: u64, shutdown: CancellationToken) -> Session {
+        let codec = Hj212Codec::new(FramerConfig {
+            max_frame: shared.cfg.server.max_frame_bytes,
+            ..FramerConfig::default()
+        });
+        Session {
+            shared,
+            peer,
+            peer_text: peer.to_string(),
+            id,
+            token: CancellationToken::new(),
+            shutdown,
+            codec,
+            mns: Vec::new(),
+            frames: 0,
+            junk_bytes: 0,
+            warn: WarnLimiter::new(),
+        }
+    }
+
+    async fn serve(&mut self, stream: TcpStream) -> &'static str {
+        let (rd, mut wr) = stream.into_split();
+        let idle = self.shared.cfg.server.idle_timeout.0;
+        let partial_limit = self.shared.cfg.server.partial_frame_timeout.0;
+        // No buffer is held while the connection is idle: it is allocated when
+        // bytes arrive and released once everything in it has been cut.
+        let mut buf = BytesMut::new();
+        let mut partial_since: Option<Instant> = None;
+        let mut last_activity = Instant::now();
+        loop {
+            let deadline = match partial_since {
+                Some(t) => t + partial_limit,
+                None => last_activity + idle,
+            };
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return "shutdown",
+                _ = self.token.cancelled() => return "superseded",
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    if partial_since.is_some() {
+                        // Slowloris or a device that died mid-frame: keep its bytes as junk.
+                        let _ = self.flush_eof(&mut buf, &mut wr).await;
+                        return "partial frame timeout";
+                    }
+                    return "idle timeout";
+                }
+                r = rd.readable() => {
+                    if let Err(e) = r {
+                        debug!(error = %e, "readable failed");
+                        return "read error";
+                    }
+                }
+            }
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(4096);
+            }
+            match rd.try_read_buf(&mut buf) {
+                Ok(0) => {
+                    let _ = self.flush_eof(&mut buf, &mut wr).await;
+                    return "peer closed";
+                }
+                Ok(_) => last_activity = Instant::now(),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => {
+                    debug!(error = %e, "read failed");
+                    let _ = self.flush_eof(&mut buf, &mut wr).await;
+                    return "read error";
+                }
+            }
+            let mut items = Vec::new();
+            loop {
+                match self.codec.decode(&mut buf) {
+                    Ok(Some(item)) => items.push(item),
+                    Ok(None) => break,
+                    Err(e) => {
+                        warn!(error = %e, "codec error");
+                        return "codec error";
+                    }
+                }
+            }
+            if buf.is_empty() {
+                partial_since = None;
+                buf = BytesMut::new();
+            } else if partial_since.is_none() || !items.is_empty() {
+                partial_since = Some(Instant::now());
+            }
+            if !items.is_empty() {
+                if let Err(reason) = self.process(items, &mut wr).await {
+                    return reason;
+                }
+            }
+            if self.junk_bytes > self.shared.cfg.server.max_junk_bytes {
+                warn!(junk_bytes = self.junk_bytes, "junk limit exceeded; closing");
+                return "junk limit";
+            }
+        }
+    }
+
+    /// At end of stream, whatever is buffered is cut with `eof` (a partial
+    /// frame becomes junk) and stored.
+    async fn flush_eof(
+        &mut self,
+        buf: &mut BytesMut,
+        wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    ) -> Result<(), &'static str> {
+        let mut items = Vec::new();
+        while !buf.is_empty() {
+            match self.codec.decode_eof(buf) {
+                Ok(Some(item)) => items.push(item),
+                _ => break,
+            }
+        }
+        if !buf.is_empty() {
+            // The codec must consume everything at eof; keep any remainder as junk anyway.
+            items.push(Item::Junk {
+                bytes: buf.split().freeze(),
+                reason: protocol::framing::JunkReason::Truncated,
+            });
+        }
+        if items.is_empty() {
+            return Ok(());
+        }
+        self.process(items, wr).await
+    }
+
+    async fn process(
+        &mut self,
+        items: Vec<Item>,
+        wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    ) -> Result<(), &'static str> {
+        let cfg = &self.shared.cfg;
+        let mut opts = Options::new(chrono::Utc::now());
+        opts.tz = cfg.time_zone().unwrap_or_else(protocol::time::beijing);
+        opts.future_tolerance_s = cfg.validation.future_tolerance.0.as_secs() as i64;
+        opts.stale_after_s = cfg.validation.stale_after.0.as_secs() as i64;
+        opts.crc = cfg.validation.crc;
+        opts.max_segment = cfg.validation.max_segment;
+        let registry = self.shared.registry.current();
+        let received_at_ms = now_ms();
+        let mut records = Vec::with_capacity(items.len() * 2);
+        let mut replies: Vec<Bytes> = Vec::new();
+        let mut claims: Vec<String> = Vec::new();
+        for item in items {
+            match item {
+                Item::Junk { bytes, reason } => {
+                    self.junk_bytes += bytes.len();
+                    if self.warn.allow() {
+                        warn!(
+                            reason = reason.as_str(),
+                            bytes = bytes.len(),
+                            "junk received"
+                        );
+                    }
+                    let doc = json::junk_json(&bytes, reason.as_str(), false);
+                    records.push(NewRecord {
+                        received_at_ms,
+                        peer: self.peer_text.clone(),
+                        session: self.id,
+                        direction: Direction::In,
+                        kind: Kind::Junk,
+                        raw: bytes,
+                        dialect: None,
+                        st: None,
+                        cn: None,
+                        mn: None,
+                        qn: None,
+                        data_time: None,
+                        verdict: Verdict::Junk,
+                        findings: doc["findings"].to_string(),
+                        doc: serde_json::Value::Object(doc).to_string(),
+                    });
+                }
+                Item::Frame { bytes, .. } => {
+                    self.frames += 1;
+                    let mut frame = protocol::decode(bytes, &opts, &*registry);
+                    self.apply_policy(&mut frame, &registry, cfg.validation.unknown_device);
+                    let accepted = !frame.has_error();
+                    if !accepted && self.warn.allow() {
+                        let codes: Vec<&str> = frame
+                            .findings
+                            .iter()
+                            .filter(|f| f.severity == Severity::Error)
+                            .map(|f| f.code)
+                            .collect();
+                        warn!(mn = frame.mn().unwrap_or(""), cn = frame.cn().unwrap_or(""), reasons = ?codes, "frame rejected");
+                    }
+                    if accepted {
+                        if let Some(mn) = frame.mn() {
+                            if !self.mns.iter().any(|m| m == mn) && !claims.iter().any(|m| m == mn)
+                            {
+                                claims.push(mn.to_owned());
+                            }
+                        }
+                    }
+                    let ack = if accepted { reply::ack(&frame) } else { None };
+                    records.push(self.record(&frame, Direction::In, received_at_ms, accepted));
+                    if let Some(ack) = ack {
+                        let out = protocol::decode(ack.clone(), &opts, &());
+                        records.push(self.record(&out, Direction::Out, received_at_ms, true));
+                        replies.push(ack);
+                    }
+                }
+            }
+        }
+        match self.shared.store.append_many(records).await {
+            Ok(_) => {}
+            Err(e) => {
+                // Nothing of this batch is durable: no ack may go out.
+                warn!(error = %e, "frame log append failed; replies withheld");
+                return Err("store error");
+            }
+        }
+        for mn in claims {
+            if self.mns.is_empty() {
+                tracing::Span::current().record("mn", mn.as_str());
+            }
+            if let Some(old) = self.shared.sessions.claim(&mn, self.id, &self.token) {
+                info!(mn = %mn, superseded = old, "device reconnected; older session superseded");
+            }
+            self.mns.push(mn);
+        }
+        let timeout = self.shared.cfg.server.write_timeout.0;
+        for r in replies {
+            match tokio::time::timeout(timeout, wr.write_all(&r)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    debug!(error = %e, "reply write failed");
+                    return Err("write error");
+                }
+                Err(_) => return Err("write timeout"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Gateway policy on top of protocol findings: registry, password, unknown devices.
+    fn apply_policy(
+        &self,
+        frame: &mut Frame,
+        registry: &crate::registry::Registry,
+        unknown: UnknownDevice,
+    ) {
+        let Some(mn) = frame.mn().map(str::to_owned) else {
+            return;
+        };
+        match registry.get(&mn) {
+            Some(dev) => {
+                if let Some(pw) = &dev.pw {
+                    if frame.pw() != Some(pw.as_str()) {
+                        frame.findings.push(Finding::new(code::AUTH_PASSWORD, Severity::Error, "PW does not match the registry"));
+                    }
+                }
+            }
+            None => match unknown {
+                UnknownDevice::Accept => {}
+                UnknownDevice::Reject => frame.findings.push(Finding::new(
+                    code::DEVICE_UNKNOWN,
+                    Severity::Error,
+                    "MN is not registered (unknown_device = reject)",
+                )),
+                UnknownDevice::Quarantine => frame.findings.push(Finding::new(
+                    code::DEVICE_QUARANTINED,
+                    Severity::Warning,
+                    "MN is not registered (unknown_device = quarantine): stored and acked, not forwarded",
+                )),
+            },
+        }
+    }
+
+    fn record(
+        &self,
+        f: &Frame,
+        direction: Direction,
+        received_at_ms: i64,
+        accepted: bool,
+    ) -> NewRecord {
+        let doc = json::frame_json(f, false);
+        NewRecord {
+            received_at_ms,
+            peer: self.peer_text.clone(),
+            session: self.id,
+            direction,
+            kind: Kind::Frame,
+            raw: f.raw.clone(),
+            dialect: f.dialect.map(|d| d.as_str().to_owned()),
+            st: f.st().map(str::to_owned),
+            cn: f.cn().map(str::to_owned),
+            mn: f.mn().map(str::to_owned),
+            qn: f.qn().map(str::to_owned),
+            data_time: doc
+                .get("data_time")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned),
+            verdict: if accepted {
+                Verdict::Accepted
+            } else {
+                Verdict::Rejected
+            },
+            findings: findings_json(&f.findings),
+            doc: serde_json::Value::Object(doc).to_string(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("peer", &self.peer)
+            .field("id", &self.id)
+            .finish()
+    }
+}
