@@ -453,7 +453,6 @@ impl Session {
         received_at_ms: i64,
         accepted: bool,
     ) -> NewRecord {
-        let doc = json::frame_json(f, false);
         NewRecord {
             received_at_ms,
             peer: self.peer_text.clone(),
@@ -466,17 +465,14 @@ impl Session {
             cn: f.cn().map(str::to_owned),
             mn: f.mn().map(str::to_owned),
             qn: f.qn().map(str::to_owned),
-            data_time: doc
-                .get("data_time")
-                .and_then(|v| v.as_str())
-                .map(str::to_owned),
+            data_time: f.data_time.map(|t| protocol::time::rfc3339(t, f.data_time_ms)),
             verdict: if accepted {
                 Verdict::Accepted
             } else {
                 Verdict::Rejected
             },
             findings: findings_json(&f.findings),
-            doc: serde_json::Value::Object(doc).to_string(),
+            doc: json::frame_doc(f),
         }
     }
 }

@@ -93,7 +93,9 @@ pub fn classify_number(v: &[u8]) -> ValueKind {
 /// Parses the pairs of `seg[start..end]` (the bytes between `CP=&&` and `&&`).
 pub fn parse(seg: &[u8], start: usize, end: usize, findings: &mut Vec<Finding>) -> Vec<Pair> {
     let mut pairs = Vec::with_capacity((end - start) / 12 + 1);
-    let mut seen: u64 = 0; // cheap Bloom filter for duplicate keys
+    // A 256-bit Bloom filter (two bits per key) keeps duplicate detection
+    // linear: only a probable repeat pays for a scan of earlier keys.
+    let mut seen = [0u64; 4];
     let mut pos = start;
     while pos < end {
         while pos < end && matches!(seg[pos], b' ' | b';' | b',') {
@@ -151,11 +153,13 @@ pub fn parse(seg: &[u8], start: usize, end: usize, findings: &mut Vec<Finding>) 
             ));
             continue;
         }
-        let h = kb.iter().fold(kb.len() as u32, |a, &b| {
-            a.wrapping_mul(31).wrapping_add(b as u32)
+        let h = kb.iter().fold(0xcbf2_9ce4_8422_2325u64, |a, &b| {
+            (a ^ b as u64).wrapping_mul(0x100_0000_01b3)
         });
-        let bit = 1u64 << (h % 64);
-        if seen & bit != 0 && pairs.iter().any(|p: &Pair| &seg[p.key.range()] == kb) {
+        let (b1, b2) = ((h & 255) as usize, ((h >> 8) & 255) as usize);
+        let probable =
+            seen[b1 >> 6] & (1 << (b1 & 63)) != 0 && seen[b2 >> 6] & (1 << (b2 & 63)) != 0;
+        if probable && pairs.iter().any(|p: &Pair| &seg[p.key.range()] == kb) {
             findings.push(Finding::new(
                 code::CP_DUPLICATE,
                 Severity::Warning,
@@ -165,7 +169,8 @@ pub fn parse(seg: &[u8], start: usize, end: usize, findings: &mut Vec<Finding>) 
                 ),
             ));
         }
-        seen |= bit;
+        seen[b1 >> 6] |= 1 << (b1 & 63);
+        seen[b2 >> 6] |= 1 << (b2 & 63);
         // Split at the FIRST '-': standard suffixes never contain '-', and a
         // key like `a21026-i22004-Info` is factor a21026, item `i22004-Info`.
         let (code_span, suffix) = match memchr::memchr(b'-', kb) {

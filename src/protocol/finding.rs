@@ -15,6 +15,17 @@ pub enum Severity {
     Error,
 }
 
+impl Severity {
+    /// Lower-case name, as in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+        }
+    }
+}
+
 /// One observation about a frame, with a stable machine code (see [`code`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Finding {

@@ -4,10 +4,8 @@
 //! Numbers keep the device's digits (`12.50` stays `12.50`): serde_json is
 //! built with `arbitrary_precision`, and values are never routed through f64.
 
-use std::str::FromStr;
-
 use base64::Engine;
-use serde_json::{Map, Number, Value, json};
+use serde_json::{Map, Value, json};
 
 use super::cp::ValueKind;
 use super::crc;
@@ -34,10 +32,6 @@ fn normalise(v: &str) -> String {
     }
 }
 
-fn number(text: &str) -> Option<Value> {
-    Number::from_str(text).ok().map(Value::Number)
-}
-
 /// Adds `raw` (when valid UTF-8) and `raw_b64` (always).
 pub fn add_raw(obj: &mut Map<String, Value>, raw: &[u8]) {
     if let Ok(s) = std::str::from_utf8(raw) {
@@ -51,69 +45,174 @@ pub fn add_raw(obj: &mut Map<String, Value>, raw: &[u8]) {
 
 /// The JSON object for a decoded frame. `include_raw` adds `raw`/`raw_b64`.
 pub fn frame_json(f: &Frame, include_raw: bool) -> Map<String, Value> {
-    let mut values: Map<String, Value> = Map::new();
-    let mut params: Map<String, Value> = Map::new();
-    for p in &f.pairs {
-        let text = f.text(p.value);
-        match (p.code, p.suffix) {
-            (Some(c), Some(s)) => {
-                let v = match p.kind {
-                    ValueKind::Number => number(&text),
-                    ValueKind::LooseNumber => number(&normalise(&text)),
-                    ValueKind::Text => None,
-                }
-                .unwrap_or_else(|| Value::String(text.into_owned()));
-                let entry = values
-                    .entry(f.text(c).into_owned())
-                    .or_insert_with(|| Value::Object(Map::new()));
-                if let Value::Object(m) = entry {
-                    m.insert(f.text(s).into_owned(), v);
-                }
-            }
-            _ => {
-                params.insert(f.text(p.key).into_owned(), Value::String(text.into_owned()));
-            }
-        }
-    }
-    let s = |o: Option<&str>| o.map_or(Value::Null, |v| Value::String(v.to_owned()));
-    let findings: Vec<Value> = f
-        .findings
-        .iter()
-        .map(|x| json!({"code": x.code, "severity": x.severity, "detail": x.detail}))
-        .collect();
-    let mut obj = Map::new();
-    obj.insert("schema".into(), SCHEMA.into());
-    obj.insert("kind".into(), "frame".into());
-    obj.insert("dialect".into(), s(f.dialect.map(|d| d.as_str())));
-    obj.insert("qn".into(), s(f.qn()));
-    obj.insert("st".into(), s(f.st()));
-    obj.insert("cn".into(), s(f.cn()));
-    obj.insert("mn".into(), s(f.mn()));
-    obj.insert("flag".into(), f.flag.map_or(Value::Null, |v| v.into()));
-    obj.insert("pnum".into(), f.pnum().map_or(Value::Null, |v| v.into()));
-    obj.insert("pno".into(), f.pno().map_or(Value::Null, |v| v.into()));
-    obj.insert("rf".into(), f.rf().into());
-    obj.insert(
-        "data_time".into(),
-        f.data_time
-            .map_or(Value::Null, |t| time::rfc3339(t, f.data_time_ms).into()),
-    );
-    obj.insert("encryption".into(), s(f.encryption.map(|e| e.as_str())));
-    obj.insert("values".into(), Value::Object(values));
-    obj.insert("params".into(), Value::Object(params));
-    obj.insert("findings".into(), Value::Array(findings));
-    obj.insert(
-        "crc".into(),
-        json!({
-            "declared": f.crc.declared.map(|d| String::from_utf8_lossy(&d).into_owned()),
-            "computed": String::from_utf8_lossy(&crc::format_hex4(f.crc.computed)),
-            "variant": f.crc.declared.map(|_| f.crc.variant.as_str()),
-        }),
-    );
+    let mut obj: Map<String, Value> =
+        serde_json::from_str(&frame_doc(f)).expect("frame_doc writes valid JSON");
     if include_raw {
         add_raw(&mut obj, &f.raw);
     }
     obj
+}
+
+/// Appends `s` as a JSON string literal.
+fn push_str(out: &mut String, s: &str) {
+    out.push('"');
+    let mut start = 0;
+    for (i, c) in s.char_indices() {
+        let esc = match c {
+            '"' => "\\\"",
+            '\\' => "\\\\",
+            '\n' => "\\n",
+            '\r' => "\\r",
+            '\t' => "\\t",
+            c if (c as u32) < 0x20 => "",
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        if esc.is_empty() {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push_str(esc);
+        }
+        start = i + c.len_utf8();
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
+}
+
+fn push_opt(out: &mut String, key: &str, v: Option<&str>) {
+    push_str(out, key);
+    out.push(':');
+    match v {
+        Some(v) => push_str(out, v),
+        None => out.push_str("null"),
+    }
+    out.push(',');
+}
+
+/// The frame's JSON object as text, without `raw`/`raw_b64` (the form the
+/// frame log stores). Written directly rather than through a `Map`: this runs
+/// for every frame at ingest.
+pub fn frame_doc(f: &Frame) -> String {
+    let mut out = String::with_capacity(f.segment.len() * 2 + 256);
+    out.push_str("{\"schema\":\"hj212.frame.v1\",\"kind\":\"frame\",");
+    push_opt(&mut out, "dialect", f.dialect.map(|d| d.as_str()));
+    push_opt(&mut out, "qn", f.qn());
+    push_opt(&mut out, "st", f.st());
+    push_opt(&mut out, "cn", f.cn());
+    push_opt(&mut out, "mn", f.mn());
+    let num = |out: &mut String, key: &str, v: Option<u32>| {
+        out.push_str(&format!("\"{key}\":"));
+        match v {
+            Some(v) => out.push_str(&v.to_string()),
+            None => out.push_str("null"),
+        }
+        out.push(',');
+    };
+    num(&mut out, "flag", f.flag.map(u32::from));
+    num(&mut out, "pnum", f.pnum());
+    num(&mut out, "pno", f.pno());
+    out.push_str(if f.rf() {
+        "\"rf\":true,"
+    } else {
+        "\"rf\":false,"
+    });
+    let dt = f.data_time.map(|t| time::rfc3339(t, f.data_time_ms));
+    push_opt(&mut out, "data_time", dt.as_deref());
+    push_opt(&mut out, "encryption", f.encryption.map(|e| e.as_str()));
+
+    // values: factor code -> suffix -> value, codes in first-seen order; a
+    // repeated key keeps its last value (the duplicate is a finding).
+    out.push_str("\"values\":{");
+    let mut codes: Vec<&[u8]> = Vec::new();
+    for p in &f.pairs {
+        if let (Some(c), Some(_)) = (p.code, p.suffix) {
+            let c = f.bytes(c);
+            if !codes.contains(&c) {
+                codes.push(c);
+            }
+        }
+    }
+    for (ci, code) in codes.iter().enumerate() {
+        if ci > 0 {
+            out.push(',');
+        }
+        push_str(&mut out, &String::from_utf8_lossy(code));
+        out.push_str(":{");
+        let mut first = true;
+        let mine: Vec<_> = f
+            .pairs
+            .iter()
+            .filter(|p| p.suffix.is_some() && p.code.map(|c| f.bytes(c)) == Some(*code))
+            .collect();
+        for (i, p) in mine.iter().enumerate() {
+            let suffix = f.bytes(p.suffix.expect("filtered"));
+            if mine[i + 1..]
+                .iter()
+                .any(|q| f.bytes(q.suffix.expect("filtered")) == suffix)
+            {
+                continue;
+            }
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            push_str(&mut out, &String::from_utf8_lossy(suffix));
+            out.push(':');
+            let text = f.text(p.value);
+            match p.kind {
+                ValueKind::Number => out.push_str(&text),
+                ValueKind::LooseNumber => out.push_str(&normalise(&text)),
+                ValueKind::Text => push_str(&mut out, &text),
+            }
+        }
+        out.push('}');
+    }
+    out.push_str("},\"params\":{");
+    let params: Vec<_> = f.pairs.iter().filter(|p| p.suffix.is_none()).collect();
+    let mut first = true;
+    for (i, p) in params.iter().enumerate() {
+        let key = f.bytes(p.key);
+        if params[i + 1..].iter().any(|q| f.bytes(q.key) == key) {
+            continue;
+        }
+        if !first {
+            out.push(',');
+        }
+        first = false;
+        push_str(&mut out, &String::from_utf8_lossy(key));
+        out.push(':');
+        push_str(&mut out, &f.text(p.value));
+    }
+    out.push_str("},\"findings\":[");
+    for (i, x) in f.findings.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str("{\"code\":");
+        push_str(&mut out, x.code);
+        out.push_str(",\"severity\":");
+        push_str(&mut out, x.severity.as_str());
+        out.push_str(",\"detail\":");
+        push_str(&mut out, &x.detail);
+        out.push('}');
+    }
+    out.push_str("],\"crc\":{\"declared\":");
+    match f.crc.declared {
+        Some(d) => push_str(&mut out, &String::from_utf8_lossy(&d)),
+        None => out.push_str("null"),
+    }
+    out.push_str(",\"computed\":");
+    push_str(
+        &mut out,
+        &String::from_utf8_lossy(&crc::format_hex4(f.crc.computed)),
+    );
+    out.push_str(",\"variant\":");
+    match f.crc.declared {
+        Some(_) => push_str(&mut out, f.crc.variant.as_str()),
+        None => out.push_str("null"),
+    }
+    out.push_str("}}");
+    out
 }
 
 /// The JSON object for bytes that are not a frame.
