@@ -465,7 +465,9 @@ impl Session {
             cn: f.cn().map(str::to_owned),
             mn: f.mn().map(str::to_owned),
             qn: f.qn().map(str::to_owned),
-            data_time: f.data_time.map(|t| protocol::time::rfc3339(t, f.data_time_ms)),
+            data_time: f
+                .data_time
+                .map(|t| protocol::time::rfc3339(t, f.data_time_ms)),
             verdict: if accepted {
                 Verdict::Accepted
             } else {

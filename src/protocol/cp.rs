@@ -91,59 +91,82 @@ pub fn classify_number(v: &[u8]) -> ValueKind {
 }
 
 /// Parses the pairs of `seg[start..end]` (the bytes between `CP=&&` and `&&`).
+///
+/// One pass over the bytes: tokens are short (10-20 bytes), where a byte loop
+/// beats per-token `memchr` calls; only `//…//` info text uses a searcher.
 pub fn parse(seg: &[u8], start: usize, end: usize, findings: &mut Vec<Finding>) -> Vec<Pair> {
     let mut pairs = Vec::with_capacity((end - start) / 12 + 1);
     // A 256-bit Bloom filter (two bits per key) keeps duplicate detection
     // linear: only a probable repeat pays for a scan of earlier keys.
     let mut seen = [0u64; 4];
     let mut pos = start;
-    while pos < end {
+    'tokens: while pos < end {
         while pos < end && matches!(seg[pos], b' ' | b';' | b',') {
             pos += 1;
         }
         if pos >= end {
             break;
         }
-        let tok_end = memchr::memchr2(b';', b',', &seg[pos..end]).map_or(end, |i| pos + i);
-        let Some(eq) = memchr::memchr(b'=', &seg[pos..tok_end]).map(|i| pos + i) else {
-            findings.push(Finding::new(
-                code::CP_SYNTAX,
-                Severity::Warning,
-                format!(
-                    "CP token without '=': {:?}",
-                    String::from_utf8_lossy(&seg[pos..tok_end])
-                ),
-            ));
-            pos = tok_end + 1;
-            continue;
+        let tok = pos;
+        let mut dash = None;
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        let eq = loop {
+            if pos >= end {
+                findings.push(token_without_eq(&seg[tok..end]));
+                break 'tokens;
+            }
+            match seg[pos] {
+                b'=' => break pos,
+                b';' | b',' => {
+                    findings.push(token_without_eq(&seg[tok..pos]));
+                    pos += 1;
+                    continue 'tokens;
+                }
+                c => {
+                    if c == b'-' && dash.is_none() {
+                        dash = Some(pos);
+                    }
+                    // rotate-xor: one cycle per byte, off the multiply latency chain.
+                    h = h.rotate_left(5) ^ c as u64;
+                }
+            }
+            pos += 1;
         };
         let mut key_end = eq;
-        while key_end > pos && seg[key_end - 1] == b' ' {
+        while key_end > tok && seg[key_end - 1] == b' ' {
             key_end -= 1;
         }
-        let key = Span::new(pos, key_end);
-        let (value, next) = if seg[eq + 1..end].starts_with(b"//") {
+        let key = Span::new(tok, key_end);
+        let info = seg[eq + 1..end].starts_with(b"//");
+        let value = if info {
             // Info text: may contain ';' and ','; ends at the closing "//".
             let body = eq + 3;
             match memchr::memmem::find(&seg[body..end], b"//") {
-                Some(i) => (Span::new(body, body + i), body + i + 2),
+                Some(i) => {
+                    pos = body + i + 2;
+                    Span::new(body, body + i)
+                }
                 None => {
                     findings.push(Finding::new(
                         code::CP_SYNTAX,
                         Severity::Warning,
                         "info text '//' not closed",
                     ));
-                    (Span::new(body, end), end)
+                    pos = end;
+                    Span::new(body, end)
                 }
             }
         } else {
-            let mut v_end = tok_end;
+            pos = eq + 1;
+            while pos < end && seg[pos] != b';' && seg[pos] != b',' {
+                pos += 1;
+            }
+            let mut v_end = pos;
             while v_end > eq + 1 && seg[v_end - 1] == b' ' {
                 v_end -= 1;
             }
-            (Span::new(eq + 1, v_end), tok_end)
+            Span::new(eq + 1, v_end)
         };
-        pos = next;
         let kb = &seg[key.range()];
         if kb.is_empty() {
             findings.push(Finding::new(
@@ -153,10 +176,8 @@ pub fn parse(seg: &[u8], start: usize, end: usize, findings: &mut Vec<Finding>) 
             ));
             continue;
         }
-        let h = kb.iter().fold(0xcbf2_9ce4_8422_2325u64, |a, &b| {
-            (a ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        });
-        let (b1, b2) = ((h & 255) as usize, ((h >> 8) & 255) as usize);
+        let h = h.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let (b1, b2) = ((h >> 56) as usize, ((h >> 48) & 255) as usize);
         let probable =
             seen[b1 >> 6] & (1 << (b1 & 63)) != 0 && seen[b2 >> 6] & (1 << (b2 & 63)) != 0;
         if probable && pairs.iter().any(|p: &Pair| &seg[p.key.range()] == kb) {
@@ -173,15 +194,14 @@ pub fn parse(seg: &[u8], start: usize, end: usize, findings: &mut Vec<Finding>) 
         seen[b2 >> 6] |= 1 << (b2 & 63);
         // Split at the FIRST '-': standard suffixes never contain '-', and a
         // key like `a21026-i22004-Info` is factor a21026, item `i22004-Info`.
-        let (code_span, suffix) = match memchr::memchr(b'-', kb) {
-            Some(d) if d > 0 && d + 1 < kb.len() => (
-                Some(Span::new(key.start(), key.start() + d)),
-                Some(Span::new(key.start() + d + 1, key.end())),
-            ),
+        let (code_span, suffix) = match dash {
+            Some(d) if d > tok && d + 1 < key_end => {
+                (Some(Span::new(tok, d)), Some(Span::new(d + 1, key_end)))
+            }
             _ => (None, None),
         };
         let kind = match suffix {
-            Some(s) if !text_suffix(&seg[s.range()]) && !seg[eq + 1..].starts_with(b"//") => {
+            Some(s) if !info && !text_suffix(&seg[s.range()]) => {
                 classify_number(&seg[value.range()])
             }
             _ => ValueKind::Text,
@@ -206,6 +226,14 @@ pub fn parse(seg: &[u8], start: usize, end: usize, findings: &mut Vec<Finding>) 
         });
     }
     pairs
+}
+
+fn token_without_eq(tok: &[u8]) -> Finding {
+    Finding::new(
+        code::CP_SYNTAX,
+        Severity::Warning,
+        format!("CP token without '=': {:?}", String::from_utf8_lossy(tok)),
+    )
 }
 
 #[cfg(test)]

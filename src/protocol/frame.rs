@@ -413,7 +413,11 @@ pub fn decode(raw: Bytes, opts: &Options, devices: &dyn DeviceLookup) -> Frame {
             None => {
                 // Plain CP: it ends at the LAST "&&" of the segment; bytes after it
                 // are a vendor extension (seen: `&&#G1010…&` before the CRC).
-                let close = memchr::memmem::rfind(body, b"&&").map(|i| cps.body + i);
+                let close = if body.ends_with(b"&&") {
+                    Some(seg.len() - 2)
+                } else {
+                    memchr::memmem::rfind(body, b"&&").map(|i| cps.body + i)
+                };
                 match close {
                     Some(c) if cps.opened => {
                         if c + 2 < seg.len() {

@@ -47,10 +47,9 @@ pub struct CpStart {
 /// contain it. A `CP=` glued to the previous value (`Flag=5CP=&&`, a typo in
 /// the standard's own C.19) is accepted with a finding.
 pub fn find_cp(seg: &[u8], findings: &mut Vec<Finding>) -> Option<CpStart> {
-    let (key, opened) = if let Some(p) = memchr::memmem::find(seg, b"CP=&&") {
-        (p, true)
-    } else {
-        (memchr::memmem::find(seg, b"CP=")?, false)
+    let (key, opened) = match find_from(seg, b"CP=&&") {
+        Some(p) => (p, true),
+        None => (find_from(seg, b"CP=")?, false),
     };
     if key > 0 && seg[key - 1] != b';' {
         findings.push(Finding::new(
@@ -64,6 +63,20 @@ pub fn find_cp(seg: &[u8], findings: &mut Vec<Finding>) -> Option<CpStart> {
         body: key + if opened { 5 } else { 3 },
         opened,
     })
+}
+
+/// First occurrence of `needle` (which starts with `C`). A `memchr` walk over
+/// the few `C`s of a header beats building a substring searcher per frame.
+fn find_from(seg: &[u8], needle: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = memchr::memchr(needle[0], &seg[from..]) {
+        let p = from + i;
+        if seg[p..].starts_with(needle) {
+            return Some(p);
+        }
+        from = p + 1;
+    }
+    None
 }
 
 /// Parses header tokens in `seg[..end]`.
