@@ -151,8 +151,11 @@ impl Running {
         };
         match result {
             Ok(r) => {
-                info!(devices = r.len(), "registry reloaded");
+                let devices = r.len();
+                // Log only once the new registry is in effect: whoever waits for
+                // this line must not still meet the old rules.
                 self.shared.registry.replace(r);
+                info!(devices, "registry reloaded");
             }
             Err(e) => error!(error = %e, "registry reload failed; keeping the previous registry"),
         }
