@@ -151,8 +151,11 @@ impl Running {
         };
         match result {
             Ok(r) => {
-                info!(devices = r.len(), "registry reloaded");
+                let devices = r.len();
+                // Log only once the new registry is in effect: whoever waits for
+                // this line must not still meet the old rules.
                 self.shared.registry.replace(r);
+                info!(devices, "registry reloaded");
             }
             Err(e) => error!(error = %e, "registry reload failed; keeping the previous registry"),
         }
@@ -190,25 +193,41 @@ impl Running {
 /// `serve`: runs until SIGTERM/SIGINT.
 pub async fn serve(o: Overrides) -> Result<(), ServeError> {
     let cfg = load_config(&o)?;
+    // Handlers go in before we announce ourselves (log line, READY=1): a SIGHUP
+    // or SIGTERM sent right after must not meet the default action (terminate).
+    let signals = Signals::install()?;
     let running = start(cfg, &o).await?;
     systemd::ready(&format!("listening on {:?}", running.addrs));
     systemd::spawn_watchdog(running.shutdown.clone());
-    wait_for_signals(&running).await?;
+    signals.wait(&running).await;
     info!("shutting down");
     systemd::stopping();
     running.stop().await
 }
 
-async fn wait_for_signals(running: &Running) -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-            _ = hup.recv() => running.reload(),
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    async fn wait(mut self, running: &Running) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                _ = self.hup.recv() => running.reload(),
+            }
         }
     }
 }

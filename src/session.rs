@@ -213,8 +213,15 @@ impl Session {
             };
             tokio::select! {
                 biased;
-                _ = self.shutdown.cancelled() => return "shutdown",
-                _ = self.token.cancelled() => return "superseded",
+                // Bytes already read are stored (a partial frame as junk), never dropped.
+                _ = self.shutdown.cancelled() => {
+                    let _ = self.flush_eof(&mut buf, &mut wr).await;
+                    return "shutdown";
+                }
+                _ = self.token.cancelled() => {
+                    let _ = self.flush_eof(&mut buf, &mut wr).await;
+                    return "superseded";
+                }
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     if partial_since.is_some() {
                         // Slowloris or a device that died mid-frame: keep its bytes as junk.
@@ -270,6 +277,7 @@ impl Session {
             }
             if self.junk_bytes > self.shared.cfg.server.max_junk_bytes {
                 warn!(junk_bytes = self.junk_bytes, "junk limit exceeded; closing");
+                let _ = self.flush_eof(&mut buf, &mut wr).await;
                 return "junk limit";
             }
         }
@@ -390,6 +398,10 @@ impl Session {
             }
         }
         for mn in claims {
+            // A superseded session storing its last bytes must not take the MN back.
+            if self.token.is_cancelled() {
+                break;
+            }
             if self.mns.is_empty() {
                 tracing::Span::current().record("mn", mn.as_str());
             }

@@ -1,0 +1,57 @@
+//! Frames and expected replies shared by the gateway's integration tests.
+//!
+//! Test frames are built with the protocol layer's own envelope (length and CRC
+//! computed, not hand-typed) and checked to decode without error before use, so a
+//! typo here cannot masquerade as a gateway bug. Expected acks come from
+//! `protocol::reply::ack`, whose bytes are pinned separately against HJ212.md §9.2.
+
+use bytes::Bytes;
+use hj212_gateway::protocol::{self, Options, reply};
+
+/// A 2017 real-time upload (CN 2011) asking for an ack (Flag=5).
+pub fn upload(mn: &str, qn: &str, pw: &str) -> Vec<u8> {
+    let seg = format!(
+        "QN={qn};ST=31;CN=2011;PW={pw};MN={mn};Flag=5;CP=&&DataTime=20240601085857;\
+         a21026-Rtd=12.5,a21026-Flag=N;a21002-Rtd=35.2,a21002-Flag=N&&"
+    );
+    let frame = reply::envelope(seg.as_bytes()).to_vec();
+    let decoded = decode(&frame);
+    assert!(
+        !decoded.has_error(),
+        "test frame must be valid: {:?}",
+        decoded.findings
+    );
+    frame
+}
+
+/// A valid QN (`YYYYMMDDhhmmsszzz`) unique for each `n` below 57 600 000.
+pub fn qn(n: u32) -> String {
+    let (ms, s, m, h) = (
+        n % 1000,
+        (n / 1000) % 60,
+        (n / 60_000) % 60,
+        8 + n / 3_600_000,
+    );
+    format!("20240601{h:02}{m:02}{s:02}{ms:03}")
+}
+
+/// A 24-character MN (the 2017 edition's length) unique for each `i`.
+pub fn mn(i: u32) -> String {
+    format!("010000A8900016F0{i:08}")
+}
+
+/// Decodes `frame` the way the gateway does for an unregistered device.
+pub fn decode(frame: &[u8]) -> protocol::Frame {
+    protocol::decode(
+        Bytes::copy_from_slice(frame),
+        &Options::new(chrono::Utc::now()),
+        &(),
+    )
+}
+
+/// The ack the gateway must send for `frame`.
+pub fn expected_ack(frame: &[u8]) -> Vec<u8> {
+    reply::ack(&decode(frame))
+        .expect("frame asks for an ack")
+        .to_vec()
+}
