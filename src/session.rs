@@ -215,17 +215,17 @@ impl Session {
                 biased;
                 // Bytes already read are stored (a partial frame as junk), never dropped.
                 _ = self.shutdown.cancelled() => {
-                    let _ = self.flush_eof(&mut buf, &mut wr).await;
+                    self.close_gracefully(&rd, &mut buf, wr).await;
                     return "shutdown";
                 }
                 _ = self.token.cancelled() => {
-                    let _ = self.flush_eof(&mut buf, &mut wr).await;
+                    let _ = self.flush_eof(&mut buf, Some(&mut wr)).await;
                     return "superseded";
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     if partial_since.is_some() {
                         // Slowloris or a device that died mid-frame: keep its bytes as junk.
-                        let _ = self.flush_eof(&mut buf, &mut wr).await;
+                        let _ = self.flush_eof(&mut buf, Some(&mut wr)).await;
                         return "partial frame timeout";
                     }
                     return "idle timeout";
@@ -242,14 +242,14 @@ impl Session {
             }
             match rd.try_read_buf(&mut buf) {
                 Ok(0) => {
-                    let _ = self.flush_eof(&mut buf, &mut wr).await;
+                    let _ = self.flush_eof(&mut buf, Some(&mut wr)).await;
                     return "peer closed";
                 }
                 Ok(_) => last_activity = Instant::now(),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => {
                     debug!(error = %e, "read failed");
-                    let _ = self.flush_eof(&mut buf, &mut wr).await;
+                    let _ = self.flush_eof(&mut buf, Some(&mut wr)).await;
                     return "read error";
                 }
             }
@@ -271,16 +271,63 @@ impl Session {
                 partial_since = Some(Instant::now());
             }
             if !items.is_empty() {
-                if let Err(reason) = self.process(items, &mut wr).await {
+                if let Err(reason) = self.process(items, Some(&mut wr)).await {
                     return reason;
                 }
             }
             if self.junk_bytes > self.shared.cfg.server.max_junk_bytes {
                 warn!(junk_bytes = self.junk_bytes, "junk limit exceeded; closing");
-                let _ = self.flush_eof(&mut buf, &mut wr).await;
+                let _ = self.flush_eof(&mut buf, Some(&mut wr)).await;
                 return "junk limit";
             }
         }
+    }
+
+    /// Shutdown: ack what was already read, send FIN after the queued acks,
+    /// then keep reading (storing, no longer acking) until the device closes
+    /// or a short drain deadline passes. Closing with unread bytes in the
+    /// kernel buffer would make the kernel send RST and discard acks still
+    /// queued for the device.
+    async fn close_gracefully(
+        &mut self,
+        rd: &tokio::net::tcp::OwnedReadHalf,
+        buf: &mut BytesMut,
+        mut wr: tokio::net::tcp::OwnedWriteHalf,
+    ) {
+        let mut items = Vec::new();
+        while let Ok(Some(item)) = self.codec.decode(buf) {
+            items.push(item);
+        }
+        if !items.is_empty() && self.process(items, Some(&mut wr)).await.is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(self.shared.cfg.server.write_timeout.0, wr.shutdown()).await;
+        let drain = (self.shared.cfg.server.shutdown_grace.0 / 2).min(Duration::from_secs(2));
+        let deadline = tokio::time::Instant::now() + drain;
+        loop {
+            match tokio::time::timeout_at(deadline, rd.readable()).await {
+                Ok(Ok(())) => {}
+                _ => break,
+            }
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(4096);
+            }
+            match rd.try_read_buf(buf) {
+                Ok(0) => break,
+                Ok(_) => {
+                    let mut items = Vec::new();
+                    while let Ok(Some(item)) = self.codec.decode(buf) {
+                        items.push(item);
+                    }
+                    if !items.is_empty() && self.process(items, None).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => break,
+            }
+        }
+        let _ = self.flush_eof(buf, None).await;
     }
 
     /// At end of stream, whatever is buffered is cut with `eof` (a partial
@@ -288,7 +335,7 @@ impl Session {
     async fn flush_eof(
         &mut self,
         buf: &mut BytesMut,
-        wr: &mut tokio::net::tcp::OwnedWriteHalf,
+        wr: Option<&mut tokio::net::tcp::OwnedWriteHalf>,
     ) -> Result<(), &'static str> {
         let mut items = Vec::new();
         while !buf.is_empty() {
@@ -310,10 +357,13 @@ impl Session {
         self.process(items, wr).await
     }
 
+    /// Stores the items; with a writer, also builds, logs and (after commit)
+    /// sends the replies. Without one (the write side is closed) frames are
+    /// stored but not acked: the device will retransmit, marked duplicate.
     async fn process(
         &mut self,
         items: Vec<Item>,
-        wr: &mut tokio::net::tcp::OwnedWriteHalf,
+        mut wr: Option<&mut tokio::net::tcp::OwnedWriteHalf>,
     ) -> Result<(), &'static str> {
         let cfg = &self.shared.cfg;
         let mut opts = Options::new(chrono::Utc::now());
@@ -379,7 +429,11 @@ impl Session {
                             }
                         }
                     }
-                    let ack = if accepted { reply::ack(&frame) } else { None };
+                    let ack = if accepted && wr.is_some() {
+                        reply::ack(&frame)
+                    } else {
+                        None
+                    };
                     records.push(self.record(&frame, Direction::In, received_at_ms, accepted));
                     if let Some(ack) = ack {
                         let out = protocol::decode(ack.clone(), &opts, &());
@@ -411,6 +465,9 @@ impl Session {
             self.mns.push(mn);
         }
         let timeout = self.shared.cfg.server.write_timeout.0;
+        let Some(wr) = wr.as_deref_mut() else {
+            return Ok(());
+        };
         for r in replies {
             match tokio::time::timeout(timeout, wr.write_all(&r)).await {
                 Ok(Ok(())) => {}
