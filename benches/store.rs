@@ -180,8 +180,10 @@ fn verify_run(dir: &std::path::Path, n: u64) {
 }
 
 fn main() {
-    // `cargo test --benches` passes no args but we should not spend minutes there.
-    if std::env::args().any(|a| a == "--test") {
+    // `cargo bench` passes `--bench`; `cargo test --benches` does not, and should not
+    // spend minutes here.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("store bench: run with `cargo bench --bench store`");
         return;
     }
     let secs = env_num("STORE_BENCH_SECS", 5);

@@ -110,6 +110,10 @@ pub(crate) fn open_writer(path: &Path, sync: SyncMode) -> Result<Connection, Sto
     // and spilled mid-transaction. 64 MiB keeps the hot index pages resident.
     conn.pragma_update(None, "cache_size", WRITER_CACHE_KIB)
         .map_err(StoreError::sqlite("set cache_size"))?;
+    // Checkpoints normally run on a background connection (see `writer::Checkpointer`);
+    // this is only the backstop if that one falls behind (~64 MiB of WAL).
+    conn.pragma_update(None, "wal_autocheckpoint", 16_384)
+        .map_err(StoreError::sqlite("set wal_autocheckpoint"))?;
     migrate(&mut conn)?;
     Ok(conn)
 }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
@@ -50,6 +50,7 @@ impl Store {
         }
         let conn = schema::open_writer(&cfg.path, cfg.sync)?;
         let (next_seq, prev_hash) = load_head(&conn)?;
+        let checkpointer = Checkpointer::spawn(&cfg)?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
@@ -62,6 +63,7 @@ impl Store {
             prev_hash,
             cfg,
             counters: Arc::clone(&counters),
+            checkpointer: Some(checkpointer),
         };
         let thread = std::thread::Builder::new()
             .name("hj212-store-writer".into())
@@ -291,6 +293,7 @@ struct Writer {
     prev_hash: [u8; 32],
     cfg: StoreConfig,
     counters: Arc<Counters>,
+    checkpointer: Option<Checkpointer>,
 }
 
 impl Writer {
@@ -332,6 +335,9 @@ impl Writer {
             if !batch.is_empty() {
                 self.commit_and_answer(&mut batch, n);
             }
+        }
+        if let Some(c) = self.checkpointer.take() {
+            c.stop();
         }
         self.conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
@@ -427,6 +433,50 @@ impl Writer {
         self.next_seq = seq;
         self.prev_hash = prev;
         Ok(results)
+    }
+}
+
+/// How often the background checkpointer copies the WAL into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
+/// Background WAL checkpointer on its own connection.
+///
+/// SQLite's automatic checkpoint runs inside the committing transaction, so every
+/// ~1000 pages one append batch would also pay for copying the WAL into the database
+/// file and `fsync`ing it. A PASSIVE checkpoint from another connection runs
+/// concurrently with the writer instead; the writer's own auto-checkpoint stays as a
+/// backstop at a much larger WAL size (see `schema::open_writer`).
+struct Checkpointer {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Checkpointer {
+    fn spawn(cfg: &StoreConfig) -> Result<Self, StoreError> {
+        let conn = schema::open_side(&cfg.path)?;
+        conn.pragma_update(None, "synchronous", cfg.sync.pragma_value())
+            .map_err(StoreError::sqlite("set synchronous"))?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("hj212-store-ckpt".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(CHECKPOINT_EVERY)
+                {
+                    if let Err(error) =
+                        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::warn!(%error, "store background checkpoint failed");
+                    }
+                }
+            })
+            .map_err(|source| StoreError::Spawn { source })?;
+        Ok(Checkpointer { stop, thread })
+    }
+
+    fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
     }
 }
 
