@@ -8,6 +8,7 @@
 //! Environment: `STORE_BENCH_SECS` (default 5) seconds per append run,
 //! `STORE_BENCH_VERIFY` (default 1000000) records for the verify run,
 //! `STORE_BENCH_DIR` where to put the files (default: a temp dir),
+//! `STORE_BENCH_DELAY_MS` the writer's batch_delay (default 2),
 //! `STORE_BENCH_ONLY` e.g. `full-512,normal-64` to run only some append configurations.
 
 use std::sync::Arc;
@@ -71,6 +72,7 @@ fn append_run(dir: &std::path::Path, sync: SyncMode, batch_max: usize, secs: u64
     let cfg = StoreConfig {
         sync,
         batch_max,
+        batch_delay: Duration::from_millis(env_num("STORE_BENCH_DELAY_MS", 2)),
         ..StoreConfig::new(&path)
     };
     let (handle, join) = Store::open(cfg).unwrap();

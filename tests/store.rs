@@ -351,31 +351,6 @@ async fn duplicates_are_retransmitted_inbound_frames_with_a_qn() {
     assert!(verify_chain(&path).unwrap().is_intact());
 }
 
-#[test]
-fn the_retransmission_probe_uses_the_index() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = db_path(&dir);
-    let (handle, join) = open(&path);
-    drop(handle);
-    join.join().unwrap();
-    let conn = rusqlite::Connection::open(&path).unwrap();
-    let plan: Vec<String> = conn
-        .prepare(
-            "EXPLAIN QUERY PLAN SELECT 1 FROM records WHERE direction = 'in' AND kind = 'frame' \
-             AND qn IS NOT NULL AND qn <> '' AND mn IS ?1 AND qn = ?2 AND cn IS ?3 LIMIT 1",
-        )
-        .unwrap()
-        .query_map(("m", "q", "c"), |r| r.get::<_, String>(3))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    let plan = plan.join(" | ");
-    assert!(
-        plan.contains("records_retransmission") && plan.contains("mn=? AND qn=? AND cn=?"),
-        "{plan}"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_handles_mid_stream_commits_the_queue_and_the_chain_continues() {
     let dir = tempfile::tempdir().unwrap();
