@@ -3,11 +3,13 @@
 //! `cargo bench --bench store` runs, for synchronous FULL and NORMAL and batch_max
 //! 1/64/512, 200 concurrent tasks appending realistic frames for a fixed time, and
 //! prints appends/s, transactions and append latency percentiles (ack after commit).
+//! A `lone` run (one task, FULL, defaults) shows the latency of a record at low load.
 //! Then it builds a log of 1 million records and times `verify_chain` over it.
 //!
 //! Environment: `STORE_BENCH_SECS` (default 5) seconds per append run,
 //! `STORE_BENCH_VERIFY` (default 1000000) records for the verify run,
 //! `STORE_BENCH_DIR` where to put the files (default: a temp dir),
+//! `STORE_BENCH_TASKS` concurrent appending tasks (default 200),
 //! `STORE_BENCH_DELAY_MS` the writer's batch_delay (default 2),
 //! `STORE_BENCH_ONLY` e.g. `full-512,normal-64` to run only some append configurations.
 
@@ -61,7 +63,7 @@ fn record(device: usize, n: u64) -> NewRecord {
     }
 }
 
-fn append_run(dir: &std::path::Path, sync: SyncMode, batch_max: usize, secs: u64) {
+fn append_run(dir: &std::path::Path, sync: SyncMode, batch_max: usize, tasks_n: usize, secs: u64) {
     let path = dir.join(format!("append-{sync:?}-{batch_max}.sqlite"));
     let _ = std::fs::remove_file(&path);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -80,13 +82,13 @@ fn append_run(dir: &std::path::Path, sync: SyncMode, batch_max: usize, secs: u64
     let started = Instant::now();
     let hist = rt.block_on(async {
         let mut tasks = Vec::new();
-        for t in 0..TASKS {
+        for t in 0..tasks_n {
             let h = handle.clone();
             tasks.push(tokio::spawn(async move {
                 let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
                 let mut n = 0u64;
                 while Instant::now() < deadline {
-                    let rec = record(t, n * TASKS as u64 + t as u64);
+                    let rec = record(t, n * tasks_n as u64 + t as u64);
                     let t0 = Instant::now();
                     h.append(rec).await.unwrap();
                     hist.saturating_record(t0.elapsed().as_micros() as u64);
@@ -107,7 +109,7 @@ fn append_run(dir: &std::path::Path, sync: SyncMode, batch_max: usize, secs: u64
     join.join().unwrap();
     let q = |p: f64| hist.value_at_quantile(p) as f64 / 1000.0;
     println!(
-        "append sync={:<6} batch_max={:<3} tasks={TASKS}: {:>8.0} appends/s  {:>7} records {:>6} commits (avg batch {:>5.1}, max {:>3})  latency ms p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}",
+        "append sync={:<6} batch_max={:<3} tasks={tasks_n:<3}: {:>8.0} appends/s  {:>7} records {:>6} commits (avg batch {:>5.1}, max {:>3})  latency ms p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}",
         format!("{sync:?}"),
         batch_max,
         stats.records_committed as f64 / elapsed.as_secs_f64(),
@@ -196,14 +198,19 @@ fn main() {
         .unwrap_or_else(|| tmp.path().to_path_buf());
     std::fs::create_dir_all(&dir).unwrap();
     let only = std::env::var("STORE_BENCH_ONLY").unwrap_or_default();
+    let tasks = env_num("STORE_BENCH_TASKS", TASKS as u64) as usize;
     for sync in [SyncMode::Full, SyncMode::Normal] {
         for batch_max in [1, 64, 512] {
             let name = format!("{sync:?}-{batch_max}").to_lowercase();
             if !only.is_empty() && !only.split(',').any(|o| o == name) {
                 continue;
             }
-            append_run(&dir, sync, batch_max, secs);
+            append_run(&dir, sync, batch_max, tasks, secs);
         }
+    }
+    // Low load: one session appending back to back (each record is a lone batch).
+    if only.is_empty() || only.split(',').any(|o| o == "lone") {
+        append_run(&dir, SyncMode::Full, 512, 1, secs);
     }
     if verify_n > 0 {
         verify_run(&dir, verify_n);
