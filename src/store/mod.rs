@@ -311,7 +311,9 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// Durability of each commit.
     pub sync: SyncMode,
-    /// Most records per transaction (a single `append_many` is never split). Default 512.
+    /// Records per transaction: the writer stops taking queue entries once this many
+    /// are gathered. An `append_many` is never split, so a batch can exceed it by the
+    /// size of the last entry taken. Default 512.
     pub batch_max: usize,
     /// Longest time the writer lingers to fill a batch when there is load. Default 2 ms.
     pub batch_delay: Duration,
