@@ -29,6 +29,8 @@
 //!   [`StoreConfig::batch_max`] records are gathered, because the callers just acked by
 //!   the previous commit are about to resubmit and one `fsync` can cover them all.
 //!
+//! (The linger uses tokio's timer, whose resolution is 1 ms: a 2 ms delay lingers 2-3 ms.)
+//!
 //! All records of a batch are inserted in one transaction together with the chain head
 //! in `meta`. If anything in the transaction fails, it is rolled back, every waiter in
 //! the batch gets [`StoreError::BatchFailed`] (nothing is acknowledged), the failure is
@@ -79,6 +81,12 @@
 //! paging with `seq > last_seen` can never miss a record that commits later with a
 //! smaller `seq`. [`Cursors`] live in their own table, written through a separate small
 //! connection (never through the append queue) and are not part of the chain.
+//!
+//! WAL checkpoints run on a background connection every 250 ms (PASSIVE, concurrent
+//! with the writer) instead of inside an append's commit, so copying the WAL into the
+//! database file does not land on an ack's latency; the writer's own auto-checkpoint
+//! is kept only as a backstop at 64 MiB of WAL. On exit the writer runs a TRUNCATE
+//! checkpoint.
 //!
 //! Durability: [`SyncMode::Full`] (default) `fsync`s the WAL on every commit, so an ack
 //! survives power loss. [`SyncMode::Normal`] survives a process crash but may lose the
@@ -303,7 +311,9 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// Durability of each commit.
     pub sync: SyncMode,
-    /// Most records per transaction (a single `append_many` is never split). Default 512.
+    /// Records per transaction: the writer stops taking queue entries once this many
+    /// are gathered. An `append_many` is never split, so a batch can exceed it by the
+    /// size of the last entry taken. Default 512.
     pub batch_max: usize,
     /// Longest time the writer lingers to fill a batch when there is load. Default 2 ms.
     pub batch_delay: Duration,

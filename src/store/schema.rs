@@ -14,6 +14,9 @@ use super::{StoreError, SyncMode};
 /// How long a connection waits for another connection's write lock before `SQLITE_BUSY`.
 pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Page cache of the write connection (negative: KiB, SQLite's convention).
+const WRITER_CACHE_KIB: i64 = -64 * 1024;
+
 /// Column list of `records` in table order (the chain's field order, `hash` last).
 pub(crate) const RECORD_COLUMNS: &str = "seq, received_at_ms, peer, session, direction, kind, raw, \
      dialect, st, cn, mn, qn, data_time, verdict, duplicate, findings, doc, hash";
@@ -102,6 +105,15 @@ pub(crate) fn open_writer(path: &Path, sync: SyncMode) -> Result<Connection, Sto
     }
     conn.pragma_update(None, "synchronous", sync.pragma_value())
         .map_err(StoreError::sqlite("set synchronous"))?;
+    // Every append probes and extends the retransmission index at ~one position per
+    // device; with SQLite's 2 MiB default cache those pages are re-read from the OS
+    // and spilled mid-transaction. 64 MiB keeps the hot index pages resident.
+    conn.pragma_update(None, "cache_size", WRITER_CACHE_KIB)
+        .map_err(StoreError::sqlite("set cache_size"))?;
+    // Checkpoints normally run on a background connection (see `writer::Checkpointer`);
+    // this is only the backstop if that one falls behind (~64 MiB of WAL).
+    conn.pragma_update(None, "wal_autocheckpoint", 16_384)
+        .map_err(StoreError::sqlite("set wal_autocheckpoint"))?;
     migrate(&mut conn)?;
     Ok(conn)
 }
