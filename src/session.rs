@@ -363,7 +363,7 @@ impl Session {
     async fn process(
         &mut self,
         items: Vec<Item>,
-        mut wr: Option<&mut tokio::net::tcp::OwnedWriteHalf>,
+        wr: Option<&mut tokio::net::tcp::OwnedWriteHalf>,
     ) -> Result<(), &'static str> {
         let cfg = &self.shared.cfg;
         let mut opts = Options::new(chrono::Utc::now());
@@ -465,7 +465,7 @@ impl Session {
             self.mns.push(mn);
         }
         let timeout = self.shared.cfg.server.write_timeout.0;
-        let Some(wr) = wr.as_deref_mut() else {
+        let Some(wr) = wr else {
             return Ok(());
         };
         for r in replies {
