@@ -207,12 +207,12 @@ fn crc_policies() {
         run(raw, Some(CrcPolicy::Modbus)),
         (false, vec![code::CRC_VARIANT_MODBUS])
     );
-    assert_eq!(run(raw, Some(CrcPolicy::Swapped)).0, true);
+    assert!(run(raw, Some(CrcPolicy::Swapped)).0);
     assert_eq!(
         run(swapped, Some(CrcPolicy::Swapped)),
         (false, vec![code::CRC_VARIANT_MODBUS_SWAPPED])
     );
-    assert_eq!(run(swapped, Some(CrcPolicy::Any)).0, false);
+    assert!(!run(swapped, Some(CrcPolicy::Any)).0);
     let f = protocol::decode(Bytes::from_static(raw), &opts(), &());
     let d = &f
         .findings

@@ -262,6 +262,9 @@ fn report(out: &mut dyn Write, n: usize, offset: usize, f: &Frame) -> std::io::R
                     unit.to_owned(),
                 ]);
             }
+            _ if json::is_secret(f.bytes(p.key)) => {
+                params.push(format!("{}={}", f.text(p.key), json::REDACTED))
+            }
             _ => params.push(format!("{}={}", f.text(p.key), f.text(p.value))),
         }
     }

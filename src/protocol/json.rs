@@ -15,6 +15,16 @@ use super::time;
 /// Schema identifier carried by every object.
 pub const SCHEMA: &str = "hj212.frame.v1";
 
+/// What a credential in CP is replaced with.
+pub const REDACTED: &str = "<redacted>";
+
+/// CP keys that carry credentials: 2005 `PW=` (set password, HJ/T 212-2005
+/// App. C item 1), 2017 `NewPW` (1072), 2025 `NewSK` (1014 key push). They
+/// never appear in the JSON document (the raw frame necessarily holds them).
+pub fn is_secret(key: &[u8]) -> bool {
+    matches!(key, b"PW" | b"NewPW" | b"NewSK")
+}
+
 /// Normalises a loose decimal (`+1`, `.5`, `1.`, `007`) to JSON number syntax.
 fn normalise(v: &str) -> String {
     let (sign, body) = match v.as_bytes().first() {
@@ -181,7 +191,11 @@ pub fn frame_doc(f: &Frame) -> String {
         first = false;
         push_str(&mut out, &String::from_utf8_lossy(key));
         out.push(':');
-        push_str(&mut out, &f.text(p.value));
+        if is_secret(key) {
+            push_str(&mut out, REDACTED);
+        } else {
+            push_str(&mut out, &f.text(p.value));
+        }
     }
     out.push_str("},\"findings\":[");
     for (i, x) in f.findings.iter().enumerate() {

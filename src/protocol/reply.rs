@@ -417,5 +417,10 @@ mod tests {
         let f = decode(bytes, &Options::new(now), &K);
         assert!(!f.has_error(), "{:?}", f.findings);
         assert_eq!(f.param("NewSK"), Some("0123456789ABCDEF"));
+        let doc = crate::protocol::json::frame_doc(&f);
+        assert!(
+            doc.contains(r#""NewSK":"<redacted>""#) && !doc.contains("0123456789ABCDEF"),
+            "{doc}"
+        );
     }
 }
