@@ -1,6 +1,27 @@
 //! hj212-gateway: the front door of a pollution-source monitoring network.
 //!
-//! (crate documentation is completed as modules land)
+//! Stack analyzers and data loggers dial in over TCP and stream HJ 212
+//! (2005, 2017 and 2025 editions). The gateway frames the hostile byte
+//! stream, validates every frame, stores it byte-exact in an append-only,
+//! hash-chained SQLite log, and acknowledges the device only once the frame
+//! is durable. Everything downstream reads that log from its own cursor.
+//!
+//! # Layout
+//! - [`protocol`]: sans-IO HJ 212 (framing, CRC, header, CP, dialects, SM4,
+//!   findings, replies, the frame JSON schema). No I/O, no clock reads.
+//! - [`codec`]: the tokio-util adapter around [`protocol::framing`].
+//! - [`config`], [`registry`]: strict TOML config and the device registry.
+//! - [`server`], [`session`]: listener with limits; one task per device.
+//! - [`store`]: the frame log (the only module that touches SQLite).
+//! - [`daemon`], [`systemd`], [`telemetry`], [`cli`], [`cmd`]: process wiring.
+//!
+//! # Data flow
+//! ```text
+//! device --TCP--> codec (frame | junk) --> protocol::decode(now) + registry policy
+//!    --> store.append_many (bounded queue -> writer thread -> one transaction per batch)
+//!    --> replies (9014/9013) written only after the commit
+//! log --cursor--> consumers (MQTT, upstream pass-through, alarms: later issues)
+//! ```
 
 pub mod cli;
 pub mod cmd;
