@@ -545,7 +545,7 @@ mod tests {
                     assert!(!eof, "None at eof with {} bytes", buf.len());
                     break;
                 };
-                assert!(item.len() >= 1 && item.len() <= buf.len(), "{item:?}");
+                assert!(!item.is_empty() && item.len() <= buf.len(), "{item:?}");
                 out.push((offset, item));
                 offset += item.len();
                 buf.drain(..item.len());
