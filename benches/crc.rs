@@ -68,6 +68,15 @@ fn main() {
             black_box(crc::hj212(black_box(s)));
         }
     });
+    let (n0, t0) = run(time, || {
+        for s in &segments {
+            black_box(crc::hj212_bytewise(black_box(s)));
+        }
+    });
+    println!(
+        "crc::hj212_bytewise (before) segments:            {:>8.0} MB/s",
+        mb_per_s(seg_bytes * n0, t0)
+    );
     println!(
         "crc::hj212  {} segments of 300..1000 B (avg {} B): {:>8.0} MB/s",
         segments.len(),
@@ -85,6 +94,13 @@ fn main() {
     });
     println!(
         "crc::hj212  1 MiB buffer:                        {:>8.0} MB/s",
+        mb_per_s((1 << 20) * n, t)
+    );
+    let (n, t) = run(time, || {
+        black_box(crc::hj212_bytewise(black_box(&big)));
+    });
+    println!(
+        "crc::hj212_bytewise (before) 1 MiB buffer:        {:>8.0} MB/s",
         mb_per_s((1 << 20) * n, t)
     );
     let (n, t) = run(time, || {
