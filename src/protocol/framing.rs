@@ -307,6 +307,7 @@ fn early_tail(buf: &[u8], start: usize, crc_at: usize, eof: bool, lim: &Limits) 
     let horizon = (crc_at + 5).min(lim.frame);
     let visible = buf.len().min(horizon);
     let mut next_start: Option<Option<usize>> = None;
+    let mut candidates = 0;
     if visible > start {
         for lf in memchr_iter(b'\n', &buf[start..visible]).map(|i| start + i) {
             let (seg_end, terminator) = if lf >= 1 && buf[lf - 1] == b'\r' {
@@ -323,6 +324,10 @@ fn early_tail(buf: &[u8], start: usize, crc_at: usize, eof: bool, lim: &Limits) 
             let Some(declared) = crc::parse_hex4(&buf[seg_end..seg_end + 4]) else {
                 continue;
             };
+            if candidates == EARLY_TAIL_CANDIDATES {
+                return Decision::Absent;
+            }
+            candidates += 1;
             let ns = *next_start.get_or_insert_with(|| next_frame_start(buf, start));
             if ns.is_some_and(|h| h < seg_end - 2) {
                 // Every later candidate lies behind that frame start too.
@@ -357,6 +362,11 @@ fn early_tail(buf: &[u8], start: usize, crc_at: usize, eof: bool, lim: &Limits) 
         Decision::NeedMore
     }
 }
+
+/// Only this many `&&` CCCC (CR) LF shapes after a header are tried as early
+/// tails. Real frames have one at most (their own); without a bound a crafted
+/// run of them would cost a CRC over the segment each, on every read.
+const EARLY_TAIL_CANDIDATES: usize = 4;
 
 /// Position of the first complete `##` digit at or after `from`.
 fn next_frame_start(buf: &[u8], from: usize) -> Option<usize> {
@@ -957,6 +967,29 @@ mod tests {
         let mut fx = fixture("xy-003");
         fx[2..6].copy_from_slice(b"0150");
         assert_eq!(cut(&fx, false, &cfg), None);
+    }
+
+    /// Past the first few tail shapes no CRC is tried: the cost per read stays
+    /// bounded however many a crafted frame holds.
+    #[test]
+    fn early_tail_candidates_are_bounded() {
+        let cfg = FramerConfig::default();
+        let crafted = |shapes: usize| {
+            let mut seg = b"x&&0000\r\n".repeat(shapes);
+            seg.extend_from_slice(b"CP=&&&&");
+            let mut fr = b"##0900".to_vec();
+            fr.extend_from_slice(&seg);
+            fr.extend_from_slice(&crc::format_hex4(crc::hj212(&seg)));
+            fr.extend_from_slice(b"\r\n");
+            fr
+        };
+        assert_eq!(crc::identify(b"x&&", 0).1, crc::CrcVariant::Unknown);
+        let fewer = crafted(EARLY_TAIL_CANDIDATES - 1);
+        assert_eq!(
+            cut(&fewer, false, &cfg),
+            Some(f(fewer.len(), Terminator::CrLf, false))
+        );
+        assert_eq!(cut(&crafted(EARLY_TAIL_CANDIDATES), false, &cfg), None);
     }
 
     /// HJ 212-2025 raw SM4 ciphertext in CP may hold "##0", "&&", CR and LF;
