@@ -297,9 +297,10 @@ enum Decision {
 /// Why: a device whose length field is miscounted upwards sends one frame and
 /// waits for its ack; waiting for bytes up to its declared end would stall it.
 /// Why always, even when the declared end is already buffered: otherwise the
-/// item would depend on how much had arrived. The CRC match keeps this away from
-/// SM4 ciphertext: a false tail there needs `&&`, 4 hex digits, LF and a
-/// matching CRC at one spot (far below 2^-40 per byte). Stopping at the next
+/// item would depend on how much had arrived. This keeps away from SM4
+/// ciphertext: a false tail there needs `&&`, 4 hex digits, LF and then a
+/// matching CRC or `##` and a digit at one spot (below 2^-50 per byte; an
+/// accepted risk). Stopping at the next
 /// frame start keeps a truncated frame from borrowing the next frame's tail,
 /// which the 256-valued HJ 212 CRC would match 1 time in 256.
 fn early_tail(buf: &[u8], start: usize, crc_at: usize, eof: bool, lim: &Limits) -> Decision {
