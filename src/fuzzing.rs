@@ -53,7 +53,7 @@ fn feed(stream: &[u8], sizes: &[usize], cfg: &FramerConfig) -> Vec<(usize, Cut)>
                 break;
             };
             assert!(
-                item.len() >= 1 && item.len() <= buf.len(),
+                !item.is_empty() && item.len() <= buf.len(),
                 "bad length {item:?}"
             );
             if let Cut::Frame { len, .. } = item {

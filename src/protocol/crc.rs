@@ -38,13 +38,73 @@ const fn build_table() -> [u16; 256] {
     table
 }
 
+/// `SLICES[k][x]`: the state byte after k + 1 steps from state `x` over zero
+/// bytes, i.e. `H` applied k + 1 times, where `H[x] = T[x] >> 8`.
+const SLICES: [[u8; 256]; 16] = build_slices();
+
+const fn build_slices() -> [[u8; 256]; 16] {
+    let mut s = [[0u8; 256]; 16];
+    let mut x = 0;
+    while x < 256 {
+        s[0][x] = (TABLE[x] >> 8) as u8;
+        x += 1;
+    }
+    let mut k = 1;
+    while k < 16 {
+        let mut x = 0;
+        while x < 256 {
+            s[k][x] = s[0][s[k - 1][x] as usize];
+            x += 1;
+        }
+        k += 1;
+    }
+    s
+}
+
 /// HJ 212 CRC of a data segment (the bytes between the length field and the CRC).
 ///
 /// Only the high byte of the register survives each step, so the state is one
-/// byte and the loop is a single table lookup per input byte:
-/// `crc = T[(crc >> 8) ^ b]`.
+/// byte: `h' = H[h ^ b]` with `H[x] = T[x] >> 8`, and the result is
+/// `T[h ^ last byte]`. `H` is linear over GF(2) (so is every CRC table), hence
+/// 16 steps collapse to `H^16(h ^ b0) ^ H^15(b1) ^ … ^ H^1(b15)`: 16 independent
+/// lookups in 4 KiB of tables instead of a chain of 16 dependent ones. Same
+/// values as [`hj212_bytewise`], several times faster.
 #[inline]
 pub fn hj212(data: &[u8]) -> u16 {
+    let Some((&last, body)) = data.split_last() else {
+        return 0xFFFF;
+    };
+    let mut h: u8 = 0xFF;
+    let mut blocks = body.chunks_exact(16);
+    for c in &mut blocks {
+        let s = &SLICES;
+        h = s[15][usize::from(h ^ c[0])]
+            ^ s[14][usize::from(c[1])]
+            ^ s[13][usize::from(c[2])]
+            ^ s[12][usize::from(c[3])]
+            ^ s[11][usize::from(c[4])]
+            ^ s[10][usize::from(c[5])]
+            ^ s[9][usize::from(c[6])]
+            ^ s[8][usize::from(c[7])]
+            ^ s[7][usize::from(c[8])]
+            ^ s[6][usize::from(c[9])]
+            ^ s[5][usize::from(c[10])]
+            ^ s[4][usize::from(c[11])]
+            ^ s[3][usize::from(c[12])]
+            ^ s[2][usize::from(c[13])]
+            ^ s[1][usize::from(c[14])]
+            ^ s[0][usize::from(c[15])];
+    }
+    for &b in blocks.remainder() {
+        h = SLICES[0][usize::from(h ^ b)];
+    }
+    TABLE[usize::from(h ^ last)]
+}
+
+/// The HJ 212 CRC one table lookup per byte, as the standard's procedure reads.
+/// Reference for [`hj212`] in tests and benches.
+#[doc(hidden)]
+pub fn hj212_bytewise(data: &[u8]) -> u16 {
     // The register after each step is always some T[x]; its high byte is all
     // that feeds the next step, so we carry only that byte.
     let mut hi: u8 = 0xFF;
@@ -189,6 +249,11 @@ mod tests {
         ];
         for (seg, hj, mb) in cases {
             assert_eq!(hj212(seg.as_bytes()), *hj, "hj212 of {seg}");
+            assert_eq!(
+                hj212_bytewise(seg.as_bytes()),
+                *hj,
+                "bytewise hj212 of {seg}"
+            );
             if let Some(mb) = mb {
                 assert_eq!(modbus(seg.as_bytes()), *mb, "modbus of {seg}");
             }
@@ -214,5 +279,26 @@ mod tests {
         assert_eq!(parse_hex4(b"1c80"), Some(0x1C80));
         assert_eq!(parse_hex4(b"1G80"), None);
         assert_eq!(&format_hex4(0x0A0B), b"0A0B");
+    }
+
+    /// The sliced CRC equals the bytewise one at every length around the
+    /// 16-byte block edges and on arbitrary bytes.
+    #[test]
+    fn sliced_equals_bytewise() {
+        let mut x: u32 = 0x1234_5678;
+        let data: Vec<u8> = (0..4099)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect();
+        for n in 0..data.len() {
+            assert_eq!(hj212(&data[..n]), hj212_bytewise(&data[..n]), "length {n}");
+        }
+        for start in 1..40 {
+            assert_eq!(hj212(&data[start..]), hj212_bytewise(&data[start..]));
+        }
     }
 }

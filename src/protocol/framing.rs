@@ -297,9 +297,10 @@ enum Decision {
 /// Why: a device whose length field is miscounted upwards sends one frame and
 /// waits for its ack; waiting for bytes up to its declared end would stall it.
 /// Why always, even when the declared end is already buffered: otherwise the
-/// item would depend on how much had arrived. The CRC match keeps this away from
-/// SM4 ciphertext: a false tail there needs `&&`, 4 hex digits, LF and a
-/// matching CRC at one spot (far below 2^-40 per byte). Stopping at the next
+/// item would depend on how much had arrived. This keeps away from SM4
+/// ciphertext: a false tail there needs `&&`, 4 hex digits, LF and then a
+/// matching CRC or `##` and a digit at one spot (below 2^-50 per byte; an
+/// accepted risk). Stopping at the next
 /// frame start keeps a truncated frame from borrowing the next frame's tail,
 /// which the 256-valued HJ 212 CRC would match 1 time in 256.
 fn early_tail(buf: &[u8], start: usize, crc_at: usize, eof: bool, lim: &Limits) -> Decision {
@@ -307,6 +308,7 @@ fn early_tail(buf: &[u8], start: usize, crc_at: usize, eof: bool, lim: &Limits) 
     let horizon = (crc_at + 5).min(lim.frame);
     let visible = buf.len().min(horizon);
     let mut next_start: Option<Option<usize>> = None;
+    let mut candidates = 0;
     if visible > start {
         for lf in memchr_iter(b'\n', &buf[start..visible]).map(|i| start + i) {
             let (seg_end, terminator) = if lf >= 1 && buf[lf - 1] == b'\r' {
@@ -323,6 +325,10 @@ fn early_tail(buf: &[u8], start: usize, crc_at: usize, eof: bool, lim: &Limits) 
             let Some(declared) = crc::parse_hex4(&buf[seg_end..seg_end + 4]) else {
                 continue;
             };
+            if candidates == EARLY_TAIL_CANDIDATES {
+                return Decision::Absent;
+            }
+            candidates += 1;
             let ns = *next_start.get_or_insert_with(|| next_frame_start(buf, start));
             if ns.is_some_and(|h| h < seg_end - 2) {
                 // Every later candidate lies behind that frame start too.
@@ -357,6 +363,11 @@ fn early_tail(buf: &[u8], start: usize, crc_at: usize, eof: bool, lim: &Limits) 
         Decision::NeedMore
     }
 }
+
+/// Only this many `&&` CCCC (CR) LF shapes after a header are tried as early
+/// tails. Real frames have one at most (their own); without a bound a crafted
+/// run of them would cost a CRC over the segment each, on every read.
+const EARLY_TAIL_CANDIDATES: usize = 4;
 
 /// Position of the first complete `##` digit at or after `from`.
 fn next_frame_start(buf: &[u8], from: usize) -> Option<usize> {
@@ -545,7 +556,7 @@ mod tests {
                     assert!(!eof, "None at eof with {} bytes", buf.len());
                     break;
                 };
-                assert!(item.len() >= 1 && item.len() <= buf.len(), "{item:?}");
+                assert!(!item.is_empty() && item.len() <= buf.len(), "{item:?}");
                 out.push((offset, item));
                 offset += item.len();
                 buf.drain(..item.len());
@@ -957,6 +968,29 @@ mod tests {
         let mut fx = fixture("xy-003");
         fx[2..6].copy_from_slice(b"0150");
         assert_eq!(cut(&fx, false, &cfg), None);
+    }
+
+    /// Past the first few tail shapes no CRC is tried: the cost per read stays
+    /// bounded however many a crafted frame holds.
+    #[test]
+    fn early_tail_candidates_are_bounded() {
+        let cfg = FramerConfig::default();
+        let crafted = |shapes: usize| {
+            let mut seg = b"x&&0000\r\n".repeat(shapes);
+            seg.extend_from_slice(b"CP=&&&&");
+            let mut fr = b"##0900".to_vec();
+            fr.extend_from_slice(&seg);
+            fr.extend_from_slice(&crc::format_hex4(crc::hj212(&seg)));
+            fr.extend_from_slice(b"\r\n");
+            fr
+        };
+        assert_eq!(crc::identify(b"x&&", 0).1, crc::CrcVariant::Unknown);
+        let fewer = crafted(EARLY_TAIL_CANDIDATES - 1);
+        assert_eq!(
+            cut(&fewer, false, &cfg),
+            Some(f(fewer.len(), Terminator::CrLf, false))
+        );
+        assert_eq!(cut(&crafted(EARLY_TAIL_CANDIDATES), false, &cfg), None);
     }
 
     /// HJ 212-2025 raw SM4 ciphertext in CP may hold "##0", "&&", CR and LF;
