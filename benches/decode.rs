@@ -1,5 +1,5 @@
-//! Full decode throughput on one core: framing + envelope + CRC + header + CP
-//! + dialect + field/timestamp validation, over realistic frames from the
+//! Full decode throughput on one core (framing, envelope, CRC, header, CP,
+//! dialect, field and timestamp validation) over realistic frames from the
 //! fixtures (2017 flue gas and waste water, 2005, long history records).
 //! Also measures the JSON document built per frame at ingest.
 //!
