@@ -101,3 +101,162 @@ fn normalized(items: &[(usize, Cut)]) -> Vec<Norm> {
     }
     out
 }
+
+/// Decoder properties on one candidate frame (any bytes, as the framer might cut).
+///
+/// Asserts: no panic; the raw bytes are kept exactly; every span lies inside
+/// the segment; the JSON document is valid JSON; a frame without error
+/// findings whose CRC is the HJ 212 one really has that CRC; and the ack the
+/// gateway would send decodes cleanly and echoes QN and MN. A device with the
+/// standard's test key is registered so the SM4 paths run too.
+pub fn decode_frame(data: &[u8]) {
+    use crate::protocol::{self, DeviceLookup, DeviceProfile, Options, crc, json, reply};
+    use chrono::TimeZone;
+    use std::sync::Arc;
+
+    struct TestKey;
+    impl DeviceLookup for TestKey {
+        fn profile(&self, _mn: &str) -> Option<Arc<DeviceProfile>> {
+            Some(Arc::new(DeviceProfile {
+                keys: vec![[0x30; 16]],
+                ..Default::default()
+            }))
+        }
+    }
+    let now = chrono::Utc
+        .with_ymd_and_hms(2024, 6, 1, 1, 0, 0)
+        .single()
+        .expect("valid date");
+    let f = protocol::decode(
+        bytes::Bytes::copy_from_slice(data),
+        &Options::new(now),
+        &TestKey,
+    );
+    assert_eq!(&f.raw[..], data, "raw bytes are never rewritten");
+    let len = f.segment.len();
+    let spans = [
+        f.header.qn,
+        f.header.st,
+        f.header.cn,
+        f.header.pw,
+        f.header.mn,
+        f.header.flag,
+        f.header.pnum,
+        f.header.pno,
+        f.header.rf,
+        f.cp,
+    ];
+    for s in spans.into_iter().flatten() {
+        assert!(
+            s.start() <= s.end() && s.end() <= len,
+            "{s:?} outside {len}"
+        );
+    }
+    for p in &f.pairs {
+        for s in [Some(p.key), p.code, p.suffix, Some(p.value)]
+            .into_iter()
+            .flatten()
+        {
+            assert!(
+                s.start() <= s.end() && s.end() <= len,
+                "{s:?} outside {len}"
+            );
+        }
+    }
+    let doc = json::frame_doc(&f);
+    let parsed: serde_json::Value = serde_json::from_str(&doc).expect("frame_doc is JSON");
+    assert_eq!(parsed["schema"], "hj212.frame.v1");
+    if !f.has_error() {
+        if f.crc.variant == crc::CrcVariant::Hj212 && f.encryption.is_none() {
+            assert_eq!(crc::hj212(&f.segment), f.crc.computed);
+        }
+        if let Some(ack) = reply::ack(&f) {
+            let a = protocol::decode(ack, &Options::new(now), &());
+            // The ack echoes QN/MN; values that cannot be echoed (a 2005 9014
+            // has no MN) are skipped.
+            assert!(
+                !a.findings
+                    .iter()
+                    .any(|x| x.code == protocol::finding::code::CRC_MISMATCH),
+                "our own ack has a bad CRC"
+            );
+            if f.header.qn.is_some() && f.qn().is_some_and(|q| !q.contains(['&', ';', ','])) {
+                assert_eq!(a.qn(), f.qn());
+            }
+        }
+    }
+}
+
+/// Round trip of the replies and requests the gateway builds, with fields
+/// drawn from the input: whatever is built decodes without error findings and
+/// gives back the same CN, QN, MN and values.
+pub fn reply_roundtrip(data: &[u8]) {
+    use crate::protocol::{self, Dialect, Options, reply};
+    use chrono::TimeZone;
+
+    let Some((&sel, rest)) = data.split_first() else {
+        return;
+    };
+    // Field text limited to what the standard allows in these positions.
+    let clean = |b: &[u8], max: usize| -> String {
+        let s: String = b
+            .iter()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .take(max)
+            .map(|&c| c as char)
+            .collect();
+        if s.is_empty() { "0".into() } else { s }
+    };
+    let third = rest.len() / 3;
+    let mn = clean(&rest[..third], 24);
+    let pw = clean(&rest[third..2 * third], 6);
+    let qn_digits: String = rest
+        .iter()
+        .map(|b| char::from(b'0' + b % 10))
+        .take(17)
+        .collect();
+    let qn = format!("{qn_digits:0<17}");
+    let dialect = [Dialect::V2005, Dialect::V2017, Dialect::V2025][usize::from(sel % 3)];
+    let t = reply::Target {
+        dialect,
+        st: "32",
+        pw: &pw,
+        mn: &mn,
+    };
+    let n = u16::from(sel) % 101;
+    let cases: Vec<(bytes::Bytes, &str)> = vec![
+        (reply::qn_rtn(t, &qn, n), "9011"),
+        (reply::exe_rtn(t, &qn, n), "9012"),
+        (reply::set_rtd_interval(t, &qn, u32::from(sel) + 30), "1062"),
+        (reply::get_rtd_interval(t, &qn), "1061"),
+        (reply::get_time(t, &qn, None), "1011"),
+        (reply::set_time(t, &qn, "20240601085857", None), "1012"),
+        (
+            reply::history(t, &qn, 2061, "20240601080000", "20240601090000"),
+            "2061",
+        ),
+    ];
+    let now = chrono::Utc
+        .with_ymd_and_hms(2024, 6, 1, 1, 0, 0)
+        .single()
+        .expect("valid date");
+    for (bytes, cn) in cases {
+        let f = protocol::decode(bytes, &Options::new(now), &());
+        assert!(!f.has_error(), "{cn}: {:?}", f.findings);
+        assert_eq!(f.cn(), Some(cn));
+        assert_eq!(f.qn(), Some(qn.as_str()));
+        assert_eq!(f.dialect, Some(dialect));
+        if dialect != Dialect::V2005 || cn != "9014" {
+            assert_eq!(f.mn(), Some(mn.as_str()));
+        }
+        match cn {
+            "9011" => assert_eq!(f.param("QnRtn"), Some(n.to_string().as_str())),
+            "9012" => assert_eq!(f.param("ExeRtn"), Some(n.to_string().as_str())),
+            "1062" => assert_eq!(
+                f.param("RtdInterval"),
+                Some((u32::from(sel) + 30).to_string().as_str())
+            ),
+            _ => {}
+        }
+    }
+}

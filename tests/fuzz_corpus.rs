@@ -31,3 +31,39 @@ fn entry_rejects_nothing() {
     codec_rechunk(b"\x01\x00##");
     codec_rechunk(b"\x00##0000&&0000\r\n");
 }
+
+fn replay(target: &str, f: fn(&[u8])) -> usize {
+    let dir = format!("{}/fuzz/corpus-seed/{target}", env!("CARGO_MANIFEST_DIR"));
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).expect("seed corpus") {
+        f(&std::fs::read(entry.expect("entry").path()).expect("seed"));
+        seen += 1;
+    }
+    seen
+}
+
+#[test]
+fn decode_frame_seeds_replay() {
+    assert!(replay("decode_frame", hj212_gateway::fuzzing::decode_frame) >= 252);
+    // Truncations of every fixture, as a framer at EOF might hand them over.
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/frames.jsonl"
+    ))
+    .unwrap();
+    for line in text.lines().take(40) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let raw = v["frame"].as_str().unwrap().as_bytes();
+        for cut in 0..raw.len() {
+            hj212_gateway::fuzzing::decode_frame(&raw[..cut]);
+        }
+    }
+}
+
+#[test]
+fn reply_roundtrip_seeds_replay() {
+    assert!(replay("reply_roundtrip", hj212_gateway::fuzzing::reply_roundtrip) >= 4);
+    for sel in 0..=255u8 {
+        hj212_gateway::fuzzing::reply_roundtrip(&[sel, b'A', b'1', b'x', b'9', b'Z', b'0']);
+    }
+}
