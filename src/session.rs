@@ -127,6 +127,9 @@ impl WarnLimiter {
     }
 }
 
+/// Quiet time after which a buffered frame lacking only its terminator is taken as complete.
+const TAIL_GRACE: Duration = Duration::from_millis(150);
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -206,8 +209,14 @@ impl Session {
         let mut buf = BytesMut::new();
         let mut partial_since: Option<Instant> = None;
         let mut last_activity = Instant::now();
+        // Some loggers send no CR LF and then wait for their ack. The framer
+        // cannot know no terminator is coming, so once the line has been quiet
+        // for TAIL_GRACE we ask it whether the buffer holds a complete frame
+        // as-is (once per quiet period).
+        let mut tail_checked = false;
         loop {
             let deadline = match partial_since {
+                Some(_) if !tail_checked => last_activity + TAIL_GRACE,
                 Some(t) => t + partial_limit,
                 None => last_activity + idle,
             };
@@ -223,6 +232,22 @@ impl Session {
                     return "superseded";
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => {
+                    if partial_since.is_some() && !tail_checked {
+                        tail_checked = true;
+                        if let Some(protocol::framing::Cut::Frame { len, info }) =
+                            protocol::framing::cut(&buf, true, &self.codec.cfg)
+                        {
+                            let bytes = buf.split_to(len).freeze();
+                            if buf.is_empty() {
+                                partial_since = None;
+                                buf = BytesMut::new();
+                            }
+                            if let Err(reason) = self.process(vec![Item::Frame { bytes, info }], Some(&mut wr)).await {
+                                return reason;
+                            }
+                        }
+                        continue;
+                    }
                     if partial_since.is_some() {
                         // Slowloris or a device that died mid-frame: keep its bytes as junk.
                         let _ = self.flush_eof(&mut buf, Some(&mut wr)).await;
@@ -245,7 +270,10 @@ impl Session {
                     let _ = self.flush_eof(&mut buf, Some(&mut wr)).await;
                     return "peer closed";
                 }
-                Ok(_) => last_activity = Instant::now(),
+                Ok(_) => {
+                    last_activity = Instant::now();
+                    tail_checked = false;
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => {
                     debug!(error = %e, "read failed");

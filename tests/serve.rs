@@ -1100,3 +1100,28 @@ async fn stop_keeps_a_half_received_frame_as_junk() {
     assert_eq!(show(&concat(&inbound)), show(&sent));
     assert_eq!(inbound[1].verdict, Verdict::Junk);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_without_terminator_is_acked_once_the_line_is_quiet() {
+    // Loggers that send no CR LF still wait for their 9014.
+    let gw = Gateway::start("", "").await;
+    let mut d = gw.device().await;
+    let full = upload(&mn(31), &qn(1), "123456");
+    let bare = &full[..full.len() - 2];
+    let t = Instant::now();
+    d.send(bare).await;
+    let got = d.reply().await;
+    assert_eq!(show(&got), show(&expected_ack(&full)));
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "acked after {:?}",
+        t.elapsed()
+    );
+    // The next frame (with CR LF) on the same connection is unaffected.
+    d.exchange(&upload(&mn(31), &qn(2), "123456")).await;
+    let recs = gw.records();
+    let stored = find_raw(&recs, bare);
+    assert_eq!(stored.len(), 1, "stored byte-exact without terminator");
+    assert!(finding_codes(stored[0]).contains(&"terminator.missing".to_owned()));
+    gw.stop().await;
+}
