@@ -57,6 +57,17 @@ impl SessionMap {
             _ => None,
         }
     }
+    /// Claims `mn` for session `id` only if no other session owns it.
+    fn claim_if_free(&self, mn: &str, id: u64, token: &CancellationToken) -> bool {
+        let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        match m.get(mn) {
+            Some((owner, _)) if *owner != id => false,
+            _ => {
+                m.insert(mn.to_owned(), (id, token.clone()));
+                true
+            }
+        }
+    }
     fn release(&self, mn: &str, id: u64) {
         let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if m.get(mn).is_some_and(|(owner, _)| *owner == id) {
@@ -487,8 +498,21 @@ impl Session {
             if self.mns.is_empty() {
                 tracing::Span::current().record("mn", mn.as_str());
             }
-            if let Some(old) = self.shared.sessions.claim(&mn, self.id, &self.token) {
-                info!(mn = %mn, superseded = old, "device reconnected; older session superseded");
+            // The first MN a connection speaks for is its device: a reconnect
+            // supersedes the stale session. Further MNs on the same connection
+            // (multi-outlet loggers, forwarders) are only taken when unowned,
+            // so two live paths for one MN never evict each other in turn.
+            if self.mns.is_empty() {
+                if let Some(old) = self.shared.sessions.claim(&mn, self.id, &self.token) {
+                    info!(mn = %mn, superseded = old, "device reconnected; older session superseded");
+                }
+            } else if !self
+                .shared
+                .sessions
+                .claim_if_free(&mn, self.id, &self.token)
+            {
+                debug!(mn = %mn, "MN already has a live session; not taking it over");
+                continue;
             }
             self.mns.push(mn);
         }
