@@ -61,29 +61,22 @@ fn text_suffix(s: &[u8]) -> bool {
 /// Classifies numeric syntax: `-?(0|[1-9][0-9]*)(\.[0-9]+)?` is JSON-safe;
 /// other decimals (sign, bare point, leading zeros) are loose numbers.
 pub fn classify_number(v: &[u8]) -> ValueKind {
-    let (neg, body) = match v.first() {
-        Some(b'-') => (true, &v[1..]),
-        Some(b'+') => (false, &v[1..]),
-        _ => (false, v),
-    };
     let plus = v.first() == Some(&b'+');
-    let mut int_digits = 0usize;
-    let mut frac_digits = 0usize;
-    let mut dot = false;
-    for &c in body {
-        match c {
-            b'0'..=b'9' if dot => frac_digits += 1,
-            b'0'..=b'9' => int_digits += 1,
-            b'.' if !dot => dot = true,
-            _ => return ValueKind::Text,
-        }
-    }
-    if int_digits + frac_digits == 0 {
+    let body = match v.first() {
+        Some(b'-' | b'+') => &v[1..],
+        _ => v,
+    };
+    let (int, frac) = match body.iter().position(|&c| c == b'.') {
+        Some(d) => (&body[..d], Some(&body[d + 1..])),
+        None => (body, None),
+    };
+    let digits = |s: &[u8]| s.iter().all(u8::is_ascii_digit);
+    let frac_len = frac.map_or(0, <[u8]>::len);
+    if !digits(int) || !frac.is_none_or(digits) || int.len() + frac_len == 0 {
         return ValueKind::Text;
     }
-    let _ = neg;
-    let leading_zero = int_digits > 1 && body[0] == b'0';
-    if plus || int_digits == 0 || (dot && frac_digits == 0) || leading_zero {
+    let leading_zero = int.len() > 1 && int[0] == b'0';
+    if plus || int.is_empty() || frac == Some(&[][..]) || leading_zero {
         ValueKind::LooseNumber
     } else {
         ValueKind::Number
