@@ -355,9 +355,12 @@ struct Flow {
     first_ms: i64,
 }
 
+/// One direction of a connection: (source, destination).
+type FlowKey = ((IpAddr, u16), (IpAddr, u16));
+
 struct Reassembler {
-    flows: HashMap<((IpAddr, u16), (IpAddr, u16)), Flow>,
-    order: Vec<((IpAddr, u16), (IpAddr, u16))>,
+    flows: HashMap<FlowKey, Flow>,
+    order: Vec<FlowKey>,
     skipped: u64,
 }
 

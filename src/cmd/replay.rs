@@ -362,8 +362,10 @@ pub fn audit(captures: &[Capture], cfg: &Config, registry: &Registry) -> ReplayR
 
 /// Continuity of one CN's DataTimes.
 fn gaps(list: &[(i64, String)]) -> CnGaps {
-    let mut g = CnGaps::default();
-    g.backwards = list.windows(2).filter(|w| w[1].0 < w[0].0).count() as u64;
+    let mut g = CnGaps {
+        backwards: list.windows(2).filter(|w| w[1].0 < w[0].0).count() as u64,
+        ..CnGaps::default()
+    };
     let mut sorted: Vec<&(i64, String)> = list.iter().collect();
     sorted.sort_by_key(|x| x.0);
     sorted.dedup_by_key(|x| x.0);
