@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::cmd::decode::{self, DecodeArgs, DecodeError};
+use crate::cmd::{self, export, replay, stats, tail, verify};
 use crate::config::{self, Config};
 use crate::daemon::{self, Overrides, ServeError};
 use crate::protocol::CrcPolicy;
@@ -37,6 +38,30 @@ pub struct Cli {
 enum ExportFormatArg {
     Raw,
     Jsonl,
+    Csv,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TimeArg {
+    /// When the gateway received the record.
+    Received,
+    /// The device's DataTime.
+    Data,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum VerdictArg {
+    Accepted,
+    Rejected,
+    Junk,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SplitArg {
+    /// One connection per original connection / stored session.
+    Session,
+    /// One connection per MN.
+    Mn,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -94,7 +119,19 @@ enum Command {
         #[arg(long, default_value = "+08:00")]
         tz: String,
     },
-    /// Write stored records in seq order (works while serve is running).
+    /// Write stored records in seq order, optionally filtered (works while serve is running).
+    ///
+    /// Filters combine with AND and are exact matches. --since is inclusive, --until
+    /// exclusive; both are RFC 3339 instants compared with the receive time, or with the
+    /// device's DataTime under --time data (records without a DataTime then never match).
+    ///
+    /// Examples:
+    ///   hj212-gateway export --data /var/lib/hj212-gateway --format raw -o capture.bin
+    ///   hj212-gateway export --mn 010000A8900016F000169DC0 --cn 2011 --verdict accepted \
+    ///       --time data --since 2024-06-01T00:00:00+08:00 --until 2024-06-02T00:00:00+08:00 --format csv
+    ///
+    /// Exit 0 on success (also when a pipe reader goes away), 2 on usage or I/O errors.
+    #[command(verbatim_doc_comment)]
     Export {
         /// Data directory (default: $STATE_DIRECTORY, else ./data).
         #[arg(long, conflicts_with = "db")]
@@ -102,17 +139,50 @@ enum Command {
         /// The SQLite file itself.
         #[arg(long)]
         db: Option<PathBuf>,
-        /// raw: the exact stored bytes back to back; jsonl: one object per record.
+        /// raw: the exact stored bytes back to back; jsonl: one object per record;
+        /// csv: one row per reading (seq,received_at,mn,cn,data_time,factor,suffix,value,flag).
         #[arg(long, value_enum, default_value = "jsonl")]
         format: ExportFormatArg,
         /// Which records.
         #[arg(long, value_enum, default_value = "all")]
         direction: DirectionArg,
+        /// Only this MN.
+        #[arg(long)]
+        mn: Option<String>,
+        /// Only this CN (e.g. 2011).
+        #[arg(long)]
+        cn: Option<String>,
+        /// Only this ST (e.g. 31).
+        #[arg(long)]
+        st: Option<String>,
+        /// Only records at or after this instant (RFC 3339, e.g. 2024-06-01T00:00:00+08:00).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only records before this instant (RFC 3339, exclusive).
+        #[arg(long)]
+        until: Option<String>,
+        /// Clock that --since/--until compare with.
+        #[arg(long, value_enum, default_value = "received")]
+        time: TimeArg,
+        /// Only this verdict.
+        #[arg(long, value_enum)]
+        verdict: Option<VerdictArg>,
         /// Output file (default stdout).
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
-    /// Walk the log's hash chain; exit 0 intact, 1 tampered.
+    /// Prove the log is intact: walk the hash chain and re-check every inbound frame's CRC
+    /// against its stored verdict.
+    ///
+    /// Prints the records checked and, on failure, the first broken seq and why. Works
+    /// while serve is running (records committed after it starts are not checked).
+    ///
+    /// Examples:
+    ///   hj212-gateway verify --data /var/lib/hj212-gateway
+    ///   hj212-gateway verify --db frames.sqlite --config /etc/hj212-gateway/gateway.toml
+    ///
+    /// Exit 0 intact, 1 tampered or inconsistent, 2 unreadable, 78 bad --config.
+    #[command(verbatim_doc_comment)]
     Verify {
         /// Data directory (default: $STATE_DIRECTORY, else ./data).
         #[arg(long, conflicts_with = "db")]
@@ -120,6 +190,114 @@ enum Command {
         /// The SQLite file itself.
         #[arg(long)]
         db: Option<PathBuf>,
+        /// Gateway config: device registry, keys and CRC policies for the re-check.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Audit captured traffic with the daemon's validation, or replay it to a gateway.
+    ///
+    /// INPUT (detected from content, named in the output): a raw capture (bytes as
+    /// received), a pcap or pcapng file (TCP payload toward the server, reassembled per
+    /// connection), an `export --format raw|jsonl` file, a gateway data dir or its SQLite file.
+    ///
+    /// Without --to: prints an audit per MN (frames, dialects, CRC failures and variants,
+    /// timestamp findings, duplicates, DataTime gaps per CN, first/last DataTime).
+    /// With --to: one connection per original session (or --split mn), waits for each
+    /// requested 9014/9013 ack (--ack-timeout), paces by the original timing / --speed or
+    /// at --rate frames/s, and prints sent/acked/timed out and ack latency percentiles.
+    ///
+    /// Examples:
+    ///   hj212-gateway replay site.pcapng --config gateway.toml --report audit.json
+    ///   hj212-gateway replay /var/lib/hj212-gateway --to 127.0.0.1:9000 --rate 200
+    ///   hj212-gateway replay capture.bin --to gw.example:9000 --speed 10
+    ///
+    /// Exit 0 on success, 1 when --to left acks missing or connections failed,
+    /// 2 on bad input or I/O errors, 78 bad --config.
+    #[command(verbatim_doc_comment)]
+    Replay {
+        /// Inputs (files or data directories).
+        #[arg(required = true, value_name = "INPUT")]
+        inputs: Vec<PathBuf>,
+        /// Send the frames to this gateway (HOST:PORT) instead of only auditing them.
+        #[arg(long, value_name = "HOST:PORT")]
+        to: Option<String>,
+        /// Original timing divided by X (default 1 = real time).
+        #[arg(long, conflicts_with = "rate", value_name = "X")]
+        speed: Option<f64>,
+        /// Fixed rate in frames per second over all connections.
+        #[arg(long, value_name = "N")]
+        rate: Option<f64>,
+        /// Group frames into connections by original session or by MN.
+        #[arg(long, value_enum, default_value = "session")]
+        split: SplitArg,
+        /// Seconds to wait for an ack before counting it as timed out.
+        #[arg(long, default_value = "5", value_name = "SECS")]
+        ack_timeout: f64,
+        /// The server's TCP port in a capture that lacks the handshake (default: the
+        /// receiver of the SYN, else the lower port).
+        #[arg(long, value_name = "PORT")]
+        server_port: Option<u16>,
+        /// Also write the report as JSON to this file.
+        #[arg(long, value_name = "FILE")]
+        report: Option<PathBuf>,
+        /// Gateway config: devices, keys, thresholds, time zone.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Follow the log live, one line per record (time, peer, MN, CN, verdict, values).
+    ///
+    /// Starts at the end of the log unless --since-seq is given; polls every 200 ms.
+    /// Colours only on a terminal (and not with NO_COLOR).
+    ///
+    /// Examples:
+    ///   hj212-gateway tail --data /var/lib/hj212-gateway --mn 010000A8900016F000169DC0
+    ///   hj212-gateway tail --raw --since-seq 0 | hj212-gateway decode -
+    ///
+    /// Exit 0 on Ctrl-C, SIGTERM or a closed pipe; 2 on errors.
+    #[command(verbatim_doc_comment)]
+    Tail {
+        /// Data directory (default: $STATE_DIRECTORY, else ./data).
+        #[arg(long, conflicts_with = "db")]
+        data: Option<PathBuf>,
+        /// The SQLite file itself.
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// Only this MN.
+        #[arg(long)]
+        mn: Option<String>,
+        /// Only this CN.
+        #[arg(long)]
+        cn: Option<String>,
+        /// Print the exact stored bytes.
+        #[arg(long, conflicts_with = "json")]
+        raw: bool,
+        /// Print one export JSON object per record.
+        #[arg(long)]
+        json: bool,
+        /// Start after this seq (0: from the beginning).
+        #[arg(long, value_name = "N")]
+        since_seq: Option<u64>,
+    },
+    /// Per-device table: last seen, frames today/total, rejects by reason, dialect, CRC
+    /// variant, median clock skew (CN 2011), last DataTime per CN.
+    ///
+    /// "Today" starts at local midnight of this machine. Aggregated by SQLite, fast on
+    /// big logs; works while serve is running.
+    ///
+    /// Example: hj212-gateway stats --data /var/lib/hj212-gateway
+    ///
+    /// Exit 0 on success, 2 on errors.
+    #[command(verbatim_doc_comment)]
+    Stats {
+        /// Data directory (default: $STATE_DIRECTORY, else ./data).
+        #[arg(long, conflicts_with = "db")]
+        data: Option<PathBuf>,
+        /// The SQLite file itself.
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// One JSON array instead of the table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -131,10 +309,6 @@ fn parse_crc(s: &str) -> Result<CrcPolicy, String> {
         "any" => Ok(CrcPolicy::Any),
         _ => Err(format!("{s:?}: expected strict, modbus, swapped or any")),
     }
-}
-
-fn db_path(data: Option<PathBuf>, db: Option<PathBuf>) -> PathBuf {
-    db.unwrap_or_else(|| Config::default().store_path(&daemon::data_dir(data.as_deref())))
 }
 
 /// Parses the command line and runs it.
@@ -230,69 +404,184 @@ pub fn main() -> ExitCode {
             db,
             format,
             direction,
+            mn,
+            cn,
+            st,
+            since,
+            until,
+            time,
+            verdict,
             output,
         } => {
-            let opts = store::ExportOptions {
-                db: db_path(data, db),
-                format: match format {
-                    ExportFormatArg::Raw => store::ExportFormat::Raw,
-                    ExportFormatArg::Jsonl => store::ExportFormat::Jsonl,
-                },
+            let filter = store::RecordFilter {
                 direction: match direction {
-                    DirectionArg::In => store::ExportDirection::In,
-                    DirectionArg::Out => store::ExportDirection::Out,
-                    DirectionArg::All => store::ExportDirection::All,
+                    DirectionArg::In => Some(store::Direction::In),
+                    DirectionArg::Out => Some(store::Direction::Out),
+                    DirectionArg::All => None,
                 },
+                mn,
+                cn,
+                st,
+                verdict: verdict.map(|v| match v {
+                    VerdictArg::Accepted => store::Verdict::Accepted,
+                    VerdictArg::Rejected => store::Verdict::Rejected,
+                    VerdictArg::Junk => store::Verdict::Junk,
+                }),
+                ..store::RecordFilter::default()
             };
-            let result = match output {
-                Some(p) => std::fs::File::create(&p)
-                    .map_err(|e| format!("{}: {e}", p.display()))
-                    .and_then(|f| {
-                        let mut w = std::io::BufWriter::new(f);
-                        store::export(&opts, &mut w).map_err(|e| e.to_string())
-                    }),
-                None => {
-                    let stdout = std::io::stdout();
-                    let mut w = std::io::BufWriter::new(stdout.lock());
-                    store::export(&opts, &mut w).map_err(|e| e.to_string())
-                }
+            let basis = match time {
+                TimeArg::Received => export::TimeBasis::Received,
+                TimeArg::Data => export::TimeBasis::Data,
             };
+            let result = export::time_filter(filter, basis, since.as_deref(), until.as_deref())
+                .and_then(|filter| {
+                    let args = export::ExportArgs {
+                        db: cmd::resolve_db(data.as_deref(), db.as_deref(), None),
+                        format: match format {
+                            ExportFormatArg::Raw => export::Format::Raw,
+                            ExportFormatArg::Jsonl => export::Format::Jsonl,
+                            ExportFormatArg::Csv => export::Format::Csv,
+                        },
+                        filter,
+                    };
+                    // Checked before the output file is created, so a typo in --db
+                    // does not leave an empty file behind.
+                    cmd::require_db(&args.db)?;
+                    match &output {
+                        Some(p) => {
+                            let f = std::fs::File::create(p)
+                                .map_err(cmd::CmdError::io(p.display().to_string()))?;
+                            export::run(&args, &mut std::io::BufWriter::new(f))
+                        }
+                        None => export::run(&args, &mut std::io::stdout().lock()),
+                    }
+                });
             match result {
                 Ok(n) => {
                     eprintln!("exported {n} records");
                     ExitCode::SUCCESS
                 }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
-                }
+                Err(e) => fail(&e),
             }
         }
-        Command::Verify { data, db } => {
-            let path = db_path(data, db);
-            match store::verify_chain(&path) {
-                Ok(r) if r.is_intact() => {
-                    println!(
-                        "{}: {} records checked, chain intact",
-                        path.display(),
-                        r.records_checked
-                    );
-                    ExitCode::SUCCESS
+        Command::Verify { data, db, config } => {
+            let result = cmd::load_config(config.as_deref()).and_then(|cfg| {
+                let args = verify::VerifyArgs {
+                    db: cmd::resolve_db(data.as_deref(), db.as_deref(), cfg.as_ref()),
+                    config: cfg,
+                };
+                verify::run(&args).map(|r| (args.db, r))
+            });
+            match result {
+                Ok((path, r)) => {
+                    let _ = verify::print(&path, &r, &mut std::io::stdout().lock());
+                    if r.is_ok() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
                 }
-                Ok(r) => {
-                    println!(
-                        "{}: {} records checked; {}",
-                        path.display(),
-                        r.records_checked,
-                        r.first_break.map(|b| b.to_string()).unwrap_or_default()
-                    );
-                    ExitCode::from(1)
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Replay {
+            inputs,
+            to,
+            speed,
+            rate,
+            split,
+            ack_timeout,
+            server_port,
+            report,
+            config,
+        } => {
+            let pacing = match (speed, rate) {
+                (_, Some(r)) if !(r.is_finite() && r > 0.0) => {
+                    return fail(&cmd::CmdError::Usage(format!("--rate {r}: must be > 0")));
                 }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
+                (Some(x), _) if !(x.is_finite() && x > 0.0) => {
+                    return fail(&cmd::CmdError::Usage(format!("--speed {x}: must be > 0")));
                 }
+                (_, Some(r)) => replay::Pacing::Rate(r),
+                (x, None) => replay::Pacing::Original {
+                    speed: x.unwrap_or(1.0),
+                },
+            };
+            if !(ack_timeout.is_finite() && ack_timeout > 0.0) {
+                return fail(&cmd::CmdError::Usage(format!(
+                    "--ack-timeout {ack_timeout}: must be > 0"
+                )));
+            }
+            let result = cmd::load_config(config.as_deref()).and_then(|cfg| {
+                let args = replay::ReplayArgs {
+                    inputs,
+                    to,
+                    pacing,
+                    split: match split {
+                        SplitArg::Session => replay::Split::Session,
+                        SplitArg::Mn => replay::Split::Mn,
+                    },
+                    ack_timeout: std::time::Duration::from_secs_f64(ack_timeout),
+                    server_port,
+                    report,
+                    config: cfg,
+                };
+                replay::run(&args, &mut std::io::stdout().lock())
+            });
+            match result {
+                Ok(r) => match r.send {
+                    Some(s) if s.timed_out > 0 || s.connection_errors > 0 => ExitCode::from(1),
+                    _ => ExitCode::SUCCESS,
+                },
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Tail {
+            data,
+            db,
+            mn,
+            cn,
+            raw,
+            json,
+            since_seq,
+        } => {
+            let args = tail::TailArgs {
+                db: cmd::resolve_db(data.as_deref(), db.as_deref(), None),
+                mn,
+                cn,
+                format: if raw {
+                    tail::TailFormat::Raw
+                } else if json {
+                    tail::TailFormat::Json
+                } else {
+                    tail::TailFormat::Line
+                },
+                since_seq,
+            };
+            match tail::run(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Stats { data, db, json } => {
+            let args = stats::StatsArgs {
+                db: cmd::resolve_db(data.as_deref(), db.as_deref(), None),
+                json,
+            };
+            match stats::run(&args, &mut std::io::stdout().lock()) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
             }
         }
     }
+}
+
+fn fail(e: &cmd::CmdError) -> ExitCode {
+    eprintln!("error: {e}");
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        eprintln!("  caused by: {s}");
+        src = s.source();
+    }
+    ExitCode::from(e.exit_code())
 }

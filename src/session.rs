@@ -149,6 +149,53 @@ fn findings_json(f: &[Finding]) -> String {
     serde_json::to_string(f).unwrap_or_else(|_| "[]".into())
 }
 
+/// The decoder options a session uses for frames received at `now`: the config's
+/// time zone, timestamp tolerances, CRC policy and segment limit.
+pub fn decode_options(cfg: &Config, now: chrono::DateTime<chrono::Utc>) -> Options {
+    let mut opts = Options::new(now);
+    opts.tz = cfg.time_zone().unwrap_or_else(protocol::time::beijing);
+    opts.future_tolerance_s = cfg.validation.future_tolerance.0.as_secs() as i64;
+    opts.stale_after_s = cfg.validation.stale_after.0.as_secs() as i64;
+    opts.crc = cfg.validation.crc;
+    opts.max_segment = cfg.validation.max_segment;
+    opts
+}
+
+/// Gateway policy on top of protocol findings: registry, password, unknown devices.
+///
+/// Public so that `replay` judges captured frames exactly as a session does.
+pub fn apply_policy(
+    frame: &mut Frame,
+    registry: &crate::registry::Registry,
+    unknown: UnknownDevice,
+) {
+    let Some(mn) = frame.mn().map(str::to_owned) else {
+        return;
+    };
+    match registry.get(&mn) {
+        Some(dev) => {
+            if let Some(pw) = &dev.pw {
+                if frame.pw() != Some(pw.as_str()) {
+                    frame.findings.push(Finding::new(code::AUTH_PASSWORD, Severity::Error, "PW does not match the registry"));
+                }
+            }
+        }
+        None => match unknown {
+            UnknownDevice::Accept => {}
+            UnknownDevice::Reject => frame.findings.push(Finding::new(
+                code::DEVICE_UNKNOWN,
+                Severity::Error,
+                "MN is not registered (unknown_device = reject)",
+            )),
+            UnknownDevice::Quarantine => frame.findings.push(Finding::new(
+                code::DEVICE_QUARANTINED,
+                Severity::Warning,
+                "MN is not registered (unknown_device = quarantine): stored and acked, not forwarded",
+            )),
+        },
+    }
+}
+
 /// Runs one session to completion.
 pub async fn run(
     shared: Arc<Shared>,
@@ -405,12 +452,7 @@ impl Session {
         wr: Option<&mut tokio::net::tcp::OwnedWriteHalf>,
     ) -> Result<(), &'static str> {
         let cfg = &self.shared.cfg;
-        let mut opts = Options::new(chrono::Utc::now());
-        opts.tz = cfg.time_zone().unwrap_or_else(protocol::time::beijing);
-        opts.future_tolerance_s = cfg.validation.future_tolerance.0.as_secs() as i64;
-        opts.stale_after_s = cfg.validation.stale_after.0.as_secs() as i64;
-        opts.crc = cfg.validation.crc;
-        opts.max_segment = cfg.validation.max_segment;
+        let opts = decode_options(cfg, chrono::Utc::now());
         let registry = self.shared.registry.current();
         let received_at_ms = now_ms();
         let mut records = Vec::with_capacity(items.len() * 2);
@@ -449,7 +491,7 @@ impl Session {
                 Item::Frame { bytes, .. } => {
                     self.frames += 1;
                     let mut frame = protocol::decode(bytes, &opts, &*registry);
-                    self.apply_policy(&mut frame, &registry, cfg.validation.unknown_device);
+                    apply_policy(&mut frame, &registry, cfg.validation.unknown_device);
                     let accepted = !frame.has_error();
                     if !accepted && self.warn.allow() {
                         let codes: Vec<&str> = frame
@@ -531,40 +573,6 @@ impl Session {
             }
         }
         Ok(())
-    }
-
-    /// Gateway policy on top of protocol findings: registry, password, unknown devices.
-    fn apply_policy(
-        &self,
-        frame: &mut Frame,
-        registry: &crate::registry::Registry,
-        unknown: UnknownDevice,
-    ) {
-        let Some(mn) = frame.mn().map(str::to_owned) else {
-            return;
-        };
-        match registry.get(&mn) {
-            Some(dev) => {
-                if let Some(pw) = &dev.pw {
-                    if frame.pw() != Some(pw.as_str()) {
-                        frame.findings.push(Finding::new(code::AUTH_PASSWORD, Severity::Error, "PW does not match the registry"));
-                    }
-                }
-            }
-            None => match unknown {
-                UnknownDevice::Accept => {}
-                UnknownDevice::Reject => frame.findings.push(Finding::new(
-                    code::DEVICE_UNKNOWN,
-                    Severity::Error,
-                    "MN is not registered (unknown_device = reject)",
-                )),
-                UnknownDevice::Quarantine => frame.findings.push(Finding::new(
-                    code::DEVICE_QUARANTINED,
-                    Severity::Warning,
-                    "MN is not registered (unknown_device = quarantine): stored and acked, not forwarded",
-                )),
-            },
-        }
     }
 
     fn record(

@@ -1,3 +1,112 @@
 //! Command implementations behind the CLI.
+//!
+//! Each command takes plain argument structs (built by [`crate::cli`]) and returns
+//! a [`CmdError`] for usage, I/O and configuration problems; what a command found
+//! (tampering, rejected frames) is its `Ok` value, not an error.
 
+pub mod capture;
 pub mod decode;
+pub mod export;
+pub mod replay;
+pub mod stats;
+pub mod tail;
+pub mod verify;
+
+use std::path::{Path, PathBuf};
+
+use crate::config::{Config, ConfigError};
+use crate::daemon;
+use crate::store::StoreError;
+
+/// Why a command could not do its job.
+#[derive(Debug, thiserror::Error)]
+pub enum CmdError {
+    /// Bad argument or input (exit 2).
+    #[error("{0}")]
+    Usage(String),
+    /// The config file is invalid (exit 78).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The frame log could not be read (exit 2).
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// Reading or writing a file or socket failed (exit 2).
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being read or written.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl CmdError {
+    /// The process exit code for this error (see [`crate::cli`]).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CmdError::Config(_) => crate::cli::EX_CONFIG,
+            _ => 2,
+        }
+    }
+
+    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> CmdError {
+        let context = context.into();
+        move |source| CmdError::Io { context, source }
+    }
+}
+
+/// Where a command finds the log: `--db` as given, else the store path of the config
+/// (or the defaults) inside `--data` (default: `$STATE_DIRECTORY`, else `./data`).
+pub fn resolve_db(data: Option<&Path>, db: Option<&Path>, cfg: Option<&Config>) -> PathBuf {
+    if let Some(db) = db {
+        return db.to_owned();
+    }
+    let dir = daemon::data_dir(data);
+    match cfg {
+        Some(c) => c.store_path(&dir),
+        None => Config::default().store_path(&dir),
+    }
+}
+
+/// Loads `--config` if given.
+pub fn load_config(path: Option<&Path>) -> Result<Option<Config>, CmdError> {
+    path.map(Config::load).transpose().map_err(CmdError::from)
+}
+
+/// The log file must exist before a read-only open, or SQLite's error is cryptic.
+pub(crate) fn require_db(path: &Path) -> Result<(), CmdError> {
+    if path.is_file() {
+        Ok(())
+    } else {
+        Err(CmdError::Usage(format!(
+            "{}: no frame log there (give --data DIR or --db PATH)",
+            path.display()
+        )))
+    }
+}
+
+/// Parses an RFC 3339 instant (`2024-06-01T08:00:00+08:00`, `...Z`) to UTC unix ms.
+pub fn parse_instant(flag: &str, text: &str) -> Result<i64, CmdError> {
+    chrono::DateTime::parse_from_rfc3339(text.trim())
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| {
+            CmdError::Usage(format!(
+                "{flag} {text:?}: {e}; expected RFC 3339 with an offset, e.g. 2024-06-01T08:00:00+08:00"
+            ))
+        })
+}
+
+/// True when the error means the reader of our output went away (`| head`): the
+/// command then stops quietly with exit 0.
+pub(crate) fn is_broken_pipe(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::BrokenPipe
+}
+
+/// `2026-11-28T13:05:01.123Z`, or the integer when out of range.
+pub(crate) fn rfc3339_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).map_or_else(
+        || ms.to_string(),
+        |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    )
+}

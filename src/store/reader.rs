@@ -6,7 +6,7 @@ use std::path::Path;
 use rusqlite::{Connection, Row};
 
 use super::chain::ChainHead;
-use super::schema::{self, RECORD_COLUMNS};
+use super::schema::{self, DATA_TIME_MS, RECORD_COLUMNS};
 use super::{Direction, Kind, StoreError, StoredRecord, Verdict};
 
 /// Records fetched per query by [`Records`].
@@ -106,19 +106,32 @@ impl Reader {
                  WHERE seq > ?1 AND seq <= ?2 \
                  AND (?3 IS NULL OR direction = ?3) AND (?4 IS NULL OR kind = ?4) \
                  AND (?5 IS NULL OR mn = ?5) \
+                 AND (?7 IS NULL OR cn = ?7) AND (?8 IS NULL OR st = ?8) \
+                 AND (?9 IS NULL OR verdict = ?9) \
+                 AND (?10 IS NULL OR received_at_ms >= ?10) \
+                 AND (?11 IS NULL OR received_at_ms < ?11) \
+                 AND (?12 IS NULL OR {DATA_TIME_MS} >= ?12) \
+                 AND (?13 IS NULL OR {DATA_TIME_MS} < ?13) \
                  ORDER BY seq LIMIT ?6"
             ))
             .map_err(StoreError::sqlite("prepare a page read"))?;
         let until = i64::try_from(until).unwrap_or(i64::MAX);
         let mut rows = stmt
-            .query((
+            .query(rusqlite::params![
                 i64::try_from(after).unwrap_or(i64::MAX),
                 until,
                 filter.direction.map(Direction::as_str),
                 filter.kind.map(Kind::as_str),
                 filter.mn.as_deref(),
                 i64::try_from(limit).unwrap_or(i64::MAX),
-            ))
+                filter.cn.as_deref(),
+                filter.st.as_deref(),
+                filter.verdict.map(Verdict::as_str),
+                filter.received_from_ms,
+                filter.received_before_ms,
+                filter.data_time_from_ms,
+                filter.data_time_before_ms,
+            ])
             .map_err(StoreError::sqlite("read records"))?;
         let mut out = VecDeque::new();
         while let Some(row) = rows.next().map_err(StoreError::sqlite("read records"))? {
@@ -141,6 +154,21 @@ pub struct RecordFilter {
     pub kind: Option<Kind>,
     /// Only this MN.
     pub mn: Option<String>,
+    /// Only this CN.
+    pub cn: Option<String>,
+    /// Only this ST.
+    pub st: Option<String>,
+    /// Only this verdict.
+    pub verdict: Option<Verdict>,
+    /// Only records received at or after this time (UTC unix ms, inclusive).
+    pub received_from_ms: Option<i64>,
+    /// Only records received before this time (UTC unix ms, exclusive).
+    pub received_before_ms: Option<i64>,
+    /// Only records whose DataTime is at or after this instant (UTC unix ms,
+    /// inclusive). Records without a DataTime never match a DataTime bound.
+    pub data_time_from_ms: Option<i64>,
+    /// Only records whose DataTime is before this instant (UTC unix ms, exclusive).
+    pub data_time_before_ms: Option<i64>,
 }
 
 /// Iterator returned by [`Reader::records`].

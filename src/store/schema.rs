@@ -21,6 +21,12 @@ const WRITER_CACHE_KIB: i64 = -64 * 1024;
 pub(crate) const RECORD_COLUMNS: &str = "seq, received_at_ms, peer, session, direction, kind, raw, \
      dialect, st, cn, mn, qn, data_time, verdict, duplicate, findings, doc, hash";
 
+/// SQL expression: the stored `data_time` (RFC 3339 with the device's offset) as UTC
+/// unix milliseconds, NULL when absent. Compared as an instant, never as text, because
+/// devices in different zones write different offsets.
+pub(crate) const DATA_TIME_MS: &str =
+    "CAST(round(unixepoch(data_time, 'subsec') * 1000) AS INTEGER)";
+
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1: the log, its head, consumer cursors, accident guards.
     r#"

@@ -1,0 +1,236 @@
+//! `export`: the log (or a filtered part of it) as raw bytes, JSON lines or CSV.
+//!
+//! Filtering is done by SQLite on a read-only connection (see
+//! [`RecordFilter`]); rows stream page by page, so an export of any size runs in
+//! bounded memory next to a live writer.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use super::{CmdError, is_broken_pipe, require_db, rfc3339_ms};
+use crate::protocol::{self, Options};
+use crate::store::{Direction, Reader, RecordFilter, StoredRecord, export_record_json};
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Exact stored bytes back to back.
+    Raw,
+    /// One export object per line.
+    Jsonl,
+    /// One row per reading (see [`CSV_HEADER`]).
+    Csv,
+}
+
+/// Which clock `--since`/`--until` compare against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TimeBasis {
+    /// When the gateway received the record.
+    #[default]
+    Received,
+    /// The device's DataTime (records without one never match).
+    Data,
+}
+
+/// Options of `export`.
+#[derive(Debug, Clone)]
+pub struct ExportArgs {
+    /// The SQLite file.
+    pub db: PathBuf,
+    /// Output format.
+    pub format: Format,
+    /// Record filter (direction, MN, CN, ST, verdict, time bounds).
+    pub filter: RecordFilter,
+}
+
+/// The CSV header row.
+pub const CSV_HEADER: &str = "seq,received_at,mn,cn,data_time,factor,suffix,value,flag";
+
+/// Builds the filter for `--since`/`--until` on the chosen clock (inclusive lower,
+/// exclusive upper bound, both RFC 3339).
+pub fn time_filter(
+    mut filter: RecordFilter,
+    basis: TimeBasis,
+    since: Option<&str>,
+    until: Option<&str>,
+) -> Result<RecordFilter, CmdError> {
+    let since = since
+        .map(|s| super::parse_instant("--since", s))
+        .transpose()?;
+    let until = until
+        .map(|s| super::parse_instant("--until", s))
+        .transpose()?;
+    if let (Some(a), Some(b)) = (since, until) {
+        if a >= b {
+            return Err(CmdError::Usage(
+                "--since must be before --until (the range is [since, until))".into(),
+            ));
+        }
+    }
+    match basis {
+        TimeBasis::Received => {
+            filter.received_from_ms = since;
+            filter.received_before_ms = until;
+        }
+        TimeBasis::Data => {
+            filter.data_time_from_ms = since;
+            filter.data_time_before_ms = until;
+        }
+    }
+    Ok(filter)
+}
+
+/// Writes the matching records to `out`; returns how many records matched. A closed
+/// pipe ends the export quietly (`export | head`).
+pub fn run(args: &ExportArgs, out: &mut dyn Write) -> Result<u64, CmdError> {
+    require_db(&args.db)?;
+    let reader = Reader::open(&args.db)?;
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+    let mut count = 0;
+    let result = (|| -> Result<(), CmdError> {
+        let w = CmdError::io("write the export");
+        if args.format == Format::Csv {
+            writeln!(out, "{CSV_HEADER}").map_err(CmdError::io("write the export"))?;
+        }
+        for rec in reader.records(args.filter.clone())? {
+            let rec = rec?;
+            match args.format {
+                Format::Raw => out
+                    .write_all(&rec.raw)
+                    .map_err(CmdError::io("write the export"))?,
+                Format::Jsonl => {
+                    serde_json::to_writer(&mut out, &Value::Object(export_record_json(&rec)))
+                        .map_err(|e| CmdError::io("write the export")(e.into()))?;
+                    out.write_all(b"\n")
+                        .map_err(CmdError::io("write the export"))?;
+                }
+                Format::Csv => {
+                    write_csv_rows(&rec, &mut out).map_err(CmdError::io("write the export"))?
+                }
+            }
+            count += 1;
+        }
+        out.flush().map_err(w)
+    })();
+    match result {
+        Err(CmdError::Io { source, .. }) if is_broken_pipe(&source) => Ok(count),
+        Err(e) => Err(e),
+        Ok(()) => Ok(count),
+    }
+}
+
+/// One reading of a frame: factor code, suffix, the value's exact text, and the
+/// factor's `Flag`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reading {
+    /// Factor code (`a21026`).
+    pub factor: String,
+    /// Suffix (`Rtd`, `Avg`, ...).
+    pub suffix: String,
+    /// The value exactly as the device wrote it.
+    pub value: String,
+    /// The same factor's `Flag` value, if sent.
+    pub flag: Option<String>,
+}
+
+/// The readings of a stored record, in the frame's order; `Flag` items become the
+/// `flag` of their factor's readings rather than readings of their own. A key
+/// repeated in one frame keeps its last value (as the stored document does).
+///
+/// Values come from re-reading the stored raw bytes, so they keep the device's
+/// digits (`+1.50`, `.5`). An encrypted frame cannot be re-read without its key, so
+/// its readings come from the document stored at ingest (decrypted then).
+pub fn readings(rec: &StoredRecord) -> Vec<Reading> {
+    if rec.direction != Direction::In || rec.doc.is_empty() {
+        return Vec::new();
+    }
+    let frame = protocol::decode(
+        Bytes::copy_from_slice(&rec.raw),
+        &Options::new(chrono::DateTime::UNIX_EPOCH),
+        &(),
+    );
+    let mut items: Vec<(String, String, String)> = Vec::new();
+    if frame.encryption.is_none() {
+        for p in &frame.pairs {
+            if let (Some(c), Some(s)) = (p.code, p.suffix) {
+                items.push((
+                    frame.text(c).into_owned(),
+                    frame.text(s).into_owned(),
+                    frame.text(p.value).into_owned(),
+                ));
+            }
+        }
+    } else if let Ok(Value::Object(doc)) = serde_json::from_str::<Value>(&rec.doc) {
+        if let Some(Value::Object(values)) = doc.get("values") {
+            for (code, sfx) in values {
+                if let Value::Object(sfx) = sfx {
+                    for (s, v) in sfx {
+                        let text = match v {
+                            Value::String(t) => t.clone(),
+                            other => other.to_string(),
+                        };
+                        items.push((code.clone(), s.clone(), text));
+                    }
+                }
+            }
+        }
+    }
+    // Last value wins for a repeated factor-suffix.
+    let mut keep: Vec<(String, String, String)> = Vec::with_capacity(items.len());
+    for (i, it) in items.iter().enumerate() {
+        if !items[i + 1..].iter().any(|o| o.0 == it.0 && o.1 == it.1) {
+            keep.push(it.clone());
+        }
+    }
+    let flag_of = |code: &str| {
+        keep.iter()
+            .find(|(c, s, _)| c == code && s == "Flag")
+            .map(|x| x.2.clone())
+    };
+    keep.iter()
+        .filter(|(_, s, _)| s != "Flag")
+        .map(|(c, s, v)| Reading {
+            factor: c.clone(),
+            suffix: s.clone(),
+            value: v.clone(),
+            flag: flag_of(c),
+        })
+        .collect()
+}
+
+fn csv_field(out: &mut dyn Write, s: &str) -> std::io::Result<()> {
+    if s.contains([',', '"', '\r', '\n']) {
+        write!(out, "\"{}\"", s.replace('"', "\"\""))
+    } else {
+        out.write_all(s.as_bytes())
+    }
+}
+
+fn write_csv_rows(rec: &StoredRecord, out: &mut dyn Write) -> std::io::Result<()> {
+    let received = rfc3339_ms(rec.received_at_ms);
+    for r in readings(rec) {
+        write!(out, "{},{received},", rec.seq)?;
+        for (i, f) in [
+            rec.mn.as_deref().unwrap_or(""),
+            rec.cn.as_deref().unwrap_or(""),
+            rec.data_time.as_deref().unwrap_or(""),
+            &r.factor,
+            &r.suffix,
+            &r.value,
+            r.flag.as_deref().unwrap_or(""),
+        ]
+        .iter()
+        .enumerate()
+        {
+            if i > 0 {
+                out.write_all(b",")?;
+            }
+            csv_field(out, f)?;
+        }
+        out.write_all(b"\n")?;
+    }
+    Ok(())
+}

@@ -1,0 +1,189 @@
+//! `tail`: follow the log live, like `tail -f` for frames.
+//!
+//! Polls a read-only connection every [`POLL`] for records after the last one shown
+//! (a cheap primary-key range query), so it never disturbs the writer. Ends with
+//! exit 0 on Ctrl-C / SIGTERM, and when the reader of its output goes away (EPIPE on
+//! the next write).
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::{CmdError, is_broken_pipe, require_db, rfc3339_ms};
+use crate::store::{Direction, Reader, RecordFilter, StoredRecord, Verdict, export_record_json};
+
+/// How often the log is polled.
+pub const POLL: Duration = Duration::from_millis(200);
+
+/// How many factor values a line shows.
+const VALUES_SHOWN: usize = 4;
+
+/// Output style of `tail`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TailFormat {
+    /// One readable line per record.
+    Line,
+    /// The exact stored bytes.
+    Raw,
+    /// The export object, one per line.
+    Json,
+}
+
+/// Options of `tail`.
+#[derive(Debug, Clone)]
+pub struct TailArgs {
+    /// The SQLite file.
+    pub db: PathBuf,
+    /// Only this MN.
+    pub mn: Option<String>,
+    /// Only this CN.
+    pub cn: Option<String>,
+    /// Output style.
+    pub format: TailFormat,
+    /// Start after this seq (default: the end of the log when `tail` starts).
+    pub since_seq: Option<u64>,
+}
+
+/// Follows the log until interrupted or the output closes. Exit 0 in both cases.
+pub fn run(args: &TailArgs) -> Result<(), CmdError> {
+    require_db(&args.db)?;
+    let reader = Reader::open(&args.db)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(CmdError::io("start the runtime"))?;
+    let stdout = std::io::stdout();
+    let colour = stdout.is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut last = match args.since_seq {
+        Some(s) => s,
+        None => reader.last_seq()?,
+    };
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(CmdError::io("install the SIGTERM handler"))?;
+        loop {
+            let top = reader.last_seq()?;
+            if top > last {
+                let filter = RecordFilter {
+                    after_seq: last,
+                    until_seq: Some(top),
+                    mn: args.mn.clone(),
+                    cn: args.cn.clone(),
+                    ..RecordFilter::default()
+                };
+                for rec in reader.records(filter)? {
+                    let rec = rec?;
+                    if let Err(e) = show(&rec, args.format, colour, &mut out) {
+                        return done(e);
+                    }
+                }
+                if let Err(e) = out.flush() {
+                    return done(e);
+                }
+                last = top;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(POLL) => {}
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+                _ = term.recv() => return Ok(()),
+            }
+        }
+    })
+}
+
+fn done(e: std::io::Error) -> Result<(), CmdError> {
+    if is_broken_pipe(&e) {
+        Ok(())
+    } else {
+        Err(CmdError::io("write to stdout")(e))
+    }
+}
+
+fn show(
+    rec: &StoredRecord,
+    format: TailFormat,
+    colour: bool,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
+    match format {
+        TailFormat::Raw => out.write_all(&rec.raw),
+        TailFormat::Json => {
+            serde_json::to_writer(&mut *out, &Value::Object(export_record_json(rec)))?;
+            out.write_all(b"\n")
+        }
+        TailFormat::Line => writeln!(out, "{}", line(rec, colour)),
+    }
+}
+
+/// The readable line for one record: time, peer, direction, MN, CN, verdict, the
+/// first few factor values (`Rtd`, else `Avg`, else the first suffix) and the first
+/// error finding of a rejected frame.
+pub fn line(rec: &StoredRecord, colour: bool) -> String {
+    let paint = |code: &str, s: &str| {
+        if colour {
+            format!("\x1b[{code}m{s}\x1b[0m")
+        } else {
+            s.to_owned()
+        }
+    };
+    let verdict = match rec.verdict {
+        Verdict::Accepted => paint("32", "accepted"),
+        Verdict::Rejected => paint("31", "rejected"),
+        Verdict::Junk => paint("33", "junk"),
+    };
+    let dir = match rec.direction {
+        Direction::In => "<-",
+        Direction::Out => "->",
+    };
+    let mut s = format!(
+        "{} #{} {} {} MN={} CN={} {}",
+        rfc3339_ms(rec.received_at_ms),
+        rec.seq,
+        rec.peer,
+        dir,
+        rec.mn.as_deref().unwrap_or("-"),
+        rec.cn.as_deref().unwrap_or("-"),
+        verdict
+    );
+    if rec.verdict == Verdict::Junk {
+        s.push_str(&format!(" {} bytes", rec.raw.len()));
+    }
+    let doc: Option<serde_json::Map<String, Value>> = serde_json::from_str(&rec.doc).ok();
+    if let Some(Value::Object(values)) = doc.as_ref().and_then(|d| d.get("values")) {
+        for (code, v) in values.iter().take(VALUES_SHOWN) {
+            let Value::Object(sfx) = v else { continue };
+            let pick = ["Rtd", "Avg"]
+                .iter()
+                .find_map(|k| sfx.get(*k).map(|v| (*k, v)))
+                .or_else(|| sfx.iter().next().map(|(k, v)| (k.as_str(), v)));
+            if let Some((k, v)) = pick {
+                let v = match v {
+                    Value::String(t) => t.clone(),
+                    o => o.to_string(),
+                };
+                s.push_str(&format!(" {code}-{k}={v}"));
+            }
+        }
+        if values.len() > VALUES_SHOWN {
+            s.push_str(&format!(" (+{})", values.len() - VALUES_SHOWN));
+        }
+    }
+    if rec.verdict == Verdict::Rejected {
+        if let Ok(Value::Array(f)) = serde_json::from_str::<Value>(&rec.findings) {
+            if let Some(code) = f
+                .iter()
+                .find(|x| x["severity"] == "error")
+                .and_then(|x| x["code"].as_str())
+            {
+                s.push_str(&format!(" [{}]", paint("31", code)));
+            }
+        }
+    }
+    if rec.duplicate {
+        s.push_str(" (duplicate)");
+    }
+    s
+}
