@@ -518,7 +518,11 @@ impl Config {
             return Err(bad("username", "required when a password is set".into()));
         }
         if m.client_cert.is_some() != m.client_key.is_some() {
-            let key = if m.client_cert.is_some() { "client_key" } else { "client_cert" };
+            let key = if m.client_cert.is_some() {
+                "client_key"
+            } else {
+                "client_cert"
+            };
             return Err(bad(key, "client_cert and client_key go together".into()));
         }
         if !url.tls {
@@ -677,14 +681,22 @@ mod tests {
         assert!(err("[mqtt]\nmax_inflight = 0").contains("`mqtt.max_inflight`"));
         assert!(err("[mqtt]\ntopic_prefix = \"a/#\"").contains("`mqtt.topic_prefix`"));
         assert!(err("[mqtt]\nca_file = \"ca.pem\"").contains("`mqtt.ca_file`"));
-        assert!(err("[mqtt]\nurl = \"mqtts://h\"\nclient_cert = \"c\"").contains("`mqtt.client_key`"));
+        assert!(
+            err("[mqtt]\nurl = \"mqtts://h\"\nclient_cert = \"c\"").contains("`mqtt.client_key`")
+        );
         assert!(err("[mqtt]\nqso = 1").contains("qso"));
         let e = err("[mqtt]\nusername = \"u\"\npassword = \"s3cret\"\npassword_file = \"f\"");
-        assert!(e.contains("`mqtt.password_file`") && !e.contains("s3cret"), "{e}");
+        assert!(
+            e.contains("`mqtt.password_file`") && !e.contains("s3cret"),
+            "{e}"
+        );
         let u = parse_broker_url("mqtts://[::1]").unwrap();
         assert_eq!((u.tls, u.host.as_str(), u.port), (true, "::1", 8883));
         let u = parse_broker_url("mqtt://broker.example:1884").unwrap();
-        assert_eq!((u.tls, u.host.as_str(), u.port), (false, "broker.example", 1884));
+        assert_eq!(
+            (u.tls, u.host.as_str(), u.port),
+            (false, "broker.example", 1884)
+        );
     }
 
     #[test]

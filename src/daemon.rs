@@ -124,7 +124,10 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
     // Files named by [mqtt] (password, CA, client cert) are read now: a bad one
     // stops the start with the key named, instead of failing later in the background.
     let mqtt = if cfg.mqtt.enabled {
-        let path = o.config.clone().unwrap_or_else(|| PathBuf::from("<defaults>"));
+        let path = o
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("<defaults>"));
         Some(MqttSettings::from_config(&cfg.mqtt, &path)?)
     } else {
         None
@@ -204,7 +207,10 @@ impl Running {
         }
         if let Some(p) = self.publisher {
             // Bounded inside: at most a couple of seconds to get in-flight PUBACKs.
-            if tokio::time::timeout(Duration::from_secs(10), p).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(10), p)
+                .await
+                .is_err()
+            {
                 warn!("MQTT publisher did not stop in time");
             }
         }

@@ -19,7 +19,7 @@ use hj212_gateway::config::Config;
 use hj212_gateway::daemon::{self, Overrides, Running};
 use hj212_gateway::protocol::{crc, crypt, reply};
 use hj212_gateway::store::{Direction, Reader, RecordFilter, StoredRecord, Verdict};
-use mqtt_support::{Device, PATIENCE, Subscriber, data_seqs, rumqttd, rumqttd_on, free_port};
+use mqtt_support::{Device, PATIENCE, Subscriber, data_seqs, free_port, rumqttd, rumqttd_on};
 
 const KEY_HEX: &str = "30303030303030303030303030303030";
 const MN_2025: &str = "010000A8900016F000169DC0";
@@ -36,7 +36,8 @@ fn frame_2005() -> Vec<u8> {
 
 /// A 2025 minute upload with its CP SM4-encrypted in the raw wire form (key 0x30 x16).
 fn frame_2025() -> Vec<u8> {
-    let head = "QN=20240520210700000;ST=31;CN=2051;PW=123456;MN=010000A8900016F000169DC0;Flag=9;CP=&&";
+    let head =
+        "QN=20240520210700000;ST=31;CN=2051;PW=123456;MN=010000A8900016F000169DC0;Flag=9;CP=&&";
     let cp = "DataTime=20240520210600;a01011-Min=1.35,a01011-Avg=1.35,a01011-Max=1.35,a01011-Flag=N;a01014-Min=3.20,a01014-Avg=3.211,a01014-Max=3.212,a01014-Flag=N";
     let mut c = cp.as_bytes().to_vec();
     crypt::encrypt_in_place(&[0x30; 16], &mut c);
@@ -147,11 +148,12 @@ async fn payload_contract_2005_2017_2025_and_presence() {
         .await;
     let recs = records(&gw.db);
     let by_seq = |s: u64| recs.iter().find(|r| r.seq == s).expect("record");
-    let data: Vec<_> = got
-        .iter()
-        .filter(|m| m.seq().is_some())
-        .collect();
-    assert_eq!(data.len(), 3, "only the three accepted device frames: {data:?}");
+    let data: Vec<_> = got.iter().filter(|m| m.seq().is_some()).collect();
+    assert_eq!(
+        data.len(),
+        3,
+        "only the three accepted device frames: {data:?}"
+    );
     for m in &data {
         let v = m.json();
         let rec = by_seq(v["seq"].as_u64().unwrap());
@@ -162,26 +164,57 @@ async fn payload_contract_2005_2017_2025_and_presence() {
         assert_eq!(v, serde_json::Value::Object(want));
         assert_eq!(
             m.topic,
-            format!("hj212/{}/{}", rec.mn.as_deref().unwrap(), rec.cn.as_deref().unwrap())
+            format!(
+                "hj212/{}/{}",
+                rec.mn.as_deref().unwrap(),
+                rec.cn.as_deref().unwrap()
+            )
         );
         assert!(!m.retain, "data is not retained");
-        assert_eq!((v["direction"].as_str(), v["verdict"].as_str()), (Some("in"), Some("accepted")));
-        for k in ["received_at", "peer", "session", "duplicate", "findings", "crc"] {
+        assert_eq!(
+            (v["direction"].as_str(), v["verdict"].as_str()),
+            (Some("in"), Some("accepted"))
+        );
+        for k in [
+            "received_at",
+            "peer",
+            "session",
+            "duplicate",
+            "findings",
+            "crc",
+        ] {
             assert!(v.get(k).is_some(), "{k} present");
         }
         assert!(v.get("raw").is_none() && v.get("raw_b64").is_none());
         let text = String::from_utf8_lossy(&m.payload);
-        assert!(!text.contains("PW=") && !text.contains("123456"), "no password: {text}");
+        assert!(
+            !text.contains("PW=") && !text.contains("123456"),
+            "no password: {text}"
+        );
     }
-    let topic = |t: &str| data.iter().find(|m| m.topic == t).map(|m| m.json()).unwrap();
+    let topic = |t: &str| {
+        data.iter()
+            .find(|m| m.topic == t)
+            .map(|m| m.json())
+            .unwrap()
+    };
     let v17 = topic(&format!("hj212/{}/2011", mn(1)));
     assert_eq!(v17["dialect"], "2017");
-    assert_eq!(serde_json::to_string(&v17["values"]["a21026"]).unwrap(), r#"{"Rtd":12.5,"Flag":"N"}"#);
+    assert_eq!(
+        serde_json::to_string(&v17["values"]["a21026"]).unwrap(),
+        r#"{"Rtd":12.5,"Flag":"N"}"#
+    );
     let v05 = topic(&format!("hj212/{MN_2005}/2011"));
     assert_eq!(v05["dialect"], "2005");
-    assert_eq!(serde_json::to_string(&v05["values"]["B02"]).unwrap(), r#"{"Rtd":36.50,"Flag":"N"}"#);
+    assert_eq!(
+        serde_json::to_string(&v05["values"]["B02"]).unwrap(),
+        r#"{"Rtd":36.50,"Flag":"N"}"#
+    );
     let v25 = topic(&format!("hj212/{MN_2025}/2051"));
-    assert_eq!((v25["dialect"].as_str(), v25["encryption"].as_str()), (Some("2025"), Some("sm4-raw")));
+    assert_eq!(
+        (v25["dialect"].as_str(), v25["encryption"].as_str()),
+        (Some("2025"), Some("sm4-raw"))
+    );
     assert_eq!(
         serde_json::to_string(&v25["values"]["a01014"]).unwrap(),
         r#"{"Min":3.20,"Avg":3.211,"Max":3.212,"Flag":"N"}"#,
@@ -199,7 +232,8 @@ async fn payload_contract_2005_2017_2025_and_presence() {
     assert!(on["since"].as_str().unwrap().ends_with('Z'));
     drop(d5);
     sub.wait_for("presence offline", |g| {
-        g.iter().any(|m| m.topic == status && m.json()["online"] == false)
+        g.iter()
+            .any(|m| m.topic == status && m.json()["online"] == false)
     })
     .await;
     assert!(
@@ -208,8 +242,10 @@ async fn payload_contract_2005_2017_2025_and_presence() {
     );
     // A late subscriber gets the retained states.
     let late = Subscriber::start(port, "hj212/+/status", false).await;
-    late.wait_for("retained presence", |g| g.iter().any(|m| m.topic == status && m.retain))
-        .await;
+    late.wait_for("retained presence", |g| {
+        g.iter().any(|m| m.topic == status && m.retain)
+    })
+    .await;
 
     gw.running.stop().await.expect("stop");
     sub.wait_for("gateway offline on stop", |g| {
@@ -227,13 +263,15 @@ async fn split_uploads_are_merged_complete_or_after_the_wait() {
     let m = mn(7);
     let mut d = Device::connect(gw.addr).await;
     // Group A: 3 packets, out of order; group B: 2 packets, only one arrives.
-    d.send_acked(&split(&m, &qn(10), "20240601090000", 3, 2, "a02")).await;
-    d.send_acked(&split(&m, &qn(11), "20240601091000", 2, 1, "a01")).await;
-    d.send_acked(&split(&m, &qn(12), "20240601090000", 3, 1, "a01")).await;
-    d.send_acked(&split(&m, &qn(13), "20240601090000", 3, 3, "a03")).await;
-    let got = sub
-        .wait_for("both merged messages", |g| g.len() >= 2)
+    d.send_acked(&split(&m, &qn(10), "20240601090000", 3, 2, "a02"))
         .await;
+    d.send_acked(&split(&m, &qn(11), "20240601091000", 2, 1, "a01"))
+        .await;
+    d.send_acked(&split(&m, &qn(12), "20240601090000", 3, 1, "a01"))
+        .await;
+    d.send_acked(&split(&m, &qn(13), "20240601090000", 3, 3, "a03"))
+        .await;
+    let got = sub.wait_for("both merged messages", |g| g.len() >= 2).await;
     let recs = records(&gw.db);
     let seq_of = |q: &str| {
         recs.iter()
@@ -250,7 +288,13 @@ async fn split_uploads_are_merged_complete_or_after_the_wait() {
         a["seqs"],
         serde_json::json!([seq_of(&qn(10)), seq_of(&qn(12)), seq_of(&qn(13))])
     );
-    assert_eq!(serde_json::to_string(&a["values"]).unwrap().matches("Rtd").count(), 3);
+    assert_eq!(
+        serde_json::to_string(&a["values"])
+            .unwrap()
+            .matches("Rtd")
+            .count(),
+        3
+    );
     assert_eq!(a["values"]["a02"]["Rtd"].to_string(), "2.5");
     assert_eq!(a["findings"], serde_json::json!([]));
     let b = got[1].json();
@@ -338,10 +382,16 @@ async fn gateway_sigkilled_mid_backlog_resumes_from_the_cursor() {
     let at_kill = data_seqs(&sub.all()).len();
     let expected = expected_seqs(&data.join("frames.db"));
     assert_eq!(expected.len(), N as usize);
-    assert!(at_kill < expected.len(), "killed mid-backlog ({at_kill} of {})", expected.len());
+    assert!(
+        at_kill < expected.len(),
+        "killed mid-backlog ({at_kill} of {})",
+        expected.len()
+    );
     let _gw2 = Bin::spawn(&cfg, &data);
     let got = sub
-        .wait_for("every accepted frame", |g| data_seqs(g).is_superset(&expected))
+        .wait_for("every accepted frame", |g| {
+            data_seqs(g).is_superset(&expected)
+        })
         .await;
     let data_msgs = got.iter().filter(|m| m.seq().is_some()).count();
     eprintln!(

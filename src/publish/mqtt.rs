@@ -168,12 +168,7 @@ impl MqttSettings {
             .set_inflight(u16::try_from(self.max_inflight).unwrap_or(u16::MAX))
             .set_request_channel_capacity(self.max_inflight + 16)
             .set_max_packet_size(MAX_PACKET, MAX_PACKET)
-            .set_last_will(LastWill::new(
-                self.gateway_topic(),
-                OFFLINE,
-                self.qos,
-                true,
-            ));
+            .set_last_will(LastWill::new(self.gateway_topic(), OFFLINE, self.qos, true));
         if let Some(u) = &self.username {
             o.set_credentials(u.clone(), self.password.clone().unwrap_or_default());
         }
@@ -271,7 +266,9 @@ pub fn spawn(
     tokio::spawn(async move {
         match Publisher::open(settings, &db, presence).await {
             Ok(p) => p.run(shutdown).await,
-            Err(e) => error!(error = %e, "MQTT publisher cannot open the frame log; not publishing"),
+            Err(e) => {
+                error!(error = %e, "MQTT publisher cannot open the frame log; not publishing")
+            }
         }
     })
 }
@@ -354,7 +351,11 @@ impl Publisher {
         .map_err(|e| StoreError::Io {
             source: std::io::Error::other(e.to_string()),
         })??;
-        info!(cursor = data, merge_cursor = merge, "MQTT publisher resumes from its cursor");
+        info!(
+            cursor = data,
+            merge_cursor = merge,
+            "MQTT publisher resumes from its cursor"
+        );
         Ok(Publisher {
             merger: Merger::new(s.merge_wait, s.merge_max_groups),
             s,
@@ -557,7 +558,10 @@ impl Publisher {
         let opts = self.s.plan.clone();
         let floor = self.floor;
         self.read_task = Some(tokio::task::spawn_blocking(move || {
-            let r = reader.lock().unwrap_or_else(|e| e.into_inner()).read_from(after, limit);
+            let r = reader
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read_from(after, limit);
             let items = r.map(|recs| {
                 recs.into_iter()
                     .map(|rec| {

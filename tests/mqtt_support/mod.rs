@@ -262,7 +262,10 @@ impl Subscriber {
             if Instant::now() > deadline {
                 let g = self.got.lock().unwrap();
                 let topics: Vec<&str> = g.iter().rev().take(10).map(|m| m.topic.as_str()).collect();
-                panic!("timed out waiting for {what}; {} messages, last topics {topics:?}", g.len());
+                panic!(
+                    "timed out waiting for {what}; {} messages, last topics {topics:?}",
+                    g.len()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
