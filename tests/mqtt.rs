@@ -404,3 +404,39 @@ async fn gateway_sigkilled_mid_backlog_resumes_from_the_cursor() {
     assert!(data_msgs - expected.len() < 1500, "duplicates bounded");
     let _ = Duration::ZERO;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos_0_and_2_also_publish_every_frame() {
+    let port = rumqttd();
+    let sub = Subscriber::start(port, "hj212/#", false).await;
+    for qos in [0, 2] {
+        let gw = start(&config(
+            port,
+            &format!("qos = {qos}\ntopic_prefix = \"hj212/q{qos}\""),
+            "",
+        ))
+        .await;
+        let mut d = Device::connect(gw.addr).await;
+        for i in 0..50 {
+            d.send_acked(&upload(&mn(i % 5), &qn(i), "123456")).await;
+        }
+        let expected = expected_seqs(&gw.db);
+        let prefix = format!("hj212/q{qos}/");
+        sub.wait_for("every frame", |g| {
+            let mine: Vec<_> = g
+                .iter()
+                .filter(|m| m.topic.starts_with(&prefix))
+                .cloned()
+                .collect();
+            data_seqs(&mine).is_superset(&expected)
+        })
+        .await;
+        gw.running.stop().await.expect("stop");
+        let c = hj212_gateway::store::Cursors::open(&gw.db).expect("cursors");
+        assert_eq!(
+            c.get_cursor("mqtt").expect("cursor"),
+            Some(records(&gw.db).last().expect("records").seq),
+            "qos {qos}: the cursor reached the end of the log on a clean stop"
+        );
+    }
+}
