@@ -249,6 +249,134 @@ pub struct DeviceEntry {
     pub name: Option<String>,
 }
 
+/// `[mqtt]`: republishing the frame log to an MQTT broker (see README "MQTT").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttSection {
+    /// Run the publisher at all.
+    pub enabled: bool,
+    /// `mqtt://host[:port]` (default port 1883) or `mqtts://host[:port]` (TLS, 8883).
+    pub url: String,
+    /// MQTT client id; default `hj212-gateway-<hostname>`.
+    pub client_id: Option<String>,
+    /// MQTT user name.
+    pub username: Option<String>,
+    /// MQTT password (prefer `password_file`).
+    pub password: Option<String>,
+    /// File whose content (trailing newline trimmed) is the password; read at start.
+    pub password_file: Option<PathBuf>,
+    /// PEM CA bundle that signs the broker's certificate (`mqtts://`); default: system roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain for mutual TLS (needs `client_key`).
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    pub client_key: Option<PathBuf>,
+    /// MQTT keep-alive interval.
+    pub keep_alive: Dur,
+    /// QoS of data messages: 0, 1 (default) or 2. The cursor advances on PUBACK (1),
+    /// PUBCOMP (2) or once written (0, which is at-most-once).
+    pub qos: u8,
+    /// First topic level.
+    pub topic_prefix: String,
+    /// Publishes awaiting their acknowledgement at once (1..=65535).
+    pub max_inflight: usize,
+    /// Also publish rejected frames on `{prefix}/{mn}/rejected`.
+    pub publish_rejected: bool,
+    /// Include `raw`/`raw_b64` (which contain the device password) in payloads.
+    pub include_raw: bool,
+    /// Records read from the log per query.
+    pub batch: usize,
+    /// Longest a split upload (PNUM/PNO) waits for its missing packets before its
+    /// merged message goes out with `packets.incomplete`.
+    pub merge_wait: Dur,
+    /// Most split-upload groups held open at once; beyond it the oldest is published
+    /// incomplete (memory bound).
+    pub merge_max_groups: usize,
+    /// Cap of the exponential reconnect backoff.
+    pub reconnect_max: Dur,
+}
+
+impl Default for MqttSection {
+    fn default() -> Self {
+        MqttSection {
+            enabled: true,
+            url: "mqtt://127.0.0.1:1883".into(),
+            client_id: None,
+            username: None,
+            password: None,
+            password_file: None,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            keep_alive: Dur(Duration::from_secs(30)),
+            qos: 1,
+            topic_prefix: "hj212".into(),
+            max_inflight: 256,
+            publish_rejected: false,
+            include_raw: false,
+            batch: 1024,
+            merge_wait: Dur(Duration::from_secs(60)),
+            merge_max_groups: 10_000,
+            reconnect_max: Dur(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// Broker address parsed from `[mqtt] url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    /// `mqtts://`.
+    pub tls: bool,
+    /// Host name or IP address (without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+/// Parses `mqtt://host[:port]` / `mqtts://host[:port]` (IPv6 as `[::1]`).
+pub fn parse_broker_url(url: &str) -> Result<BrokerUrl, String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("mqtt://") {
+        (false, r)
+    } else {
+        return Err(format!("{url:?}: scheme must be mqtt:// or mqtts://"));
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let default_port = if tls { 8883 } else { 1883 };
+    let (host, port) = if let Some(r) = rest.strip_prefix('[') {
+        let (h, after) = r
+            .split_once(']')
+            .ok_or_else(|| format!("{url:?}: unclosed '['"))?;
+        match after.strip_prefix(':') {
+            Some(p) => (h, Some(p)),
+            None if after.is_empty() => (h, None),
+            None => return Err(format!("{url:?}: unexpected text after ']'")),
+        }
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (rest, None),
+        }
+    };
+    if host.is_empty() || host.contains(['/', '@', '?', '#']) {
+        return Err(format!("{url:?}: expected mqtt[s]://host[:port]"));
+    }
+    let port = match port {
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{url:?}: bad port"))?,
+        None => default_port,
+    };
+    Ok(BrokerUrl {
+        tls,
+        host: host.to_owned(),
+        port,
+    })
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -261,6 +389,8 @@ pub struct Config {
     pub validation: ValidationSection,
     /// `[registry]`.
     pub registry: RegistrySection,
+    /// `[mqtt]`.
+    pub mqtt: MqttSection,
     /// `[[device]]`.
     pub device: Vec<DeviceEntry>,
 }
@@ -338,7 +468,80 @@ impl Config {
                 ),
             )
         })?;
+        self.check_mqtt(path)?;
         check_devices(&self.device, path)?;
+        Ok(())
+    }
+
+    fn check_mqtt(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: format!("mqtt.{key}"),
+            message,
+        };
+        let m = &self.mqtt;
+        let url = parse_broker_url(&m.url).map_err(|e| bad("url", e))?;
+        if m.qos > 2 {
+            return Err(bad("qos", "must be 0, 1 or 2".into()));
+        }
+        if m.max_inflight == 0 || m.max_inflight > 65_535 {
+            return Err(bad("max_inflight", "must be between 1 and 65535".into()));
+        }
+        for (k, v) in [("batch", m.batch), ("merge_max_groups", m.merge_max_groups)] {
+            if v == 0 {
+                return Err(bad(k, "must be greater than 0".into()));
+            }
+        }
+        let topic_ok = |t: &str| !t.is_empty() && !t.contains(['+', '#', '\0']);
+        if !topic_ok(&m.topic_prefix) || m.topic_prefix.ends_with('/') {
+            return Err(bad(
+                "topic_prefix",
+                "must be non-empty, without '+', '#' or a trailing '/'".into(),
+            ));
+        }
+        if let Some(id) = &m.client_id {
+            if !topic_ok(id) || id.contains('/') || id.len() > 128 {
+                return Err(bad(
+                    "client_id",
+                    "must be 1..128 characters without '+', '#' or '/'".into(),
+                ));
+            }
+        }
+        // The password is a secret: messages never repeat it.
+        if m.password.is_some() && m.password_file.is_some() {
+            return Err(bad(
+                "password_file",
+                "set either password or password_file, not both".into(),
+            ));
+        }
+        if (m.password.is_some() || m.password_file.is_some()) && m.username.is_none() {
+            return Err(bad("username", "required when a password is set".into()));
+        }
+        if m.client_cert.is_some() != m.client_key.is_some() {
+            let key = if m.client_cert.is_some() {
+                "client_key"
+            } else {
+                "client_cert"
+            };
+            return Err(bad(key, "client_cert and client_key go together".into()));
+        }
+        if !url.tls {
+            for (k, v) in [
+                ("ca_file", &m.ca_file),
+                ("client_cert", &m.client_cert),
+                ("client_key", &m.client_key),
+            ] {
+                if v.is_some() {
+                    return Err(bad(k, "only used with an mqtts:// url".into()));
+                }
+            }
+        }
+        if m.keep_alive.0 < Duration::from_secs(5) || m.keep_alive.0 > Duration::from_secs(65_535) {
+            return Err(bad("keep_alive", "must be between 5s and 65535s".into()));
+        }
+        if m.reconnect_max.0 < Duration::from_millis(100) {
+            return Err(bad("reconnect_max", "must be at least 100ms".into()));
+        }
         Ok(())
     }
 
@@ -465,6 +668,35 @@ mod tests {
         assert!(err("[[device]]\nmn = \"A\"\n[[device]]\nmn = \"A\"").contains("`device[1].mn`"));
         let e = err("[[device]]\nmn = \"A\"\nkey = \"zz\"");
         assert!(!e.contains("zz"), "keys never echoed: {e}");
+    }
+
+    #[test]
+    fn mqtt_keys() {
+        let c = Config::parse("", Path::new("t.toml")).unwrap();
+        assert!(c.mqtt.enabled);
+        assert_eq!(c.mqtt.qos, 1);
+        assert_eq!(c.mqtt.topic_prefix, "hj212");
+        assert!(err("[mqtt]\nurl = \"http://x\"").contains("`mqtt.url`"));
+        assert!(err("[mqtt]\nqos = 3").contains("`mqtt.qos`"));
+        assert!(err("[mqtt]\nmax_inflight = 0").contains("`mqtt.max_inflight`"));
+        assert!(err("[mqtt]\ntopic_prefix = \"a/#\"").contains("`mqtt.topic_prefix`"));
+        assert!(err("[mqtt]\nca_file = \"ca.pem\"").contains("`mqtt.ca_file`"));
+        assert!(
+            err("[mqtt]\nurl = \"mqtts://h\"\nclient_cert = \"c\"").contains("`mqtt.client_key`")
+        );
+        assert!(err("[mqtt]\nqso = 1").contains("qso"));
+        let e = err("[mqtt]\nusername = \"u\"\npassword = \"s3cret\"\npassword_file = \"f\"");
+        assert!(
+            e.contains("`mqtt.password_file`") && !e.contains("s3cret"),
+            "{e}"
+        );
+        let u = parse_broker_url("mqtts://[::1]").unwrap();
+        assert_eq!((u.tls, u.host.as_str(), u.port), (true, "::1", 8883));
+        let u = parse_broker_url("mqtt://broker.example:1884").unwrap();
+        assert_eq!(
+            (u.tls, u.host.as_str(), u.port),
+            (false, "broker.example", 1884)
+        );
     }
 
     #[test]

@@ -9,12 +9,15 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::{self, Config, ConfigError};
+use crate::publish::mqtt::{self, MqttSettings};
+use crate::publish::presence::Presence;
 use crate::registry::{Registry, SharedRegistry};
 use crate::server::Server;
 use crate::session::{SessionMap, Shared};
@@ -83,6 +86,7 @@ pub struct Running {
     /// Shared state (store handle, registry, config).
     pub shared: Arc<Shared>,
     tracker: TaskTracker,
+    publisher: Option<tokio::task::JoinHandle<()>>,
     writer: WriterJoin,
     config_path: Option<PathBuf>,
 }
@@ -117,12 +121,25 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
         o.listen.clone()
     };
     let devices = registry.len();
+    // Files named by [mqtt] (password, CA, client cert) are read now: a bad one
+    // stops the start with the key named, instead of failing later in the background.
+    let mqtt = if cfg.mqtt.enabled {
+        let path = o
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("<defaults>"));
+        Some(MqttSettings::from_config(&cfg.mqtt, &path)?)
+    } else {
+        None
+    };
+    let presence = mqtt.as_ref().map(|_| Arc::new(Presence::default()));
     let shared = Arc::new(Shared {
         cfg,
         registry: Arc::new(SharedRegistry::new(registry)),
         store,
         sessions: SessionMap::default(),
         next_id: AtomicU64::new(1),
+        presence: presence.clone(),
     });
     let server = Server::bind(shared.clone(), &listen).await?;
     let addrs = server.local_addrs();
@@ -131,11 +148,23 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
     info!(listen = ?addrs, data = %data.display(), store = %store_path.display(), devices, "listening");
     let (t, s) = (tracker.clone(), shutdown.clone());
     tracker.spawn(server.run(s, t));
+    // The publisher only reads the log (its own connections), so it neither slows
+    // ingest nor needs the store handle; it stops on the same token.
+    let publisher = match (mqtt, presence) {
+        (Some(settings), Some(presence)) => Some(mqtt::spawn(
+            settings,
+            store_path.clone(),
+            presence,
+            shutdown.child_token(),
+        )),
+        _ => None,
+    };
     Ok(Running {
         addrs,
         shutdown,
         shared,
         tracker,
+        publisher,
         writer,
         config_path: o.config.clone(),
     })
@@ -175,6 +204,15 @@ impl Running {
                 grace_s = grace.as_secs(),
                 "sessions still open after the grace period; closing anyway"
             );
+        }
+        if let Some(p) = self.publisher {
+            // Bounded inside: at most a couple of seconds to get in-flight PUBACKs.
+            if tokio::time::timeout(Duration::from_secs(10), p)
+                .await
+                .is_err()
+            {
+                warn!("MQTT publisher did not stop in time");
+            }
         }
         self.shared.store.shutdown().await;
         let writer = self.writer;

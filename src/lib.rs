@@ -13,6 +13,8 @@
 //! - [`config`], [`registry`]: strict TOML config and the device registry.
 //! - [`server`], [`session`]: listener with limits; one task per device.
 //! - [`store`]: the frame log (the only module that touches SQLite).
+//! - [`publish`]: consumers of the log; [`publish::mqtt`] republishes to an
+//!   MQTT broker (the only module that touches the MQTT client).
 //! - [`daemon`], [`systemd`], [`telemetry`], [`cli`], [`cmd`]: process wiring.
 //!
 //! # Data flow
@@ -20,7 +22,8 @@
 //! device --TCP--> codec (frame | junk) --> protocol::decode(now) + registry policy
 //!    --> store.append_many (bounded queue -> writer thread -> one transaction per batch)
 //!    --> replies (9014/9013) written only after the commit
-//! log --cursor--> consumers (MQTT, upstream pass-through, alarms: later issues)
+//! log --cursor--> MQTT publisher (QoS 1; PUBACK advances the cursor)
+//! log --cursor--> other consumers (upstream pass-through, alarms: later issues)
 //! ```
 
 pub mod cli;
@@ -31,6 +34,7 @@ pub mod daemon;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod protocol;
+pub mod publish;
 pub mod registry;
 pub mod server;
 pub mod session;

@@ -24,6 +24,7 @@ use crate::codec::{Hj212Codec, Item};
 use crate::config::{Config, UnknownDevice};
 use crate::protocol::framing::FramerConfig;
 use crate::protocol::{self, Finding, Frame, Options, Severity, json, reply};
+use crate::publish::presence::Presence;
 use crate::registry::SharedRegistry;
 use crate::store::{Direction, Kind, NewRecord, StoreHandle, Verdict};
 
@@ -68,10 +69,14 @@ impl SessionMap {
             }
         }
     }
-    fn release(&self, mn: &str, id: u64) {
+    /// Releases `mn` if session `id` still owns it; true when it did.
+    fn release(&self, mn: &str, id: u64) -> bool {
         let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if m.get(mn).is_some_and(|(owner, _)| *owner == id) {
             m.remove(mn);
+            true
+        } else {
+            false
         }
     }
     /// Number of MNs with a live session.
@@ -97,6 +102,8 @@ pub struct Shared {
     pub sessions: SessionMap,
     /// Session ids.
     pub next_id: AtomicU64,
+    /// Device presence for the MQTT publisher (`None` when it is disabled).
+    pub presence: Option<Arc<Presence>>,
 }
 
 /// Logs the first few warnings per window, then counts silently: a device
@@ -209,8 +216,15 @@ pub async fn run(
         debug!("connected");
         let mut s = Session::new(shared, peer, id, shutdown);
         let reason = s.serve(stream).await;
-        for mn in std::mem::take(&mut s.mns) {
-            s.shared.sessions.release(&mn, id);
+        for (i, mn) in std::mem::take(&mut s.mns).into_iter().enumerate() {
+            let released = s.shared.sessions.release(&mn, id);
+            // Offline only for the session's device, and only if no newer session
+            // took it over (that one already announced it online).
+            if i == 0 && released && s.announced {
+                if let Some(p) = &s.shared.presence {
+                    p.set(&mn, false, &s.peer_text);
+                }
+            }
         }
         info!(
             reason,
@@ -232,6 +246,8 @@ struct Session {
     shutdown: CancellationToken,
     codec: Hj212Codec,
     mns: Vec<String>,
+    /// The first MN was announced online (so its end is announced offline).
+    announced: bool,
     frames: u64,
     junk_bytes: usize,
     warn: WarnLimiter,
@@ -252,6 +268,7 @@ impl Session {
             shutdown,
             codec,
             mns: Vec::new(),
+            announced: false,
             frames: 0,
             junk_bytes: 0,
             warn: WarnLimiter::new(),
@@ -457,7 +474,8 @@ impl Session {
         let received_at_ms = now_ms();
         let mut records = Vec::with_capacity(items.len() * 2);
         let mut replies: Vec<Bytes> = Vec::new();
-        let mut claims: Vec<String> = Vec::new();
+        // (MN, announce presence): quarantined devices are never published.
+        let mut claims: Vec<(String, bool)> = Vec::new();
         for item in items {
             match item {
                 Item::Junk { bytes, reason } => {
@@ -504,9 +522,14 @@ impl Session {
                     }
                     if accepted {
                         if let Some(mn) = frame.mn() {
-                            if !self.mns.iter().any(|m| m == mn) && !claims.iter().any(|m| m == mn)
+                            if !self.mns.iter().any(|m| m == mn)
+                                && !claims.iter().any(|(m, _)| m == mn)
                             {
-                                claims.push(mn.to_owned());
+                                let quarantined = frame
+                                    .findings
+                                    .iter()
+                                    .any(|f| f.code == code::DEVICE_QUARANTINED);
+                                claims.push((mn.to_owned(), !quarantined));
                             }
                         }
                     }
@@ -532,7 +555,7 @@ impl Session {
                 return Err("store error");
             }
         }
-        for mn in claims {
+        for (mn, announce) in claims {
             // A superseded session storing its last bytes must not take the MN back.
             if self.token.is_cancelled() {
                 break;
@@ -548,6 +571,10 @@ impl Session {
                 if let Some(old) = self.shared.sessions.claim(&mn, self.id, &self.token) {
                     info!(mn = %mn, superseded = old, "device reconnected; older session superseded");
                 }
+                if let (Some(p), true) = (&self.shared.presence, announce) {
+                    p.set(&mn, true, &self.peer_text);
+                }
+                self.announced = announce;
             } else if !self
                 .shared
                 .sessions

@@ -1,0 +1,179 @@
+//! Catching up an MQTT backlog: how fast the publisher drains the frame log.
+//!
+//! `cargo bench --bench mqtt_backlog` builds a log of 1 million accepted 2017
+//! real-time frames (decoded by the protocol layer, as ingest stores them),
+//! starts a local Debian `mosquitto` on a free loopback port, runs the publisher
+//! from cursor 0 and times until its persisted cursor reaches the last record
+//! (every frame PUBACKed, QoS 1). Prints frames/s.
+//!
+//! Environment: `MQTT_BENCH_N` records (default 1000000), `MQTT_BENCH_INFLIGHT`
+//! (default 256, the config default), `MQTT_BENCH_DIR` where to put the files.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hj212_gateway::config::MqttSection;
+use hj212_gateway::protocol::{self, Options, json, reply};
+use hj212_gateway::publish::mqtt::{self, MqttSettings};
+use hj212_gateway::publish::presence::Presence;
+use hj212_gateway::store::{
+    Cursors, Direction, Kind, NewRecord, Reader, Store, StoreConfig, SyncMode, Verdict,
+};
+use tokio_util::sync::CancellationToken;
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// An accepted inbound 2017 upload as the session would store it.
+fn record(opts: &Options, n: u64) -> NewRecord {
+    let mn = format!("010000A8900016F0{:08}", n % 500);
+    let qn = format!("20261128{:09}", n % 1_000_000_000);
+    let seg = format!(
+        "QN={qn};ST=32;CN=2011;PW=123456;MN={mn};Flag=5;CP=&&DataTime=20261128130501;\
+         a01012-Rtd=12.50,a01012-Flag=N;a01011-Rtd=3.201,a01011-Flag=N;a34013-Rtd=21.7,\
+         a34013-Flag=N;a21026-Rtd=35.100,a21026-Flag=N;a21002-Rtd=88.2,a21002-Flag=N&&"
+    );
+    let raw: Bytes = reply::envelope(seg.as_bytes());
+    let f = protocol::decode(raw.clone(), opts, &());
+    NewRecord {
+        received_at_ms: 1_795_870_701_000 + n as i64,
+        peer: "10.1.0.7:40001".into(),
+        session: n % 500,
+        direction: Direction::In,
+        kind: Kind::Frame,
+        raw,
+        dialect: Some("2017".into()),
+        st: Some("32".into()),
+        cn: Some("2011".into()),
+        mn: Some(mn),
+        qn: Some(qn),
+        data_time: Some("2026-11-28T13:05:01+08:00".into()),
+        verdict: Verdict::Accepted,
+        findings: serde_json::to_string(&f.findings).unwrap(),
+        doc: json::frame_doc(&f),
+    }
+}
+
+fn build_log(path: &Path, n: u64) {
+    let _ = std::fs::remove_file(path);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (handle, join) = Store::open(StoreConfig {
+        sync: SyncMode::Off,
+        batch_max: 4096,
+        ..StoreConfig::new(path)
+    })
+    .unwrap();
+    let opts = Options::new(chrono::Utc::now());
+    rt.block_on(async {
+        let mut i = 0;
+        while i < n {
+            let recs = (i..(i + 2000).min(n)).map(|k| record(&opts, k)).collect();
+            handle.append_many(recs).await.unwrap();
+            i += 2000;
+        }
+    });
+    drop(handle);
+    join.join().unwrap();
+}
+
+fn main() {
+    let n = env_num("MQTT_BENCH_N", 1_000_000);
+    let inflight = env_num("MQTT_BENCH_INFLIGHT", 256) as usize;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = std::env::var_os("MQTT_BENCH_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| tmp.path().to_owned());
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("mqtt-backlog.sqlite");
+
+    let t0 = Instant::now();
+    build_log(&db, n);
+    let last = Reader::open(&db).unwrap().last_seq().unwrap();
+    println!(
+        "built a log of {last} records in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("user root\nallow_anonymous true\nlog_dest none\nlistener {port} 127.0.0.1\n"),
+    )
+    .unwrap();
+    let mut broker = Command::new("/usr/sbin/mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto (apt-get install mosquitto)");
+    let up = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            up.elapsed() < Duration::from_secs(10),
+            "mosquitto did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let section = MqttSection {
+        url: format!("mqtt://127.0.0.1:{port}"),
+        client_id: Some("bench".into()),
+        max_inflight: inflight,
+        ..MqttSection::default()
+    };
+    let settings = MqttSettings::from_config(&section, Path::new("bench")).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cursors = Cursors::open(&db).unwrap();
+    let token = CancellationToken::new();
+    let t1 = Instant::now();
+    let task = {
+        let _guard = rt.enter();
+        mqtt::spawn(
+            settings,
+            db.clone(),
+            Arc::new(Presence::default()),
+            token.clone(),
+        )
+    };
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        if cursors.get_cursor(mqtt::CURSOR).unwrap().unwrap_or(0) >= last {
+            break;
+        }
+        assert!(
+            t1.elapsed() < Duration::from_secs(600),
+            "drain took over 10 minutes"
+        );
+    }
+    let took = t1.elapsed();
+    token.cancel();
+    let _ = rt.block_on(task);
+    let _ = broker.kill();
+    let _ = broker.wait();
+    println!(
+        "mqtt backlog: {last} frames published (QoS 1, max_inflight {inflight}) and PUBACKed in {:.2} s = {:.0} frames/s",
+        took.as_secs_f64(),
+        last as f64 / took.as_secs_f64()
+    );
+}

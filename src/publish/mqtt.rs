@@ -1,0 +1,765 @@
+//! The MQTT publisher: a consumer of the frame log with its own cursor.
+//!
+//! This is the only module that touches the MQTT client crate (rumqttc).
+//!
+//! # Why it does not trust the client's queue
+//!
+//! rumqttc keeps un-acknowledged QoS 1 publishes in memory and clears them when
+//! it reconnects to a broker that did not resume the session, and its
+//! `publish().await` blocks once its request channel is full (rumqtt issues
+//! #910 and #1025, and the `pending.clear()` on `session_present == false` in
+//! its event loop). So the client is used as a socket with flow control only:
+//!
+//! - The publisher drives the event loop itself, in one task, and hands the
+//!   client at most `max_inflight` publishes at a time with the non-blocking
+//!   `try_publish` (the request channel is larger than that, so it never fills).
+//! - Each publish is matched to its log seq through the order of the client's
+//!   `Outgoing::Publish(pkid)` events (the client sends requests in order), then
+//!   to its PUBACK (QoS 1) or PUBCOMP (QoS 2) by packet id.
+//! - The cursor `mqtt` advances only to the highest seq whose own
+//!   acknowledgement and all earlier ones have arrived; records that are not
+//!   published count as done at once.
+//! - Any connection error drops the client and its event loop entirely; the
+//!   next connection is a fresh client (clean session) that starts again at the
+//!   cursor. Duplicates are bounded by what was in flight.
+//! - Ingest never waits: sessions only append to the log; presence changes go
+//!   through [`Presence`], which never blocks.
+//!
+//! Split-upload groups are rebuilt on start from the second cursor
+//! `mqtt.merge` (the lowest seq of any group still open or whose merged message
+//! is not yet acknowledged), so a restart loses no group.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
+    TlsConfiguration, Transport,
+};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::merge::{Merged, Merger, Part};
+use super::plan::{self, PlanOptions};
+use super::presence::{DeviceStatus, Presence};
+use crate::config::{ConfigError, MqttSection, parse_broker_url};
+use crate::store::{Cursors, Reader, StoreError};
+
+/// Cursor of published (and acknowledged) records.
+pub const CURSOR: &str = "mqtt";
+/// Cursor below which no split-upload group is open or unacknowledged.
+pub const MERGE_CURSOR: &str = "mqtt.merge";
+
+/// Payload of the retained gateway status while connected.
+pub const ONLINE: &str = "online";
+/// Payload of the last will (and of a clean stop).
+pub const OFFLINE: &str = "offline";
+
+/// How often the publisher looks for new records once caught up.
+const IDLE_POLL: Duration = Duration::from_millis(50);
+/// How often the cursors are written (each write is an fsync'd SQLite commit).
+const PERSIST_EVERY: u32 = 4; // ticks of IDLE_POLL: 200 ms
+/// First reconnect delay; doubles up to `reconnect_max`.
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+/// On stop, how long in-flight publishes get to be acknowledged.
+const STOP_DRAIN: Duration = Duration::from_secs(2);
+/// Largest packet we send; frames are capped far below (1 MiB), merged groups too.
+const MAX_PACKET: usize = 8 << 20;
+
+/// Everything the publisher needs, resolved from `[mqtt]` (files read, URL parsed).
+#[derive(Clone)]
+pub struct MqttSettings {
+    host: String,
+    port: u16,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    /// MQTT client id (also a topic level of the gateway status).
+    pub client_id: String,
+    username: Option<String>,
+    password: Option<String>,
+    keep_alive: Duration,
+    qos: QoS,
+    max_inflight: usize,
+    batch: usize,
+    merge_wait: Duration,
+    merge_max_groups: usize,
+    reconnect_max: Duration,
+    /// Selection and payload options.
+    pub plan: PlanOptions,
+}
+
+impl std::fmt::Debug for MqttSettings {
+    // Hand-written so the password can never reach a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttSettings")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls.is_some())
+            .field("client_id", &self.client_id)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("qos", &self.qos)
+            .field("max_inflight", &self.max_inflight)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MqttSettings {
+    /// Resolves `[mqtt]`: reads `password_file` (trailing newline trimmed) and the TLS
+    /// files. `path` names the config file in errors; errors name the key.
+    pub fn from_config(m: &MqttSection, path: &Path) -> Result<MqttSettings, ConfigError> {
+        let bad = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: format!("mqtt.{key}"),
+            message,
+        };
+        let url = parse_broker_url(&m.url).map_err(|e| bad("url", e))?;
+        let password = match (&m.password, &m.password_file) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(f)) => {
+                let text = std::fs::read_to_string(f)
+                    .map_err(|e| bad("password_file", format!("{}: {e}", f.display())))?;
+                Some(text.trim_end_matches(['\n', '\r']).to_owned())
+            }
+            (None, None) => None,
+        };
+        let tls = if url.tls {
+            Some(Arc::new(tls_config(m, &bad)?))
+        } else {
+            None
+        };
+        Ok(MqttSettings {
+            host: url.host,
+            port: url.port,
+            tls,
+            client_id: m.client_id.clone().unwrap_or_else(default_client_id),
+            username: m.username.clone(),
+            password,
+            keep_alive: m.keep_alive.0,
+            qos: match m.qos {
+                0 => QoS::AtMostOnce,
+                2 => QoS::ExactlyOnce,
+                _ => QoS::AtLeastOnce,
+            },
+            max_inflight: m.max_inflight,
+            batch: m.batch,
+            merge_wait: m.merge_wait.0,
+            merge_max_groups: m.merge_max_groups,
+            reconnect_max: m.reconnect_max.0,
+            plan: PlanOptions {
+                prefix: m.topic_prefix.clone(),
+                publish_rejected: m.publish_rejected,
+                include_raw: m.include_raw,
+            },
+        })
+    }
+
+    fn gateway_topic(&self) -> String {
+        plan::gateway_topic(&self.plan.prefix, &self.client_id)
+    }
+
+    fn options(&self) -> MqttOptions {
+        let mut o = MqttOptions::new(self.client_id.clone(), self.host.clone(), self.port);
+        o.set_keep_alive(self.keep_alive)
+            // A clean session on purpose: the log, not the broker, holds what is unsent.
+            .set_clean_session(true)
+            .set_inflight(u16::try_from(self.max_inflight).unwrap_or(u16::MAX))
+            .set_request_channel_capacity(self.max_inflight + 16)
+            .set_max_packet_size(MAX_PACKET, MAX_PACKET)
+            .set_last_will(LastWill::new(self.gateway_topic(), OFFLINE, self.qos, true));
+        if let Some(u) = &self.username {
+            o.set_credentials(u.clone(), self.password.clone().unwrap_or_default());
+        }
+        if let Some(tls) = &self.tls {
+            o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                tls.clone(),
+            )));
+        }
+        o
+    }
+}
+
+fn tls_config(
+    m: &MqttSection,
+    bad: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<rustls::ClientConfig, ConfigError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    match &m.ca_file {
+        Some(ca) => {
+            let certs = CertificateDer::pem_file_iter(ca)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| bad("ca_file", format!("{}: {e}", ca.display())))?;
+            for c in certs {
+                roots
+                    .add(c)
+                    .map_err(|e| bad("ca_file", format!("{}: {e}", ca.display())))?;
+            }
+            if roots.is_empty() {
+                return Err(bad("ca_file", format!("{}: no certificate", ca.display())));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for c in found.certs {
+                let _ = roots.add(c);
+            }
+            if roots.is_empty() {
+                return Err(bad(
+                    "ca_file",
+                    "no system CA certificates found; set ca_file".into(),
+                ));
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("url", format!("TLS: {e}")))?
+        .with_root_certificates(roots);
+    match (&m.client_cert, &m.client_key) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| bad("client_cert", format!("{}: {e}", cert.display())))?;
+            let k = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| bad("client_key", format!("{}: {e}", key.display())))?;
+            builder
+                .with_client_auth_cert(chain, k)
+                .map_err(|e| bad("client_key", format!("{e}")))
+        }
+        _ => Ok(builder.with_no_client_auth()),
+    }
+}
+
+/// `hj212-gateway-<hostname>`, limited to characters that are safe in a topic level.
+fn default_client_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .take(64)
+        .collect();
+    if host.is_empty() {
+        "hj212-gateway".into()
+    } else {
+        format!("hj212-gateway-{host}")
+    }
+}
+
+/// Starts the publisher on the log at `db`; it runs until `shutdown` is cancelled,
+/// then publishes the gateway's `offline`, lets in-flight publishes be acknowledged
+/// (briefly), persists its cursors and returns.
+pub fn spawn(
+    settings: MqttSettings,
+    db: PathBuf,
+    presence: Arc<Presence>,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        match Publisher::open(settings, &db, presence).await {
+            Ok(p) => p.run(shutdown).await,
+            Err(e) => {
+                error!(error = %e, "MQTT publisher cannot open the frame log; not publishing")
+            }
+        }
+    })
+}
+
+/// What a publish is for, so its acknowledgement can be accounted.
+#[derive(Debug, Clone)]
+enum Tag {
+    Data(u64),
+    Merged(u64),
+    Presence(String, DeviceStatus),
+    Status,
+}
+
+#[derive(Debug, Clone)]
+struct Msg {
+    topic: String,
+    payload: Vec<u8>,
+    retain: bool,
+    tag: Tag,
+}
+
+/// One record after planning (done on a blocking thread).
+struct ReadItem {
+    seq: u64,
+    msg: Option<(String, Vec<u8>)>,
+    part: Option<Part>,
+}
+
+type ReadTask = JoinHandle<(u64, Result<Vec<ReadItem>, StoreError>)>;
+
+enum Ended {
+    Shutdown,
+    Lost(String),
+}
+
+struct Publisher {
+    s: MqttSettings,
+    reader: Arc<Mutex<Reader>>,
+    cursors: Arc<Mutex<Cursors>>,
+    presence: Arc<Presence>,
+    /// Records at or below were published before this start: they only rebuild groups.
+    floor: u64,
+    /// Data frontier: every record up to here is acknowledged or not published.
+    acked: u64,
+    persisted: (u64, u64),
+    persist_task: Option<JoinHandle<()>>,
+    /// `(seq, done)` for every record after `acked` up to `next_read`, in order.
+    window: VecDeque<(u64, bool)>,
+    next_read: u64,
+    read_task: Option<ReadTask>,
+    caught_up: bool,
+    merger: Merger,
+    merge_fed: u64,
+    merged_unacked: BTreeMap<u64, (u64, Msg)>,
+    next_merged_id: u64,
+    presence_unacked: HashMap<String, DeviceStatus>,
+    ctrl: VecDeque<Msg>,
+    data: VecDeque<Msg>,
+    // Per connection:
+    sent_fifo: VecDeque<Tag>,
+    inflight: HashMap<u16, Tag>,
+    in_client: usize,
+}
+
+impl Publisher {
+    async fn open(
+        s: MqttSettings,
+        db: &Path,
+        presence: Arc<Presence>,
+    ) -> Result<Publisher, StoreError> {
+        let db = db.to_owned();
+        let (reader, cursors, data, merge) = tokio::task::spawn_blocking(move || {
+            let reader = Reader::open(&db)?;
+            let cursors = Cursors::open(&db)?;
+            let data = cursors.get_cursor(CURSOR)?.unwrap_or(0);
+            let merge = cursors.get_cursor(MERGE_CURSOR)?.unwrap_or(data).min(data);
+            Ok::<_, StoreError>((reader, cursors, data, merge))
+        })
+        .await
+        .map_err(|e| StoreError::Io {
+            source: std::io::Error::other(e.to_string()),
+        })??;
+        info!(
+            cursor = data,
+            merge_cursor = merge,
+            "MQTT publisher resumes from its cursor"
+        );
+        Ok(Publisher {
+            merger: Merger::new(s.merge_wait, s.merge_max_groups),
+            s,
+            reader: Arc::new(Mutex::new(reader)),
+            cursors: Arc::new(Mutex::new(cursors)),
+            presence,
+            floor: data,
+            acked: merge,
+            persisted: (data, merge),
+            persist_task: None,
+            window: VecDeque::new(),
+            next_read: merge,
+            read_task: None,
+            caught_up: false,
+            merge_fed: merge,
+            merged_unacked: BTreeMap::new(),
+            next_merged_id: 0,
+            presence_unacked: HashMap::new(),
+            ctrl: VecDeque::new(),
+            data: VecDeque::new(),
+            sent_fifo: VecDeque::new(),
+            inflight: HashMap::new(),
+            in_client: 0,
+        })
+    }
+
+    async fn run(mut self, shutdown: CancellationToken) {
+        let mut backoff = BACKOFF_MIN;
+        let mut attempt: u32 = 0;
+        loop {
+            let (client, mut el) = AsyncClient::new(self.s.options(), self.s.max_inflight + 16);
+            let connected = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = connect(&mut el) => r,
+            };
+            match connected {
+                Ok(()) => {
+                    info!(host = %self.s.host, port = self.s.port, client_id = %self.s.client_id, "MQTT connected");
+                    backoff = BACKOFF_MIN;
+                    attempt = 0;
+                }
+                Err(e) => {
+                    attempt += 1;
+                    // One line per backoff step; the error never contains the password.
+                    warn!(host = %self.s.host, port = self.s.port, attempt, retry_in_ms = backoff.as_millis() as u64, error = %e, "MQTT broker unreachable; ingest continues, publishing resumes from the cursor");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(self.s.reconnect_max);
+                    continue;
+                }
+            }
+            self.rewind().await;
+            match self.session(&client, &mut el, &shutdown).await {
+                Ended::Shutdown => break,
+                Ended::Lost(e) => {
+                    warn!(error = %e, cursor = self.acked, "MQTT connection lost; will resume from the cursor");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                }
+            }
+        }
+        if let Some(t) = self.read_task.take() {
+            let _ = t.await;
+        }
+        self.persist().await;
+        if let Some(t) = self.persist_task.take() {
+            let _ = t.await;
+        }
+        info!(cursor = self.acked, "MQTT publisher stopped");
+    }
+
+    /// A new connection starts from the cursor with a fresh client: whatever the
+    /// previous one had in flight is sent again.
+    async fn rewind(&mut self) {
+        if let Some(t) = self.read_task.take() {
+            let _ = t.await;
+        }
+        self.next_read = self.acked;
+        self.window.clear();
+        self.data.clear();
+        self.ctrl.clear();
+        self.sent_fifo.clear();
+        self.inflight.clear();
+        self.in_client = 0;
+        self.caught_up = false;
+        self.ctrl.push_back(Msg {
+            topic: self.s.gateway_topic(),
+            payload: ONLINE.into(),
+            retain: true,
+            tag: Tag::Status,
+        });
+        for (_, m) in self.merged_unacked.values() {
+            self.ctrl.push_back(m.clone());
+        }
+        self.presence
+            .restore(std::mem::take(&mut self.presence_unacked));
+    }
+
+    async fn session(
+        &mut self,
+        client: &AsyncClient,
+        el: &mut EventLoop,
+        shutdown: &CancellationToken,
+    ) -> Ended {
+        let mut tick = tokio::time::interval(IDLE_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks: u32 = 0;
+        loop {
+            self.pump(client);
+            self.maybe_read();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    self.goodbye(client, el).await;
+                    return Ended::Shutdown;
+                }
+                ev = el.poll() => match ev {
+                    Ok(ev) => self.on_event(ev),
+                    Err(e) => return Ended::Lost(e.to_string()),
+                },
+                r = async { self.read_task.as_mut().expect("guarded").await }, if self.read_task.is_some() => {
+                    self.read_task = None;
+                    match r {
+                        Ok((after, Ok(items))) => self.on_read(after, items),
+                        Ok((_, Err(e))) => {
+                            error!(error = %e, "MQTT publisher cannot read the frame log; retrying");
+                            self.caught_up = true;
+                        }
+                        Err(e) => error!(error = %e, "MQTT read task failed"),
+                    }
+                }
+                _ = self.presence.changed() => {
+                    for (mn, st) in self.presence.take() {
+                        if !plan::topic_level_ok(&mn) {
+                            continue;
+                        }
+                        self.presence_unacked.insert(mn.clone(), st.clone());
+                        self.ctrl.push_back(Msg {
+                            topic: plan::presence_topic(&self.s.plan.prefix, &mn),
+                            payload: st.payload(),
+                            retain: true,
+                            tag: Tag::Presence(mn, st),
+                        });
+                    }
+                }
+                _ = tick.tick() => {
+                    ticks = ticks.wrapping_add(1);
+                    if self.caught_up {
+                        self.caught_up = false;
+                        let due = self.merger.expire(chrono::Utc::now().timestamp_millis());
+                        self.enqueue_merged(due);
+                    }
+                    if ticks % PERSIST_EVERY == 0 {
+                        self.persist().await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands the client as many messages as the inflight window allows (control
+    /// messages first). `try_publish` never waits: the channel holds more than the window.
+    fn pump(&mut self, client: &AsyncClient) {
+        while self.in_client < self.s.max_inflight {
+            let Some(m) = self.ctrl.pop_front().or_else(|| self.data.pop_front()) else {
+                break;
+            };
+            match client.try_publish(m.topic.clone(), self.s.qos, m.retain, m.payload.clone()) {
+                Ok(()) => {
+                    self.sent_fifo.push_back(m.tag);
+                    self.in_client += 1;
+                }
+                Err(e) => {
+                    debug!(error = %e, "MQTT request channel refused a publish; retrying later");
+                    match m.tag {
+                        Tag::Data(_) => self.data.push_front(m),
+                        _ => self.ctrl.push_front(m),
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    fn maybe_read(&mut self) {
+        let limit = self.s.batch;
+        if self.read_task.is_some()
+            || self.caught_up
+            || self.data.len() >= limit
+            || self.window.len() >= self.s.max_inflight + 2 * limit
+        {
+            return;
+        }
+        let after = self.next_read;
+        let reader = self.reader.clone();
+        let opts = self.s.plan.clone();
+        let floor = self.floor;
+        self.read_task = Some(tokio::task::spawn_blocking(move || {
+            let r = reader
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read_from(after, limit);
+            let items = r.map(|recs| {
+                recs.into_iter()
+                    .map(|rec| {
+                        let planned = plan::plan(&rec, &opts);
+                        let part = planned
+                            .as_ref()
+                            .and_then(|p| p.object.as_ref())
+                            .and_then(|o| Part::from_object(o, rec.seq, rec.received_at_ms));
+                        ReadItem {
+                            seq: rec.seq,
+                            msg: planned
+                                .filter(|_| rec.seq > floor)
+                                .map(|p| (p.topic, p.payload)),
+                            part,
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            });
+            (after, items)
+        }));
+    }
+
+    fn on_read(&mut self, after: u64, items: Vec<ReadItem>) {
+        if after != self.next_read {
+            return; // read before a rewind
+        }
+        if items.len() < self.s.batch {
+            self.caught_up = true;
+        }
+        for it in items {
+            if it.seq > self.merge_fed {
+                self.merge_fed = it.seq;
+                if let Some(p) = it.part {
+                    let out = self.merger.push(p);
+                    self.enqueue_merged(out);
+                }
+            }
+            match it.msg {
+                Some((topic, payload)) => {
+                    self.window.push_back((it.seq, false));
+                    self.data.push_back(Msg {
+                        topic,
+                        payload,
+                        retain: false,
+                        tag: Tag::Data(it.seq),
+                    });
+                }
+                None => self.window.push_back((it.seq, true)),
+            }
+            self.next_read = it.seq;
+        }
+        self.advance();
+    }
+
+    fn enqueue_merged(&mut self, groups: Vec<Merged>) {
+        for g in groups {
+            let id = self.next_merged_id;
+            self.next_merged_id += 1;
+            let m = Msg {
+                topic: plan::merged_topic(&self.s.plan.prefix, &g.mn, &g.cn),
+                payload: g.payload,
+                retain: false,
+                tag: Tag::Merged(id),
+            };
+            self.merged_unacked.insert(id, (g.min_seq, m.clone()));
+            self.ctrl.push_back(m);
+        }
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                let Some(tag) = self.sent_fifo.pop_front() else {
+                    return;
+                };
+                if self.s.qos == QoS::AtMostOnce {
+                    self.complete(tag);
+                } else {
+                    self.inflight.insert(pkid, tag);
+                }
+            }
+            Event::Incoming(Packet::PubAck(a)) if self.s.qos == QoS::AtLeastOnce => {
+                if let Some(tag) = self.inflight.remove(&a.pkid) {
+                    self.complete(tag);
+                }
+            }
+            Event::Incoming(Packet::PubComp(a)) if self.s.qos == QoS::ExactlyOnce => {
+                if let Some(tag) = self.inflight.remove(&a.pkid) {
+                    self.complete(tag);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn complete(&mut self, tag: Tag) {
+        self.in_client = self.in_client.saturating_sub(1);
+        match tag {
+            Tag::Data(seq) => {
+                if let Some(i) = seq.checked_sub(self.acked + 1) {
+                    if let Some(e) = self.window.get_mut(i as usize) {
+                        debug_assert_eq!(e.0, seq);
+                        e.1 = true;
+                    }
+                }
+                self.advance();
+            }
+            Tag::Merged(id) => {
+                self.merged_unacked.remove(&id);
+            }
+            Tag::Presence(mn, st) => {
+                if self.presence_unacked.get(&mn) == Some(&st) {
+                    self.presence_unacked.remove(&mn);
+                }
+            }
+            Tag::Status => {}
+        }
+    }
+
+    fn advance(&mut self) {
+        while let Some(&(seq, true)) = self.window.front() {
+            self.acked = seq;
+            self.window.pop_front();
+        }
+    }
+
+    /// `mqtt.merge`: every group with a packet above it is open or was merged,
+    /// published and acknowledged.
+    fn merge_cursor(&self) -> u64 {
+        let open = self.merger.lowest_open_seq();
+        let unacked = self.merged_unacked.values().map(|(s, _)| *s).min();
+        let lowest = open.into_iter().chain(unacked).min();
+        lowest.map_or(self.acked, |s| (s - 1).min(self.acked))
+    }
+
+    async fn persist(&mut self) {
+        if self.persist_task.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        let data = self.acked.max(self.floor);
+        let merge = self.merge_cursor();
+        if (data, merge) == self.persisted {
+            return;
+        }
+        self.persisted = (data, merge);
+        let cursors = self.cursors.clone();
+        self.persist_task = Some(tokio::task::spawn_blocking(move || {
+            let c = cursors.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = c
+                .set_cursor(CURSOR, data)
+                .and_then(|()| c.set_cursor(MERGE_CURSOR, merge))
+            {
+                error!(error = %e, "MQTT cursor not saved; a restart repeats more messages");
+            }
+        }));
+    }
+
+    /// Clean stop: no new data; `offline` replaces the retained `online` (a clean
+    /// DISCONNECT suppresses the will), and what is in flight gets a moment to be acked.
+    async fn goodbye(&mut self, client: &AsyncClient, el: &mut EventLoop) {
+        self.data.clear();
+        self.ctrl.clear();
+        self.ctrl.push_back(Msg {
+            topic: self.s.gateway_topic(),
+            payload: OFFLINE.into(),
+            retain: true,
+            tag: Tag::Status,
+        });
+        let deadline = tokio::time::Instant::now() + STOP_DRAIN;
+        loop {
+            self.pump(client);
+            if self.ctrl.is_empty() && self.in_client == 0 {
+                break;
+            }
+            match tokio::time::timeout_at(deadline, el.poll()).await {
+                Ok(Ok(ev)) => self.on_event(ev),
+                _ => return,
+            }
+        }
+        if client.try_disconnect().is_ok() {
+            let _ = tokio::time::timeout_at(deadline, async {
+                loop {
+                    match el.poll().await {
+                        Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await;
+        }
+    }
+}
+
+/// Polls a fresh event loop until the broker's CONNACK (or an error).
+async fn connect(el: &mut EventLoop) -> Result<(), ConnectionError> {
+    loop {
+        if let Event::Incoming(Packet::ConnAck(_)) = el.poll().await? {
+            return Ok(());
+        }
+    }
+}
