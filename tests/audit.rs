@@ -426,18 +426,12 @@ fn export_filters_are_exact() {
     assert_eq!(csv, want);
 }
 
-/// A pcap with two connections (handshakes, frames split across segments, one
-/// retransmitted segment) toward port 9000.
-fn write_pcap(path: &Path, conns: &[(u16, Vec<Vec<u8>>)]) {
-    use pcap_file::pcap::{PcapPacket, PcapWriter};
-    let mut w = PcapWriter::new(std::fs::File::create(path).unwrap()).unwrap();
+/// The packets (timestamp, Ethernet frame) of two connections toward port 9000:
+/// handshakes, frames split across 100-byte segments, one retransmitted segment.
+fn capture_packets(conns: &[(u16, Vec<Vec<u8>>)]) -> Vec<(Duration, Vec<u8>)> {
+    let mut out = Vec::new();
     let mut t = Duration::from_secs(1_717_203_480);
-    let mut put = |w: &mut PcapWriter<std::fs::File>,
-                   sport: u16,
-                   dport: u16,
-                   seq: u32,
-                   flags: u8,
-                   payload: &[u8]| {
+    let mut put = |sport: u16, dport: u16, seq: u32, flags: u8, payload: &[u8]| {
         let mut tcp = Vec::new();
         tcp.extend_from_slice(&sport.to_be_bytes());
         tcp.extend_from_slice(&dport.to_be_bytes());
@@ -464,23 +458,20 @@ fn write_pcap(path: &Path, conns: &[(u16, Vec<Vec<u8>>)]) {
         eth.extend_from_slice(&ip);
         eth.extend_from_slice(&tcp);
         t += Duration::from_millis(10);
-        w.write_packet(&PcapPacket::new(t, eth.len() as u32, &eth))
-            .unwrap();
+        out.push((t, eth));
     };
     for (sport, frames) in conns {
         let isn = 1000u32 * u32::from(*sport);
-        put(&mut w, *sport, 9000, isn, 0x02, &[]);
-        put(&mut w, 9000, *sport, 77, 0x12, &[]);
+        put(*sport, 9000, isn, 0x02, &[]);
+        put(9000, *sport, 77, 0x12, &[]);
         let bytes: Vec<u8> = frames.concat();
         let mut seq = isn + 1;
-        // Segments of 100 bytes: frames are split across segments.
         for (i, chunk) in bytes.chunks(100).enumerate() {
-            put(&mut w, *sport, 9000, seq, 0x18, chunk);
+            put(*sport, 9000, seq, 0x18, chunk);
             if i == 1 {
-                put(&mut w, *sport, 9000, seq, 0x18, chunk); // retransmission
+                put(*sport, 9000, seq, 0x18, chunk); // retransmission
             }
             put(
-                &mut w,
                 9000,
                 *sport,
                 78,
@@ -489,6 +480,40 @@ fn write_pcap(path: &Path, conns: &[(u16, Vec<Vec<u8>>)]) {
             );
             seq += chunk.len() as u32;
         }
+    }
+    out
+}
+
+fn write_pcap(path: &Path, conns: &[(u16, Vec<Vec<u8>>)]) {
+    use pcap_file::pcap::{PcapPacket, PcapWriter};
+    let mut w = PcapWriter::new(std::fs::File::create(path).unwrap()).unwrap();
+    for (t, eth) in capture_packets(conns) {
+        w.write_packet(&PcapPacket::new(t, eth.len() as u32, &eth))
+            .unwrap();
+    }
+}
+
+fn write_pcapng(path: &Path, conns: &[(u16, Vec<Vec<u8>>)]) {
+    use pcap_file::DataLink;
+    use pcap_file::pcapng::PcapNgWriter;
+    use pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketBlock;
+    use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionBlock;
+    let mut w = PcapNgWriter::new(std::fs::File::create(path).unwrap()).unwrap();
+    w.write_pcapng_block(InterfaceDescriptionBlock {
+        linktype: DataLink::ETHERNET,
+        snaplen: 0,
+        options: vec![],
+    })
+    .unwrap();
+    for (t, eth) in capture_packets(conns) {
+        w.write_pcapng_block(EnhancedPacketBlock {
+            interface_id: 0,
+            timestamp: t,
+            original_len: eth.len() as u32,
+            data: std::borrow::Cow::Owned(eth),
+            options: vec![],
+        })
+        .unwrap();
     }
 }
 
@@ -536,7 +561,14 @@ fn replay_of_a_pcap_yields_the_frames_of_the_raw_capture() {
     assert_eq!(r.kind, capture::SourceKind::Raw);
     assert_eq!(p.streams.len(), 2);
     assert_eq!(frames_of(&p), frames_of(&r));
-    assert_eq!(frames_of(&p), [c1, c2].concat());
+    assert_eq!(frames_of(&p), [c1.clone(), c2.clone()].concat());
+    // The same traffic as pcapng.
+    let ng = dir.path().join("cap.pcapng");
+    write_pcapng(&ng, &[(40001, c1.clone()), (40002, c2.clone())]);
+    let n = capture::load(&ng, &cfg, None).unwrap();
+    assert_eq!(n.kind, capture::SourceKind::Pcapng);
+    assert_eq!(n.streams.len(), 2);
+    assert_eq!(frames_of(&n), frames_of(&r));
 
     let report = dir.path().join("r.json");
     let (code, out, err) = run(&[
