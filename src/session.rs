@@ -146,7 +146,7 @@ impl WarnLimiter {
 }
 
 /// Quiet time after which a buffered frame lacking only its terminator is taken as complete.
-const TAIL_GRACE: Duration = Duration::from_millis(150);
+const TAIL_GRACE: Duration = Duration::from_millis(500);
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
