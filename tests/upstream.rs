@@ -42,7 +42,11 @@ struct Platform {
     /// Frames asking for an ack that are left unanswered (from the first on).
     ignore: Arc<AtomicUsize>,
     tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    /// Write halves of the accepted connections, to send requests down.
+    outs: Arc<Mutex<Vec<Writer>>>,
 }
+
+type Writer = Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>;
 
 impl Platform {
     async fn start(addr: &str, ack_delay: Duration) -> Platform {
@@ -53,12 +57,14 @@ impl Platform {
             per_conn: Arc::default(),
             ignore: Arc::default(),
             tasks: Arc::default(),
+            outs: Arc::default(),
         };
-        let (got, per_conn, ignore, tasks) = (
+        let (got, per_conn, ignore, tasks, outs) = (
             p.got.clone(),
             p.per_conn.clone(),
             p.ignore.clone(),
             p.tasks.clone(),
+            p.outs.clone(),
         );
         let accept = tokio::spawn(async move {
             while let Ok((s, _)) = l.accept().await {
@@ -68,12 +74,32 @@ impl Platform {
                     v.len() - 1
                 };
                 let (got, per_conn, ignore) = (got.clone(), per_conn.clone(), ignore.clone());
-                let t = tokio::spawn(serve(s, idx, got, per_conn, ignore, ack_delay));
+                let (rd, wr) = s.into_split();
+                let wr = Arc::new(tokio::sync::Mutex::new(wr));
+                outs.lock().unwrap().push(wr.clone());
+                let t = tokio::spawn(serve(rd, wr, idx, got, per_conn, ignore, ack_delay));
                 tasks.lock().unwrap().push(t);
             }
         });
         p.tasks.lock().unwrap().push(accept);
         p
+    }
+
+    /// Sends `bytes` on the latest connection (as a platform sends a request).
+    async fn send(&self, bytes: &[u8]) {
+        let deadline = Instant::now() + PATIENCE;
+        let wr = loop {
+            if let Some(w) = self.outs.lock().unwrap().last().cloned() {
+                break w;
+            }
+            assert!(Instant::now() < deadline, "the gateway never connected");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        wr.lock()
+            .await
+            .write_all(bytes)
+            .await
+            .expect("platform writes");
     }
 
     fn got(&self) -> Vec<Vec<u8>> {
@@ -106,7 +132,8 @@ impl Drop for Platform {
 }
 
 async fn serve(
-    mut s: TcpStream,
+    mut s: tokio::net::tcp::OwnedReadHalf,
+    wr: Writer,
     idx: usize,
     got: Arc<Mutex<Vec<Vec<u8>>>>,
     per_conn: Arc<Mutex<Vec<usize>>>,
@@ -135,7 +162,7 @@ async fn serve(
                 continue;
             }
             tokio::time::sleep(ack_delay).await;
-            if s.write_all(&ack).await.is_err() {
+            if wr.lock().await.write_all(&ack).await.is_err() {
                 return;
             }
         }
@@ -162,6 +189,20 @@ impl Device {
             assert!(n > 0, "closed before the ack");
             out.push(b[0]);
         }
+    }
+    /// Reads one CR LF terminated frame.
+    async fn read_frame(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut b = [0u8; 1];
+        while !out.ends_with(b"\r\n") {
+            let n = tokio::time::timeout(PATIENCE, self.0.read(&mut b))
+                .await
+                .expect("frame in time")
+                .expect("read");
+            assert!(n > 0, "closed before a frame");
+            out.push(b[0]);
+        }
+        out
     }
     /// Sends a frame that gets no ack, then gives the gateway time to store it.
     async fn send_unacked(&mut self, frame: &[u8]) {
@@ -579,4 +620,122 @@ async fn gateway_sigkilled_mid_backlog_loses_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downlink_request_relayed_to_the_device_and_its_replies_back() {
+    let p = Platform::start("127.0.0.1:0", Duration::ZERO).await;
+    // Only 2011 goes through the pass-through feed, so what the platform gets
+    // beyond the first upload is exactly the relayed exchange.
+    let gw = start(&config(&upstream("prov", p.addr, "cn = [\"2011\"]"), "")).await;
+    let m = mn(1);
+    let mut d = Device::connect(gw.addr).await;
+    let first = upload(&m, &qn(1), "123456");
+    d.send_acked(&first).await; // the session now owns the MN
+    p.wait_for(1).await;
+    let t = reply::Target {
+        dialect: protocol::Dialect::V2017,
+        st: "31",
+        pw: "123456",
+        mn: &m,
+    };
+    // 1012 set time: 9011 then 9012, matched by QN.
+    let set = reply::set_time(t, "20240601090000001", "20240601090000", None);
+    p.send(&set).await;
+    assert_eq!(
+        d.read_frame().await,
+        set.to_vec(),
+        "written to the device byte-exact"
+    );
+    let r1 = reply::qn_rtn(t, "20240601090000001", 1);
+    let r2 = reply::exe_rtn(t, "20240601090000001", 1);
+    d.send_unacked(&r1).await;
+    d.send_unacked(&r2).await;
+    // 2061 history fetch: the uploads between 9011 and 9012 carry new QNs.
+    let hist = reply::history(
+        t,
+        "20240601090100002",
+        2061,
+        "20240601000000",
+        "20240601010000",
+    );
+    p.send(&hist).await;
+    assert_eq!(d.read_frame().await, hist.to_vec());
+    let h1 = reply::qn_rtn(t, "20240601090100002", 1);
+    let data1 = frame(&m, &qn(50), "2061", 4);
+    let data2 = frame(&m, &qn(51), "2061", 4);
+    let h2 = reply::exe_rtn(t, "20240601090100002", 1);
+    for f in [&h1[..], &data1, &data2, &h2[..]] {
+        d.send_unacked(f).await;
+    }
+    // After the 9012, an upload with a new QN is not part of the exchange.
+    d.send_unacked(&frame(&m, &qn(52), "2061", 4)).await;
+    p.wait_for(7).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let want = vec![
+        first,
+        r1.to_vec(),
+        r2.to_vec(),
+        h1.to_vec(),
+        data1,
+        data2,
+        h2.to_vec(),
+    ];
+    assert_eq!(p.got(), want);
+    // Everything relayed is logged with the upstream's name as the peer.
+    let recs = records(&gw.db);
+    let logged = |raw: &[u8], dir: Direction| {
+        recs.iter()
+            .any(|r| r.raw == raw && r.peer == "prov" && r.direction == dir)
+    };
+    assert!(logged(&set, Direction::In) && logged(&set, Direction::Out));
+    assert!(logged(&hist, Direction::Out));
+    for f in &want[1..] {
+        assert!(logged(f, Direction::Out), "relayed reply logged");
+    }
+    gw.running.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downlink_request_for_an_offline_device_is_answered_qnrtn_2() {
+    let p = Platform::start("127.0.0.1:0", Duration::ZERO).await;
+    let devices = format!("[[device]]\nmn = \"{MN_2005}\"\ndialect = \"2005\"\n");
+    let gw = start(&config(&upstream("prov", p.addr, ""), &devices)).await;
+    // 3011 calibration for a registered 2005 device that is not connected;
+    // the platform writes 2017, the answer is in the registry's dialect.
+    let t = reply::Target {
+        dialect: protocol::Dialect::V2005,
+        st: "32",
+        pw: "123456",
+        mn: MN_2005,
+    };
+    let req = reply::request(
+        reply::Target {
+            dialect: protocol::Dialect::V2017,
+            ..t
+        },
+        "20240601090000003",
+        3011,
+        "PolId=B02",
+    );
+    p.send(&req).await;
+    // And a 2017 device nobody registered: answered in the request's dialect.
+    let t17 = reply::Target {
+        dialect: protocol::Dialect::V2017,
+        st: "31",
+        pw: "123456",
+        mn: &mn(9),
+    };
+    let req17 = reply::request(t17, "20240601090000004", 1012, "SystemTime=20240601090000");
+    p.send(&req17).await;
+    let got = p.wait_for(2).await;
+    assert_eq!(
+        got,
+        [
+            reply::qn_rtn(t, "20240601090000003", 2).to_vec(),
+            reply::qn_rtn(t17, "20240601090000004", 2).to_vec()
+        ]
+    );
+    assert!(String::from_utf8_lossy(&got[0]).contains("CP=&&QN=20240601090000003;QnRtn=2&&"));
+    gw.running.stop().await.expect("stop");
 }

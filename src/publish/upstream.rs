@@ -34,8 +34,9 @@ use tracing::{debug, error, info, warn};
 use super::plan::is_quarantined;
 use crate::codec::{Hj212Codec, Item};
 use crate::config::{UpstreamEntry, UpstreamMode, UpstreamStart};
-use crate::protocol::{self, Frame, json, reply};
-use crate::session::{Shared, decode_options};
+use crate::protocol::reply::Target;
+use crate::protocol::{self, DeviceLookup, Dialect, Frame, json, reply};
+use crate::session::{Downlink, Shared, decode_options};
 use crate::store::{
     Cursors, Direction, Kind, NewRecord, Reader, StoreError, StoredRecord, Verdict,
 };
@@ -56,6 +57,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const STATE_EVERY: Duration = Duration::from_secs(60);
 /// Frames from the platform buffered between its socket and the forwarder.
 const INBOX: usize = 64;
+/// Device replies to relayed requests buffered for one connection.
+const RELAYED: usize = 256;
 
 /// The cursor name of upstream `name`.
 pub fn cursor_name(name: &str) -> String {
@@ -119,6 +122,9 @@ pub fn spawn(
 struct Conn {
     wr: OwnedWriteHalf,
     inbox: mpsc::Receiver<Bytes>,
+    /// Device replies to requests relayed from this connection.
+    relay_tx: mpsc::Sender<Bytes>,
+    relay_rx: mpsc::Receiver<Bytes>,
     reader: JoinHandle<()>,
     session: u64,
 }
@@ -201,18 +207,11 @@ impl Forwarder {
                     error!(upstream = %self.e.name, error = %e, "upstream forwarder cannot read the frame log; retrying");
                 }
             }
-            let Some(rec) = self.pending.front() else {
-                // Caught up: keep consuming what the platform sends meanwhile.
-                self.idle(&mut conn, &shutdown).await;
-                continue;
-            };
-            if !self.selected(rec) {
-                self.delivered = rec.seq;
-                self.pending.pop_front();
-                continue;
-            }
-            let rec = rec.clone();
-            if conn.is_none() {
+            // A persistent connection is kept up even with nothing to send: the
+            // platform may send requests for devices on it at any time.
+            let wanted = self.e.mode == UpstreamMode::Persistent
+                || self.pending.front().is_some_and(|r| self.selected(r));
+            if conn.is_none() && wanted {
                 let r = tokio::select! {
                     _ = shutdown.cancelled() => break,
                     r = self.connect() => r,
@@ -231,6 +230,17 @@ impl Forwarder {
                     }
                 }
             }
+            let Some(rec) = self.pending.front() else {
+                // Caught up: keep consuming what the platform sends meanwhile.
+                self.idle(&mut conn, &shutdown).await;
+                continue;
+            };
+            if !self.selected(rec) {
+                self.delivered = rec.seq;
+                self.pending.pop_front();
+                continue;
+            }
+            let rec = rec.clone();
             let c = conn.as_mut().expect("connected above");
             let r = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -270,6 +280,11 @@ impl Forwarder {
             return false;
         }
         if self.names.contains(&rec.peer) {
+            return false;
+        }
+        // A device's 9011/9012 answer a request relayed from one upstream; they
+        // go back to that upstream only (see `on_relayed`), never to all.
+        if matches!(rec.cn.as_deref(), Some("9011" | "9012")) {
             return false;
         }
         match rec.verdict {
@@ -340,9 +355,12 @@ impl Forwarder {
             .shared
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (relay_tx, relay_rx) = mpsc::channel(RELAYED);
         Ok(Conn {
             wr,
             inbox,
+            relay_tx,
+            relay_rx,
             reader,
             session,
         })
@@ -366,10 +384,16 @@ impl Forwarder {
             }
             let deadline = tokio::time::Instant::now() + self.e.ack_timeout.0;
             loop {
-                let got = match tokio::time::timeout_at(deadline, c.inbox.recv()).await {
-                    Err(_) => break,
-                    Ok(None) => return Err("connection closed by the platform".into()),
-                    Ok(Some(b)) => b,
+                let got = tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    got = c.inbox.recv() => got,
+                    Some(b) = c.relay_rx.recv() => {
+                        self.on_relayed(c, b).await?;
+                        continue;
+                    }
+                };
+                let Some(got) = got else {
+                    return Err("connection closed by the platform".into());
                 };
                 let f = self.on_incoming(c, got).await?;
                 let is_ack = matches!(f.cn_num(), Some(9013 | 9014));
@@ -401,6 +425,13 @@ impl Forwarder {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(IDLE_POLL) => return,
             got = c.inbox.recv() => got,
+            Some(b) = c.relay_rx.recv() => {
+                if let Err(e) = self.on_relayed(c, b).await {
+                    *conn = None;
+                    self.set_state(false, Some(e));
+                }
+                return;
+            }
         };
         match got {
             Some(b) => {
@@ -417,19 +448,65 @@ impl Forwarder {
     }
 
     /// Logs a frame the platform sent (peer = the upstream's name). Acks need
-    /// nothing more; anything else is noted, since no device sees it.
+    /// nothing more; a request is relayed to its device's live session, or
+    /// answered with 9011 QnRtn=2 when the device is offline.
     async fn on_incoming(&mut self, c: &mut Conn, bytes: Bytes) -> Result<Frame, String> {
         let f = self.decode(bytes);
-        let rec = self.record(&f, Direction::In, c.session);
-        if let Err(e) = self.shared.store.append_many(vec![rec]).await {
-            // The store refusing is a gateway problem, not the platform's: the
-            // ack still counts, the record is missing and the error logged.
-            warn!(upstream = %self.e.name, error = %e, "frame from upstream not logged");
+        self.log(&f, Direction::In, c.session).await;
+        let (Some(cn), Some(mn)) = (f.cn_num(), f.mn()) else {
+            return Ok(f);
+        };
+        if (9011..=9014).contains(&cn) {
+            return Ok(f);
         }
-        if !matches!(f.cn_num(), Some(9013 | 9014)) {
-            debug!(upstream = %self.e.name, cn = f.cn().unwrap_or(""), mn = f.mn().unwrap_or(""), "frame from upstream logged, not relayed");
+        let d = Downlink {
+            bytes: f.raw.clone(),
+            upstream: self.e.name.clone(),
+            replies: c.relay_tx.clone(),
+        };
+        if self.shared.sessions.downlink(mn, d).is_ok() {
+            return Ok(f);
         }
+        // Offline (or its downlink queue is full): rejected, in the device's dialect.
+        let dialect = self
+            .shared
+            .registry
+            .current()
+            .profile(mn)
+            .and_then(|p| p.dialect)
+            .or(f.dialect)
+            .unwrap_or(Dialect::V2017);
+        let t = Target {
+            dialect,
+            st: f.st().unwrap_or("91"),
+            pw: f.pw().unwrap_or(""),
+            mn,
+        };
+        let answer = reply::qn_rtn(t, f.qn().unwrap_or(""), 2);
+        info!(upstream = %self.e.name, mn, cn, "downlink request for an offline device answered QnRtn=2");
+        self.on_relayed(c, answer).await?;
         Ok(f)
+    }
+
+    /// Writes a frame to the platform (a device's reply to a relayed request,
+    /// or our own QnRtn=2) and logs it as sent to the upstream.
+    async fn on_relayed(&mut self, c: &mut Conn, bytes: Bytes) -> Result<(), String> {
+        let f = self.decode(bytes);
+        self.log(&f, Direction::Out, c.session).await;
+        match tokio::time::timeout(IO_TIMEOUT, c.wr.write_all(&f.raw)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("write: {e}")),
+            Err(_) => Err("write timed out".into()),
+        }
+    }
+
+    async fn log(&self, f: &Frame, direction: Direction, session: u64) {
+        let rec = self.record(f, direction, session);
+        if let Err(e) = self.shared.store.append_many(vec![rec]).await {
+            // A gateway problem, not the platform's: the traffic goes on, the
+            // record is missing and the error logged.
+            warn!(upstream = %self.e.name, error = %e, "upstream traffic not logged");
+        }
     }
 
     fn decode(&self, bytes: Bytes) -> Frame {
