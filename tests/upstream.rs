@@ -728,12 +728,45 @@ async fn downlink_request_for_an_offline_device_is_answered_qnrtn_2() {
     };
     let req17 = reply::request(t17, "20240601090000004", 1012, "SystemTime=20240601090000");
     p.send(&req17).await;
-    let got = p.wait_for(2).await;
+    p.wait_for(2).await;
+    // An unregistered 2005 device that was here and left: its last frame's dialect.
+    let m05 = "88888880000002";
+    let f05 = reply::envelope(
+        format!(
+            "QN=20240601085857001;ST=32;CN=2011;PW=123456;MN={m05};Flag=1;\
+             CP=&&DataTime=20240601085857;B02-Rtd=36.50,B02-Flag=N&&"
+        )
+        .as_bytes(),
+    );
+    let mut d = Device::connect(gw.addr).await;
+    d.send_acked(&f05).await;
+    drop(d);
+    p.wait_for(3).await; // its upload was forwarded; the session is gone by now
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t05 = reply::Target {
+        dialect: protocol::Dialect::V2005,
+        st: "32",
+        pw: "123456",
+        mn: m05,
+    };
+    let req05 = reply::request(
+        reply::Target {
+            dialect: protocol::Dialect::V2017,
+            ..t05
+        },
+        "20240601090000005",
+        1012,
+        "SystemTime=20240601090000",
+    );
+    p.send(&req05).await;
+    let got = p.wait_for(4).await;
     assert_eq!(
         got,
         [
             reply::qn_rtn(t, "20240601090000003", 2).to_vec(),
-            reply::qn_rtn(t17, "20240601090000004", 2).to_vec()
+            reply::qn_rtn(t17, "20240601090000004", 2).to_vec(),
+            f05.to_vec(),
+            reply::qn_rtn(t05, "20240601090000005", 2).to_vec(),
         ]
     );
     assert!(String::from_utf8_lossy(&got[0]).contains("CP=&&QN=20240601090000003;QnRtn=2&&"));

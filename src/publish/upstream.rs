@@ -467,15 +467,18 @@ impl Forwarder {
         if self.shared.sessions.downlink(mn, d).is_ok() {
             return Ok(f);
         }
-        // Offline (or its downlink queue is full): rejected, in the device's dialect.
-        let dialect = self
+        // Offline (or its downlink queue is full): rejected, in the device's
+        // dialect: the registry's override, else that of its last frame, else 2017.
+        let over = self
             .shared
             .registry
             .current()
             .profile(mn)
-            .and_then(|p| p.dialect)
-            .or(f.dialect)
-            .unwrap_or(Dialect::V2017);
+            .and_then(|p| p.dialect);
+        let dialect = match over {
+            Some(d) => d,
+            None => self.last_dialect(mn).await.unwrap_or(Dialect::V2017),
+        };
         let t = Target {
             dialect,
             st: f.st().unwrap_or("91"),
@@ -506,6 +509,24 @@ impl Forwarder {
             // A gateway problem, not the platform's: the traffic goes on, the
             // record is missing and the error logged.
             warn!(upstream = %self.e.name, error = %e, "upstream traffic not logged");
+        }
+    }
+
+    async fn last_dialect(&self, mn: &str) -> Option<Dialect> {
+        let (reader, mn) = (self.reader.clone(), mn.to_owned());
+        let text = blocking(move || {
+            reader
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .last_device_dialect(&mn)
+        })
+        .await;
+        match text {
+            Ok(t) => t.and_then(|t| Dialect::parse(&t)),
+            Err(e) => {
+                warn!(upstream = %self.e.name, error = %e, "cannot read the device's last dialect; answering in 2017");
+                None
+            }
         }
     }
 
