@@ -772,3 +772,22 @@ async fn downlink_request_for_an_offline_device_is_answered_qnrtn_2() {
     assert!(String::from_utf8_lossy(&got[0]).contains("CP=&&QN=20240601090000003;QnRtn=2&&"));
     gw.running.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_frames_do_not_wait_for_an_ack() {
+    // A platform that never acks: a rejected frame must not hold the feed.
+    let p = Platform::start("127.0.0.1:0", Duration::ZERO).await;
+    p.ignore.store(usize::MAX, Ordering::SeqCst);
+    let ups = upstream("p", p.addr, "include_rejected = true\nack_timeout = \"5s\"");
+    let devices = format!("[[device]]\nmn = \"{}\"\npw = \"123456\"\n", mn(1));
+    let gw = start(&config(&ups, &devices)).await;
+    let mut d = Device::connect(gw.addr).await;
+    let bad = upload(&mn(1), &qn(1), "999999"); // Flag=5, wrong PW
+    let next = frame(&mn(1), &qn(2), "2051", 4);
+    let t0 = Instant::now();
+    d.send_unacked(&bad).await;
+    d.send_unacked(&next).await;
+    assert_eq!(p.wait_for(2).await, [bad, next]);
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    gw.running.stop().await.expect("stop");
+}

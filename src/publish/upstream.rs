@@ -370,7 +370,9 @@ impl Forwarder {
     /// 9014/9013 with its QN: up to `1 + retries` sends, `ack_timeout` apart.
     async fn deliver(&mut self, c: &mut Conn, rec: &StoredRecord) -> Result<(), String> {
         let frame = self.decode(Bytes::copy_from_slice(&rec.raw));
-        let wants_ack = reply::ack_kind(&frame).is_some();
+        // A rejected frame (`include_rejected`) may be one the platform refuses
+        // to ack (bad CRC): waiting for it would stop the feed for good.
+        let wants_ack = rec.verdict == Verdict::Accepted && reply::ack_kind(&frame).is_some();
         let qn = frame.qn().map(str::to_owned);
         let sends = 1 + self.e.retries;
         for attempt in 1..=sends {
