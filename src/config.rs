@@ -322,6 +322,76 @@ impl Default for MqttSection {
     }
 }
 
+/// How an upstream connection is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamMode {
+    /// One long-lived connection (default).
+    #[default]
+    Persistent,
+    /// A new connection for every frame, closed once it is delivered.
+    PerMessage,
+}
+
+/// Where a new upstream's cursor starts the first time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamStart {
+    /// At the end of the log: only frames received from now on (default).
+    #[default]
+    Now,
+    /// At the beginning: the whole history is sent.
+    Oldest,
+}
+
+/// One `[[upstream]]`: an HJ 212 platform that receives every device frame
+/// byte-exact (README "Upstream pass-through").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamEntry {
+    /// Unique name: the cursor is `upstream.<name>`, relayed records carry it as `peer`.
+    pub name: String,
+    /// `host:port` of the platform.
+    pub addr: String,
+    /// Run this forwarder.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Only these MNs (empty: all).
+    #[serde(default)]
+    pub mn: Vec<String>,
+    /// Only these STs (empty: all).
+    #[serde(default)]
+    pub st: Vec<String>,
+    /// Only these CNs (empty: all).
+    #[serde(default)]
+    pub cn: Vec<String>,
+    /// `persistent` or `per-message`.
+    #[serde(default)]
+    pub mode: UpstreamMode,
+    /// How long to wait for the platform's 9014/9013 (OverTime).
+    #[serde(default = "default_ack_timeout")]
+    pub ack_timeout: Dur,
+    /// Resends after a timeout before reconnecting (ReCount).
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Also forward rejected frames (never those of quarantined devices).
+    #[serde(default)]
+    pub include_rejected: bool,
+    /// `now` or `oldest`: where the cursor starts the first time.
+    #[serde(default)]
+    pub start: UpstreamStart,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_ack_timeout() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+fn default_retries() -> u32 {
+    3
+}
+
 /// Broker address parsed from `[mqtt] url`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerUrl {
@@ -393,6 +463,8 @@ pub struct Config {
     pub mqtt: MqttSection,
     /// `[[device]]`.
     pub device: Vec<DeviceEntry>,
+    /// `[[upstream]]`.
+    pub upstream: Vec<UpstreamEntry>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -470,6 +542,7 @@ impl Config {
         })?;
         self.check_mqtt(path)?;
         check_devices(&self.device, path)?;
+        self.check_upstreams(path)?;
         Ok(())
     }
 
@@ -541,6 +614,45 @@ impl Config {
         }
         if m.reconnect_max.0 < Duration::from_millis(100) {
             return Err(bad("reconnect_max", "must be at least 100ms".into()));
+        }
+        Ok(())
+    }
+
+    fn check_upstreams(&self, path: &Path) -> Result<(), ConfigError> {
+        for (i, u) in self.upstream.iter().enumerate() {
+            let bad = |key: &str, message: String| ConfigError::Invalid {
+                path: path.to_owned(),
+                key: format!("upstream[{i}].{key}"),
+                message,
+            };
+            let name_ok = !u.name.is_empty()
+                && u.name.len() <= 64
+                && u.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            if !name_ok {
+                return Err(bad(
+                    "name",
+                    "must be 1..64 characters of letters, digits, '-', '_' or '.'".into(),
+                ));
+            }
+            if self.upstream[..i].iter().any(|o| o.name == u.name) {
+                return Err(bad("name", format!("{:?} is used twice", u.name)));
+            }
+            // host:port; the host may be a name, resolved at each connect.
+            let port_ok = u
+                .addr
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !port_ok {
+                return Err(bad("addr", format!("{:?}: expected host:port", u.addr)));
+            }
+            if u.ack_timeout.0 < Duration::from_millis(50) {
+                return Err(bad("ack_timeout", "must be at least 50ms".into()));
+            }
+            if u.retries > 100 {
+                return Err(bad("retries", "must be at most 100".into()));
+            }
         }
         Ok(())
     }
@@ -697,6 +809,44 @@ mod tests {
             (u.tls, u.host.as_str(), u.port),
             (false, "broker.example", 1884)
         );
+    }
+
+    #[test]
+    fn upstream_keys() {
+        let c = Config::parse(
+            "[[upstream]]\nname = \"prov\"\naddr = \"10.0.0.1:9000\"\n\
+             [[upstream]]\nname = \"city\"\naddr = \"plat.example:9001\"\nmode = \"per-message\"\n\
+             cn = [\"2011\"]\nack_timeout = \"2s\"\nretries = 1\nstart = \"oldest\"\nenabled = false\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let (a, b) = (&c.upstream[0], &c.upstream[1]);
+        assert!(a.enabled && !b.enabled);
+        assert_eq!(
+            (a.mode, a.start, a.retries),
+            (UpstreamMode::Persistent, UpstreamStart::Now, 3)
+        );
+        assert_eq!(a.ack_timeout.0, Duration::from_secs(10));
+        assert!(!a.include_rejected && a.mn.is_empty());
+        assert_eq!(
+            (b.mode, b.start),
+            (UpstreamMode::PerMessage, UpstreamStart::Oldest)
+        );
+        assert_eq!(b.cn, ["2011"]);
+        let up = |body: &str| {
+            err(&format!(
+                "[[upstream]]\nname = \"a\"\naddr = \"h:1\"\n[[upstream]]\n{body}"
+            ))
+        };
+        assert!(up("name = \"b\"\naddr = \"nope\"").contains("`upstream[1].addr`"));
+        assert!(up("name = \"a\"\naddr = \"h:2\"").contains("`upstream[1].name`"));
+        assert!(up("name = \"b c\"\naddr = \"h:2\"").contains("`upstream[1].name`"));
+        assert!(
+            up("name = \"b\"\naddr = \"h:2\"\nack_timeout = \"1ms\"")
+                .contains("`upstream[1].ack_timeout`")
+        );
+        assert!(up("name = \"b\"\naddr = \"h:2\"\nmode = \"often\"").contains("mode"));
+        assert!(up("name = \"b\"\naddr = \"h:2\"\nfilter = 1").contains("filter"));
     }
 
     #[test]

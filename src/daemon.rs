@@ -18,6 +18,7 @@ use tracing::{error, info, warn};
 use crate::config::{self, Config, ConfigError};
 use crate::publish::mqtt::{self, MqttSettings};
 use crate::publish::presence::Presence;
+use crate::publish::upstream;
 use crate::registry::{Registry, SharedRegistry};
 use crate::server::Server;
 use crate::session::{SessionMap, Shared};
@@ -87,6 +88,7 @@ pub struct Running {
     pub shared: Arc<Shared>,
     tracker: TaskTracker,
     publisher: Option<tokio::task::JoinHandle<()>>,
+    upstreams: Vec<tokio::task::JoinHandle<()>>,
     writer: WriterJoin,
     config_path: Option<PathBuf>,
 }
@@ -133,6 +135,16 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
         None
     };
     let presence = mqtt.as_ref().map(|_| Arc::new(Presence::default()));
+    // Before devices can connect: `start = "now"` is the end of the log as it is now.
+    let entries: Vec<_> = cfg.upstream.iter().filter(|u| u.enabled).cloned().collect();
+    let db = store_path.clone();
+    tokio::task::spawn_blocking(move || {
+        entries
+            .iter()
+            .try_for_each(|u| upstream::prepare_cursor(&db, u).map(drop))
+    })
+    .await
+    .map_err(|e| std::io::Error::other(e.to_string()))??;
     let shared = Arc::new(Shared {
         cfg,
         registry: Arc::new(SharedRegistry::new(registry)),
@@ -159,12 +171,32 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
         )),
         _ => None,
     };
+    // Forwarders append what platforms send them, so they get the shared state
+    // (store handle, registry) and must stop before the store does.
+    let names: Arc<Vec<String>> =
+        Arc::new(shared.cfg.upstream.iter().map(|u| u.name.clone()).collect());
+    let upstreams = shared
+        .cfg
+        .upstream
+        .iter()
+        .filter(|u| u.enabled)
+        .map(|u| {
+            upstream::spawn(
+                u.clone(),
+                names.clone(),
+                shared.clone(),
+                store_path.clone(),
+                shutdown.child_token(),
+            )
+        })
+        .collect();
     Ok(Running {
         addrs,
         shutdown,
         shared,
         tracker,
         publisher,
+        upstreams,
         writer,
         config_path: o.config.clone(),
     })
@@ -212,6 +244,15 @@ impl Running {
                 .is_err()
             {
                 warn!("MQTT publisher did not stop in time");
+            }
+        }
+        for u in self.upstreams {
+            // A forwarder stops between frames; it may be mid-append of a platform frame.
+            if tokio::time::timeout(Duration::from_secs(10), u)
+                .await
+                .is_err()
+            {
+                warn!("upstream forwarder did not stop in time");
             }
         }
         self.shared.store.shutdown().await;

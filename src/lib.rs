@@ -14,7 +14,8 @@
 //! - [`server`], [`session`]: listener with limits; one task per device.
 //! - [`store`]: the frame log (the only module that touches SQLite).
 //! - [`publish`]: consumers of the log; [`publish::mqtt`] republishes to an
-//!   MQTT broker (the only module that touches the MQTT client).
+//!   MQTT broker (the only module that touches the MQTT client);
+//!   [`publish::upstream`] forwards frames to HJ 212 platforms.
 //! - [`daemon`], [`systemd`], [`telemetry`], [`cli`], [`cmd`]: process wiring.
 //!
 //! # Data flow
@@ -23,7 +24,8 @@
 //!    --> store.append_many (bounded queue -> writer thread -> one transaction per batch)
 //!    --> replies (9014/9013) written only after the commit
 //! log --cursor--> MQTT publisher (QoS 1; PUBACK advances the cursor)
-//! log --cursor--> other consumers (upstream pass-through, alarms: later issues)
+//! log --cursor--> upstream forwarders (HJ 212 pass-through, byte-exact; platform requests relayed down)
+//! log --cursor--> other consumers (alarms: a later issue)
 //! ```
 
 pub mod cli;

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -39,40 +40,81 @@ pub mod code {
     pub const DEVICE_QUARANTINED: &str = "device.quarantined";
 }
 
+/// A request an upstream platform sent for a device, to be written on the
+/// device's live session byte-exact (see [`SessionMap::downlink`]).
+#[derive(Debug)]
+pub struct Downlink {
+    /// The request exactly as the platform sent it.
+    pub bytes: Bytes,
+    /// The upstream's name: the peer of the logged request.
+    pub upstream: String,
+    /// Where the device's replies to it go (9011, 9012 and the uploads of the
+    /// exchange). Bounded; a reply that does not fit is logged and not relayed.
+    pub replies: mpsc::Sender<Bytes>,
+}
+
+/// Downlink requests waiting for one session. Small on purpose: a request is
+/// answered by the device within seconds, and when the queue is full the
+/// platform is told the request was rejected (QnRtn=2) rather than queued.
+pub const DOWNLINK_QUEUE: usize = 8;
+
+/// What [`SessionMap`] keeps per MN: the owning session, its cancel token and
+/// its downlink queue.
+#[derive(Debug, Clone)]
+struct Owner {
+    id: u64,
+    token: CancellationToken,
+    downlink: mpsc::Sender<Downlink>,
+}
+
 /// Which session currently owns each MN, so a reconnecting device supersedes
 /// its stale session (and downlink traffic reaches the live one).
 #[derive(Debug, Default)]
 pub struct SessionMap {
-    inner: Mutex<HashMap<String, (u64, CancellationToken)>>,
+    inner: Mutex<HashMap<String, Owner>>,
 }
 
 impl SessionMap {
     /// Claims `mn` for session `id`; returns the session it took it from.
-    fn claim(&self, mn: &str, id: u64, token: &CancellationToken) -> Option<u64> {
+    fn claim(&self, mn: &str, owner: &Owner) -> Option<u64> {
         let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        match m.insert(mn.to_owned(), (id, token.clone())) {
-            Some((old, t)) if old != id => {
-                t.cancel();
-                Some(old)
+        match m.insert(mn.to_owned(), owner.clone()) {
+            Some(old) if old.id != owner.id => {
+                old.token.cancel();
+                Some(old.id)
             }
             _ => None,
         }
     }
     /// Claims `mn` for session `id` only if no other session owns it.
-    fn claim_if_free(&self, mn: &str, id: u64, token: &CancellationToken) -> bool {
+    fn claim_if_free(&self, mn: &str, owner: &Owner) -> bool {
         let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         match m.get(mn) {
-            Some((owner, _)) if *owner != id => false,
+            Some(o) if o.id != owner.id => false,
             _ => {
-                m.insert(mn.to_owned(), (id, token.clone()));
+                m.insert(mn.to_owned(), owner.clone());
                 true
             }
         }
     }
+    /// Queues `d` for the live session of `mn` without waiting. Gives it back
+    /// when the device has no live session or its queue is full.
+    pub fn downlink(&self, mn: &str, d: Downlink) -> Result<(), Downlink> {
+        let tx = {
+            let m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            match m.get(mn) {
+                Some(o) => o.downlink.clone(),
+                None => return Err(d),
+            }
+        };
+        tx.try_send(d).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(d) | mpsc::error::TrySendError::Closed(d) => d,
+        })
+    }
     /// Releases `mn` if session `id` still owns it; true when it did.
     fn release(&self, mn: &str, id: u64) -> bool {
         let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if m.get(mn).is_some_and(|(owner, _)| *owner == id) {
+        if m.get(mn).is_some_and(|o| o.id == id) {
             m.remove(mn);
             true
         } else {
@@ -251,7 +293,25 @@ struct Session {
     frames: u64,
     junk_bytes: usize,
     warn: WarnLimiter,
+    /// This session as [`SessionMap`] records it (its downlink queue's sender).
+    owner: Owner,
+    downlink: mpsc::Receiver<Downlink>,
+    /// The downlink exchange in progress (one at a time, like the device).
+    relay: Option<Relay>,
 }
+
+/// A relayed request whose replies go back to its upstream.
+struct Relay {
+    qn: String,
+    replies: mpsc::Sender<Bytes>,
+    /// The device accepted the request (9011 QnRtn=1): uploads with other QNs
+    /// until its 9012 (a history fetch's data) belong to the exchange.
+    open: bool,
+    expires: Instant,
+}
+
+/// An exchange whose 9012 never comes stops capturing uploads after this.
+const RELAY_TTL: Duration = Duration::from_secs(600);
 
 impl Session {
     fn new(shared: Arc<Shared>, peer: SocketAddr, id: u64, shutdown: CancellationToken) -> Session {
@@ -259,12 +319,21 @@ impl Session {
             max_frame: shared.cfg.server.max_frame_bytes,
             ..FramerConfig::default()
         });
+        let (tx, downlink) = mpsc::channel(DOWNLINK_QUEUE);
+        let token = CancellationToken::new();
         Session {
+            owner: Owner {
+                id,
+                token: token.clone(),
+                downlink: tx,
+            },
+            downlink,
+            relay: None,
             shared,
             peer,
             peer_text: peer.to_string(),
             id,
-            token: CancellationToken::new(),
+            token,
             shutdown,
             codec,
             mns: Vec::new(),
@@ -305,6 +374,12 @@ impl Session {
                 _ = self.token.cancelled() => {
                     let _ = self.flush_eof(&mut buf, Some(&mut wr)).await;
                     return "superseded";
+                }
+                Some(d) = self.downlink.recv() => {
+                    if let Err(reason) = self.send_downlink(d, &mut wr).await {
+                        return reason;
+                    }
+                    continue;
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     if partial_since.is_some() && !tail_checked {
@@ -468,7 +543,8 @@ impl Session {
         items: Vec<Item>,
         wr: Option<&mut tokio::net::tcp::OwnedWriteHalf>,
     ) -> Result<(), &'static str> {
-        let cfg = &self.shared.cfg;
+        let shared = self.shared.clone();
+        let cfg = &shared.cfg;
         let opts = decode_options(cfg, chrono::Utc::now());
         let registry = self.shared.registry.current();
         let received_at_ms = now_ms();
@@ -476,6 +552,8 @@ impl Session {
         let mut replies: Vec<Bytes> = Vec::new();
         // (MN, announce presence): quarantined devices are never published.
         let mut claims: Vec<(String, bool)> = Vec::new();
+        // Device replies to a relayed request, sent to its upstream after the commit.
+        let mut relayed: Vec<(mpsc::Sender<Bytes>, Bytes)> = Vec::new();
         for item in items {
             match item {
                 Item::Junk { bytes, reason } => {
@@ -538,6 +616,11 @@ impl Session {
                     } else {
                         None
                     };
+                    if accepted {
+                        if let Some(tx) = self.relay_match(&frame) {
+                            relayed.push((tx, frame.raw.clone()));
+                        }
+                    }
                     records.push(self.record(&frame, Direction::In, received_at_ms, accepted));
                     if let Some(ack) = ack {
                         let out = protocol::decode(ack.clone(), &opts, &());
@@ -555,6 +638,12 @@ impl Session {
                 return Err("store error");
             }
         }
+        for (tx, bytes) in relayed {
+            // Never waits: a platform that does not read must not stall the device.
+            if tx.try_send(bytes).is_err() {
+                warn!("downlink reply not relayed: the upstream connection is gone or not reading");
+            }
+        }
         for (mn, announce) in claims {
             // A superseded session storing its last bytes must not take the MN back.
             if self.token.is_cancelled() {
@@ -568,18 +657,14 @@ impl Session {
             // (multi-outlet loggers, forwarders) are only taken when unowned,
             // so two live paths for one MN never evict each other in turn.
             if self.mns.is_empty() {
-                if let Some(old) = self.shared.sessions.claim(&mn, self.id, &self.token) {
+                if let Some(old) = self.shared.sessions.claim(&mn, &self.owner) {
                     info!(mn = %mn, superseded = old, "device reconnected; older session superseded");
                 }
                 if let (Some(p), true) = (&self.shared.presence, announce) {
                     p.set(&mn, true, &self.peer_text);
                 }
                 self.announced = announce;
-            } else if !self
-                .shared
-                .sessions
-                .claim_if_free(&mn, self.id, &self.token)
-            {
+            } else if !self.shared.sessions.claim_if_free(&mn, &self.owner) {
                 debug!(mn = %mn, "MN already has a live session; not taking it over");
                 continue;
             }
@@ -600,6 +685,73 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// Writes a platform's request to the device, byte-exact, after logging it
+    /// (direction out, peer = the upstream's name), and starts relaying the
+    /// device's replies to it.
+    async fn send_downlink(
+        &mut self,
+        d: Downlink,
+        wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    ) -> Result<(), &'static str> {
+        let opts = decode_options(&self.shared.cfg, chrono::Utc::now());
+        let registry = self.shared.registry.current();
+        let frame = protocol::decode(d.bytes.clone(), &opts, &*registry);
+        let mut rec = self.record(&frame, Direction::Out, now_ms(), !frame.has_error());
+        rec.peer = d.upstream.clone();
+        if let Err(e) = self.shared.store.append_many(vec![rec]).await {
+            // Unlogged bytes never reach a device; the platform sees no reply.
+            warn!(error = %e, upstream = %d.upstream, "downlink request not logged; not sent");
+            return Ok(());
+        }
+        match tokio::time::timeout(
+            self.shared.cfg.server.write_timeout.0,
+            wr.write_all(&d.bytes),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err("write error"),
+            Err(_) => return Err("write timeout"),
+        }
+        info!(upstream = %d.upstream, cn = frame.cn().unwrap_or(""), qn = frame.qn().unwrap_or(""), "downlink request relayed to the device");
+        self.relay = frame.qn().map(|qn| Relay {
+            qn: qn.to_owned(),
+            replies: d.replies,
+            open: false,
+            expires: Instant::now() + RELAY_TTL,
+        });
+        Ok(())
+    }
+
+    /// Whether an accepted frame from the device answers the relayed request:
+    /// its 9011/9012 (same QN), uploads with its QN, and, between a 9011
+    /// QnRtn=1 and the 9012, uploads with new QNs (history fetches).
+    fn relay_match(&mut self, f: &Frame) -> Option<mpsc::Sender<Bytes>> {
+        let r = self.relay.as_mut()?;
+        if Instant::now() > r.expires {
+            self.relay = None;
+            return None;
+        }
+        let same = f.qn() == Some(r.qn.as_str());
+        let tx = r.replies.clone();
+        match f.cn_num() {
+            Some(9011) if same => {
+                r.open = f.param("QnRtn") == Some("1");
+                if !r.open {
+                    self.relay = None;
+                }
+                Some(tx)
+            }
+            Some(9012) if same => {
+                self.relay = None;
+                Some(tx)
+            }
+            Some(9011..=9014) => None,
+            _ if same || r.open => Some(tx),
+            _ => None,
+        }
     }
 
     fn record(
@@ -641,5 +793,57 @@ impl std::fmt::Debug for Session {
             .field("peer", &self.peer)
             .field("id", &self.id)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner(id: u64, cap: usize) -> (Owner, mpsc::Receiver<Downlink>) {
+        let (downlink, rx) = mpsc::channel(cap);
+        let token = CancellationToken::new();
+        (
+            Owner {
+                id,
+                token,
+                downlink,
+            },
+            rx,
+        )
+    }
+
+    fn req(n: u8) -> Downlink {
+        Downlink {
+            bytes: Bytes::from(vec![n]),
+            upstream: "up".into(),
+            replies: mpsc::channel(1).0,
+        }
+    }
+
+    #[test]
+    fn downlink_reaches_the_live_owner_and_is_bounded() {
+        let map = SessionMap::default();
+        assert!(map.downlink("MN1", req(0)).is_err(), "offline");
+        let (a, mut rx_a) = owner(1, 1);
+        assert_eq!(map.claim("MN1", &a), None);
+        assert!(map.downlink("MN1", req(1)).is_ok());
+        // Full queue: handed back at once (the caller answers QnRtn=2).
+        assert_eq!(map.downlink("MN1", req(2)).unwrap_err().bytes[0], 2);
+        assert_eq!(rx_a.try_recv().unwrap().bytes[0], 1);
+        // A reconnect takes the MN over: requests go to the new session.
+        let (b, mut rx_b) = owner(2, 4);
+        assert_eq!(map.claim("MN1", &b), Some(1));
+        assert!(a.token.is_cancelled());
+        assert!(map.downlink("MN1", req(3)).is_ok());
+        assert_eq!(rx_b.try_recv().unwrap().bytes[0], 3);
+        assert!(rx_a.try_recv().is_err());
+        // Released: offline again; a session that ended cannot receive.
+        assert!(map.release("MN1", 2));
+        assert!(map.downlink("MN1", req(4)).is_err());
+        let (c, rx_c) = owner(3, 4);
+        assert!(map.claim_if_free("MN2", &c));
+        drop(rx_c);
+        assert!(map.downlink("MN2", req(5)).is_err(), "closed queue");
     }
 }

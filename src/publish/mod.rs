@@ -11,8 +11,10 @@
 //! - [`merge`]: split uploads (PNUM/PNO) merged per (MN, CN, DataTime).
 //! - [`presence`]: device online/offline state handed from sessions to the publisher.
 //! - [`mqtt`]: the MQTT publisher, the only module that touches the MQTT client crate.
+//! - [`upstream`]: HJ 212 pass-through to upstream platforms, byte-exact.
 
 pub mod merge;
 pub mod mqtt;
 pub mod plan;
 pub mod presence;
+pub mod upstream;

@@ -135,7 +135,8 @@ fn is_split(doc: &str) -> bool {
     doc.contains("\"pno\":") && !doc.contains("\"pno\":null")
 }
 
-fn is_quarantined(findings: &str) -> bool {
+/// True when the findings JSON names `device.quarantined` (or cannot be read).
+pub(crate) fn is_quarantined(findings: &str) -> bool {
     serde_json::from_str::<Vec<Value>>(findings)
         .map(|v| {
             v.iter()

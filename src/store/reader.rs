@@ -61,6 +61,24 @@ impl Reader {
         })
     }
 
+    /// The dialect of the last inbound frame `mn` sent from a device
+    /// connection, if any. Records a platform sent about the device (peer = an
+    /// upstream's name) do not count: device peers are socket addresses, the
+    /// only peers with a `:`. Used to answer requests for an offline device.
+    pub fn last_device_dialect(&self, mn: &str) -> Result<Option<String>, StoreError> {
+        use rusqlite::OptionalExtension;
+        self.conn
+            .query_row(
+                "SELECT dialect FROM records WHERE mn = ?1 AND direction = 'in' \
+                 AND kind = 'frame' AND dialect IS NOT NULL AND instr(peer, ':') > 0 \
+                 ORDER BY seq DESC LIMIT 1",
+                [mn],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(StoreError::sqlite("read a device's last dialect"))
+    }
+
     /// One record by seq.
     pub fn get(&self, seq: u64) -> Result<Option<StoredRecord>, StoreError> {
         Ok(self

@@ -1,0 +1,643 @@
+//! HJ 212 pass-through (原始数据直传): one forwarder per `[[upstream]]`.
+//!
+//! Each forwarder is a consumer of the frame log with its own persisted cursor
+//! `upstream.<name>`. It sends the stored raw bytes of inbound device frames,
+//! unchanged and in log order, one at a time (stop-and-wait): a frame whose
+//! Flag asks for an ack is delivered only once the platform's 9014/9013 with
+//! the same QN arrived; one without counts as delivered once written. The
+//! cursor never passes an undelivered frame, so an outage or a crash only
+//! delays (and at worst repeats) frames, never loses them.
+//!
+//! What comes back from the platform on the forwarder's connection is logged
+//! (direction `in`, peer = the upstream's name) and never passed to devices:
+//! the gateway acks devices itself, after its own commit.
+//!
+//! Why stop-and-wait: HJ 212 has no window; platforms answer in order of
+//! arrival and some drop frames sent before the previous ack. One frame in
+//! flight also bounds the duplicates a reconnect can cause to one.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::codec::Decoder;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::plan::is_quarantined;
+use crate::codec::{Hj212Codec, Item};
+use crate::config::{UpstreamEntry, UpstreamMode, UpstreamStart};
+use crate::protocol::reply::Target;
+use crate::protocol::{self, DeviceLookup, Dialect, Frame, json, reply};
+use crate::session::{Downlink, Shared, decode_options};
+use crate::store::{
+    Cursors, Direction, Kind, NewRecord, Reader, StoreError, StoredRecord, Verdict,
+};
+
+/// Records read from the log per query.
+const BATCH: usize = 256;
+/// How often the forwarder looks for new records once caught up.
+const IDLE_POLL: Duration = Duration::from_millis(50);
+/// Cursor writes (each an fsync'd commit) at most this often.
+const PERSIST_EVERY: Duration = Duration::from_millis(200);
+/// First reconnect delay; doubles up to [`BACKOFF_MAX`].
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+/// Longest reconnect delay.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Connect and write deadline.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// State line at least this often, even without a change.
+const STATE_EVERY: Duration = Duration::from_secs(60);
+/// Frames from the platform buffered between its socket and the forwarder.
+const INBOX: usize = 64;
+/// Device replies to relayed requests buffered for one connection.
+const RELAYED: usize = 256;
+
+/// The cursor name of upstream `name`.
+pub fn cursor_name(name: &str) -> String {
+    format!("upstream.{name}")
+}
+
+/// The cursor of upstream `name`, created at `start` if it does not exist yet.
+///
+/// `daemon::start` calls this before devices can connect, so `now` means the
+/// end of the log when the upstream was first configured, not whenever its
+/// task happened to run. Blocking.
+pub fn prepare_cursor(db: &Path, e: &UpstreamEntry) -> Result<u64, StoreError> {
+    init_cursor(
+        &Reader::open(db)?,
+        &Cursors::open(db)?,
+        &cursor_name(&e.name),
+        e.start,
+    )
+}
+
+fn init_cursor(
+    reader: &Reader,
+    cursors: &Cursors,
+    name: &str,
+    start: UpstreamStart,
+) -> Result<u64, StoreError> {
+    if let Some(c) = cursors.get_cursor(name)? {
+        return Ok(c);
+    }
+    // Stored at once, so a restart does not move a `now` start forward.
+    let c = match start {
+        UpstreamStart::Now => reader.last_seq()?,
+        UpstreamStart::Oldest => 0,
+    };
+    cursors.set_cursor(name, c)?;
+    Ok(c)
+}
+
+/// Starts the forwarder for `entry` on the log at `db`; it runs until `shutdown`
+/// is cancelled, then persists its cursor and returns. `names` are all configured
+/// upstream names: records they produced are never forwarded.
+pub fn spawn(
+    entry: UpstreamEntry,
+    names: Arc<Vec<String>>,
+    shared: Arc<Shared>,
+    db: PathBuf,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let name = entry.name.clone();
+        match Forwarder::open(entry, names, shared, &db).await {
+            Ok(f) => f.run(shutdown).await,
+            Err(e) => {
+                error!(upstream = %name, error = %e, "upstream forwarder cannot open the frame log; not forwarding")
+            }
+        }
+    })
+}
+
+/// A connection to the platform: the write half, and frames read from it.
+struct Conn {
+    wr: OwnedWriteHalf,
+    inbox: mpsc::Receiver<Bytes>,
+    /// Device replies to requests relayed from this connection.
+    relay_tx: mpsc::Sender<Bytes>,
+    relay_rx: mpsc::Receiver<Bytes>,
+    reader: JoinHandle<()>,
+    session: u64,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// Visible state, logged on change and every [`STATE_EVERY`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct State {
+    connected: bool,
+    last_error: Option<String>,
+}
+
+struct Forwarder {
+    e: UpstreamEntry,
+    names: Arc<Vec<String>>,
+    shared: Arc<Shared>,
+    reader: Arc<Mutex<Reader>>,
+    cursors: Arc<Mutex<Cursors>>,
+    cursor_name: String,
+    /// Every record up to here is delivered or not for this upstream.
+    delivered: u64,
+    persisted: u64,
+    last_persist: tokio::time::Instant,
+    pending: VecDeque<StoredRecord>,
+    last_seq: u64,
+    state: State,
+    logged: (State, tokio::time::Instant),
+}
+
+impl Forwarder {
+    async fn open(
+        e: UpstreamEntry,
+        names: Arc<Vec<String>>,
+        shared: Arc<Shared>,
+        db: &Path,
+    ) -> Result<Forwarder, StoreError> {
+        let db = db.to_owned();
+        let cursor_name = cursor_name(&e.name);
+        let (cn, start) = (cursor_name.clone(), e.start);
+        let (reader, cursors, cursor, last) = blocking(move || {
+            let reader = Reader::open(&db)?;
+            let cursors = Cursors::open(&db)?;
+            let cursor = init_cursor(&reader, &cursors, &cn, start)?;
+            let last = reader.last_seq()?;
+            Ok((reader, cursors, cursor, last))
+        })
+        .await?;
+        info!(upstream = %e.name, addr = %e.addr, cursor, lag_frames = last.saturating_sub(cursor), "upstream forwarder resumes from its cursor");
+        let now = tokio::time::Instant::now();
+        Ok(Forwarder {
+            e,
+            names,
+            shared,
+            reader: Arc::new(Mutex::new(reader)),
+            cursors: Arc::new(Mutex::new(cursors)),
+            cursor_name,
+            delivered: cursor,
+            persisted: cursor,
+            last_persist: now,
+            pending: VecDeque::new(),
+            last_seq: last,
+            state: State::default(),
+            logged: (State::default(), now),
+        })
+    }
+
+    async fn run(mut self, shutdown: CancellationToken) {
+        let mut conn: Option<Conn> = None;
+        let mut backoff = BACKOFF_MIN;
+        while !shutdown.is_cancelled() {
+            self.report();
+            self.persist(false).await;
+            if self.pending.is_empty() {
+                if let Err(e) = self.fill().await {
+                    error!(upstream = %self.e.name, error = %e, "upstream forwarder cannot read the frame log; retrying");
+                }
+            }
+            // A persistent connection is kept up even with nothing to send: the
+            // platform may send requests for devices on it at any time.
+            let wanted = self.e.mode == UpstreamMode::Persistent
+                || self.pending.front().is_some_and(|r| self.selected(r));
+            if conn.is_none() && wanted {
+                let r = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    r = self.connect() => r,
+                };
+                match r {
+                    Ok(c) => {
+                        conn = Some(c);
+                        self.set_state(true, None);
+                    }
+                    Err(e) => {
+                        self.set_state(false, Some(format!("connect: {e}")));
+                        if !self.sleep(&mut backoff, &shutdown).await {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+            }
+            let Some(rec) = self.pending.front() else {
+                // Caught up: keep consuming what the platform sends meanwhile.
+                self.idle(&mut conn, &shutdown).await;
+                continue;
+            };
+            if !self.selected(rec) {
+                self.delivered = rec.seq;
+                self.pending.pop_front();
+                continue;
+            }
+            let rec = rec.clone();
+            let c = conn.as_mut().expect("connected above");
+            let r = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = self.deliver(c, &rec) => r,
+            };
+            match r {
+                Ok(()) => {
+                    backoff = BACKOFF_MIN;
+                    self.delivered = rec.seq;
+                    self.pending.pop_front();
+                    if self.e.mode == UpstreamMode::PerMessage {
+                        // Close cleanly; whatever the platform still says is ignored.
+                        if let Some(mut c) = conn.take() {
+                            let _ = tokio::time::timeout(IO_TIMEOUT, c.wr.shutdown()).await;
+                        }
+                    }
+                }
+                Err(e) => {
+                    conn = None;
+                    self.set_state(false, Some(e));
+                    if !self.sleep(&mut backoff, &shutdown).await {
+                        break;
+                    }
+                }
+            }
+        }
+        drop(conn);
+        self.persist(true).await;
+        info!(upstream = %self.e.name, cursor = self.delivered, "upstream forwarder stopped");
+    }
+
+    /// Whether `rec` goes to this upstream: an inbound device frame (not one an
+    /// upstream sent us), accepted (or rejected with `include_rejected`), never
+    /// from a quarantined device, and passing the MN/ST/CN filters.
+    fn selected(&self, rec: &StoredRecord) -> bool {
+        if rec.direction != Direction::In || rec.kind != Kind::Frame {
+            return false;
+        }
+        if self.names.contains(&rec.peer) {
+            return false;
+        }
+        // A device's 9011/9012 answer a request relayed from one upstream; they
+        // go back to that upstream only (see `on_relayed`), never to all.
+        if matches!(rec.cn.as_deref(), Some("9011" | "9012")) {
+            return false;
+        }
+        match rec.verdict {
+            Verdict::Accepted => {}
+            Verdict::Rejected if self.e.include_rejected => {}
+            _ => return false,
+        }
+        if is_quarantined(&rec.findings) {
+            return false;
+        }
+        let pass = |list: &[String], v: &Option<String>| {
+            list.is_empty() || v.as_deref().is_some_and(|v| list.iter().any(|x| x == v))
+        };
+        pass(&self.e.mn, &rec.mn) && pass(&self.e.st, &rec.st) && pass(&self.e.cn, &rec.cn)
+    }
+
+    async fn fill(&mut self) -> Result<(), StoreError> {
+        let reader = self.reader.clone();
+        let after = self.delivered;
+        let (last, recs) = blocking(move || {
+            let r = reader.lock().unwrap_or_else(|e| e.into_inner());
+            Ok((r.last_seq()?, r.read_from(after, BATCH)?))
+        })
+        .await?;
+        self.last_seq = last;
+        self.pending = recs.into();
+        Ok(())
+    }
+
+    async fn connect(&self) -> Result<Conn, String> {
+        let stream = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(&self.e.addr))
+            .await
+            .map_err(|_| "timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        let _ = stream.set_nodelay(true);
+        let (mut rd, wr) = stream.into_split();
+        let (tx, inbox) = mpsc::channel(INBOX);
+        let max_frame = self.shared.cfg.server.max_frame_bytes;
+        let name = self.e.name.clone();
+        // Frames only: the bounded channel pushes back on a chatty platform
+        // through TCP, since this task stops reading while it is full.
+        let reader = tokio::spawn(async move {
+            let mut codec = Hj212Codec::new(protocol::framing::FramerConfig {
+                max_frame,
+                ..Default::default()
+            });
+            let mut buf = BytesMut::with_capacity(4096);
+            loop {
+                match rd.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                while let Ok(Some(item)) = codec.decode(&mut buf) {
+                    match item {
+                        Item::Frame { bytes, .. } => {
+                            if tx.send(bytes).await.is_err() {
+                                return;
+                            }
+                        }
+                        Item::Junk { bytes, reason } => {
+                            debug!(upstream = %name, bytes = bytes.len(), reason = reason.as_str(), "junk from upstream ignored");
+                        }
+                    }
+                }
+            }
+        });
+        let session = self
+            .shared
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (relay_tx, relay_rx) = mpsc::channel(RELAYED);
+        Ok(Conn {
+            wr,
+            inbox,
+            relay_tx,
+            relay_rx,
+            reader,
+            session,
+        })
+    }
+
+    /// Sends `rec` and, if its Flag asks for an ack, waits for the platform's
+    /// 9014/9013 with its QN: up to `1 + retries` sends, `ack_timeout` apart.
+    async fn deliver(&mut self, c: &mut Conn, rec: &StoredRecord) -> Result<(), String> {
+        let frame = self.decode(Bytes::copy_from_slice(&rec.raw));
+        // A rejected frame (`include_rejected`) may be one the platform refuses
+        // to ack (bad CRC): waiting for it would stop the feed for good.
+        let wants_ack = rec.verdict == Verdict::Accepted && reply::ack_kind(&frame).is_some();
+        let qn = frame.qn().map(str::to_owned);
+        let sends = 1 + self.e.retries;
+        for attempt in 1..=sends {
+            match tokio::time::timeout(IO_TIMEOUT, c.wr.write_all(&rec.raw)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(format!("write: {e}")),
+                Err(_) => return Err("write timed out".into()),
+            }
+            if !wants_ack {
+                return Ok(());
+            }
+            let deadline = tokio::time::Instant::now() + self.e.ack_timeout.0;
+            loop {
+                let got = tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    got = c.inbox.recv() => got,
+                    Some(b) = c.relay_rx.recv() => {
+                        self.on_relayed(c, b).await?;
+                        continue;
+                    }
+                };
+                let Some(got) = got else {
+                    return Err("connection closed by the platform".into());
+                };
+                let f = self.on_incoming(c, got).await?;
+                let is_ack = matches!(f.cn_num(), Some(9013 | 9014));
+                if is_ack && f.qn().map(str::to_owned) == qn {
+                    return Ok(());
+                }
+            }
+            if attempt < sends {
+                debug!(upstream = %self.e.name, seq = rec.seq, attempt, "no ack in time; sending again");
+            }
+        }
+        Err(format!(
+            "no 9014/9013 for seq {} (QN {}) after {sends} sends",
+            rec.seq,
+            qn.as_deref().unwrap_or("-")
+        ))
+    }
+
+    /// While caught up: consume what the platform sends, or wait a poll interval.
+    async fn idle(&mut self, conn: &mut Option<Conn>, shutdown: &CancellationToken) {
+        let Some(c) = conn.as_mut() else {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(IDLE_POLL) => {}
+            }
+            return;
+        };
+        let got = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(IDLE_POLL) => return,
+            got = c.inbox.recv() => got,
+            Some(b) = c.relay_rx.recv() => {
+                if let Err(e) = self.on_relayed(c, b).await {
+                    *conn = None;
+                    self.set_state(false, Some(e));
+                }
+                return;
+            }
+        };
+        match got {
+            Some(b) => {
+                if let Err(e) = self.on_incoming(c, b).await {
+                    *conn = None;
+                    self.set_state(false, Some(e));
+                }
+            }
+            None => {
+                *conn = None;
+                self.set_state(false, Some("connection closed by the platform".into()));
+            }
+        }
+    }
+
+    /// Logs a frame the platform sent (peer = the upstream's name). Acks need
+    /// nothing more; a request is relayed to its device's live session, or
+    /// answered with 9011 QnRtn=2 when the device is offline.
+    async fn on_incoming(&mut self, c: &mut Conn, bytes: Bytes) -> Result<Frame, String> {
+        let f = self.decode(bytes);
+        self.log(&f, Direction::In, c.session).await;
+        let (Some(cn), Some(mn)) = (f.cn_num(), f.mn()) else {
+            return Ok(f);
+        };
+        if (9011..=9014).contains(&cn) {
+            return Ok(f);
+        }
+        let d = Downlink {
+            bytes: f.raw.clone(),
+            upstream: self.e.name.clone(),
+            replies: c.relay_tx.clone(),
+        };
+        if self.shared.sessions.downlink(mn, d).is_ok() {
+            return Ok(f);
+        }
+        // Offline (or its downlink queue is full): rejected, in the device's
+        // dialect: the registry's override, else that of its last frame, else 2017.
+        let over = self
+            .shared
+            .registry
+            .current()
+            .profile(mn)
+            .and_then(|p| p.dialect);
+        let dialect = match over {
+            Some(d) => d,
+            None => self.last_dialect(mn).await.unwrap_or(Dialect::V2017),
+        };
+        let t = Target {
+            dialect,
+            st: f.st().unwrap_or("91"),
+            pw: f.pw().unwrap_or(""),
+            mn,
+        };
+        let answer = reply::qn_rtn(t, f.qn().unwrap_or(""), 2);
+        info!(upstream = %self.e.name, mn, cn, "downlink request for an offline device answered QnRtn=2");
+        self.on_relayed(c, answer).await?;
+        Ok(f)
+    }
+
+    /// Writes a frame to the platform (a device's reply to a relayed request,
+    /// or our own QnRtn=2) and logs it as sent to the upstream.
+    async fn on_relayed(&mut self, c: &mut Conn, bytes: Bytes) -> Result<(), String> {
+        let f = self.decode(bytes);
+        self.log(&f, Direction::Out, c.session).await;
+        match tokio::time::timeout(IO_TIMEOUT, c.wr.write_all(&f.raw)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("write: {e}")),
+            Err(_) => Err("write timed out".into()),
+        }
+    }
+
+    async fn log(&self, f: &Frame, direction: Direction, session: u64) {
+        let rec = self.record(f, direction, session);
+        if let Err(e) = self.shared.store.append_many(vec![rec]).await {
+            // A gateway problem, not the platform's: the traffic goes on, the
+            // record is missing and the error logged.
+            warn!(upstream = %self.e.name, error = %e, "upstream traffic not logged");
+        }
+    }
+
+    async fn last_dialect(&self, mn: &str) -> Option<Dialect> {
+        let (reader, mn) = (self.reader.clone(), mn.to_owned());
+        let text = blocking(move || {
+            reader
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .last_device_dialect(&mn)
+        })
+        .await;
+        match text {
+            Ok(t) => t.and_then(|t| Dialect::parse(&t)),
+            Err(e) => {
+                warn!(upstream = %self.e.name, error = %e, "cannot read the device's last dialect; answering in 2017");
+                None
+            }
+        }
+    }
+
+    fn decode(&self, bytes: Bytes) -> Frame {
+        let opts = decode_options(&self.shared.cfg, chrono::Utc::now());
+        let registry = self.shared.registry.current();
+        protocol::decode(bytes, &opts, &*registry)
+    }
+
+    fn record(&self, f: &Frame, direction: Direction, session: u64) -> NewRecord {
+        NewRecord {
+            received_at_ms: chrono::Utc::now().timestamp_millis(),
+            peer: self.e.name.clone(),
+            session,
+            direction,
+            kind: Kind::Frame,
+            raw: f.raw.clone(),
+            dialect: f.dialect.map(|d| d.as_str().to_owned()),
+            st: f.st().map(str::to_owned),
+            cn: f.cn().map(str::to_owned),
+            mn: f.mn().map(str::to_owned),
+            qn: f.qn().map(str::to_owned),
+            data_time: f
+                .data_time
+                .map(|t| protocol::time::rfc3339(t, f.data_time_ms)),
+            verdict: if f.has_error() {
+                Verdict::Rejected
+            } else {
+                Verdict::Accepted
+            },
+            findings: serde_json::to_string(&f.findings).unwrap_or_else(|_| "[]".into()),
+            doc: json::frame_doc(f),
+        }
+    }
+
+    /// Waits the current backoff (false on shutdown), then doubles it.
+    async fn sleep(&mut self, backoff: &mut Duration, shutdown: &CancellationToken) -> bool {
+        self.report();
+        let d = *backoff;
+        *backoff = (*backoff * 2).min(BACKOFF_MAX);
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+
+    fn set_state(&mut self, connected: bool, last_error: Option<String>) {
+        self.state.connected = connected;
+        if last_error.is_some() {
+            self.state.last_error = last_error;
+        }
+        self.report();
+    }
+
+    /// Logs the state when it changed, and every [`STATE_EVERY`] anyway.
+    fn report(&mut self) {
+        let now = tokio::time::Instant::now();
+        if self.state == self.logged.0 && now < self.logged.1 + STATE_EVERY {
+            return;
+        }
+        self.logged = (self.state.clone(), now);
+        let lag_frames = self.last_seq.saturating_sub(self.delivered);
+        let lag_s = self
+            .pending
+            .front()
+            .map(|r| (chrono::Utc::now().timestamp_millis() - r.received_at_ms).max(0) / 1000)
+            .unwrap_or(0);
+        let err = self.state.last_error.as_deref().unwrap_or("");
+        if self.state.connected {
+            info!(upstream = %self.e.name, connected = true, cursor = self.delivered, lag_frames, lag_s, last_error = err, "upstream state");
+        } else {
+            warn!(upstream = %self.e.name, connected = false, cursor = self.delivered, lag_frames, lag_s, last_error = err, "upstream state; ingest continues, forwarding resumes from the cursor");
+        }
+    }
+
+    async fn persist(&mut self, force: bool) {
+        if self.delivered == self.persisted
+            || (!force && self.last_persist.elapsed() < PERSIST_EVERY)
+        {
+            return;
+        }
+        let (cursors, name, seq) = (
+            self.cursors.clone(),
+            self.cursor_name.clone(),
+            self.delivered,
+        );
+        let r = blocking(move || {
+            cursors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_cursor(&name, seq)
+        })
+        .await;
+        self.last_persist = tokio::time::Instant::now();
+        match r {
+            Ok(()) => self.persisted = seq,
+            Err(e) => {
+                error!(upstream = %self.e.name, error = %e, "upstream cursor not saved; a restart repeats more frames")
+            }
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Io {
+            source: std::io::Error::other(e.to_string()),
+        })?
+}
