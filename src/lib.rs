@@ -26,6 +26,7 @@
 //! log --cursor--> other consumers (upstream pass-through, alarms: later issues)
 //! ```
 
+pub mod alarm;
 pub mod cli;
 pub mod cmd;
 pub mod codec;
