@@ -51,7 +51,7 @@ pub fn log_event(a: &AlarmRow, event: &str) {
 pub struct Feeder {
     /// The engine.
     pub engine: Engine,
-    last_tick: i64,
+    last_tick: Option<i64>,
 }
 
 impl Feeder {
@@ -59,15 +59,18 @@ impl Feeder {
     pub fn new(engine: Engine) -> Feeder {
         Feeder {
             engine,
-            last_tick: i64::MIN,
+            last_tick: None,
         }
     }
 
     /// One record (any record: only accepted inbound frames are observed).
     pub fn feed(&mut self, r: &StoredRecord, video: bool) -> Vec<AlarmEvent> {
         let mut out = Vec::new();
-        if r.received_at_ms - self.last_tick >= TICK_EVERY_MS || self.last_tick == i64::MIN {
-            self.last_tick = r.received_at_ms;
+        if self
+            .last_tick
+            .is_none_or(|t| r.received_at_ms.saturating_sub(t) >= TICK_EVERY_MS)
+        {
+            self.last_tick = Some(r.received_at_ms);
             out.extend(self.engine.tick(r.received_at_ms));
         }
         if let Some(o) = Obs::from_record(r, video) {

@@ -218,6 +218,31 @@ impl AlarmStore {
             .map_err(StoreError::sqlite("read the last alarm event"))
     }
 
+    /// The position of an alarm-event consumer (`mqtt.alarms`), `None` if never set.
+    /// Alarm-event cursors live in `cursors` too, but count `alarm_events.id`, not seqs.
+    pub fn event_cursor(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        self.conn
+            .query_row("SELECT seq FROM cursors WHERE name = ?1", [name], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()
+            .map(|x| x.map(|v| v as u64))
+            .map_err(StoreError::sqlite("read an alarm cursor"))
+    }
+
+    /// Stores an alarm-event consumer's position (at most the last event id).
+    pub fn set_event_cursor(&self, name: &str, id: u64) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO cursors (name, seq, updated_at) \
+                 SELECT ?1, ?2, ?3 WHERE ?2 <= (SELECT COALESCE(MAX(id), 0) FROM alarm_events) \
+                 ON CONFLICT (name) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at",
+                params![name, id as i64, chrono::Utc::now().timestamp_millis()],
+            )
+            .map(|_| ())
+            .map_err(StoreError::sqlite("write an alarm cursor"))
+    }
+
     /// Applies engine events and moves the cursor `cursor` to `seq`, all in one
     /// transaction: after a crash either both happened or neither did, so alarms are
     /// never lost or raised twice. A raise of an already active key and a clear of a
