@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, FixedOffset};
 use hj212_gateway::cmd::alarms::{self as alarms_cmd, AlarmsArgs};
+use hj212_gateway::cmd::replay::{self, Pacing, ReplayArgs, Split};
 use hj212_gateway::config::Config;
 use hj212_gateway::daemon::{self, Overrides, Running};
 use hj212_gateway::protocol::reply;
@@ -406,4 +407,33 @@ async fn every_detector_raises_and_clears_through_the_daemon() {
     .unwrap();
     assert_eq!(active, rows.iter().filter(|r| r.end_ms.is_none()).count());
     gw.stop().await.expect("stop");
+
+    // The audit replay of the same log runs the same detectors.
+    let args = ReplayArgs {
+        inputs: vec![db.clone()],
+        to: None,
+        pacing: Pacing::Rate(1.0),
+        split: Split::Mn,
+        ack_timeout: Duration::from_secs(1),
+        server_port: None,
+        report: None,
+        config: Some(Config::parse(&cfg, Path::new("t")).unwrap()),
+    };
+    let mut text = Vec::new();
+    let report =
+        tokio::task::spawn_blocking(move || replay::run(&args, &mut text).map(|r| (r, text)))
+            .await
+            .unwrap()
+            .expect("replay");
+    let (report, text) = report;
+    assert!(String::from_utf8_lossy(&text).contains("alarms: "));
+    for (mn, kind) in expect.iter().filter(|(_, k)| *k != "device.offline") {
+        let found: Vec<&serde_json::Value> = report
+            .alarms
+            .iter()
+            .filter(|a| a["mn"] == *mn && a["kind"] == *kind)
+            .collect();
+        assert_eq!(found.len(), 1, "replay: {mn} {kind}");
+        assert!(!found[0]["end"].is_null(), "replay: {mn} {kind} cleared");
+    }
 }

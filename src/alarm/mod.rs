@@ -93,8 +93,30 @@ impl Obs {
         if r.direction != Direction::In || r.kind != Kind::Frame || r.verdict != Verdict::Accepted {
             return None;
         }
-        let mn = r.mn.clone().filter(|m| !m.is_empty())?;
-        let doc: serde_json::Value = serde_json::from_str(&r.doc).ok()?;
+        Obs::from_doc(
+            r.seq,
+            r.received_at_ms,
+            &r.doc,
+            &r.findings,
+            r.duplicate,
+            video,
+        )
+    }
+
+    /// Builds an observation from a frame document (`hj212.frame.v1` text, as stored
+    /// and as `replay` produces it) and its findings array text. The caller has
+    /// already decided that the frame was accepted.
+    pub fn from_doc(
+        seq: u64,
+        received_ms: i64,
+        doc: &str,
+        findings: &str,
+        duplicate: bool,
+        video: bool,
+    ) -> Option<Obs> {
+        let doc: serde_json::Value = serde_json::from_str(doc).ok()?;
+        let text = |k: &str| doc.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+        let mn = text("mn").filter(|m| !m.is_empty())?;
         let mut values = BTreeMap::new();
         if let Some(map) = doc.get("values").and_then(|v| v.as_object()) {
             for (factor, sufs) in map {
@@ -119,26 +141,24 @@ impl Obs {
                 values.insert(factor.clone(), out);
             }
         }
-        let findings = serde_json::from_str::<serde_json::Value>(&r.findings)
+        let findings = serde_json::from_str::<serde_json::Value>(findings)
             .ok()
             .and_then(|v| v.as_array().cloned())
             .unwrap_or_default()
             .iter()
             .filter_map(|f| f.get("code").and_then(|c| c.as_str()).map(str::to_owned))
             .collect();
-        let data_time_ms = r
-            .data_time
-            .as_deref()
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        let data_time_ms = text("data_time")
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
             .map(|t| t.timestamp_millis());
         Some(Obs {
-            seq: r.seq,
-            received_ms: r.received_at_ms,
+            seq,
+            received_ms,
             mn,
-            cn: r.cn.clone().unwrap_or_default(),
+            cn: text("cn").unwrap_or_default(),
             data_time_ms,
             rf: doc.get("rf").and_then(|v| v.as_bool()).unwrap_or(false),
-            duplicate: r.duplicate,
+            duplicate,
             findings,
             values,
             video,

@@ -65,16 +65,21 @@ impl Feeder {
 
     /// One record (any record: only accepted inbound frames are observed).
     pub fn feed(&mut self, r: &StoredRecord, video: bool) -> Vec<AlarmEvent> {
+        self.feed_obs(r.received_at_ms, Obs::from_record(r, video).as_ref())
+    }
+
+    /// The clock at `at_ms` (UTC unix ms), then the observation if any.
+    pub fn feed_obs(&mut self, at_ms: i64, o: Option<&Obs>) -> Vec<AlarmEvent> {
         let mut out = Vec::new();
         if self
             .last_tick
-            .is_none_or(|t| r.received_at_ms.saturating_sub(t) >= TICK_EVERY_MS)
+            .is_none_or(|t| at_ms.saturating_sub(t) >= TICK_EVERY_MS)
         {
-            self.last_tick = Some(r.received_at_ms);
-            out.extend(self.engine.tick(r.received_at_ms));
+            self.last_tick = Some(at_ms);
+            out.extend(self.engine.tick(at_ms));
         }
-        if let Some(o) = Obs::from_record(r, video) {
-            out.extend(self.engine.observe(&o));
+        if let Some(o) = o {
+            out.extend(self.engine.observe(o));
         }
         out
     }
