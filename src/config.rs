@@ -902,6 +902,36 @@ mod tests {
     }
 
     #[test]
+    fn alarms_keys() {
+        let c = Config::parse("", Path::new("t")).unwrap();
+        assert!(c.alarms.enabled);
+        assert_eq!(c.alarms.stuck_count, 30);
+        let c = Config::parse(
+            "[alarms.factor.a21026]\nlimit = 100\n[alarms.device.M1]\nreference_o2 = 9\noffline_after = \"3m\"\n[alarms.device.M1.factor.a21002]\nmax = 500",
+            Path::new("t"),
+        )
+        .unwrap();
+        assert_eq!(c.alarms.factor["a21026"].limit, Some(100.0));
+        assert_eq!(c.alarms.device["M1"].factor["a21002"].max, Some(500.0));
+        assert!(err("[alarms]\nstuck_count = 1").contains("`alarms.stuck_count`"));
+        assert!(err("[alarms]\nspike_k = -1").contains("`alarms.spike_k`"));
+        assert!(err("[alarms]\ndisabled = [\"value.stuk\"]").contains("`alarms.disabled`"));
+        assert!(err("[alarms]\nreference_o2 = 21").contains("`alarms.reference_o2`"));
+        assert!(
+            err("[alarms.factor.a21026]\nmin = 5\nmax = 1").contains("`alarms.factor.a21026.min`")
+        );
+        assert!(
+            err("[alarms.device.M1.factor.a21026]\nlimit = 0")
+                .contains("`alarms.device.M1.factor.a21026.limit`")
+        );
+        assert!(
+            err("[alarms.device.M1]\nreference_o2 = 30")
+                .contains("`alarms.device.M1.reference_o2`")
+        );
+        assert!(err("[alarms]\nstuck = 3").contains("stuck"));
+    }
+
+    #[test]
     fn mqtt_keys() {
         let c = Config::parse("", Path::new("t.toml")).unwrap();
         assert!(c.mqtt.enabled);
