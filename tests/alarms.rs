@@ -437,3 +437,113 @@ async fn every_detector_raises_and_clears_through_the_daemon() {
         assert!(!found[0]["end"].is_null(), "replay: {mn} {kind} cleared");
     }
 }
+
+/// Box-Muller over a 64-bit LCG: seeded normal noise without a dependency.
+struct Noise(u64);
+
+impl Noise {
+    fn uniform(&mut self) -> f64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    fn normal(&mut self) -> f64 {
+        let (u, v) = (self.uniform(), self.uniform());
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+    }
+}
+
+/// False positives: 8 hours of a clean flue-gas stack (2011 every 30 s with normal
+/// noise, consistent ZsRtd at reference O2 9 %, 2051 per minute, 2061 per hour),
+/// compressed into a few seconds through DataTime, raise nothing with the defaults.
+/// Only `skew_threshold` is widened: compressed history is up to 8 h behind the
+/// receive time, which on a real line would be skew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_eight_hour_flue_gas_series_raises_nothing() {
+    const MN: &str = "CLEANSTACK0000000000001";
+    let cfg = r#"
+[server]
+listen = ["127.0.0.1:0"]
+[store]
+sync = "off"
+[mqtt]
+enabled = false
+[alarms]
+tick = "100ms"
+skew_threshold = "9h"
+reference_o2 = 9.0
+[alarms.factor.a21026]
+limit = 100
+[alarms.factor.a21002]
+limit = 150
+[alarms.factor.a34013]
+limit = 20
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = start(cfg, dir.path()).await;
+    let db = Config::parse(cfg, Path::new("t"))
+        .unwrap()
+        .store_path(dir.path());
+    let mut s = Sender {
+        dev: Device::connect(gw.addrs[0]).await,
+        n: 0,
+        base: now8() - chrono::Duration::hours(8),
+    };
+    let mut n = Noise(212);
+    let zs = |c: f64, o2: f64| c * 12.0 / (21.0 - o2);
+    for i in 0..(8 * 120) {
+        let o2 = ((10.0 + 0.4 * n.normal()) * 10.0).round() / 10.0;
+        let so2 = ((35.0 + 3.0 * n.normal()) * 100.0).round() / 100.0;
+        let nox = ((80.0 + 6.0 * n.normal()) * 10.0).round() / 10.0;
+        let dust = ((5.0 + 0.5 * n.normal()) * 100.0).round() / 100.0;
+        let temp = 120.0 + 2.0 * n.normal();
+        let flow = 60.0 + 1.5 * n.normal();
+        let cp = format!(
+            "a21026-Rtd={so2:.2},a21026-ZsRtd={:.2},a21026-Flag=N;\
+             a21002-Rtd={nox:.1},a21002-ZsRtd={:.1},a21002-Flag=N;\
+             a34013-Rtd={dust:.2},a34013-ZsRtd={:.2},a34013-Flag=N;\
+             a19001-Rtd={o2:.1},a19001-Flag=N;a01012-Rtd={temp:.1},a01012-Flag=N;\
+             a00000-Rtd={flow:.1},a00000-Flag=N",
+            zs(so2, o2),
+            zs(nox, o2),
+            zs(dust, o2)
+        );
+        s.send(MN, "2011", i * 30, &cp).await;
+        if i % 2 == 1 {
+            let cp = format!(
+                "a21026-Min={so2:.2},a21026-Avg={so2:.2},a21026-Max={so2:.2},a21026-ZsAvg={:.2},a21026-Flag=N;\
+                 a19001-Avg={o2:.1},a19001-Flag=N",
+                zs(so2, o2)
+            );
+            s.send(MN, "2051", (i - 1) * 30, &cp).await;
+        }
+        if i % 120 == 119 {
+            s.send(MN, "2061", (i - 119) * 30, "a21026-Avg=35.00,a21026-Flag=N")
+                .await;
+        }
+    }
+    // Wait until the detector has seen everything.
+    let last = hj212_gateway::store::Reader::open(&db)
+        .unwrap()
+        .last_seq()
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let c = hj212_gateway::store::Cursors::open(&db)
+            .unwrap()
+            .get_cursor("alarms")
+            .unwrap()
+            .unwrap_or(0);
+        if c >= last {
+            break;
+        }
+        assert!(Instant::now() < deadline, "detector at {c} of {last}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rows = all(&db);
+    assert!(rows.is_empty(), "false positives: {rows:#?}");
+    gw.stop().await.expect("stop");
+}
