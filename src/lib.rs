@@ -15,6 +15,8 @@
 //! - [`store`]: the frame log (the only module that touches SQLite).
 //! - [`publish`]: consumers of the log; [`publish::mqtt`] republishes to an
 //!   MQTT broker (the only module that touches the MQTT client).
+//! - [`alarm`]: abnormal-data detection, a sans-IO engine and the task that
+//!   follows the log with it (alarms in the store, on MQTT, in `replay`).
 //! - [`daemon`], [`systemd`], [`telemetry`], [`cli`], [`cmd`]: process wiring.
 //!
 //! # Data flow
@@ -23,7 +25,8 @@
 //!    --> store.append_many (bounded queue -> writer thread -> one transaction per batch)
 //!    --> replies (9014/9013) written only after the commit
 //! log --cursor--> MQTT publisher (QoS 1; PUBACK advances the cursor)
-//! log --cursor--> other consumers (upstream pass-through, alarms: later issues)
+//! log --cursor--> alarm detector -> alarms table -> (cursor mqtt.alarms) MQTT {prefix}/{mn}/alarm
+//! log --cursor--> other consumers (upstream pass-through: a later issue)
 //! ```
 
 pub mod alarm;
