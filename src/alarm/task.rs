@@ -91,6 +91,10 @@ struct Detector {
     alarms: AlarmStore,
     registry: Arc<SharedRegistry>,
     cursor: u64,
+    /// Events (and the cursor they reach) the engine has decided but the store has
+    /// not taken yet: retried before anything new is read, because the engine's state
+    /// has already moved past them and must not see the same records twice.
+    pending: Option<(Vec<AlarmEvent>, u64)>,
 }
 
 impl Detector {
@@ -113,6 +117,7 @@ impl Detector {
             alarms,
             registry,
             cursor,
+            pending: None,
         };
         let mut after = cursor.saturating_sub(lookback);
         let mut warmed = 0usize;
@@ -150,6 +155,9 @@ impl Detector {
 
     /// One step; returns true when caught up.
     fn step(&mut self, now_ms: i64) -> Result<bool, StoreError> {
+        if let Some((events, next)) = self.pending.take() {
+            self.persist(events, next)?;
+        }
         let page = self.reader.read_from(self.cursor, PAGE)?;
         let caught_up = page.len() < PAGE;
         let mut events = Vec::new();
@@ -164,12 +172,24 @@ impl Detector {
         if events.is_empty() && next == self.cursor {
             return Ok(caught_up);
         }
-        let written = self.alarms.apply(&events, Some((CURSOR, next)))?;
-        self.cursor = next;
-        for (a, e) in &written {
-            log_event(a, e);
-        }
+        self.persist(events, next)?;
         Ok(caught_up)
+    }
+
+    fn persist(&mut self, events: Vec<AlarmEvent>, next: u64) -> Result<(), StoreError> {
+        match self.alarms.apply(&events, Some((CURSOR, next))) {
+            Ok(written) => {
+                self.cursor = next;
+                for (a, e) in &written {
+                    log_event(a, e);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.pending = Some((events, next));
+                Err(e)
+            }
+        }
     }
 }
 
@@ -207,7 +227,7 @@ pub fn spawn(
                     match r {
                         Ok(c) => c,
                         Err(e) => {
-                            // Nothing was committed: the same page is read again next time.
+                            // Nothing was committed; the events are kept and retried first.
                             error!(error = %e, "alarm detector step failed; retrying");
                             true
                         }
