@@ -322,3 +322,79 @@ impl AlarmStore {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alarm::{Raise, Severity};
+    use crate::store::{Cursors, Store, StoreConfig};
+
+    fn raise(factor: &str) -> AlarmEvent {
+        AlarmEvent::Raise(Raise {
+            key: AlarmKey {
+                kind: "value.range",
+                mn: "M1".into(),
+                factor: factor.into(),
+            },
+            severity: Severity::Critical,
+            start_ms: 1000,
+            seqs: vec![0],
+            message_zh: "中".into(),
+            message_en: "en".into(),
+        })
+    }
+
+    #[test]
+    fn one_active_alarm_per_key_events_in_order_cursor_with_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.db");
+        let (h, j) = Store::open(StoreConfig::new(&path)).unwrap();
+        drop(h);
+        j.join().unwrap();
+        let mut s = AlarmStore::open(&path).unwrap();
+        let w = s
+            .apply(&[raise("a"), raise("a"), raise("b")], Some(("alarms", 0)))
+            .unwrap();
+        assert_eq!(w.len(), 2, "a duplicate raise is ignored");
+        let clear = AlarmEvent::Clear {
+            key: AlarmKey {
+                kind: "value.range",
+                mn: "M1".into(),
+                factor: "a".into(),
+            },
+            end_ms: 500, // before the start: clamped
+            seq: Some(0),
+        };
+        let w = s.apply(&[clear.clone(), clear], None).unwrap();
+        assert_eq!(w.len(), 1, "a second clear finds nothing active");
+        assert_eq!(w[0].0.end_ms, Some(1000));
+        // The same key can be raised again once cleared: a new alarm.
+        assert_eq!(s.apply(&[raise("a")], None).unwrap().len(), 1);
+        let ev = s.events_after(0, 10).unwrap();
+        let kinds: Vec<String> = ev
+            .iter()
+            .map(|e| {
+                let j: serde_json::Value = serde_json::from_str(&e.payload).unwrap();
+                format!(
+                    "{}:{}",
+                    j["event"].as_str().unwrap(),
+                    j["factor"].as_str().unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(kinds, ["raise:a", "raise:b", "clear:a", "raise:a"]);
+        assert_eq!(s.active_keys().unwrap().len(), 2);
+        assert_eq!(
+            Cursors::open(&path).unwrap().get_cursor("alarms").unwrap(),
+            Some(0)
+        );
+        s.set_event_cursor("mqtt.alarms", 4).unwrap();
+        assert_eq!(s.event_cursor("mqtt.alarms").unwrap(), Some(4));
+        s.set_event_cursor("mqtt.alarms", 99).unwrap();
+        assert_eq!(
+            s.event_cursor("mqtt.alarms").unwrap(),
+            Some(4),
+            "not past the last event"
+        );
+    }
+}
