@@ -407,6 +407,24 @@ async fn every_detector_raises_and_clears_through_the_daemon() {
     .unwrap();
     assert_eq!(active, rows.iter().filter(|r| r.end_ms.is_none()).count());
     gw.stop().await.expect("stop");
+    // The command as an operator runs it.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hj212-gateway"))
+        .args(["alarms", "--db"])
+        .arg(&db)
+        .args(["--mn", SPIKE])
+        .output()
+        .expect("run alarms");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().next().unwrap().contains("kind"), "{text}");
+    assert!(text.contains("value.spike"), "{text}");
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_hj212-gateway"))
+        .args(["alarms", "--db"])
+        .arg(&db)
+        .args(["--since", "yesterday"])
+        .output()
+        .expect("run alarms");
+    assert_eq!(bad.status.code(), Some(2));
 
     // The audit replay of the same log runs the same detectors.
     let args = ReplayArgs {
