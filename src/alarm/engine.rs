@@ -44,6 +44,11 @@ struct FactorState {
     window: VecDeque<f64>,
     hug: VecDeque<(Decimal, u64)>,
     flag_since: Option<(i64, u64)>,
+    /// CNs whose latest sample is out of range / inconsistent. One alarm per factor
+    /// covers all series: it clears only when every series is fine again, so a good
+    /// minute average cannot clear (and re-raise) a bad real-time value.
+    range_bad: BTreeSet<String>,
+    mismatch_bad: BTreeSet<String>,
 }
 
 #[derive(Debug, Default)]
@@ -469,6 +474,13 @@ impl Engine {
         }
         let low = fs.min.is_some_and(|m| v < m);
         let high = fs.max.is_some_and(|m| v > m);
+        let st = self.fstate(&o.mn, f);
+        if low || high {
+            st.range_bad.insert(o.cn.clone());
+        } else {
+            st.range_bad.remove(&o.cn);
+        }
+        let any_bad = !st.range_bad.is_empty();
         let key = AlarmKey {
             kind: "value.range",
             mn: o.mn.clone(),
@@ -494,7 +506,7 @@ impl Engine {
                     ),
                 },
             );
-        } else {
+        } else if !any_bad {
             self.clear(out, key, t, Some(o.seq));
         }
     }
@@ -713,6 +725,13 @@ impl Engine {
             mn: o.mn.clone(),
             factor: f.to_owned(),
         };
+        let st = self.fstate(&o.mn, f);
+        if diff > tol {
+            st.mismatch_bad.insert(o.cn.clone());
+        } else {
+            st.mismatch_bad.remove(&o.cn);
+        }
+        let any_bad = !st.mismatch_bad.is_empty();
         if diff > tol {
             let e = expected.round_dp(3);
             self.raise(
@@ -732,7 +751,7 @@ impl Engine {
                     ),
                 },
             );
-        } else {
+        } else if !any_bad {
             self.clear(out, key, t, Some(o.seq));
         }
     }
@@ -959,6 +978,10 @@ mod tests {
         assert!(has(&e.observe(&so2(5, "-0.1")), "raise", "value.range"));
         assert!(has(&e.observe(&so2(6, "1")), "clear", "value.range"));
         assert!(has(&e.observe(&so2(7, "500.01")), "raise", "value.range"));
+        // A good minute average does not clear a bad real-time value.
+        let avg = obs(9, MN, "2051", T0 + 9000, &[("a21026", "Avg", "30")]);
+        assert!(e.observe(&avg).is_empty());
+        assert!(has(&e.observe(&so2(10, "40")), "clear", "value.range"));
         // Flue-gas pressure may be negative.
         let p = obs(8, MN, "2011", T0 + 8000, &[("a01013", "Rtd", "-0.3")]);
         assert!(e.observe(&p).is_empty());
