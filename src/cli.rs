@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::cmd::decode::{self, DecodeArgs, DecodeError};
-use crate::cmd::{self, export, replay, stats, tail, verify};
+use crate::cmd::{self, alarms, export, replay, stats, tail, verify};
 use crate::config::{self, Config};
 use crate::daemon::{self, Overrides, ServeError};
 use crate::protocol::CrcPolicy;
@@ -277,6 +277,32 @@ enum Command {
         /// Start after this seq (0: from the beginning).
         #[arg(long, value_name = "N")]
         since_seq: Option<u64>,
+    },
+    /// Lists the anomaly detector's alarms (see README "Alarms").
+    ///
+    /// Example: hj212-gateway alarms --data /var/lib/hj212-gateway --active --since 24h
+    ///
+    /// Exit 0 on success, 2 on errors.
+    #[command(verbatim_doc_comment)]
+    Alarms {
+        /// Data directory (default: $STATE_DIRECTORY, else ./data).
+        #[arg(long, conflicts_with = "db")]
+        data: Option<PathBuf>,
+        /// The SQLite file itself.
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// Only alarms that are still active.
+        #[arg(long)]
+        active: bool,
+        /// Only this device.
+        #[arg(long)]
+        mn: Option<String>,
+        /// Only alarms active at or ended after this: RFC 3339 or a duration ago (24h).
+        #[arg(long)]
+        since: Option<String>,
+        /// JSON lines (schema hj212.alarm.v1) instead of the table.
+        #[arg(long)]
+        json: bool,
     },
     /// Per-device table: last seen, frames today/total, rejects by reason, dialect, CRC
     /// variant, median clock skew (CN 2011), last DataTime per CN.
@@ -560,6 +586,26 @@ pub fn main() -> ExitCode {
             };
             match tail::run(&args) {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Alarms {
+            data,
+            db,
+            active,
+            mn,
+            since,
+            json,
+        } => {
+            let args = alarms::AlarmsArgs {
+                db: cmd::resolve_db(data.as_deref(), db.as_deref(), None),
+                active,
+                mn,
+                since,
+                json,
+            };
+            match alarms::run(&args, &mut std::io::stdout().lock()) {
+                Ok(_) => ExitCode::SUCCESS,
                 Err(e) => fail(&e),
             }
         }

@@ -89,6 +89,7 @@ pub struct Running {
     tracker: TaskTracker,
     publisher: Option<tokio::task::JoinHandle<()>>,
     upstreams: Vec<tokio::task::JoinHandle<()>>,
+    detector: Option<tokio::task::JoinHandle<()>>,
     writer: WriterJoin,
     config_path: Option<PathBuf>,
 }
@@ -190,8 +191,19 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
             )
         })
         .collect();
+    // The detector, like the publisher, only reads the log behind its own cursor and
+    // writes its own tables; the store writer never waits for it.
+    let detector = shared.cfg.alarms.enabled.then(|| {
+        crate::alarm::task::spawn(
+            shared.cfg.alarms.clone(),
+            store_path.clone(),
+            shared.registry.clone(),
+            shutdown.child_token(),
+        )
+    });
     Ok(Running {
         addrs,
+        detector,
         shutdown,
         shared,
         tracker,
@@ -236,6 +248,16 @@ impl Running {
                 grace_s = grace.as_secs(),
                 "sessions still open after the grace period; closing anyway"
             );
+        }
+        if let Some(d) = self.detector {
+            // Each step commits its events with the cursor, so stopping between steps
+            // loses nothing; a step in flight is short (one page).
+            if tokio::time::timeout(Duration::from_secs(10), d)
+                .await
+                .is_err()
+            {
+                warn!("alarm detector did not stop in time");
+            }
         }
         if let Some(p) = self.publisher {
             // Bounded inside: at most a couple of seconds to get in-flight PUBACKs.

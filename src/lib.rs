@@ -16,6 +16,8 @@
 //! - [`publish`]: consumers of the log; [`publish::mqtt`] republishes to an
 //!   MQTT broker (the only module that touches the MQTT client);
 //!   [`publish::upstream`] forwards frames to HJ 212 platforms.
+//! - [`alarm`]: abnormal-data detection, a sans-IO engine and the task that
+//!   follows the log with it (alarms in the store, on MQTT, in `replay`).
 //! - [`daemon`], [`systemd`], [`telemetry`], [`cli`], [`cmd`]: process wiring.
 //!
 //! # Data flow
@@ -25,9 +27,10 @@
 //!    --> replies (9014/9013) written only after the commit
 //! log --cursor--> MQTT publisher (QoS 1; PUBACK advances the cursor)
 //! log --cursor--> upstream forwarders (HJ 212 pass-through, byte-exact; platform requests relayed down)
-//! log --cursor--> other consumers (alarms: a later issue)
+//! log --cursor--> alarm detector -> alarms table -> (cursor mqtt.alarms) MQTT {prefix}/{mn}/alarm
 //! ```
 
+pub mod alarm;
 pub mod cli;
 pub mod cmd;
 pub mod codec;

@@ -4,6 +4,7 @@
 //! a [`CmdError`] for usage, I/O and configuration problems; what a command found
 //! (tampering, rejected frames) is its `Ok` value, not an error.
 
+pub mod alarms;
 pub mod capture;
 pub mod decode;
 pub mod export;

@@ -22,11 +22,15 @@ use tokio::net::TcpStream;
 
 use super::CmdError;
 use super::capture::{self, Capture, Item, SourceKind};
+use crate::alarm::engine::Engine;
+use crate::alarm::task::Feeder;
+use crate::alarm::{AlarmEvent, AlarmKey, Obs};
 use crate::config::Config;
 use crate::protocol::framing::{self, Cut, FramerConfig};
 use crate::protocol::{self, Frame, Options, Severity, finding::code, reply};
 use crate::registry::Registry;
 use crate::session::{apply_policy, decode_options};
+use crate::store::AlarmRow;
 
 /// How frames are paced with `--to`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -194,6 +198,10 @@ pub struct ReplayReport {
     pub devices: Vec<DeviceAudit>,
     /// With `--to`.
     pub send: Option<SendSummary>,
+    /// What the anomaly detectors (the daemon's, with `[alarms]` of `--config`) raise
+    /// over the inputs, as `hj212.alarm.v1` documents; `seqs` are item numbers
+    /// (1-based, in input order), `end` is null for alarms still active at the end.
+    pub alarms: Vec<serde_json::Value>,
 }
 
 /// Loads the inputs, audits them, sends them if asked; prints the report to `out`.
@@ -256,6 +264,8 @@ pub fn audit(captures: &[Capture], cfg: &Config, registry: &Registry) -> ReplayR
     // (mn, cn) -> DataTimes in arrival order, UTC ms, with their text.
     let mut times: BTreeMap<(String, String), Vec<(i64, String)>> = BTreeMap::new();
     let mut inputs = Vec::new();
+    let mut feeder = Feeder::new(Engine::new(cfg.alarms.clone()));
+    let mut alarms = ReplayAlarms::default();
     for c in captures {
         inputs.push(InputSummary {
             path: c.path.display().to_string(),
@@ -314,6 +324,31 @@ pub fn audit(captures: &[Capture], cfg: &Config, registry: &Registry) -> ReplayR
                 *d.timestamp_findings.entry(x.code.to_owned()).or_default() += 1;
             }
             let cn = f.cn().unwrap_or("").to_owned();
+            if accepted && cfg.alarms.enabled {
+                let dup = f
+                    .qn()
+                    .filter(|q| !q.is_empty())
+                    .is_some_and(|q| seen.contains(&(mn.to_owned(), q.to_owned(), cn.clone())));
+                let video = registry
+                    .get(mn)
+                    .is_some_and(|d| d.kind == crate::config::DeviceKind::Video);
+                let at = item.at_ms.or(f.data_time.map(|d| d.timestamp_millis()));
+                let findings = serde_json::to_string(&f.findings).unwrap_or_else(|_| "[]".into());
+                let o = Obs::from_doc(
+                    t.items,
+                    at.unwrap_or(0),
+                    &protocol::json::frame_doc(&f),
+                    &findings,
+                    dup,
+                    video,
+                );
+                // Without any time there is no clock: only value detectors can judge.
+                let events = match at {
+                    Some(at) => feeder.feed_obs(at, o.as_ref()),
+                    None => o.map(|o| feeder.engine.observe(&o)).unwrap_or_default(),
+                };
+                alarms.apply(events);
+            }
             if let Some(qn) = f.qn().filter(|q| !q.is_empty()) {
                 if !seen.insert((mn.to_owned(), qn.to_owned(), cn.clone())) {
                     d.duplicates += 1;
@@ -357,6 +392,49 @@ pub fn audit(captures: &[Capture], cfg: &Config, registry: &Registry) -> ReplayR
         totals: t,
         devices: devices.into_values().collect(),
         send: None,
+        alarms: alarms.rows.iter().map(|r| r.to_json(None)).collect(),
+    }
+}
+
+/// The alarms table of `replay`, in memory: same raise/clear rules as the store.
+#[derive(Default)]
+struct ReplayAlarms {
+    rows: Vec<AlarmRow>,
+    active: HashMap<AlarmKey, usize>,
+}
+
+impl ReplayAlarms {
+    fn apply(&mut self, events: Vec<AlarmEvent>) {
+        for e in events {
+            match e {
+                AlarmEvent::Raise(r) => {
+                    if self.active.contains_key(&r.key) {
+                        continue;
+                    }
+                    self.active.insert(r.key.clone(), self.rows.len());
+                    self.rows.push(AlarmRow {
+                        id: self.rows.len() as i64 + 1,
+                        kind: r.key.kind.to_owned(),
+                        severity: r.severity.as_str().to_owned(),
+                        mn: r.key.mn,
+                        factor: r.key.factor,
+                        start_ms: r.start_ms,
+                        end_ms: None,
+                        seqs: r.seqs,
+                        clear_seq: None,
+                        message_zh: r.message_zh,
+                        message_en: r.message_en,
+                    });
+                }
+                AlarmEvent::Clear { key, end_ms, seq } => {
+                    if let Some(i) = self.active.remove(&key) {
+                        let row = &mut self.rows[i];
+                        row.end_ms = Some(end_ms.max(row.start_ms));
+                        row.clear_seq = seq;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -462,6 +540,26 @@ fn print(r: &ReplayReport, out: &mut dyn Write) -> std::io::Result<()> {
                 writeln!(out, "    gap {a} -> {b}")?;
             }
         }
+    }
+    let active = r.alarms.iter().filter(|a| a["end"].is_null()).count();
+    writeln!(
+        out,
+        "alarms: {} ({active} active at the end)",
+        r.alarms.len()
+    )?;
+    for a in &r.alarms {
+        let s = |k: &str| a[k].as_str().unwrap_or("-").to_owned();
+        writeln!(
+            out,
+            "  {} {} {} {} {} -> {}: {}",
+            s("severity"),
+            s("kind"),
+            s("mn"),
+            s("factor"),
+            s("start"),
+            s("end"),
+            a["message"]["en"].as_str().unwrap_or("")
+        )?;
     }
     if let Some(s) = &r.send {
         writeln!(

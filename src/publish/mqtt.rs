@@ -25,11 +25,15 @@
 //! - Ingest never waits: sessions only append to the log; presence changes go
 //!   through [`Presence`], which never blocks.
 //!
+//! Alarms (see `crate::alarm`) are published on `{prefix}/{mn}/alarm` from a third
+//! cursor, `mqtt.alarms`, over the `alarm_events` table: same client, same QoS, the
+//! cursor advances to the highest event id below which everything is acknowledged.
+//!
 //! Split-upload groups are rebuilt on start from the second cursor
 //! `mqtt.merge` (the lowest seq of any group still open or whose merged message
 //! is not yet acknowledged), so a restart loses no group.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,12 +50,16 @@ use super::merge::{Merged, Merger, Part};
 use super::plan::{self, PlanOptions};
 use super::presence::{DeviceStatus, Presence};
 use crate::config::{ConfigError, MqttSection, parse_broker_url};
-use crate::store::{Cursors, Reader, StoreError};
+use crate::store::{AlarmStore, Cursors, Reader, StoreError};
 
 /// Cursor of published (and acknowledged) records.
 pub const CURSOR: &str = "mqtt";
 /// Cursor below which no split-upload group is open or unacknowledged.
 pub const MERGE_CURSOR: &str = "mqtt.merge";
+/// Cursor of published (and acknowledged) alarm events (`alarm_events.id`).
+pub const ALARM_CURSOR: &str = "mqtt.alarms";
+/// Alarm events handed to the client at once.
+const ALARM_BATCH: usize = 256;
 
 /// Payload of the retained gateway status while connected.
 pub const ONLINE: &str = "online";
@@ -279,6 +287,7 @@ enum Tag {
     Data(u64),
     Merged(u64),
     Presence(String, DeviceStatus),
+    Alarm(u64),
     Status,
 }
 
@@ -325,6 +334,13 @@ struct Publisher {
     merged_unacked: BTreeMap<u64, (u64, Msg)>,
     next_merged_id: u64,
     presence_unacked: HashMap<String, DeviceStatus>,
+    alarms: Arc<Mutex<AlarmStore>>,
+    /// Every alarm event up to here is acknowledged.
+    alarm_acked: u64,
+    /// Highest alarm event queued on this connection.
+    alarm_next: u64,
+    alarm_unacked: BTreeSet<u64>,
+    alarm_persisted: u64,
     ctrl: VecDeque<Msg>,
     data: VecDeque<Msg>,
     // Per connection:
@@ -340,17 +356,20 @@ impl Publisher {
         presence: Arc<Presence>,
     ) -> Result<Publisher, StoreError> {
         let db = db.to_owned();
-        let (reader, cursors, data, merge) = tokio::task::spawn_blocking(move || {
-            let reader = Reader::open(&db)?;
-            let cursors = Cursors::open(&db)?;
-            let data = cursors.get_cursor(CURSOR)?.unwrap_or(0);
-            let merge = cursors.get_cursor(MERGE_CURSOR)?.unwrap_or(data).min(data);
-            Ok::<_, StoreError>((reader, cursors, data, merge))
-        })
-        .await
-        .map_err(|e| StoreError::Io {
-            source: std::io::Error::other(e.to_string()),
-        })??;
+        let (reader, cursors, data, merge, alarms, alarm) =
+            tokio::task::spawn_blocking(move || {
+                let reader = Reader::open(&db)?;
+                let cursors = Cursors::open(&db)?;
+                let data = cursors.get_cursor(CURSOR)?.unwrap_or(0);
+                let merge = cursors.get_cursor(MERGE_CURSOR)?.unwrap_or(data).min(data);
+                let alarms = AlarmStore::open(&db)?;
+                let alarm = alarms.event_cursor(ALARM_CURSOR)?.unwrap_or(0);
+                Ok::<_, StoreError>((reader, cursors, data, merge, alarms, alarm))
+            })
+            .await
+            .map_err(|e| StoreError::Io {
+                source: std::io::Error::other(e.to_string()),
+            })??;
         info!(
             cursor = data,
             merge_cursor = merge,
@@ -374,6 +393,11 @@ impl Publisher {
             merged_unacked: BTreeMap::new(),
             next_merged_id: 0,
             presence_unacked: HashMap::new(),
+            alarms: Arc::new(Mutex::new(alarms)),
+            alarm_acked: alarm,
+            alarm_next: alarm,
+            alarm_unacked: BTreeSet::new(),
+            alarm_persisted: alarm,
             ctrl: VecDeque::new(),
             data: VecDeque::new(),
             sent_fifo: VecDeque::new(),
@@ -445,6 +469,8 @@ impl Publisher {
         self.inflight.clear();
         self.in_client = 0;
         self.caught_up = false;
+        self.alarm_next = self.alarm_acked;
+        self.alarm_unacked.clear();
         self.ctrl.push_back(Msg {
             topic: self.s.gateway_topic(),
             payload: ONLINE.into(),
@@ -512,6 +538,7 @@ impl Publisher {
                         let due = self.merger.expire(chrono::Utc::now().timestamp_millis());
                         self.enqueue_merged(due);
                     }
+                    self.read_alarms().await;
                     if ticks % PERSIST_EVERY == 0 {
                         self.persist().await;
                     }
@@ -677,7 +704,54 @@ impl Publisher {
                     self.presence_unacked.remove(&mn);
                 }
             }
+            Tag::Alarm(id) => {
+                self.alarm_unacked.remove(&id);
+                self.alarm_acked = match self.alarm_unacked.first() {
+                    Some(lowest) => lowest - 1,
+                    None => self.alarm_next,
+                };
+            }
             Tag::Status => {}
+        }
+    }
+
+    /// Queues new alarm events (once per idle tick, a bounded batch). The query is a
+    /// short indexed read; awaiting it delays the event loop by about a millisecond.
+    async fn read_alarms(&mut self) {
+        if !self.alarm_unacked.is_empty() {
+            return;
+        }
+        let (store, after) = (self.alarms.clone(), self.alarm_next);
+        let read = tokio::task::spawn_blocking(move || {
+            store
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .events_after(after, ALARM_BATCH)
+        })
+        .await;
+        let events = match read {
+            Ok(Ok(e)) => e,
+            Ok(Err(e)) => {
+                error!(error = %e, "MQTT publisher cannot read alarm events; retrying");
+                return;
+            }
+            Err(_) => return,
+        };
+        for e in events {
+            self.alarm_next = e.id;
+            if !plan::topic_level_ok(&e.mn) {
+                continue;
+            }
+            self.alarm_unacked.insert(e.id);
+            self.ctrl.push_back(Msg {
+                topic: format!("{}/{}/alarm", self.s.plan.prefix, e.mn),
+                payload: e.payload.into_bytes(),
+                retain: false,
+                tag: Tag::Alarm(e.id),
+            });
+        }
+        if self.alarm_unacked.is_empty() {
+            self.alarm_acked = self.alarm_next;
         }
     }
 
@@ -703,16 +777,25 @@ impl Publisher {
         }
         let data = self.acked.max(self.floor);
         let merge = self.merge_cursor();
-        if (data, merge) == self.persisted {
+        let alarm = self.alarm_acked;
+        if (data, merge) == self.persisted && alarm == self.alarm_persisted {
             return;
         }
         self.persisted = (data, merge);
+        self.alarm_persisted = alarm;
         let cursors = self.cursors.clone();
+        let alarms = self.alarms.clone();
         self.persist_task = Some(tokio::task::spawn_blocking(move || {
             let c = cursors.lock().unwrap_or_else(|e| e.into_inner());
             if let Err(e) = c
                 .set_cursor(CURSOR, data)
                 .and_then(|()| c.set_cursor(MERGE_CURSOR, merge))
+                .and_then(|()| {
+                    alarms
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .set_event_cursor(ALARM_CURSOR, alarm)
+                })
             {
                 error!(error = %e, "MQTT cursor not saved; a restart repeats more messages");
             }

@@ -92,6 +92,7 @@
 //! survives power loss. [`SyncMode::Normal`] survives a process crash but may lose the
 //! last commits on power loss. [`SyncMode::Off`] is for tests and benchmarks only.
 
+mod alarms;
 mod audit;
 mod chain;
 mod error;
@@ -103,6 +104,7 @@ mod writer;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use alarms::{AlarmEventRow, AlarmFilter, AlarmRow, AlarmStore};
 pub use audit::{DeviceStats, InboundFrame, device_stats, scan_inbound_frames};
 pub use chain::{BreakReason, ChainBreak, ChainHead, ChainReport, verify_chain};
 pub use error::StoreError;

@@ -81,6 +81,35 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER meta_no_delete BEFORE DELETE ON meta
     BEGIN SELECT RAISE(ABORT, 'the chain head cannot be deleted'); END;
     "#,
+    // 1 -> 2: alarms of the anomaly detector. Outside the hash chain, like cursors:
+    // derived data that `replay` can recompute from the records at any time.
+    r#"
+    CREATE TABLE alarms (
+        id          INTEGER PRIMARY KEY,
+        kind        TEXT    NOT NULL,
+        severity    TEXT    NOT NULL CHECK (severity IN ('warning', 'critical')),
+        mn          TEXT    NOT NULL,
+        factor      TEXT    NOT NULL,
+        start_ms    INTEGER NOT NULL,
+        end_ms      INTEGER,
+        seqs        TEXT    NOT NULL,
+        clear_seq   INTEGER,
+        message_zh  TEXT    NOT NULL,
+        message_en  TEXT    NOT NULL
+    ) STRICT;
+    -- One active alarm per condition: a duplicate raise fails instead of piling up.
+    CREATE UNIQUE INDEX alarms_one_active ON alarms (kind, mn, factor) WHERE end_ms IS NULL;
+    CREATE INDEX alarms_mn_start ON alarms (mn, start_ms);
+
+    -- Every raise and clear in order: what the MQTT publisher follows with its own cursor.
+    CREATE TABLE alarm_events (
+        id        INTEGER PRIMARY KEY,
+        alarm_id  INTEGER NOT NULL REFERENCES alarms (id),
+        event     TEXT    NOT NULL CHECK (event IN ('raise', 'clear')),
+        mn        TEXT    NOT NULL,
+        payload   TEXT    NOT NULL
+    ) STRICT;
+    "#,
 ];
 
 /// The schema version this build writes.

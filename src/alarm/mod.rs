@@ -1,0 +1,221 @@
+//! Abnormal-data detection: detectors over the frame log that raise and clear alarms.
+//!
+//! [`engine`] is sans-IO and deterministic: observations (accepted inbound frames) and
+//! clock ticks in, [`AlarmEvent`]s out. [`task`] wires it to the log: it reads behind
+//! its own cursor `alarms`, ticks the clock for `device.offline`, and persists each
+//! batch of events together with the cursor in one transaction, so a crash can neither
+//! lose nor duplicate an alarm. The same engine runs in `replay` (audit) over history.
+
+pub mod engine;
+pub mod task;
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use rust_decimal::Decimal;
+
+use crate::store::{Direction, Kind, StoredRecord, Verdict};
+
+/// How serious an alarm is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// Worth a look.
+    Warning,
+    /// Data are missing or likely falsified.
+    Critical,
+}
+
+impl Severity {
+    /// `warning` or `critical`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+/// One value of a frame's `values` map.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Val {
+    /// A number with the device's exact digits.
+    Num(Decimal),
+    /// A flag, time or text.
+    Text(String),
+}
+
+/// What the engine needs of one accepted inbound frame.
+#[derive(Debug, Clone, Default)]
+pub struct Obs {
+    /// Log seq.
+    pub seq: u64,
+    /// Receive time, UTC unix ms.
+    pub received_ms: i64,
+    /// Device.
+    pub mn: String,
+    /// Command code.
+    pub cn: String,
+    /// DataTime as UTC unix ms.
+    pub data_time_ms: Option<i64>,
+    /// `RF=1` (re-sent data).
+    pub rf: bool,
+    /// Retransmission of an earlier `(mn, qn, cn)`.
+    pub duplicate: bool,
+    /// Finding codes of the frame.
+    pub findings: Vec<String>,
+    /// factor -> suffix -> value.
+    pub values: BTreeMap<String, BTreeMap<String, Val>>,
+    /// The device is a video gateway (`kind = "video"`): only offline checks.
+    pub video: bool,
+}
+
+impl Obs {
+    /// A numeric value, if present.
+    pub fn num(&self, factor: &str, suffix: &str) -> Option<Decimal> {
+        match self.values.get(factor)?.get(suffix)? {
+            Val::Num(d) => Some(*d),
+            Val::Text(_) => None,
+        }
+    }
+
+    /// A text value (flags), if present.
+    pub fn text(&self, factor: &str, suffix: &str) -> Option<&str> {
+        match self.values.get(factor)?.get(suffix)? {
+            Val::Text(s) => Some(s),
+            Val::Num(_) => None,
+        }
+    }
+
+    /// Builds the observation of a stored record; `None` for anything that is not an
+    /// accepted inbound frame with an MN (replies, junk, rejected frames carry no
+    /// trustworthy data).
+    pub fn from_record(r: &StoredRecord, video: bool) -> Option<Obs> {
+        if r.direction != Direction::In || r.kind != Kind::Frame || r.verdict != Verdict::Accepted {
+            return None;
+        }
+        Obs::from_doc(
+            r.seq,
+            r.received_at_ms,
+            &r.doc,
+            &r.findings,
+            r.duplicate,
+            video,
+        )
+    }
+
+    /// Builds an observation from a frame document (`hj212.frame.v1` text, as stored
+    /// and as `replay` produces it) and its findings array text. The caller has
+    /// already decided that the frame was accepted.
+    pub fn from_doc(
+        seq: u64,
+        received_ms: i64,
+        doc: &str,
+        findings: &str,
+        duplicate: bool,
+        video: bool,
+    ) -> Option<Obs> {
+        let doc: serde_json::Value = serde_json::from_str(doc).ok()?;
+        let text = |k: &str| doc.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+        let mn = text("mn").filter(|m| !m.is_empty())?;
+        let mut values = BTreeMap::new();
+        if let Some(map) = doc.get("values").and_then(|v| v.as_object()) {
+            for (factor, sufs) in map {
+                let Some(sufs) = sufs.as_object() else {
+                    continue;
+                };
+                let mut out = BTreeMap::new();
+                for (suffix, v) in sufs {
+                    let val = match v {
+                        // arbitrary_precision: the number's text is the device's digits.
+                        serde_json::Value::Number(n) => match Decimal::from_str(&n.to_string())
+                            .or_else(|_| Decimal::from_scientific(&n.to_string()))
+                        {
+                            Ok(d) => Val::Num(d),
+                            Err(_) => continue,
+                        },
+                        serde_json::Value::String(s) => Val::Text(s.clone()),
+                        _ => continue,
+                    };
+                    out.insert(suffix.clone(), val);
+                }
+                values.insert(factor.clone(), out);
+            }
+        }
+        let findings = serde_json::from_str::<serde_json::Value>(findings)
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|f| f.get("code").and_then(|c| c.as_str()).map(str::to_owned))
+            .collect();
+        let data_time_ms = text("data_time")
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
+            .map(|t| t.timestamp_millis());
+        Some(Obs {
+            seq,
+            received_ms,
+            mn,
+            cn: text("cn").unwrap_or_default(),
+            data_time_ms,
+            rf: doc.get("rf").and_then(|v| v.as_bool()).unwrap_or(false),
+            duplicate,
+            findings,
+            values,
+            video,
+        })
+    }
+}
+
+/// Identity of a condition: at most one active alarm per key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AlarmKey {
+    /// Detector name, e.g. `value.stuck`.
+    pub kind: &'static str,
+    /// Device.
+    pub mn: String,
+    /// Factor code; for `data.gap` the CN of the series; empty for device-wide alarms.
+    pub factor: String,
+}
+
+/// A condition started.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Raise {
+    /// What and where.
+    pub key: AlarmKey,
+    /// How serious.
+    pub severity: Severity,
+    /// When the condition started (UTC unix ms).
+    pub start_ms: i64,
+    /// Seqs of the frames that support it.
+    pub seqs: Vec<u64>,
+    /// Chinese message.
+    pub message_zh: String,
+    /// English message.
+    pub message_en: String,
+}
+
+/// What the engine decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AlarmEvent {
+    /// A condition started.
+    Raise(Raise),
+    /// The condition of an active alarm ended.
+    Clear {
+        /// Which alarm.
+        key: AlarmKey,
+        /// When it ended (UTC unix ms).
+        end_ms: i64,
+        /// The frame that ended it, if a frame did (not for a tick).
+        seq: Option<u64>,
+    },
+}
+
+impl AlarmEvent {
+    /// The alarm's key.
+    pub fn key(&self) -> &AlarmKey {
+        match self {
+            AlarmEvent::Raise(r) => &r.key,
+            AlarmEvent::Clear { key, .. } => key,
+        }
+    }
+}

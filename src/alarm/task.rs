@@ -1,0 +1,252 @@
+//! The detector task: the engine behind its own cursor on the frame log.
+//!
+//! Each step reads a page of records after the cursor `alarms`, feeds the accepted
+//! inbound frames to the engine (ticking the engine's clock with the records' receive
+//! times, so a backlog is judged as it happened), then, once caught up, ticks with the
+//! wall clock for `device.offline`. The events of a step and the new cursor are
+//! committed in one transaction.
+//!
+//! On start the engine is rebuilt: up to `lookback` records before the cursor are fed
+//! with their events discarded (cadences, windows, runs), then the active set is
+//! replaced by the table's active alarms, so nothing active is raised twice. A store
+//! without the cursor starts at its head (history is the job of `replay`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::engine::Engine;
+use super::{AlarmEvent, Obs};
+use crate::config::{AlarmsSection, DeviceKind};
+use crate::registry::SharedRegistry;
+use crate::store::{AlarmRow, AlarmStore, Cursors, Reader, StoreError, StoredRecord};
+
+/// The detector's cursor in the `cursors` table.
+pub const CURSOR: &str = "alarms";
+/// Records read per step.
+const PAGE: usize = 1024;
+/// The engine clock is ticked at most this often while reading records (ms).
+const TICK_EVERY_MS: i64 = 1000;
+
+/// Logs one persisted alarm event at warn (the operator's signal).
+pub fn log_event(a: &AlarmRow, event: &str) {
+    warn!(
+        alarm_id = a.id,
+        event,
+        kind = %a.kind,
+        severity = %a.severity,
+        mn = %a.mn,
+        factor = %a.factor,
+        message = %a.message_en,
+        "alarm"
+    );
+}
+
+/// Feeds records to an engine, ticking its clock from the records' receive times.
+/// Shared by the task and `replay`.
+#[derive(Debug)]
+pub struct Feeder {
+    /// The engine.
+    pub engine: Engine,
+    last_tick: Option<i64>,
+}
+
+impl Feeder {
+    /// Wraps an engine.
+    pub fn new(engine: Engine) -> Feeder {
+        Feeder {
+            engine,
+            last_tick: None,
+        }
+    }
+
+    /// One record (any record: only accepted inbound frames are observed).
+    pub fn feed(&mut self, r: &StoredRecord, video: bool) -> Vec<AlarmEvent> {
+        self.feed_obs(r.received_at_ms, Obs::from_record(r, video).as_ref())
+    }
+
+    /// The clock at `at_ms` (UTC unix ms), then the observation if any.
+    pub fn feed_obs(&mut self, at_ms: i64, o: Option<&Obs>) -> Vec<AlarmEvent> {
+        let mut out = Vec::new();
+        if self
+            .last_tick
+            .is_none_or(|t| at_ms.saturating_sub(t) >= TICK_EVERY_MS)
+        {
+            self.last_tick = Some(at_ms);
+            out.extend(self.engine.tick(at_ms));
+        }
+        if let Some(o) = o {
+            out.extend(self.engine.observe(o));
+        }
+        out
+    }
+}
+
+struct Detector {
+    feeder: Feeder,
+    reader: Reader,
+    alarms: AlarmStore,
+    registry: Arc<SharedRegistry>,
+    cursor: u64,
+    /// Events (and the cursor they reach) the engine has decided but the store has
+    /// not taken yet: retried before anything new is read, because the engine's state
+    /// has already moved past them and must not see the same records twice.
+    pending: Option<(Vec<AlarmEvent>, u64)>,
+}
+
+impl Detector {
+    fn open(
+        cfg: AlarmsSection,
+        db: &Path,
+        registry: Arc<SharedRegistry>,
+    ) -> Result<Self, StoreError> {
+        let reader = Reader::open(db)?;
+        let alarms = AlarmStore::open(db)?;
+        let cursors = Cursors::open(db)?;
+        let cursor = match cursors.get_cursor(CURSOR)? {
+            Some(c) => c,
+            None => reader.last_seq()?,
+        };
+        let lookback = cfg.lookback as u64;
+        let mut d = Detector {
+            feeder: Feeder::new(Engine::new(cfg)),
+            reader,
+            alarms,
+            registry,
+            cursor,
+            pending: None,
+        };
+        let mut after = cursor.saturating_sub(lookback);
+        let mut warmed = 0usize;
+        while after < cursor {
+            let page = d.reader.read_from(after, PAGE)?;
+            if page.is_empty() {
+                break;
+            }
+            for r in page.iter().take_while(|r| r.seq <= cursor) {
+                let video = d.is_video(r);
+                let _ = d.feeder.feed(r, video);
+                warmed += 1;
+            }
+            after = page.last().map_or(cursor, |r| r.seq);
+        }
+        let active = d.alarms.active_keys()?;
+        info!(
+            cursor,
+            warmed,
+            active = active.len(),
+            "alarm detector resumes from its cursor"
+        );
+        d.feeder.engine.set_active(active);
+        Ok(d)
+    }
+
+    fn is_video(&self, r: &StoredRecord) -> bool {
+        r.mn.as_deref().is_some_and(|mn| {
+            self.registry
+                .current()
+                .get(mn)
+                .is_some_and(|d| d.kind == DeviceKind::Video)
+        })
+    }
+
+    /// One step; returns true when caught up.
+    fn step(&mut self, now_ms: i64) -> Result<bool, StoreError> {
+        if let Some((events, next)) = self.pending.take() {
+            self.persist(events, next)?;
+        }
+        let page = self.reader.read_from(self.cursor, PAGE)?;
+        let caught_up = page.len() < PAGE;
+        let mut events = Vec::new();
+        for r in &page {
+            let video = self.is_video(r);
+            events.extend(self.feeder.feed(r, video));
+        }
+        if caught_up {
+            events.extend(self.feeder.engine.tick(now_ms));
+        }
+        let next = page.last().map_or(self.cursor, |r| r.seq);
+        if events.is_empty() && next == self.cursor {
+            return Ok(caught_up);
+        }
+        self.persist(events, next)?;
+        Ok(caught_up)
+    }
+
+    fn persist(&mut self, events: Vec<AlarmEvent>, next: u64) -> Result<(), StoreError> {
+        match self.alarms.apply(&events, Some((CURSOR, next))) {
+            Ok(written) => {
+                self.cursor = next;
+                for (a, e) in &written {
+                    log_event(a, e);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.pending = Some((events, next));
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Starts the detector on the log at `db`; it runs until `shutdown` is cancelled.
+pub fn spawn(
+    cfg: AlarmsSection,
+    db: PathBuf,
+    registry: Arc<SharedRegistry>,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let tick = cfg.tick.0;
+        let opened = tokio::task::spawn_blocking(move || Detector::open(cfg, &db, registry)).await;
+        let mut d = match opened {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                error!(error = %e, "alarm detector cannot open the frame log; no alarms");
+                return;
+            }
+            Err(e) => {
+                error!(error = %e, "alarm detector failed to start");
+                return;
+            }
+        };
+        loop {
+            let now = chrono::Utc::now().timestamp_millis();
+            let res = tokio::task::spawn_blocking(move || {
+                let r = d.step(now);
+                (d, r)
+            })
+            .await;
+            let caught_up = match res {
+                Ok((back, r)) => {
+                    d = back;
+                    match r {
+                        Ok(c) => c,
+                        Err(e) => {
+                            // Nothing was committed; the events are kept and retried first.
+                            error!(error = %e, "alarm detector step failed; retrying");
+                            true
+                        }
+                    }
+                }
+                Err(e) => {
+                    error!(error = %e, "alarm detector panicked; stopping");
+                    return;
+                }
+            };
+            if shutdown.is_cancelled() {
+                return;
+            }
+            if caught_up {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(tick) => {}
+                }
+            }
+        }
+    })
+}
