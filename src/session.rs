@@ -761,29 +761,50 @@ impl Session {
         received_at_ms: i64,
         accepted: bool,
     ) -> NewRecord {
-        NewRecord {
-            received_at_ms,
-            peer: self.peer_text.clone(),
-            session: self.id,
+        frame_record(
+            f,
+            &self.peer_text,
+            self.id,
             direction,
-            kind: Kind::Frame,
-            raw: f.raw.clone(),
-            dialect: f.dialect.map(|d| d.as_str().to_owned()),
-            st: f.st().map(str::to_owned),
-            cn: f.cn().map(str::to_owned),
-            mn: f.mn().map(str::to_owned),
-            qn: f.qn().map(str::to_owned),
-            data_time: f
-                .data_time
-                .map(|t| protocol::time::rfc3339(t, f.data_time_ms)),
-            verdict: if accepted {
-                Verdict::Accepted
-            } else {
-                Verdict::Rejected
-            },
-            findings: findings_json(&f.findings),
-            doc: json::frame_doc(f),
-        }
+            received_at_ms,
+            accepted,
+        )
+    }
+}
+
+/// The log record of a decoded frame: the exact bytes, the header fields the
+/// log indexes, the verdict, the findings and the frame JSON document. Used by
+/// sessions and by the upstream forwarders for what they relay.
+pub fn frame_record(
+    f: &Frame,
+    peer: &str,
+    session: u64,
+    direction: Direction,
+    received_at_ms: i64,
+    accepted: bool,
+) -> NewRecord {
+    NewRecord {
+        received_at_ms,
+        peer: peer.to_owned(),
+        session,
+        direction,
+        kind: Kind::Frame,
+        raw: f.raw.clone(),
+        dialect: f.dialect.map(|d| d.as_str().to_owned()),
+        st: f.st().map(str::to_owned),
+        cn: f.cn().map(str::to_owned),
+        mn: f.mn().map(str::to_owned),
+        qn: f.qn().map(str::to_owned),
+        data_time: f
+            .data_time
+            .map(|t| protocol::time::rfc3339(t, f.data_time_ms)),
+        verdict: if accepted {
+            Verdict::Accepted
+        } else {
+            Verdict::Rejected
+        },
+        findings: findings_json(&f.findings),
+        doc: json::frame_doc(f),
     }
 }
 

@@ -35,7 +35,7 @@ use super::plan::is_quarantined;
 use crate::codec::{Hj212Codec, Item};
 use crate::config::{UpstreamEntry, UpstreamMode, UpstreamStart};
 use crate::protocol::reply::Target;
-use crate::protocol::{self, DeviceLookup, Dialect, Frame, json, reply};
+use crate::protocol::{self, DeviceLookup, Dialect, Frame, reply};
 use crate::session::{Downlink, Shared, decode_options};
 use crate::store::{
     Cursors, Direction, Kind, NewRecord, Reader, StoreError, StoredRecord, Verdict,
@@ -539,29 +539,14 @@ impl Forwarder {
     }
 
     fn record(&self, f: &Frame, direction: Direction, session: u64) -> NewRecord {
-        NewRecord {
-            received_at_ms: chrono::Utc::now().timestamp_millis(),
-            peer: self.e.name.clone(),
+        crate::session::frame_record(
+            f,
+            &self.e.name,
             session,
             direction,
-            kind: Kind::Frame,
-            raw: f.raw.clone(),
-            dialect: f.dialect.map(|d| d.as_str().to_owned()),
-            st: f.st().map(str::to_owned),
-            cn: f.cn().map(str::to_owned),
-            mn: f.mn().map(str::to_owned),
-            qn: f.qn().map(str::to_owned),
-            data_time: f
-                .data_time
-                .map(|t| protocol::time::rfc3339(t, f.data_time_ms)),
-            verdict: if f.has_error() {
-                Verdict::Rejected
-            } else {
-                Verdict::Accepted
-            },
-            findings: serde_json::to_string(&f.findings).unwrap_or_else(|_| "[]".into()),
-            doc: json::frame_doc(f),
-        }
+            chrono::Utc::now().timestamp_millis(),
+            !f.has_error(),
+        )
     }
 
     /// Waits the current backoff (false on shutdown), then doubles it.
