@@ -8,18 +8,16 @@ mod common;
 mod mqtt_support;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{mn, qn, upload};
+use common::{Bin, mn, qn, upload};
 use hj212_gateway::config::Config;
 use hj212_gateway::daemon::{self, Overrides, Running};
 use hj212_gateway::protocol::{crc, crypt, reply};
 use hj212_gateway::store::{Direction, Reader, RecordFilter, StoredRecord, Verdict};
-use mqtt_support::{Device, PATIENCE, Subscriber, data_seqs, free_port, rumqttd, rumqttd_on};
+use mqtt_support::{Device, Subscriber, data_seqs, free_port, rumqttd, rumqttd_on};
 
 const KEY_HEX: &str = "30303030303030303030303030303030";
 const MN_2025: &str = "010000A8900016F000169DC0";
@@ -302,61 +300,6 @@ async fn split_uploads_are_merged_complete_or_after_the_wait() {
     assert_eq!(b["seqs"], serde_json::json!([seq_of(&qn(11))]));
     assert_eq!(b["findings"][0]["code"], "packets.incomplete");
     gw.running.stop().await.expect("stop");
-}
-
-/// The built binary, as an operator runs it.
-struct Bin {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Bin {
-    fn spawn(config: &Path, data: &Path) -> Bin {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hj212-gateway"))
-            .arg("serve")
-            .arg("--config")
-            .arg(config)
-            .arg("--data")
-            .arg(data)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn gateway");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + PATIENCE;
-        let addr = loop {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("listening line");
-            if let Some(i) = line.find("listen=[") {
-                let rest = &line[i + 8..];
-                break rest[..rest.find(']').unwrap()].parse().expect("addr");
-            }
-        };
-        // Keep draining so the daemon never blocks on a full pipe.
-        std::thread::spawn(move || while rx.recv().is_ok() {});
-        Bin { child, addr }
-    }
-
-    fn sigkill(&mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("wait");
-    }
-}
-
-impl Drop for Bin {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

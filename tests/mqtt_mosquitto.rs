@@ -10,13 +10,10 @@ mod common;
 mod mqtt_support;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{mn, qn, upload};
+use common::{Bin, mn, qn, upload};
 use hj212_gateway::config::Config;
 use hj212_gateway::daemon::{self, Overrides};
 use hj212_gateway::store::{Direction, Reader, RecordFilter, Verdict};
@@ -168,44 +165,6 @@ async fn mosquitto_tls_listener_with_a_generated_ca() {
     gw.stop().await.expect("stop");
 }
 
-struct Bin {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Bin {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn_bin(config: &Path, data: &Path) -> Bin {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hj212-gateway"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .arg("--data")
-        .arg(data)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn gateway");
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let deadline = Instant::now() + PATIENCE;
-    let addr = loop {
-        assert!(Instant::now() < deadline, "no listening line");
-        let line = lines.next().expect("stderr line").expect("utf-8");
-        if let Some(i) = line.find("listen=[") {
-            let rest = &line[i + 8..];
-            break rest[..rest.find(']').unwrap()].parse().expect("addr");
-        }
-    };
-    std::thread::spawn(move || for _ in lines.by_ref() {});
-    Bin { child, addr }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_and_last_will_of_a_killed_gateway() {
     let Some(bin) = mosquitto_bin() else { return };
@@ -227,7 +186,7 @@ async fn presence_and_last_will_of_a_killed_gateway() {
         ),
     )
     .expect("config");
-    let mut gw = spawn_bin(&cfg, &dir.path().join("data"));
+    let mut gw = Bin::spawn(&cfg, &dir.path().join("data"));
     let gw_topic = "hj212/_gateway/gw-will/status";
     sub.wait_for("gateway online", |g| {
         g.iter()
@@ -251,8 +210,7 @@ async fn presence_and_last_will_of_a_killed_gateway() {
     })
     .await;
 
-    gw.child.kill().expect("SIGKILL");
-    gw.child.wait().expect("wait");
+    gw.sigkill();
     sub.wait_for("last will: offline", |g| {
         g.iter()
             .any(|m| m.topic == gw_topic && m.payload == b"offline")

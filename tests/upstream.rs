@@ -7,16 +7,14 @@
 #[allow(dead_code)]
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use common::{mn, qn, upload};
+use common::{Bin, mn, qn, upload};
 use hj212_gateway::codec::{Hj212Codec, Item};
 use hj212_gateway::config::Config;
 use hj212_gateway::daemon::{self, Overrides, Running};
@@ -515,55 +513,6 @@ async fn start_now_skips_history_and_oldest_sends_it() {
     assert_eq!(now.got(), std::slice::from_ref(&new));
     assert_eq!(oldest.got(), [old, new]);
     gw.stop().await.unwrap();
-}
-
-/// The built binary, as an operator runs it.
-struct Bin {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Bin {
-    fn spawn(config: &Path, data: &Path) -> Bin {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hj212-gateway"))
-            .arg("serve")
-            .arg("--config")
-            .arg(config)
-            .arg("--data")
-            .arg(data)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn gateway");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + PATIENCE;
-        let addr = loop {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("listening line");
-            if let Some(i) = line.find("listen=[") {
-                let rest = &line[i + 8..];
-                break rest[..rest.find(']').unwrap()].parse().expect("addr");
-            }
-        };
-        std::thread::spawn(move || while rx.recv().is_ok() {});
-        Bin { child, addr }
-    }
-}
-
-impl Drop for Bin {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -55,3 +55,71 @@ pub fn expected_ack(frame: &[u8]) -> Vec<u8> {
         .expect("frame asks for an ack")
         .to_vec()
 }
+
+/// The built binary, as an operator runs it: `serve --config C --data D`, with
+/// the bound address read from its "listening" log line. Killed on drop.
+// Each test crate compiles its own copy of this module and uses a subset of it.
+#[allow(dead_code)]
+pub struct Bin {
+    /// The daemon process.
+    pub child: std::process::Child,
+    /// The address it bound (`listen = ["127.0.0.1:0"]` in tests).
+    pub addr: std::net::SocketAddr,
+}
+
+#[allow(dead_code)]
+impl Bin {
+    /// Spawns the daemon and waits (up to 10 s) for its listening line.
+    pub fn spawn(config: &std::path::Path, data: &std::path::Path) -> Bin {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hj212-gateway"))
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .arg("--data")
+            .arg(data)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn gateway");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let addr = loop {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+                .expect("listening line");
+            if let Some(i) = line.find("listen=[") {
+                let rest = &line[i + 8..];
+                break rest[..rest.find(']').unwrap()].parse().expect("addr");
+            }
+        };
+        // Keep draining so the daemon never blocks on a full pipe.
+        std::thread::spawn(move || while rx.recv().is_ok() {});
+        Bin { child, addr }
+    }
+
+    /// SIGKILL, then reap.
+    pub fn sigkill(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("wait");
+    }
+}
+
+impl Drop for Bin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
