@@ -139,7 +139,7 @@ impl Node {
     }
 
     fn records(&self) -> Vec<StoredRecord> {
-        Reader::open(&self.data.join("frames.db"))
+        Reader::open(self.data.join("frames.db"))
             .expect("reader")
             .records(RecordFilter::default())
             .expect("records")
