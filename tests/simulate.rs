@@ -111,6 +111,8 @@ fn mixed_fleet_is_acked_and_logged_exactly() {
     let mut args = vec!["simulate", "--target", &target];
     args.extend_from_slice(&fleet);
     args.extend_from_slice(&[
+        "--cn",
+        "2011",
         "--interval",
         "0.5",
         "--duration",

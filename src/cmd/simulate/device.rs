@@ -63,6 +63,9 @@ pub struct Device {
     /// Device clock minus wall clock, set by a 1012 request.
     clock_offset_ms: i64,
     last_qn_ms: i64,
+    /// The newest QN sent: an ack for an older QN that is no longer pending
+    /// came after its timeout.
+    last_qn: [u8; 17],
     interval: Duration,
     next_rt: Instant,
     next_min: Instant,
@@ -97,6 +100,7 @@ impl Device {
             rng: p.seed ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03),
             clock_offset_ms: 0,
             last_qn_ms: 0,
+            last_qn: [b'0'; 17],
             interval: p.interval,
             next_rt: first,
             next_min: sh.first_minute,
@@ -157,9 +161,7 @@ impl Device {
                 Outcome::Storm => self.storm_at = Some(Instant::now()),
                 Outcome::Failed => {
                     sh.stats.connection_errors.fetch_add(1, Relaxed);
-                    let lost = self.pending.len() as u64;
-                    sh.stats.timeouts.fetch_add(lost, Relaxed);
-                    self.pending.clear();
+                    self.abandon(&sh);
                     sleep_until((Instant::now() + backoff).min(sh.end)).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
@@ -194,9 +196,7 @@ impl Device {
             self.expire(sh, now);
             if let Some((_, deadline)) = &draining {
                 if (self.pending.is_empty() && self.out.is_empty()) || now >= *deadline {
-                    let lost = self.pending.len() as u64;
-                    sh.stats.timeouts.fetch_add(lost, Relaxed);
-                    self.pending.clear();
+                    self.abandon(sh);
                     return draining.map(|d| d.0).unwrap_or(Outcome::Ended);
                 }
             }
@@ -344,7 +344,8 @@ impl Device {
     fn next_qn(&mut self, sh: &Shared) -> [u8; 17] {
         let ms = (sh.wall_ms(Instant::now()) + self.clock_offset_ms).max(self.last_qn_ms + 1);
         self.last_qn_ms = ms;
-        Civil::from_unix_ms(ms, sh.plan.tz_offset_s).qn()
+        self.last_qn = Civil::from_unix_ms(ms, sh.plan.tz_offset_s).qn();
+        self.last_qn
     }
 
     /// Queues a data upload (`cn` 2011/2051/2061/2031) for DataTime `data_ms`.
@@ -438,13 +439,25 @@ impl Device {
         }
     }
 
-    /// Counts frames whose ack did not come within `--ack-timeout`.
+    /// Counts frames whose ack did not come within `--ack-timeout`. Their
+    /// latency so far goes into the histogram too (a lower bound), so losses
+    /// raise the percentiles instead of vanishing from them.
     fn expire(&mut self, sh: &Shared, now: Instant) {
         while let Some(f) = self.pending.front() {
             if f.sent + sh.plan.ack_timeout > now {
                 break;
             }
+            sh.record_latency(now.saturating_duration_since(f.due).as_micros() as u64);
             self.pending.pop_front();
+            sh.stats.timeouts.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Gives up on every pending frame (connection gone or run over).
+    fn abandon(&mut self, sh: &Shared) {
+        let now = Instant::now();
+        for f in self.pending.drain(..) {
+            sh.record_latency(now.saturating_duration_since(f.due).as_micros() as u64);
             sh.stats.timeouts.fetch_add(1, Relaxed);
         }
     }
@@ -535,6 +548,9 @@ impl Device {
                         let us = p.due.elapsed().as_micros() as u64;
                         sh.record_latency(us);
                         sh.stats.acked.fetch_add(1, Relaxed);
+                    }
+                    None if qn.len() == 17 && qn <= &self.last_qn[..] => {
+                        sh.stats.late_acks.fetch_add(1, Relaxed);
                     }
                     None => {
                         sh.stats.bad_replies.fetch_add(1, Relaxed);

@@ -114,6 +114,7 @@ pub struct Stats {
     acked: AtomicU64,
     timeouts: AtomicU64,
     bad_replies: AtomicU64,
+    late_acks: AtomicU64,
     connect_errors: AtomicU64,
     connection_errors: AtomicU64,
     reconnects: AtomicU64,
@@ -174,7 +175,8 @@ pub struct Summary {
     pub reconnects: u64,
     /// Configured sending time in seconds.
     pub duration_s: f64,
-    /// Ack latency from the scheduled send time.
+    /// Ack latency from the scheduled send time; frames that timed out count
+    /// with their latency at expiry.
     pub latency_ms: Latency,
     /// Frames sent per second.
     pub rate: f64,
@@ -186,8 +188,10 @@ pub struct Summary {
     pub connect_errors: u64,
     /// Established connections that broke or were closed by the gateway.
     pub connection_errors: u64,
-    /// Undecodable frames, junk or acks for unknown QNs from the gateway.
+    /// Undecodable frames, junk or acks for QNs never sent, from the gateway.
     pub bad_replies: u64,
+    /// Acks that arrived after their frame had timed out (not errors; the timeout is).
+    pub late_acks: u64,
     /// Platform requests answered.
     pub requests: u64,
     /// Devices in this process.
@@ -620,6 +624,7 @@ async fn fleet_main(p: Plan, progress: f64) -> Result<Summary, CmdError> {
         connect_errors,
         connection_errors,
         bad_replies,
+        late_acks: s.late_acks.load(Relaxed),
         requests: s.requests.load(Relaxed),
         devices: sh.plan.devices,
         devices_connected,
@@ -630,7 +635,8 @@ async fn fleet_main(p: Plan, progress: f64) -> Result<Summary, CmdError> {
             0.0
         },
         storm_reconnect_s: storm.then(|| s.storm_connect_us.load(Relaxed) as f64 / 1e6),
-        storm_resend_s: storm.then(|| s.storm_send_us.load(Relaxed) as f64 / 1e6),
+        storm_resend_s: (storm && !sh.plan.idle)
+            .then(|| s.storm_send_us.load(Relaxed) as f64 / 1e6),
     })
 }
 
@@ -648,12 +654,13 @@ pub fn print(s: &Summary, out: &mut dyn std::io::Write) -> std::io::Result<()> {
     )?;
     writeln!(
         out,
-        "errors {} (timeouts {}, connect {}, connection {}, bad replies {}), reconnects {}, requests answered {}",
+        "errors {} (timeouts {}, connect {}, connection {}, bad replies {}), late acks {}, reconnects {}, requests answered {}",
         s.errors,
         s.timeouts,
         s.connect_errors,
         s.connection_errors,
         s.bad_replies,
+        s.late_acks,
         s.reconnects,
         s.requests
     )?;
