@@ -157,7 +157,10 @@ impl Device {
             let outcome = self.session(&sh, stream).await;
             sh.stats.connected.fetch_sub(1, Relaxed);
             match outcome {
-                Outcome::Ended => break,
+                Outcome::Ended => {
+                    sh.stats.connected_at_end.fetch_add(1, Relaxed);
+                    break;
+                }
                 Outcome::Storm => self.storm_at = Some(Instant::now()),
                 Outcome::Failed => {
                     sh.stats.connection_errors.fetch_add(1, Relaxed);
