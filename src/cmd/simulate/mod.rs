@@ -479,12 +479,25 @@ fn check_limits(p: &Plan) -> Result<(), CmdError> {
     let ports = range.1.saturating_sub(range.0) + 1;
     let ips = p.source_ips.len().max(1) as u64;
     let per_ip = p.devices.div_ceil(ips);
-    // Reconnecting devices need a second port while the old one is in TIME_WAIT.
-    if per_ip > ports {
+    // After a storm each device needs a second port while its old one (closed
+    // by us) sits in TIME_WAIT.
+    let need_ports = if p.storms.is_empty() {
+        per_ip
+    } else {
+        2 * per_ip
+    };
+    if need_ports > ports {
         return Err(usage(format!(
-            "--devices {} over {ips} source address(es) is {per_ip} connections per address, \
+            "--devices {} over {ips} source address(es) needs {need_ports} ports per address{}, \
              more than the {ports} ephemeral ports ({}-{}); give more --source-ips",
-            p.devices, range.0, range.1
+            p.devices,
+            if p.storms.is_empty() {
+                ""
+            } else {
+                " (twice the devices: reconnect storm)"
+            },
+            range.0,
+            range.1
         )));
     }
     Ok(())
