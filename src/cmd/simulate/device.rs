@@ -105,7 +105,12 @@ impl Device {
             next_rt: first,
             next_min: sh.first_minute,
             next_hour: sh.first_hour,
-            next_hb: first + p.heartbeat.unwrap_or_default(),
+            // Heartbeats are spread over their own period.
+            next_hb: sh.start
+                + p.ramp
+                + p.heartbeat
+                    .unwrap_or_default()
+                    .mul_f64((pos as f64 + 1.0) / n as f64),
             burst_idx: 0,
             storm_idx: 0,
             storm_at: None,
