@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::metrics::{METRICS, Refusal};
 use crate::session::{self, Shared};
 
 /// Counters of connection handling.
@@ -113,6 +114,7 @@ impl AcceptCtx {
                     Ok(x) => { backoff = Duration::from_millis(10); x }
                     Err(e) => {
                         self.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                        METRICS.accept_errors.inc();
                         error!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -126,6 +128,7 @@ impl AcceptCtx {
                 let n = m.entry(ip).or_insert(0);
                 if *n >= self.shared.cfg.server.max_per_ip {
                     let refused = self.stats.refused_per_ip.fetch_add(1, Ordering::Relaxed) + 1;
+                    METRICS.refused(Refusal::PerIp);
                     // Rate-limit: a flood from one address logs at powers of two.
                     if refused.is_power_of_two() {
                         warn!(%peer, refused_total = refused, max_per_ip = self.shared.cfg.server.max_per_ip, "connection refused: per-IP limit");
@@ -135,12 +138,15 @@ impl AcceptCtx {
                 *n += 1;
             }
             self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+            METRICS.accepted.inc();
             configure(&stream, &self.shared);
             let shared = self.shared.clone();
             let per_ip = self.per_ip.clone();
             let shutdown = self.shutdown.clone();
             self.tracker.spawn(async move {
+                METRICS.sessions_open.inc();
                 session::run(shared, stream, peer, shutdown).await;
+                METRICS.sessions_open.dec();
                 drop(permit);
                 let mut m = per_ip.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(n) = m.get_mut(&ip) {
