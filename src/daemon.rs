@@ -93,6 +93,7 @@ pub struct Running {
     publisher: Option<tokio::task::JoinHandle<()>>,
     upstreams: Vec<tokio::task::JoinHandle<()>>,
     detector: Option<tokio::task::JoinHandle<()>>,
+    metrics: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
     writer: WriterJoin,
     config_path: Option<PathBuf>,
 }
@@ -179,7 +180,7 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
         server.run(s, t).await;
         accepting.store(false, std::sync::atomic::Ordering::Relaxed);
     });
-    if let Some(m) = metrics_server {
+    let metrics = if let Some(m) = metrics_server {
         let probe = Arc::new(Probe::new(
             shared.clone(),
             store_path.clone(),
@@ -187,8 +188,13 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
             shutdown.clone(),
         ));
         info!(metrics = ?metrics_addr, "metrics listening");
-        tracker.spawn(m.run(probe, shutdown.clone()));
-    }
+        // Outside the tracker and on its own token: /healthz keeps answering 503
+        // while sessions drain, so a load balancer stops sending devices here.
+        let stop = CancellationToken::new();
+        Some((stop.clone(), tokio::spawn(m.run(probe, stop))))
+    } else {
+        None
+    };
     // The publisher only reads the log (its own connections), so it neither slows
     // ingest nor needs the store handle; it stops on the same token.
     let publisher = match (mqtt, presence) {
@@ -232,6 +238,7 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
     Ok(Running {
         addrs,
         metrics_addr,
+        metrics,
         detector,
         shutdown,
         shared,
@@ -308,9 +315,12 @@ impl Running {
         }
         self.shared.store.shutdown().await;
         let writer = self.writer;
-        let stats = tokio::task::spawn_blocking(move || writer.join())
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))??;
+        let joined = tokio::task::spawn_blocking(move || writer.join()).await;
+        if let Some((stop, task)) = self.metrics {
+            stop.cancel();
+            let _ = task.await;
+        }
+        let stats = joined.map_err(|e| std::io::Error::other(e.to_string()))??;
         info!(
             records = stats.records_committed,
             commits = stats.commits,
