@@ -146,10 +146,7 @@ async fn counters_match_the_traffic_and_the_log() {
     assert_eq!(value(&before, "hj212_registry_devices"), 2.0);
     assert_eq!(value(&before, "hj212_sessions_open"), 0.0);
     assert_eq!(
-        value(
-            &before,
-            "hj212_gateway_build_info{version=\"0.1.0\"}"
-        ),
+        value(&before, "hj212_gateway_build_info{version=\"0.1.0\"}"),
         1.0
     );
     assert!(value(&before, "hj212_process_start_time_seconds") > 1.7e9);
@@ -200,8 +197,14 @@ async fn counters_match_the_traffic_and_the_log() {
     assert_eq!(value(&s, "hj212_frames_total{verdict=\"accepted\"}"), 2.0);
     assert_eq!(value(&s, "hj212_frames_total{verdict=\"rejected\"}"), 1.0);
     assert_eq!(value(&s, "hj212_frames_total{verdict=\"junk\"}"), 1.0);
-    assert_eq!(value(&s, "hj212_findings_total{code=\"crc.mismatch\"}"), 1.0);
-    assert_eq!(value(&s, "hj212_findings_total{code=\"device.unknown\"}"), 0.0);
+    assert_eq!(
+        value(&s, "hj212_findings_total{code=\"crc.mismatch\"}"),
+        1.0
+    );
+    assert_eq!(
+        value(&s, "hj212_findings_total{code=\"device.unknown\"}"),
+        0.0
+    );
     let sent_in = (junk.len() + 2 * good.len() + bad.len()) as f64;
     let stored_in: usize = inbound.iter().map(|r| r.raw.len()).sum();
     assert_eq!(stored_in as f64, sent_in, "every byte read is in the log");
@@ -239,7 +242,10 @@ async fn counters_match_the_traffic_and_the_log() {
     assert_eq!(value(&s, "hj212_store_head_seq"), head);
     assert_eq!(value(&s, "hj212_scrape_store_ok"), 1.0);
     assert_eq!(value(&s, "hj212_mqtt_connected"), 0.0);
-    assert_eq!(value(&s, "hj212_consumer_lag_records{consumer=\"mqtt\"}"), head);
+    assert_eq!(
+        value(&s, "hj212_consumer_lag_records{consumer=\"mqtt\"}"),
+        head
+    );
     assert_eq!(
         value(&s, "hj212_consumer_lag_records{consumer=\"mqtt.merge\"}"),
         head
@@ -362,5 +368,8 @@ fn check_config_names_a_bad_metrics_listen_and_exits_78() {
     // Switched off, the address is not checked.
     let off = check("[metrics]\nenabled = false\nlisten = \"localhost\"\n");
     assert_eq!(off.status.code(), Some(0), "{off:?}");
-    assert_eq!(check("[metrics]\nlisten = \"[::1]:0\"\n").status.code(), Some(0));
+    assert_eq!(
+        check("[metrics]\nlisten = \"[::1]:0\"\n").status.code(),
+        Some(0)
+    );
 }
