@@ -28,6 +28,9 @@ const MAX_REQUEST: usize = 8 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// A client must take the response within this.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// After the response, how long (and how many bytes) we wait for the client to close.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 64 * 1024;
 /// Concurrent metrics connections; more wait in the kernel backlog.
 const MAX_CLIENTS: usize = 8;
 /// Longest the store part of a scrape may take; after it the scrape answers
@@ -101,10 +104,23 @@ impl Probe {
         None
     }
 
-    fn read_store(&self) -> Result<StoreView, crate::store::StoreError> {
-        let mut guard = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+    /// `None` when another scrape is still reading (a slow disk must not pile
+    /// up blocking threads behind the lock).
+    fn read_store(&self) -> Option<Result<StoreView, crate::store::StoreError>> {
+        let mut guard = match self.reader.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(Self::read_with(&mut guard, &self.db))
+    }
+
+    fn read_with(
+        guard: &mut Option<Reader>,
+        db: &std::path::Path,
+    ) -> Result<StoreView, crate::store::StoreError> {
         if guard.is_none() {
-            *guard = Some(Reader::open(&self.db)?);
+            *guard = Some(Reader::open(db)?);
         }
         let r = guard.as_ref().expect("opened above");
         // Cursors before the head: the head only grows, so lag is never negative
@@ -134,9 +150,13 @@ impl Probe {
         )
         .await;
         let view = match view {
-            Ok(Ok(Ok(v))) => Some(v),
-            Ok(Ok(Err(e))) => {
+            Ok(Ok(Some(Ok(v)))) => Some(v),
+            Ok(Ok(Some(Err(e)))) => {
                 warn!(error = %e, "metrics: cannot read the frame log");
+                None
+            }
+            Ok(Ok(None)) => {
+                debug!("metrics: previous frame log read still running; skipped");
                 None
             }
             Ok(Err(_)) | Err(_) => {
@@ -424,5 +444,20 @@ async fn respond(mut stream: TcpStream, probe: &Arc<Probe>) -> std::io::Result<(
         stream.shutdown().await
     })
     .await
-    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "response write timeout"))?
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "response write timeout"))??;
+    // Closing with unread request bytes would make the kernel reset the
+    // connection and could discard the response before the client reads it:
+    // read (bounded) until the client closes.
+    let _ = tokio::time::timeout(LINGER, async {
+        let mut sink = [0u8; 4096];
+        let mut left = LINGER_BYTES;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
+    Ok(())
 }
