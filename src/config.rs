@@ -626,6 +626,8 @@ pub struct Config {
     pub mqtt: MqttSection,
     /// `[alarms]`.
     pub alarms: AlarmsSection,
+    /// `[metrics]`.
+    pub metrics: crate::metrics::MetricsConfig,
     /// `[[device]]`.
     pub device: Vec<DeviceEntry>,
     /// `[[upstream]]`.
@@ -710,6 +712,7 @@ impl Config {
         self.check_alarms(path)?;
         check_devices(&self.device, path)?;
         self.check_upstreams(path)?;
+        self.metrics.check(path)?;
         Ok(())
     }
 

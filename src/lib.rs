@@ -20,6 +20,7 @@
 //!   [`publish::upstream`] forwards frames to HJ 212 platforms.
 //! - [`alarm`]: abnormal-data detection, a sans-IO engine and the task that
 //!   follows the log with it (alarms in the store, on MQTT, in `replay`).
+//! - [`metrics`]: lock-free counters and histograms, `/metrics` and `/healthz`.
 //! - [`daemon`], [`systemd`], [`telemetry`], [`cli`], [`cmd`]: process wiring.
 //!
 //! # Data flow
@@ -40,6 +41,7 @@ pub mod config;
 pub mod daemon;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod metrics;
 pub mod protocol;
 pub mod proxy;
 pub mod publish;

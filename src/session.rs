@@ -258,6 +258,7 @@ pub async fn run(
         debug!("connected");
         let mut s = Session::new(shared, peer, id, shutdown);
         let reason = s.serve(stream).await;
+        crate::metrics::METRICS.session_closed(reason);
         for (i, mn) in std::mem::take(&mut s.mns).into_iter().enumerate() {
             let released = s.shared.sessions.release(&mn, id);
             // Offline only for the session's device, and only if no newer session
@@ -543,6 +544,8 @@ impl Session {
         items: Vec<Item>,
         wr: Option<&mut tokio::net::tcp::OwnedWriteHalf>,
     ) -> Result<(), &'static str> {
+        // The items were fully read just before this call: ack latency starts here.
+        let read_at = Instant::now();
         let shared = self.shared.clone();
         let cfg = &shared.cfg;
         let opts = decode_options(cfg, chrono::Utc::now());
@@ -558,6 +561,7 @@ impl Session {
             match item {
                 Item::Junk { bytes, reason } => {
                     self.junk_bytes += bytes.len();
+                    crate::metrics::METRICS.junk(bytes.len());
                     if self.warn.allow() {
                         warn!(
                             reason = reason.as_str(),
@@ -589,6 +593,7 @@ impl Session {
                     let mut frame = protocol::decode(bytes, &opts, &*registry);
                     apply_policy(&mut frame, &registry, cfg.validation.unknown_device);
                     let accepted = !frame.has_error();
+                    crate::metrics::METRICS.frame(accepted, frame.raw.len(), &frame.findings);
                     if !accepted && self.warn.allow() {
                         let codes: Vec<&str> = frame
                             .findings
@@ -674,9 +679,10 @@ impl Session {
         let Some(wr) = wr else {
             return Ok(());
         };
+        let acks = replies.len() as u64;
         for r in replies {
             match tokio::time::timeout(timeout, wr.write_all(&r)).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => crate::metrics::METRICS.bytes_out.add(r.len() as u64),
                 Ok(Err(e)) => {
                     debug!(error = %e, "reply write failed");
                     return Err("write error");
@@ -684,6 +690,9 @@ impl Session {
                 Err(_) => return Err("write timeout"),
             }
         }
+        crate::metrics::METRICS
+            .ack_seconds
+            .observe_duration(read_at.elapsed(), acks);
         Ok(())
     }
 
@@ -711,7 +720,7 @@ impl Session {
         )
         .await
         {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => crate::metrics::METRICS.bytes_out.add(d.bytes.len() as u64),
             Ok(Err(_)) => return Err("write error"),
             Err(_) => return Err("write timeout"),
         }

@@ -37,7 +37,9 @@ const PATIENCE: Duration = Duration::from_secs(10);
 /// Config text: `[server]` on an ephemeral loopback port plus `server` lines,
 /// `[store]` with `sync` (`off` unless durability is the point), then `rest`.
 fn config_sync(sync: &str, server: &str, rest: &str) -> String {
-    format!("[server]\nlisten = [\"127.0.0.1:0\"]\n{server}\n[store]\nsync = \"{sync}\"\n{rest}\n")
+    format!(
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n[server]\nlisten = [\"127.0.0.1:0\"]\n{server}\n[store]\nsync = \"{sync}\"\n{rest}\n"
+    )
 }
 
 fn config_text(server: &str, rest: &str) -> String {

@@ -562,6 +562,10 @@ impl Forwarder {
 
     fn set_state(&mut self, connected: bool, last_error: Option<String>) {
         self.state.connected = connected;
+        crate::metrics::METRICS
+            .upstream(&self.e.name)
+            .connected
+            .set(i64::from(connected));
         if last_error.is_some() {
             self.state.last_error = last_error;
         }
