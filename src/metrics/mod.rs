@@ -230,7 +230,11 @@ pub enum Refusal {
 
 impl Refusal {
     /// Every reason, in exposition order.
-    pub const ALL: [Refusal; 3] = [Refusal::PerIp, Refusal::ProxyUntrusted, Refusal::ProxyHeader];
+    pub const ALL: [Refusal; 3] = [
+        Refusal::PerIp,
+        Refusal::ProxyUntrusted,
+        Refusal::ProxyHeader,
+    ];
     /// The `reason` label value.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -283,6 +283,20 @@ mod tests {
         assert_eq!(ack(&f), None);
     }
 
+    /// Our own 2005 data ack carries no MN (App. C); decoding it, as the
+    /// session does to log it, must not call that an error.
+    #[test]
+    fn ack_2005_decodes_without_error() {
+        let up = dec(b"##0136ST=32;CN=2051;PW=123456;MN=88888880000001;Flag=1;CP=&&DataTime=20040516010101;B01-Rtd=36.91;011-Rtd=231.0,011-Flag=N;060-Rtd=1.803,060-Flag=N&&0000\r\n");
+        let a = ack(&up).expect("ack bit set");
+        let f = dec(&a);
+        assert_eq!(f.cn(), Some("9014"));
+        assert!(!f.has_error(), "{:?}", f.findings);
+        assert!(f.findings.iter().any(|x| x.code
+            == crate::protocol::finding::code::FIELD_MISSING_MN
+            && x.severity == crate::protocol::finding::Severity::Info));
+    }
+
     #[test]
     fn replies_2005_and_2017_byte_exact() {
         let t05 = Target {
