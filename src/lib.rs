@@ -18,6 +18,9 @@
 //!   [`publish::upstream`] forwards frames to HJ 212 platforms.
 //! - [`alarm`]: abnormal-data detection, a sans-IO engine and the task that
 //!   follows the log with it (alarms in the store, on MQTT, in `replay`).
+//! - [`downlink`]: gateway-originated requests to devices (operator commands, clock
+//!   calibration, gap backfill, 2025 key rotation, relayed platform requests), a
+//!   sans-IO engine per session and the operator control socket.
 //! - [`daemon`], [`systemd`], [`telemetry`], [`cli`], [`cmd`]: process wiring.
 //!
 //! # Data flow
@@ -36,6 +39,7 @@ pub mod cmd;
 pub mod codec;
 pub mod config;
 pub mod daemon;
+pub mod downlink;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod protocol;
