@@ -1028,12 +1028,13 @@ impl Session {
                     autos.push(auto(Action::KeyPush { new_key: next }, dl::ORIGIN_KEY));
                 }
             }
-            2011 if time_sync => {
+            2011 if time_sync && c.time_sync_skew => {
                 let Some(t) = f.data_time else { return };
                 let skew_ms = t.timestamp_millis() - received_at_ms;
                 let threshold = c.time_sync_threshold.0.as_millis() as i64;
-                if skew_ms.abs() > threshold
-                    && self.shared.sessions.devices.time_sync_due(
+                let devices = &self.shared.sessions.devices;
+                if devices.skew_run(mn, skew_ms, threshold) >= c.time_sync_count
+                    && devices.time_sync_due(
                         mn,
                         received_at_ms,
                         c.time_sync_interval.0.as_millis() as i64,

@@ -30,11 +30,17 @@ pub struct DownlinkSection {
     pub control_socket: Option<PathBuf>,
     /// Operator connections served at once; more are answered "busy".
     pub control_clients: usize,
-    /// Send 1012 on a device's 1013 and when its clock is off by more than
-    /// `time_sync_threshold` (per device: `[[device]] time_sync`).
+    /// Answer a device's 1013 (it asks for the time) with 1012 (per device:
+    /// `[[device]] time_sync`).
     pub time_sync: bool,
-    /// Clock skew (CN 2011 DataTime against receive time) that triggers a 1012.
+    /// Also send 1012 unasked when a device's clock is off by more than
+    /// `time_sync_threshold` on `time_sync_count` consecutive real-time uploads.
+    pub time_sync_skew: bool,
+    /// Clock skew (CN 2011 DataTime against receive time) that counts as off.
     pub time_sync_threshold: Dur,
+    /// Consecutive, consistent skewed uploads needed (a backlog sent after an
+    /// outage has old DataTimes but a good clock).
+    pub time_sync_count: u32,
     /// At most one skew-triggered 1012 per device in this interval.
     pub time_sync_interval: Dur,
     /// Request missing minute/hour/day data (2051/2061/2031) when uploads show a
@@ -57,9 +63,11 @@ impl Default for DownlinkSection {
             control_socket: None,
             control_clients: 16,
             time_sync: true,
+            time_sync_skew: false,
             time_sync_threshold: Dur(Duration::from_secs(60)),
+            time_sync_count: 3,
             time_sync_interval: Dur(Duration::from_secs(3600)),
-            backfill: true,
+            backfill: false,
             backfill_max_window: Dur(Duration::from_secs(6 * 3600)),
             backfill_interval: Dur(Duration::from_secs(600)),
         }
@@ -94,6 +102,9 @@ impl DownlinkSection {
         }
         if self.time_sync_threshold.0 < Duration::from_secs(1) {
             return Err(bad("time_sync_threshold", "must be at least 1s"));
+        }
+        if self.time_sync_count == 0 {
+            return Err(bad("time_sync_count", "must be greater than 0"));
         }
         if self.backfill_max_window.0 < Duration::from_secs(60) {
             return Err(bad("backfill_max_window", "must be at least 1m"));

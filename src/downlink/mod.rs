@@ -190,6 +190,9 @@ struct MnState {
     last_qn_ms: i64,
     last_timesync_ms: Option<i64>,
     last_backfill_ms: Option<i64>,
+    /// Consecutive real-time uploads off by a similar amount, and the last skew.
+    skew_run: u32,
+    last_skew_ms: i64,
     series: [Series; 3],
 }
 
@@ -238,6 +241,27 @@ impl Devices {
             }
             s.last_timesync_ms = Some(now_ms);
             true
+        })
+    }
+
+    /// Records the clock skew of a real-time upload and returns how many
+    /// consecutive uploads were off by more than `threshold_ms` in a
+    /// consistent way (each within `threshold_ms` of the previous one).
+    ///
+    /// A wrong clock shows the same offset on every upload; a backlog the
+    /// logger sends after an outage shows old DataTimes whose lag shrinks with
+    /// each frame, and must not trigger a calibration.
+    pub fn skew_run(&self, mn: &str, skew_ms: i64, threshold_ms: i64) -> u32 {
+        self.with(mn, |s| {
+            if skew_ms.abs() <= threshold_ms {
+                s.skew_run = 0;
+            } else if s.skew_run > 0 && (skew_ms - s.last_skew_ms).abs() <= threshold_ms {
+                s.skew_run += 1;
+            } else {
+                s.skew_run = 1;
+            }
+            s.last_skew_ms = skew_ms;
+            s.skew_run
         })
     }
 
@@ -356,6 +380,19 @@ mod tests {
             })
         );
         assert_eq!(d.observe("A", 2011, 0, 7200), None, "not a series");
+    }
+
+    #[test]
+    fn skew_needs_a_consistent_run() {
+        let d = Devices::default();
+        let h = 3_600_000;
+        assert_eq!(d.skew_run("A", h, 60_000), 1);
+        assert_eq!(d.skew_run("A", h + 500, 60_000), 2);
+        assert_eq!(d.skew_run("A", h + 900, 60_000), 3);
+        // A backlog: the lag shrinks by a reporting interval per frame.
+        assert_eq!(d.skew_run("B", -10 * h, 60_000), 1);
+        assert_eq!(d.skew_run("B", -10 * h + 300_000, 60_000), 1);
+        assert_eq!(d.skew_run("B", 0, 60_000), 0);
     }
 
     #[test]

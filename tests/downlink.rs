@@ -1,0 +1,744 @@
+//! Talking back to devices, end to end: the spawned gateway binary, simulated
+//! devices on real TCP sockets that implement the device side of HJ 212
+//! requests (9011/9012, uploads of requested history, applying a new time,
+//! answering get-time), the `command`/`sessions` binaries on the real control
+//! socket, and the real SQLite frame log.
+
+#[allow(dead_code)] // each test crate uses a subset of the shared helpers
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use chrono::{FixedOffset, Utc};
+use hj212_gateway::config::Config;
+use hj212_gateway::protocol::{self, Dialect, Frame, Options, reply};
+use hj212_gateway::store::{Direction, Reader, RecordFilter, StoredRecord};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+
+use common::Bin;
+
+const PW: &str = "123456";
+
+fn tz() -> FixedOffset {
+    protocol::time::beijing()
+}
+
+/// How the simulated device answers requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// 9011 QnRtn=1, the data, 9012 ExeRtn=1 (3012 sampling fails: ExeRtn=5).
+    Normal,
+    /// Never answers a request (acks still arrive).
+    Mute,
+}
+
+#[derive(Debug)]
+struct SimState {
+    dialect: Dialect,
+    /// Device clock minus real clock.
+    offset_ms: i64,
+    rtd: u32,
+    mode: Mode,
+    /// Every request (not an ack) the gateway sent, byte-exact.
+    requests: Vec<Vec<u8>>,
+    acks: usize,
+    /// What the device can upload on request: (CN, DataTime N14) -> CP values.
+    history: BTreeMap<(u16, String), String>,
+    qn_seq: i64,
+}
+
+/// A data logger: answers the gateway's requests like the standard's flows.
+struct Sim {
+    mn: String,
+    state: Arc<Mutex<SimState>>,
+    wr: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn decode(b: &[u8]) -> Frame {
+    protocol::decode(Bytes::copy_from_slice(b), &Options::new(Utc::now()), &())
+}
+
+impl SimState {
+    fn clock(&self) -> chrono::DateTime<FixedOffset> {
+        (Utc::now() + chrono::Duration::milliseconds(self.offset_ms)).with_timezone(&tz())
+    }
+    /// A fresh QN from the device clock.
+    fn qn(&mut self) -> String {
+        self.qn_seq += 1;
+        let t = self.clock() + chrono::Duration::milliseconds(self.qn_seq);
+        t.format("%Y%m%d%H%M%S%3f").to_string()
+    }
+    fn frame(&self, mn: &str, qn: &str, cn: u16, flag: u8, cp: &str) -> Vec<u8> {
+        let seg = match self.dialect {
+            Dialect::V2005 => format!("ST=32;CN={cn:04};PW={PW};MN={mn};CP=&&QN={qn};{cp}&&"),
+            _ => format!("QN={qn};ST=32;CN={cn:04};PW={PW};MN={mn};Flag={flag};CP=&&{cp}&&"),
+        };
+        reply::envelope(seg.as_bytes()).to_vec()
+    }
+    fn target<'a>(&self, mn: &'a str) -> reply::Target<'a> {
+        reply::Target {
+            dialect: self.dialect,
+            st: "32",
+            pw: PW,
+            mn,
+        }
+    }
+
+    /// The device's answer to one gateway request.
+    fn answer(&mut self, mn: &str, f: &Frame) -> Vec<u8> {
+        let (Some(cn), Some(qn)) = (f.cn_num(), f.qn().map(str::to_owned)) else {
+            return Vec::new();
+        };
+        if self.mode == Mode::Mute {
+            return Vec::new();
+        }
+        let t = self.target(mn);
+        let mut out = reply::qn_rtn(t, &qn, 1).to_vec();
+        let mut exe = 1;
+        match cn {
+            1011 => {
+                let now = protocol::time::format_n14(self.clock());
+                out.extend(self.frame(mn, &qn, 1011, 4, &format!("SystemTime={now}")));
+            }
+            1012 => {
+                let st = f.param("SystemTime").expect("SystemTime");
+                let want = protocol::time::parse_local(st.as_bytes(), tz()).expect("N14");
+                self.offset_ms = (want.with_timezone(&Utc) - Utc::now()).num_milliseconds();
+            }
+            1061 => {
+                let cp = format!("RtdInterval={}", self.rtd);
+                out.extend(self.frame(mn, &qn, 1061, 4, &cp));
+            }
+            1062 => self.rtd = f.param("RtdInterval").unwrap().parse().unwrap(),
+            2031 | 2051 | 2061 => {
+                let (b, e) = (
+                    f.param("BeginTime").unwrap().to_owned(),
+                    f.param("EndTime").unwrap().to_owned(),
+                );
+                let rows: Vec<(String, String)> = self
+                    .history
+                    .range((cn, b)..=(cn, e))
+                    .map(|((_, t), cp)| (t.clone(), cp.clone()))
+                    .collect();
+                if rows.is_empty() {
+                    exe = 100;
+                }
+                for (t, cp) in rows {
+                    let q = self.qn();
+                    out.extend(self.frame(mn, &q, cn, 4, &format!("DataTime={t};{cp}")));
+                }
+            }
+            3012 => exe = 5,
+            _ => {}
+        }
+        out.extend(reply::exe_rtn(t, &qn, exe).to_vec());
+        out
+    }
+}
+
+impl Sim {
+    /// Connects and sends a first real-time upload so the gateway knows the MN.
+    async fn start(addr: std::net::SocketAddr, mn: &str, dialect: Dialect, mode: Mode) -> Sim {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let (mut rd, wr) = stream.into_split();
+        let state = Arc::new(Mutex::new(SimState {
+            dialect,
+            offset_ms: 0,
+            rtd: 60,
+            mode,
+            requests: Vec::new(),
+            acks: 0,
+            history: BTreeMap::new(),
+            qn_seq: 0,
+        }));
+        let wr = Arc::new(tokio::sync::Mutex::new(wr));
+        let (st, w, m) = (state.clone(), wr.clone(), mn.to_owned());
+        let task = tokio::spawn(async move {
+            let mut buf = BytesMut::new();
+            loop {
+                if rd.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                // The gateway ends every frame with CR LF.
+                while let Some(end) = buf.windows(2).position(|x| x == b"\r\n") {
+                    let raw = buf.split_to(end + 2).freeze();
+                    let f = decode(&raw);
+                    let answer = {
+                        let mut s = st.lock().unwrap();
+                        if matches!(f.cn_num(), Some(9013 | 9014)) {
+                            s.acks += 1;
+                            continue;
+                        }
+                        s.requests.push(raw.to_vec());
+                        s.answer(&m, &f)
+                    };
+                    if !answer.is_empty() {
+                        let _ = w.lock().await.write_all(&answer).await;
+                    }
+                }
+            }
+        });
+        let sim = Sim {
+            mn: mn.to_owned(),
+            state,
+            wr,
+            task,
+        };
+        sim.send_rtd().await;
+        if dialect != Dialect::V2005 {
+            until("first upload acked", || sim.state.lock().unwrap().acks >= 1).await;
+        }
+        sim
+    }
+
+    async fn send(&self, bytes: Vec<u8>) {
+        self.wr.lock().await.write_all(&bytes).await.expect("write");
+    }
+
+    /// A real-time upload stamped with the device clock (ack requested).
+    async fn send_rtd(&self) {
+        let b = {
+            let mut s = self.state.lock().unwrap();
+            let q = s.qn();
+            let t = protocol::time::format_n14(s.clock());
+            let flag = if s.dialect == Dialect::V2005 { 0 } else { 5 };
+            s.frame(
+                &self.mn,
+                &q,
+                2011,
+                flag,
+                &format!("DataTime={t};a21026-Rtd=12.5,a21026-Flag=N"),
+            )
+        };
+        self.send(b).await;
+    }
+
+    /// A live minute/hour/day upload (no ack requested) for DataTime `t`.
+    async fn send_series(&self, cn: u16, t: &str) {
+        let b = {
+            let mut s = self.state.lock().unwrap();
+            let q = s.qn();
+            s.frame(
+                &self.mn,
+                &q,
+                cn,
+                4,
+                &format!("DataTime={t};a21026-Avg=12.5,a21026-Flag=N"),
+            )
+        };
+        self.send(b).await;
+    }
+
+    fn requests(&self) -> Vec<Frame> {
+        self.state
+            .lock()
+            .unwrap()
+            .requests
+            .iter()
+            .map(|r| decode(r))
+            .collect()
+    }
+}
+
+async fn until(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+struct Gw {
+    bin: Bin,
+    dir: tempfile::TempDir,
+}
+
+impl Gw {
+    fn start(extra: &str) -> Gw {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n\n[alarms]\nenabled = false\n\n\
+             [downlink]\nover_time = \"300ms\"\nre_count = 2\nexec_timeout = \"3s\"\n{extra}\n"
+        );
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, cfg).unwrap();
+        let bin = Bin::spawn(&path, &dir.path().join("data"));
+        Gw { bin, dir }
+    }
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+    fn db(&self) -> PathBuf {
+        Config::default().store_path(&self.data())
+    }
+    fn records(&self) -> Vec<StoredRecord> {
+        records(&self.db())
+    }
+    /// Waits until `sessions` lists `mn` (2005 uploads are not acked).
+    async fn wait_session(&self, mn: &str) {
+        let data = self.data();
+        until("session listed", || {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_hj212-gateway"))
+                .args(["sessions", "--json", "--data", data.to_str().unwrap()])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).contains(mn)
+        })
+        .await;
+    }
+    /// Runs the `command` binary (`--data` finds the socket); (exit code, stdout, stderr).
+    async fn command(&self, mn: &str, args: &[&str]) -> (i32, String, String) {
+        let data = self.data();
+        let mut all = vec!["command", "--mn", mn, "--data", data.to_str().unwrap()];
+        all.extend_from_slice(args);
+        run(&all).await
+    }
+}
+
+async fn run(args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_hj212-gateway"))
+        .args(args)
+        .env_remove("RUNTIME_DIRECTORY")
+        .output()
+        .await
+        .expect("run");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn records(db: &Path) -> Vec<StoredRecord> {
+    Reader::open(db)
+        .expect("reader")
+        .records(RecordFilter::default())
+        .expect("records")
+        .collect::<Result<_, _>>()
+        .expect("read")
+}
+
+fn out_requests<'a>(recs: &'a [StoredRecord], peer: &str, cn: &str) -> Vec<&'a StoredRecord> {
+    recs.iter()
+        .filter(|r| r.direction == Direction::Out && r.peer == peer && r.cn.as_deref() == Some(cn))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_actions_end_to_end_through_the_control_socket() {
+    let gw = Gw::start("");
+    let mn = common::mn(1);
+    let sim = Sim::start(gw.bin.addr, &mn, Dialect::V2017, Mode::Normal).await;
+    let dev = |s: &Sim| s.state.lock().unwrap().offset_ms;
+
+    // sessions: the device, its peer, dialect and last frame.
+    let data = gw.data();
+    let (code, out, err) = run(&["sessions", "--data", data.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&mn) && out.contains("2017") && out.contains("1 session(s)"),
+        "{out}"
+    );
+    let (code, out, _) = run(&["sessions", "--json", "--data", data.to_str().unwrap()]).await;
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    assert_eq!(v[0]["mn"], mn.as_str());
+    assert_eq!(v[0]["dialect"], "2017");
+    assert!(v[0]["last_frame_ms"].as_i64().unwrap() > 0);
+    assert!(v[0]["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
+
+    // get-time: 9011, the 1011 upload with the device clock, 9012.
+    let (code, out, err) = gw.command(&mn, &["get-time"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    for want in [
+        "sent CN=1011 QN=",
+        "9011 QnRtn=1: ready to execute",
+        "upload CN=1011",
+        "SystemTime=",
+        "9012 ExeRtn=1: success",
+        "done: success",
+    ] {
+        assert!(out.contains(want), "{want:?} in {out}");
+    }
+
+    // set-time: the device applies the time it was given.
+    let (code, out, err) = gw.command(&mn, &["set-time", "20240601090000"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let want = protocol::time::parse_local(b"20240601090000", tz()).unwrap();
+    let off = dev(&sim) - (want.with_timezone(&Utc) - Utc::now()).num_milliseconds();
+    assert!(off.abs() < 5_000, "device clock applied: {off} ms off");
+    // set-time without TIME: the gateway's clock.
+    let (code, _, err) = gw.command(&mn, &["set-time"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(dev(&sim).abs() < 5_000, "device clock back to now");
+
+    // fetch: the device uploads the window; each upload is printed and marked in the log.
+    {
+        let mut s = sim.state.lock().unwrap();
+        for h in ["00", "01", "02", "03"] {
+            s.history.insert(
+                (2061, format!("20240601{h}0000")),
+                "a21026-Avg=30.0,a21026-Flag=N".into(),
+            );
+        }
+    }
+    let (code, out, err) = gw
+        .command(
+            &mn,
+            &[
+                "fetch",
+                "--cn",
+                "2061",
+                "--from",
+                "20240601010000",
+                "--to",
+                "2024-06-01T03:00:00+08:00",
+            ],
+        )
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.matches("upload CN=2061").count(), 3, "{out}");
+    assert!(out.contains("DataTime=20240601010000") && out.contains("DataTime=20240601030000"));
+    let recs = gw.records();
+    let marked: Vec<_> = recs
+        .iter()
+        .filter(|r| r.direction == Direction::In && r.cn.as_deref() == Some("2061"))
+        .collect();
+    assert_eq!(marked.len(), 3);
+    assert!(
+        marked
+            .iter()
+            .all(|r| r.findings.contains("downlink.backfill")),
+        "fetched uploads are marked"
+    );
+    let fetch = out_requests(&recs, "operator", "2061");
+    assert_eq!(fetch.len(), 1);
+    assert!(
+        String::from_utf8_lossy(&fetch[0].raw)
+            .contains("CP=&&BeginTime=20240601010000;EndTime=20240601030000&&")
+    );
+
+    // set-rtd-interval, then get-rtd-interval reads it back.
+    let (code, _, err) = gw.command(&mn, &["set-rtd-interval", "30"]).await;
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = gw.command(&mn, &["get-rtd-interval"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("upload CN=1061") && out.contains("RtdInterval=30"),
+        "{out}"
+    );
+
+    // calibrate succeeds; sample fails on the device (ExeRtn=5): exit 1, reason printed.
+    let (code, out, err) = gw.command(&mn, &["calibrate", "--pol", "a21026"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = gw.command(&mn, &["sample", "--pol", "w01018"]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("9012 ExeRtn=5: system busy"), "{out}");
+    assert!(err.contains("ExeRtn=5"), "{err}");
+
+    // raw: any CN and CP.
+    let (code, out, err) = gw
+        .command(
+            &mn,
+            &["raw", "--cn", "3020", "--cp", "PolId=w01018;InfoId=i13004"],
+        )
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    // An empty window: the device says "no data" (ExeRtn=100).
+    let (code, out, _) = gw
+        .command(
+            &mn,
+            &[
+                "fetch",
+                "--cn",
+                "2051",
+                "--from",
+                "20200101000000",
+                "--to",
+                "20200101010000",
+            ],
+        )
+        .await;
+    assert_eq!(code, 1);
+    assert!(out.contains("ExeRtn=100: no data"), "{out}");
+    // Bad input is refused before anything is sent.
+    let (code, _, err) = gw
+        .command(&mn, &["fetch", "--cn", "2011", "--from", "x", "--to", "y"])
+        .await;
+    assert_eq!(code, 2, "{err}");
+
+    // Everything the device got, byte-exact in the log with peer "operator", in 2017
+    // (Flag=5) and with QNs strictly increasing.
+    let reqs = sim.requests();
+    let cns: Vec<&str> = reqs.iter().map(|f| f.cn().unwrap()).collect();
+    assert_eq!(
+        cns,
+        [
+            "1011", "1012", "1012", "2061", "1062", "1061", "3011", "3012", "3020", "2051"
+        ]
+    );
+    let recs = gw.records();
+    let mut last = String::new();
+    for f in &reqs {
+        assert_eq!(f.flag, Some(5));
+        let qn = f.qn().unwrap().to_owned();
+        assert!(qn > last, "QNs increase: {qn} after {last}");
+        last = qn;
+        assert!(
+            recs.iter()
+                .any(|r| r.raw == f.raw && r.direction == Direction::Out && r.peer == "operator"),
+            "request logged"
+        );
+    }
+    // The device's 9011/9012 are logged inbound.
+    let replies = recs
+        .iter()
+        .filter(|r| {
+            r.direction == Direction::In && matches!(r.cn.as_deref(), Some("9011" | "9012"))
+        })
+        .count();
+    assert_eq!(replies, 2 * reqs.len());
+    assert_eq!(sim.mn, mn);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_go_in_the_device_dialect_2005() {
+    let gw = Gw::start("");
+    let mn = "88888880000001";
+    let _sim = Sim::start(gw.bin.addr, mn, Dialect::V2005, Mode::Normal).await;
+    gw.wait_session(mn).await;
+    let (code, out, err) = gw.command(mn, &["get-time"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("9011 QnRtn=1") && out.contains("SystemTime="),
+        "{out}"
+    );
+    let recs = gw.records();
+    let req = out_requests(&recs, "operator", "1011");
+    assert_eq!(req.len(), 1);
+    assert!(
+        String::from_utf8_lossy(&req[0].raw).contains(";Flag=3;"),
+        "2005 request Flag"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_device_times_out_after_re_count_resends() {
+    let gw = Gw::start("");
+    let mn = common::mn(2);
+    let sim = Sim::start(gw.bin.addr, &mn, Dialect::V2017, Mode::Mute).await;
+    let (code, out, err) = gw.command(&mn, &["get-time"]).await;
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(
+        out.contains("(attempt 3)") && !out.contains("(attempt 4)"),
+        "{out}"
+    );
+    assert!(
+        err.contains("no 9011") && err.contains("after 3 sends"),
+        "{err}"
+    );
+    // 1 + re_count identical sends (same QN), all logged.
+    let reqs = sim.requests();
+    assert_eq!(reqs.len(), 3);
+    assert!(reqs.iter().all(|f| f.raw == reqs[0].raw));
+    let recs = gw.records();
+    let logged = out_requests(&recs, "operator", "1011");
+    assert_eq!(logged.len(), 3, "every resend is in the log");
+    // The device is free again afterwards: the next request goes out.
+    let (code, _, _) = gw.command(&mn, &["get-rtd-interval"]).await;
+    assert_eq!(code, 3);
+    assert_eq!(sim.requests().len(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_device_and_missing_gateway_are_clear_errors() {
+    let gw = Gw::start("");
+    let (code, out, err) = gw.command(&common::mn(77), &["get-time"]).await;
+    assert_eq!(code, 4, "{out}{err}");
+    assert!(err.contains("is not connected"), "{err}");
+    // Nothing was sent or logged for it.
+    assert!(gw.records().iter().all(|r| r.direction != Direction::Out));
+    // A device that leaves is offline again.
+    let mn = common::mn(3);
+    let sim = Sim::start(gw.bin.addr, &mn, Dialect::V2017, Mode::Normal).await;
+    drop(sim);
+    let data = gw.data();
+    until("session gone", || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hj212-gateway"))
+            .args(["sessions", "--json", "--data", data.to_str().unwrap()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim() == "[]"
+    })
+    .await;
+    let (code, _, err) = gw.command(&mn, &["get-time"]).await;
+    assert_eq!(code, 4, "{err}");
+    // Socket is owner-only; it goes away when the gateway stops.
+    let sock = gw.data().join("control.sock");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let pid = gw.bin.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    until("socket removed", || !sock.exists()).await;
+    // No gateway: exit 2 naming the socket.
+    let (code, _, err) = gw.command(&mn, &["get-time"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("control socket") && err.contains("control.sock"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skewed_device_gets_1012_and_recovers() {
+    let gw = Gw::start(
+        "time_sync_skew = true\ntime_sync_threshold = \"60s\"\ntime_sync_count = 3\ntime_sync_interval = \"1h\"\n",
+    );
+    let mn = common::mn(4);
+    let sim = Sim::start(gw.bin.addr, &mn, Dialect::V2017, Mode::Normal).await;
+    // The device clock runs two hours ahead.
+    sim.state.lock().unwrap().offset_ms = 2 * 3_600_000;
+    for _ in 0..3 {
+        sim.send_rtd().await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    until("1012 applied", || {
+        sim.state.lock().unwrap().offset_ms.abs() < 5_000
+    })
+    .await;
+    // Recovered: further uploads are on time and trigger nothing more.
+    for _ in 0..4 {
+        sim.send_rtd().await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    until("acks", || sim.state.lock().unwrap().acks >= 8).await;
+    let reqs = sim.requests();
+    assert_eq!(reqs.len(), 1, "exactly one calibration");
+    assert_eq!(reqs[0].cn(), Some("1012"));
+    let recs = gw.records();
+    assert_eq!(out_requests(&recs, "auto:timesync", "1012").len(), 1);
+    let ok = recs.iter().any(|r| {
+        r.direction == Direction::In
+            && r.cn.as_deref() == Some("9012")
+            && r.qn.as_deref() == reqs[0].qn()
+            && String::from_utf8_lossy(&r.raw).contains("ExeRtn=1")
+    });
+    assert!(ok, "the device's ExeRtn=1 is logged");
+    // The last upload's DataTime is within the threshold of its receive time.
+    let last = recs
+        .iter()
+        .rev()
+        .find(|r| r.direction == Direction::In && r.cn.as_deref() == Some("2011"))
+        .unwrap();
+    let dt = chrono::DateTime::parse_from_rfc3339(last.data_time.as_deref().unwrap()).unwrap();
+    assert!((dt.timestamp_millis() - last.received_at_ms).abs() < 60_000);
+
+    // A device asking with 1013 gets its 9013, then a 1012.
+    let b = {
+        let mut s = sim.state.lock().unwrap();
+        s.offset_ms = -600_000;
+        let q = s.qn();
+        s.frame(&mn, &q, 1013, 5, "")
+    };
+    sim.send(b).await;
+    until("second 1012 applied", || {
+        sim.state.lock().unwrap().offset_ms.abs() < 5_000
+    })
+    .await;
+    assert_eq!(
+        out_requests(&gw.records(), "auto:timesync", "1012").len(),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_is_backfilled_and_the_uploads_are_marked() {
+    let other = common::mn(6);
+    let gw = Gw::start(&format!(
+        "backfill = true\nbackfill_interval = \"1m\"\n\n[[device]]\nmn = \"{other}\"\nbackfill = false\n"
+    ));
+    let mn = common::mn(5);
+    let sim = Sim::start(gw.bin.addr, &mn, Dialect::V2017, Mode::Normal).await;
+    let hour = |h: u32| format!("20240601{h:02}0000");
+    {
+        let mut s = sim.state.lock().unwrap();
+        for h in 0..8 {
+            s.history
+                .insert((2061, hour(h)), "a21026-Avg=30.0,a21026-Flag=N".into());
+        }
+    }
+    // Live hour data 00, 01, 02 and then 06: 03..05 are missing.
+    for h in [0, 1, 2, 6] {
+        sim.send_series(2061, &hour(h)).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let db = gw.db();
+    until("backfilled", || {
+        records(&db)
+            .iter()
+            .filter(|r| r.findings.contains("downlink.backfill"))
+            .count()
+            == 3
+    })
+    .await;
+    let reqs = sim.requests();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0].cn(), Some("2061"));
+    assert_eq!(reqs[0].param("BeginTime"), Some(hour(3).as_str()));
+    assert_eq!(reqs[0].param("EndTime"), Some(hour(5).as_str()));
+    let recs = gw.records();
+    assert_eq!(out_requests(&recs, "auto:backfill", "2061").len(), 1);
+    let data: Vec<(&str, bool)> = recs
+        .iter()
+        .filter(|r| r.direction == Direction::In && r.cn.as_deref() == Some("2061"))
+        .map(|r| {
+            (
+                r.data_time.as_deref().unwrap(),
+                r.findings.contains("downlink.backfill"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        data,
+        [
+            ("2024-06-01T00:00:00+08:00", false),
+            ("2024-06-01T01:00:00+08:00", false),
+            ("2024-06-01T02:00:00+08:00", false),
+            ("2024-06-01T06:00:00+08:00", false),
+            ("2024-06-01T03:00:00+08:00", true),
+            ("2024-06-01T04:00:00+08:00", true),
+            ("2024-06-01T05:00:00+08:00", true),
+        ]
+    );
+    // Backfill off for a device: its gap is left alone.
+    let sim2 = Sim::start(gw.bin.addr, &other, Dialect::V2017, Mode::Normal).await;
+    for h in [0, 5] {
+        sim2.send_series(2061, &hour(h)).await;
+    }
+    sim2.send_rtd().await;
+    until("acked", || sim2.state.lock().unwrap().acks >= 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(sim2.requests().is_empty());
+}
