@@ -377,8 +377,8 @@ enum Command {
     /// Exit 0 success; 1 the device refused (QnRtn) or failed (ExeRtn); 2 usage error or
     /// control socket unreachable; 3 no answer in time; 4 device offline, busy, or its
     /// session ended; 78 bad --config.
-    #[command(verbatim_doc_comment)]
-    Command {
+    #[command(verbatim_doc_comment, name = "command")]
+    Ask {
         /// The device's MN.
         #[arg(long)]
         mn: String,
@@ -719,7 +719,7 @@ pub fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
-        Command::Command {
+        Command::Ask {
             mn,
             socket,
             data,

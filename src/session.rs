@@ -1180,7 +1180,7 @@ mod tests {
         })
     }
 
-    fn n(s: Box<Submit>) -> u32 {
+    fn n(s: &Submit) -> u32 {
         match s.action {
             Action::SetRtdInterval(n) => n,
             _ => unreachable!(),
@@ -1196,14 +1196,14 @@ mod tests {
         assert!(map.submit(req("MN1", 1)).is_ok());
         // Full queue: handed back at once.
         let (back, why) = map.submit(req("MN1", 2)).unwrap_err();
-        assert_eq!((n(back), why), (2, Refusal::Busy));
-        assert_eq!(n(rx_a.try_recv().unwrap()), 1);
+        assert_eq!((n(&back), why), (2, Refusal::Busy));
+        assert_eq!(n(&rx_a.try_recv().unwrap()), 1);
         // A reconnect takes the MN over: requests go to the new session.
         let (b, mut rx_b) = owner(2, 4);
         assert_eq!(map.claim("MN1", &b), Some(1));
         assert!(a.token.is_cancelled());
         assert!(map.submit(req("MN1", 3)).is_ok());
-        assert_eq!(n(rx_b.try_recv().unwrap()), 3);
+        assert_eq!(n(&rx_b.try_recv().unwrap()), 3);
         assert!(rx_a.try_recv().is_err());
         assert_eq!(map.list().len(), 1);
         assert_eq!(map.list()[0].session, 2);

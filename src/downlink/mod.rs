@@ -7,7 +7,7 @@
 //!   clock (strictly increasing per MN), the rate limits of automatic requests
 //!   and the last minute/hour/day DataTimes the backfill compares against.
 //! - [`control`]: the operator's Unix control socket (`command`, `sessions`).
-//! - [`config`]: `[downlink]`.
+//! - [`config`]: the `[downlink]` section.
 
 pub mod config;
 pub mod control;
