@@ -742,3 +742,113 @@ async fn a_gap_is_backfilled_and_the_uploads_are_marked() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(sim2.requests().is_empty());
 }
+
+/// Reads one CR LF terminated frame.
+async fn read_frame(s: &mut TcpStream, buf: &mut BytesMut) -> Vec<u8> {
+    loop {
+        if let Some(end) = buf.windows(2).position(|x| x == b"\r\n") {
+            return buf.split_to(end + 2).to_vec();
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read_buf(buf))
+            .await
+            .expect("frame in time")
+            .expect("read");
+        assert!(n > 0, "gateway closed");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_rotation_2025_answers_1014_and_pushes_the_next_key() {
+    const KEY: &str = "30303030303030303030303030303030";
+    const NEXT: &str = "0123456789ABCDEF0123456789ABCDEF";
+    let mn = common::mn(8);
+    let gw = Gw::start(&format!(
+        "\n[[device]]\nmn = \"{mn}\"\ndialect = \"2025\"\nkey = \"{KEY}\"\nnext_key = \"{NEXT}\"\n"
+    ));
+    let key = protocol::crypt::parse_key(KEY).unwrap();
+    let next = protocol::crypt::parse_key(NEXT).unwrap();
+    let t = reply::Target {
+        dialect: Dialect::V2025,
+        st: "32",
+        pw: PW,
+        mn: &mn,
+    };
+    let mut s = TcpStream::connect(gw.bin.addr).await.unwrap();
+    let mut buf = BytesMut::new();
+    // The device asks for a new key: 1014, CP encrypted under its current key.
+    let ask = reply::request_encrypted(
+        t,
+        "20260101080000001",
+        1014,
+        "SKCreateTime=20260101080000001",
+        &key,
+    );
+    s.write_all(&ask).await.unwrap();
+    let ack = decode(&read_frame(&mut s, &mut buf).await);
+    assert_eq!(
+        (ack.cn(), ack.qn()),
+        (Some("9013"), Some("20260101080000001"))
+    );
+    // Then the gateway pushes the next key, encrypted under the current one.
+    let push = read_frame(&mut s, &mut buf).await;
+    assert!(
+        !String::from_utf8_lossy(&push).contains(NEXT),
+        "NewSK travels encrypted"
+    );
+    struct K([u8; 16]);
+    impl protocol::DeviceLookup for K {
+        fn profile(&self, _: &str) -> Option<Arc<protocol::DeviceProfile>> {
+            Some(Arc::new(protocol::DeviceProfile {
+                keys: vec![self.0],
+                ..Default::default()
+            }))
+        }
+    }
+    let f = protocol::decode(
+        Bytes::from(push.clone()),
+        &Options::new(Utc::now()),
+        &K(key),
+    );
+    assert!(!f.has_error(), "{:?}", f.findings);
+    assert_eq!(f.cn(), Some("1014"));
+    assert_eq!(f.flag, Some(9));
+    assert_eq!(f.param("NewSK"), Some(NEXT));
+    let qn = f.qn().unwrap().to_owned();
+    s.write_all(&reply::qn_rtn(t, &qn, 1)).await.unwrap();
+    s.write_all(&reply::exe_rtn(t, &qn, 1)).await.unwrap();
+    // During the changeover both keys are accepted: uploads under the new one and the old one.
+    for (i, k) in [next, key].iter().enumerate() {
+        let q = format!("2026010108000100{i}");
+        let now = protocol::time::format_n14(Utc::now().with_timezone(&tz()));
+        let up = reply::request_encrypted(
+            t,
+            &q,
+            2011,
+            &format!("DataTime={now};a21026-Rtd=12.5,a21026-Flag=N"),
+            k,
+        );
+        s.write_all(&up).await.unwrap();
+        let ack = decode(&read_frame(&mut s, &mut buf).await);
+        assert_eq!(
+            (ack.cn(), ack.qn()),
+            (Some("9014"), Some(q.as_str())),
+            "upload {i} acked"
+        );
+    }
+    let recs = gw.records();
+    let pushed = out_requests(&recs, "auto:key", "1014");
+    assert_eq!(pushed.len(), 1);
+    assert_eq!(pushed[0].raw, push, "the push is logged byte-exact");
+    assert!(
+        !pushed[0].findings.contains(NEXT)
+            && !String::from_utf8_lossy(
+                &recs
+                    .iter()
+                    .map(|r| r.raw.clone())
+                    .collect::<Vec<_>>()
+                    .concat()
+            )
+            .contains(NEXT),
+        "the new key never appears in clear in the log"
+    );
+}
