@@ -773,6 +773,10 @@ impl Session {
                     d.auto.push_back(a);
                 }
             }
+        }
+        // An exchange this batch ended frees the engine for waiting automatic
+        // requests (operator and upstream ones are taken by the session loop).
+        if self.dl.is_some() {
             self.dl_run(Vec::new(), wr).await?;
         }
         Ok(())

@@ -690,10 +690,27 @@ async fn a_gap_is_backfilled_and_the_uploads_are_marked() {
         }
     }
     // Live hour data 00, 01, 02 and then 06: 03..05 are missing.
-    for h in [0, 1, 2, 6] {
+    for h in [0, 1, 2] {
         sim.send_series(2061, &hour(h)).await;
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
+    // In one write with the 06 upload, a 1013: the calibration goes first, the
+    // backfill waits for the engine and follows once the 1012 exchange is over.
+    let both = {
+        let mut s = sim.state.lock().unwrap();
+        let q = s.qn();
+        let mut b = s.frame(&mn, &q, 1013, 5, "");
+        let q = s.qn();
+        b.extend(s.frame(
+            &mn,
+            &q,
+            2061,
+            4,
+            &format!("DataTime={};a21026-Avg=12.5,a21026-Flag=N", hour(6)),
+        ));
+        b
+    };
+    sim.send(both).await;
     let db = gw.db();
     until("backfilled", || {
         records(&db)
@@ -704,10 +721,10 @@ async fn a_gap_is_backfilled_and_the_uploads_are_marked() {
     })
     .await;
     let reqs = sim.requests();
-    assert_eq!(reqs.len(), 1);
-    assert_eq!(reqs[0].cn(), Some("2061"));
-    assert_eq!(reqs[0].param("BeginTime"), Some(hour(3).as_str()));
-    assert_eq!(reqs[0].param("EndTime"), Some(hour(5).as_str()));
+    let cns: Vec<_> = reqs.iter().map(|f| f.cn().unwrap()).collect();
+    assert_eq!(cns, ["1012", "2061"]);
+    assert_eq!(reqs[1].param("BeginTime"), Some(hour(3).as_str()));
+    assert_eq!(reqs[1].param("EndTime"), Some(hour(5).as_str()));
     let recs = gw.records();
     assert_eq!(out_requests(&recs, "auto:backfill", "2061").len(), 1);
     let data: Vec<(&str, bool)> = recs
