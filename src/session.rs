@@ -1024,8 +1024,19 @@ impl Session {
         };
         let time_sync = dev.and_then(|d| d.time_sync).unwrap_or(c.time_sync);
         match cn {
-            1013 if time_sync => {
-                autos.push(auto(Action::SetTime { time: None }, dl::ORIGIN_TIMESYNC));
+            // A notify in the device's edition (2005 has no 1013: it is acked as
+            // data there); PolId names the instrument whose clock is asked for.
+            1013 if time_sync
+                && f.dialect.is_some_and(|d| {
+                    protocol::codes::command(d, protocol::codes::Dir::Up, 1013)
+                        .is_some_and(|c| c.exchange == protocol::codes::Exchange::Notify)
+                }) =>
+            {
+                let pol = f.param("PolId").map(str::to_owned);
+                autos.push(auto(
+                    Action::SetTime { time: None, pol },
+                    dl::ORIGIN_TIMESYNC,
+                ));
             }
             1014 if f.dialect == Some(protocol::Dialect::V2025) => {
                 if let Some(next) = dev.and_then(|d| d.next_key.clone()) {
@@ -1045,7 +1056,13 @@ impl Session {
                     )
                 {
                     info!(mn, skew_s = skew_ms / 1000, "device clock off; calibrating");
-                    autos.push(auto(Action::SetTime { time: None }, dl::ORIGIN_TIMESYNC));
+                    autos.push(auto(
+                        Action::SetTime {
+                            time: None,
+                            pol: None,
+                        },
+                        dl::ORIGIN_TIMESYNC,
+                    ));
                 }
             }
             2051 | 2061 | 2031 => {

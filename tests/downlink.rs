@@ -660,17 +660,18 @@ async fn skewed_device_gets_1012_and_recovers() {
         let mut s = sim.state.lock().unwrap();
         s.offset_ms = -600_000;
         let q = s.qn();
-        s.frame(&mn, &q, 1013, 5, "")
+        s.frame(&mn, &q, 1013, 5, "PolId=w01018")
     };
     sim.send(b).await;
     until("second 1012 applied", || {
         sim.state.lock().unwrap().offset_ms.abs() < 5_000
     })
     .await;
-    assert_eq!(
-        out_requests(&gw.records(), "auto:timesync", "1012").len(),
-        2
-    );
+    let recs = gw.records();
+    let sets = out_requests(&recs, "auto:timesync", "1012");
+    assert_eq!(sets.len(), 2);
+    // For the instrument the 1013 named.
+    assert!(String::from_utf8_lossy(&sets[1].raw).contains("CP=&&PolId=w01018;SystemTime="));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -868,4 +869,33 @@ async fn key_rotation_2025_answers_1014_and_pushes_the_next_key() {
             .contains(NEXT),
         "the new key never appears in clear in the log"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_at_a_time_then_a_bounded_queue_then_busy() {
+    let gw = Arc::new(Gw::start("queue = 1"));
+    let mn = common::mn(9);
+    let sim = Sim::start(gw.bin.addr, &mn, Dialect::V2017, Mode::Mute).await;
+    let spawn = |args: &'static [&'static str]| {
+        let (gw, mn) = (gw.clone(), mn.clone());
+        tokio::spawn(async move { gw.command(&mn, args).await })
+    };
+    let first = spawn(&["get-time"]);
+    until("first request sent", || sim.requests().len() == 1).await;
+    let second = spawn(&["get-rtd-interval"]);
+    // The second waits in the queue (capacity 1): nothing more reaches the device.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(sim.requests().len(), 1);
+    let (code, _, err) = gw.command(&mn, &["calibrate", "--pol", "a21026"]).await;
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("requests waiting already"), "{err}");
+    assert_eq!(first.await.unwrap().0, 3);
+    assert_eq!(second.await.unwrap().0, 3);
+    // Strictly one after the other: three sends of 1011, then three of 1061.
+    let cns: Vec<_> = sim
+        .requests()
+        .iter()
+        .map(|f| f.cn().unwrap().to_owned())
+        .collect();
+    assert_eq!(cns, ["1011", "1011", "1011", "1061", "1061", "1061"]);
 }

@@ -131,6 +131,7 @@ impl ActionSpec {
             },
             ActionSpec::SetTime { time } => Action::SetTime {
                 time: time.as_deref().map(|t| parse_time(t, tz)).transpose()?,
+                pol: None,
             },
             ActionSpec::Fetch { cn, from, to } => {
                 if !super::engine::is_history(*cn) {
@@ -187,6 +188,17 @@ impl Control {
                     std::io::ErrorKind::AddrInUse,
                     format!(
                         "control socket {} is in use by another gateway",
+                        path.display()
+                    ),
+                ));
+            }
+            // Only a socket is ours to replace; anything else is a misconfiguration.
+            use std::os::unix::fs::FileTypeExt;
+            if !std::fs::symlink_metadata(path)?.file_type().is_socket() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!(
+                        "control socket {} exists and is not a socket",
                         path.display()
                     ),
                 ));

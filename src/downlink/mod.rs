@@ -50,6 +50,8 @@ pub enum Action {
     SetTime {
         /// SystemTime.
         time: Option<String>,
+        /// PolId: an instrument's clock (a 1013 that named one is answered for it).
+        pol: Option<String>,
     },
     /// 2051 / 2061 / 2031 (or 2041) history window, N14 device-local.
     Fetch {
@@ -126,9 +128,9 @@ impl Action {
         let encrypted = |cn: u16| t.dialect == Dialect::V2025 && matches!(cn, 1014 | 3020);
         Ok(match self {
             Action::GetTime { pol } => reply::get_time(t, qn, pol.as_deref()),
-            Action::SetTime { time } => {
+            Action::SetTime { time, pol } => {
                 let now_text = protocol::time::format_n14(now.with_timezone(&tz));
-                reply::set_time(t, qn, time.as_deref().unwrap_or(&now_text), None)
+                reply::set_time(t, qn, time.as_deref().unwrap_or(&now_text), pol.as_deref())
             }
             Action::Fetch { cn, from, to } => reply::history(t, qn, *cn, from, to),
             Action::SetRtdInterval(n) => reply::set_rtd_interval(t, qn, *n),
