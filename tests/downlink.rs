@@ -899,3 +899,59 @@ async fn one_request_at_a_time_then_a_bounded_queue_then_busy() {
         .collect();
     assert_eq!(cns, ["1011", "1011", "1011", "1061", "1061", "1061"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn platform_requests_share_the_engine_with_operators() {
+    // A platform the gateway dials (persistent), forwarding nothing but 9999.
+    let platform = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let paddr = platform.local_addr().unwrap();
+    let gw = Arc::new(Gw::start(&format!(
+        "\n[[upstream]]\nname = \"prov\"\naddr = \"{paddr}\"\ncn = [\"9999\"]\n"
+    )));
+    let (mut up, _) = tokio::time::timeout(Duration::from_secs(10), platform.accept())
+        .await
+        .expect("gateway connects to the platform")
+        .unwrap();
+    let mn = common::mn(10);
+    let sim = Sim::start(gw.bin.addr, &mn, Dialect::V2017, Mode::Mute).await;
+    // An operator request is in progress on the silent device...
+    let op = {
+        let (gw, mn) = (gw.clone(), mn.clone());
+        tokio::spawn(async move { gw.command(&mn, &["get-time"]).await })
+    };
+    until("operator request sent", || sim.requests().len() == 1).await;
+    // ...when the platform asks for the real-time interval: it waits its turn,
+    // then is sent (and resent, same bytes) like any request.
+    let t = reply::Target {
+        dialect: Dialect::V2017,
+        st: "32",
+        pw: PW,
+        mn: &mn,
+    };
+    let req = reply::get_rtd_interval(t, "20240601120000001");
+    up.write_all(&req).await.unwrap();
+    assert_eq!(op.await.unwrap().0, 3);
+    until("relayed request resent", || sim.requests().len() == 6).await;
+    let reqs = sim.requests();
+    assert!(reqs[..3].iter().all(|f| f.cn() == Some("1011")));
+    assert!(
+        reqs[3..].iter().all(|f| f.raw == req),
+        "byte-exact, platform's QN"
+    );
+    let recs = gw.records();
+    assert_eq!(out_requests(&recs, "prov", "1061").len(), 3);
+    assert_eq!(out_requests(&recs, "operator", "1011").len(), 3);
+    // Now the device answers: the next platform request's replies go back to it.
+    sim.state.lock().unwrap().mode = Mode::Normal;
+    let req = reply::get_rtd_interval(t, "20240601120000002");
+    up.write_all(&req).await.unwrap();
+    let mut buf = BytesMut::new();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(decode(&read_frame(&mut up, &mut buf).await));
+    }
+    let cns: Vec<_> = got.iter().map(|f| f.cn().unwrap().to_owned()).collect();
+    assert_eq!(cns, ["9011", "1061", "9012"]);
+    assert!(got.iter().all(|f| f.qn() == Some("20240601120000002")));
+    assert_eq!(got[1].param("RtdInterval"), Some("60"));
+}

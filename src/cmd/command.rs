@@ -87,6 +87,7 @@ pub fn run_command(
             ),
             "qn_rtn" => format!("9011 QnRtn={}: {}", s("code"), s("meaning")),
             "upload" => format!("upload CN={} QN={}: {}", s("cn"), s("qn"), s("cp")),
+            "notify_ack" => "9013: the device acknowledged".to_owned(),
             "exe_rtn" => format!("9012 ExeRtn={}: {}", s("code"), s("meaning")),
             "done" => {
                 let code = match s("outcome").as_str() {

@@ -386,6 +386,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) -> std::io::Result<()> 
                     Event::Upload { cn, qn, cp, .. } => {
                         json!({"event": "upload", "cn": cn, "qn": qn, "cp": cp})
                     }
+                    Event::NotifyAck { .. } => json!({"event": "notify_ack"}),
                     Event::ExeRtn { code, .. } => {
                         json!({"event": "exe_rtn", "code": code, "meaning": super::exe_rtn_meaning(*code)})
                     }

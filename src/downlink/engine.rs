@@ -66,6 +66,12 @@ pub enum Event {
         /// The device's frame, byte-exact.
         raw: Bytes,
     },
+    /// The device's 9013: the request was a notify (e.g. 2012 stop real-time
+    /// data), which this answer completes.
+    NotifyAck {
+        /// The device's frame, byte-exact.
+        raw: Bytes,
+    },
     /// The exchange is over.
     Done(Outcome),
 }
@@ -285,6 +291,14 @@ impl<T: Clone> Engine<T> {
                     Outcome::Failed(c)
                 };
                 self.finish(o, out);
+                Some(matched)
+            }
+            Some(9013) if same => {
+                out.push(Out::Event(
+                    x.tag.clone(),
+                    Event::NotifyAck { raw: f.raw.clone() },
+                ));
+                self.finish(Outcome::Success, out);
                 Some(matched)
             }
             Some(9011..=9014) => None,
@@ -538,6 +552,15 @@ mod tests {
         e.on_frame(&dec(&reply::qn_rtn(t(), QN, 1)), now, &mut out);
         e.on_frame(&dec(&reply::exe_rtn(t(), QN, 5)), now, &mut out);
         assert_eq!(events(out).last(), Some(&Event::Done(Outcome::Failed(5))));
+        // A notify (2012 stop real-time data) is complete with the device's 9013.
+        begin(&mut e, 2012, reply::request(t(), QN, 2012, ""), now);
+        let mut out = Vec::new();
+        let ack = reply::envelope(
+            format!("QN={QN};ST=91;CN=9013;PW=123456;MN={MN};Flag=4;CP=&&&&").as_bytes(),
+        );
+        assert!(e.on_frame(&dec(&ack), now, &mut out).is_some());
+        assert_eq!(events(out).last(), Some(&Event::Done(Outcome::Success)));
+        assert!(e.is_idle());
         // A busy engine refuses a second exchange instead of losing the first.
         begin(&mut e, 1011, reply::get_time(t(), QN, None), now);
         let out = begin(&mut e, 1011, reply::get_time(t(), QN, None), now);

@@ -636,9 +636,10 @@ impl Forwarder {
 /// the gateway's own bookkeeping (sent, done) is not the platform's business.
 fn relay_bytes(ev: Event) -> Option<Bytes> {
     match ev {
-        Event::QnRtn { raw, .. } | Event::Upload { raw, .. } | Event::ExeRtn { raw, .. } => {
-            Some(raw)
-        }
+        Event::QnRtn { raw, .. }
+        | Event::Upload { raw, .. }
+        | Event::ExeRtn { raw, .. }
+        | Event::NotifyAck { raw } => Some(raw),
         Event::Sent { .. } | Event::Done(_) => None,
     }
 }
