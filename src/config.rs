@@ -963,6 +963,13 @@ fn check_devices(devices: &[DeviceEntry], path: &Path) -> Result<(), ConfigError
         if let Some(k) = &d.next_key {
             crypt::parse_key(k)
                 .ok_or_else(|| bad("next_key", "must be 32 hex digits (16 bytes)".into()))?;
+            // The push travels encrypted under the current key.
+            if d.key.is_none() {
+                return Err(bad(
+                    "next_key",
+                    "needs `key` (the push is encrypted with it)".into(),
+                ));
+            }
         }
         for (j, k) in d.old_keys.iter().enumerate() {
             crypt::parse_key(k).ok_or_else(|| {

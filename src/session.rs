@@ -764,7 +764,8 @@ impl Session {
             }
         }
         // After the 9013 to a 1013 or 1014 went out, as the standard's flows expect.
-        if !autos.is_empty() && !self.token.is_cancelled() {
+        // Not while closing: the exchange could not finish.
+        if !autos.is_empty() && !self.token.is_cancelled() && !self.shutdown.is_cancelled() {
             let d = self.dl_state();
             for a in autos {
                 let queued = d.engine.current_origin() == Some(a.origin.as_str())

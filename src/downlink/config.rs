@@ -136,3 +136,50 @@ impl DownlinkSection {
         data_dir.join("control.sock")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use std::path::Path;
+
+    #[test]
+    fn errors_name_the_downlink_key() {
+        for (text, key) in [
+            ("[downlink]\nover_time = \"0s\"", "downlink.over_time"),
+            ("[downlink]\nre_count = 100", "downlink.re_count"),
+            ("[downlink]\nqueue = 0", "downlink.queue"),
+            ("[downlink]\nevents = 0", "downlink.events"),
+            (
+                "[downlink]\ncontrol_clients = 0",
+                "downlink.control_clients",
+            ),
+            (
+                "[downlink]\ntime_sync_count = 0",
+                "downlink.time_sync_count",
+            ),
+            (
+                "[downlink]\nbackfill_max_window = \"10s\"",
+                "downlink.backfill_max_window",
+            ),
+            (
+                "[[device]]\nmn = \"A\"\nnext_key = \"0123456789ABCDEF0123456789ABCDEF\"",
+                "device[0].next_key",
+            ),
+            (
+                "[[device]]\nmn = \"A\"\nkey = \"30303030303030303030303030303030\"\nnext_key = \"xyz\"",
+                "device[0].next_key",
+            ),
+        ] {
+            let e = Config::parse(text, Path::new("t")).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+        let c = Config::parse(
+            "[downlink]\nbackfill = true\n[[device]]\nmn = \"A\"\nbackfill = false",
+            Path::new("t"),
+        )
+        .unwrap();
+        assert!(c.downlink.backfill);
+        assert_eq!(c.device[0].backfill, Some(false));
+        assert!(Config::parse("[downlink]\nbogus = 1", Path::new("t")).is_err());
+    }
+}
