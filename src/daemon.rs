@@ -94,6 +94,9 @@ pub struct Running {
     upstreams: Vec<tokio::task::JoinHandle<()>>,
     detector: Option<tokio::task::JoinHandle<()>>,
     metrics: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
+    control: tokio::task::JoinHandle<()>,
+    /// The operator control socket (`command`, `sessions`).
+    pub control_path: PathBuf,
     writer: WriterJoin,
     config_path: Option<PathBuf>,
 }
@@ -159,6 +162,9 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
         presence: presence.clone(),
     });
     let server = Server::bind(shared.clone(), &listen).await?;
+    let control =
+        crate::downlink::control::Control::bind(&shared.cfg.downlink.socket_path(&data)).await?;
+    let control_path = control.path().to_owned();
     let addrs = server.local_addrs();
     let metrics_server = match shared.cfg.metrics.addr() {
         Some(a) => Some(MetricsServer::bind(a).await?),
@@ -235,7 +241,12 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
             shutdown.child_token(),
         )
     });
+    // Operators reach devices through their sessions; stops (and removes the
+    // socket) on the same token.
+    let control = control.spawn(shared.clone(), shutdown.child_token());
     Ok(Running {
+        control,
+        control_path,
         addrs,
         metrics_addr,
         metrics,
@@ -284,6 +295,12 @@ impl Running {
                 grace_s = grace.as_secs(),
                 "sessions still open after the grace period; closing anyway"
             );
+        }
+        if tokio::time::timeout(Duration::from_secs(5), self.control)
+            .await
+            .is_err()
+        {
+            warn!("control socket did not stop in time");
         }
         if let Some(d) = self.detector {
             // Each step commits its events with the cursor, so stopping between steps

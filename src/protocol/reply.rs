@@ -211,8 +211,14 @@ pub fn key_push(
     current: &Key,
 ) -> Bytes {
     let cp = format!("SKCreateTime={sk_create_time};NewSK={new_key_text}");
+    request_encrypted(t, qn, 1014, &cp, current)
+}
+
+/// A request whose CP travels encrypted under `key` (2025: 1014, and 3020 for
+/// devices that expect it); the CRC covers the plaintext (2025 App. A.2).
+pub fn request_encrypted(t: Target<'_>, qn: &str, cn: u16, cp: &str, key: &Key) -> Bytes {
     let head = format!(
-        "QN={qn};ST={};CN=1014;PW={};MN={};Flag={};CP=&&",
+        "QN={qn};ST={};CN={cn:04};PW={};MN={};Flag={};CP=&&",
         t.st,
         t.pw,
         t.mn,
@@ -224,7 +230,7 @@ pub fn key_push(
     plain.extend_from_slice(b"&&");
     let crc_value = crc::hj212(&plain);
     let mut wire = plain;
-    crypt::encrypt_in_place(current, &mut wire[head.len()..head.len() + cp.len()]);
+    crypt::encrypt_in_place(key, &mut wire[head.len()..head.len() + cp.len()]);
     envelope_with_crc(&wire, crc_value)
 }
 
