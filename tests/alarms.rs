@@ -41,6 +41,11 @@ listen = "127.0.0.1:0"
 listen = ["127.0.0.1:0"]
 [store]
 sync = "off"
+# Compressed history with fixed DataTimes looks like clock skew and gaps:
+# no automatic requests, the devices here only read acks.
+[downlink]
+time_sync_skew = false
+backfill = false
 [mqtt]
 url = "mqtt://127.0.0.1:{mqtt_port}"
 [alarms]
@@ -491,6 +496,11 @@ listen = "127.0.0.1:0"
 listen = ["127.0.0.1:0"]
 [store]
 sync = "off"
+# Compressed history with fixed DataTimes looks like clock skew and gaps:
+# no automatic requests, the devices here only read acks.
+[downlink]
+time_sync_skew = false
+backfill = false
 [mqtt]
 enabled = false
 [alarms]

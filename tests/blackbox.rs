@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use common::{expected_ack, mn, qn, upload};
 
+/// Automatic downlink requests off: these devices send fixed DataTimes.
+const NO_AUTO: &str = "[downlink]\ntime_sync_skew = false\nbackfill = false\n";
 const BIN: &str = env!("CARGO_BIN_EXE_hj212-gateway");
 const PATIENCE: Duration = Duration::from_secs(20);
 
@@ -32,7 +34,13 @@ impl Daemon {
         // port: parallel daemons must not contend for 127.0.0.1:9464.
         let config = (!args.contains(&"--config")).then(|| {
             let f = tempfile::NamedTempFile::new().expect("config file");
-            std::fs::write(f.path(), "[metrics]\nlisten = \"127.0.0.1:0\"\n").expect("config");
+            // Fixed DataTimes look like a skewed clock: no calibration requests,
+            // the devices here read nothing but their acks.
+            std::fs::write(
+                f.path(),
+                format!("[metrics]\nlisten = \"127.0.0.1:0\"\n{NO_AUTO}"),
+            )
+            .expect("config");
             f
         });
         let mut cmd = Command::new(BIN);
@@ -217,7 +225,9 @@ fn acked_frames_survive_sigkill_and_the_daemon_stops_cleanly_on_sigterm() {
     let cfg = dir.path().join("gateway.toml");
     std::fs::write(
         &cfg,
-        "[metrics]\nlisten = \"127.0.0.1:0\"\n[server]\nlisten = [\"127.0.0.1:0\"]\n",
+        format!(
+            "[metrics]\nlisten = \"127.0.0.1:0\"\n[server]\nlisten = [\"127.0.0.1:0\"]\n{NO_AUTO}"
+        ),
     )
     .expect("config");
     let cfg_s = cfg.to_str().expect("utf-8 path");
@@ -237,7 +247,7 @@ fn acked_frames_survive_sigkill_and_the_daemon_stops_cleanly_on_sigterm() {
     std::fs::write(
         &cfg,
         format!(
-            "[metrics]\nlisten = \"127.0.0.1:0\"\n[server]\nlisten = [\"127.0.0.1:0\"]\n[[device]]\nmn = \"{dev}\"\npw = \"222222\"\n"
+            "[metrics]\nlisten = \"127.0.0.1:0\"\n[server]\nlisten = [\"127.0.0.1:0\"]\n{NO_AUTO}[[device]]\nmn = \"{dev}\"\npw = \"222222\"\n"
         ),
     )
     .expect("rewrite config");

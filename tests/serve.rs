@@ -36,7 +36,17 @@ const PATIENCE: Duration = Duration::from_secs(10);
 
 /// Config text: `[server]` on an ephemeral loopback port plus `server` lines,
 /// `[store]` with `sync` (`off` unless durability is the point), then `rest`.
+///
+/// The uploads here carry fixed DataTimes, which look like a skewed clock and
+/// gaps: automatic calibration and backfill are off (tests/downlink.rs covers
+/// them), so the devices read nothing but their acks.
 fn config_sync(sync: &str, server: &str, rest: &str) -> String {
+    const DL: &str = "[downlink]\ntime_sync_skew = false\nbackfill = false\n";
+    let rest = if rest.contains("[downlink]") {
+        rest.replacen("[downlink]\n", DL, 1)
+    } else {
+        format!("{DL}{rest}")
+    };
     format!(
         "[metrics]\nlisten = \"127.0.0.1:0\"\n[server]\nlisten = [\"127.0.0.1:0\"]\n{server}\n[store]\nsync = \"{sync}\"\n{rest}\n"
     )

@@ -34,7 +34,8 @@ pub struct DownlinkSection {
     /// `[[device]] time_sync`).
     pub time_sync: bool,
     /// Also send 1012 unasked when a device's clock is off by more than
-    /// `time_sync_threshold` on `time_sync_count` consecutive real-time uploads.
+    /// `time_sync_threshold` on `time_sync_count` consecutive real-time uploads
+    /// (on by default: the standard expects the platform to keep clocks right).
     pub time_sync_skew: bool,
     /// Clock skew (CN 2011 DataTime against receive time) that counts as off.
     pub time_sync_threshold: Dur,
@@ -44,7 +45,7 @@ pub struct DownlinkSection {
     /// At most one skew-triggered 1012 per device in this interval.
     pub time_sync_interval: Dur,
     /// Request missing minute/hour/day data (2051/2061/2031) when uploads show a
-    /// gap (per device: `[[device]] backfill`).
+    /// gap (per device: `[[device]] backfill`; on by default).
     pub backfill: bool,
     /// Longest window one backfill request asks for (the newest part of a gap).
     pub backfill_max_window: Dur,
@@ -63,11 +64,11 @@ impl Default for DownlinkSection {
             control_socket: None,
             control_clients: 16,
             time_sync: true,
-            time_sync_skew: false,
+            time_sync_skew: true,
             time_sync_threshold: Dur(Duration::from_secs(60)),
             time_sync_count: 3,
             time_sync_interval: Dur(Duration::from_secs(3600)),
-            backfill: false,
+            backfill: true,
             backfill_max_window: Dur(Duration::from_secs(6 * 3600)),
             backfill_interval: Dur(Duration::from_secs(600)),
         }
@@ -173,11 +174,12 @@ mod tests {
             let e = Config::parse(text, Path::new("t")).unwrap_err().to_string();
             assert!(e.contains(key), "{text}: {e}");
         }
-        let c = Config::parse(
-            "[downlink]\nbackfill = true\n[[device]]\nmn = \"A\"\nbackfill = false",
-            Path::new("t"),
-        )
-        .unwrap();
+        let d = Config::parse("", Path::new("t")).unwrap();
+        assert!(
+            d.downlink.backfill && d.downlink.time_sync_skew,
+            "on by default"
+        );
+        let c = Config::parse("[[device]]\nmn = \"A\"\nbackfill = false", Path::new("t")).unwrap();
         assert!(c.downlink.backfill);
         assert_eq!(c.device[0].backfill, Some(false));
         assert!(Config::parse("[downlink]\nbogus = 1", Path::new("t")).is_err());
