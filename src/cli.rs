@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::cmd::decode::{self, DecodeArgs, DecodeError};
-use crate::cmd::{self, alarms, export, replay, simulate, stats, tail, verify};
+use crate::cmd::{self, alarms, exchanges, export, replay, simulate, stats, tail, verify};
 use crate::config::{self, Config};
 use crate::daemon::{self, Overrides, ServeError};
 use crate::protocol::CrcPolicy;
@@ -471,6 +471,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Lists how the gateway's requests to devices ended (see README "Exchange outcomes").
+    ///
+    /// Example: hj212-gateway exchanges --data /var/lib/hj212-gateway --mn MN --since 24h
+    ///
+    /// Exit 0 on success, 2 on errors.
+    #[command(verbatim_doc_comment)]
+    Exchanges {
+        /// Data directory (default: $STATE_DIRECTORY, else ./data).
+        #[arg(long, conflicts_with = "db")]
+        data: Option<PathBuf>,
+        /// The SQLite file itself.
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// Only this device.
+        #[arg(long)]
+        mn: Option<String>,
+        /// Only exchanges that ended at or after this: RFC 3339 or a duration ago (24h).
+        #[arg(long)]
+        since: Option<String>,
+        /// JSON lines (schema hj212.downlink_exchange.v1) instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Send a request to a connected device through the running gateway and print each step.
     ///
     /// The request goes through the device's downlink engine (one at a time per device,
@@ -823,6 +846,24 @@ pub fn main() -> ExitCode {
                 json,
             };
             match alarms::run(&args, &mut std::io::stdout().lock()) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Exchanges {
+            data,
+            db,
+            mn,
+            since,
+            json,
+        } => {
+            let args = exchanges::ExchangesArgs {
+                db: cmd::resolve_db(data.as_deref(), db.as_deref(), None),
+                mn,
+                since,
+                json,
+            };
+            match exchanges::run(&args, &mut std::io::stdout().lock()) {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => fail(&e),
             }

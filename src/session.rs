@@ -359,6 +359,8 @@ struct DlState {
     /// Automatic requests waiting for the engine; at most one per origin
     /// (calibration, backfill, key push), so bounded by construction.
     auto: std::collections::VecDeque<Submit>,
+    /// The exchange in progress as `downlink_exchanges` will record it.
+    audit: Option<dl::audit::Audit>,
 }
 
 impl Session {
@@ -804,6 +806,7 @@ impl Session {
             Box::new(DlState {
                 engine: Engine::new(timing),
                 auto: std::collections::VecDeque::new(),
+                audit: None,
             })
         })
     }
@@ -855,6 +858,10 @@ impl Session {
             mn: &sub.mn,
         };
         let cn = sub.action.cn();
+        let d = self.dl_state();
+        if d.engine.is_idle() {
+            d.audit = Some(dl::audit::Audit::start(&sub, &qn, now.timestamp_millis()));
+        }
         match sub.action.build(target, &qn, now, tz, key.as_ref()) {
             Ok(bytes) => {
                 let b = Begin {
@@ -893,7 +900,15 @@ impl Session {
                         let mut rec =
                             self.record(&frame, Direction::Out, now_ms(), !frame.has_error());
                         rec.peer = origin.clone();
-                        if let Err(e) = self.shared.store.append_many(vec![rec]).await {
+                        let logged = self.shared.store.append_many(vec![rec]).await;
+                        if let (Ok(a), Some(x)) =
+                            (&logged, self.dl.as_mut().and_then(|d| d.audit.as_mut()))
+                        {
+                            if let Some(first) = a.first() {
+                                x.on_logged(first.seq);
+                            }
+                        }
+                        if let Err(e) = logged {
                             // Unlogged bytes never reach a device.
                             warn!(error = %e, origin = %origin, "downlink request not logged; not sent");
                             let mut end = Vec::new();
@@ -949,34 +964,66 @@ impl Session {
         }
     }
 
-    fn dl_event(&self, tag: Tag, ev: Event) {
+    /// A step of the exchange in progress: recorded, then given to its requester.
+    fn dl_event(&mut self, tag: Tag, ev: Event) {
+        let audit = self.dl.as_mut().and_then(|d| d.audit.as_mut());
+        if let Some(a) = audit {
+            a.on_event(&ev);
+        }
         if let Event::Done(o) = &ev {
             match o {
                 Outcome::Success => info!(outcome = o.name(), "downlink exchange done"),
                 _ => warn!(outcome = o.name(), detail = ?o, "downlink exchange failed"),
             }
+            match self.dl.as_mut().and_then(|d| d.audit.take()) {
+                Some(a) => dl::audit::record(&self.shared.store, a.finish(o, now_ms())),
+                None => {
+                    crate::metrics::METRICS.downlink_unrecorded.inc();
+                    warn!(
+                        outcome = o.name(),
+                        "downlink exchange ended without a record"
+                    );
+                }
+            }
         }
+        Self::dl_reply(tag, ev);
+    }
+
+    /// Ends the exchange in progress and answers what is still queued: the
+    /// session is over. Each of them is recorded as `closed`.
+    fn dl_close(&mut self) {
+        let mut out = Vec::new();
+        if let Some(d) = self.dl.as_mut() {
+            d.engine.abort(Outcome::Closed, &mut out);
+        }
+        self.dl_deliver(out);
+        let now = now_ms();
+        if let Some(d) = self.dl.take() {
+            for sub in d.auto {
+                dl::audit::record(
+                    &self.shared.store,
+                    dl::audit::unsent(&sub, &Outcome::Closed, now),
+                );
+            }
+        }
+        self.submit_rx.close();
+        while let Ok(sub) = self.submit_rx.try_recv() {
+            dl::audit::record(
+                &self.shared.store,
+                dl::audit::unsent(&sub, &Outcome::Closed, now),
+            );
+            Self::dl_reply(sub.replies, Event::Done(Outcome::Closed));
+        }
+    }
+
+    /// Gives a step to its requester, if any.
+    fn dl_reply(tag: Tag, ev: Event) {
         if let Some(tx) = tag {
             // Never waits: a requester that does not read must not stall the device.
             if tx.try_send(ev).is_err() {
                 warn!("downlink step not delivered: the requester is gone or not reading");
             }
         }
-    }
-
-    /// Ends the exchange in progress and answers what is still queued: the
-    /// session is over.
-    fn dl_close(&mut self) {
-        let mut out = Vec::new();
-        if let Some(d) = self.dl.as_mut() {
-            d.engine.abort(Outcome::Closed, &mut out);
-        }
-        self.submit_rx.close();
-        while let Ok(sub) = self.submit_rx.try_recv() {
-            out.push(Out::Event(sub.replies, Event::Done(Outcome::Closed)));
-        }
-        self.dl_deliver(out);
-        self.dl = None;
     }
 
     /// Remembers the session's device header (for requests and `sessions`).

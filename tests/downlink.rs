@@ -16,7 +16,9 @@ use bytes::{Bytes, BytesMut};
 use chrono::{FixedOffset, Utc};
 use hj212_gateway::config::Config;
 use hj212_gateway::protocol::{self, Dialect, Frame, Options, reply};
-use hj212_gateway::store::{Direction, Reader, RecordFilter, StoredRecord};
+use hj212_gateway::store::{
+    Direction, ExchangeFilter, ExchangeRow, Reader, RecordFilter, StoredRecord, list_exchanges,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -36,6 +38,8 @@ enum Mode {
     Normal,
     /// Never answers a request (acks still arrive).
     Mute,
+    /// Answers every request with 9011 QnRtn=2 (request rejected).
+    Refuse,
 }
 
 #[derive(Debug)]
@@ -106,6 +110,9 @@ impl SimState {
             return Vec::new();
         }
         let t = self.target(mn);
+        if self.mode == Mode::Refuse {
+            return reply::qn_rtn(t, &qn, 2).to_vec();
+        }
         let mut out = reply::qn_rtn(t, &qn, 1).to_vec();
         let mut exe = 1;
         match cn {
@@ -329,6 +336,18 @@ fn records(db: &Path) -> Vec<StoredRecord> {
         .expect("records")
         .collect::<Result<_, _>>()
         .expect("read")
+}
+
+/// The `downlink_exchanges` rows, once `n` are there (the writer commits
+/// them right after the outcome, without the session waiting).
+async fn exchanges(db: &Path, n: usize) -> Vec<ExchangeRow> {
+    until("exchange rows", || {
+        list_exchanges(db, &ExchangeFilter::default())
+            .map(|v| v.len() >= n)
+            .unwrap_or(false)
+    })
+    .await;
+    list_exchanges(db, &ExchangeFilter::default()).unwrap()
 }
 
 fn out_requests<'a>(recs: &'a [StoredRecord], peer: &str, cn: &str) -> Vec<&'a StoredRecord> {
@@ -613,9 +632,9 @@ async fn offline_device_and_missing_gateway_are_clear_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skewed_device_gets_1012_and_recovers() {
-    let gw = Gw::start(
-        "time_sync_skew = true\ntime_sync_threshold = \"60s\"\ntime_sync_count = 3\ntime_sync_interval = \"1h\"\n",
-    );
+    // Default settings: skew calibration needs no opt-in (threshold 60s,
+    // 3 consistent uploads, at most once an hour).
+    let gw = Gw::start("");
     let mn = common::mn(4);
     let sim = Sim::start(gw.bin.addr, &mn, Dialect::V2017, Mode::Normal).await;
     // The device clock runs two hours ahead.
@@ -638,7 +657,17 @@ async fn skewed_device_gets_1012_and_recovers() {
     assert_eq!(reqs.len(), 1, "exactly one calibration");
     assert_eq!(reqs[0].cn(), Some("1012"));
     let recs = gw.records();
-    assert_eq!(out_requests(&recs, "auto:timesync", "1012").len(), 1);
+    let logged = out_requests(&recs, "auto:timesync", "1012");
+    assert_eq!(logged.len(), 1);
+    // The outcome is recorded, pointing at the logged request.
+    let x = exchanges(&gw.db(), 1).await;
+    let e = &x[0].exchange;
+    assert_eq!(
+        (e.origin.as_str(), e.cn, e.outcome, e.qn_rtn, e.exe_rtn),
+        ("auto:timesync", 1012, "success", Some(1), Some(1))
+    );
+    assert_eq!((e.attempts, e.request_seq), (1, Some(logged[0].seq)));
+    assert_eq!(e.qn.as_deref(), reqs[0].qn());
     let ok = recs.iter().any(|r| {
         r.direction == Direction::In
             && r.cn.as_deref() == Some("9012")
@@ -677,8 +706,9 @@ async fn skewed_device_gets_1012_and_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gap_is_backfilled_and_the_uploads_are_marked() {
     let other = common::mn(6);
+    // Default settings: backfill needs no opt-in; one device turns it off.
     let gw = Gw::start(&format!(
-        "backfill = true\nbackfill_interval = \"1m\"\n\n[[device]]\nmn = \"{other}\"\nbackfill = false\n"
+        "\n[[device]]\nmn = \"{other}\"\nbackfill = false\n"
     ));
     let mn = common::mn(5);
     let sim = Sim::start(gw.bin.addr, &mn, Dialect::V2017, Mode::Normal).await;
@@ -727,7 +757,24 @@ async fn a_gap_is_backfilled_and_the_uploads_are_marked() {
     assert_eq!(reqs[1].param("BeginTime"), Some(hour(3).as_str()));
     assert_eq!(reqs[1].param("EndTime"), Some(hour(5).as_str()));
     let recs = gw.records();
-    assert_eq!(out_requests(&recs, "auto:backfill", "2061").len(), 1);
+    let logged = out_requests(&recs, "auto:backfill", "2061");
+    assert_eq!(logged.len(), 1);
+    let x = exchanges(&gw.db(), 2).await;
+    let rows: Vec<_> = x
+        .iter()
+        .map(|r| {
+            let e = &r.exchange;
+            (e.origin.as_str(), e.cn, e.outcome, e.uploads, e.attempts)
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("auto:timesync", 1012, "success", 0, 1),
+            ("auto:backfill", 2061, "success", 3, 1)
+        ]
+    );
+    assert_eq!(x[1].exchange.request_seq, Some(logged[0].seq));
     let data: Vec<(&str, bool)> = recs
         .iter()
         .filter(|r| r.direction == Direction::In && r.cn.as_deref() == Some("2061"))
@@ -898,6 +945,22 @@ async fn one_request_at_a_time_then_a_bounded_queue_then_busy() {
         .map(|f| f.cn().unwrap().to_owned())
         .collect();
     assert_eq!(cns, ["1011", "1011", "1011", "1061", "1061", "1061"]);
+    // The refusal is recorded when it happens (before the two timeouts end),
+    // without a QN or a send.
+    let x = exchanges(&gw.db(), 3).await;
+    let got: Vec<_> = x
+        .iter()
+        .map(|r| (r.exchange.cn, r.exchange.outcome, r.exchange.attempts))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (3011, "busy", 0),
+            (1011, "no_reply", 3),
+            (1061, "no_reply", 3)
+        ]
+    );
+    assert_eq!(x[0].exchange.qn, None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -954,4 +1017,138 @@ async fn platform_requests_share_the_engine_with_operators() {
     assert_eq!(cns, ["9011", "1061", "9012"]);
     assert!(got.iter().all(|f| f.qn() == Some("20240601120000002")));
     assert_eq!(got[1].param("RtdInterval"), Some("60"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_exchange_outcome_is_recorded_in_the_store() {
+    let gw = Gw::start("");
+    let db = gw.db();
+    let mn = common::mn(11);
+    let sim = Sim::start(gw.bin.addr, &mn, Dialect::V2017, Mode::Normal).await;
+    // success, then failed (the simulated device fails sampling with ExeRtn=5).
+    assert_eq!(gw.command(&mn, &["get-time"]).await.0, 0);
+    assert_eq!(gw.command(&mn, &["sample", "--pol", "w01018"]).await.0, 1);
+    // refused: 9011 QnRtn=2.
+    sim.state.lock().unwrap().mode = Mode::Refuse;
+    let (code, _, err) = gw.command(&mn, &["calibrate", "--pol", "a21026"]).await;
+    assert_eq!(code, 1, "{err}");
+    // no reply: 1 + re_count sends, then timeout.
+    sim.state.lock().unwrap().mode = Mode::Mute;
+    assert_eq!(gw.command(&mn, &["get-rtd-interval"]).await.0, 3);
+    // offline: refused at submit time, recorded without a session or a send.
+    let gone = common::mn(12);
+    assert_eq!(gw.command(&gone, &["get-time"]).await.0, 4);
+
+    let x = exchanges(&db, 5).await;
+    assert_eq!(x.len(), 5, "{x:?}");
+    let recs = gw.records();
+    let reqs = sim.requests();
+    let got: Vec<_> = x
+        .iter()
+        .map(|r| {
+            let e = &r.exchange;
+            (
+                e.mn.as_str(),
+                e.cn,
+                e.origin.as_str(),
+                e.outcome,
+                e.qn_rtn,
+                e.exe_rtn,
+                e.attempts,
+                e.uploads,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                mn.as_str(),
+                1011,
+                "operator",
+                "success",
+                Some(1),
+                Some(1),
+                1,
+                1
+            ),
+            (
+                mn.as_str(),
+                3012,
+                "operator",
+                "failed",
+                Some(1),
+                Some(5),
+                1,
+                0
+            ),
+            (
+                mn.as_str(),
+                3011,
+                "operator",
+                "refused",
+                Some(2),
+                None,
+                1,
+                0
+            ),
+            (mn.as_str(), 1061, "operator", "no_reply", None, None, 3, 0),
+            (gone.as_str(), 1011, "operator", "offline", None, None, 0, 0),
+        ]
+    );
+    // Each sent exchange names its QN and its first logged request record.
+    for (row, first_send) in x[..4].iter().zip([0, 1, 2, 3]) {
+        let e = &row.exchange;
+        let sent = &reqs[first_send];
+        assert_eq!(e.qn.as_deref(), sent.qn());
+        let seq = e.request_seq.expect("request seq");
+        let rec = recs.iter().find(|r| r.seq == seq).unwrap();
+        assert_eq!(rec.raw, sent.raw, "request_seq is the first send");
+        assert!(e.ended_at_ms >= e.requested_at_ms);
+    }
+    assert!(x[2].exchange.detail.contains("QnRtn=2"), "{:?}", x[2]);
+    assert!(x[3].exchange.detail.contains("after 3 sends"), "{:?}", x[3]);
+    assert_eq!(x[4].exchange.qn, None);
+    assert_eq!(x[4].exchange.request_seq, None);
+
+    // The CLI: JSON lines, filtered by MN; the table; verify still passes.
+    let data = gw.data();
+    let data = data.to_str().unwrap();
+    let (code, out, err) = run(&["exchanges", "--data", data, "--mn", &mn, "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let docs: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(docs.len(), 4);
+    assert!(
+        docs.iter()
+            .all(|d| d["schema"] == "hj212.downlink_exchange.v1" && d["mn"] == mn.as_str())
+    );
+    assert_eq!(docs[3]["outcome"], "no_reply");
+    assert_eq!(docs[3]["attempts"], 3);
+    assert_eq!(docs[2]["qn_rtn"], 2);
+    assert_eq!(docs[0]["request_seq"].as_u64(), x[0].exchange.request_seq);
+    let (code, out, _) = run(&["exchanges", "--data", data, "--since", "1h"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().count(), 6, "header and five rows:\n{out}");
+    assert!(out.contains("offline") && out.contains("refused"), "{out}");
+    let (code, out, _) = run(&[
+        "exchanges",
+        "--data",
+        data,
+        "--since",
+        "2999-01-01T00:00:00Z",
+    ])
+    .await;
+    assert_eq!((code, out.lines().count()), (0, 1));
+    let (code, out, err) = run(&["verify", "--data", data]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    // Appending rows is all the table allows.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    assert!(conn.execute("DELETE FROM downlink_exchanges", []).is_err());
+    assert!(
+        conn.execute("UPDATE downlink_exchanges SET outcome = 'success'", [])
+            .is_err()
+    );
 }

@@ -22,7 +22,7 @@ pub struct AlarmsArgs {
     pub json: bool,
 }
 
-fn parse_since(text: &str, now_ms: i64) -> Result<i64, CmdError> {
+pub(crate) fn parse_since(text: &str, now_ms: i64) -> Result<i64, CmdError> {
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
         return Ok(t.timestamp_millis());
     }

@@ -8,6 +8,7 @@ pub mod alarms;
 pub mod capture;
 pub mod command;
 pub mod decode;
+pub mod exchanges;
 pub mod export;
 pub mod replay;
 pub mod simulate;

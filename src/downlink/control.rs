@@ -359,7 +359,8 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) -> std::io::Result<()> 
                 origin: ORIGIN_OPERATOR.into(),
                 replies: Some(tx),
             });
-            if let Err((_, why)) = shared.sessions.submit(sub) {
+            if let Err((sub, why)) = shared.sessions.submit(sub) {
+                super::audit::refused(&shared.store, &sub, why);
                 let o = match why {
                     Refusal::Offline => Outcome::Offline,
                     Refusal::Busy => Outcome::Busy,

@@ -7,8 +7,10 @@
 //!   clock (strictly increasing per MN), the rate limits of automatic requests
 //!   and the last minute/hour/day DataTimes the backfill compares against.
 //! - [`control`]: the operator's Unix control socket (`command`, `sessions`).
+//! - [`audit`]: each exchange's outcome, recorded in the store.
 //! - [`config`]: the `[downlink]` section.
 
+pub mod audit;
 pub mod config;
 pub mod control;
 pub mod engine;

@@ -366,6 +366,9 @@ pub struct Metrics {
     pub junk_bytes: Counter,
     /// Inbound frames the store marked as retransmissions of an earlier (MN, QN, CN).
     pub duplicates: Counter,
+    downlink_exchanges: [Counter; crate::store::OUTCOMES.len()],
+    /// Exchange outcomes that could not be written to the store.
+    pub downlink_unrecorded: Counter,
     /// Wall time of one store transaction (begin .. commit), nanoseconds.
     pub commit_seconds: Histogram,
     /// Records per committed transaction.
@@ -407,6 +410,8 @@ impl Metrics {
             bytes_out: Counter::new(),
             junk_bytes: Counter::new(),
             duplicates: Counter::new(),
+            downlink_exchanges: [const { Counter::new() }; crate::store::OUTCOMES.len()],
+            downlink_unrecorded: Counter::new(),
             commit_seconds: Histogram::new(LATENCY_NS, 1e-9),
             commit_batch_records: Histogram::new(BATCH_RECORDS, 1.0),
             ack_seconds: Histogram::new(LATENCY_NS, 1e-9),
@@ -444,6 +449,14 @@ impl Metrics {
         self.bytes_in.add(len as u64);
         for f in findings {
             self.findings[finding_index(f.code)].inc();
+        }
+    }
+
+    /// Counts a downlink exchange that ended with `outcome` (one of
+    /// [`crate::store::OUTCOMES`]; anything else is not counted).
+    pub fn downlink_exchange(&self, outcome: &str) {
+        if let Some(i) = crate::store::OUTCOMES.iter().position(|o| *o == outcome) {
+            self.downlink_exchanges[i].inc();
         }
     }
 
@@ -589,6 +602,28 @@ impl Metrics {
             "Inbound frames retransmitting an earlier (MN, QN, CN).",
         );
         e.sample("hj212_duplicate_frames_total", &[], self.duplicates.get());
+        e.family(
+            "hj212_downlink_exchanges_total",
+            "counter",
+            "Downlink exchanges ended, by outcome.",
+        );
+        for (i, o) in crate::store::OUTCOMES.iter().enumerate() {
+            e.sample(
+                "hj212_downlink_exchanges_total",
+                &[("outcome", o)],
+                self.downlink_exchanges[i].get(),
+            );
+        }
+        e.family(
+            "hj212_downlink_exchanges_unrecorded_total",
+            "counter",
+            "Downlink exchange outcomes that could not be written to the store.",
+        );
+        e.sample(
+            "hj212_downlink_exchanges_unrecorded_total",
+            &[],
+            self.downlink_unrecorded.get(),
+        );
         e.histogram(
             "hj212_store_commit_duration_seconds",
             "Duration of one frame log transaction (begin to durable commit).",

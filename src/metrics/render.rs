@@ -293,6 +293,9 @@ mod tests {
         m.commit_seconds.observe(u64::MAX / 2);
         m.commit_batch_records.observe_n(5, 2);
         m.upstream("plat\"form\\1").connected.set(1);
+        m.downlink_exchange("no_reply");
+        m.downlink_exchange("no_reply");
+        m.downlink_exchange("not an outcome");
         let mut e = Exposition::new();
         m.render(&mut e);
         METRICS.render(&mut e);
@@ -316,6 +319,15 @@ mod tests {
             1.0
         );
         assert_eq!(get("hj212_frames_total{verdict=\"junk\"}"), 1.0);
+        assert_eq!(
+            get("hj212_downlink_exchanges_total{outcome=\"no_reply\"}"),
+            2.0
+        );
+        assert_eq!(
+            get("hj212_downlink_exchanges_total{outcome=\"offline\"}"),
+            0.0
+        );
+        assert_eq!(get("hj212_downlink_exchanges_unrecorded_total"), 0.0);
         assert_eq!(get("hj212_frames_total{verdict=\"rejected\"}"), 1.0);
         assert_eq!(get("hj212_received_bytes_total"), 107.0);
         assert_eq!(get("hj212_store_commit_duration_seconds_count"), 2.0);

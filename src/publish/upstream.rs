@@ -479,7 +479,10 @@ impl Forwarder {
         });
         let why = match self.shared.sessions.submit(sub) {
             Ok(()) => return Ok(f),
-            Err((_, why)) => why,
+            Err((sub, why)) => {
+                crate::downlink::audit::refused(&self.shared.store, &sub, why);
+                why
+            }
         };
         if why == Refusal::Busy {
             warn!(upstream = %self.e.name, mn, cn, "device's downlink queue is full (downlink.queue); request rejected");

@@ -56,6 +56,9 @@ pub enum StoreError {
     /// The writer has shut down (or died); the append was not queued or not answered.
     #[error("the store writer is closed")]
     Closed,
+    /// The writer's queue is full and the caller does not wait (exchange outcomes).
+    #[error("the store writer's queue is full")]
+    QueueFull,
     /// The writer thread panicked.
     #[error("the store writer thread panicked")]
     WriterPanicked,

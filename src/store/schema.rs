@@ -27,7 +27,7 @@ pub(crate) const RECORD_COLUMNS: &str = "seq, received_at_ms, peer, session, dir
 pub(crate) const DATA_TIME_MS: &str =
     "CAST(round(unixepoch(data_time, 'subsec') * 1000) AS INTEGER)";
 
-const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     // 0 -> 1: the log, its head, consumer cursors, accident guards.
     r#"
     CREATE TABLE records (
@@ -109,6 +109,33 @@ const MIGRATIONS: &[&str] = &[
         mn        TEXT    NOT NULL,
         payload   TEXT    NOT NULL
     ) STRICT;
+    "#,
+    // 2 -> 3: how each downlink exchange ended (see `exchanges.rs`). Outside the hash
+    // chain like the alarms (the requests and replies are chained records), but
+    // append-only like `records`: an audit trail, not a working table.
+    r#"
+    CREATE TABLE downlink_exchanges (
+        id              INTEGER PRIMARY KEY,
+        mn              TEXT    NOT NULL,
+        qn              TEXT,
+        cn              INTEGER NOT NULL,
+        origin          TEXT    NOT NULL,
+        requested_at_ms INTEGER NOT NULL,
+        ended_at_ms     INTEGER NOT NULL,
+        outcome         TEXT    NOT NULL CHECK (outcome IN ('success', 'refused', 'failed',
+                            'no_reply', 'exec_timeout', 'offline', 'busy', 'closed', 'invalid')),
+        qn_rtn          INTEGER,
+        exe_rtn         INTEGER,
+        attempts        INTEGER NOT NULL CHECK (attempts >= 0),
+        uploads         INTEGER NOT NULL CHECK (uploads >= 0),
+        request_seq     INTEGER,
+        detail          TEXT    NOT NULL
+    ) STRICT;
+    CREATE INDEX downlink_exchanges_mn_ended ON downlink_exchanges (mn, ended_at_ms);
+    CREATE TRIGGER downlink_exchanges_append_only_update BEFORE UPDATE ON downlink_exchanges
+    BEGIN SELECT RAISE(ABORT, 'downlink exchanges are append-only: UPDATE refused'); END;
+    CREATE TRIGGER downlink_exchanges_append_only_delete BEFORE DELETE ON downlink_exchanges
+    BEGIN SELECT RAISE(ABORT, 'downlink exchanges are append-only: DELETE refused'); END;
     "#,
 ];
 

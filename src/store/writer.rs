@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::chain::{GENESIS, HASHED_COLUMNS, record_hash};
 use super::schema;
-use super::{Appended, Direction, Kind, NewRecord, StoreConfig, StoreError};
+use super::{Appended, Direction, Kind, NewExchange, NewRecord, StoreConfig, StoreError};
 
 /// Longest `raw` accepted. Frames are capped far lower by the codec; this only keeps a
 /// caller bug from writing a huge blob into the permanent log.
@@ -166,6 +166,8 @@ pub struct StoreStats {
 
 struct Job {
     recs: Vec<NewRecord>,
+    /// Downlink exchange outcomes, inserted in the same transaction.
+    exchanges: Vec<NewExchange>,
     reply: oneshot::Sender<Result<Vec<Appended>, StoreError>>,
 }
 
@@ -188,7 +190,12 @@ pub struct StoreHandle {
 impl std::fmt::Debug for Msg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Msg::Append(j) => write!(f, "Append({} records)", j.recs.len()),
+            Msg::Append(j) => write!(
+                f,
+                "Append({} records, {} exchanges)",
+                j.recs.len(),
+                j.exchanges.len()
+            ),
             Msg::Shutdown => f.write_str("Shutdown"),
         }
     }
@@ -219,10 +226,36 @@ impl StoreHandle {
         }
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(Msg::Append(Job { recs, reply }))
+            .send(Msg::Append(Job {
+                recs,
+                exchanges: Vec::new(),
+                reply,
+            }))
             .await
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Queues a downlink exchange outcome (table `downlink_exchanges`) without
+    /// waiting: it commits with the next batch. Fails at once when the queue is
+    /// full or the writer is closed; a failed batch is logged and counted by the
+    /// writer (`hj212_downlink_exchanges_unrecorded_total`).
+    pub fn record_exchange(&self, e: NewExchange) -> Result<(), StoreError> {
+        if self.counters.closing.load(Ordering::Acquire) {
+            return Err(StoreError::Closed);
+        }
+        // Nobody waits for the answer: the writer reports failures itself.
+        let (reply, _) = oneshot::channel();
+        self.tx
+            .try_send(Msg::Append(Job {
+                recs: Vec::new(),
+                exchanges: vec![e],
+                reply,
+            }))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => StoreError::QueueFull,
+                mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
+            })
     }
 
     /// Asks the writer to stop: appends queued before this call are committed, appends
@@ -359,7 +392,9 @@ impl Writer {
             Ok(results) => {
                 let m = &crate::metrics::METRICS;
                 m.commit_seconds.observe_duration(started.elapsed(), 1);
-                m.commit_batch_records.observe(n as u64);
+                if n > 0 {
+                    m.commit_batch_records.observe(n as u64);
+                }
                 m.duplicates
                     .add(results.iter().flatten().filter(|a| a.duplicate).count() as u64);
                 let c = &self.counters;
@@ -377,6 +412,11 @@ impl Writer {
                 self.counters
                     .failed_records
                     .fetch_add(n as u64, Ordering::Relaxed);
+                let lost: usize = batch.iter().map(|j| j.exchanges.len()).sum();
+                if lost > 0 {
+                    tracing::warn!(exchanges = lost, "downlink exchange outcomes not recorded");
+                    crate::metrics::METRICS.downlink_unrecorded.add(lost as u64);
+                }
                 let source = Arc::new(err);
                 for job in batch.drain(..) {
                     let _ = job.reply.send(Err(StoreError::BatchFailed {
@@ -429,6 +469,9 @@ impl Writer {
                     answers.push(Appended { seq, duplicate });
                     prev = hash;
                     seq += 1;
+                }
+                for e in &job.exchanges {
+                    super::exchanges::insert(&tx, e).map_err(|e| ("insert an exchange", e))?;
                 }
                 results.push(answers);
             }
