@@ -1144,6 +1144,31 @@ async fn every_exchange_outcome_is_recorded_in_the_store() {
     assert_eq!((code, out.lines().count()), (0, 1));
     let (code, out, err) = run(&["verify", "--data", data]).await;
     assert_eq!(code, 0, "{out}{err}");
+    // closed: the device leaves while a request waits for its 9011.
+    let pending = {
+        let data = gw.data();
+        let mn = mn.clone();
+        tokio::spawn(async move {
+            run(&[
+                "command",
+                "--mn",
+                &mn,
+                "--data",
+                data.to_str().unwrap(),
+                "get-time",
+            ])
+            .await
+        })
+    };
+    until("request sent", || sim.requests().len() == 7).await;
+    drop(sim);
+    assert_eq!(pending.await.unwrap().0, 4, "closed: unavailable");
+    let x = exchanges(&db, 6).await;
+    let e = &x[5].exchange;
+    assert_eq!((e.cn, e.outcome, e.qn_rtn), (1011, "closed", None));
+    // Sent once, or twice if OverTime (300 ms) passed before the close was seen.
+    assert!((1..=2).contains(&e.attempts), "{e:?}");
+    assert!(e.request_seq.is_some());
     // Appending rows is all the table allows.
     let conn = rusqlite::Connection::open(&db).unwrap();
     assert!(conn.execute("DELETE FROM downlink_exchanges", []).is_err());

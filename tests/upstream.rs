@@ -719,6 +719,37 @@ async fn downlink_request_for_an_offline_device_is_answered_qnrtn_2() {
         ]
     );
     assert!(String::from_utf8_lossy(&got[0]).contains("CP=&&QN=20240601090000003;QnRtn=2&&"));
+    // Each refusal is in the exchange table under the platform's name and QN.
+    // (Committed by the writer right after the refusal, without anyone waiting.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let x = loop {
+        let x = hj212_gateway::store::list_exchanges(&gw.db, &Default::default()).unwrap();
+        if x.len() >= 3 || Instant::now() > deadline {
+            break x;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let rows: Vec<_> = x
+        .iter()
+        .map(|r| {
+            let e = &r.exchange;
+            (
+                e.origin.as_str(),
+                e.qn.as_deref().unwrap_or(""),
+                e.cn,
+                e.outcome,
+                e.attempts,
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("prov", "20240601090000003", 3011, "offline", 0),
+            ("prov", "20240601090000004", 1012, "offline", 0),
+            ("prov", "20240601090000005", 1012, "offline", 0),
+        ]
+    );
     gw.running.stop().await.expect("stop");
 }
 
