@@ -21,16 +21,8 @@ use tokio::net::TcpStream;
 const PATIENCE: Duration = Duration::from_secs(10);
 
 async fn start(text: &str) -> (Running, PathBuf, tempfile::TempDir) {
-    let cfg = Config::parse(text, Path::new("test")).expect("config");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = cfg.store_path(dir.path());
-    let o = Overrides {
-        config: None,
-        listen: Vec::new(),
-        data: Some(dir.path().to_owned()),
-    };
-    let running = daemon::start(cfg, &o).await.expect("gateway starts");
-    (running, db, dir)
+    let g = common::start_in_process(text).await;
+    (g.running, g.db, g.dir)
 }
 
 /// One raw HTTP/1.1 exchange; returns (status code, body).

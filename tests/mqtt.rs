@@ -8,13 +8,10 @@ mod common;
 mod mqtt_support;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::{Bin, mn, qn, upload};
-use hj212_gateway::config::Config;
-use hj212_gateway::daemon::{self, Overrides, Running};
 use hj212_gateway::protocol::{crc, crypt, reply};
 use hj212_gateway::store::{Direction, Reader, RecordFilter, StoredRecord, Verdict};
 use mqtt_support::{Device, Subscriber, data_seqs, free_port, rumqttd, rumqttd_on};
@@ -69,30 +66,10 @@ fn config(port: u16, mqtt: &str, rest: &str) -> String {
     )
 }
 
-struct Gw {
-    running: Running,
-    addr: SocketAddr,
-    db: PathBuf,
-    _dir: tempfile::TempDir,
-}
+type Gw = common::InProc;
 
 async fn start(text: &str) -> Gw {
-    let cfg = Config::parse(text, Path::new("test")).expect("config");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = cfg.store_path(dir.path());
-    let o = Overrides {
-        config: None,
-        listen: Vec::new(),
-        data: Some(dir.path().to_owned()),
-    };
-    let running = daemon::start(cfg, &o).await.expect("gateway starts");
-    let addr = running.addrs[0];
-    Gw {
-        running,
-        addr,
-        db,
-        _dir: dir,
-    }
+    common::start_in_process(text).await
 }
 
 fn records(db: &Path) -> Vec<StoredRecord> {

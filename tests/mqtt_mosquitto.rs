@@ -14,8 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{Bin, mn, qn, upload};
-use hj212_gateway::config::Config;
-use hj212_gateway::daemon::{self, Overrides};
+use hj212_gateway::daemon::{self};
 use hj212_gateway::store::{Direction, Reader, RecordFilter, Verdict};
 use mqtt_support::{Device, Mosquitto, PATIENCE, Subscriber, data_seqs, free_port, mosquitto_bin};
 
@@ -35,16 +34,8 @@ async fn start_gateway(mqtt: &str) -> (daemon::Running, PathBuf, tempfile::TempD
         "[metrics]\nlisten = \"127.0.0.1:0\"\n[server]\nlisten = [\"127.0.0.1:0\"]\n[store]\nsync = \"off\"\n\
          [mqtt]\nclient_id = \"gw-interop\"\nreconnect_max = \"500ms\"\n{mqtt}\n"
     );
-    let cfg = Config::parse(&text, Path::new("test")).expect("config");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = cfg.store_path(dir.path());
-    let o = Overrides {
-        config: None,
-        listen: Vec::new(),
-        data: Some(dir.path().to_owned()),
-    };
-    let running = daemon::start(cfg, &o).await.expect("gateway starts");
-    (running, db, dir)
+    let g = common::start_in_process(&text).await;
+    (g.running, g.db, g.dir)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,47 +6,23 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{expected_ack, mn, qn, upload};
-use hj212_gateway::config::Config;
-use hj212_gateway::daemon::{self, Overrides, Running};
 use hj212_gateway::store::{Direction, Kind, Reader, RecordFilter, StoredRecord};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 const PATIENCE: Duration = Duration::from_secs(10);
 
-struct Gateway {
-    running: Running,
-    addr: SocketAddr,
-    db: PathBuf,
-    _dir: tempfile::TempDir,
-}
+type Gateway = common::InProc;
 
 impl Gateway {
     async fn start(server: &str) -> Gateway {
         let text = format!(
             "[server]\nlisten = [\"127.0.0.1:0\"]\n{server}\n[store]\nsync = \"off\"\n[mqtt]\nenabled = false\n[metrics]\nlisten = \"127.0.0.1:0\"\n"
         );
-        let cfg = Config::parse(&text, Path::new("test")).expect("config");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = cfg.store_path(dir.path());
-        let o = Overrides {
-            config: None,
-            listen: Vec::new(),
-            data: Some(dir.path().to_owned()),
-        };
-        let running = daemon::start(cfg, &o).await.expect("gateway starts");
-        let addr = running.addrs[0];
-        Gateway {
-            running,
-            addr,
-            db,
-            _dir: dir,
-        }
+        common::start_in_process(&text).await
     }
 
     /// A connection from `from` (a 127.0.0.x address), bound before connecting.

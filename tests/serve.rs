@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use common::{expected_ack, mn, qn, upload};
 use hj212_gateway::config::Config;
-use hj212_gateway::daemon::{self, Overrides, Running};
 use hj212_gateway::protocol::framing::FramerConfig;
 use hj212_gateway::store::{
     self, BreakReason, Direction, Kind, Reader, RecordFilter, StoredRecord, Verdict,
@@ -56,12 +55,7 @@ fn config_text(server: &str, rest: &str) -> String {
     config_sync("off", server, rest)
 }
 
-struct Gateway {
-    running: Running,
-    addr: SocketAddr,
-    db: PathBuf,
-    dir: tempfile::TempDir,
-}
+type Gateway = common::InProc;
 
 impl Gateway {
     async fn start(server: &str, rest: &str) -> Gateway {
@@ -81,21 +75,7 @@ impl Gateway {
     }
 
     async fn start_with(cfg: Config, config: Option<PathBuf>) -> Gateway {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = cfg.store_path(dir.path());
-        let o = Overrides {
-            config,
-            listen: Vec::new(),
-            data: Some(dir.path().to_owned()),
-        };
-        let running = daemon::start(cfg, &o).await.expect("gateway starts");
-        let addr = running.addrs[0];
-        Gateway {
-            running,
-            addr,
-            db,
-            dir,
-        }
+        common::start_config(cfg, config).await
     }
 
     async fn device(&self) -> Device {

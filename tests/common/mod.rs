@@ -123,3 +123,51 @@ impl Drop for Bin {
         let _ = self.child.wait();
     }
 }
+
+/// A gateway started inside the test process (`daemon::start`) on a temporary
+/// data directory, so a test can reach its `Running` handle directly.
+#[allow(dead_code)]
+pub struct InProc {
+    /// The running daemon (stop, reload, bound addresses).
+    pub running: hj212_gateway::daemon::Running,
+    /// The first device listener's address.
+    pub addr: std::net::SocketAddr,
+    /// The frame log file.
+    pub db: std::path::PathBuf,
+    /// The data directory (removed on drop).
+    pub dir: tempfile::TempDir,
+}
+
+/// Starts a gateway in-process from config text.
+#[allow(dead_code)]
+pub async fn start_in_process(text: &str) -> InProc {
+    let cfg =
+        hj212_gateway::config::Config::parse(text, std::path::Path::new("test")).expect("config");
+    start_config(cfg, None).await
+}
+
+/// Starts a gateway in-process from a parsed config; `config` is the file it
+/// came from, if any (so `reload()` re-reads it).
+#[allow(dead_code)]
+pub async fn start_config(
+    cfg: hj212_gateway::config::Config,
+    config: Option<std::path::PathBuf>,
+) -> InProc {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = cfg.store_path(dir.path());
+    let o = hj212_gateway::daemon::Overrides {
+        config,
+        listen: Vec::new(),
+        data: Some(dir.path().to_owned()),
+    };
+    let running = hj212_gateway::daemon::start(cfg, &o)
+        .await
+        .expect("gateway starts");
+    let addr = running.addrs[0];
+    InProc {
+        running,
+        addr,
+        db,
+        dir,
+    }
+}

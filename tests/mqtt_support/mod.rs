@@ -300,17 +300,23 @@ impl Device {
     pub async fn send_acked(&mut self, frame: &[u8]) -> Vec<u8> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         self.s.write_all(frame).await.expect("write");
-        let mut out = Vec::new();
-        let mut b = [0u8; 1];
-        while !out.ends_with(b"\r\n") {
-            let n = tokio::time::timeout(PATIENCE, self.s.read(&mut b))
-                .await
-                .expect("ack in time")
-                .expect("read");
-            assert!(n > 0, "connection closed before the ack");
-            out.push(b[0]);
+        // The gateway may also send requests of its own (a 1012 when the
+        // device's DataTimes look like a wrong clock): a device reads past them.
+        loop {
+            let mut out = Vec::new();
+            let mut b = [0u8; 1];
+            while !out.ends_with(b"\r\n") {
+                let n = tokio::time::timeout(PATIENCE, self.s.read(&mut b))
+                    .await
+                    .expect("ack in time")
+                    .expect("read");
+                assert!(n > 0, "connection closed before the ack");
+                out.push(b[0]);
+            }
+            if is_reply(&out) {
+                return out;
+            }
         }
-        out
     }
 
     /// Sends bytes without waiting for anything.
@@ -318,4 +324,11 @@ impl Device {
         use tokio::io::AsyncWriteExt;
         self.s.write_all(bytes).await.expect("write");
     }
+}
+
+/// A 9013/9014 reply (the only frames a gateway sends that answer an upload).
+pub fn is_reply(frame: &[u8]) -> bool {
+    frame
+        .windows(8)
+        .any(|w| w == b"CN=9014;" || w == b"CN=9013;")
 }
