@@ -365,86 +365,7 @@ enum Command {
     /// or connections/replies failed (errors > 0), 2 on usage errors (e.g. --devices
     /// beyond RLIMIT_NOFILE or the ephemeral ports of the source addresses).
     #[command(verbatim_doc_comment)]
-    Simulate {
-        /// Gateway address.
-        #[arg(long, value_name = "HOST:PORT")]
-        target: String,
-        /// Devices (connections) simulated by this process.
-        #[arg(long, default_value = "10")]
-        devices: u64,
-        /// Index of the first device, to split one fleet over several processes.
-        #[arg(long, default_value = "0", value_name = "N")]
-        first_device: u64,
-        /// Seconds between 2011 uploads of one device.
-        #[arg(long, value_name = "SECS", conflicts_with = "rate")]
-        interval: Option<f64>,
-        /// Total 2011 frames per second, spread evenly over the devices.
-        #[arg(long, value_name = "FRAMES_PER_S")]
-        rate: Option<f64>,
-        /// Seconds of sending (after --ramp).
-        #[arg(long, default_value = "10", value_name = "SECS")]
-        duration: f64,
-        /// Dialect mix: 2005, 2017, 2025, 2025e (SM4-encrypted) with weights.
-        #[arg(long, default_value = "2017", value_name = "D=W,...")]
-        dialects: String,
-        /// Device kinds with weights: air (flue gas, ST=31), water (waste water, ST=32).
-        #[arg(long, default_value = "air=1,water=1", value_name = "K=W,...")]
-        kinds: String,
-        /// Which uploads: 2011 real-time, 2051 minute, 2061 hour data.
-        #[arg(long = "cn", default_value = "2011,2051,2061", value_name = "CN,...")]
-        cns: String,
-        /// Minutes between 2051 uploads (must divide 60).
-        #[arg(long, default_value = "10", value_name = "MIN")]
-        minute_every: u64,
-        /// Send uploads without the ack bit (nothing is waited for or measured).
-        #[arg(long)]
-        no_ack: bool,
-        /// Pad data frames with further plausible factors to about N bytes (100..=1000).
-        #[arg(long, value_name = "N")]
-        frame_size: Option<usize>,
-        /// Seconds after start when all devices send hourly data at once (repeatable).
-        #[arg(long, value_name = "SECS")]
-        burst_at: Vec<f64>,
-        /// Seconds after start when all devices drop their connection and reconnect (repeatable).
-        #[arg(long, value_name = "SECS")]
-        reconnect_storm_at: Vec<f64>,
-        /// Local addresses to connect from: a count (from 127.0.0.2), A-B or A,B,...
-        #[arg(long, value_name = "IPS")]
-        source_ips: Option<String>,
-        /// Seed for MNs, keys and values.
-        #[arg(long, default_value = "1")]
-        seed: u64,
-        /// MN prefix (letters and digits).
-        #[arg(long)]
-        mn_prefix: Option<String>,
-        /// Device password.
-        #[arg(long, default_value = "123456")]
-        pw: String,
-        /// Runtime worker threads.
-        #[arg(long, default_value = "1")]
-        threads: usize,
-        /// Seconds over which connections are opened (sending starts after it).
-        #[arg(long, default_value = "0", value_name = "SECS")]
-        ramp: f64,
-        /// Only hold the connections open (plus --heartbeat if given).
-        #[arg(long)]
-        idle: bool,
-        /// Seconds between 9015 heartbeats (2017/2025 devices; 0 = none).
-        #[arg(long, value_name = "SECS")]
-        heartbeat: Option<f64>,
-        /// Seconds to wait for an ack before counting a timeout.
-        #[arg(long, default_value = "5", value_name = "SECS")]
-        ack_timeout: f64,
-        /// Seconds between progress lines on stderr (0 = none).
-        #[arg(long, default_value = "5", value_name = "SECS")]
-        progress: f64,
-        /// Print the summary as one JSON object.
-        #[arg(long)]
-        json: bool,
-        /// Print the fleet as [[device]] TOML for the gateway registry and exit.
-        #[arg(long)]
-        list_devices: bool,
-    },
+    Simulate(simulate::SimulateArgs),
     /// Lists the anomaly detector's alarms (see README "Alarms").
     ///
     /// Example: hj212-gateway alarms --data /var/lib/hj212-gateway --active --since 24h
@@ -868,62 +789,7 @@ pub fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
-        Command::Simulate {
-            target,
-            devices,
-            first_device,
-            interval,
-            rate,
-            duration,
-            dialects,
-            kinds,
-            cns,
-            minute_every,
-            no_ack,
-            frame_size,
-            burst_at,
-            reconnect_storm_at,
-            source_ips,
-            seed,
-            mn_prefix,
-            pw,
-            threads,
-            ramp,
-            idle,
-            heartbeat,
-            ack_timeout,
-            progress,
-            json,
-            list_devices,
-        } => {
-            let args = simulate::SimulateArgs {
-                target,
-                devices,
-                first_device,
-                interval,
-                rate,
-                duration,
-                dialects,
-                kinds,
-                cns,
-                minute_every,
-                ack: !no_ack,
-                frame_size,
-                burst_at,
-                reconnect_storm_at,
-                source_ips,
-                seed,
-                mn_prefix,
-                pw,
-                threads,
-                ramp,
-                idle,
-                heartbeat,
-                ack_timeout,
-                progress,
-                json,
-                list_devices,
-            };
+        Command::Simulate(args) => {
             let plan = match simulate::plan(&args) {
                 Ok(p) => p,
                 Err(e) => return fail(&e),
@@ -951,7 +817,7 @@ pub fn main() -> ExitCode {
                     } else {
                         simulate::print(&s, &mut out)
                     };
-                    if s.is_clean(args.ack) {
+                    if s.is_clean(!args.no_ack) {
                         ExitCode::SUCCESS
                     } else {
                         ExitCode::from(1)

@@ -21,60 +21,87 @@ use tokio::time::Instant;
 use super::CmdError;
 use fleet::{Edition, Kind};
 
-/// Everything `simulate` was asked to do (validated by [`plan`]).
-#[derive(Debug, Clone)]
+/// Everything `simulate` was asked to do (validated by [`plan`]); also its
+/// command line.
+#[derive(Debug, Clone, clap::Args)]
 pub struct SimulateArgs {
-    /// Gateway `HOST:PORT`.
+    /// Gateway address.
+    #[arg(long, value_name = "HOST:PORT")]
     pub target: String,
-    /// Devices simulated by this process.
+    /// Devices (connections) simulated by this process.
+    #[arg(long, default_value = "10")]
     pub devices: u64,
-    /// Index of the first device (to split one fleet over several processes).
+    /// Index of the first device, to split one fleet over several processes.
+    #[arg(long, default_value = "0", value_name = "N")]
     pub first_device: u64,
-    /// Seconds between real-time (2011) uploads per device.
+    /// Seconds between 2011 uploads of one device.
+    #[arg(long, value_name = "SECS", conflicts_with = "rate")]
     pub interval: Option<f64>,
-    /// Total real-time frames per second over all devices (overrides `interval`).
+    /// Total 2011 frames per second, spread evenly over the devices.
+    #[arg(long, value_name = "FRAMES_PER_S")]
     pub rate: Option<f64>,
-    /// Seconds of sending.
+    /// Seconds of sending (after --ramp).
+    #[arg(long, default_value = "10", value_name = "SECS")]
     pub duration: f64,
-    /// `EDITION=WEIGHT,...` with editions 2005, 2017, 2025, 2025e.
+    /// Dialect mix: 2005, 2017, 2025, 2025e (SM4-encrypted) with weights.
+    #[arg(long, default_value = "2017", value_name = "D=W,...")]
     pub dialects: String,
-    /// `KIND=WEIGHT,...` with kinds air, water.
+    /// Device kinds with weights: air (flue gas, ST=31), water (waste water, ST=32).
+    #[arg(long, default_value = "air=1,water=1", value_name = "K=W,...")]
     pub kinds: String,
-    /// CNs to send: any of 2011, 2051, 2061.
+    /// Which uploads: 2011 real-time, 2051 minute, 2061 hour data.
+    #[arg(long = "cn", default_value = "2011,2051,2061", value_name = "CN,...")]
     pub cns: String,
-    /// Minutes between 2051 uploads (aligned to the wall clock).
+    /// Minutes between 2051 uploads (must divide 60).
+    #[arg(long, default_value = "10", value_name = "MIN")]
     pub minute_every: u64,
-    /// Ask for acks (Flag bit 0).
-    pub ack: bool,
-    /// Pad data frames with further factors to about this many bytes.
+    /// Send uploads without the ack bit (nothing is waited for or measured).
+    #[arg(long)]
+    pub no_ack: bool,
+    /// Pad data frames with further plausible factors to about N bytes (100..=1000).
+    #[arg(long, value_name = "N")]
     pub frame_size: Option<usize>,
-    /// Seconds after start at which every device sends hourly data at once.
+    /// Seconds after start when all devices send hourly data at once (repeatable).
+    #[arg(long, value_name = "SECS")]
     pub burst_at: Vec<f64>,
-    /// Seconds after start at which every device drops its connection and reconnects.
+    /// Seconds after start when all devices drop their connection and reconnect (repeatable).
+    #[arg(long, value_name = "SECS")]
     pub reconnect_storm_at: Vec<f64>,
-    /// `A-B` range, `A,B,...` list, or a count starting at 127.0.0.2.
+    /// Local addresses to connect from: a count (from 127.0.0.2), A-B or A,B,...
+    #[arg(long, value_name = "IPS")]
     pub source_ips: Option<String>,
     /// Seed for MNs, keys and values.
+    #[arg(long, default_value = "1")]
     pub seed: u64,
-    /// MN prefix (default `99` + seed's low 16 bits in hex).
+    /// MN prefix (letters and digits).
+    #[arg(long)]
     pub mn_prefix: Option<String>,
     /// Device password.
+    #[arg(long, default_value = "123456")]
     pub pw: String,
-    /// Tokio worker threads.
+    /// Runtime worker threads.
+    #[arg(long, default_value = "1")]
     pub threads: usize,
-    /// Seconds over which connections are opened.
+    /// Seconds over which connections are opened (sending starts after it).
+    #[arg(long, default_value = "0", value_name = "SECS")]
     pub ramp: f64,
-    /// Only connect (and send heartbeats if asked).
+    /// Only hold the connections open (plus --heartbeat if given).
+    #[arg(long)]
     pub idle: bool,
-    /// Seconds between 9015 heartbeats (2017/2025 devices).
+    /// Seconds between 9015 heartbeats (2017/2025 devices; 0 = none).
+    #[arg(long, value_name = "SECS")]
     pub heartbeat: Option<f64>,
-    /// Seconds to wait for an ack.
+    /// Seconds to wait for an ack before counting a timeout.
+    #[arg(long, default_value = "5", value_name = "SECS")]
     pub ack_timeout: f64,
-    /// Seconds between progress lines on stderr (0: none).
+    /// Seconds between progress lines on stderr (0 = none).
+    #[arg(long, default_value = "5", value_name = "SECS")]
     pub progress: f64,
     /// Print the summary as one JSON object.
+    #[arg(long)]
     pub json: bool,
-    /// Print the fleet as `[[device]]` TOML (for the gateway registry) and exit.
+    /// Print the fleet as [[device]] TOML for the gateway registry and exit.
+    #[arg(long)]
     pub list_devices: bool,
 }
 
@@ -395,7 +422,7 @@ pub fn plan(a: &SimulateArgs) -> Result<Plan, CmdError> {
         minute,
         hour,
         minute_every: Duration::from_secs(a.minute_every * 60),
-        ack: a.ack,
+        ack: !a.no_ack,
         frame_size: a.frame_size,
         bursts,
         storms,
