@@ -15,7 +15,7 @@ use hj212_gateway::cmd::replay::{self, Pacing, ReplayArgs, Split};
 use hj212_gateway::config::Config;
 use hj212_gateway::daemon::{self, Overrides, Running};
 use hj212_gateway::protocol::reply;
-use hj212_gateway::store::{self, Direction, Reader, RecordFilter, StoredRecord};
+use hj212_gateway::store::{self, Direction, Reader, StoredRecord};
 
 const BIN: &str = env!("CARGO_BIN_EXE_hj212-gateway");
 const MN_A: &str = "010000A8900016F000000001";
@@ -112,14 +112,7 @@ impl Gw {
     }
 }
 
-fn records(db: &Path) -> Vec<StoredRecord> {
-    Reader::open(db)
-        .unwrap()
-        .records(RecordFilter::default())
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
-}
+use common::records;
 
 fn run(args: &[&str]) -> (i32, String, String) {
     let o = Command::new(BIN).args(args).output().unwrap();

@@ -16,9 +16,7 @@ use bytes::{Bytes, BytesMut};
 use chrono::{FixedOffset, Utc};
 use hj212_gateway::config::Config;
 use hj212_gateway::protocol::{self, Dialect, Frame, Options, reply};
-use hj212_gateway::store::{
-    Direction, ExchangeFilter, ExchangeRow, Reader, RecordFilter, StoredRecord, list_exchanges,
-};
+use hj212_gateway::store::{Direction, ExchangeFilter, ExchangeRow, StoredRecord, list_exchanges};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -329,14 +327,7 @@ async fn run(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-fn records(db: &Path) -> Vec<StoredRecord> {
-    Reader::open(db)
-        .expect("reader")
-        .records(RecordFilter::default())
-        .expect("records")
-        .collect::<Result<_, _>>()
-        .expect("read")
-}
+use common::records;
 
 /// The `downlink_exchanges` rows, once `n` are there (the writer commits
 /// them right after the outcome, without the session waiting).

@@ -14,7 +14,7 @@ use common::{expected_ack, mn, qn, upload};
 use hj212_gateway::config::Config;
 use hj212_gateway::daemon::{self, Overrides, Running};
 use hj212_gateway::metrics::parse_exposition;
-use hj212_gateway::store::{Direction, Kind, Reader, RecordFilter, StoredRecord, Verdict};
+use hj212_gateway::store::{Direction, Kind, StoredRecord, Verdict};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -71,14 +71,7 @@ fn value(samples: &[(String, f64)], series: &str) -> f64 {
         .unwrap_or_else(|| panic!("{series} missing from the scrape"))
 }
 
-fn records(db: &Path) -> Vec<StoredRecord> {
-    Reader::open(db)
-        .expect("reader")
-        .records(RecordFilter::default())
-        .expect("records")
-        .collect::<Result<_, _>>()
-        .expect("read")
-}
+use common::records;
 
 async fn read_reply(s: &mut TcpStream, buf: &mut Vec<u8>) -> Vec<u8> {
     let deadline = Instant::now() + PATIENCE;

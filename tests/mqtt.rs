@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::{Bin, mn, qn, upload};
 use hj212_gateway::protocol::{crc, crypt, reply};
-use hj212_gateway::store::{Direction, Reader, RecordFilter, StoredRecord, Verdict};
+use hj212_gateway::store::{Direction, Verdict};
 use mqtt_support::{Device, Subscriber, data_seqs, free_port, rumqttd, rumqttd_on};
 
 const KEY_HEX: &str = "30303030303030303030303030303030";
@@ -72,14 +72,7 @@ async fn start(text: &str) -> Gw {
     common::start_in_process(text).await
 }
 
-fn records(db: &Path) -> Vec<StoredRecord> {
-    Reader::open(db)
-        .expect("reader")
-        .records(RecordFilter::default())
-        .expect("records")
-        .collect::<Result<_, _>>()
-        .expect("read")
-}
+use common::records;
 
 /// Seqs that must be published: accepted inbound frames.
 fn expected_seqs(db: &Path) -> BTreeSet<u64> {

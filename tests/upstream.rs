@@ -19,7 +19,7 @@ use hj212_gateway::codec::{Hj212Codec, Item};
 use hj212_gateway::config::Config;
 use hj212_gateway::daemon::{self, Overrides};
 use hj212_gateway::protocol::{self, Options, crc, crypt, reply};
-use hj212_gateway::store::{Direction, Reader, RecordFilter, StoredRecord, Verdict};
+use hj212_gateway::store::{Direction, Reader, Verdict};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Decoder;
@@ -281,14 +281,7 @@ async fn start(text: &str) -> Gw {
     common::start_in_process(text).await
 }
 
-fn records(db: &Path) -> Vec<StoredRecord> {
-    Reader::open(db)
-        .expect("reader")
-        .records(RecordFilter::default())
-        .expect("records")
-        .collect::<Result<_, _>>()
-        .expect("read")
-}
+use common::records;
 
 fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -171,3 +171,14 @@ pub async fn start_config(
         dir,
     }
 }
+
+/// Every record of the frame log at `db`, in seq order.
+#[allow(dead_code)]
+pub fn records(db: &std::path::Path) -> Vec<hj212_gateway::store::StoredRecord> {
+    hj212_gateway::store::Reader::open(db)
+        .expect("reader")
+        .records(hj212_gateway::store::RecordFilter::default())
+        .expect("records")
+        .collect::<Result<_, _>>()
+        .expect("read")
+}
