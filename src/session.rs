@@ -358,20 +358,33 @@ impl Session {
         // for TAIL_GRACE we ask it whether the buffer holds a complete frame
         // as-is (once per quiet period).
         let mut tail_checked = false;
+        // The waits live across iterations: re-creating them for every frame would
+        // register and deregister two cancellation waiters and a timer per frame
+        // (the shutdown token's waiter list is shared by every session). Moving the
+        // timer's deadline later, which every read does, is a cheap update in tokio.
+        let (shutdown, superseded) = (self.shutdown.clone(), self.token.clone());
+        let mut shutdown_wait = std::pin::pin!(shutdown.cancelled());
+        let mut superseded_wait = std::pin::pin!(superseded.cancelled());
+        let mut armed = last_activity + idle;
+        let mut timer = std::pin::pin!(tokio::time::sleep_until(armed.into()));
         loop {
             let deadline = match partial_since {
                 Some(_) if !tail_checked => last_activity + TAIL_GRACE,
                 Some(t) => t + partial_limit,
                 None => last_activity + idle,
             };
+            if deadline != armed || timer.is_elapsed() {
+                timer.as_mut().reset(deadline.into());
+                armed = deadline;
+            }
             tokio::select! {
                 biased;
                 // Bytes already read are stored (a partial frame as junk), never dropped.
-                _ = self.shutdown.cancelled() => {
+                _ = &mut shutdown_wait => {
                     self.close_gracefully(&rd, &mut buf, wr).await;
                     return "shutdown";
                 }
-                _ = self.token.cancelled() => {
+                _ = &mut superseded_wait => {
                     let _ = self.flush_eof(&mut buf, Some(&mut wr)).await;
                     return "superseded";
                 }
@@ -381,7 +394,7 @@ impl Session {
                     }
                     continue;
                 }
-                _ = tokio::time::sleep_until(deadline.into()) => {
+                _ = &mut timer => {
                     if partial_since.is_some() && !tail_checked {
                         tail_checked = true;
                         if let Some(protocol::framing::Cut::Frame { len, info }) =
@@ -670,21 +683,10 @@ impl Session {
             }
             self.mns.push(mn);
         }
-        let timeout = self.shared.cfg.server.write_timeout.0;
         let Some(wr) = wr else {
             return Ok(());
         };
-        for r in replies {
-            match tokio::time::timeout(timeout, wr.write_all(&r)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    debug!(error = %e, "reply write failed");
-                    return Err("write error");
-                }
-                Err(_) => return Err("write timeout"),
-            }
-        }
-        Ok(())
+        write_replies(wr, replies, self.shared.cfg.server.write_timeout.0).await
     }
 
     /// Writes a platform's request to the device, byte-exact, after logging it
@@ -769,6 +771,46 @@ impl Session {
             received_at_ms,
             accepted,
         )
+    }
+}
+
+/// Writes the replies of one commit in one write. The socket almost always has
+/// room, so the write is tried at once and only a short or blocked write is
+/// finished under `timeout` (which costs a timer registration).
+async fn write_replies(
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    replies: Vec<Bytes>,
+    timeout: Duration,
+) -> Result<(), &'static str> {
+    let out: Bytes = match replies.len() {
+        0 => return Ok(()),
+        1 => replies.into_iter().next().unwrap_or_default(),
+        _ => {
+            let mut all = BytesMut::with_capacity(replies.iter().map(Bytes::len).sum());
+            for r in &replies {
+                all.extend_from_slice(r);
+            }
+            all.freeze()
+        }
+    };
+    let done = match wr.try_write(&out) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+        Err(e) => {
+            debug!(error = %e, "reply write failed");
+            return Err("write error");
+        }
+    };
+    if done == out.len() {
+        return Ok(());
+    }
+    match tokio::time::timeout(timeout, wr.write_all(&out[done..])).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            debug!(error = %e, "reply write failed");
+            Err("write error")
+        }
+        Err(_) => Err("write timeout"),
     }
 }
 

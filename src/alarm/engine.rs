@@ -74,6 +74,7 @@ struct DeviceState {
 }
 
 /// Resolved per-factor settings.
+#[derive(Debug, Clone, Copy)]
 struct Fs {
     min: Option<Decimal>,
     max: Option<Decimal>,
@@ -88,6 +89,10 @@ pub struct Engine {
     cfg: AlarmsSection,
     devices: HashMap<String, DeviceState>,
     active: BTreeSet<AlarmKey>,
+    /// `factor_settings` per MN and factor: resolving them converts up to three
+    /// bounds through text into decimals, for every value of every frame otherwise.
+    /// The configuration never changes for an engine's lifetime.
+    settings: HashMap<String, HashMap<String, Fs>>,
 }
 
 impl Engine {
@@ -97,6 +102,7 @@ impl Engine {
             cfg,
             devices: HashMap::new(),
             active: BTreeSet::new(),
+            settings: HashMap::new(),
         }
     }
 
@@ -117,6 +123,18 @@ impl Engine {
                 .device
                 .get(mn)
                 .is_some_and(|d| d.disabled.iter().any(|x| x == kind))
+    }
+
+    fn cached_settings(&mut self, mn: &str, factor: &str) -> Fs {
+        if let Some(fs) = self.settings.get(mn).and_then(|m| m.get(factor)) {
+            return *fs;
+        }
+        let fs = self.factor_settings(mn, factor);
+        self.settings
+            .entry(mn.to_owned())
+            .or_default()
+            .insert(factor.to_owned(), fs);
+        fs
     }
 
     fn factor_settings(&self, mn: &str, factor: &str) -> Fs {
@@ -171,8 +189,9 @@ impl Engine {
             None
         } else {
             let mut v: Vec<i64> = d.intervals.iter().copied().collect();
-            v.sort_unstable();
-            Some(v[v.len() / 2] * i64::from(self.cfg.offline_factor))
+            let mid = v.len() / 2;
+            let (_, &mut m, _) = v.select_nth_unstable(mid);
+            Some(m * i64::from(self.cfg.offline_factor))
         };
         learned
             .unwrap_or(self.cfg.offline_after.0.as_millis() as i64)
@@ -256,7 +275,7 @@ impl Engine {
                 self.flag(&mut out, o, f, t);
                 continue;
             };
-            let fs = self.factor_settings(&mn, f);
+            let fs = self.cached_settings(&mn, f);
             self.flag(&mut out, o, f, t);
             self.range(&mut out, o, f, v, &fs, t);
             if o.cn == "2011" {
@@ -757,15 +776,23 @@ impl Engine {
     }
 }
 
+/// Runs for every value of every frame: selection (linear) rather than a full sort.
 fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
     let n = v.len();
     if n == 0 {
-        0.0
-    } else if n % 2 == 1 {
-        v[n / 2]
+        return 0.0;
+    }
+    let (below, &mut upper, _) = v.select_nth_unstable_by(n / 2, f64::total_cmp);
+    if n % 2 == 1 {
+        upper
     } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
+        // The lower middle is the largest of the elements placed before the upper one.
+        let lower = below
+            .iter()
+            .copied()
+            .max_by(f64::total_cmp)
+            .unwrap_or(upper);
+        (lower + upper) / 2.0
     }
 }
 
