@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::cmd::decode::{self, DecodeArgs, DecodeError};
-use crate::cmd::{self, alarms, export, replay, stats, tail, verify};
+use crate::cmd::{self, alarms, export, replay, simulate, stats, tail, verify};
 use crate::config::{self, Config};
 use crate::daemon::{self, Overrides, ServeError};
 use crate::protocol::CrcPolicy;
@@ -277,6 +277,114 @@ enum Command {
         /// Start after this seq (0: from the beginning).
         #[arg(long, value_name = "N")]
         since_seq: Option<u64>,
+    },
+    /// Simulate a fleet of data loggers against a gateway and measure ack latency.
+    ///
+    /// Each device is one connection sending 2011 real-time data every --interval (or
+    /// the fleet sending --rate frames/s in total), 2051 at every --minute-every minute
+    /// and 2061 at every full hour of the wall clock, acked per frame. Devices answer
+    /// platform requests (1011/1012/1061/1062, 2031/2051/2061 history) with 9011,
+    /// data and 9012. MN of device i: --mn-prefix (default 99 + 4 hex digits of the
+    /// seed) then i zero-padded to 24 characters (14 for 2005). Device i's dialect is
+    /// slot i mod (sum of --dialects weights), its kind slot (i / that sum) mod (sum of
+    /// --kinds weights). --list-devices prints the fleet as [[device]] TOML (with the
+    /// SM4 keys of 2025e devices) for the gateway's registry.
+    ///
+    /// Latency is measured from each frame's scheduled send time (coordinated omission
+    /// corrected); --json prints one object with sent, acked, errors, reconnects,
+    /// duration_s and latency_ms {p50,p90,p99,p999,max}.
+    ///
+    /// Examples:
+    ///   hj212-gateway simulate --target 127.0.0.1:9000 --devices 1000 --rate 20000 \
+    ///       --duration 300 --frame-size 500 --json
+    ///   hj212-gateway simulate --target 127.0.0.1:9000 --devices 19000 --idle \
+    ///       --source-ips 127.0.0.2-127.0.0.20 --ramp 30 --duration 600
+    ///   hj212-gateway simulate --target 127.0.0.1:9000 --devices 500 --interval 5 \
+    ///       --dialects 2017=2,2005=1,2025e=1 --reconnect-storm-at 20 --duration 60
+    ///
+    /// Exit 0 when every frame was acked and nothing failed, 1 when frames went unacked
+    /// or connections/replies failed (errors > 0), 2 on usage errors (e.g. --devices
+    /// beyond RLIMIT_NOFILE or the ephemeral ports of the source addresses).
+    #[command(verbatim_doc_comment)]
+    Simulate {
+        /// Gateway address.
+        #[arg(long, value_name = "HOST:PORT")]
+        target: String,
+        /// Devices (connections) simulated by this process.
+        #[arg(long, default_value = "10")]
+        devices: u64,
+        /// Index of the first device, to split one fleet over several processes.
+        #[arg(long, default_value = "0", value_name = "N")]
+        first_device: u64,
+        /// Seconds between 2011 uploads of one device.
+        #[arg(long, value_name = "SECS", conflicts_with = "rate")]
+        interval: Option<f64>,
+        /// Total 2011 frames per second, spread evenly over the devices.
+        #[arg(long, value_name = "FRAMES_PER_S")]
+        rate: Option<f64>,
+        /// Seconds of sending (after --ramp).
+        #[arg(long, default_value = "10", value_name = "SECS")]
+        duration: f64,
+        /// Dialect mix: 2005, 2017, 2025, 2025e (SM4-encrypted) with weights.
+        #[arg(long, default_value = "2017", value_name = "D=W,...")]
+        dialects: String,
+        /// Device kinds with weights: air (flue gas, ST=31), water (waste water, ST=32).
+        #[arg(long, default_value = "air=1,water=1", value_name = "K=W,...")]
+        kinds: String,
+        /// Which uploads: 2011 real-time, 2051 minute, 2061 hour data.
+        #[arg(long = "cn", default_value = "2011,2051,2061", value_name = "CN,...")]
+        cns: String,
+        /// Minutes between 2051 uploads (must divide 60).
+        #[arg(long, default_value = "10", value_name = "MIN")]
+        minute_every: u64,
+        /// Send uploads without the ack bit (nothing is waited for or measured).
+        #[arg(long)]
+        no_ack: bool,
+        /// Pad data frames with further plausible factors to about N bytes (100..=1000).
+        #[arg(long, value_name = "N")]
+        frame_size: Option<usize>,
+        /// Seconds after start when all devices send hourly data at once (repeatable).
+        #[arg(long, value_name = "SECS")]
+        burst_at: Vec<f64>,
+        /// Seconds after start when all devices drop their connection and reconnect (repeatable).
+        #[arg(long, value_name = "SECS")]
+        reconnect_storm_at: Vec<f64>,
+        /// Local addresses to connect from: a count (from 127.0.0.2), A-B or A,B,...
+        #[arg(long, value_name = "IPS")]
+        source_ips: Option<String>,
+        /// Seed for MNs, keys and values.
+        #[arg(long, default_value = "1")]
+        seed: u64,
+        /// MN prefix (letters and digits).
+        #[arg(long)]
+        mn_prefix: Option<String>,
+        /// Device password.
+        #[arg(long, default_value = "123456")]
+        pw: String,
+        /// Runtime worker threads.
+        #[arg(long, default_value = "1")]
+        threads: usize,
+        /// Seconds over which connections are opened (sending starts after it).
+        #[arg(long, default_value = "0", value_name = "SECS")]
+        ramp: f64,
+        /// Only hold the connections open (plus --heartbeat if given).
+        #[arg(long)]
+        idle: bool,
+        /// Seconds between 9015 heartbeats (2017/2025 devices; 0 = none).
+        #[arg(long, value_name = "SECS")]
+        heartbeat: Option<f64>,
+        /// Seconds to wait for an ack before counting a timeout.
+        #[arg(long, default_value = "5", value_name = "SECS")]
+        ack_timeout: f64,
+        /// Seconds between progress lines on stderr (0 = none).
+        #[arg(long, default_value = "5", value_name = "SECS")]
+        progress: f64,
+        /// Print the summary as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Print the fleet as [[device]] TOML for the gateway registry and exit.
+        #[arg(long)]
+        list_devices: bool,
     },
     /// Lists the anomaly detector's alarms (see README "Alarms").
     ///
@@ -606,6 +714,98 @@ pub fn main() -> ExitCode {
             };
             match alarms::run(&args, &mut std::io::stdout().lock()) {
                 Ok(_) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Simulate {
+            target,
+            devices,
+            first_device,
+            interval,
+            rate,
+            duration,
+            dialects,
+            kinds,
+            cns,
+            minute_every,
+            no_ack,
+            frame_size,
+            burst_at,
+            reconnect_storm_at,
+            source_ips,
+            seed,
+            mn_prefix,
+            pw,
+            threads,
+            ramp,
+            idle,
+            heartbeat,
+            ack_timeout,
+            progress,
+            json,
+            list_devices,
+        } => {
+            let args = simulate::SimulateArgs {
+                target,
+                devices,
+                first_device,
+                interval,
+                rate,
+                duration,
+                dialects,
+                kinds,
+                cns,
+                minute_every,
+                ack: !no_ack,
+                frame_size,
+                burst_at,
+                reconnect_storm_at,
+                source_ips,
+                seed,
+                mn_prefix,
+                pw,
+                threads,
+                ramp,
+                idle,
+                heartbeat,
+                ack_timeout,
+                progress,
+                json,
+                list_devices,
+            };
+            let plan = match simulate::plan(&args) {
+                Ok(p) => p,
+                Err(e) => return fail(&e),
+            };
+            if args.list_devices {
+                return match simulate::list_devices(&plan, &mut std::io::stdout().lock()) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => fail(&cmd::CmdError::Io {
+                        context: "stdout".into(),
+                        source: e,
+                    }),
+                };
+            }
+            match simulate::run(plan, args.threads, args.progress) {
+                Ok(s) => {
+                    let mut out = std::io::stdout().lock();
+                    let _ = if args.json {
+                        use std::io::Write;
+                        writeln!(
+                            out,
+                            "{}",
+                            serde_json::to_string(&s)
+                                .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+                        )
+                    } else {
+                        simulate::print(&s, &mut out)
+                    };
+                    if s.is_clean(args.ack) {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
                 Err(e) => fail(&e),
             }
         }

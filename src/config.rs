@@ -104,6 +104,42 @@ pub struct ServerConfig {
     pub write_timeout: Dur,
     /// On SIGTERM, sessions get this long to finish frames in flight.
     pub shutdown_grace: Dur,
+    /// Expect a PROXY protocol header (behind an L4 load balancer); off by default.
+    pub proxy_protocol: ProxyProtocol,
+    /// Sources (CIDR blocks or addresses) whose PROXY headers are believed;
+    /// connections from anywhere else are refused while `proxy_protocol` is on.
+    pub proxy_trusted: Vec<String>,
+    /// The PROXY header must be complete within this after the connection opens.
+    pub proxy_header_timeout: Dur,
+    /// Largest v2 header accepted, TLVs included (v1 is bounded at 107 bytes by its spec).
+    pub proxy_max_header: usize,
+}
+
+/// `[server] proxy_protocol`: which PROXY header connections must start with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    /// No header: the socket peer is the device.
+    #[default]
+    Off,
+    /// Text header only.
+    V1,
+    /// Binary header only.
+    V2,
+    /// Either version.
+    Any,
+}
+
+impl ProxyProtocol {
+    /// The parser's setting, `None` when off.
+    pub fn accept(self) -> Option<crate::proxy::Accept> {
+        match self {
+            ProxyProtocol::Off => None,
+            ProxyProtocol::V1 => Some(crate::proxy::Accept::V1),
+            ProxyProtocol::V2 => Some(crate::proxy::Accept::V2),
+            ProxyProtocol::Any => Some(crate::proxy::Accept::Any),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -119,6 +155,10 @@ impl Default for ServerConfig {
             tcp_keepalive: Dur(Duration::from_secs(60)),
             write_timeout: Dur(Duration::from_secs(10)),
             shutdown_grace: Dur(Duration::from_secs(10)),
+            proxy_protocol: ProxyProtocol::Off,
+            proxy_trusted: Vec::new(),
+            proxy_header_timeout: Dur(Duration::from_secs(5)),
+            proxy_max_header: 4096,
         }
     }
 }
@@ -656,6 +696,7 @@ impl Config {
                 "must be between 64 and 1048576".into(),
             ));
         }
+        self.check_proxy(path)?;
         self.time_zone().ok_or_else(|| {
             bad(
                 "validation.time_zone",
@@ -669,6 +710,51 @@ impl Config {
         self.check_alarms(path)?;
         check_devices(&self.device, path)?;
         self.check_upstreams(path)?;
+        Ok(())
+    }
+
+    /// The parsed `[server] proxy_trusted` blocks (valid once `check` passed).
+    pub fn proxy_trusted(&self) -> Vec<crate::proxy::Cidr> {
+        self.server
+            .proxy_trusted
+            .iter()
+            .filter_map(|c| c.parse().ok())
+            .collect()
+    }
+
+    fn check_proxy(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        for c in &self.server.proxy_trusted {
+            c.parse::<crate::proxy::Cidr>()
+                .map_err(|e| bad("server.proxy_trusted", e))?;
+        }
+        // Trusting nobody would refuse every connection; trusting everybody by
+        // default would let any client claim any address. Make it explicit.
+        if self.server.proxy_protocol != ProxyProtocol::Off && self.server.proxy_trusted.is_empty()
+        {
+            return Err(bad(
+                "server.proxy_trusted",
+                "list the load balancers' addresses (e.g. [\"10.0.0.0/8\"]) when proxy_protocol is on"
+                    .into(),
+            ));
+        }
+        if self.server.proxy_header_timeout.0.is_zero() {
+            return Err(bad(
+                "server.proxy_header_timeout",
+                "must be greater than 0".into(),
+            ));
+        }
+        let max = self.server.proxy_max_header;
+        if !(crate::proxy::V2_FIXED + 36..=crate::proxy::V2_FIXED + 65_535).contains(&max) {
+            return Err(bad(
+                "server.proxy_max_header",
+                "must be between 52 and 65551".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -1011,6 +1097,34 @@ mod tests {
         assert!(err("[[device]]\nmn = \"A\"\n[[device]]\nmn = \"A\"").contains("`device[1].mn`"));
         let e = err("[[device]]\nmn = \"A\"\nkey = \"zz\"");
         assert!(!e.contains("zz"), "keys never echoed: {e}");
+    }
+
+    #[test]
+    fn proxy_keys() {
+        let c = Config::parse("", Path::new("t")).unwrap();
+        assert_eq!(c.server.proxy_protocol, ProxyProtocol::Off);
+        assert_eq!(c.server.proxy_header_timeout.0, Duration::from_secs(5));
+        let c = Config::parse(
+            "[server]\nproxy_protocol = \"v2\"\nproxy_trusted = [\"10.0.0.0/8\", \"::1\"]",
+            Path::new("t"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.server.proxy_protocol.accept(),
+            Some(crate::proxy::Accept::V2)
+        );
+        assert_eq!(c.proxy_trusted().len(), 2);
+        assert!(err("[server]\nproxy_protocol = \"v1\"").contains("`server.proxy_trusted`"));
+        assert!(
+            err("[server]\nproxy_protocol = \"any\"\nproxy_trusted = [\"10.0.0.0/40\"]")
+                .contains("`server.proxy_trusted`")
+        );
+        assert!(err("[server]\nproxy_protocol = \"v3\"").contains("proxy_protocol"));
+        assert!(
+            err("[server]\nproxy_header_timeout = \"0s\"")
+                .contains("`server.proxy_header_timeout`")
+        );
+        assert!(err("[server]\nproxy_max_header = 20").contains("`server.proxy_max_header`"));
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //! - [`codec`]: the tokio-util adapter around [`protocol::framing`].
 //! - [`config`], [`registry`]: strict TOML config and the device registry.
 //! - [`server`], [`session`]: listener with limits; one task per device.
+//! - [`proxy`]: sans-IO PROXY protocol v1/v2 (real client addresses behind an
+//!   L4 load balancer).
 //! - [`store`]: the frame log (the only module that touches SQLite).
 //! - [`publish`]: consumers of the log; [`publish::mqtt`] republishes to an
 //!   MQTT broker (the only module that touches the MQTT client);
@@ -39,6 +41,7 @@ pub mod daemon;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod protocol;
+pub mod proxy;
 pub mod publish;
 pub mod registry;
 pub mod server;

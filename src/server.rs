@@ -5,6 +5,10 @@
 //! than being accepted and starved. The per-IP cap refuses outright (one
 //! misconfigured NAT must not take every slot). Accept errors (EMFILE...)
 //! back off instead of spinning.
+//!
+//! Behind an L4 load balancer (`proxy_protocol` on) every socket peer is the
+//! balancer, so the per-IP cap and the session's `peer` use the address from
+//! the PROXY header instead, and only sources in `proxy_trusted` may send one.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -12,12 +16,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
+use crate::proxy::{self, Accept, Cidr, Parsed};
 use crate::session::{self, Shared};
 
 /// Counters of connection handling.
@@ -29,6 +35,10 @@ pub struct ServerStats {
     pub refused_per_ip: AtomicU64,
     /// Accept errors.
     pub accept_errors: AtomicU64,
+    /// Connections refused because their source is not in `proxy_trusted`.
+    pub refused_proxy_untrusted: AtomicU64,
+    /// Trusted connections refused for a missing, malformed or late PROXY header.
+    pub refused_proxy_header: AtomicU64,
 }
 
 /// Bound listeners, ready to serve.
@@ -73,8 +83,18 @@ impl Server {
     /// Accepts until `shutdown`; sessions are spawned on `tracker`.
     pub async fn run(self, shutdown: CancellationToken, tracker: TaskTracker) {
         let mut accept_tasks = Vec::new();
+        let cfg = &self.shared.cfg;
+        let proxy = cfg.server.proxy_protocol.accept().map(|accept| {
+            Arc::new(ProxyPolicy {
+                accept,
+                trusted: cfg.proxy_trusted(),
+                timeout: cfg.server.proxy_header_timeout.0,
+                max_header: cfg.server.proxy_max_header,
+            })
+        });
         for listener in self.listeners {
             let ctx = AcceptCtx {
+                proxy: proxy.clone(),
                 shared: self.shared.clone(),
                 limit: self.limit.clone(),
                 per_ip: self.per_ip.clone(),
@@ -90,7 +110,16 @@ impl Server {
     }
 }
 
+/// `[server] proxy_*`, resolved once.
+struct ProxyPolicy {
+    accept: Accept,
+    trusted: Vec<Cidr>,
+    timeout: Duration,
+    max_header: usize,
+}
+
 struct AcceptCtx {
+    proxy: Option<Arc<ProxyPolicy>>,
     shared: Arc<Shared>,
     limit: Arc<Semaphore>,
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
@@ -120,19 +149,13 @@ impl AcceptCtx {
                     }
                 },
             };
+            if let Some(policy) = &self.proxy {
+                self.spawn_proxied(stream, peer, permit, policy.clone());
+                continue;
+            }
             let ip = peer.ip();
-            {
-                let mut m = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-                let n = m.entry(ip).or_insert(0);
-                if *n >= self.shared.cfg.server.max_per_ip {
-                    let refused = self.stats.refused_per_ip.fetch_add(1, Ordering::Relaxed) + 1;
-                    // Rate-limit: a flood from one address logs at powers of two.
-                    if refused.is_power_of_two() {
-                        warn!(%peer, refused_total = refused, max_per_ip = self.shared.cfg.server.max_per_ip, "connection refused: per-IP limit");
-                    }
-                    continue;
-                }
-                *n += 1;
+            if !admit(&self.per_ip, &self.stats, &self.shared, peer) {
+                continue;
             }
             self.stats.accepted.fetch_add(1, Ordering::Relaxed);
             configure(&stream, &self.shared);
@@ -142,14 +165,156 @@ impl AcceptCtx {
             self.tracker.spawn(async move {
                 session::run(shared, stream, peer, shutdown).await;
                 drop(permit);
-                let mut m = per_ip.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(n) = m.get_mut(&ip) {
-                    *n -= 1;
-                    if *n == 0 {
-                        m.remove(&ip);
-                    }
-                }
+                release(&per_ip, ip);
             });
+        }
+    }
+
+    /// A connection through the load balancer: refused unless its source is
+    /// trusted; then its PROXY header is read (within `proxy_header_timeout`,
+    /// on its own task so a slow header never holds up accepting), and only
+    /// then is the per-IP cap applied, to the address the header names.
+    fn spawn_proxied(
+        &self,
+        mut stream: TcpStream,
+        sock_peer: SocketAddr,
+        permit: OwnedSemaphorePermit,
+        policy: Arc<ProxyPolicy>,
+    ) {
+        if !proxy::trusted(&policy.trusted, sock_peer.ip()) {
+            // Refused before a byte is read: an untrusted source must not be able
+            // to claim an address, and serving it as a direct device would make
+            // the log's peer depend on which path a device took.
+            let refused = self
+                .stats
+                .refused_proxy_untrusted
+                .fetch_add(1, Ordering::Relaxed)
+                + 1;
+            if refused.is_power_of_two() {
+                warn!(peer = %sock_peer, refused_total = refused, "connection refused: source not in proxy_trusted");
+            }
+            return;
+        }
+        let (shared, per_ip, stats, shutdown) = (
+            self.shared.clone(),
+            self.per_ip.clone(),
+            self.stats.clone(),
+            self.shutdown.clone(),
+        );
+        self.tracker.spawn(async move {
+            let read = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = tokio::time::timeout(policy.timeout, read_proxy_header(&mut stream, &policy)) => r,
+            };
+            let header = match read {
+                Ok(Ok(h)) => h,
+                failed => {
+                    let (reason, detail) = match failed {
+                        Ok(Err(HeaderFailure::Proxy(e))) => (e.reason(), e.to_string()),
+                        Ok(Err(HeaderFailure::Closed)) => ("closed", "closed before a complete header".into()),
+                        Ok(Err(HeaderFailure::Io(e))) => ("io", e.to_string()),
+                        _ => ("timeout", format!("no complete header within {:?}", policy.timeout)),
+                    };
+                    let refused = stats.refused_proxy_header.fetch_add(1, Ordering::Relaxed) + 1;
+                    // Nothing was acked, so the device still holds its data and
+                    // retransmits once the path is fixed; storing bytes whose
+                    // sender is unknown would put a wrong peer in the log.
+                    if refused.is_power_of_two() {
+                        warn!(peer = %sock_peer, reason, error = %detail, refused_total = refused, "connection refused: bad PROXY header");
+                    }
+                    return;
+                }
+            };
+            let peer = header.source.unwrap_or(sock_peer);
+            if !admit(&per_ip, &stats, &shared, peer) {
+                return;
+            }
+            stats.accepted.fetch_add(1, Ordering::Relaxed);
+            debug!(%peer, via = %sock_peer, version = ?header.version, "PROXY header accepted");
+            configure(&stream, &shared);
+            session::run(shared, stream, peer, shutdown).await;
+            drop(permit);
+            release(&per_ip, peer.ip());
+        });
+    }
+}
+
+/// Takes a per-IP slot for `peer`, or counts and (rate-limited) logs the refusal.
+fn admit(
+    per_ip: &Mutex<HashMap<IpAddr, usize>>,
+    stats: &ServerStats,
+    shared: &Shared,
+    peer: SocketAddr,
+) -> bool {
+    let max = shared.cfg.server.max_per_ip;
+    let mut m = per_ip.lock().unwrap_or_else(|e| e.into_inner());
+    let n = m.entry(peer.ip()).or_insert(0);
+    if *n >= max {
+        let refused = stats.refused_per_ip.fetch_add(1, Ordering::Relaxed) + 1;
+        // Rate-limit: a flood from one address logs at powers of two.
+        if refused.is_power_of_two() {
+            warn!(%peer, refused_total = refused, max_per_ip = max, "connection refused: per-IP limit");
+        }
+        return false;
+    }
+    *n += 1;
+    true
+}
+
+/// Gives back the slot [`admit`] took.
+fn release(per_ip: &Mutex<HashMap<IpAddr, usize>>, ip: IpAddr) {
+    let mut m = per_ip.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(n) = m.get_mut(&ip) {
+        *n -= 1;
+        if *n == 0 {
+            m.remove(&ip);
+        }
+    }
+}
+
+enum HeaderFailure {
+    Proxy(proxy::ProxyError),
+    Closed,
+    Io(std::io::Error),
+}
+
+/// Reads the PROXY header and nothing more. It peeks, so HJ 212 bytes sent in
+/// the same segment stay in the socket for the session to read, and consumes
+/// exactly the header's length once it is complete.
+async fn read_proxy_header(
+    stream: &mut TcpStream,
+    policy: &ProxyPolicy,
+) -> Result<proxy::Header, HeaderFailure> {
+    // Room for any v1 line and a v2 header with addresses and a few TLVs;
+    // grown up to `max_header` only when a longer v2 header says so.
+    let mut buf = vec![0u8; policy.max_header.clamp(proxy::V1_MAX, 256)];
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let n = stream.peek(&mut buf).await.map_err(HeaderFailure::Io)?;
+        if n == 0 {
+            return Err(HeaderFailure::Closed);
+        }
+        match proxy::parse(&buf[..n], policy.accept, policy.max_header) {
+            Parsed::Header(h) => {
+                let mut header = vec![0u8; h.len];
+                stream
+                    .read_exact(&mut header)
+                    .await
+                    .map_err(HeaderFailure::Io)?;
+                return Ok(h);
+            }
+            Parsed::Error(e) => return Err(HeaderFailure::Proxy(e)),
+            Parsed::NeedMore if n == buf.len() && buf.len() < policy.max_header => {
+                buf.resize((buf.len() * 2).min(policy.max_header), 0);
+            }
+            Parsed::NeedMore => {
+                // A peek that found data leaves the socket readable, so waiting
+                // for readiness would spin; a header split across segments is
+                // rare (the spec asks senders to send it at once), so poll with
+                // a short, growing pause until the timeout.
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod capture;
 pub mod decode;
 pub mod export;
 pub mod replay;
+pub mod simulate;
 pub mod stats;
 pub mod tail;
 pub mod verify;

@@ -3,6 +3,7 @@
 //! Nothing in this module performs I/O, spawns tasks or reads a clock. It is the
 //! only place in the crate that knows HJ 212 syntax.
 
+pub mod build;
 pub mod codes;
 pub mod cp;
 pub mod crc;
