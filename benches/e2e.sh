@@ -202,7 +202,7 @@ sustained | latency)
         RATE=${RATE:-5000} DURATION=${DURATION:-60} DEVICES=${DEVICES:-1000}
     fi
     c0=$(cpu_ticks)
-    sim=$(simulate --devices "$DEVICES" --rate "$RATE" --duration "$DURATION") || true
+    sim=$(simulate --devices "$DEVICES" --rate "$RATE" --duration "$DURATION" --ramp 5) || true
     c1=$(cpu_ticks)
     drain=$(wait_published 300)
     c2=$(cpu_ticks)
@@ -216,7 +216,7 @@ outage)
     AFTER=${AFTER:-150}
     DURATION=$((WARM + OUTAGE + AFTER))
     c0=$(cpu_ticks)
-    simulate --devices "$DEVICES" --rate "$RATE" --duration "$DURATION" >"$WORK/sim.json" &
+    simulate --devices "$DEVICES" --rate "$RATE" --duration "$DURATION" --ramp 5 >"$WORK/sim.json" &
     SIM=$!
     PIDS+=("$SIM")
     sleep "$WARM"
