@@ -66,6 +66,8 @@ proxy_protocol = "v2"
 proxy_trusted = ["127.0.0.1/32"]
 [store]
 sync = "normal"
+[metrics]
+listen = "127.0.0.1:$((9463 + n))"
 [mqtt]
 url = "mqtt://127.0.0.1:$MQTT"
 client_id = "gw$n"

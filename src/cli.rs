@@ -3,6 +3,8 @@
 //! Exit codes: 0 success; 1 the command's answer is "no" (decode found an
 //! error, verify found tampering); 2 usage or I/O error; 70 internal error;
 //! 78 bad configuration (sysexits `EX_CONFIG`, as systemd units expect).
+//! `command` adds 3 (the device did not answer in time) and 4 (the device is
+//! offline or busy); see [`crate::cmd::command`].
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -69,6 +71,63 @@ enum DirectionArg {
     In,
     Out,
     All,
+}
+
+/// What `command` asks the device.
+#[derive(Debug, Subcommand)]
+enum CommandAction {
+    /// CN 1011: read the device clock (with --pol: an instrument's clock).
+    GetTime {
+        /// PolId of the instrument.
+        #[arg(long)]
+        pol: Option<String>,
+    },
+    /// CN 1012: set the device clock to TIME (YYYYMMDDhhmmss device-local, or RFC 3339);
+    /// default: the gateway's clock in the device time zone.
+    SetTime {
+        /// The time to set.
+        time: Option<String>,
+    },
+    /// CN 2051/2061/2031: fetch minute/hour/day history for a window.
+    Fetch {
+        /// 2051 minute, 2061 hour, 2031 day (2041 facility running time).
+        #[arg(long)]
+        cn: u16,
+        /// BeginTime (YYYYMMDDhhmmss device-local, or RFC 3339).
+        #[arg(long)]
+        from: String,
+        /// EndTime (YYYYMMDDhhmmss device-local, or RFC 3339).
+        #[arg(long)]
+        to: String,
+    },
+    /// CN 1062: set the real-time upload interval in seconds.
+    SetRtdInterval {
+        /// Seconds.
+        seconds: u32,
+    },
+    /// CN 1061: read the real-time upload interval.
+    GetRtdInterval,
+    /// CN 3011: zero/span calibration of an instrument.
+    Calibrate {
+        /// PolId, e.g. a21026.
+        #[arg(long)]
+        pol: String,
+    },
+    /// CN 3012: immediate sampling.
+    Sample {
+        /// PolId, e.g. w01018.
+        #[arg(long)]
+        pol: String,
+    },
+    /// Any CN with a CP body as given (what goes between CP=&& and &&).
+    Raw {
+        /// CN, e.g. 1063.
+        #[arg(long)]
+        cn: u16,
+        /// CP body, e.g. 'PolId=w01018;InfoId=i13004'.
+        #[arg(long, default_value = "")]
+        cp: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -409,6 +468,57 @@ enum Command {
         #[arg(long)]
         since: Option<String>,
         /// JSON lines (schema hj212.alarm.v1) instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a request to a connected device through the running gateway and print each step.
+    ///
+    /// The request goes through the device's downlink engine (one at a time per device,
+    /// OverTime/ReCount resends, 9011 then 9012), in its dialect, and is logged (peer
+    /// "operator") like every reply.
+    ///
+    /// Examples:
+    ///   hj212-gateway command --mn 010000A8900016F000169DC0 get-time
+    ///   hj212-gateway command --mn 010000A8900016F000169DC0 fetch --cn 2061 \
+    ///       --from 20240601000000 --to 20240601060000
+    ///
+    /// Exit 0 success; 1 the device refused (QnRtn) or failed (ExeRtn); 2 usage error or
+    /// control socket unreachable; 3 no answer in time; 4 device offline, busy, or its
+    /// session ended; 78 bad --config.
+    #[command(verbatim_doc_comment, name = "command")]
+    Ask {
+        /// The device's MN.
+        #[arg(long)]
+        mn: String,
+        /// Control socket (default: from --config, $RUNTIME_DIRECTORY, else <data>/control.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Data directory (default: $STATE_DIRECTORY, else ./data).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Gateway config ([downlink] control_socket).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print the gateway's JSON lines instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: CommandAction,
+    },
+    /// List the devices connected to the running gateway: MN, peer, since, dialect, last frame.
+    ///
+    /// Exit 0 on success, 2 when the control socket cannot be reached, 78 bad --config.
+    Sessions {
+        /// Control socket (default: from --config, $RUNTIME_DIRECTORY, else <data>/control.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Data directory (default: $STATE_DIRECTORY, else ./data).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Gateway config ([downlink] control_socket).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// One JSON array instead of the table.
         #[arg(long)]
         json: bool,
     },
@@ -806,6 +916,51 @@ pub fn main() -> ExitCode {
                         ExitCode::from(1)
                     }
                 }
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Ask {
+            mn,
+            socket,
+            data,
+            config,
+            json,
+            action,
+        } => {
+            use crate::downlink::control::ActionSpec;
+            let request = match action {
+                CommandAction::GetTime { pol } => ActionSpec::GetTime { pol },
+                CommandAction::SetTime { time } => ActionSpec::SetTime { time },
+                CommandAction::Fetch { cn, from, to } => ActionSpec::Fetch { cn, from, to },
+                CommandAction::SetRtdInterval { seconds } => ActionSpec::SetRtdInterval { seconds },
+                CommandAction::GetRtdInterval => ActionSpec::GetRtdInterval,
+                CommandAction::Calibrate { pol } => ActionSpec::Calibrate { pol },
+                CommandAction::Sample { pol } => ActionSpec::Sample { pol },
+                CommandAction::Raw { cn, cp } => ActionSpec::Raw { cn, cp },
+            };
+            let result = cmd::load_config(config.as_deref()).and_then(|cfg| {
+                let path =
+                    cmd::command::socket_path(socket.as_deref(), data.as_deref(), cfg.as_ref());
+                cmd::command::run_command(&path, &mn, request, json, &mut std::io::stdout().lock())
+            });
+            match result {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Sessions {
+            socket,
+            data,
+            config,
+            json,
+        } => {
+            let result = cmd::load_config(config.as_deref()).and_then(|cfg| {
+                let path =
+                    cmd::command::socket_path(socket.as_deref(), data.as_deref(), cfg.as_ref());
+                cmd::command::run_sessions(&path, json, &mut std::io::stdout().lock())
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&e),
             }
         }

@@ -287,6 +287,13 @@ pub struct DeviceEntry {
     pub kind: DeviceKind,
     /// Free-text name for operators.
     pub name: Option<String>,
+    /// Automatic gap backfill for this device; unset follows `[downlink] backfill`.
+    pub backfill: Option<bool>,
+    /// Automatic clock calibration for this device; unset follows `[downlink] time_sync`.
+    pub time_sync: Option<bool>,
+    /// 2025: the key pushed with CN 1014 when the device asks for a new one (32 hex
+    /// digits). Accepted for decoding alongside `key` and `old_keys` during the changeover.
+    pub next_key: Option<String>,
 }
 
 /// `[mqtt]`: republishing the frame log to an MQTT broker (see README "MQTT").
@@ -626,10 +633,14 @@ pub struct Config {
     pub mqtt: MqttSection,
     /// `[alarms]`.
     pub alarms: AlarmsSection,
+    /// `[metrics]`.
+    pub metrics: crate::metrics::MetricsConfig,
     /// `[[device]]`.
     pub device: Vec<DeviceEntry>,
     /// `[[upstream]]`.
     pub upstream: Vec<UpstreamEntry>,
+    /// `[downlink]`.
+    pub downlink: crate::downlink::config::DownlinkSection,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -710,6 +721,8 @@ impl Config {
         self.check_alarms(path)?;
         check_devices(&self.device, path)?;
         self.check_upstreams(path)?;
+        self.downlink.check(path)?;
+        self.metrics.check(path)?;
         Ok(())
     }
 
@@ -1035,6 +1048,17 @@ fn check_devices(devices: &[DeviceEntry], path: &Path) -> Result<(), ConfigError
         if let Some(k) = &d.key {
             crypt::parse_key(k)
                 .ok_or_else(|| bad("key", "must be 32 hex digits (16 bytes)".into()))?;
+        }
+        if let Some(k) = &d.next_key {
+            crypt::parse_key(k)
+                .ok_or_else(|| bad("next_key", "must be 32 hex digits (16 bytes)".into()))?;
+            // The push travels encrypted under the current key.
+            if d.key.is_none() {
+                return Err(bad(
+                    "next_key",
+                    "needs `key` (the push is encrypted with it)".into(),
+                ));
+            }
         }
         for (j, k) in d.old_keys.iter().enumerate() {
             crypt::parse_key(k).ok_or_else(|| {

@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::{self, Config, ConfigError};
+use crate::metrics::http::{MetricsServer, Probe};
 use crate::publish::mqtt::{self, MqttSettings};
 use crate::publish::presence::Presence;
 use crate::publish::upstream;
@@ -82,6 +83,8 @@ pub fn load_config(o: &Overrides) -> Result<Config, ConfigError> {
 pub struct Running {
     /// Bound addresses.
     pub addrs: Vec<SocketAddr>,
+    /// Where `/metrics` and `/healthz` are served (`None`: `[metrics]` is off).
+    pub metrics_addr: Option<SocketAddr>,
     /// Cancel to shut down.
     pub shutdown: CancellationToken,
     /// Shared state (store handle, registry, config).
@@ -90,6 +93,10 @@ pub struct Running {
     publisher: Option<tokio::task::JoinHandle<()>>,
     upstreams: Vec<tokio::task::JoinHandle<()>>,
     detector: Option<tokio::task::JoinHandle<()>>,
+    metrics: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
+    control: tokio::task::JoinHandle<()>,
+    /// The operator control socket (`command`, `sessions`).
+    pub control_path: PathBuf,
     writer: WriterJoin,
     config_path: Option<PathBuf>,
 }
@@ -155,12 +162,45 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
         presence: presence.clone(),
     });
     let server = Server::bind(shared.clone(), &listen).await?;
+    let control =
+        crate::downlink::control::Control::bind(&shared.cfg.downlink.socket_path(&data)).await?;
+    let control_path = control.path().to_owned();
     let addrs = server.local_addrs();
+    let metrics_server = match shared.cfg.metrics.addr() {
+        Some(a) => Some(MetricsServer::bind(a).await?),
+        None => None,
+    };
+    let metrics_addr = metrics_server
+        .as_ref()
+        .map(MetricsServer::local_addr)
+        .transpose()?;
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
+    crate::metrics::METRICS.mark_start();
     info!(listen = ?addrs, data = %data.display(), store = %store_path.display(), devices, "listening");
     let (t, s) = (tracker.clone(), shutdown.clone());
-    tracker.spawn(server.run(s, t));
+    // /healthz reports unhealthy once the accept loop has ended, whatever the cause.
+    let serving = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let accepting = serving.clone();
+    tracker.spawn(async move {
+        server.run(s, t).await;
+        accepting.store(false, std::sync::atomic::Ordering::Relaxed);
+    });
+    let metrics = if let Some(m) = metrics_server {
+        let probe = Arc::new(Probe::new(
+            shared.clone(),
+            store_path.clone(),
+            serving,
+            shutdown.clone(),
+        ));
+        info!(metrics = ?metrics_addr, "metrics listening");
+        // Outside the tracker and on its own token: /healthz keeps answering 503
+        // while sessions drain, so a load balancer stops sending devices here.
+        let stop = CancellationToken::new();
+        Some((stop.clone(), tokio::spawn(m.run(probe, stop))))
+    } else {
+        None
+    };
     // The publisher only reads the log (its own connections), so it neither slows
     // ingest nor needs the store handle; it stops on the same token.
     let publisher = match (mqtt, presence) {
@@ -201,8 +241,15 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
             shutdown.child_token(),
         )
     });
+    // Operators reach devices through their sessions; stops (and removes the
+    // socket) on the same token.
+    let control = control.spawn(shared.clone(), shutdown.child_token());
     Ok(Running {
+        control,
+        control_path,
         addrs,
+        metrics_addr,
+        metrics,
         detector,
         shutdown,
         shared,
@@ -249,6 +296,12 @@ impl Running {
                 "sessions still open after the grace period; closing anyway"
             );
         }
+        if tokio::time::timeout(Duration::from_secs(5), self.control)
+            .await
+            .is_err()
+        {
+            warn!("control socket did not stop in time");
+        }
         if let Some(d) = self.detector {
             // Each step commits its events with the cursor, so stopping between steps
             // loses nothing; a step in flight is short (one page).
@@ -279,9 +332,12 @@ impl Running {
         }
         self.shared.store.shutdown().await;
         let writer = self.writer;
-        let stats = tokio::task::spawn_blocking(move || writer.join())
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))??;
+        let joined = tokio::task::spawn_blocking(move || writer.join()).await;
+        if let Some((stop, task)) = self.metrics {
+            stop.cancel();
+            let _ = task.await;
+        }
+        let stats = joined.map_err(|e| std::io::Error::other(e.to_string()))??;
         info!(
             records = stats.records_committed,
             commits = stats.commits,

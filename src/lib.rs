@@ -20,6 +20,10 @@
 //!   [`publish::upstream`] forwards frames to HJ 212 platforms.
 //! - [`alarm`]: abnormal-data detection, a sans-IO engine and the task that
 //!   follows the log with it (alarms in the store, on MQTT, in `replay`).
+//! - [`metrics`]: lock-free counters and histograms, `/metrics` and `/healthz`.
+//! - [`downlink`]: gateway-originated requests to devices (operator commands, clock
+//!   calibration, gap backfill, 2025 key rotation, relayed platform requests), a
+//!   sans-IO engine per session and the operator control socket.
 //! - [`daemon`], [`systemd`], [`telemetry`], [`cli`], [`cmd`]: process wiring.
 //!
 //! # Data flow
@@ -38,8 +42,10 @@ pub mod cmd;
 pub mod codec;
 pub mod config;
 pub mod daemon;
+pub mod downlink;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod metrics;
 pub mod protocol;
 pub mod proxy;
 pub mod publish;

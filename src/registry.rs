@@ -22,6 +22,12 @@ pub struct Device {
     pub name: Option<String>,
     /// What the decoder needs.
     pub profile: Arc<DeviceProfile>,
+    /// Per-device override of `[downlink] backfill`.
+    pub backfill: Option<bool>,
+    /// Per-device override of `[downlink] time_sync`.
+    pub time_sync: Option<bool>,
+    /// 2025: the key to push with CN 1014 (its 32 hex digits, as configured).
+    pub next_key: Option<String>,
 }
 
 /// An immutable snapshot of the registry.
@@ -51,7 +57,13 @@ impl Registry {
         let mut devices = HashMap::with_capacity(entries.len());
         for (i, e) in entries.iter().enumerate() {
             let mut keys = Vec::new();
-            for k in e.key.iter().chain(e.old_keys.iter()) {
+            // The next key decodes too: the device may switch as soon as it has it.
+            for k in e
+                .key
+                .iter()
+                .chain(e.next_key.iter())
+                .chain(e.old_keys.iter())
+            {
                 keys.push(crypt::parse_key(k).ok_or_else(|| ConfigError::Invalid {
                     path: origin.to_owned(),
                     key: format!("device[{i}].key"),
@@ -69,6 +81,9 @@ impl Registry {
                 kind: e.kind,
                 name: e.name.clone(),
                 profile: Arc::new(profile),
+                backfill: e.backfill,
+                time_sync: e.time_sync,
+                next_key: e.next_key.clone(),
             };
             if devices.insert(e.mn.clone(), Arc::new(dev)).is_some() {
                 return Err(ConfigError::Invalid {

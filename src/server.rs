@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
+use crate::metrics::{METRICS, Refusal};
 use crate::proxy::{self, Accept, Cidr, Parsed};
 use crate::session::{self, Shared};
 
@@ -161,6 +162,7 @@ impl AcceptCtx {
                     Ok(x) => { backoff = Duration::from_millis(10); x }
                     Err(e) => {
                         self.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                        METRICS.accept_errors.inc();
                         error!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -177,12 +179,15 @@ impl AcceptCtx {
                 continue;
             }
             self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+            METRICS.accepted.inc();
             configure(&stream, &self.shared);
             let shared = self.shared.clone();
             let per_ip = self.per_ip.clone();
             let shutdown = self.shutdown.clone();
             self.tracker.spawn(async move {
+                METRICS.sessions_open.inc();
                 session::run(shared, stream, peer, shutdown).await;
+                METRICS.sessions_open.dec();
                 drop(permit);
                 release(&per_ip, ip);
             });
@@ -209,6 +214,7 @@ impl AcceptCtx {
                 .refused_proxy_untrusted
                 .fetch_add(1, Ordering::Relaxed)
                 + 1;
+            METRICS.refused(Refusal::ProxyUntrusted);
             if refused.is_power_of_two() {
                 warn!(peer = %sock_peer, refused_total = refused, "connection refused: source not in proxy_trusted");
             }
@@ -235,6 +241,7 @@ impl AcceptCtx {
                         _ => ("timeout", format!("no complete header within {:?}", policy.timeout)),
                     };
                     let refused = stats.refused_proxy_header.fetch_add(1, Ordering::Relaxed) + 1;
+                    METRICS.refused(Refusal::ProxyHeader);
                     // Nothing was acked, so the device still holds its data and
                     // retransmits once the path is fixed; storing bytes whose
                     // sender is unknown would put a wrong peer in the log.
@@ -249,9 +256,12 @@ impl AcceptCtx {
                 return;
             }
             stats.accepted.fetch_add(1, Ordering::Relaxed);
+            METRICS.accepted.inc();
             debug!(%peer, via = %sock_peer, version = ?header.version, "PROXY header accepted");
             configure(&stream, &shared);
+            METRICS.sessions_open.inc();
             session::run(shared, stream, peer, shutdown).await;
+            METRICS.sessions_open.dec();
             drop(permit);
             release(&per_ip, peer.ip());
         });
@@ -270,6 +280,7 @@ fn admit(
     let n = m.entry(peer.ip()).or_insert(0);
     if *n >= max {
         let refused = stats.refused_per_ip.fetch_add(1, Ordering::Relaxed) + 1;
+        METRICS.refused(Refusal::PerIp);
         // Rate-limit: a flood from one address logs at powers of two.
         if refused.is_power_of_two() {
             warn!(%peer, refused_total = refused, max_per_ip = max, "connection refused: per-IP limit");

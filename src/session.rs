@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,9 @@ use tokio::sync::mpsc;
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::downlink::engine::{Begin, Engine, Out, Timing};
+use crate::downlink::{self as dl, Action, Event, Outcome, Refusal, Submit};
 
 use crate::codec::{Hj212Codec, Item};
 use crate::config::{Config, UnknownDevice};
@@ -40,31 +43,50 @@ pub mod code {
     pub const DEVICE_QUARANTINED: &str = "device.quarantined";
 }
 
-/// A request an upstream platform sent for a device, to be written on the
-/// device's live session byte-exact (see [`SessionMap::downlink`]).
-#[derive(Debug)]
-pub struct Downlink {
-    /// The request exactly as the platform sent it.
-    pub bytes: Bytes,
-    /// The upstream's name: the peer of the logged request.
-    pub upstream: String,
-    /// Where the device's replies to it go (9011, 9012 and the uploads of the
-    /// exchange). Bounded; a reply that does not fit is logged and not relayed.
-    pub replies: mpsc::Sender<Bytes>,
-}
-
-/// Downlink requests waiting for one session. Small on purpose: a request is
-/// answered by the device within seconds, and when the queue is full the
-/// platform is told the request was rejected (QnRtn=2) rather than queued.
-pub const DOWNLINK_QUEUE: usize = 8;
-
-/// What [`SessionMap`] keeps per MN: the owning session, its cancel token and
-/// its downlink queue.
+/// What [`SessionMap`] keeps per MN: the owning session, its cancel token,
+/// its downlink queue and what `sessions` shows.
 #[derive(Debug, Clone)]
 struct Owner {
     id: u64,
     token: CancellationToken,
-    downlink: mpsc::Sender<Downlink>,
+    submit: mpsc::Sender<Box<Submit>>,
+    info: Arc<SessionInfo>,
+}
+
+/// A session as `sessions` lists it, kept current by the session.
+#[derive(Debug)]
+pub struct SessionInfo {
+    /// Remote address.
+    pub peer: String,
+    /// Connected at (unix ms).
+    pub since_ms: i64,
+    last_frame_ms: AtomicI64,
+    header: Mutex<DeviceHeader>,
+}
+
+/// What requests to the device echo from its own frames.
+#[derive(Debug, Default, Clone)]
+struct DeviceHeader {
+    dialect: Option<protocol::Dialect>,
+    st: String,
+    pw: String,
+}
+
+/// One row of `sessions`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SessionEntry {
+    /// Device MN.
+    pub mn: String,
+    /// Remote address.
+    pub peer: String,
+    /// Connected at (unix ms).
+    pub since_ms: i64,
+    /// Dialect of its last accepted frame (`None` before any).
+    pub dialect: Option<&'static str>,
+    /// Last accepted frame (unix ms; 0 before any).
+    pub last_frame_ms: i64,
+    /// Session id (the frame log's `session`).
+    pub session: u64,
 }
 
 /// Which session currently owns each MN, so a reconnecting device supersedes
@@ -72,6 +94,8 @@ struct Owner {
 #[derive(Debug, Default)]
 pub struct SessionMap {
     inner: Mutex<HashMap<String, Owner>>,
+    /// Per-MN downlink state (QN clock, rate limits, series), kept across sessions.
+    pub devices: crate::downlink::Devices,
 }
 
 impl SessionMap {
@@ -97,19 +121,40 @@ impl SessionMap {
             }
         }
     }
-    /// Queues `d` for the live session of `mn` without waiting. Gives it back
-    /// when the device has no live session or its queue is full.
-    pub fn downlink(&self, mn: &str, d: Downlink) -> Result<(), Downlink> {
+    /// Queues a request for the live session of `s.mn` without waiting. Gives
+    /// it back when the device has no live session or its queue is full.
+    pub fn submit(&self, s: Box<Submit>) -> Result<(), (Box<Submit>, Refusal)> {
         let tx = {
             let m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            match m.get(mn) {
-                Some(o) => o.downlink.clone(),
-                None => return Err(d),
+            match m.get(&s.mn) {
+                Some(o) => o.submit.clone(),
+                None => return Err((s, Refusal::Offline)),
             }
         };
-        tx.try_send(d).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(d) | mpsc::error::TrySendError::Closed(d) => d,
+        tx.try_send(s).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(s) => (s, Refusal::Busy),
+            mpsc::error::TrySendError::Closed(s) => (s, Refusal::Offline),
         })
+    }
+    /// The live sessions, one row per MN, sorted by MN.
+    pub fn list(&self) -> Vec<SessionEntry> {
+        let m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<SessionEntry> = m
+            .iter()
+            .map(|(mn, o)| {
+                let h = o.info.header.lock().unwrap_or_else(|e| e.into_inner());
+                SessionEntry {
+                    mn: mn.clone(),
+                    peer: o.info.peer.clone(),
+                    since_ms: o.info.since_ms,
+                    dialect: h.dialect.map(|d| d.as_str()),
+                    last_frame_ms: o.info.last_frame_ms.load(Ordering::Relaxed),
+                    session: o.id,
+                }
+            })
+            .collect();
+        v.sort_by(|a, b| a.mn.cmp(&b.mn));
+        v
     }
     /// Releases `mn` if session `id` still owns it; true when it did.
     fn release(&self, mn: &str, id: u64) -> bool {
@@ -258,6 +303,8 @@ pub async fn run(
         debug!("connected");
         let mut s = Session::new(shared, peer, id, shutdown);
         let reason = s.serve(stream).await;
+        crate::metrics::METRICS.session_closed(reason);
+        s.dl_close();
         for (i, mn) in std::mem::take(&mut s.mns).into_iter().enumerate() {
             let released = s.shared.sessions.release(&mn, id);
             // Offline only for the session's device, and only if no newer session
@@ -295,23 +342,24 @@ struct Session {
     warn: WarnLimiter,
     /// This session as [`SessionMap`] records it (its downlink queue's sender).
     owner: Owner,
-    downlink: mpsc::Receiver<Downlink>,
-    /// The downlink exchange in progress (one at a time, like the device).
-    relay: Option<Relay>,
+    /// Requests for this session's devices (bounded by `[downlink] queue`),
+    /// taken one at a time when the engine is idle.
+    submit_rx: mpsc::Receiver<Box<Submit>>,
+    /// Downlink state, allocated only while a request is in progress or waiting,
+    /// so an idle session stays small.
+    dl: Option<Box<DlState>>,
 }
 
-/// A relayed request whose replies go back to its upstream.
-struct Relay {
-    qn: String,
-    replies: mpsc::Sender<Bytes>,
-    /// The device accepted the request (9011 QnRtn=1): uploads with other QNs
-    /// until its 9012 (a history fetch's data) belong to the exchange.
-    open: bool,
-    expires: Instant,
-}
+/// Where an exchange's steps go: a requester's channel, or (automatic
+/// requests) the gateway's own log.
+type Tag = Option<mpsc::Sender<Event>>;
 
-/// An exchange whose 9012 never comes stops capturing uploads after this.
-const RELAY_TTL: Duration = Duration::from_secs(600);
+struct DlState {
+    engine: Engine<Tag>,
+    /// Automatic requests waiting for the engine; at most one per origin
+    /// (calibration, backfill, key push), so bounded by construction.
+    auto: std::collections::VecDeque<Submit>,
+}
 
 impl Session {
     fn new(shared: Arc<Shared>, peer: SocketAddr, id: u64, shutdown: CancellationToken) -> Session {
@@ -319,16 +367,23 @@ impl Session {
             max_frame: shared.cfg.server.max_frame_bytes,
             ..FramerConfig::default()
         });
-        let (tx, downlink) = mpsc::channel(DOWNLINK_QUEUE);
+        let (tx, submit_rx) = mpsc::channel(shared.cfg.downlink.queue);
         let token = CancellationToken::new();
+        let info = Arc::new(SessionInfo {
+            peer: peer.to_string(),
+            since_ms: now_ms(),
+            last_frame_ms: AtomicI64::new(0),
+            header: Mutex::new(DeviceHeader::default()),
+        });
         Session {
             owner: Owner {
                 id,
                 token: token.clone(),
-                downlink: tx,
+                submit: tx,
+                info,
             },
-            downlink,
-            relay: None,
+            submit_rx,
+            dl: None,
             shared,
             peer,
             peer_text: peer.to_string(),
@@ -368,6 +423,8 @@ impl Session {
         let mut armed = last_activity + idle;
         let mut timer = std::pin::pin!(tokio::time::sleep_until(armed.into()));
         loop {
+            let dl_deadline = self.dl.as_ref().and_then(|d| d.engine.deadline());
+            let dl_idle = self.dl.as_ref().is_none_or(|d| d.engine.is_idle());
             let deadline = match partial_since {
                 Some(_) if !tail_checked => last_activity + TAIL_GRACE,
                 Some(t) => t + partial_limit,
@@ -388,8 +445,20 @@ impl Session {
                     let _ = self.flush_eof(&mut buf, Some(&mut wr)).await;
                     return "superseded";
                 }
-                Some(d) = self.downlink.recv() => {
-                    if let Err(reason) = self.send_downlink(d, &mut wr).await {
+                Some(sub) = self.submit_rx.recv(), if dl_idle => {
+                    let mut out = Vec::new();
+                    self.dl_begin(*sub, &mut out);
+                    if let Err(reason) = self.dl_run(out, &mut wr).await {
+                        return reason;
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep_until(dl_deadline.unwrap_or(last_activity).into()), if dl_deadline.is_some() => {
+                    let mut out = Vec::new();
+                    if let Some(d) = self.dl.as_mut() {
+                        d.engine.on_timer(Instant::now(), &mut out);
+                    }
+                    if let Err(reason) = self.dl_run(out, &mut wr).await {
                         return reason;
                     }
                     continue;
@@ -556,6 +625,8 @@ impl Session {
         items: Vec<Item>,
         wr: Option<&mut tokio::net::tcp::OwnedWriteHalf>,
     ) -> Result<(), &'static str> {
+        // The items were fully read just before this call: ack latency starts here.
+        let read_at = Instant::now();
         let shared = self.shared.clone();
         let cfg = &shared.cfg;
         let opts = decode_options(cfg, chrono::Utc::now());
@@ -565,12 +636,15 @@ impl Session {
         let mut replies: Vec<Bytes> = Vec::new();
         // (MN, announce presence): quarantined devices are never published.
         let mut claims: Vec<(String, bool)> = Vec::new();
-        // Device replies to a relayed request, sent to its upstream after the commit.
-        let mut relayed: Vec<(mpsc::Sender<Bytes>, Bytes)> = Vec::new();
+        // Steps of the downlink exchange, delivered after the commit.
+        let mut dl_out: Vec<Out<Tag>> = Vec::new();
+        // Automatic requests the batch calls for, queued after the replies are written.
+        let mut autos: Vec<Submit> = Vec::new();
         for item in items {
             match item {
                 Item::Junk { bytes, reason } => {
                     self.junk_bytes += bytes.len();
+                    crate::metrics::METRICS.junk(bytes.len());
                     if self.warn.allow() {
                         warn!(
                             reason = reason.as_str(),
@@ -602,6 +676,7 @@ impl Session {
                     let mut frame = protocol::decode(bytes, &opts, &*registry);
                     apply_policy(&mut frame, &registry, cfg.validation.unknown_device);
                     let accepted = !frame.has_error();
+                    crate::metrics::METRICS.frame(accepted, frame.raw.len(), &frame.findings);
                     if !accepted && self.warn.allow() {
                         let codes: Vec<&str> = frame
                             .findings
@@ -630,9 +705,22 @@ impl Session {
                         None
                     };
                     if accepted {
-                        if let Some(tx) = self.relay_match(&frame) {
-                            relayed.push((tx, frame.raw.clone()));
+                        let matched = self
+                            .dl
+                            .as_mut()
+                            .and_then(|d| d.engine.on_frame(&frame, Instant::now(), &mut dl_out));
+                        match matched {
+                            Some(m) if m.history => frame.findings.push(Finding::new(
+                                dl::FINDING_BACKFILL,
+                                Severity::Info,
+                                format!("answers the {} request QN={}", m.origin, m.qn),
+                            )),
+                            Some(_) => {}
+                            None => {
+                                self.auto_requests(&frame, &registry, received_at_ms, &mut autos)
+                            }
                         }
+                        self.note_header(&frame, &claims, received_at_ms);
                     }
                     records.push(self.record(&frame, Direction::In, received_at_ms, accepted));
                     if let Some(ack) = ack {
@@ -651,12 +739,8 @@ impl Session {
                 return Err("store error");
             }
         }
-        for (tx, bytes) in relayed {
-            // Never waits: a platform that does not read must not stall the device.
-            if tx.try_send(bytes).is_err() {
-                warn!("downlink reply not relayed: the upstream connection is gone or not reading");
-            }
-        }
+        // No sends come from device frames, only steps for requesters.
+        self.dl_deliver(dl_out);
         for (mn, announce) in claims {
             // A superseded session storing its last bytes must not take the MN back.
             if self.token.is_cancelled() {
@@ -686,73 +770,353 @@ impl Session {
         let Some(wr) = wr else {
             return Ok(());
         };
-        write_replies(wr, replies, self.shared.cfg.server.write_timeout.0).await
-    }
-
-    /// Writes a platform's request to the device, byte-exact, after logging it
-    /// (direction out, peer = the upstream's name), and starts relaying the
-    /// device's replies to it.
-    async fn send_downlink(
-        &mut self,
-        d: Downlink,
-        wr: &mut tokio::net::tcp::OwnedWriteHalf,
-    ) -> Result<(), &'static str> {
-        let opts = decode_options(&self.shared.cfg, chrono::Utc::now());
-        let registry = self.shared.registry.current();
-        let frame = protocol::decode(d.bytes.clone(), &opts, &*registry);
-        let mut rec = self.record(&frame, Direction::Out, now_ms(), !frame.has_error());
-        rec.peer = d.upstream.clone();
-        if let Err(e) = self.shared.store.append_many(vec![rec]).await {
-            // Unlogged bytes never reach a device; the platform sees no reply.
-            warn!(error = %e, upstream = %d.upstream, "downlink request not logged; not sent");
-            return Ok(());
+        let acks = replies.len() as u64;
+        let bytes: usize = replies.iter().map(Bytes::len).sum();
+        write_replies(wr, replies, self.shared.cfg.server.write_timeout.0).await?;
+        crate::metrics::METRICS.bytes_out.add(bytes as u64);
+        crate::metrics::METRICS
+            .ack_seconds
+            .observe_duration(read_at.elapsed(), acks);
+        // After the 9013 to a 1013 or 1014 went out, as the standard's flows expect.
+        // Not while closing: the exchange could not finish.
+        if !autos.is_empty() && !self.token.is_cancelled() && !self.shutdown.is_cancelled() {
+            let d = self.dl_state();
+            for a in autos {
+                let queued = d.engine.current_origin() == Some(a.origin.as_str())
+                    || d.auto.iter().any(|x| x.origin == a.origin);
+                if !queued {
+                    d.auto.push_back(a);
+                }
+            }
         }
-        match tokio::time::timeout(
-            self.shared.cfg.server.write_timeout.0,
-            wr.write_all(&d.bytes),
-        )
-        .await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return Err("write error"),
-            Err(_) => return Err("write timeout"),
+        // An exchange this batch ended frees the engine for waiting automatic
+        // requests (operator and upstream ones are taken by the session loop).
+        if self.dl.is_some() {
+            self.dl_run(Vec::new(), wr).await?;
         }
-        info!(upstream = %d.upstream, cn = frame.cn().unwrap_or(""), qn = frame.qn().unwrap_or(""), "downlink request relayed to the device");
-        self.relay = frame.qn().map(|qn| Relay {
-            qn: qn.to_owned(),
-            replies: d.replies,
-            open: false,
-            expires: Instant::now() + RELAY_TTL,
-        });
         Ok(())
     }
 
-    /// Whether an accepted frame from the device answers the relayed request:
-    /// its 9011/9012 (same QN), uploads with its QN, and, between a 9011
-    /// QnRtn=1 and the 9012, uploads with new QNs (history fetches).
-    fn relay_match(&mut self, f: &Frame) -> Option<mpsc::Sender<Bytes>> {
-        let r = self.relay.as_mut()?;
-        if Instant::now() > r.expires {
-            self.relay = None;
-            return None;
+    /// The downlink state, allocated on first use.
+    fn dl_state(&mut self) -> &mut DlState {
+        let c = &self.shared.cfg.downlink;
+        let timing = Timing {
+            over_time: c.over_time.0,
+            re_count: c.re_count,
+            exec_timeout: c.exec_timeout.0,
+        };
+        self.dl.get_or_insert_with(|| {
+            Box::new(DlState {
+                engine: Engine::new(timing),
+                auto: std::collections::VecDeque::new(),
+            })
+        })
+    }
+
+    /// Builds a request in the device's dialect (registry override, else the
+    /// dialect of its frames, else 2017) with a fresh QN and starts it.
+    fn dl_begin(&mut self, sub: Submit, out: &mut Vec<Out<Tag>>) {
+        let shared = self.shared.clone();
+        let registry = shared.registry.current();
+        let dev = registry.get(&sub.mn);
+        let header = self
+            .owner
+            .info
+            .header
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let dialect = dev
+            .and_then(|d| d.profile.dialect)
+            .or(header.dialect)
+            .unwrap_or(protocol::Dialect::V2017);
+        let pw = dev.and_then(|d| d.pw.clone()).unwrap_or(header.pw);
+        let st = if header.st.is_empty() {
+            "32".to_owned()
+        } else {
+            header.st
+        };
+        let key = dev.and_then(|d| d.profile.keys.first().copied());
+        let tz = shared
+            .cfg
+            .time_zone()
+            .unwrap_or_else(protocol::time::beijing);
+        let now = chrono::Utc::now();
+        let qn = match &sub.action {
+            Action::Relay { qn, .. } => qn.clone(),
+            _ => {
+                let ms = shared
+                    .sessions
+                    .devices
+                    .next_qn_ms(&sub.mn, now.timestamp_millis());
+                let t = chrono::DateTime::from_timestamp_millis(ms).unwrap_or(now);
+                protocol::time::format_qn(t, tz)
+            }
+        };
+        let target = reply::Target {
+            dialect,
+            st: &st,
+            pw: &pw,
+            mn: &sub.mn,
+        };
+        let cn = sub.action.cn();
+        match sub.action.build(target, &qn, now, tz, key.as_ref()) {
+            Ok(bytes) => {
+                let b = Begin {
+                    tag: sub.replies,
+                    origin: sub.origin,
+                    mn: sub.mn,
+                    qn,
+                    cn,
+                    bytes,
+                };
+                self.dl_state().engine.begin(b, Instant::now(), out);
+            }
+            Err(message) => out.push(Out::Event(
+                sub.replies,
+                Event::Done(Outcome::Invalid(message)),
+            )),
         }
-        let same = f.qn() == Some(r.qn.as_str());
-        let tx = r.replies.clone();
-        match f.cn_num() {
-            Some(9011) if same => {
-                r.open = f.param("QnRtn") == Some("1");
-                if !r.open {
-                    self.relay = None;
+    }
+
+    /// Carries out the engine's outputs: each request is logged (direction out,
+    /// peer = who asked) and only then written; steps go to their requesters.
+    /// Then starts waiting automatic requests while the engine is free.
+    async fn dl_run(
+        &mut self,
+        mut out: Vec<Out<Tag>>,
+        wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    ) -> Result<(), &'static str> {
+        loop {
+            for o in std::mem::take(&mut out) {
+                match o {
+                    Out::Event(tag, ev) => self.dl_event(tag, ev),
+                    Out::Send { bytes, origin } => {
+                        let opts = decode_options(&self.shared.cfg, chrono::Utc::now());
+                        let registry = self.shared.registry.current();
+                        let frame = protocol::decode(bytes.clone(), &opts, &*registry);
+                        let mut rec =
+                            self.record(&frame, Direction::Out, now_ms(), !frame.has_error());
+                        rec.peer = origin.clone();
+                        if let Err(e) = self.shared.store.append_many(vec![rec]).await {
+                            // Unlogged bytes never reach a device.
+                            warn!(error = %e, origin = %origin, "downlink request not logged; not sent");
+                            let mut end = Vec::new();
+                            if let Some(d) = self.dl.as_mut() {
+                                d.engine.abort(
+                                    Outcome::Invalid("the frame log is unavailable".into()),
+                                    &mut end,
+                                );
+                            }
+                            out.extend(end);
+                            continue;
+                        }
+                        match tokio::time::timeout(
+                            self.shared.cfg.server.write_timeout.0,
+                            wr.write_all(&bytes),
+                        )
+                        .await
+                        {
+                            Ok(Ok(())) => crate::metrics::METRICS.bytes_out.add(bytes.len() as u64),
+                            Ok(Err(_)) => return Err("write error"),
+                            Err(_) => return Err("write timeout"),
+                        }
+                        info!(origin = %origin, cn = frame.cn().unwrap_or(""), qn = frame.qn().unwrap_or(""), "downlink request sent");
+                    }
                 }
-                Some(tx)
             }
-            Some(9012) if same => {
-                self.relay = None;
-                Some(tx)
+            let next = match self.dl.as_mut() {
+                Some(d) if d.engine.is_idle() => d.auto.pop_front(),
+                _ => None,
+            };
+            match next {
+                Some(sub) => self.dl_begin(sub, &mut out),
+                None if out.is_empty() => break,
+                None => {}
             }
-            Some(9011..=9014) => None,
-            _ if same || r.open => Some(tx),
-            _ => None,
+        }
+        if self
+            .dl
+            .as_ref()
+            .is_some_and(|d| d.engine.is_idle() && d.auto.is_empty())
+        {
+            self.dl = None;
+        }
+        Ok(())
+    }
+
+    /// Delivers steps (never sends; device frames only produce steps).
+    fn dl_deliver(&mut self, out: Vec<Out<Tag>>) {
+        for o in out {
+            if let Out::Event(tag, ev) = o {
+                self.dl_event(tag, ev);
+            }
+        }
+    }
+
+    fn dl_event(&self, tag: Tag, ev: Event) {
+        if let Event::Done(o) = &ev {
+            match o {
+                Outcome::Success => info!(outcome = o.name(), "downlink exchange done"),
+                _ => warn!(outcome = o.name(), detail = ?o, "downlink exchange failed"),
+            }
+        }
+        if let Some(tx) = tag {
+            // Never waits: a requester that does not read must not stall the device.
+            if tx.try_send(ev).is_err() {
+                warn!("downlink step not delivered: the requester is gone or not reading");
+            }
+        }
+    }
+
+    /// Ends the exchange in progress and answers what is still queued: the
+    /// session is over.
+    fn dl_close(&mut self) {
+        let mut out = Vec::new();
+        if let Some(d) = self.dl.as_mut() {
+            d.engine.abort(Outcome::Closed, &mut out);
+        }
+        self.submit_rx.close();
+        while let Ok(sub) = self.submit_rx.try_recv() {
+            out.push(Out::Event(sub.replies, Event::Done(Outcome::Closed)));
+        }
+        self.dl_deliver(out);
+        self.dl = None;
+    }
+
+    /// Remembers the session's device header (for requests and `sessions`).
+    fn note_header(&self, f: &Frame, claims: &[(String, bool)], now: i64) {
+        let primary = self.mns.first().or(claims.first().map(|c| &c.0));
+        if f.mn().is_none() || f.mn() != primary.map(String::as_str) {
+            return;
+        }
+        let info = &self.owner.info;
+        info.last_frame_ms.store(now, Ordering::Relaxed);
+        if matches!(f.cn_num(), Some(9011..=9014)) {
+            // Replies carry ST=91, not the device's own ST.
+            return;
+        }
+        let mut h = info.header.lock().unwrap_or_else(|e| e.into_inner());
+        if f.dialect.is_some() {
+            h.dialect = f.dialect;
+        }
+        let (st, pw) = (f.st().unwrap_or(""), f.pw().unwrap_or(""));
+        if h.st != st {
+            h.st = st.to_owned();
+        }
+        if h.pw != pw {
+            h.pw = pw.to_owned();
+        }
+    }
+
+    /// Automatic requests a device frame calls for: clock calibration on 1013
+    /// or skew, backfill of a gap in minute/hour/day data, the 2025 key push
+    /// on 1014.
+    fn auto_requests(
+        &self,
+        f: &Frame,
+        registry: &crate::registry::Registry,
+        received_at_ms: i64,
+        autos: &mut Vec<Submit>,
+    ) {
+        let (Some(mn), Some(cn)) = (f.mn(), f.cn_num()) else {
+            return;
+        };
+        // Only devices this session speaks for (quarantined ones are not claimed).
+        if f.findings
+            .iter()
+            .any(|x| x.code == code::DEVICE_QUARANTINED)
+        {
+            return;
+        }
+        let c = &self.shared.cfg.downlink;
+        let dev = registry.get(mn);
+        let auto = |action: Action, origin: &str| Submit {
+            mn: mn.to_owned(),
+            action,
+            origin: origin.to_owned(),
+            replies: None,
+        };
+        let time_sync = dev.and_then(|d| d.time_sync).unwrap_or(c.time_sync);
+        match cn {
+            // A notify in the device's edition (2005 has no 1013: it is acked as
+            // data there); PolId names the instrument whose clock is asked for.
+            1013 if time_sync
+                && f.dialect.is_some_and(|d| {
+                    protocol::codes::command(d, protocol::codes::Dir::Up, 1013)
+                        .is_some_and(|c| c.exchange == protocol::codes::Exchange::Notify)
+                }) =>
+            {
+                let pol = f.param("PolId").map(str::to_owned);
+                autos.push(auto(
+                    Action::SetTime { time: None, pol },
+                    dl::ORIGIN_TIMESYNC,
+                ));
+            }
+            1014 if f.dialect == Some(protocol::Dialect::V2025) => {
+                if let Some(next) = dev.and_then(|d| d.next_key.clone()) {
+                    autos.push(auto(Action::KeyPush { new_key: next }, dl::ORIGIN_KEY));
+                }
+            }
+            2011 if time_sync && c.time_sync_skew => {
+                let Some(t) = f.data_time else { return };
+                let skew_ms = t.timestamp_millis() - received_at_ms;
+                let threshold = c.time_sync_threshold.0.as_millis() as i64;
+                let devices = &self.shared.sessions.devices;
+                if devices.skew_run(mn, skew_ms, threshold) >= c.time_sync_count
+                    && devices.time_sync_due(
+                        mn,
+                        received_at_ms,
+                        c.time_sync_interval.0.as_millis() as i64,
+                    )
+                {
+                    info!(mn, skew_s = skew_ms / 1000, "device clock off; calibrating");
+                    autos.push(auto(
+                        Action::SetTime {
+                            time: None,
+                            pol: None,
+                        },
+                        dl::ORIGIN_TIMESYNC,
+                    ));
+                }
+            }
+            2051 | 2061 | 2031 => {
+                let Some(t) = f.data_time else { return };
+                let window = c.backfill_max_window.0.as_secs() as i64;
+                let Some(gap) = self
+                    .shared
+                    .sessions
+                    .devices
+                    .observe(mn, cn, t.timestamp(), window)
+                else {
+                    return;
+                };
+                let enabled = dev.and_then(|d| d.backfill).unwrap_or(c.backfill);
+                if enabled
+                    && self.shared.sessions.devices.backfill_due(
+                        mn,
+                        received_at_ms,
+                        c.backfill_interval.0.as_millis() as i64,
+                    )
+                {
+                    let tz = *t.offset();
+                    let n14 = |s: i64| {
+                        chrono::DateTime::from_timestamp(s, 0)
+                            .map(|x| protocol::time::format_n14(x.with_timezone(&tz)))
+                            .unwrap_or_default()
+                    };
+                    info!(mn, cn, from = %n14(gap.from), to = %n14(gap.to), "gap in device data; requesting backfill");
+                    autos.push(auto(
+                        Action::Fetch {
+                            cn,
+                            from: n14(gap.from),
+                            to: n14(gap.to),
+                        },
+                        dl::ORIGIN_BACKFILL,
+                    ));
+                }
+            }
+            _ => {}
         }
     }
 
@@ -863,50 +1227,72 @@ impl std::fmt::Debug for Session {
 mod tests {
     use super::*;
 
-    fn owner(id: u64, cap: usize) -> (Owner, mpsc::Receiver<Downlink>) {
-        let (downlink, rx) = mpsc::channel(cap);
+    fn owner(id: u64, cap: usize) -> (Owner, mpsc::Receiver<Box<Submit>>) {
+        let (submit, rx) = mpsc::channel(cap);
         let token = CancellationToken::new();
+        let info = Arc::new(SessionInfo {
+            peer: "127.0.0.1:1".into(),
+            since_ms: 0,
+            last_frame_ms: AtomicI64::new(0),
+            header: Mutex::new(DeviceHeader::default()),
+        });
         (
             Owner {
                 id,
                 token,
-                downlink,
+                submit,
+                info,
             },
             rx,
         )
     }
 
-    fn req(n: u8) -> Downlink {
-        Downlink {
-            bytes: Bytes::from(vec![n]),
-            upstream: "up".into(),
-            replies: mpsc::channel(1).0,
+    fn req(mn: &str, n: u32) -> Box<Submit> {
+        Box::new(Submit {
+            mn: mn.into(),
+            action: Action::SetRtdInterval(n),
+            origin: "up".into(),
+            replies: None,
+        })
+    }
+
+    fn n(s: &Submit) -> u32 {
+        match s.action {
+            Action::SetRtdInterval(n) => n,
+            _ => unreachable!(),
         }
     }
 
     #[test]
-    fn downlink_reaches_the_live_owner_and_is_bounded() {
+    fn requests_reach_the_live_owner_and_are_bounded() {
         let map = SessionMap::default();
-        assert!(map.downlink("MN1", req(0)).is_err(), "offline");
+        assert_eq!(map.submit(req("MN1", 0)).unwrap_err().1, Refusal::Offline);
         let (a, mut rx_a) = owner(1, 1);
         assert_eq!(map.claim("MN1", &a), None);
-        assert!(map.downlink("MN1", req(1)).is_ok());
-        // Full queue: handed back at once (the caller answers QnRtn=2).
-        assert_eq!(map.downlink("MN1", req(2)).unwrap_err().bytes[0], 2);
-        assert_eq!(rx_a.try_recv().unwrap().bytes[0], 1);
+        assert!(map.submit(req("MN1", 1)).is_ok());
+        // Full queue: handed back at once.
+        let (back, why) = map.submit(req("MN1", 2)).unwrap_err();
+        assert_eq!((n(&back), why), (2, Refusal::Busy));
+        assert_eq!(n(&rx_a.try_recv().unwrap()), 1);
         // A reconnect takes the MN over: requests go to the new session.
         let (b, mut rx_b) = owner(2, 4);
         assert_eq!(map.claim("MN1", &b), Some(1));
         assert!(a.token.is_cancelled());
-        assert!(map.downlink("MN1", req(3)).is_ok());
-        assert_eq!(rx_b.try_recv().unwrap().bytes[0], 3);
+        assert!(map.submit(req("MN1", 3)).is_ok());
+        assert_eq!(n(&rx_b.try_recv().unwrap()), 3);
         assert!(rx_a.try_recv().is_err());
+        assert_eq!(map.list().len(), 1);
+        assert_eq!(map.list()[0].session, 2);
         // Released: offline again; a session that ended cannot receive.
         assert!(map.release("MN1", 2));
-        assert!(map.downlink("MN1", req(4)).is_err());
+        assert_eq!(map.submit(req("MN1", 4)).unwrap_err().1, Refusal::Offline);
         let (c, rx_c) = owner(3, 4);
         assert!(map.claim_if_free("MN2", &c));
         drop(rx_c);
-        assert!(map.downlink("MN2", req(5)).is_err(), "closed queue");
+        assert_eq!(
+            map.submit(req("MN2", 5)).unwrap_err().1,
+            Refusal::Offline,
+            "closed queue"
+        );
     }
 }

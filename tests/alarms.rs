@@ -35,6 +35,8 @@ const VIDEO: &str = "ALARMVIDEO0000000000001";
 fn config(mqtt_port: u16) -> String {
     format!(
         r#"
+[metrics]
+listen = "127.0.0.1:0"
 [server]
 listen = ["127.0.0.1:0"]
 [store]
@@ -483,6 +485,8 @@ impl Noise {
 async fn a_clean_eight_hour_flue_gas_series_raises_nothing() {
     const MN: &str = "CLEANSTACK0000000000001";
     let cfg = r#"
+[metrics]
+listen = "127.0.0.1:0"
 [server]
 listen = ["127.0.0.1:0"]
 [store]

@@ -54,7 +54,7 @@ impl Gw {
             .build()
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let text = "[server]\nlisten = [\"127.0.0.1:0\"]\n[store]\nsync = \"off\"\n";
+        let text = "[metrics]\nlisten = \"127.0.0.1:0\"\n[server]\nlisten = [\"127.0.0.1:0\"]\n[store]\nsync = \"off\"\n";
         let cfg = Config::parse(text, Path::new("test")).unwrap();
         let db = cfg.store_path(dir.path());
         let o = Overrides {

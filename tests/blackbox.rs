@@ -22,13 +22,25 @@ struct Daemon {
     child: Child,
     addr: SocketAddr,
     log: mpsc::Receiver<String>,
+    /// The config given when the test passes none (see `spawn`).
+    _config: Option<tempfile::NamedTempFile>,
 }
 
 impl Daemon {
     fn spawn(args: &[&str]) -> Daemon {
-        let mut child = Command::new(BIN)
-            .arg("serve")
-            .args(args)
+        // Without --config every setting is at its default except the metrics
+        // port: parallel daemons must not contend for 127.0.0.1:9464.
+        let config = (!args.contains(&"--config")).then(|| {
+            let f = tempfile::NamedTempFile::new().expect("config file");
+            std::fs::write(f.path(), "[metrics]\nlisten = \"127.0.0.1:0\"\n").expect("config");
+            f
+        });
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve").args(args);
+        if let Some(f) = &config {
+            cmd.arg("--config").arg(f.path());
+        }
+        let mut child = cmd
             .env("RUST_LOG", "info")
             .env_remove("STATE_DIRECTORY")
             .stdin(Stdio::null())
@@ -50,6 +62,7 @@ impl Daemon {
             child,
             addr: "0.0.0.0:0".parse().expect("placeholder"),
             log,
+            _config: config,
         };
         let line = d.wait_for_log("listening");
         // `listening listen=[127.0.0.1:PORT] data=...`
@@ -202,7 +215,11 @@ fn acked_frames_survive_sigkill_and_the_daemon_stops_cleanly_on_sigterm() {
 
     // Second life on the same data directory, with a config file for SIGHUP.
     let cfg = dir.path().join("gateway.toml");
-    std::fs::write(&cfg, "[server]\nlisten = [\"127.0.0.1:0\"]\n").expect("config");
+    std::fs::write(
+        &cfg,
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n[server]\nlisten = [\"127.0.0.1:0\"]\n",
+    )
+    .expect("config");
     let cfg_s = cfg.to_str().expect("utf-8 path");
     let mut second = Daemon::spawn(&[
         "--config",
@@ -220,7 +237,7 @@ fn acked_frames_survive_sigkill_and_the_daemon_stops_cleanly_on_sigterm() {
     std::fs::write(
         &cfg,
         format!(
-            "[server]\nlisten = [\"127.0.0.1:0\"]\n[[device]]\nmn = \"{dev}\"\npw = \"222222\"\n"
+            "[metrics]\nlisten = \"127.0.0.1:0\"\n[server]\nlisten = [\"127.0.0.1:0\"]\n[[device]]\nmn = \"{dev}\"\npw = \"222222\"\n"
         ),
     )
     .expect("rewrite config");

@@ -64,7 +64,7 @@ fn split(m: &str, q: &str, data_time: &str, pnum: u32, pno: u32, code: &str) -> 
 
 fn config(port: u16, mqtt: &str, rest: &str) -> String {
     format!(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\n[store]\nsync = \"off\"\n\
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n[server]\nlisten = [\"127.0.0.1:0\"]\n[store]\nsync = \"off\"\n\
          [mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\nclient_id = \"gw-test\"\nreconnect_max = \"500ms\"\n{mqtt}\n{rest}\n"
     )
 }

@@ -32,7 +32,7 @@ fn expected_seqs(db: &Path) -> BTreeSet<u64> {
 
 async fn start_gateway(mqtt: &str) -> (daemon::Running, PathBuf, tempfile::TempDir) {
     let text = format!(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\n[store]\nsync = \"off\"\n\
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n[server]\nlisten = [\"127.0.0.1:0\"]\n[store]\nsync = \"off\"\n\
          [mqtt]\nclient_id = \"gw-interop\"\nreconnect_max = \"500ms\"\n{mqtt}\n"
     );
     let cfg = Config::parse(&text, Path::new("test")).expect("config");
@@ -178,7 +178,7 @@ async fn presence_and_last_will_of_a_killed_gateway() {
     std::fs::write(
         &cfg,
         format!(
-            "[server]\nlisten = [\"127.0.0.1:0\"]\n[store]\nsync = \"off\"\n\
+            "[metrics]\nlisten = \"127.0.0.1:0\"\n[server]\nlisten = [\"127.0.0.1:0\"]\n[store]\nsync = \"off\"\n\
              [mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nclient_id = \"gw-will\"\n\
              username = \"gw\"\npassword_file = \"{}\"\n",
             broker.port,

@@ -29,7 +29,7 @@ struct Gateway {
 impl Gateway {
     async fn start(server: &str) -> Gateway {
         let text = format!(
-            "[server]\nlisten = [\"127.0.0.1:0\"]\n{server}\n[store]\nsync = \"off\"\n[mqtt]\nenabled = false\n"
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n{server}\n[store]\nsync = \"off\"\n[mqtt]\nenabled = false\n[metrics]\nlisten = \"127.0.0.1:0\"\n"
         );
         let cfg = Config::parse(&text, Path::new("test")).expect("config");
         let dir = tempfile::tempdir().expect("tempdir");

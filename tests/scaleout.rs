@@ -125,7 +125,7 @@ impl Node {
             format!(
                 "[server]\nlisten = [\"127.0.0.1:{port}\"]\nproxy_protocol = \"v2\"\n\
                  proxy_trusted = [\"127.0.0.1/32\"]\n[store]\nsync = \"normal\"\n\
-                 [mqtt]\nurl = \"mqtt://127.0.0.1:{broker}\"\nclient_id = \"{name}\"\n"
+                 [metrics]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{broker}\"\nclient_id = \"{name}\"\n"
             ),
         )
         .expect("config");

@@ -50,7 +50,7 @@ fn gateway(dir: &Path, fleet: &[&str]) -> (common::Bin, Config) {
     std::fs::write(
         &cfg_path,
         format!(
-            "[server]\nlisten = [\"127.0.0.1:0\"]\n[registry]\ndevices_file = {:?}\n[mqtt]\nenabled = false\n",
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[registry]\ndevices_file = {:?}\n[mqtt]\nenabled = false\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
             devices.display().to_string()
         ),
     )

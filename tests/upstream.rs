@@ -260,7 +260,7 @@ fn frame_modbus() -> Vec<u8> {
 
 fn config(upstreams: &str, rest: &str) -> String {
     format!(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\n[store]\nsync = \"off\"\n[mqtt]\nenabled = false\n\
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n[server]\nlisten = [\"127.0.0.1:0\"]\n[store]\nsync = \"off\"\n[mqtt]\nenabled = false\n\
          {rest}\n{upstreams}\n"
     )
 }

@@ -6,6 +6,7 @@
 
 pub mod alarms;
 pub mod capture;
+pub mod command;
 pub mod decode;
 pub mod export;
 pub mod replay;

@@ -791,10 +791,19 @@ fn validate(f: &mut Frame, opts: &Options, dialect_override: Option<Dialect>) {
         )),
         _ => {}
     }
+    // HJ/T 212-2005 App. C: the platform's data ack is
+    // `ST=91;CN=9014;CP=&&QN=<qn>;CN=<cn>&&`, with no PW, MN or Flag, so a
+    // missing MN there is the standard form, not an error.
+    let ack_2005 =
+        get(f.header.st) == Some(b"91".as_slice()) && get(f.header.cn) == Some(b"9014".as_slice());
     match get(f.header.mn) {
         None => out.push(Finding::new(
             code::FIELD_MISSING_MN,
-            Severity::Error,
+            if ack_2005 {
+                Severity::Info
+            } else {
+                Severity::Error
+            },
             "no MN field",
         )),
         Some(m)

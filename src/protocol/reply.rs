@@ -211,8 +211,14 @@ pub fn key_push(
     current: &Key,
 ) -> Bytes {
     let cp = format!("SKCreateTime={sk_create_time};NewSK={new_key_text}");
+    request_encrypted(t, qn, 1014, &cp, current)
+}
+
+/// A request whose CP travels encrypted under `key` (2025: 1014, and 3020 for
+/// devices that expect it); the CRC covers the plaintext (2025 App. A.2).
+pub fn request_encrypted(t: Target<'_>, qn: &str, cn: u16, cp: &str, key: &Key) -> Bytes {
     let head = format!(
-        "QN={qn};ST={};CN=1014;PW={};MN={};Flag={};CP=&&",
+        "QN={qn};ST={};CN={cn:04};PW={};MN={};Flag={};CP=&&",
         t.st,
         t.pw,
         t.mn,
@@ -224,7 +230,7 @@ pub fn key_push(
     plain.extend_from_slice(b"&&");
     let crc_value = crc::hj212(&plain);
     let mut wire = plain;
-    crypt::encrypt_in_place(current, &mut wire[head.len()..head.len() + cp.len()]);
+    crypt::encrypt_in_place(key, &mut wire[head.len()..head.len() + cp.len()]);
     envelope_with_crc(&wire, crc_value)
 }
 
@@ -281,6 +287,20 @@ mod tests {
         // 2005 upload without Flag: no ack requested.
         let f = dec(b"##0136ST=32;CN=2011;PW=123456;MN=88888880000001;CP=&&DataTime=20040516010101;B01-Rtd=36.91;011-Rtd=231.0,011-Flag=N;060-Rtd=1.803,060-Flag=N&&0D80\r\n");
         assert_eq!(ack(&f), None);
+    }
+
+    /// Our own 2005 data ack carries no MN (App. C); decoding it, as the
+    /// session does to log it, must not call that an error.
+    #[test]
+    fn ack_2005_decodes_without_error() {
+        let up = dec(b"##0136ST=32;CN=2051;PW=123456;MN=88888880000001;Flag=1;CP=&&DataTime=20040516010101;B01-Rtd=36.91;011-Rtd=231.0,011-Flag=N;060-Rtd=1.803,060-Flag=N&&0000\r\n");
+        let a = ack(&up).expect("ack bit set");
+        let f = dec(&a);
+        assert_eq!(f.cn(), Some("9014"));
+        assert!(!f.has_error(), "{:?}", f.findings);
+        assert!(f.findings.iter().any(|x| x.code
+            == crate::protocol::finding::code::FIELD_MISSING_MN
+            && x.severity == crate::protocol::finding::Severity::Info));
     }
 
     #[test]

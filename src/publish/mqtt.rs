@@ -417,6 +417,7 @@ impl Publisher {
             };
             match connected {
                 Ok(()) => {
+                    crate::metrics::METRICS.mqtt_connected.set(1);
                     info!(host = %self.s.host, port = self.s.port, client_id = %self.s.client_id, "MQTT connected");
                     backoff = BACKOFF_MIN;
                     attempt = 0;
@@ -434,7 +435,9 @@ impl Publisher {
                 }
             }
             self.rewind().await;
-            match self.session(&client, &mut el, &shutdown).await {
+            let ended = self.session(&client, &mut el, &shutdown).await;
+            crate::metrics::METRICS.mqtt_connected.set(0);
+            match ended {
                 Ended::Shutdown => break,
                 Ended::Lost(e) => {
                     warn!(error = %e, cursor = self.acked, "MQTT connection lost; will resume from the cursor");
@@ -661,6 +664,7 @@ impl Publisher {
     fn on_event(&mut self, ev: Event) {
         match ev {
             Event::Outgoing(Outgoing::Publish(pkid)) => {
+                crate::metrics::METRICS.mqtt_publishes.inc();
                 let Some(tag) = self.sent_fifo.pop_front() else {
                     return;
                 };
@@ -685,6 +689,7 @@ impl Publisher {
     }
 
     fn complete(&mut self, tag: Tag) {
+        crate::metrics::METRICS.mqtt_acks.inc();
         self.in_client = self.in_client.saturating_sub(1);
         match tag {
             Tag::Data(seq) => {

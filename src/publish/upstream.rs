@@ -34,9 +34,10 @@ use tracing::{debug, error, info, warn};
 use super::plan::is_quarantined;
 use crate::codec::{Hj212Codec, Item};
 use crate::config::{UpstreamEntry, UpstreamMode, UpstreamStart};
+use crate::downlink::{Action, Event, Refusal, Submit};
 use crate::protocol::reply::Target;
 use crate::protocol::{self, DeviceLookup, Dialect, Frame, reply};
-use crate::session::{Downlink, Shared, decode_options};
+use crate::session::{Shared, decode_options};
 use crate::store::{
     Cursors, Direction, Kind, NewRecord, Reader, StoreError, StoredRecord, Verdict,
 };
@@ -122,9 +123,9 @@ pub fn spawn(
 struct Conn {
     wr: OwnedWriteHalf,
     inbox: mpsc::Receiver<Bytes>,
-    /// Device replies to requests relayed from this connection.
-    relay_tx: mpsc::Sender<Bytes>,
-    relay_rx: mpsc::Receiver<Bytes>,
+    /// Steps of requests relayed from this connection (the device's replies).
+    relay_tx: mpsc::Sender<Event>,
+    relay_rx: mpsc::Receiver<Event>,
     reader: JoinHandle<()>,
     session: u64,
 }
@@ -389,8 +390,10 @@ impl Forwarder {
                 let got = tokio::select! {
                     _ = tokio::time::sleep_until(deadline) => break,
                     got = c.inbox.recv() => got,
-                    Some(b) = c.relay_rx.recv() => {
-                        self.on_relayed(c, b).await?;
+                    Some(ev) = c.relay_rx.recv() => {
+                        if let Some(b) = relay_bytes(ev) {
+                            self.on_relayed(c, b).await?;
+                        }
                         continue;
                     }
                 };
@@ -427,7 +430,8 @@ impl Forwarder {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(IDLE_POLL) => return,
             got = c.inbox.recv() => got,
-            Some(b) = c.relay_rx.recv() => {
+            Some(ev) = c.relay_rx.recv() => {
+                let Some(b) = relay_bytes(ev) else { return };
                 if let Err(e) = self.on_relayed(c, b).await {
                     *conn = None;
                     self.set_state(false, Some(e));
@@ -461,13 +465,24 @@ impl Forwarder {
         if (9011..=9014).contains(&cn) {
             return Ok(f);
         }
-        let d = Downlink {
-            bytes: f.raw.clone(),
-            upstream: self.e.name.clone(),
-            replies: c.relay_tx.clone(),
+        // Through the device's downlink engine, like the gateway's own requests:
+        // one exchange at a time per device, OverTime/ReCount, replies matched by QN.
+        let sub = Box::new(Submit {
+            mn: mn.to_owned(),
+            action: Action::Relay {
+                bytes: f.raw.clone(),
+                qn: f.qn().unwrap_or("").to_owned(),
+                cn,
+            },
+            origin: self.e.name.clone(),
+            replies: Some(c.relay_tx.clone()),
+        });
+        let why = match self.shared.sessions.submit(sub) {
+            Ok(()) => return Ok(f),
+            Err((_, why)) => why,
         };
-        if self.shared.sessions.downlink(mn, d).is_ok() {
-            return Ok(f);
+        if why == Refusal::Busy {
+            warn!(upstream = %self.e.name, mn, cn, "device's downlink queue is full (downlink.queue); request rejected");
         }
         // Offline (or its downlink queue is full): rejected, in the device's
         // dialect: the registry's override, else that of its last frame, else 2017.
@@ -562,6 +577,10 @@ impl Forwarder {
 
     fn set_state(&mut self, connected: bool, last_error: Option<String>) {
         self.state.connected = connected;
+        crate::metrics::METRICS
+            .upstream(&self.e.name)
+            .connected
+            .set(i64::from(connected));
         if last_error.is_some() {
             self.state.last_error = last_error;
         }
@@ -614,6 +633,18 @@ impl Forwarder {
                 error!(upstream = %self.e.name, error = %e, "upstream cursor not saved; a restart repeats more frames")
             }
         }
+    }
+}
+
+/// The device frame a relayed exchange's step carries back to the platform;
+/// the gateway's own bookkeeping (sent, done) is not the platform's business.
+fn relay_bytes(ev: Event) -> Option<Bytes> {
+    match ev {
+        Event::QnRtn { raw, .. }
+        | Event::Upload { raw, .. }
+        | Event::ExeRtn { raw, .. }
+        | Event::NotifyAck { raw } => Some(raw),
+        Event::Sent { .. } | Event::Done(_) => None,
     }
 }
 

@@ -61,6 +61,38 @@ impl Reader {
         })
     }
 
+    /// Every consumer cursor in the `cursors` table, by name (for metrics).
+    pub fn cursors(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT name, seq FROM cursors ORDER BY name")
+            .map_err(StoreError::sqlite("read the cursors"))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(StoreError::sqlite("read the cursors"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(StoreError::sqlite("read the cursors"))
+    }
+
+    /// Active (not yet cleared) alarms per detector kind (for metrics).
+    pub fn active_alarms(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT kind, COUNT(*) FROM alarms WHERE end_ms IS NULL GROUP BY kind ORDER BY kind",
+            )
+            .map_err(StoreError::sqlite("count active alarms"))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(StoreError::sqlite("count active alarms"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(StoreError::sqlite("count active alarms"))
+    }
+
     /// The dialect of the last inbound frame `mn` sent from a device
     /// connection, if any. Records a platform sent about the device (peer = an
     /// upstream's name) do not count: device peers are socket addresses, the

@@ -234,6 +234,11 @@ impl StoreHandle {
         let _ = self.tx.send(Msg::Shutdown).await;
     }
 
+    /// True while the writer thread is running (its queue has a receiver).
+    pub fn writer_alive(&self) -> bool {
+        !self.tx.is_closed()
+    }
+
     /// Writer counters and current queue depth.
     pub fn stats(&self) -> StoreStats {
         self.counters
@@ -349,8 +354,14 @@ impl Writer {
     }
 
     fn commit_and_answer(&mut self, batch: &mut Vec<Job>, n: usize) {
+        let started = Instant::now();
         match self.commit(batch) {
             Ok(results) => {
+                let m = &crate::metrics::METRICS;
+                m.commit_seconds.observe_duration(started.elapsed(), 1);
+                m.commit_batch_records.observe(n as u64);
+                m.duplicates
+                    .add(results.iter().flatten().filter(|a| a.duplicate).count() as u64);
                 let c = &self.counters;
                 c.records.fetch_add(n as u64, Ordering::Relaxed);
                 c.commits.fetch_add(1, Ordering::Relaxed);

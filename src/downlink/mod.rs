@@ -1,0 +1,409 @@
+//! Talking back to devices: requests the gateway originates or relays.
+//!
+//! - [`engine`]: the sans-IO exchange state machine a session drives (one
+//!   outstanding request per device, OverTime/ReCount, 9011/9012, uploads
+//!   matched to the exchange).
+//! - [`Devices`]: per-MN state shared across sessions and reconnects: the QN
+//!   clock (strictly increasing per MN), the rate limits of automatic requests
+//!   and the last minute/hour/day DataTimes the backfill compares against.
+//! - [`control`]: the operator's Unix control socket (`command`, `sessions`).
+//! - [`config`]: the `[downlink]` section.
+
+pub mod config;
+pub mod control;
+pub mod engine;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use chrono::{DateTime, FixedOffset, Utc};
+use tokio::sync::mpsc;
+
+use crate::protocol::crypt::Key;
+use crate::protocol::reply::{self, Target};
+use crate::protocol::{self, Dialect};
+
+pub use engine::{Event, Outcome};
+
+/// Log peer of operator requests.
+pub const ORIGIN_OPERATOR: &str = "operator";
+/// Log peer of automatic clock calibration.
+pub const ORIGIN_TIMESYNC: &str = "auto:timesync";
+/// Log peer of automatic gap backfill.
+pub const ORIGIN_BACKFILL: &str = "auto:backfill";
+/// Log peer of 2025 key pushes.
+pub const ORIGIN_KEY: &str = "auto:key";
+
+/// Finding on uploads that answer a history fetch (gap backfill or operator fetch).
+pub const FINDING_BACKFILL: &str = "downlink.backfill";
+
+/// What to ask a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// 1011, optionally an instrument's clock.
+    GetTime {
+        /// PolId.
+        pol: Option<String>,
+    },
+    /// 1012; `time` is N14 device-local, `None` = the gateway's clock at send time.
+    SetTime {
+        /// SystemTime.
+        time: Option<String>,
+        /// PolId: an instrument's clock (a 1013 that named one is answered for it).
+        pol: Option<String>,
+    },
+    /// 2051 / 2061 / 2031 (or 2041) history window, N14 device-local.
+    Fetch {
+        /// CN.
+        cn: u16,
+        /// BeginTime.
+        from: String,
+        /// EndTime.
+        to: String,
+    },
+    /// 1062.
+    SetRtdInterval(u32),
+    /// 1061.
+    GetRtdInterval,
+    /// 3011 zero/span calibration.
+    Calibrate {
+        /// PolId.
+        pol: String,
+    },
+    /// 3012 immediate sampling.
+    Sample {
+        /// PolId.
+        pol: String,
+    },
+    /// Any CN with a CP body as given (encrypted for 2025 1014/3020).
+    Raw {
+        /// CN.
+        cn: u16,
+        /// What goes between `CP=&&` and `&&`.
+        cp: String,
+    },
+    /// 2025 1014: push `new_key` (its configured text), encrypted under the current key.
+    KeyPush {
+        /// The next key's 32 hex digits.
+        new_key: String,
+    },
+    /// A platform's request, relayed byte-exact with its own QN.
+    Relay {
+        /// The request as the platform sent it.
+        bytes: Bytes,
+        /// Its QN.
+        qn: String,
+        /// Its CN.
+        cn: u16,
+    },
+}
+
+impl Action {
+    /// The request's CN.
+    pub fn cn(&self) -> u16 {
+        match self {
+            Action::GetTime { .. } => 1011,
+            Action::SetTime { .. } => 1012,
+            Action::Fetch { cn, .. } | Action::Raw { cn, .. } | Action::Relay { cn, .. } => *cn,
+            Action::SetRtdInterval(_) => 1062,
+            Action::GetRtdInterval => 1061,
+            Action::Calibrate { .. } => 3011,
+            Action::Sample { .. } => 3012,
+            Action::KeyPush { .. } => 1014,
+        }
+    }
+
+    /// Builds the request in the device's dialect. `now` and `tz` give
+    /// SetTime's default and 1014's SKCreateTime; `key` is the device's
+    /// current SM4 key (2025).
+    pub fn build(
+        &self,
+        t: Target<'_>,
+        qn: &str,
+        now: DateTime<Utc>,
+        tz: FixedOffset,
+        key: Option<&Key>,
+    ) -> Result<Bytes, String> {
+        let encrypted = |cn: u16| t.dialect == Dialect::V2025 && matches!(cn, 1014 | 3020);
+        Ok(match self {
+            Action::GetTime { pol } => reply::get_time(t, qn, pol.as_deref()),
+            Action::SetTime { time, pol } => {
+                let now_text = protocol::time::format_n14(now.with_timezone(&tz));
+                reply::set_time(t, qn, time.as_deref().unwrap_or(&now_text), pol.as_deref())
+            }
+            Action::Fetch { cn, from, to } => reply::history(t, qn, *cn, from, to),
+            Action::SetRtdInterval(n) => reply::set_rtd_interval(t, qn, *n),
+            Action::GetRtdInterval => reply::get_rtd_interval(t, qn),
+            Action::Calibrate { pol } => reply::request(t, qn, 3011, &format!("PolId={pol}")),
+            Action::Sample { pol } => reply::request(t, qn, 3012, &format!("PolId={pol}")),
+            Action::Raw { cn, cp } if encrypted(*cn) => {
+                let key =
+                    key.ok_or("the device is 2025 and has no key: this CN must be encrypted")?;
+                reply::request_encrypted(t, qn, *cn, cp, key)
+            }
+            Action::Raw { cn, cp } => reply::request(t, qn, *cn, cp),
+            Action::KeyPush { new_key } => {
+                let key = key.ok_or("the device has no current key to encrypt 1014 with")?;
+                let created = protocol::time::format_qn(now, tz);
+                reply::key_push(t, qn, &created, new_key, key)
+            }
+            Action::Relay { bytes, .. } => bytes.clone(),
+        })
+    }
+}
+
+/// A request for one device's session.
+#[derive(Debug)]
+pub struct Submit {
+    /// The device.
+    pub mn: String,
+    /// What to ask.
+    pub action: Action,
+    /// Who asks: the log peer of the request.
+    pub origin: String,
+    /// Where the exchange's steps go (bounded; see `[downlink] events`);
+    /// `None` for automatic requests, whose outcome goes to the gateway's log.
+    pub replies: Option<mpsc::Sender<Event>>,
+}
+
+/// Why a request was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No live session for the MN.
+    Offline,
+    /// Its queue (`[downlink] queue`) is full.
+    Busy,
+}
+
+/// Minute/hour/day series tracked for gaps, in this order.
+pub const SERIES: [u16; 3] = [2051, 2061, 2031];
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Series {
+    /// Last live DataTime (unix seconds).
+    last: Option<i64>,
+    /// Interval: learned for minute data, fixed for hour and day data.
+    step: Option<i64>,
+}
+
+#[derive(Debug, Default)]
+struct MnState {
+    last_qn_ms: i64,
+    last_timesync_ms: Option<i64>,
+    last_backfill_ms: Option<i64>,
+    /// Consecutive real-time uploads off by a similar amount, and the last skew.
+    skew_run: u32,
+    last_skew_ms: i64,
+    series: [Series; 3],
+}
+
+/// A window of missing data: BeginTime and EndTime (unix seconds, inclusive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gap {
+    /// CN to fetch.
+    pub cn: u16,
+    /// First missing DataTime.
+    pub from: i64,
+    /// Last missing DataTime.
+    pub to: i64,
+}
+
+/// Per-MN downlink state shared by all sessions (survives reconnects; bounded
+/// by the number of devices that ever spoke, a few dozen bytes each).
+#[derive(Debug, Default)]
+pub struct Devices {
+    inner: Mutex<HashMap<String, MnState>>,
+}
+
+impl Devices {
+    fn with<R>(&self, mn: &str, f: impl FnOnce(&mut MnState) -> R) -> R {
+        let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = m.get_mut(mn) {
+            return f(s);
+        }
+        f(m.entry(mn.to_owned()).or_default())
+    }
+
+    /// The next QN timestamp for `mn`: the clock in ms, or one past the last
+    /// one when the clock has not moved (or went back): unique per MN.
+    pub fn next_qn_ms(&self, mn: &str, now_ms: i64) -> i64 {
+        self.with(mn, |s| {
+            s.last_qn_ms = now_ms.max(s.last_qn_ms + 1);
+            s.last_qn_ms
+        })
+    }
+
+    /// True (and the time recorded) when no skew-triggered calibration was sent
+    /// to `mn` within `interval_ms`.
+    pub fn time_sync_due(&self, mn: &str, now_ms: i64, interval_ms: i64) -> bool {
+        self.with(mn, |s| {
+            if s.last_timesync_ms.is_some_and(|t| now_ms - t < interval_ms) {
+                return false;
+            }
+            s.last_timesync_ms = Some(now_ms);
+            true
+        })
+    }
+
+    /// Records the clock skew of a real-time upload and returns how many
+    /// consecutive uploads were off by more than `threshold_ms` in a
+    /// consistent way (each within `threshold_ms` of the previous one).
+    ///
+    /// A wrong clock shows the same offset on every upload; a backlog the
+    /// logger sends after an outage shows old DataTimes whose lag shrinks with
+    /// each frame, and must not trigger a calibration.
+    pub fn skew_run(&self, mn: &str, skew_ms: i64, threshold_ms: i64) -> u32 {
+        self.with(mn, |s| {
+            if skew_ms.abs() <= threshold_ms {
+                s.skew_run = 0;
+            } else if s.skew_run > 0 && (skew_ms - s.last_skew_ms).abs() <= threshold_ms {
+                s.skew_run += 1;
+            } else {
+                s.skew_run = 1;
+            }
+            s.last_skew_ms = skew_ms;
+            s.skew_run
+        })
+    }
+
+    /// True (and the time recorded) when no backfill was requested from `mn`
+    /// within `interval_ms`.
+    pub fn backfill_due(&self, mn: &str, now_ms: i64, interval_ms: i64) -> bool {
+        self.with(mn, |s| {
+            if s.last_backfill_ms.is_some_and(|t| now_ms - t < interval_ms) {
+                return false;
+            }
+            s.last_backfill_ms = Some(now_ms);
+            true
+        })
+    }
+
+    /// Records a live (not requested) upload of a series and returns the gap
+    /// before it, if any, limited to its newest `max_window_s`.
+    ///
+    /// Hour and day data have fixed steps; the minute step is learned as the
+    /// smallest interval seen (loggers send 1, 5 or 10 minute data), so the
+    /// first two minute uploads of a device only teach the step. A gap is a
+    /// jump of more than 1.5 steps; older or repeated DataTimes change nothing.
+    pub fn observe(&self, mn: &str, cn: u16, t: i64, max_window_s: i64) -> Option<Gap> {
+        let i = SERIES.iter().position(|c| *c == cn)?;
+        self.with(mn, |s| {
+            let se = &mut s.series[i];
+            let fixed = match cn {
+                2061 => Some(3600),
+                2031 => Some(86_400),
+                _ => None,
+            };
+            let Some(last) = se.last else {
+                se.last = Some(t);
+                se.step = fixed;
+                return None;
+            };
+            if t <= last {
+                return None;
+            }
+            let d = t - last;
+            se.last = Some(t);
+            let step = match (fixed, se.step) {
+                (Some(f), _) => f,
+                (None, Some(st)) if d < st => {
+                    se.step = Some(d);
+                    return None;
+                }
+                (None, Some(st)) => st,
+                (None, None) => {
+                    // Larger than an hour is not a minute interval.
+                    se.step = Some(d.min(3600));
+                    return None;
+                }
+            };
+            if d * 2 <= step * 3 {
+                return None;
+            }
+            let to = t - step;
+            let from = (last + step).max(to - max_window_s.max(step) + step);
+            Some(Gap { cn, from, to })
+        })
+    }
+}
+
+/// Words for a QnRtn code.
+pub fn qn_rtn_meaning(code: u16) -> &'static str {
+    protocol::codes::qn_rtn_name(&code.to_string()).unwrap_or("unknown code")
+}
+
+/// Words for an ExeRtn code.
+pub fn exe_rtn_meaning(code: u16) -> &'static str {
+    protocol::codes::exe_rtn_name(&code.to_string()).unwrap_or("unknown code")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qns_strictly_increase_per_mn() {
+        let d = Devices::default();
+        assert_eq!(d.next_qn_ms("A", 1000), 1000);
+        assert_eq!(d.next_qn_ms("A", 1000), 1001);
+        assert_eq!(d.next_qn_ms("A", 900), 1002, "clock went back");
+        assert_eq!(d.next_qn_ms("B", 900), 900, "per MN");
+        assert_eq!(d.next_qn_ms("A", 5000), 5000);
+    }
+
+    #[test]
+    fn gaps_in_minute_hour_day_series() {
+        let d = Devices::default();
+        let m = 60;
+        // Minute data every 10 min: the step is learned, then a 40 min jump is a gap.
+        assert_eq!(d.observe("A", 2051, 0, 86_400), None);
+        assert_eq!(d.observe("A", 2051, 10 * m, 86_400), None);
+        assert_eq!(d.observe("A", 2051, 20 * m, 86_400), None);
+        assert_eq!(
+            d.observe("A", 2051, 60 * m, 86_400),
+            Some(Gap {
+                cn: 2051,
+                from: 30 * m,
+                to: 50 * m
+            })
+        );
+        // Old or repeated data changes nothing.
+        assert_eq!(d.observe("A", 2051, 30 * m, 86_400), None);
+        assert_eq!(d.observe("A", 2051, 70 * m, 86_400), None);
+        // Hour data: fixed step; the window is capped to the newest part.
+        assert_eq!(d.observe("A", 2061, 0, 7200), None);
+        assert_eq!(
+            d.observe("A", 2061, 10 * 3600, 7200),
+            Some(Gap {
+                cn: 2061,
+                from: 8 * 3600,
+                to: 9 * 3600
+            })
+        );
+        assert_eq!(d.observe("A", 2011, 0, 7200), None, "not a series");
+    }
+
+    #[test]
+    fn skew_needs_a_consistent_run() {
+        let d = Devices::default();
+        let h = 3_600_000;
+        assert_eq!(d.skew_run("A", h, 60_000), 1);
+        assert_eq!(d.skew_run("A", h + 500, 60_000), 2);
+        assert_eq!(d.skew_run("A", h + 900, 60_000), 3);
+        // A backlog: the lag shrinks by a reporting interval per frame.
+        assert_eq!(d.skew_run("B", -10 * h, 60_000), 1);
+        assert_eq!(d.skew_run("B", -10 * h + 300_000, 60_000), 1);
+        assert_eq!(d.skew_run("B", 0, 60_000), 0);
+    }
+
+    #[test]
+    fn rate_limits() {
+        let d = Devices::default();
+        assert!(d.time_sync_due("A", 0, 1000));
+        assert!(!d.time_sync_due("A", 999, 1000));
+        assert!(d.time_sync_due("A", 1000, 1000));
+        assert!(d.backfill_due("A", 0, 1000));
+        assert!(!d.backfill_due("A", 10, 1000));
+    }
+}

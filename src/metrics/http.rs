@@ -1,0 +1,463 @@
+//! The metrics listener: `GET /metrics` (Prometheus text 0.0.4) and `GET /healthz`.
+//!
+//! A deliberately small HTTP/1.1 responder instead of a framework: two GET
+//! routes, one response per connection (`Connection: close`), a bounded request
+//! head, a read deadline and a cap on concurrent scrapes. That is all a
+//! Prometheus scraper or a load balancer health check needs, and it keeps the
+//! dependency tree (and the attack surface facing the network) as it is.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::{Exposition, METRICS, render_process};
+use crate::session::Shared;
+use crate::store::Reader;
+
+/// Largest request head accepted (request line and headers).
+const MAX_REQUEST: usize = 8 * 1024;
+/// A client must send its request head within this.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// A client must take the response within this.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// After the response, how long (and how many bytes) we wait for the client to close.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 64 * 1024;
+/// Concurrent metrics connections; more wait in the kernel backlog.
+const MAX_CLIENTS: usize = 8;
+/// Longest the store part of a scrape may take; after it the scrape answers
+/// without store figures (and says so in `hj212_scrape_store_ok`).
+const STORE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What a scrape reads besides the process-wide counters: the gateway's own
+/// state (store handle, registry, config) and the frame log.
+#[derive(Debug)]
+pub struct Probe {
+    shared: Arc<Shared>,
+    db: PathBuf,
+    /// Cursor names whose lag is reported (the enabled consumers).
+    consumers: Vec<String>,
+    /// True while the device listener's accept loop runs.
+    serving: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+    /// Reused read-only connection; one scrape at a time uses it.
+    reader: Arc<Mutex<Option<Reader>>>,
+}
+
+/// Store-derived figures of one scrape.
+#[derive(Debug, Default)]
+struct StoreView {
+    head: u64,
+    cursors: Vec<(String, u64)>,
+    alarms: Vec<(String, u64)>,
+}
+
+impl Probe {
+    /// The probe of a gateway whose log is `db` and whose accept loop reports on `serving`.
+    pub fn new(
+        shared: Arc<Shared>,
+        db: PathBuf,
+        serving: Arc<AtomicBool>,
+        shutdown: CancellationToken,
+    ) -> Probe {
+        let cfg = &shared.cfg;
+        let mut consumers = Vec::new();
+        if cfg.mqtt.enabled {
+            consumers.push(crate::publish::mqtt::CURSOR.to_owned());
+            consumers.push(crate::publish::mqtt::MERGE_CURSOR.to_owned());
+        }
+        for u in cfg.upstream.iter().filter(|u| u.enabled) {
+            consumers.push(crate::publish::upstream::cursor_name(&u.name));
+        }
+        if cfg.alarms.enabled {
+            consumers.push(crate::alarm::task::CURSOR.to_owned());
+        }
+        Probe {
+            shared,
+            db,
+            consumers,
+            serving,
+            shutdown,
+            reader: Arc::default(),
+        }
+    }
+
+    /// `None` when healthy, else why not.
+    pub fn unhealthy(&self) -> Option<&'static str> {
+        if self.shutdown.is_cancelled() {
+            return Some("shutting down");
+        }
+        if !self.serving.load(Ordering::Relaxed) {
+            return Some("device listener not accepting");
+        }
+        if !self.shared.store.writer_alive() {
+            return Some("frame log writer stopped");
+        }
+        None
+    }
+
+    /// `None` when another scrape is still reading (a slow disk must not pile
+    /// up blocking threads behind the lock).
+    fn read_store(&self) -> Option<Result<StoreView, crate::store::StoreError>> {
+        let mut guard = match self.reader.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(Self::read_with(&mut guard, &self.db))
+    }
+
+    fn read_with(
+        guard: &mut Option<Reader>,
+        db: &std::path::Path,
+    ) -> Result<StoreView, crate::store::StoreError> {
+        if guard.is_none() {
+            *guard = Some(Reader::open(db)?);
+        }
+        let r = guard.as_ref().expect("opened above");
+        // Cursors before the head: the head only grows, so lag is never negative
+        // even though the reads are separate transactions.
+        let cursors = r.cursors();
+        let view = cursors.and_then(|cursors| {
+            Ok(StoreView {
+                cursors,
+                head: r.head()?.last_seq,
+                alarms: r.active_alarms()?,
+            })
+        });
+        if view.is_err() {
+            // A broken connection is not reused.
+            *guard = None;
+        }
+        view
+    }
+
+    /// The whole `/metrics` body.
+    pub async fn render(self: &Arc<Self>) -> String {
+        let started = Instant::now();
+        let me = self.clone();
+        let view = tokio::time::timeout(
+            STORE_TIMEOUT,
+            tokio::task::spawn_blocking(move || me.read_store()),
+        )
+        .await;
+        let view = match view {
+            Ok(Ok(Some(Ok(v)))) => Some(v),
+            Ok(Ok(Some(Err(e)))) => {
+                warn!(error = %e, "metrics: cannot read the frame log");
+                None
+            }
+            Ok(Ok(None)) => {
+                debug!("metrics: previous frame log read still running; skipped");
+                None
+            }
+            Ok(Err(_)) | Err(_) => {
+                warn!("metrics: frame log read timed out");
+                None
+            }
+        };
+        let mut e = Exposition::new();
+        METRICS.render(&mut e);
+        self.render_state(&mut e, view.as_ref());
+        render_process(&mut e);
+        e.family(
+            "hj212_scrape_duration_seconds",
+            "gauge",
+            "Time this scrape took to gather its figures.",
+        );
+        e.sample_f64(
+            "hj212_scrape_duration_seconds",
+            &[],
+            started.elapsed().as_secs_f64(),
+        );
+        e.finish()
+    }
+
+    fn render_state(&self, e: &mut Exposition, view: Option<&StoreView>) {
+        let cfg = &self.shared.cfg;
+        e.family(
+            "hj212_up",
+            "gauge",
+            "1 when the gateway is serving and its frame log writer is alive (see /healthz).",
+        );
+        e.sample("hj212_up", &[], u8::from(self.unhealthy().is_none()));
+        e.family(
+            "hj212_max_connections",
+            "gauge",
+            "[server] max_connections: beyond it devices wait in the kernel backlog.",
+        );
+        e.sample(
+            "hj212_max_connections",
+            &[],
+            cfg.server.max_connections as u64,
+        );
+        e.family(
+            "hj212_registry_devices",
+            "gauge",
+            "Devices in the registry (after the last reload).",
+        );
+        e.sample(
+            "hj212_registry_devices",
+            &[],
+            self.shared.registry.current().len() as u64,
+        );
+        e.family(
+            "hj212_device_mns_online",
+            "gauge",
+            "MNs with a live session.",
+        );
+        e.sample(
+            "hj212_device_mns_online",
+            &[],
+            self.shared.sessions.len() as u64,
+        );
+        let stats = self.shared.store.stats();
+        e.family(
+            "hj212_store_queue_depth",
+            "gauge",
+            "Append calls waiting for the frame log writer.",
+        );
+        e.sample("hj212_store_queue_depth", &[], stats.queued as u64);
+        e.family(
+            "hj212_store_queue_capacity",
+            "gauge",
+            "[store] queue: append calls the writer queue holds before sessions wait.",
+        );
+        e.sample("hj212_store_queue_capacity", &[], cfg.store.queue as u64);
+        e.family(
+            "hj212_store_records_committed_total",
+            "counter",
+            "Records committed to the frame log since start.",
+        );
+        e.sample(
+            "hj212_store_records_committed_total",
+            &[],
+            stats.records_committed,
+        );
+        e.family(
+            "hj212_store_failed_batches_total",
+            "counter",
+            "Frame log transactions rolled back (nothing in them acked).",
+        );
+        e.sample(
+            "hj212_store_failed_batches_total",
+            &[],
+            stats.failed_batches,
+        );
+        e.family(
+            "hj212_scrape_store_ok",
+            "gauge",
+            "1 when this scrape could read the frame log (head, cursors, alarms).",
+        );
+        e.sample("hj212_scrape_store_ok", &[], u8::from(view.is_some()));
+        let Some(v) = view else {
+            return;
+        };
+        e.family(
+            "hj212_store_head_seq",
+            "gauge",
+            "Last committed seq of the frame log.",
+        );
+        e.sample("hj212_store_head_seq", &[], v.head);
+        if !self.consumers.is_empty() {
+            e.family(
+                "hj212_consumer_lag_records",
+                "gauge",
+                "Records in the log after a consumer's cursor (head seq minus cursor).",
+            );
+            for c in &self.consumers {
+                let at = v
+                    .cursors
+                    .iter()
+                    .find(|(n, _)| n == c)
+                    .map_or(0, |(_, s)| *s);
+                e.sample(
+                    "hj212_consumer_lag_records",
+                    &[("consumer", c)],
+                    v.head.saturating_sub(at),
+                );
+            }
+        }
+        e.family(
+            "hj212_alarms_active",
+            "gauge",
+            "Alarms raised and not yet cleared, by detector.",
+        );
+        for kind in crate::config::DETECTORS {
+            let n = v
+                .alarms
+                .iter()
+                .find(|(k, _)| k == kind)
+                .map_or(0, |(_, n)| *n);
+            e.sample("hj212_alarms_active", &[("kind", kind)], n);
+        }
+    }
+}
+
+/// A bound metrics listener.
+#[derive(Debug)]
+pub struct MetricsServer {
+    listener: TcpListener,
+}
+
+impl MetricsServer {
+    /// Binds `addr`; the error names `[metrics] listen`.
+    pub async fn bind(addr: SocketAddr) -> std::io::Result<MetricsServer> {
+        let listener = TcpListener::bind(addr).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("[metrics] listen: cannot listen on {addr}: {e}"),
+            )
+        })?;
+        Ok(MetricsServer { listener })
+    }
+
+    /// The bound address (port 0 resolved).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown`.
+    pub async fn run(self, probe: Arc<Probe>, shutdown: CancellationToken) {
+        let limit = Arc::new(Semaphore::new(MAX_CLIENTS));
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            };
+            let stream = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = self.listener.accept() => match r {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        debug!(error = %e, "metrics accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let probe = probe.clone();
+            tokio::spawn(async move {
+                if let Err(e) = respond(stream, &probe).await {
+                    debug!(error = %e, "metrics request failed");
+                }
+                drop(permit);
+            });
+        }
+    }
+}
+
+/// Reads one request head (bounded, with a deadline).
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
+    let mut buf = Vec::with_capacity(1024);
+    let deadline = tokio::time::Instant::now() + READ_TIMEOUT;
+    loop {
+        if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") {
+            return Ok(Some(buf));
+        }
+        if buf.len() >= MAX_REQUEST {
+            return Ok(None);
+        }
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut chunk))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "request head timeout")
+            })??;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+async fn respond(mut stream: TcpStream, probe: &Arc<Probe>) -> std::io::Result<()> {
+    let (status, content_type, body, allow) = match read_head(&mut stream).await? {
+        None => (
+            "431 Request Header Fields Too Large",
+            "text/plain; charset=utf-8",
+            "request head too large\n".to_owned(),
+            false,
+        ),
+        Some(head) => {
+            let line = head.split(|b| *b == b'\n').next().unwrap_or(&[]);
+            let line = String::from_utf8_lossy(line);
+            let mut parts = line.trim_end().split(' ');
+            let method = parts.next().unwrap_or("");
+            let target = parts.next().unwrap_or("");
+            let path = target.split('?').next().unwrap_or("");
+            match (method, path) {
+                ("GET", "/metrics") => (
+                    "200 OK",
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    probe.render().await,
+                    false,
+                ),
+                ("GET", "/healthz") => match probe.unhealthy() {
+                    None => (
+                        "200 OK",
+                        "text/plain; charset=utf-8",
+                        "ok\n".to_owned(),
+                        false,
+                    ),
+                    Some(why) => (
+                        "503 Service Unavailable",
+                        "text/plain; charset=utf-8",
+                        format!("{why}\n"),
+                        false,
+                    ),
+                },
+                (_, "/metrics" | "/healthz") => (
+                    "405 Method Not Allowed",
+                    "text/plain; charset=utf-8",
+                    "only GET\n".to_owned(),
+                    true,
+                ),
+                _ => (
+                    "404 Not Found",
+                    "text/plain; charset=utf-8",
+                    "not found; try /metrics or /healthz\n".to_owned(),
+                    false,
+                ),
+            }
+        }
+    };
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    if allow {
+        out.push_str("Allow: GET\r\n");
+    }
+    out.push_str("\r\n");
+    out.push_str(&body);
+    tokio::time::timeout(WRITE_TIMEOUT, async {
+        stream.write_all(out.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "response write timeout"))??;
+    // Closing with unread request bytes would make the kernel reset the
+    // connection and could discard the response before the client reads it:
+    // read (bounded) until the client closes.
+    let _ = tokio::time::timeout(LINGER, async {
+        let mut sink = [0u8; 4096];
+        let mut left = LINGER_BYTES;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
+    Ok(())
+}

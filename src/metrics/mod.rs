@@ -1,0 +1,694 @@
+//! Live metrics: a fixed, lock-free registry and its Prometheus text exposition.
+//!
+//! The hot path (one session frame) costs a handful of relaxed atomic adds: every
+//! series is a field of the process-wide [`METRICS`], label values are fixed
+//! tables indexed at compile time (verdicts, finding codes, refusal reasons),
+//! and histograms have fixed buckets. Nothing allocates per frame and no label
+//! has unbounded cardinality (no per-MN or per-peer series).
+//!
+//! Values that live in the store (cursor lags, active alarms, queue depth) are
+//! read when `/metrics` is scraped, by [`http`], from the gateway's own state.
+//!
+//! One gateway per process is the production shape: the counters here are
+//! process-wide, so two gateways started in one process (tests) share them.
+
+pub mod http;
+mod render;
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[doc(hidden)]
+pub use render::parse_exposition;
+pub use render::{Exposition, render_process};
+
+/// `[metrics]`: where `/metrics` and `/healthz` are served.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve metrics at all. `false`, or an empty `listen`, binds nothing.
+    pub enabled: bool,
+    /// `HOST:PORT` of the metrics HTTP listener.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+impl MetricsConfig {
+    /// The address to bind, `None` when metrics are switched off.
+    pub fn addr(&self) -> Option<std::net::SocketAddr> {
+        if !self.enabled || self.listen.is_empty() {
+            return None;
+        }
+        self.listen.parse().ok()
+    }
+
+    /// Checks `metrics.listen` (`path` is for the message).
+    pub fn check(&self, path: &std::path::Path) -> Result<(), crate::config::ConfigError> {
+        if !self.enabled || self.listen.is_empty() {
+            return Ok(());
+        }
+        self.listen
+            .parse::<std::net::SocketAddr>()
+            .map(drop)
+            .map_err(|e| crate::config::ConfigError::Invalid {
+                path: path.to_owned(),
+                key: "metrics.listen".into(),
+                message: format!(
+                    "{:?}: {e} (expected HOST:PORT, e.g. \"127.0.0.1:9464\"; \"\" switches metrics off)",
+                    self.listen
+                ),
+            })
+    }
+}
+
+/// A monotonically increasing count.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Zero.
+    pub const fn new() -> Counter {
+        Counter(AtomicU64::new(0))
+    }
+    /// Adds one.
+    #[inline]
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Adds `n`.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    /// Current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A value that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    /// Zero.
+    pub const fn new() -> Gauge {
+        Gauge(AtomicI64::new(0))
+    }
+    /// Adds one.
+    #[inline]
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Subtracts one.
+    #[inline]
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+    /// Sets the value.
+    #[inline]
+    pub fn set(&self, v: i64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    /// Current value.
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Most buckets a [`Histogram`] may have (besides `+Inf`).
+const MAX_BUCKETS: usize = 16;
+
+/// Fixed-bucket histogram over integer observations (nanoseconds, counts).
+///
+/// Buckets are stored non-cumulative so an observation is one add to a bucket
+/// and one to the sum; the exposition accumulates them, and derives `_count`
+/// from the same bucket reads, so `+Inf` always equals `_count`.
+#[derive(Debug)]
+pub struct Histogram {
+    /// Upper bounds in raw units, ascending.
+    bounds: &'static [u64],
+    /// Raw unit expressed in the exposition's base unit (1e-9 for ns -> s).
+    scale: f64,
+    /// `bounds.len() + 1` used; the last one is `+Inf`.
+    buckets: [AtomicU64; MAX_BUCKETS + 1],
+    sum: AtomicU64,
+}
+
+impl Histogram {
+    /// A histogram with the given raw upper bounds; `scale` converts raw units to
+    /// the exposed base unit.
+    pub const fn new(bounds: &'static [u64], scale: f64) -> Histogram {
+        assert!(bounds.len() <= MAX_BUCKETS);
+        Histogram {
+            bounds,
+            scale,
+            buckets: [const { AtomicU64::new(0) }; MAX_BUCKETS + 1],
+            sum: AtomicU64::new(0),
+        }
+    }
+
+    /// Records `n` observations of `v` (raw units).
+    #[inline]
+    pub fn observe_n(&self, v: u64, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| v <= *b)
+            .unwrap_or(self.bounds.len());
+        self.buckets[i].fetch_add(n, Ordering::Relaxed);
+        self.sum.fetch_add(v.saturating_mul(n), Ordering::Relaxed);
+    }
+
+    /// Records one observation of `v` (raw units).
+    #[inline]
+    pub fn observe(&self, v: u64) {
+        self.observe_n(v, 1);
+    }
+
+    /// Records a duration (the histogram's raw unit must be nanoseconds).
+    #[inline]
+    pub fn observe_duration(&self, d: Duration, n: u64) {
+        self.observe_n(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), n);
+    }
+
+    /// Number of observations so far.
+    pub fn count(&self) -> u64 {
+        self.buckets[..=self.bounds.len()]
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// Latency buckets, nanoseconds: 100 us .. 5 s.
+const LATENCY_NS: &[u64] = &[
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+];
+
+/// Records per store transaction.
+const BATCH_RECORDS: &[u64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096];
+
+/// Why a connection was refused after `accept`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `[server] max_per_ip` sessions from this address already open.
+    PerIp,
+    /// `[server] proxy_protocol` is on and the source is not in `proxy_trusted`.
+    ProxyUntrusted,
+    /// `[server] proxy_protocol` is on and the PROXY header was missing, bad or late.
+    ProxyHeader,
+}
+
+impl Refusal {
+    /// Every reason, in exposition order.
+    pub const ALL: [Refusal; 3] = [
+        Refusal::PerIp,
+        Refusal::ProxyUntrusted,
+        Refusal::ProxyHeader,
+    ];
+    /// The `reason` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::PerIp => "per_ip_cap",
+            Refusal::ProxyUntrusted => "proxy_untrusted",
+            Refusal::ProxyHeader => "proxy_header",
+        }
+    }
+}
+
+/// The verdict label of a cut item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameVerdict {
+    /// Stored and acked.
+    Accepted = 0,
+    /// Stored, not acked (an error finding).
+    Rejected = 1,
+    /// Bytes between frames, stored as junk.
+    Junk = 2,
+}
+
+/// Verdict label values, indexed by [`FrameVerdict`].
+pub const VERDICTS: [&str; 3] = ["accepted", "rejected", "junk"];
+
+/// Every finding code the gateway can produce (protocol and gateway policy).
+/// A code missing here is counted as `other`; a unit test keeps the table in
+/// step with `protocol::finding::code` and `session::code`.
+pub const FINDING_CODES: &[&str] = &[
+    "auth.password",
+    "cp.duplicate",
+    "cp.missing",
+    "cp.oversize",
+    "cp.syntax",
+    "cp.trailing",
+    "crc.lowercase",
+    "crc.mismatch",
+    "crc.missing",
+    "crc.variant.modbus",
+    "crc.variant.modbus_swapped",
+    "decrypt.failed",
+    "decrypt.nokey",
+    "device.quarantined",
+    "device.unknown",
+    "dialect.guessed",
+    "field.case",
+    "field.duplicate",
+    "field.malformed.cn",
+    "field.malformed.flag",
+    "field.malformed.mn",
+    "field.malformed.packet",
+    "field.malformed.pw",
+    "field.malformed.qn",
+    "field.malformed.st",
+    "field.missing.cn",
+    "field.missing.flag",
+    "field.missing.mn",
+    "field.missing.pw",
+    "field.missing.qn",
+    "field.missing.st",
+    "field.unknown",
+    "flag.version.unknown",
+    "frame.extension",
+    "frame.header",
+    "frame.oversize",
+    "header.syntax",
+    "length.malformed",
+    "length.mismatch",
+    "terminator.missing",
+    "terminator.nonstandard",
+    "time.future",
+    "time.malformed",
+    "time.precision",
+    "time.stale",
+    "value.format",
+];
+
+const FINDING_SLOTS: usize = 64;
+const _: () = assert!(FINDING_CODES.len() < FINDING_SLOTS);
+
+/// Index of `code` in [`FINDING_CODES`], or the `other` slot.
+fn finding_index(code: &str) -> usize {
+    FINDING_CODES
+        .binary_search(&code)
+        .unwrap_or(FINDING_CODES.len())
+}
+
+/// Why a session ended (the `reason` strings of `session::run`).
+pub const CLOSE_REASONS: &[&str] = &[
+    "codec error",
+    "idle timeout",
+    "junk limit",
+    "partial frame timeout",
+    "peer closed",
+    "read error",
+    "shutdown",
+    "store error",
+    "superseded",
+    "write error",
+    "write timeout",
+];
+const CLOSE_SLOTS: usize = 16;
+const _: () = assert!(CLOSE_REASONS.len() < CLOSE_SLOTS);
+
+/// Per-upstream series, registered once per forwarder (names come from the config).
+#[derive(Debug, Default)]
+pub struct UpstreamMetrics {
+    /// 1 while the forwarder holds a connection to its platform.
+    pub connected: Gauge,
+}
+
+/// Every process-wide series. See the README "Metrics" section for meanings.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Device sessions currently open.
+    pub sessions_open: Gauge,
+    /// Connections accepted (a session was started).
+    pub accepted: Counter,
+    refused: [Counter; Refusal::ALL.len()],
+    /// `accept()` failures (EMFILE, ...).
+    pub accept_errors: Counter,
+    closed: [Counter; CLOSE_SLOTS],
+    items: [Counter; 3],
+    findings: [Counter; FINDING_SLOTS],
+    /// Bytes received from devices (every byte becomes a frame or junk record).
+    pub bytes_in: Counter,
+    /// Bytes written to devices (acks, relayed requests).
+    pub bytes_out: Counter,
+    /// Bytes stored as junk.
+    pub junk_bytes: Counter,
+    /// Inbound frames the store marked as retransmissions of an earlier (MN, QN, CN).
+    pub duplicates: Counter,
+    /// Wall time of one store transaction (begin .. commit), nanoseconds.
+    pub commit_seconds: Histogram,
+    /// Records per committed transaction.
+    pub commit_batch_records: Histogram,
+    /// Frame fully read .. its ack written to the socket (includes the commit), ns.
+    pub ack_seconds: Histogram,
+    /// 1 while the MQTT publisher is connected.
+    pub mqtt_connected: Gauge,
+    /// PUBLISH packets sent to the broker (resends after a reconnect included).
+    pub mqtt_publishes: Counter,
+    /// Publishes the broker confirmed (PUBACK/PUBCOMP; at QoS 0, sent).
+    pub mqtt_acks: Counter,
+    upstreams: Mutex<Vec<(String, Arc<UpstreamMetrics>)>>,
+    /// Process start, unix seconds (set by [`Metrics::mark_start`]).
+    start_time_ms: AtomicI64,
+}
+
+/// The process-wide registry.
+pub static METRICS: Metrics = Metrics::new();
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// All zero.
+    pub const fn new() -> Metrics {
+        Metrics {
+            sessions_open: Gauge::new(),
+            accepted: Counter::new(),
+            refused: [const { Counter::new() }; Refusal::ALL.len()],
+            accept_errors: Counter::new(),
+            closed: [const { Counter::new() }; CLOSE_SLOTS],
+            items: [const { Counter::new() }; 3],
+            findings: [const { Counter::new() }; FINDING_SLOTS],
+            bytes_in: Counter::new(),
+            bytes_out: Counter::new(),
+            junk_bytes: Counter::new(),
+            duplicates: Counter::new(),
+            commit_seconds: Histogram::new(LATENCY_NS, 1e-9),
+            commit_batch_records: Histogram::new(BATCH_RECORDS, 1.0),
+            ack_seconds: Histogram::new(LATENCY_NS, 1e-9),
+            mqtt_connected: Gauge::new(),
+            mqtt_publishes: Counter::new(),
+            mqtt_acks: Counter::new(),
+            upstreams: Mutex::new(Vec::new()),
+            start_time_ms: AtomicI64::new(0),
+        }
+    }
+
+    /// Counts a connection refused after `accept`.
+    #[inline]
+    pub fn refused(&self, r: Refusal) {
+        self.refused[r as usize].inc();
+    }
+
+    /// Counts a session end by its reason.
+    pub fn session_closed(&self, reason: &str) {
+        let i = CLOSE_REASONS
+            .binary_search(&reason)
+            .unwrap_or(CLOSE_REASONS.len());
+        self.closed[i].inc();
+    }
+
+    /// Counts one inbound device frame: its verdict, its findings, its bytes.
+    #[inline]
+    pub fn frame(&self, accepted: bool, len: usize, findings: &[crate::protocol::Finding]) {
+        let v = if accepted {
+            FrameVerdict::Accepted
+        } else {
+            FrameVerdict::Rejected
+        };
+        self.items[v as usize].inc();
+        self.bytes_in.add(len as u64);
+        for f in findings {
+            self.findings[finding_index(f.code)].inc();
+        }
+    }
+
+    /// Counts one junk item of `len` bytes.
+    #[inline]
+    pub fn junk(&self, len: usize) {
+        self.items[FrameVerdict::Junk as usize].inc();
+        self.bytes_in.add(len as u64);
+        self.junk_bytes.add(len as u64);
+    }
+
+    /// The series of upstream `name` (created on first use; cold path).
+    pub fn upstream(&self, name: &str) -> Arc<UpstreamMetrics> {
+        let mut v = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, m)) = v.iter().find(|(n, _)| n == name) {
+            return m.clone();
+        }
+        let m = Arc::new(UpstreamMetrics::default());
+        v.push((name.to_owned(), m.clone()));
+        m
+    }
+
+    /// Records the process start time (first call wins).
+    pub fn mark_start(&self) {
+        let now = chrono::Utc::now().timestamp_millis();
+        let _ = self
+            .start_time_ms
+            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Writes every process-wide series.
+    pub fn render(&self, e: &mut Exposition) {
+        e.family(
+            "hj212_gateway_build_info",
+            "gauge",
+            "Build of the running gateway; always 1.",
+        );
+        e.sample(
+            "hj212_gateway_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))],
+            1,
+        );
+        let start = self.start_time_ms.load(Ordering::Relaxed);
+        if start > 0 {
+            e.family(
+                "hj212_process_start_time_seconds",
+                "gauge",
+                "Start of the gateway process, unix seconds.",
+            );
+            e.sample_f64(
+                "hj212_process_start_time_seconds",
+                &[],
+                start as f64 / 1000.0,
+            );
+        }
+        e.family(
+            "hj212_sessions_open",
+            "gauge",
+            "Device sessions currently open.",
+        );
+        e.sample("hj212_sessions_open", &[], self.sessions_open.get());
+        e.family(
+            "hj212_connections_accepted_total",
+            "counter",
+            "Device connections accepted (a session started).",
+        );
+        e.sample("hj212_connections_accepted_total", &[], self.accepted.get());
+        e.family(
+            "hj212_connections_refused_total",
+            "counter",
+            "Device connections closed right after accept, by reason.",
+        );
+        for r in Refusal::ALL {
+            e.sample(
+                "hj212_connections_refused_total",
+                &[("reason", r.as_str())],
+                self.refused[r as usize].get(),
+            );
+        }
+        e.family(
+            "hj212_accept_errors_total",
+            "counter",
+            "accept() failures (EMFILE, ...).",
+        );
+        e.sample("hj212_accept_errors_total", &[], self.accept_errors.get());
+        e.family(
+            "hj212_sessions_closed_total",
+            "counter",
+            "Device sessions ended, by reason.",
+        );
+        for (i, r) in CLOSE_REASONS.iter().enumerate() {
+            e.sample(
+                "hj212_sessions_closed_total",
+                &[("reason", r)],
+                self.closed[i].get(),
+            );
+        }
+        let other = self.closed[CLOSE_REASONS.len()].get();
+        if other > 0 {
+            e.sample("hj212_sessions_closed_total", &[("reason", "other")], other);
+        }
+        e.family(
+            "hj212_frames_total",
+            "counter",
+            "Items cut from device connections, by verdict (junk = bytes between frames).",
+        );
+        for (i, v) in VERDICTS.iter().enumerate() {
+            e.sample("hj212_frames_total", &[("verdict", v)], self.items[i].get());
+        }
+        e.family(
+            "hj212_findings_total",
+            "counter",
+            "Findings on device frames, by finding code.",
+        );
+        for (i, c) in FINDING_CODES.iter().enumerate() {
+            e.sample(
+                "hj212_findings_total",
+                &[("code", c)],
+                self.findings[i].get(),
+            );
+        }
+        let other = self.findings[FINDING_CODES.len()].get();
+        if other > 0 {
+            e.sample("hj212_findings_total", &[("code", "other")], other);
+        }
+        e.family(
+            "hj212_received_bytes_total",
+            "counter",
+            "Bytes received from devices.",
+        );
+        e.sample("hj212_received_bytes_total", &[], self.bytes_in.get());
+        e.family(
+            "hj212_sent_bytes_total",
+            "counter",
+            "Bytes written to devices.",
+        );
+        e.sample("hj212_sent_bytes_total", &[], self.bytes_out.get());
+        e.family("hj212_junk_bytes_total", "counter", "Bytes stored as junk.");
+        e.sample("hj212_junk_bytes_total", &[], self.junk_bytes.get());
+        e.family(
+            "hj212_duplicate_frames_total",
+            "counter",
+            "Inbound frames retransmitting an earlier (MN, QN, CN).",
+        );
+        e.sample("hj212_duplicate_frames_total", &[], self.duplicates.get());
+        e.histogram(
+            "hj212_store_commit_duration_seconds",
+            "Duration of one frame log transaction (begin to durable commit).",
+            &self.commit_seconds,
+        );
+        e.histogram(
+            "hj212_store_commit_batch_records",
+            "Records per committed frame log transaction.",
+            &self.commit_batch_records,
+        );
+        e.histogram(
+            "hj212_ack_latency_seconds",
+            "Frame fully read to its ack written to the socket (includes the durable commit).",
+            &self.ack_seconds,
+        );
+        e.family(
+            "hj212_mqtt_connected",
+            "gauge",
+            "1 while the MQTT publisher is connected to the broker.",
+        );
+        e.sample("hj212_mqtt_connected", &[], self.mqtt_connected.get());
+        e.family(
+            "hj212_mqtt_publishes_total",
+            "counter",
+            "PUBLISH packets sent to the broker (resends after a reconnect included).",
+        );
+        e.sample("hj212_mqtt_publishes_total", &[], self.mqtt_publishes.get());
+        e.family(
+            "hj212_mqtt_acks_total",
+            "counter",
+            "Publishes confirmed by the broker (PUBACK/PUBCOMP; at QoS 0, sent).",
+        );
+        e.sample("hj212_mqtt_acks_total", &[], self.mqtt_acks.get());
+        let ups = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
+        if !ups.is_empty() {
+            e.family(
+                "hj212_upstream_connected",
+                "gauge",
+                "1 while the upstream forwarder is connected to its platform.",
+            );
+            for (name, m) in ups.iter() {
+                e.sample(
+                    "hj212_upstream_connected",
+                    &[("upstream", name)],
+                    m.connected.get(),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `pub const X: &str = "..."` in a source file.
+    fn consts(src: &str) -> Vec<String> {
+        src.lines()
+            .filter_map(|l| {
+                let l = l.trim();
+                let rest = l.strip_prefix("pub const ")?;
+                let (_, v) = rest.split_once(": &str = \"")?;
+                Some(v.trim_end_matches("\";").to_owned())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn finding_table_covers_every_code_and_is_sorted() {
+        let mut all = consts(include_str!("../protocol/finding.rs"));
+        let session = include_str!("../session.rs");
+        let policy = &session[session.find("pub mod code").expect("session::code")..];
+        all.extend(consts(&policy[..policy.find("\n}").expect("end of mod")]));
+        assert!(all.len() > 40, "parsed {} codes", all.len());
+        for c in &all {
+            assert!(
+                FINDING_CODES.binary_search(&c.as_str()).is_ok(),
+                "finding code {c} is missing from metrics::FINDING_CODES"
+            );
+        }
+        assert!(
+            FINDING_CODES.windows(2).all(|w| w[0] < w[1]),
+            "sorted, unique"
+        );
+        assert!(
+            CLOSE_REASONS.windows(2).all(|w| w[0] < w[1]),
+            "sorted, unique"
+        );
+    }
+
+    #[test]
+    fn histogram_buckets_by_upper_bound() {
+        let h = Histogram::new(&[10, 100], 1.0);
+        h.observe(10);
+        h.observe(11);
+        h.observe_n(1000, 3);
+        assert_eq!(h.count(), 5);
+        assert_eq!(h.buckets[0].load(Ordering::Relaxed), 1);
+        assert_eq!(h.buckets[1].load(Ordering::Relaxed), 1);
+        assert_eq!(h.buckets[2].load(Ordering::Relaxed), 3);
+        assert_eq!(h.sum.load(Ordering::Relaxed), 3021);
+    }
+}
