@@ -404,7 +404,10 @@ impl Session {
         let idle = self.shared.cfg.server.idle_timeout.0;
         let partial_limit = self.shared.cfg.server.partial_frame_timeout.0;
         // No buffer is held while the connection is idle: it is allocated when
-        // bytes arrive and released once everything in it has been cut.
+        // bytes arrive and released once everything in it has been cut. For the
+        // same reason the work done on bytes (process, flush_eof, dl_run, ...) is
+        // boxed below: inline, its futures would make every idle session's task
+        // as large as the largest of them (~2.9 KB).
         let mut buf = BytesMut::new();
         let mut partial_since: Option<Instant> = None;
         let mut last_activity = Instant::now();
@@ -438,17 +441,17 @@ impl Session {
                 biased;
                 // Bytes already read are stored (a partial frame as junk), never dropped.
                 _ = &mut shutdown_wait => {
-                    self.close_gracefully(&rd, &mut buf, wr).await;
+                    Box::pin(self.close_gracefully(&rd, &mut buf, wr)).await;
                     return "shutdown";
                 }
                 _ = &mut superseded_wait => {
-                    let _ = self.flush_eof(&mut buf, Some(&mut wr)).await;
+                    let _ = Box::pin(self.flush_eof(&mut buf, Some(&mut wr))).await;
                     return "superseded";
                 }
                 Some(sub) = self.submit_rx.recv(), if dl_idle => {
                     let mut out = Vec::new();
                     self.dl_begin(*sub, &mut out);
-                    if let Err(reason) = self.dl_run(out, &mut wr).await {
+                    if let Err(reason) = Box::pin(self.dl_run(out, &mut wr)).await {
                         return reason;
                     }
                     continue;
@@ -458,7 +461,7 @@ impl Session {
                     if let Some(d) = self.dl.as_mut() {
                         d.engine.on_timer(Instant::now(), &mut out);
                     }
-                    if let Err(reason) = self.dl_run(out, &mut wr).await {
+                    if let Err(reason) = Box::pin(self.dl_run(out, &mut wr)).await {
                         return reason;
                     }
                     continue;
@@ -474,7 +477,7 @@ impl Session {
                                 partial_since = None;
                                 buf = BytesMut::new();
                             }
-                            if let Err(reason) = self.process(vec![Item::Frame { bytes, info }], Some(&mut wr)).await {
+                            if let Err(reason) = Box::pin(self.process(vec![Item::Frame { bytes, info }], Some(&mut wr))).await {
                                 return reason;
                             }
                         }
@@ -482,7 +485,7 @@ impl Session {
                     }
                     if partial_since.is_some() {
                         // Slowloris or a device that died mid-frame: keep its bytes as junk.
-                        let _ = self.flush_eof(&mut buf, Some(&mut wr)).await;
+                        let _ = Box::pin(self.flush_eof(&mut buf, Some(&mut wr))).await;
                         return "partial frame timeout";
                     }
                     return "idle timeout";
@@ -499,7 +502,7 @@ impl Session {
             }
             match rd.try_read_buf(&mut buf) {
                 Ok(0) => {
-                    let _ = self.flush_eof(&mut buf, Some(&mut wr)).await;
+                    let _ = Box::pin(self.flush_eof(&mut buf, Some(&mut wr))).await;
                     return "peer closed";
                 }
                 Ok(_) => {
@@ -509,7 +512,7 @@ impl Session {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => {
                     debug!(error = %e, "read failed");
-                    let _ = self.flush_eof(&mut buf, Some(&mut wr)).await;
+                    let _ = Box::pin(self.flush_eof(&mut buf, Some(&mut wr))).await;
                     return "read error";
                 }
             }
@@ -531,13 +534,13 @@ impl Session {
                 partial_since = Some(Instant::now());
             }
             if !items.is_empty() {
-                if let Err(reason) = self.process(items, Some(&mut wr)).await {
+                if let Err(reason) = Box::pin(self.process(items, Some(&mut wr))).await {
                     return reason;
                 }
             }
             if self.junk_bytes > self.shared.cfg.server.max_junk_bytes {
                 warn!(junk_bytes = self.junk_bytes, "junk limit exceeded; closing");
-                let _ = self.flush_eof(&mut buf, Some(&mut wr)).await;
+                let _ = Box::pin(self.flush_eof(&mut buf, Some(&mut wr))).await;
                 return "junk limit";
             }
         }
