@@ -74,6 +74,7 @@ wait_port() {
 
 MQ_PORT=$(free_port)
 GW_PORT=$(free_port)
+METRICS_PORT=$(free_port)
 DB=$WORK/data/frames.db
 
 start_broker() {
@@ -101,6 +102,8 @@ sync = "full"
 url = "mqtt://127.0.0.1:$MQ_PORT"
 client_id = "e2e"
 qos = 1
+[metrics]
+listen = "127.0.0.1:$METRICS_PORT"
 EOF
     "$BIN" serve --config "$WORK/gateway.toml" --data "$WORK/data" >"$WORK/gateway.log" 2>&1 &
     GW_PID=$!
@@ -130,6 +133,26 @@ print(json.dumps({
     "head": one("SELECT COALESCE(max(seq),0) FROM records"),
     "mqtt_cursor": mqtt,
     "published": db.execute("SELECT count(*) FROM records WHERE direction='in' AND kind='frame' AND verdict='accepted' AND seq <= ?", (mqtt,)).fetchone()[0],
+}))
+PY
+}
+
+# Group commit as the gateway saw it: transactions, mean records per transaction,
+# mean transaction time (from its /metrics).
+commit_stats() {
+    python3 - "$METRICS_PORT" <<'PY'
+import json, sys, urllib.request
+text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode()
+v = {}
+for line in text.splitlines():
+    if line.startswith(("hj212_store_commit_batch_records_", "hj212_store_commit_duration_seconds_")):
+        name, _, val = line.rpartition(" ")
+        v[name] = float(val)
+n = v.get("hj212_store_commit_batch_records_count", 0) or 1
+print(json.dumps({
+    "commits": int(v.get("hj212_store_commit_batch_records_count", 0)),
+    "records_per_commit": round(v.get("hj212_store_commit_batch_records_sum", 0) / n, 1),
+    "commit_ms_mean": round(v.get("hj212_store_commit_duration_seconds_sum", 0) * 1000 / n, 2),
 }))
 PY
 }
@@ -207,7 +230,7 @@ sustained | latency)
     drain=$(wait_published 300)
     c2=$(cpu_ticks)
     c=$(counts)
-    extra=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d.update(rss_kib=int(sys.argv[2]), publish_drain_s=sys.argv[3]); print(json.dumps(d))' "$c" "$(rss_kib)" "$drain")
+    extra=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d.update(rss_kib=int(sys.argv[2]), publish_drain_s=sys.argv[3], store=json.loads(sys.argv[4]), log_bytes=int(sys.argv[5])); print(json.dumps(d))' "$c" "$(rss_kib)" "$drain" "$(commit_stats)" "$(du -sb "$WORK/data" | cut -f1)")
     report "$SCENARIO rate=$RATE duration=$DURATION devices=$DEVICES" "$sim" $((c1 - c0)) $((c2 - c0)) "$extra"
     zero_loss "$sim" "$c"
     ;;
@@ -246,7 +269,7 @@ outage)
     tail_drain=$(wait_published 300)
     c2=$(cpu_ticks)
     c=$(counts)
-    extra=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d.update(backlog_at_return=json.loads(sys.argv[2]), backlog_drained_s=sys.argv[3], rss_kib=int(sys.argv[4])); print(json.dumps(d))' "$c" "$backlog" "$drain" "$(rss_kib)")
+    extra=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d.update(backlog_at_return=json.loads(sys.argv[2]), backlog_drained_s=sys.argv[3], rss_kib=int(sys.argv[4]), store=json.loads(sys.argv[5])); print(json.dumps(d))' "$c" "$backlog" "$drain" "$(rss_kib)" "$(commit_stats)")
     report "outage rate=$RATE outage=${OUTAGE}s devices=$DEVICES" "$sim" $((c1 - c0)) $((c2 - c0)) "$extra"
     zero_loss "$sim" "$c"
     ;;
