@@ -121,7 +121,8 @@ fds() { find "/proc/$GW_PID/fd" -mindepth 1 -maxdepth 1 | wc -l; }
 counts() {
     python3 - "$DB" <<'PY'
 import json, sqlite3, sys
-db = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
+db = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True, isolation_level=None)
+db.execute("BEGIN")  # one snapshot for every count
 one = lambda q: db.execute(q).fetchone()[0]
 cur = dict(db.execute("SELECT name, seq FROM cursors").fetchall())
 mqtt = cur.get("mqtt", 0)
@@ -157,6 +158,17 @@ print(json.dumps({
 PY
 }
 
+# MQTT cursor and head only: cheap enough to poll (the counts above scan the log).
+progress() {
+    python3 - "$DB" <<'PY'
+import json, sqlite3, sys
+db = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
+cur = db.execute("SELECT seq FROM cursors WHERE name = 'mqtt'").fetchone()
+head = db.execute("SELECT COALESCE(max(seq), 0) FROM records").fetchone()[0]
+print(json.dumps({"mqtt_cursor": cur[0] if cur else 0, "head": head}))
+PY
+}
+
 field() { python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(d.get(sys.argv[2]))' "$1" "$2"; }
 
 # Seconds until the MQTT cursor reaches the head (checked every 0.5 s), or "timeout".
@@ -164,7 +176,7 @@ wait_published() {
     local limit=$1 t0 c
     t0=$(date +%s.%N)
     while :; do
-        c=$(counts)
+        c=$(progress)
         if [ "$(field "$c" mqtt_cursor)" -ge "$(field "$c" head)" ]; then
             python3 -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 1))" "$t0" "$(date +%s.%N)"
             return
@@ -246,16 +258,16 @@ outage)
     stop_broker
     echo "broker stopped at +${WARM}s for ${OUTAGE}s" >&2
     sleep "$OUTAGE"
-    backlog=$(counts)
+    backlog=$(progress)
     start_broker
     echo "broker back; backlog: $backlog" >&2
     # Live traffic keeps coming: drained = the cursor reached the head of one poll earlier.
     t0=$(date +%s.%N)
-    prev=$(field "$(counts)" head)
+    prev=$(field "$(progress)" head)
     drain=timeout
     while python3 -c "import sys; sys.exit(0 if float(sys.argv[2]) - float(sys.argv[1]) < 300 else 1)" "$t0" "$(date +%s.%N)"; do
         sleep 0.5
-        c=$(counts)
+        c=$(progress)
         if [ "$(field "$c" mqtt_cursor)" -ge "$prev" ]; then
             drain=$(python3 -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 1))" "$t0" "$(date +%s.%N)")
             break
