@@ -295,9 +295,10 @@ idle | storm)
         HOLD=${HOLD:-60}
         args=(--idle --heartbeat 3600 --ramp 20 --duration "$HOLD")
     else
-        # Every device sends once a minute; all drop and reconnect at +30 s.
-        HOLD=${HOLD:-90}
-        args=(--interval 60 --ramp 20 --duration "$HOLD" --reconnect-storm-at 30)
+        # Every device sends every 20 s; all drop and reconnect at +30 s. "Sending
+        # again" then takes up to one interval by construction.
+        HOLD=${HOLD:-75}
+        args=(--interval 20 --ramp 20 --duration "$HOLD" --reconnect-storm-at 30)
     fi
     for i in $(seq 0 $((PROCS - 1))); do
         n=$((SESSIONS - i * per < per ? SESSIONS - i * per : per))
