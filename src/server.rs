@@ -53,13 +53,32 @@ pub struct Server {
     pub stats: Arc<ServerStats>,
 }
 
+/// Pending connections the kernel queues per listener (capped by
+/// `net.core.somaxconn`). tokio's default of 1024 overflows when thousands of
+/// devices reconnect at once (a gateway restart, a network blip): the kernel then
+/// drops SYNs and each device waits out SYN retransmission (1 s, 3 s, 7 s ...).
+const LISTEN_BACKLOG: i32 = 65_535;
+
+/// Binds `addr` like `TcpListener::bind` (SO_REUSEADDR), with [`LISTEN_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
 impl Server {
     /// Binds every `[server] listen` address (`override_listen` replaces them).
     pub async fn bind(shared: Arc<Shared>, addrs: &[SocketAddr]) -> std::io::Result<Server> {
         let mut listeners = Vec::with_capacity(addrs.len());
         for a in addrs {
-            let l = TcpListener::bind(a)
-                .await
+            let l = listen(*a)
                 .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {a}: {e}")))?;
             listeners.push(l);
         }

@@ -406,7 +406,10 @@ impl Session {
         let idle = self.shared.cfg.server.idle_timeout.0;
         let partial_limit = self.shared.cfg.server.partial_frame_timeout.0;
         // No buffer is held while the connection is idle: it is allocated when
-        // bytes arrive and released once everything in it has been cut.
+        // bytes arrive and released once everything in it has been cut. For the
+        // same reason the work done on bytes (process, flush_eof, dl_run, ...) is
+        // boxed below: inline, its futures would make every idle session's task
+        // as large as the largest of them (~2.9 KB).
         let mut buf = BytesMut::new();
         let mut partial_since: Option<Instant> = None;
         let mut last_activity = Instant::now();
@@ -415,6 +418,15 @@ impl Session {
         // for TAIL_GRACE we ask it whether the buffer holds a complete frame
         // as-is (once per quiet period).
         let mut tail_checked = false;
+        // The waits live across iterations: re-creating them for every frame would
+        // register and deregister two cancellation waiters and a timer per frame
+        // (the shutdown token's waiter list is shared by every session). Moving the
+        // timer's deadline later, which every read does, is a cheap update in tokio.
+        let (shutdown, superseded) = (self.shutdown.clone(), self.token.clone());
+        let mut shutdown_wait = std::pin::pin!(shutdown.cancelled());
+        let mut superseded_wait = std::pin::pin!(superseded.cancelled());
+        let mut armed = last_activity + idle;
+        let mut timer = std::pin::pin!(tokio::time::sleep_until(armed.into()));
         loop {
             let dl_deadline = self.dl.as_ref().and_then(|d| d.engine.deadline());
             let dl_idle = self.dl.as_ref().is_none_or(|d| d.engine.is_idle());
@@ -423,21 +435,25 @@ impl Session {
                 Some(t) => t + partial_limit,
                 None => last_activity + idle,
             };
+            if deadline != armed || timer.is_elapsed() {
+                timer.as_mut().reset(deadline.into());
+                armed = deadline;
+            }
             tokio::select! {
                 biased;
                 // Bytes already read are stored (a partial frame as junk), never dropped.
-                _ = self.shutdown.cancelled() => {
-                    self.close_gracefully(&rd, &mut buf, wr).await;
+                _ = &mut shutdown_wait => {
+                    Box::pin(self.close_gracefully(&rd, &mut buf, wr)).await;
                     return "shutdown";
                 }
-                _ = self.token.cancelled() => {
-                    let _ = self.flush_eof(&mut buf, Some(&mut wr)).await;
+                _ = &mut superseded_wait => {
+                    let _ = Box::pin(self.flush_eof(&mut buf, Some(&mut wr))).await;
                     return "superseded";
                 }
                 Some(sub) = self.submit_rx.recv(), if dl_idle => {
                     let mut out = Vec::new();
                     self.dl_begin(*sub, &mut out);
-                    if let Err(reason) = self.dl_run(out, &mut wr).await {
+                    if let Err(reason) = Box::pin(self.dl_run(out, &mut wr)).await {
                         return reason;
                     }
                     continue;
@@ -447,12 +463,12 @@ impl Session {
                     if let Some(d) = self.dl.as_mut() {
                         d.engine.on_timer(Instant::now(), &mut out);
                     }
-                    if let Err(reason) = self.dl_run(out, &mut wr).await {
+                    if let Err(reason) = Box::pin(self.dl_run(out, &mut wr)).await {
                         return reason;
                     }
                     continue;
                 }
-                _ = tokio::time::sleep_until(deadline.into()) => {
+                _ = &mut timer => {
                     if partial_since.is_some() && !tail_checked {
                         tail_checked = true;
                         if let Some(protocol::framing::Cut::Frame { len, info }) =
@@ -463,7 +479,7 @@ impl Session {
                                 partial_since = None;
                                 buf = BytesMut::new();
                             }
-                            if let Err(reason) = self.process(vec![Item::Frame { bytes, info }], Some(&mut wr)).await {
+                            if let Err(reason) = Box::pin(self.process(vec![Item::Frame { bytes, info }], Some(&mut wr))).await {
                                 return reason;
                             }
                         }
@@ -471,7 +487,7 @@ impl Session {
                     }
                     if partial_since.is_some() {
                         // Slowloris or a device that died mid-frame: keep its bytes as junk.
-                        let _ = self.flush_eof(&mut buf, Some(&mut wr)).await;
+                        let _ = Box::pin(self.flush_eof(&mut buf, Some(&mut wr))).await;
                         return "partial frame timeout";
                     }
                     return "idle timeout";
@@ -488,7 +504,7 @@ impl Session {
             }
             match rd.try_read_buf(&mut buf) {
                 Ok(0) => {
-                    let _ = self.flush_eof(&mut buf, Some(&mut wr)).await;
+                    let _ = Box::pin(self.flush_eof(&mut buf, Some(&mut wr))).await;
                     return "peer closed";
                 }
                 Ok(_) => {
@@ -498,7 +514,7 @@ impl Session {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => {
                     debug!(error = %e, "read failed");
-                    let _ = self.flush_eof(&mut buf, Some(&mut wr)).await;
+                    let _ = Box::pin(self.flush_eof(&mut buf, Some(&mut wr))).await;
                     return "read error";
                 }
             }
@@ -520,13 +536,13 @@ impl Session {
                 partial_since = Some(Instant::now());
             }
             if !items.is_empty() {
-                if let Err(reason) = self.process(items, Some(&mut wr)).await {
+                if let Err(reason) = Box::pin(self.process(items, Some(&mut wr))).await {
                     return reason;
                 }
             }
             if self.junk_bytes > self.shared.cfg.server.max_junk_bytes {
                 warn!(junk_bytes = self.junk_bytes, "junk limit exceeded; closing");
-                let _ = self.flush_eof(&mut buf, Some(&mut wr)).await;
+                let _ = Box::pin(self.flush_eof(&mut buf, Some(&mut wr))).await;
                 return "junk limit";
             }
         }
@@ -756,21 +772,13 @@ impl Session {
             }
             self.mns.push(mn);
         }
-        let timeout = self.shared.cfg.server.write_timeout.0;
         let Some(wr) = wr else {
             return Ok(());
         };
         let acks = replies.len() as u64;
-        for r in replies {
-            match tokio::time::timeout(timeout, wr.write_all(&r)).await {
-                Ok(Ok(())) => crate::metrics::METRICS.bytes_out.add(r.len() as u64),
-                Ok(Err(e)) => {
-                    debug!(error = %e, "reply write failed");
-                    return Err("write error");
-                }
-                Err(_) => return Err("write timeout"),
-            }
-        }
+        let bytes: usize = replies.iter().map(Bytes::len).sum();
+        write_replies(wr, replies, self.shared.cfg.server.write_timeout.0).await?;
+        crate::metrics::METRICS.bytes_out.add(bytes as u64);
         crate::metrics::METRICS
             .ack_seconds
             .observe_duration(read_at.elapsed(), acks);
@@ -1177,6 +1185,46 @@ impl Session {
             received_at_ms,
             accepted,
         )
+    }
+}
+
+/// Writes the replies of one commit in one write. The socket almost always has
+/// room, so the write is tried at once and only a short or blocked write is
+/// finished under `timeout` (which costs a timer registration).
+async fn write_replies(
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    replies: Vec<Bytes>,
+    timeout: Duration,
+) -> Result<(), &'static str> {
+    let out: Bytes = match replies.len() {
+        0 => return Ok(()),
+        1 => replies.into_iter().next().unwrap_or_default(),
+        _ => {
+            let mut all = BytesMut::with_capacity(replies.iter().map(Bytes::len).sum());
+            for r in &replies {
+                all.extend_from_slice(r);
+            }
+            all.freeze()
+        }
+    };
+    let done = match wr.try_write(&out) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+        Err(e) => {
+            debug!(error = %e, "reply write failed");
+            return Err("write error");
+        }
+    };
+    if done == out.len() {
+        return Ok(());
+    }
+    match tokio::time::timeout(timeout, wr.write_all(&out[done..])).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            debug!(error = %e, "reply write failed");
+            Err("write error")
+        }
+        Err(_) => Err("write timeout"),
     }
 }
 

@@ -74,6 +74,7 @@ struct DeviceState {
 }
 
 /// Resolved per-factor settings.
+#[derive(Debug, Clone, Copy)]
 struct Fs {
     min: Option<Decimal>,
     max: Option<Decimal>,
@@ -88,6 +89,13 @@ pub struct Engine {
     cfg: AlarmsSection,
     devices: HashMap<String, DeviceState>,
     active: BTreeSet<AlarmKey>,
+    /// `factor_settings` per MN and factor: resolving them converts up to three
+    /// bounds through text into decimals, for every value of every frame otherwise.
+    /// The configuration never changes for an engine's lifetime.
+    settings: HashMap<String, HashMap<String, Fs>>,
+    /// Active alarms per MN (the MNs of `active`), so that clearing on a device
+    /// without alarms builds no key.
+    active_per_mn: HashMap<String, usize>,
 }
 
 impl Engine {
@@ -97,12 +105,18 @@ impl Engine {
             cfg,
             devices: HashMap::new(),
             active: BTreeSet::new(),
+            settings: HashMap::new(),
+            active_per_mn: HashMap::new(),
         }
     }
 
     /// Replaces the set of active alarms (restored from the alarms table on restart).
     pub fn set_active(&mut self, keys: impl IntoIterator<Item = AlarmKey>) {
         self.active = keys.into_iter().collect();
+        self.active_per_mn.clear();
+        for k in &self.active {
+            *self.active_per_mn.entry(k.mn.clone()).or_default() += 1;
+        }
     }
 
     /// The active alarms.
@@ -117,6 +131,18 @@ impl Engine {
                 .device
                 .get(mn)
                 .is_some_and(|d| d.disabled.iter().any(|x| x == kind))
+    }
+
+    fn cached_settings(&mut self, mn: &str, factor: &str) -> Fs {
+        if let Some(fs) = self.settings.get(mn).and_then(|m| m.get(factor)) {
+            return *fs;
+        }
+        let fs = self.factor_settings(mn, factor);
+        self.settings
+            .entry(mn.to_owned())
+            .or_default()
+            .insert(factor.to_owned(), fs);
+        fs
     }
 
     fn factor_settings(&self, mn: &str, factor: &str) -> Fs {
@@ -151,13 +177,35 @@ impl Engine {
     /// Raises `key` unless it is active.
     fn raise(&mut self, out: &mut Vec<AlarmEvent>, r: Raise) {
         if self.active.insert(r.key.clone()) {
+            *self.active_per_mn.entry(r.key.mn.clone()).or_default() += 1;
             out.push(AlarmEvent::Raise(r));
+        }
+    }
+
+    /// [`Self::clear`] for detectors that run on every value of every frame: the
+    /// key (two strings) is only built when `mn` has an active alarm at all.
+    fn clear_lazy(
+        &mut self,
+        out: &mut Vec<AlarmEvent>,
+        mn: &str,
+        key: impl FnOnce() -> AlarmKey,
+        end_ms: i64,
+        seq: Option<u64>,
+    ) {
+        if self.active_per_mn.contains_key(mn) {
+            self.clear(out, key(), end_ms, seq);
         }
     }
 
     /// Clears `key` if it is active.
     fn clear(&mut self, out: &mut Vec<AlarmEvent>, key: AlarmKey, end_ms: i64, seq: Option<u64>) {
         if self.active.remove(&key) {
+            if let Some(n) = self.active_per_mn.get_mut(&key.mn) {
+                *n -= 1;
+                if *n == 0 {
+                    self.active_per_mn.remove(&key.mn);
+                }
+            }
             out.push(AlarmEvent::Clear { key, end_ms, seq });
         }
     }
@@ -171,8 +219,9 @@ impl Engine {
             None
         } else {
             let mut v: Vec<i64> = d.intervals.iter().copied().collect();
-            v.sort_unstable();
-            Some(v[v.len() / 2] * i64::from(self.cfg.offline_factor))
+            let mid = v.len() / 2;
+            let (_, &mut m, _) = v.select_nth_unstable(mid);
+            Some(m * i64::from(self.cfg.offline_factor))
         };
         learned
             .unwrap_or(self.cfg.offline_after.0.as_millis() as i64)
@@ -217,7 +266,10 @@ impl Engine {
     pub fn observe(&mut self, o: &Obs) -> Vec<AlarmEvent> {
         let mut out = Vec::new();
         let mn = o.mn.clone();
-        let d = self.devices.entry(mn.clone()).or_default();
+        if !self.devices.contains_key(&mn) {
+            self.devices.insert(mn.clone(), DeviceState::default());
+        }
+        let d = self.devices.get_mut(&mn).expect("inserted above");
         d.video = o.video;
         d.last_seen_ms = Some(
             d.last_seen_ms
@@ -229,9 +281,10 @@ impl Engine {
             mn: mn.clone(),
             factor: factor.to_owned(),
         };
-        self.clear(
+        self.clear_lazy(
             &mut out,
-            key("device.offline", ""),
+            &o.mn,
+            || key("device.offline", ""),
             o.received_ms,
             Some(o.seq),
         );
@@ -256,7 +309,7 @@ impl Engine {
                 self.flag(&mut out, o, f, t);
                 continue;
             };
-            let fs = self.factor_settings(&mn, f);
+            let fs = self.cached_settings(&mn, f);
             self.flag(&mut out, o, f, t);
             self.range(&mut out, o, f, v, &fs, t);
             if o.cn == "2011" {
@@ -315,7 +368,7 @@ impl Engine {
         }
         let (run, clean) = (d.skew_run, d.clean_run);
         let seqs: Vec<u64> = d.skew_seqs.iter().copied().collect();
-        let key = AlarmKey {
+        let key = || AlarmKey {
             kind: "time.skew",
             mn: o.mn.clone(),
             factor: String::new(),
@@ -325,7 +378,7 @@ impl Engine {
             self.raise(
                 out,
                 Raise {
-                    key,
+                    key: key(),
                     severity: Severity::Warning,
                     start_ms: o.received_ms,
                     seqs,
@@ -340,7 +393,7 @@ impl Engine {
                 },
             );
         } else if clean >= n {
-            self.clear(out, key, o.received_ms, Some(o.seq));
+            self.clear_lazy(out, &o.mn, key, o.received_ms, Some(o.seq));
         }
     }
 
@@ -380,7 +433,7 @@ impl Engine {
         }
         let missing: Vec<i64> = s.missing.iter().copied().collect();
         let support = s.support.clone();
-        let key = AlarmKey {
+        let key = || AlarmKey {
             kind: "data.gap",
             mn: o.mn.clone(),
             factor: o.cn.clone(),
@@ -393,7 +446,7 @@ impl Engine {
             self.raise(
                 out,
                 Raise {
-                    key,
+                    key: key(),
                     severity: Severity::Warning,
                     start_ms: *first,
                     seqs: support,
@@ -408,21 +461,21 @@ impl Engine {
                 },
             );
         } else {
-            self.clear(out, key, o.received_ms, Some(o.seq));
+            self.clear_lazy(out, &o.mn, key, o.received_ms, Some(o.seq));
         }
     }
 
     fn fstate(&mut self, mn: &str, f: &str) -> &mut FactorState {
-        self.devices
-            .get_mut(mn)
-            .expect("device exists")
-            .factors
-            .entry(f.to_owned())
-            .or_default()
+        let factors = &mut self.devices.get_mut(mn).expect("device exists").factors;
+        // Looked up several times per value: no key allocation once the factor is known.
+        if !factors.contains_key(f) {
+            factors.insert(f.to_owned(), FactorState::default());
+        }
+        factors.get_mut(f).expect("inserted above")
     }
 
     fn flag(&mut self, out: &mut Vec<AlarmEvent>, o: &Obs, f: &str, t: i64) {
-        let Some(flag) = o.text(f, "Flag").map(str::to_owned) else {
+        let Some(flag) = o.text(f, "Flag") else {
             return;
         };
         if !self.enabled(&o.mn, "flag.abnormal") {
@@ -430,14 +483,14 @@ impl Engine {
         }
         let after = self.cfg.flag_after.0.as_millis() as i64;
         let st = self.fstate(&o.mn, f);
-        let key = AlarmKey {
+        let key = || AlarmKey {
             kind: "flag.abnormal",
             mn: o.mn.clone(),
             factor: f.to_owned(),
         };
         if flag == "N" {
             st.flag_since = None;
-            self.clear(out, key, t, Some(o.seq));
+            self.clear_lazy(out, &o.mn, key, t, Some(o.seq));
             return;
         }
         let (since, first_seq) = *st.flag_since.get_or_insert((t, o.seq));
@@ -447,7 +500,7 @@ impl Engine {
             self.raise(
                 out,
                 Raise {
-                    key,
+                    key: key(),
                     severity: if flag == "S" {
                         Severity::Critical
                     } else {
@@ -481,7 +534,7 @@ impl Engine {
             st.range_bad.remove(&o.cn);
         }
         let any_bad = !st.range_bad.is_empty();
-        let key = AlarmKey {
+        let key = || AlarmKey {
             kind: "value.range",
             mn: o.mn.clone(),
             factor: f.to_owned(),
@@ -495,7 +548,7 @@ impl Engine {
             self.raise(
                 out,
                 Raise {
-                    key,
+                    key: key(),
                     severity: Severity::Critical,
                     start_ms: t,
                     seqs: vec![o.seq],
@@ -507,7 +560,7 @@ impl Engine {
                 },
             );
         } else if !any_bad {
-            self.clear(out, key, t, Some(o.seq));
+            self.clear_lazy(out, &o.mn, key, t, Some(o.seq));
         }
     }
 
@@ -538,7 +591,7 @@ impl Engine {
         }
         let run = st.stuck_seqs.len() as u32;
         let seqs: Vec<u64> = st.stuck_seqs.iter().copied().collect();
-        let key = AlarmKey {
+        let key = || AlarmKey {
             kind: "value.stuck",
             mn: o.mn.clone(),
             factor: f.to_owned(),
@@ -547,7 +600,7 @@ impl Engine {
             self.raise(
                 out,
                 Raise {
-                    key,
+                    key: key(),
                     severity: Severity::Warning,
                     start_ms: t,
                     seqs,
@@ -562,7 +615,7 @@ impl Engine {
                 },
             );
         } else if run <= 1 {
-            self.clear(out, key, t, Some(o.seq));
+            self.clear_lazy(out, &o.mn, key, t, Some(o.seq));
         }
     }
 
@@ -589,7 +642,7 @@ impl Engine {
         if st.window.len() > window {
             st.window.pop_front();
         }
-        let key = AlarmKey {
+        let key = || AlarmKey {
             kind: "value.spike",
             mn: o.mn.clone(),
             factor: f.to_owned(),
@@ -601,7 +654,7 @@ impl Engine {
                 self.raise(
                     out,
                     Raise {
-                        key,
+                        key: key(),
                         severity: Severity::Warning,
                         start_ms: t,
                         seqs: vec![o.seq],
@@ -616,7 +669,7 @@ impl Engine {
                     },
                 );
             }
-            Some(_) => self.clear(out, key, t, Some(o.seq)),
+            Some(_) => self.clear_lazy(out, &o.mn, key, t, Some(o.seq)),
             None => {}
         }
     }
@@ -649,7 +702,7 @@ impl Engine {
             .collect();
         let full = st.hug.len() >= n;
         let share = near.len() as f64 / n as f64;
-        let key = AlarmKey {
+        let key = || AlarmKey {
             kind: "limit.hugging",
             mn: o.mn.clone(),
             factor: f.to_owned(),
@@ -659,7 +712,7 @@ impl Engine {
             self.raise(
                 out,
                 Raise {
-                    key,
+                    key: key(),
                     severity: Severity::Critical,
                     start_ms: t,
                     seqs: near.into_iter().rev().take(MAX_SUPPORT).rev().collect(),
@@ -676,7 +729,7 @@ impl Engine {
         } else if share < frac / 2.0 {
             // Hysteresis: clearing at half the raising share keeps a series that
             // hovers around the threshold from flapping.
-            self.clear(out, key, t, Some(o.seq));
+            self.clear_lazy(out, &o.mn, key, t, Some(o.seq));
         }
     }
 
@@ -720,7 +773,7 @@ impl Engine {
         let diff = (zs - expected).abs();
         let tol = (expected.abs() * dec(self.cfg.mismatch_tolerance) / Decimal::ONE_HUNDRED)
             .max(dec(self.cfg.mismatch_abs));
-        let key = AlarmKey {
+        let key = || AlarmKey {
             kind: "converted.mismatch",
             mn: o.mn.clone(),
             factor: f.to_owned(),
@@ -737,7 +790,7 @@ impl Engine {
             self.raise(
                 out,
                 Raise {
-                    key,
+                    key: key(),
                     severity: Severity::Critical,
                     start_ms: t,
                     seqs: vec![o.seq],
@@ -752,20 +805,28 @@ impl Engine {
                 },
             );
         } else if !any_bad {
-            self.clear(out, key, t, Some(o.seq));
+            self.clear_lazy(out, &o.mn, key, t, Some(o.seq));
         }
     }
 }
 
+/// Runs for every value of every frame: selection (linear) rather than a full sort.
 fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
     let n = v.len();
     if n == 0 {
-        0.0
-    } else if n % 2 == 1 {
-        v[n / 2]
+        return 0.0;
+    }
+    let (below, &mut upper, _) = v.select_nth_unstable_by(n / 2, f64::total_cmp);
+    if n % 2 == 1 {
+        upper
     } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
+        // The lower middle is the largest of the elements placed before the upper one.
+        let lower = below
+            .iter()
+            .copied()
+            .max_by(f64::total_cmp)
+            .unwrap_or(upper);
+        (lower + upper) / 2.0
     }
 }
 

@@ -127,8 +127,8 @@ impl Obs {
                 for (suffix, v) in sufs {
                     let val = match v {
                         // arbitrary_precision: the number's text is the device's digits.
-                        serde_json::Value::Number(n) => match Decimal::from_str(&n.to_string())
-                            .or_else(|_| Decimal::from_scientific(&n.to_string()))
+                        serde_json::Value::Number(n) => match Decimal::from_str(n.as_str())
+                            .or_else(|_| Decimal::from_scientific(n.as_str()))
                         {
                             Ok(d) => Val::Num(d),
                             Err(_) => continue,

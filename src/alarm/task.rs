@@ -13,6 +13,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +29,8 @@ use crate::store::{AlarmRow, AlarmStore, Cursors, Reader, StoreError, StoredReco
 pub const CURSOR: &str = "alarms";
 /// Records read per step.
 const PAGE: usize = 1024;
+/// Longest a cursor-only move waits before it is written (see `Detector::step`).
+const CURSOR_EVERY: Duration = Duration::from_secs(1);
 /// The engine clock is ticked at most this often while reading records (ms).
 const TICK_EVERY_MS: i64 = 1000;
 
@@ -91,6 +94,8 @@ struct Detector {
     alarms: AlarmStore,
     registry: Arc<SharedRegistry>,
     cursor: u64,
+    /// The cursor as last written to the store, and when.
+    persisted: (u64, Instant),
     /// Events (and the cursor they reach) the engine has decided but the store has
     /// not taken yet: retried before anything new is read, because the engine's state
     /// has already moved past them and must not see the same records twice.
@@ -117,6 +122,7 @@ impl Detector {
             alarms,
             registry,
             cursor,
+            persisted: (cursor, Instant::now()),
             pending: None,
         };
         let mut after = cursor.saturating_sub(lookback);
@@ -169,17 +175,34 @@ impl Detector {
             events.extend(self.feeder.engine.tick(now_ms));
         }
         let next = page.last().map_or(self.cursor, |r| r.seq);
-        if events.is_empty() && next == self.cursor {
+        if events.is_empty() {
+            // A cursor-only move is an fsync'd write on the log's file, which under load
+            // competes with the frame writer for the WAL lock; it is written at most
+            // every CURSOR_EVERY. Records after a cursor left behind by a crash are fed
+            // again after the warm-up and produce no events again (they produced none).
+            self.cursor = next;
+            if next != self.persisted.0 && self.persisted.1.elapsed() >= CURSOR_EVERY {
+                self.persist(Vec::new(), next)?;
+            }
             return Ok(caught_up);
         }
         self.persist(events, next)?;
         Ok(caught_up)
     }
 
+    /// Writes the cursor if it moved since it was last written (on stop).
+    fn flush_cursor(&mut self) -> Result<(), StoreError> {
+        if self.pending.is_some() || self.cursor == self.persisted.0 {
+            return Ok(());
+        }
+        self.persist(Vec::new(), self.cursor)
+    }
+
     fn persist(&mut self, events: Vec<AlarmEvent>, next: u64) -> Result<(), StoreError> {
         match self.alarms.apply(&events, Some((CURSOR, next))) {
             Ok(written) => {
                 self.cursor = next;
+                self.persisted = (next, Instant::now());
                 for (a, e) in &written {
                     log_event(a, e);
                 }
@@ -239,14 +262,18 @@ pub fn spawn(
                 }
             };
             if shutdown.is_cancelled() {
-                return;
+                break;
             }
             if caught_up {
                 tokio::select! {
-                    _ = shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(tick) => {}
                 }
             }
+        }
+        let flushed = tokio::task::spawn_blocking(move || d.flush_cursor()).await;
+        if let Ok(Err(e)) = flushed {
+            warn!(error = %e, "alarm detector cursor not written at stop");
         }
     })
 }

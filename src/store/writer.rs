@@ -476,14 +476,16 @@ impl Writer {
                 results.push(answers);
             }
         }
-        tx.execute(
+        tx.prepare_cached(
             "UPDATE meta SET last_seq = ?1, last_hash = ?2, updated_at_ms = ?3 WHERE id = 1",
-            (
+        )
+        .and_then(|mut head| {
+            head.execute((
                 (seq - 1) as i64,
                 &prev[..],
                 chrono::Utc::now().timestamp_millis(),
-            ),
-        )
+            ))
+        })
         .map_err(|e| ("advance the chain head", e))?;
         tx.commit().map_err(|e| ("commit", e))?;
         self.next_seq = seq;
