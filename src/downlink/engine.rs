@@ -173,6 +173,25 @@ struct Exchange<T> {
     deadline: Instant,
 }
 
+impl<T: Clone> Exchange<T> {
+    /// Puts the request on the wire (again: a resend is the same bytes, same
+    /// QN) and tells the requester which attempt it is.
+    fn send(&self, out: &mut Vec<Out<T>>) {
+        out.push(Out::Send {
+            bytes: self.bytes.clone(),
+            origin: self.origin.clone(),
+        });
+        out.push(Out::Event(
+            self.tag.clone(),
+            Event::Sent {
+                qn: self.qn.clone(),
+                cn: self.cn,
+                attempt: self.sends,
+            },
+        ));
+    }
+}
+
 /// The state machine. Holds at most one exchange.
 pub struct Engine<T> {
     timing: Timing,
@@ -219,19 +238,7 @@ impl<T: Clone> Engine<T> {
             out.push(Out::Event(b.tag, Event::Done(Outcome::Busy)));
             return;
         }
-        out.push(Out::Send {
-            bytes: b.bytes.clone(),
-            origin: b.origin.clone(),
-        });
-        out.push(Out::Event(
-            b.tag.clone(),
-            Event::Sent {
-                qn: b.qn.clone(),
-                cn: b.cn,
-                attempt: 1,
-            },
-        ));
-        self.current = Some(Exchange {
+        let x = Exchange {
             tag: b.tag,
             origin: b.origin,
             mn: b.mn,
@@ -241,7 +248,9 @@ impl<T: Clone> Engine<T> {
             sends: 1,
             accepted: false,
             deadline: now + self.timing.over_time,
-        });
+        };
+        x.send(out);
+        self.current = Some(x);
     }
 
     /// A frame the device sent (accepted by the gateway). Returns whether it
@@ -336,18 +345,7 @@ impl<T: Clone> Engine<T> {
         } else if x.sends <= self.timing.re_count {
             x.sends += 1;
             x.deadline = now + self.timing.over_time;
-            out.push(Out::Send {
-                bytes: x.bytes.clone(),
-                origin: x.origin.clone(),
-            });
-            out.push(Out::Event(
-                x.tag.clone(),
-                Event::Sent {
-                    qn: x.qn.clone(),
-                    cn: x.cn,
-                    attempt: x.sends,
-                },
-            ));
+            x.send(out);
         } else {
             let sends = x.sends;
             self.finish(Outcome::NoReply { sends }, out);
