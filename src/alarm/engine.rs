@@ -1005,44 +1005,53 @@ mod tests {
             },
         );
         let mut e = Engine::new(c);
-        let ph = |seq, v: &str| {
-            obs(
-                seq,
-                MN,
-                "2011",
-                T0 + seq as i64 * 1000,
-                &[("w01001", "Rtd", v)],
-            )
+        // One real-time value of one factor.
+        let rtd = |seq, code: &str, v: &str| {
+            obs(seq, MN, "2011", T0 + seq as i64 * 1000, &[(code, "Rtd", v)])
         };
-        assert!(has(&e.observe(&ph(1, "14.01")), "raise", "value.range"));
-        assert!(has(&e.observe(&ph(2, "7.2")), "clear", "value.range"));
-        let o2 = |seq, v: &str| {
-            obs(
-                seq,
-                MN,
-                "2011",
-                T0 + seq as i64 * 1000,
-                &[("a19001", "Rtd", v)],
-            )
-        };
-        assert!(has(&e.observe(&o2(3, "25.1")), "raise", "value.range"));
-        assert!(has(&e.observe(&o2(4, "9.8")), "clear", "value.range"));
-        let so2 = |seq, v: &str| {
-            obs(
-                seq,
-                MN,
-                "2011",
-                T0 + seq as i64 * 1000,
-                &[("a21026", "Rtd", v)],
-            )
-        };
-        assert!(has(&e.observe(&so2(5, "-0.1")), "raise", "value.range"));
-        assert!(has(&e.observe(&so2(6, "1")), "clear", "value.range"));
-        assert!(has(&e.observe(&so2(7, "500.01")), "raise", "value.range"));
+        assert!(has(
+            &e.observe(&rtd(1, "w01001", "14.01")),
+            "raise",
+            "value.range"
+        ));
+        assert!(has(
+            &e.observe(&rtd(2, "w01001", "7.2")),
+            "clear",
+            "value.range"
+        ));
+        assert!(has(
+            &e.observe(&rtd(3, "a19001", "25.1")),
+            "raise",
+            "value.range"
+        ));
+        assert!(has(
+            &e.observe(&rtd(4, "a19001", "9.8")),
+            "clear",
+            "value.range"
+        ));
+        assert!(has(
+            &e.observe(&rtd(5, "a21026", "-0.1")),
+            "raise",
+            "value.range"
+        ));
+        assert!(has(
+            &e.observe(&rtd(6, "a21026", "1")),
+            "clear",
+            "value.range"
+        ));
+        assert!(has(
+            &e.observe(&rtd(7, "a21026", "500.01")),
+            "raise",
+            "value.range"
+        ));
         // A good minute average does not clear a bad real-time value.
         let avg = obs(9, MN, "2051", T0 + 9000, &[("a21026", "Avg", "30")]);
         assert!(e.observe(&avg).is_empty());
-        assert!(has(&e.observe(&so2(10, "40")), "clear", "value.range"));
+        assert!(has(
+            &e.observe(&rtd(10, "a21026", "40")),
+            "clear",
+            "value.range"
+        ));
         // Flue-gas pressure may be negative.
         let p = obs(8, MN, "2011", T0 + 8000, &[("a01013", "Rtd", "-0.3")]);
         assert!(e.observe(&p).is_empty());
