@@ -1009,41 +1009,18 @@ mod tests {
         let rtd = |seq, code: &str, v: &str| {
             obs(seq, MN, "2011", T0 + seq as i64 * 1000, &[(code, "Rtd", v)])
         };
-        assert!(has(
-            &e.observe(&rtd(1, "w01001", "14.01")),
-            "raise",
-            "value.range"
-        ));
-        assert!(has(
-            &e.observe(&rtd(2, "w01001", "7.2")),
-            "clear",
-            "value.range"
-        ));
-        assert!(has(
-            &e.observe(&rtd(3, "a19001", "25.1")),
-            "raise",
-            "value.range"
-        ));
-        assert!(has(
-            &e.observe(&rtd(4, "a19001", "9.8")),
-            "clear",
-            "value.range"
-        ));
-        assert!(has(
-            &e.observe(&rtd(5, "a21026", "-0.1")),
-            "raise",
-            "value.range"
-        ));
-        assert!(has(
-            &e.observe(&rtd(6, "a21026", "1")),
-            "clear",
-            "value.range"
-        ));
-        assert!(has(
-            &e.observe(&rtd(7, "a21026", "500.01")),
-            "raise",
-            "value.range"
-        ));
+        for (seq, code, v, what) in [
+            (1, "w01001", "14.01", "raise"),
+            (2, "w01001", "7.2", "clear"),
+            (3, "a19001", "25.1", "raise"),
+            (4, "a19001", "9.8", "clear"),
+            (5, "a21026", "-0.1", "raise"),
+            (6, "a21026", "1", "clear"),
+            (7, "a21026", "500.01", "raise"),
+        ] {
+            let events = e.observe(&rtd(seq, code, v));
+            assert!(has(&events, what, "value.range"), "#{seq} {code}={v}");
+        }
         // A good minute average does not clear a bad real-time value.
         let avg = obs(9, MN, "2051", T0 + 9000, &[("a21026", "Avg", "30")]);
         assert!(e.observe(&avg).is_empty());
