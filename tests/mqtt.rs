@@ -20,14 +20,7 @@ const KEY_HEX: &str = "30303030303030303030303030303030";
 const MN_2025: &str = "010000A8900016F000169DC0";
 const MN_2005: &str = "88888880000001";
 
-/// A 2005 real-time upload (Flag=1: version bits 0, ack requested).
-fn frame_2005() -> Vec<u8> {
-    reply::envelope(
-        b"QN=20240601085857001;ST=32;CN=2011;PW=123456;MN=88888880000001;Flag=1;\
-          CP=&&DataTime=20240601085857;B02-Rtd=36.50,B02-Flag=N&&",
-    )
-    .to_vec()
-}
+use common::frame_2005;
 
 /// A 2025 minute upload with its CP SM4-encrypted in the raw wire form (key 0x30 x16).
 fn frame_2025() -> Vec<u8> {

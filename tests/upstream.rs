@@ -227,14 +227,7 @@ fn frame(m: &str, q: &str, cn: &str, flag: u8) -> Vec<u8> {
     .to_vec()
 }
 
-/// A 2005 real-time upload (Flag=1).
-fn frame_2005() -> Vec<u8> {
-    reply::envelope(
-        b"QN=20240601085857001;ST=32;CN=2011;PW=123456;MN=88888880000001;Flag=1;\
-          CP=&&DataTime=20240601085857;B02-Rtd=36.50,B02-Flag=N&&",
-    )
-    .to_vec()
-}
+use common::frame_2005;
 
 /// A 2025 minute upload, CP SM4-encrypted on the wire (key 0x30 x16).
 fn frame_2025() -> Vec<u8> {

@@ -182,3 +182,13 @@ pub fn records(db: &std::path::Path) -> Vec<hj212_gateway::store::StoredRecord> 
         .collect::<Result<_, _>>()
         .expect("read")
 }
+
+/// A 2005 real-time upload (Flag=1: version bits 0, ack requested).
+#[allow(dead_code)]
+pub fn frame_2005() -> Vec<u8> {
+    reply::envelope(
+        b"QN=20240601085857001;ST=32;CN=2011;PW=123456;MN=88888880000001;Flag=1;\
+          CP=&&DataTime=20240601085857;B02-Rtd=36.50,B02-Flag=N&&",
+    )
+    .to_vec()
+}
