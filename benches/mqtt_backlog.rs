@@ -152,6 +152,8 @@ fn main() {
         mqtt::spawn(
             settings,
             db.clone(),
+            // A backlog is read from the log file: the feed would be empty anyway.
+            Arc::new(hj212_gateway::store::Feed::new(0)),
             Arc::new(Presence::default()),
             token.clone(),
         )

@@ -189,6 +189,9 @@ pub struct StoreSection {
     pub batch_delay: Dur,
     /// Bounded queue of records awaiting the writer; when full, sessions stop reading.
     pub queue: usize,
+    /// Committed records kept in memory for the consumers (MQTT, upstreams, alarms);
+    /// 0 makes every consumer read SQLite.
+    pub feed_records: usize,
 }
 
 impl Default for StoreSection {
@@ -199,6 +202,7 @@ impl Default for StoreSection {
             batch_max: 512,
             batch_delay: Dur(Duration::from_millis(2)),
             queue: 8192,
+            feed_records: 8192,
         }
     }
 }

@@ -116,6 +116,7 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
         batch_max: cfg.store.batch_max,
         batch_delay: cfg.store.batch_delay.0,
         queue: cfg.store.queue,
+        feed_records: cfg.store.feed_records,
     };
     let (store, writer): (StoreHandle, WriterJoin) =
         tokio::task::spawn_blocking(move || Store::open(store_cfg))
@@ -207,6 +208,7 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
         (Some(settings), Some(presence)) => Some(mqtt::spawn(
             settings,
             store_path.clone(),
+            shared.store.feed(),
             presence,
             shutdown.child_token(),
         )),
@@ -237,6 +239,7 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
         crate::alarm::task::spawn(
             shared.cfg.alarms.clone(),
             store_path.clone(),
+            shared.store.feed(),
             shared.registry.clone(),
             shutdown.child_token(),
         )

@@ -1,10 +1,12 @@
 //! The detector task: the engine behind its own cursor on the frame log.
 //!
-//! Each step reads a page of records after the cursor `alarms`, feeds the accepted
+//! Each step reads a page of records after the cursor `alarms` (from the writer's
+//! in-memory feed while the detector keeps up, else from SQLite), feeds the accepted
 //! inbound frames to the engine (ticking the engine's clock with the records' receive
 //! times, so a backlog is judged as it happened), then, once caught up, ticks with the
 //! wall clock for `device.offline`. The events of a step and the new cursor are
-//! committed in one transaction.
+//! committed in one transaction. Between steps it waits for the next commit, or
+//! `tick` when nothing is committed.
 //!
 //! On start the engine is rebuilt: up to `lookback` records before the cursor are fed
 //! with their events discarded (cadences, windows, runs), then the active set is
@@ -23,7 +25,9 @@ use super::engine::Engine;
 use super::{AlarmEvent, Obs};
 use crate::config::{AlarmsSection, DeviceKind};
 use crate::registry::SharedRegistry;
-use crate::store::{AlarmRow, AlarmStore, Cursors, Reader, StoreError, StoredRecord};
+use crate::store::{
+    AlarmRow, AlarmStore, Cursors, Feed, FeedReader, Reader, StoreError, StoredRecord,
+};
 
 /// The detector's cursor in the `cursors` table.
 pub const CURSOR: &str = "alarms";
@@ -90,7 +94,7 @@ impl Feeder {
 
 struct Detector {
     feeder: Feeder,
-    reader: Reader,
+    reader: FeedReader,
     alarms: AlarmStore,
     registry: Arc<SharedRegistry>,
     cursor: u64,
@@ -106,14 +110,15 @@ impl Detector {
     fn open(
         cfg: AlarmsSection,
         db: &Path,
+        feed: Arc<Feed>,
         registry: Arc<SharedRegistry>,
     ) -> Result<Self, StoreError> {
-        let reader = Reader::open(db)?;
+        let reader = FeedReader::new(feed, Reader::open(db)?);
         let alarms = AlarmStore::open(db)?;
         let cursors = Cursors::open(db)?;
         let cursor = match cursors.get_cursor(CURSOR)? {
             Some(c) => c,
-            None => reader.last_seq()?,
+            None => reader.reader().last_seq()?,
         };
         let lookback = cfg.lookback as u64;
         let mut d = Detector {
@@ -220,12 +225,15 @@ impl Detector {
 pub fn spawn(
     cfg: AlarmsSection,
     db: PathBuf,
+    feed: Arc<Feed>,
     registry: Arc<SharedRegistry>,
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let tick = cfg.tick.0;
-        let opened = tokio::task::spawn_blocking(move || Detector::open(cfg, &db, registry)).await;
+        let mut committed = feed.subscribe();
+        let opened =
+            tokio::task::spawn_blocking(move || Detector::open(cfg, &db, feed, registry)).await;
         let mut d = match opened {
             Ok(Ok(d)) => d,
             Ok(Err(e)) => {
@@ -265,8 +273,11 @@ pub fn spawn(
                 break;
             }
             if caught_up {
+                // A commit wakes the detector at once: while it keeps up it reads
+                // from memory, and the ring only reaches back so far.
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
+                    _ = committed.changed() => {}
                     _ = tokio::time::sleep(tick) => {}
                 }
             }

@@ -366,6 +366,10 @@ pub struct Metrics {
     pub junk_bytes: Counter,
     /// Inbound frames the store marked as retransmissions of an earlier (MN, QN, CN).
     pub duplicates: Counter,
+    /// Records consumers took from the writer's in-memory commit feed.
+    pub feed_reads: Counter,
+    /// Records consumers had to read back from SQLite (behind the feed).
+    pub feed_misses: Counter,
     downlink_exchanges: [Counter; crate::store::OUTCOMES.len()],
     /// Exchange outcomes that could not be written to the store.
     pub downlink_unrecorded: Counter,
@@ -410,6 +414,8 @@ impl Metrics {
             bytes_out: Counter::new(),
             junk_bytes: Counter::new(),
             duplicates: Counter::new(),
+            feed_reads: Counter::new(),
+            feed_misses: Counter::new(),
             downlink_exchanges: [const { Counter::new() }; crate::store::OUTCOMES.len()],
             downlink_unrecorded: Counter::new(),
             commit_seconds: Histogram::new(LATENCY_NS, 1e-9),
@@ -602,6 +608,21 @@ impl Metrics {
             "Inbound frames retransmitting an earlier (MN, QN, CN).",
         );
         e.sample("hj212_duplicate_frames_total", &[], self.duplicates.get());
+        e.family(
+            "hj212_consumer_records_total",
+            "counter",
+            "Records read by the log's consumers, by source: the writer's in-memory feed or SQLite (a consumer behind the feed).",
+        );
+        e.sample(
+            "hj212_consumer_records_total",
+            &[("source", "feed")],
+            self.feed_reads.get(),
+        );
+        e.sample(
+            "hj212_consumer_records_total",
+            &[("source", "sqlite")],
+            self.feed_misses.get(),
+        );
         e.family(
             "hj212_downlink_exchanges_total",
             "counter",

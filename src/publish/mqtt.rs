@@ -50,7 +50,7 @@ use super::merge::{Merged, Merger, Part};
 use super::plan::{self, PlanOptions};
 use super::presence::{DeviceStatus, Presence};
 use crate::config::{ConfigError, MqttSection, parse_broker_url};
-use crate::store::{AlarmStore, Cursors, Reader, StoreError};
+use crate::store::{AlarmStore, Cursors, Feed, FeedReader, Reader, StoreError};
 
 /// Cursor of published (and acknowledged) records.
 pub const CURSOR: &str = "mqtt";
@@ -268,11 +268,12 @@ fn default_client_id() -> String {
 pub fn spawn(
     settings: MqttSettings,
     db: PathBuf,
+    feed: Arc<Feed>,
     presence: Arc<Presence>,
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        match Publisher::open(settings, &db, presence).await {
+        match Publisher::open(settings, &db, feed, presence).await {
             Ok(p) => p.run(shutdown).await,
             Err(e) => {
                 error!(error = %e, "MQTT publisher cannot open the frame log; not publishing")
@@ -315,7 +316,9 @@ enum Ended {
 
 struct Publisher {
     s: MqttSettings,
-    reader: Arc<Mutex<Reader>>,
+    reader: Arc<Mutex<FeedReader>>,
+    /// The last committed seq: wakes a caught-up publisher at once.
+    committed: tokio::sync::watch::Receiver<u64>,
     cursors: Arc<Mutex<Cursors>>,
     presence: Arc<Presence>,
     /// Records at or below were published before this start: they only rebuild groups.
@@ -353,12 +356,14 @@ impl Publisher {
     async fn open(
         s: MqttSettings,
         db: &Path,
+        feed: Arc<Feed>,
         presence: Arc<Presence>,
     ) -> Result<Publisher, StoreError> {
+        let committed = feed.subscribe();
         let db = db.to_owned();
         let (reader, cursors, data, merge, alarms, alarm) =
             tokio::task::spawn_blocking(move || {
-                let reader = Reader::open(&db)?;
+                let reader = FeedReader::new(feed, Reader::open(&db)?);
                 let cursors = Cursors::open(&db)?;
                 let data = cursors.get_cursor(CURSOR)?.unwrap_or(0);
                 let merge = cursors.get_cursor(MERGE_CURSOR)?.unwrap_or(data).min(data);
@@ -379,6 +384,7 @@ impl Publisher {
             merger: Merger::new(s.merge_wait, s.merge_max_groups),
             s,
             reader: Arc::new(Mutex::new(reader)),
+            committed,
             cursors: Arc::new(Mutex::new(cursors)),
             presence,
             floor: data,
@@ -518,6 +524,13 @@ impl Publisher {
                             self.caught_up = true;
                         }
                         Err(e) => error!(error = %e, "MQTT read task failed"),
+                    }
+                }
+                // A caught-up publisher reads again as soon as something commits
+                // (the tick below is the fallback), while the feed still holds it.
+                r = self.committed.changed(), if self.caught_up => {
+                    if r.is_ok() {
+                        self.caught_up = false;
                     }
                 }
                 _ = self.presence.changed() => {

@@ -39,7 +39,7 @@ use crate::protocol::reply::Target;
 use crate::protocol::{self, DeviceLookup, Dialect, Frame, reply};
 use crate::session::{Shared, decode_options};
 use crate::store::{
-    Cursors, Direction, Kind, NewRecord, Reader, StoreError, StoredRecord, Verdict,
+    Cursors, Direction, FeedReader, Kind, NewRecord, Reader, StoreError, StoredRecord, Verdict,
 };
 
 /// Records read from the log per query.
@@ -147,14 +147,16 @@ struct Forwarder {
     e: UpstreamEntry,
     names: Arc<Vec<String>>,
     shared: Arc<Shared>,
-    reader: Arc<Mutex<Reader>>,
+    reader: Arc<Mutex<FeedReader>>,
+    /// The last committed seq: wakes a caught-up forwarder at once.
+    committed: tokio::sync::watch::Receiver<u64>,
     cursors: Arc<Mutex<Cursors>>,
     cursor_name: String,
     /// Every record up to here is delivered or not for this upstream.
     delivered: u64,
     persisted: u64,
     last_persist: tokio::time::Instant,
-    pending: VecDeque<StoredRecord>,
+    pending: VecDeque<Arc<StoredRecord>>,
     last_seq: u64,
     state: State,
     logged: (State, tokio::time::Instant),
@@ -170,12 +172,14 @@ impl Forwarder {
         let db = db.to_owned();
         let cursor_name = cursor_name(&e.name);
         let (cn, start) = (cursor_name.clone(), e.start);
+        let feed = shared.store.feed();
+        let committed = feed.subscribe();
         let (reader, cursors, cursor, last) = blocking(move || {
             let reader = Reader::open(&db)?;
             let cursors = Cursors::open(&db)?;
             let cursor = init_cursor(&reader, &cursors, &cn, start)?;
             let last = reader.last_seq()?;
-            Ok((reader, cursors, cursor, last))
+            Ok((FeedReader::new(feed, reader), cursors, cursor, last))
         })
         .await?;
         info!(upstream = %e.name, addr = %e.addr, cursor, lag_frames = last.saturating_sub(cursor), "upstream forwarder resumes from its cursor");
@@ -185,6 +189,7 @@ impl Forwarder {
             names,
             shared,
             reader: Arc::new(Mutex::new(reader)),
+            committed,
             cursors: Arc::new(Mutex::new(cursors)),
             cursor_name,
             delivered: cursor,
@@ -305,12 +310,16 @@ impl Forwarder {
     async fn fill(&mut self) -> Result<(), StoreError> {
         let reader = self.reader.clone();
         let after = self.delivered;
-        let (last, recs) = blocking(move || {
-            let r = reader.lock().unwrap_or_else(|e| e.into_inner());
-            Ok((r.last_seq()?, r.read_from(after, BATCH)?))
+        let recs = blocking(move || {
+            reader
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read_from(after, BATCH)
         })
         .await?;
-        self.last_seq = last;
+        // For the lag report only; asking SQLite would be one more reader per fill.
+        let newest = recs.last().map_or(0, |r| r.seq);
+        self.last_seq = self.last_seq.max(newest).max(*self.committed.borrow());
         self.pending = recs.into();
         Ok(())
     }
@@ -417,17 +426,20 @@ impl Forwarder {
         ))
     }
 
-    /// While caught up: consume what the platform sends, or wait a poll interval.
+    /// While caught up: consume what the platform sends, or wait for the next
+    /// commit (a poll interval at most).
     async fn idle(&mut self, conn: &mut Option<Conn>, shutdown: &CancellationToken) {
         let Some(c) = conn.as_mut() else {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
+                _ = self.committed.changed() => {}
                 _ = tokio::time::sleep(IDLE_POLL) => {}
             }
             return;
         };
         let got = tokio::select! {
             _ = shutdown.cancelled() => return,
+            _ = self.committed.changed() => return,
             _ = tokio::time::sleep(IDLE_POLL) => return,
             got = c.inbox.recv() => got,
             Some(ev) = c.relay_rx.recv() => {
@@ -538,6 +550,7 @@ impl Forwarder {
             reader
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
+                .reader()
                 .last_device_dialect(&mn)
         })
         .await;

@@ -98,6 +98,7 @@ mod chain;
 mod error;
 mod exchanges;
 mod export;
+mod feed;
 mod reader;
 mod schema;
 mod writer;
@@ -111,6 +112,7 @@ pub use chain::{BreakReason, ChainBreak, ChainHead, ChainReport, verify_chain};
 pub use error::StoreError;
 pub use exchanges::{ExchangeFilter, ExchangeRow, NewExchange, OUTCOMES, list_exchanges};
 pub use export::{ExportDirection, ExportFormat, ExportOptions, export, export_record_json};
+pub use feed::{Feed, FeedReader};
 pub use reader::{Cursors, Reader, RecordFilter, Records};
 pub use writer::{Store, StoreHandle, StoreStats, WriterJoin};
 
@@ -325,6 +327,9 @@ pub struct StoreConfig {
     pub batch_delay: Duration,
     /// Capacity of the bounded append queue, in append calls. Default 8192.
     pub queue: usize,
+    /// Committed records kept in memory for consumers ([`Feed`]); 0 keeps none.
+    /// Default 8192.
+    pub feed_records: usize,
 }
 
 impl StoreConfig {
@@ -345,6 +350,7 @@ impl Default for StoreConfig {
             batch_max: 512,
             batch_delay: Duration::from_millis(2),
             queue: 8192,
+            feed_records: 8192,
         }
     }
 }

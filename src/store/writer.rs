@@ -10,8 +10,11 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 use super::chain::{GENESIS, HASHED_COLUMNS, record_hash};
+use super::feed::Feed;
 use super::schema;
-use super::{Appended, Direction, Kind, NewExchange, NewRecord, StoreConfig, StoreError};
+use super::{
+    Appended, Direction, Kind, NewExchange, NewRecord, StoreConfig, StoreError, StoredRecord,
+};
 
 /// Longest `raw` accepted. Frames are capped far lower by the codec; this only keeps a
 /// caller bug from writing a huge blob into the permanent log.
@@ -59,7 +62,9 @@ impl Store {
             .map_err(|source| StoreError::Spawn { source })?;
         let counters = Arc::new(Counters::default());
         let (tx, rx) = mpsc::channel(cfg.queue);
+        let feed = Arc::new(Feed::new(cfg.feed_records));
         let writer = Writer {
+            feed: Arc::clone(&feed),
             conn,
             next_seq,
             prev_hash,
@@ -75,6 +80,7 @@ impl Store {
             StoreHandle {
                 tx,
                 counters: Arc::clone(&counters),
+                feed,
             },
             WriterJoin { thread, counters },
         ))
@@ -185,6 +191,7 @@ enum Msg {
 pub struct StoreHandle {
     tx: mpsc::Sender<Msg>,
     counters: Arc<Counters>,
+    feed: Arc<Feed>,
 }
 
 impl std::fmt::Debug for Msg {
@@ -267,6 +274,12 @@ impl StoreHandle {
         let _ = self.tx.send(Msg::Shutdown).await;
     }
 
+    /// The writer's commit feed: what consumers read instead of SQLite while they
+    /// keep up (see [`Feed`]).
+    pub fn feed(&self) -> Arc<Feed> {
+        Arc::clone(&self.feed)
+    }
+
     /// True while the writer thread is running (its queue has a receiver).
     pub fn writer_alive(&self) -> bool {
         !self.tx.is_closed()
@@ -328,6 +341,7 @@ fn is_json_of(text: &str, open: u8) -> bool {
 }
 
 struct Writer {
+    feed: Arc<Feed>,
     conn: Connection,
     next_seq: u64,
     prev_hash: [u8; 32],
@@ -389,7 +403,7 @@ impl Writer {
     fn commit_and_answer(&mut self, batch: &mut Vec<Job>, n: usize) {
         let started = Instant::now();
         match self.commit(batch) {
-            Ok(results) => {
+            Ok((results, hashes)) => {
                 let m = &crate::metrics::METRICS;
                 m.commit_seconds.observe_duration(started.elapsed(), 1);
                 if n > 0 {
@@ -401,9 +415,25 @@ impl Writer {
                 c.records.fetch_add(n as u64, Ordering::Relaxed);
                 c.commits.fetch_add(1, Ordering::Relaxed);
                 c.largest_batch.fetch_max(n as u64, Ordering::Relaxed);
+                // Into the feed before anyone is answered: whoever saw an append
+                // complete finds its record there too.
+                let keep = self.feed.capacity() > 0;
+                let mut committed = Vec::with_capacity(if keep { n } else { 0 });
+                let mut hashes = hashes.into_iter();
+                let mut answers = Vec::with_capacity(batch.len());
                 for (job, res) in batch.drain(..).zip(results) {
+                    if keep {
+                        for (rec, a) in job.recs.into_iter().zip(&res) {
+                            let hash = hashes.next().unwrap_or_default();
+                            committed.push(stored(rec, *a, hash));
+                        }
+                    }
+                    answers.push((job.reply, res));
+                }
+                self.feed.publish(committed, self.next_seq - 1);
+                for (reply, res) in answers {
                     // The waiter may have given up; the record is committed regardless.
-                    let _ = job.reply.send(Ok(res));
+                    let _ = reply.send(Ok(res));
                 }
             }
             Err((op, err)) => {
@@ -431,10 +461,7 @@ impl Writer {
 
     /// One transaction for the whole batch. The in-memory head only advances after
     /// COMMIT succeeded; on error the transaction is rolled back when dropped.
-    fn commit(
-        &mut self,
-        batch: &[Job],
-    ) -> Result<Vec<Vec<Appended>>, (&'static str, rusqlite::Error)> {
+    fn commit(&mut self, batch: &[Job]) -> Result<Committed, (&'static str, rusqlite::Error)> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -442,6 +469,8 @@ impl Writer {
         let mut seq = self.next_seq;
         let mut prev = self.prev_hash;
         let mut results = Vec::with_capacity(batch.len());
+        let mut hashes = Vec::new();
+        let keep = self.feed.capacity() > 0;
         {
             let mut probe = tx
                 .prepare_cached(RETRANSMISSION_SQL)
@@ -467,6 +496,9 @@ impl Writer {
                         ))
                         .map_err(|e| ("insert a record", e))?;
                     answers.push(Appended { seq, duplicate });
+                    if keep {
+                        hashes.push(hash);
+                    }
                     prev = hash;
                     seq += 1;
                 }
@@ -490,7 +522,34 @@ impl Writer {
         tx.commit().map_err(|e| ("commit", e))?;
         self.next_seq = seq;
         self.prev_hash = prev;
-        Ok(results)
+        Ok((results, hashes))
+    }
+}
+
+/// Per job its answers, and (when the feed keeps records) every record's hash in order.
+type Committed = (Vec<Vec<Appended>>, Vec<[u8; 32]>);
+
+/// The record as the log now holds it, for the feed. Moves the strings, copies `raw`.
+fn stored(rec: NewRecord, a: Appended, hash: [u8; 32]) -> StoredRecord {
+    StoredRecord {
+        seq: a.seq,
+        received_at_ms: rec.received_at_ms,
+        peer: rec.peer,
+        session: rec.session,
+        direction: rec.direction,
+        kind: rec.kind,
+        raw: rec.raw.to_vec(),
+        dialect: rec.dialect,
+        st: rec.st,
+        cn: rec.cn,
+        mn: rec.mn,
+        qn: rec.qn,
+        data_time: rec.data_time,
+        verdict: rec.verdict,
+        duplicate: a.duplicate,
+        findings: rec.findings,
+        doc: rec.doc,
+        hash,
     }
 }
 
