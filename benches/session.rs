@@ -186,6 +186,38 @@ fn main() {
     );
     let sim = vec![simulated()];
     println!("simulated upload: {} bytes", sim[0].len());
+    // The check `append_many` runs on each record, alone.
+    let mut o = decode_options(&cfg, chrono::Utc::now());
+    let recs: Vec<NewRecord> = corpus
+        .iter()
+        .flat_map(|r| session_path(&mut o, r))
+        .collect();
+    let bytes: usize = recs.iter().map(|r| r.doc.len() + r.findings.len()).sum();
+    for (name, check) in [
+        (
+            "validate: serde parse",
+            (|t: &str, _: u8| serde_ok(t)) as fn(&str, u8) -> bool,
+        ),
+        ("validate: json::well_formed", |t: &str, o: u8| {
+            json::well_formed(t.as_bytes(), o)
+        }),
+    ] {
+        let t = Instant::now();
+        let mut n = 0u64;
+        while t.elapsed().as_secs_f64() < 1.0 {
+            for r in &recs {
+                assert!(std::hint::black_box(
+                    check(&r.doc, b'{') && check(&r.findings, b'[')
+                ));
+                n += 1;
+            }
+        }
+        let ns = t.elapsed().as_secs_f64() * 1e9 / n as f64;
+        println!(
+            "{name:<40} {ns:8.0} ns/record (mean doc+findings {} bytes)",
+            bytes / recs.len()
+        );
+    }
     for (label, frames) in [("fixtures", &corpus), ("simulated 2017", &sim)] {
         run(&format!("{label}: decode-path"), frames, |r| {
             decode_path(&cfg, r)

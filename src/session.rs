@@ -1302,6 +1302,7 @@ pub fn frame_record(
     received_at_ms: i64,
     accepted: bool,
 ) -> NewRecord {
+    let (doc, data_time) = json::frame_doc_and_time(f);
     NewRecord {
         received_at_ms,
         peer: peer.to_owned(),
@@ -1314,16 +1315,14 @@ pub fn frame_record(
         cn: f.cn().map(str::to_owned),
         mn: f.mn().map(str::to_owned),
         qn: f.qn().map(str::to_owned),
-        data_time: f
-            .data_time
-            .map(|t| protocol::time::rfc3339(t, f.data_time_ms)),
+        data_time,
         verdict: if accepted {
             Verdict::Accepted
         } else {
             Verdict::Rejected
         },
         findings: findings_json(&f.findings),
-        doc: json::frame_doc(f),
+        doc,
     }
 }
 

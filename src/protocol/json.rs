@@ -63,27 +63,29 @@ pub fn frame_json(f: &Frame, include_raw: bool) -> Map<String, Value> {
     obj
 }
 
-/// Appends `s` as a JSON string literal.
+/// Appends `s` as a JSON string literal. Scans bytes, not chars: everything
+/// that needs escaping is ASCII, and UTF-8 continuation bytes never are.
 fn push_str(out: &mut String, s: &str) {
     out.push('"');
+    let b = s.as_bytes();
     let mut start = 0;
-    for (i, c) in s.char_indices() {
+    for (i, &c) in b.iter().enumerate() {
         let esc = match c {
-            '"' => "\\\"",
-            '\\' => "\\\\",
-            '\n' => "\\n",
-            '\r' => "\\r",
-            '\t' => "\\t",
-            c if (c as u32) < 0x20 => "",
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            c if c < 0x20 => "",
             _ => continue,
         };
         out.push_str(&s[start..i]);
         if esc.is_empty() {
-            out.push_str(&format!("\\u{:04x}", c as u32));
+            out.push_str(&format!("\\u{c:04x}"));
         } else {
             out.push_str(esc);
         }
-        start = i + c.len_utf8();
+        start = i + 1;
     }
     out.push_str(&s[start..]);
     out.push('"');
@@ -103,6 +105,12 @@ fn push_opt(out: &mut String, key: &str, v: Option<&str>) {
 /// frame log stores). Written directly rather than through a `Map`: this runs
 /// for every frame at ingest.
 pub fn frame_doc(f: &Frame) -> String {
+    frame_doc_and_time(f).0
+}
+
+/// [`frame_doc`] and the RFC 3339 `data_time` it holds, for callers that store
+/// both (the frame log has a `data_time` column): formatted once.
+pub fn frame_doc_and_time(f: &Frame) -> (String, Option<String>) {
     let mut out = String::with_capacity(f.segment.len() * 2 + 256);
     out.push_str("{\"schema\":\"hj212.frame.v1\",\"kind\":\"frame\",");
     push_opt(&mut out, "dialect", f.dialect.map(|d| d.as_str()));
@@ -226,7 +234,7 @@ pub fn frame_doc(f: &Frame) -> String {
         None => out.push_str("null"),
     }
     out.push_str("}}");
-    out
+    (out, dt)
 }
 
 /// The JSON object for bytes that are not a frame.
@@ -285,6 +293,13 @@ pub fn well_formed(text: &[u8], open: u8) -> bool {
                 }
             }
             b'"' => loop {
+                // Plain string bytes in one tight pass; then the quote, escape or error.
+                while text
+                    .get(i)
+                    .is_some_and(|&b| b >= 0x20 && b != b'"' && b != b'\\')
+                {
+                    i += 1;
+                }
                 match text.get(i) {
                     None => return false,
                     Some(b'"') => {
