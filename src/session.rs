@@ -19,7 +19,6 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::downlink::engine::{Begin, Engine, Out, Timing};
 use crate::downlink::{self as dl, Action, Event, Outcome, Refusal, Submit};
@@ -31,6 +30,26 @@ use crate::protocol::{self, Finding, Frame, Options, Severity, json, reply};
 use crate::publish::presence::Presence;
 use crate::registry::SharedRegistry;
 use crate::store::{Direction, Kind, NewRecord, StoreHandle, Verdict};
+
+/// Emits a session event with the session's `peer`, `session` (id) and, once
+/// known, `mn` as fields. There is no per-session span: a span lives as long as
+/// its session, and the fmt layer keeps each span's formatted fields in the
+/// registry, ~2.6 KB per idle connection. Explicit fields cost nothing until an
+/// event is actually logged. `mn = ..` first overrides the session's MN (events
+/// about another MN on the same connection, or before the session has one).
+macro_rules! slog {
+    ($level:ident, $s:expr, mn = $mn:expr, $($rest:tt)+) => {
+        tracing::$level!(peer = %$s.peer, session = $s.id, mn = $mn, $($rest)+)
+    };
+    ($level:ident, $s:expr, $($rest:tt)+) => {
+        tracing::$level!(
+            peer = %$s.peer,
+            session = $s.id,
+            mn = $s.mns.first().map(String::as_str),
+            $($rest)+
+        )
+    };
+}
 
 /// Finding codes added by gateway policy (beyond the protocol's).
 pub mod code {
@@ -210,24 +229,22 @@ impl WarnLimiter {
             suppressed: 0,
         }
     }
-    fn allow(&mut self) -> bool {
+    /// Whether to log this warning, and how many were suppressed in the window
+    /// that just ended (for the caller to report).
+    fn allow(&mut self) -> (bool, u32) {
+        let mut ended = 0;
         if self.window.elapsed() > Duration::from_secs(60) {
-            if self.suppressed > 0 {
-                warn!(
-                    suppressed = self.suppressed,
-                    "similar warnings suppressed in the last minute"
-                );
-            }
+            ended = self.suppressed;
             self.window = Instant::now();
             self.count = 0;
             self.suppressed = 0;
         }
         self.count += 1;
         if self.count <= Self::PER_MINUTE {
-            true
+            (true, ended)
         } else {
             self.suppressed += 1;
-            false
+            (false, ended)
         }
     }
 }
@@ -298,32 +315,29 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    let span = info_span!("session", %peer, id, mn = tracing::field::Empty);
-    async move {
-        debug!("connected");
-        let mut s = Session::new(shared, peer, id, shutdown);
-        let reason = s.serve(stream).await;
-        crate::metrics::METRICS.session_closed(reason);
-        s.dl_close();
-        for (i, mn) in std::mem::take(&mut s.mns).into_iter().enumerate() {
-            let released = s.shared.sessions.release(&mn, id);
-            // Offline only for the session's device, and only if no newer session
-            // took it over (that one already announced it online).
-            if i == 0 && released && s.announced {
-                if let Some(p) = &s.shared.presence {
-                    p.set(&mn, false, &s.peer_text);
-                }
+    let mut s = Session::new(shared, peer, id, shutdown);
+    slog!(debug, s, "connected");
+    let reason = s.serve(stream).await;
+    crate::metrics::METRICS.session_closed(reason);
+    s.dl_close();
+    for (i, mn) in s.mns.iter().enumerate() {
+        let released = s.shared.sessions.release(mn, id);
+        // Offline only for the session's device, and only if no newer session
+        // took it over (that one already announced it online).
+        if i == 0 && released && s.announced {
+            if let Some(p) = &s.shared.presence {
+                p.set(mn, false, &s.peer_text);
             }
         }
-        info!(
-            reason,
-            frames = s.frames,
-            junk_bytes = s.junk_bytes,
-            "closed"
-        );
     }
-    .instrument(span)
-    .await
+    slog!(
+        info,
+        s,
+        reason,
+        frames = s.frames,
+        junk_bytes = s.junk_bytes,
+        "closed"
+    );
 }
 
 struct Session {
@@ -331,6 +345,8 @@ struct Session {
     peer: SocketAddr,
     peer_text: String,
     id: u64,
+    /// Decoder options from the config (its time zone parsed once); `now` is set per read.
+    opts: Options,
     token: CancellationToken,
     shutdown: CancellationToken,
     codec: Hj212Codec,
@@ -370,6 +386,7 @@ impl Session {
             ..FramerConfig::default()
         });
         let (tx, submit_rx) = mpsc::channel(shared.cfg.downlink.queue);
+        let opts = decode_options(&shared.cfg, chrono::Utc::now());
         let token = CancellationToken::new();
         let info = Arc::new(SessionInfo {
             peer: peer.to_string(),
@@ -390,6 +407,7 @@ impl Session {
             peer,
             peer_text: peer.to_string(),
             id,
+            opts,
             token,
             shutdown,
             codec,
@@ -494,7 +512,7 @@ impl Session {
                 }
                 r = rd.readable() => {
                     if let Err(e) = r {
-                        debug!(error = %e, "readable failed");
+                        slog!(debug, self, error = %e, "readable failed");
                         return "read error";
                     }
                 }
@@ -513,7 +531,7 @@ impl Session {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => {
-                    debug!(error = %e, "read failed");
+                    slog!(debug, self, error = %e, "read failed");
                     let _ = Box::pin(self.flush_eof(&mut buf, Some(&mut wr))).await;
                     return "read error";
                 }
@@ -524,7 +542,7 @@ impl Session {
                     Ok(Some(item)) => items.push(item),
                     Ok(None) => break,
                     Err(e) => {
-                        warn!(error = %e, "codec error");
+                        slog!(warn, self, error = %e, "codec error");
                         return "codec error";
                     }
                 }
@@ -541,7 +559,12 @@ impl Session {
                 }
             }
             if self.junk_bytes > self.shared.cfg.server.max_junk_bytes {
-                warn!(junk_bytes = self.junk_bytes, "junk limit exceeded; closing");
+                slog!(
+                    warn,
+                    self,
+                    junk_bytes = self.junk_bytes,
+                    "junk limit exceeded; closing"
+                );
                 let _ = Box::pin(self.flush_eof(&mut buf, Some(&mut wr))).await;
                 return "junk limit";
             }
@@ -634,9 +657,12 @@ impl Session {
         let read_at = Instant::now();
         let shared = self.shared.clone();
         let cfg = &shared.cfg;
-        let opts = decode_options(cfg, chrono::Utc::now());
+        // Only `now` changes between calls: the rest was taken from the config once.
+        let now = chrono::Utc::now();
+        self.opts.now = now;
+        let opts = self.opts.clone();
         let registry = self.shared.registry.current();
-        let received_at_ms = now_ms();
+        let received_at_ms = now.timestamp_millis();
         let mut records = Vec::with_capacity(items.len() * 2);
         let mut replies: Vec<Bytes> = Vec::new();
         // (MN, announce presence): quarantined devices are never published.
@@ -650,8 +676,10 @@ impl Session {
                 Item::Junk { bytes, reason } => {
                     self.junk_bytes += bytes.len();
                     crate::metrics::METRICS.junk(bytes.len());
-                    if self.warn.allow() {
-                        warn!(
+                    if self.warn_allowed() {
+                        slog!(
+                            warn,
+                            self,
                             reason = reason.as_str(),
                             bytes = bytes.len(),
                             "junk received"
@@ -682,14 +710,14 @@ impl Session {
                     apply_policy(&mut frame, &registry, cfg.validation.unknown_device);
                     let accepted = !frame.has_error();
                     crate::metrics::METRICS.frame(accepted, frame.raw.len(), &frame.findings);
-                    if !accepted && self.warn.allow() {
+                    if !accepted && self.warn_allowed() {
                         let codes: Vec<&str> = frame
                             .findings
                             .iter()
                             .filter(|f| f.severity == Severity::Error)
                             .map(|f| f.code)
                             .collect();
-                        warn!(mn = frame.mn().unwrap_or(""), cn = frame.cn().unwrap_or(""), reasons = ?codes, "frame rejected");
+                        slog!(warn, self, mn = frame.mn().or(self.mns.first().map(String::as_str)), cn = frame.cn().unwrap_or(""), reasons = ?codes, "frame rejected");
                     }
                     if accepted {
                         if let Some(mn) = frame.mn() {
@@ -705,7 +733,7 @@ impl Session {
                         }
                     }
                     let ack = if accepted && wr.is_some() {
-                        reply::ack(&frame)
+                        reply::ack_frame(&frame, &opts)
                     } else {
                         None
                     };
@@ -729,9 +757,8 @@ impl Session {
                     }
                     records.push(self.record(&frame, Direction::In, received_at_ms, accepted));
                     if let Some(ack) = ack {
-                        let out = protocol::decode(ack.clone(), &opts, &());
-                        records.push(self.record(&out, Direction::Out, received_at_ms, true));
-                        replies.push(ack);
+                        records.push(self.record(&ack, Direction::Out, received_at_ms, true));
+                        replies.push(ack.raw);
                     }
                 }
             }
@@ -740,7 +767,7 @@ impl Session {
             Ok(_) => {}
             Err(e) => {
                 // Nothing of this batch is durable: no ack may go out.
-                warn!(error = %e, "frame log append failed; replies withheld");
+                slog!(warn, self, error = %e, "frame log append failed; replies withheld");
                 return Err("store error");
             }
         }
@@ -751,23 +778,31 @@ impl Session {
             if self.token.is_cancelled() {
                 break;
             }
-            if self.mns.is_empty() {
-                tracing::Span::current().record("mn", mn.as_str());
-            }
             // The first MN a connection speaks for is its device: a reconnect
             // supersedes the stale session. Further MNs on the same connection
             // (multi-outlet loggers, forwarders) are only taken when unowned,
             // so two live paths for one MN never evict each other in turn.
             if self.mns.is_empty() {
                 if let Some(old) = self.shared.sessions.claim(&mn, &self.owner) {
-                    info!(mn = %mn, superseded = old, "device reconnected; older session superseded");
+                    slog!(
+                        info,
+                        self,
+                        mn = mn.as_str(),
+                        superseded = old,
+                        "device reconnected; older session superseded"
+                    );
                 }
                 if let (Some(p), true) = (&self.shared.presence, announce) {
                     p.set(&mn, true, &self.peer_text);
                 }
                 self.announced = announce;
             } else if !self.shared.sessions.claim_if_free(&mn, &self.owner) {
-                debug!(mn = %mn, "MN already has a live session; not taking it over");
+                slog!(
+                    debug,
+                    self,
+                    mn = mn.as_str(),
+                    "MN already has a live session; not taking it over"
+                );
                 continue;
             }
             self.mns.push(mn);
@@ -777,7 +812,14 @@ impl Session {
         };
         let acks = replies.len() as u64;
         let bytes: usize = replies.iter().map(Bytes::len).sum();
-        write_replies(wr, replies, self.shared.cfg.server.write_timeout.0).await?;
+        if let Err((reason, e)) =
+            write_replies(wr, replies, self.shared.cfg.server.write_timeout.0).await
+        {
+            if let Some(e) = e {
+                slog!(debug, self, error = %e, "reply write failed");
+            }
+            return Err(reason);
+        }
         crate::metrics::METRICS.bytes_out.add(bytes as u64);
         crate::metrics::METRICS
             .ack_seconds
@@ -800,6 +842,20 @@ impl Session {
             self.dl_run(Vec::new(), wr).await?;
         }
         Ok(())
+    }
+
+    /// [`WarnLimiter::allow`], reporting what the window that just ended suppressed.
+    fn warn_allowed(&mut self) -> bool {
+        let (allowed, suppressed) = self.warn.allow();
+        if suppressed > 0 {
+            slog!(
+                warn,
+                self,
+                suppressed,
+                "similar warnings suppressed in the last minute"
+            );
+        }
+        allowed
     }
 
     /// The downlink state, allocated on first use.
@@ -918,7 +974,7 @@ impl Session {
                         }
                         if let Err(e) = logged {
                             // Unlogged bytes never reach a device.
-                            warn!(error = %e, origin = %origin, "downlink request not logged; not sent");
+                            slog!(warn, self, error = %e, origin = %origin, "downlink request not logged; not sent");
                             let mut end = Vec::new();
                             if let Some(d) = self.dl.as_mut() {
                                 d.engine.abort(
@@ -939,7 +995,7 @@ impl Session {
                             Ok(Err(_)) => return Err("write error"),
                             Err(_) => return Err("write timeout"),
                         }
-                        info!(origin = %origin, cn = frame.cn().unwrap_or(""), qn = frame.qn().unwrap_or(""), "downlink request sent");
+                        slog!(info, self, origin = %origin, cn = frame.cn().unwrap_or(""), qn = frame.qn().unwrap_or(""), "downlink request sent");
                     }
                 }
             }
@@ -980,21 +1036,23 @@ impl Session {
         }
         if let Event::Done(o) = &ev {
             match o {
-                Outcome::Success => info!(outcome = o.name(), "downlink exchange done"),
-                _ => warn!(outcome = o.name(), detail = ?o, "downlink exchange failed"),
+                Outcome::Success => slog!(info, self, outcome = o.name(), "downlink exchange done"),
+                _ => slog!(warn, self, outcome = o.name(), detail = ?o, "downlink exchange failed"),
             }
             match self.dl.as_mut().and_then(|d| d.audit.take()) {
                 Some(a) => dl::audit::record(&self.shared.store, a.finish(o, now_ms())),
                 None => {
                     crate::metrics::METRICS.downlink_unrecorded.inc();
-                    warn!(
+                    slog!(
+                        warn,
+                        self,
                         outcome = o.name(),
                         "downlink exchange ended without a record"
                     );
                 }
             }
         }
-        Self::dl_reply(tag, ev);
+        self.dl_reply(tag, ev);
     }
 
     /// Ends the exchange in progress and answers what is still queued: the
@@ -1020,16 +1078,20 @@ impl Session {
                 &self.shared.store,
                 dl::audit::unsent(&sub, &Outcome::Closed, now),
             );
-            Self::dl_reply(sub.replies, Event::Done(Outcome::Closed));
+            self.dl_reply(sub.replies, Event::Done(Outcome::Closed));
         }
     }
 
     /// Gives a step to its requester, if any.
-    fn dl_reply(tag: Tag, ev: Event) {
+    fn dl_reply(&self, tag: Tag, ev: Event) {
         if let Some(tx) = tag {
             // Never waits: a requester that does not read must not stall the device.
             if tx.try_send(ev).is_err() {
-                warn!("downlink step not delivered: the requester is gone or not reading");
+                slog!(
+                    warn,
+                    self,
+                    "downlink step not delivered: the requester is gone or not reading"
+                );
             }
         }
     }
@@ -1120,7 +1182,13 @@ impl Session {
                         c.time_sync_interval.0.as_millis() as i64,
                     )
                 {
-                    info!(mn, skew_s = skew_ms / 1000, "device clock off; calibrating");
+                    slog!(
+                        info,
+                        self,
+                        mn = mn,
+                        skew_s = skew_ms / 1000,
+                        "device clock off; calibrating"
+                    );
                     autos.push(auto(
                         Action::SetTime {
                             time: None,
@@ -1155,7 +1223,7 @@ impl Session {
                             .map(|x| protocol::time::format_n14(x.with_timezone(&tz)))
                             .unwrap_or_default()
                     };
-                    info!(mn, cn, from = %n14(gap.from), to = %n14(gap.to), "gap in device data; requesting backfill");
+                    slog!(info, self, mn = mn, cn, from = %n14(gap.from), to = %n14(gap.to), "gap in device data; requesting backfill");
                     autos.push(auto(
                         Action::Fetch {
                             cn,
@@ -1190,12 +1258,13 @@ impl Session {
 
 /// Writes the replies of one commit in one write. The socket almost always has
 /// room, so the write is tried at once and only a short or blocked write is
-/// finished under `timeout` (which costs a timer registration).
+/// finished under `timeout` (which costs a timer registration). A failure
+/// comes back as the session's close reason and the I/O error, if any.
 async fn write_replies(
     wr: &mut tokio::net::tcp::OwnedWriteHalf,
     replies: Vec<Bytes>,
     timeout: Duration,
-) -> Result<(), &'static str> {
+) -> Result<(), (&'static str, Option<std::io::Error>)> {
     let out: Bytes = match replies.len() {
         0 => return Ok(()),
         1 => replies.into_iter().next().unwrap_or_default(),
@@ -1210,21 +1279,15 @@ async fn write_replies(
     let done = match wr.try_write(&out) {
         Ok(n) => n,
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
-        Err(e) => {
-            debug!(error = %e, "reply write failed");
-            return Err("write error");
-        }
+        Err(e) => return Err(("write error", Some(e))),
     };
     if done == out.len() {
         return Ok(());
     }
     match tokio::time::timeout(timeout, wr.write_all(&out[done..])).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => {
-            debug!(error = %e, "reply write failed");
-            Err("write error")
-        }
-        Err(_) => Err("write timeout"),
+        Ok(Err(e)) => Err(("write error", Some(e))),
+        Err(_) => Err(("write timeout", None)),
     }
 }
 
@@ -1239,6 +1302,7 @@ pub fn frame_record(
     received_at_ms: i64,
     accepted: bool,
 ) -> NewRecord {
+    let (doc, data_time) = json::frame_doc_and_time(f);
     NewRecord {
         received_at_ms,
         peer: peer.to_owned(),
@@ -1251,16 +1315,14 @@ pub fn frame_record(
         cn: f.cn().map(str::to_owned),
         mn: f.mn().map(str::to_owned),
         qn: f.qn().map(str::to_owned),
-        data_time: f
-            .data_time
-            .map(|t| protocol::time::rfc3339(t, f.data_time_ms)),
+        data_time,
         verdict: if accepted {
             Verdict::Accepted
         } else {
             Verdict::Rejected
         },
         findings: findings_json(&f.findings),
-        doc: json::frame_doc(f),
+        doc,
     }
 }
 
@@ -1311,6 +1373,151 @@ mod tests {
             Action::SetRtdInterval(n) => n,
             _ => unreachable!(),
         }
+    }
+
+    /// The ack record built directly must be the record of our ack bytes
+    /// decoded, column for column, for every frame that gets an ack.
+    fn assert_ack_record_identical(frame: &Frame, opts: &Options) -> Option<bool> {
+        let direct = reply::ack_frame(frame, opts)?;
+        let bytes = reply::ack(frame).expect("ack_frame implies ack");
+        assert_eq!(direct.raw, bytes, "ack bytes");
+        let decoded = protocol::decode(bytes, opts, &());
+        let a = frame_record(
+            &direct,
+            "10.0.0.1:5000",
+            7,
+            Direction::Out,
+            1_700_000_000_123,
+            true,
+        );
+        let b = frame_record(
+            &decoded,
+            "10.0.0.1:5000",
+            7,
+            Direction::Out,
+            1_700_000_000_123,
+            true,
+        );
+        assert_eq!(
+            a,
+            b,
+            "ack of {:?}\n doc  {}\n want {}",
+            String::from_utf8_lossy(&frame.raw),
+            a.doc,
+            b.doc
+        );
+        Some(reply::ack_is_direct(frame, opts))
+    }
+
+    fn live_opts() -> Options {
+        let mut opts = Options::new(chrono::Utc::now());
+        opts.stale_after_s = i64::MAX / 4;
+        opts.future_tolerance_s = i64::MAX / 4;
+        opts
+    }
+
+    #[test]
+    fn ack_records_match_the_decode_path_over_the_fixtures() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/frames.jsonl"
+        ))
+        .unwrap();
+        let opts = live_opts();
+        let (mut acked, mut direct) = (0, 0);
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let raw = v["frame"].as_str().unwrap().as_bytes().to_vec();
+            let f = protocol::decode(Bytes::from(raw), &opts, &());
+            let mut frames = vec![f.clone()];
+            // The same frame asking for an ack (most fixtures do not).
+            if let (Some(flag), None) = (f.header.flag, f.encryption) {
+                let seg = &f.segment[..];
+                let n: u8 = f.flag.unwrap_or(0) | 1;
+                let mut s = seg[..flag.start()].to_vec();
+                s.extend_from_slice(n.to_string().as_bytes());
+                s.extend_from_slice(&seg[flag.end()..]);
+                frames.push(protocol::decode(reply::envelope(&s), &opts, &()));
+            }
+            for f in frames {
+                if let Some(d) = assert_ack_record_identical(&f, &opts) {
+                    acked += 1;
+                    direct += usize::from(d);
+                }
+            }
+        }
+        assert!(acked >= 150, "only {acked} fixture frames got an ack");
+        // Most real headers take the direct path (174 of 197 today).
+        assert!(direct * 10 >= acked * 8, "direct for {direct} of {acked}");
+    }
+
+    #[test]
+    fn ack_records_match_the_decode_path_for_odd_fields() {
+        let opts = live_opts();
+        let qns = [
+            Some("20240601085857223"),
+            None,
+            Some("123"),
+            Some("2024060108585722X"),
+            Some(""),
+        ];
+        let pws = [
+            Some("123456"),
+            None,
+            Some("12345"),
+            Some(""),
+            Some("ab#d;f"),
+        ];
+        let mns = [
+            Some("010000A8900016F000169DC0"),
+            Some("88888880000001"),
+            None,
+            Some(""),
+            Some("mn-lower-case"),
+            Some("010000A8900016F000169DCX"),
+        ];
+        // (version bits, ack flag or none, CN): uploads, notifies, a 2005 notify
+        // without Flag, a 2005 upload split into packets.
+        let kinds: [(Option<&str>, &str, &str); 8] = [
+            (Some("1"), "ST=32", "2011"),
+            (Some("5"), "ST=32", "2011"),
+            (Some("9"), "ST=22", "2061"),
+            (Some("5"), "ST=32", "1013"),
+            (Some("9"), "ST=31", "9015"),
+            (None, "ST=32", "2072"),
+            (Some("1"), "ST=32;PNUM=3;PNO=2", "2051"),
+            (Some("13"), "ST=32", "2011"),
+        ];
+        let (mut n, mut direct) = (0, 0);
+        for qn in qns {
+            for pw in pws {
+                for mn in mns {
+                    for (flag, st, cn) in kinds {
+                        let mut seg = String::new();
+                        if let Some(q) = qn {
+                            seg.push_str(&format!("QN={q};"));
+                        }
+                        seg.push_str(&format!("{st};CN={cn};"));
+                        if let Some(p) = pw {
+                            seg.push_str(&format!("PW={p};"));
+                        }
+                        if let Some(m) = mn {
+                            seg.push_str(&format!("MN={m};"));
+                        }
+                        if let Some(f) = flag {
+                            seg.push_str(&format!("Flag={f};"));
+                        }
+                        seg.push_str("CP=&&DataTime=20240601085857;a21026-Rtd=12.5&&");
+                        let f = protocol::decode(reply::envelope(seg.as_bytes()), &opts, &());
+                        if let Some(d) = assert_ack_record_identical(&f, &opts) {
+                            n += 1;
+                            direct += usize::from(d);
+                        }
+                    }
+                }
+            }
+        }
+        assert!(n > 1000 && direct > 80, "{n} acks, {direct} direct");
     }
 
     #[test]

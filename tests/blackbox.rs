@@ -73,8 +73,11 @@ impl Daemon {
             _config: config,
         };
         let line = d.wait_for_log("listening");
-        // `listening listen=[127.0.0.1:PORT] data=...`
-        let start = line.find("listen=[").expect("listen field") + "listen=[".len();
+        // `listening listen=[127.0.0.1:PORT] data=...`, or `"listen":"[...]"` in JSON.
+        let start = ["listen=[", "\"listen\":\"["]
+            .iter()
+            .find_map(|k| line.find(k).map(|i| i + k.len()))
+            .expect("listen field");
         let end = start + line[start..].find(']').expect("closing bracket");
         d.addr = line[start..end].parse().expect("bound address");
         d
@@ -187,6 +190,48 @@ fn contains(haystack: &[u8], needle: &[u8]) -> usize {
         .windows(needle.len())
         .filter(|w| *w == needle)
         .count()
+}
+
+/// Session events carry the peer, the session id and (once known) the MN as
+/// their own fields, in both log formats: operators grep for an MN or a peer.
+#[test]
+fn session_log_lines_name_peer_session_and_mn() {
+    for format in ["plain", "json"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let data_s = data.to_str().expect("utf-8 path");
+        let mut d = Daemon::spawn(&[
+            "--log-format",
+            format,
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            data_s,
+        ]);
+        let m = mn(77);
+        let mut dev = Dev::connect(d.addr);
+        let peer = dev.s.local_addr().expect("local addr").to_string();
+        dev.exchange(&upload(&m, &qn(1), "123456"));
+        drop(dev);
+        if format == "plain" {
+            let line = d.wait_for_log("session: closed");
+            for want in [
+                format!("peer={peer}"),
+                format!("mn=\"{m}\""),
+                "session=".to_owned(),
+                "reason=\"peer closed\"".to_owned(),
+            ] {
+                assert!(line.contains(&want), "{want} missing from {line}");
+            }
+        } else {
+            let line = d.wait_for_log("\"message\":\"closed\"");
+            let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+            assert_eq!(v["peer"], peer.as_str(), "{line}");
+            assert_eq!(v["mn"], m.as_str(), "{line}");
+            assert!(v["session"].is_u64(), "{line}");
+            assert_eq!(v["reason"], "peer closed", "{line}");
+        }
+    }
 }
 
 #[test]

@@ -63,27 +63,29 @@ pub fn frame_json(f: &Frame, include_raw: bool) -> Map<String, Value> {
     obj
 }
 
-/// Appends `s` as a JSON string literal.
+/// Appends `s` as a JSON string literal. Scans bytes, not chars: everything
+/// that needs escaping is ASCII, and UTF-8 continuation bytes never are.
 fn push_str(out: &mut String, s: &str) {
     out.push('"');
+    let b = s.as_bytes();
     let mut start = 0;
-    for (i, c) in s.char_indices() {
+    for (i, &c) in b.iter().enumerate() {
         let esc = match c {
-            '"' => "\\\"",
-            '\\' => "\\\\",
-            '\n' => "\\n",
-            '\r' => "\\r",
-            '\t' => "\\t",
-            c if (c as u32) < 0x20 => "",
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            c if c < 0x20 => "",
             _ => continue,
         };
         out.push_str(&s[start..i]);
         if esc.is_empty() {
-            out.push_str(&format!("\\u{:04x}", c as u32));
+            out.push_str(&format!("\\u{c:04x}"));
         } else {
             out.push_str(esc);
         }
-        start = i + c.len_utf8();
+        start = i + 1;
     }
     out.push_str(&s[start..]);
     out.push('"');
@@ -103,6 +105,12 @@ fn push_opt(out: &mut String, key: &str, v: Option<&str>) {
 /// frame log stores). Written directly rather than through a `Map`: this runs
 /// for every frame at ingest.
 pub fn frame_doc(f: &Frame) -> String {
+    frame_doc_and_time(f).0
+}
+
+/// [`frame_doc`] and the RFC 3339 `data_time` it holds, for callers that store
+/// both (the frame log has a `data_time` column): formatted once.
+pub fn frame_doc_and_time(f: &Frame) -> (String, Option<String>) {
     let mut out = String::with_capacity(f.segment.len() * 2 + 256);
     out.push_str("{\"schema\":\"hj212.frame.v1\",\"kind\":\"frame\",");
     push_opt(&mut out, "dialect", f.dialect.map(|d| d.as_str()));
@@ -226,7 +234,7 @@ pub fn frame_doc(f: &Frame) -> String {
         None => out.push_str("null"),
     }
     out.push_str("}}");
-    out
+    (out, dt)
 }
 
 /// The JSON object for bytes that are not a frame.
@@ -244,6 +252,120 @@ pub fn junk_json(bytes: &[u8], reason: &str, include_raw: bool) -> Map<String, V
         add_raw(&mut obj, bytes);
     }
     obj
+}
+
+/// Structurally well-formed JSON text: one object or array opening with `open`,
+/// brackets balanced and matched, strings closed with valid escapes and no raw
+/// control characters, only whitespace around it, and nothing outside strings
+/// but JSON's punctuation, number characters and the letters of its literals.
+/// Not a full parse (`{"a":}` passes): a linear scan without allocation, for
+/// checking text our own serializers wrote (the frame log's `validate`).
+pub fn well_formed(text: &[u8], open: u8) -> bool {
+    let start = text
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(text.len());
+    if text.get(start) != Some(&open) {
+        return false;
+    }
+    // Open brackets as a bit stack (1 = object), as deep as serde_json's own limit.
+    let (mut stack, mut depth) = (0u128, 0u32);
+    let mut i = start;
+    while i < text.len() {
+        let c = text[i];
+        i += 1;
+        match c {
+            b'{' | b'[' => {
+                if depth == 128 {
+                    return false;
+                }
+                stack = (stack << 1) | u128::from(c == b'{');
+                depth += 1;
+            }
+            b'}' | b']' => {
+                if depth == 0 || (stack & 1 == 1) != (c == b'}') {
+                    return false;
+                }
+                stack >>= 1;
+                depth -= 1;
+                if depth == 0 {
+                    return text[i..].iter().all(u8::is_ascii_whitespace);
+                }
+            }
+            b'"' => loop {
+                // Plain string bytes in one tight pass; then the quote, escape or error.
+                while text
+                    .get(i)
+                    .is_some_and(|&b| b >= 0x20 && b != b'"' && b != b'\\')
+                {
+                    i += 1;
+                }
+                match text.get(i) {
+                    None => return false,
+                    Some(b'"') => {
+                        i += 1;
+                        break;
+                    }
+                    Some(b'\\') => match text.get(i + 1) {
+                        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => i += 2,
+                        Some(b'u')
+                            if text.len() >= i + 6
+                                && text[i + 2..i + 6].iter().all(u8::is_ascii_hexdigit) =>
+                        {
+                            i += 6
+                        }
+                        _ => return false,
+                    },
+                    Some(&b) if b < 0x20 => return false,
+                    Some(_) => i += 1,
+                }
+            },
+            b' ' | b'\t' | b'\n' | b'\r' | b',' | b':' | b'-' | b'+' | b'.' | b'0'..=b'9' => {}
+            // The letters of true, false, null and exponents.
+            b'a' | b'e' | b'f' | b'l' | b'n' | b'r' | b's' | b't' | b'u' | b'E' => {}
+            _ => return false,
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod well_formed_tests {
+    use super::well_formed;
+
+    #[test]
+    fn accepts_our_documents_and_rejects_broken_ones() {
+        for ok in [
+            "{}",
+            " []",
+            r#"{"a":[1,-2.5e+3,true,false,null],"b":{"c":"x\"y\\z\u00e9\n"}} "#,
+            "{\"t\":\"\u{4e2d}\u{6587}\"}",
+        ] {
+            let open = ok.trim_start().as_bytes()[0];
+            assert!(well_formed(ok.as_bytes(), open), "{ok}");
+        }
+        for (bad, open) in [
+            ("", b'{'),
+            ("[1]", b'{'),
+            ("{}", b'['),
+            ("{\"a\":", b'{'),
+            ("{\"a\":\"x}", b'{'),
+            ("{\"a\":[1}", b'{'),
+            ("{}{}", b'{'),
+            ("{} x", b'{'),
+            ("{\"a\":\"\\u12\"}", b'{'),
+            ("{\"a\":\"\\q\"}", b'{'),
+            ("{\"a\":\"line\nbreak\"}", b'{'),
+            ("{\"a\":x}", b'{'),
+            ("{\"a\":1]", b'{'),
+        ] {
+            assert!(!well_formed(bad.as_bytes(), open), "{bad:?}");
+        }
+        let deep = "[".repeat(129) + &"]".repeat(129);
+        assert!(!well_formed(deep.as_bytes(), b'['));
+        let ok = "[".repeat(128) + &"]".repeat(128);
+        assert!(well_formed(ok.as_bytes(), b'['));
+    }
 }
 
 #[cfg(test)]

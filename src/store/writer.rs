@@ -333,11 +333,24 @@ fn validate(rec: &NewRecord) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Valid JSON whose top-level value opens with `open`. Checked before queueing so a
+/// JSON whose top-level value opens with `open`. Checked before queueing so a
 /// caller bug cannot poison a whole batch or seal unreadable JSON into the chain.
+///
+/// This runs on every appending task for every record, and a session's records
+/// are written by our own serializers (`protocol::json`, serde_json), so release
+/// builds check structure only (`protocol::json::well_formed`): one value of the right kind,
+/// brackets balanced and matched, strings closed with valid escapes and no raw
+/// control characters, nothing after it. That catches what a caller bug does to
+/// JSON (truncation, concatenation, unescaped text) at a fraction of a parse.
+/// Debug builds, and so every test, also run the full serde parse, which
+/// catches token-level slips (`{"a":}`) in the serializers themselves.
 fn is_json_of(text: &str, open: u8) -> bool {
-    text.trim_start().as_bytes().first() == Some(&open)
-        && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+    let shape = crate::protocol::json::well_formed(text.as_bytes(), open);
+    if cfg!(debug_assertions) {
+        shape && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+    } else {
+        shape
+    }
 }
 
 struct Writer {
