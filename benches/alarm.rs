@@ -27,6 +27,10 @@ use hj212_gateway::protocol::build::{self, Civil, Head};
 use hj212_gateway::protocol::{self, Options, json};
 use hj212_gateway::store::{Direction, StoredRecord, Verdict};
 
+// The gateway's allocator (src/main.rs): allocation cost is part of the detector's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const DEVICES: u64 = 1000;
 const SEED: u64 = 212;
 const FRAME_SIZE: usize = 500;

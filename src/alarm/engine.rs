@@ -241,6 +241,11 @@ struct Cx<'a> {
     on: Enabled,
     /// DataTime, else receive time.
     t: i64,
+    /// The device has an active alarm: the only case where a clear can do anything.
+    /// Every key of an observation is of its own MN, and only `raise`/`clear_lazy`
+    /// below change the active set while it is processed, so this is kept in step
+    /// there instead of hashing the MN again for every detector of every value.
+    mn_active: bool,
 }
 
 impl Engine {
@@ -426,6 +431,7 @@ impl Engine {
             // carries no new sample (counting it would fake a stuck value).
             return out;
         }
+        let mn_active = active.per_mn.contains_key(&o.mn);
         let mut cx = Cx {
             cfg,
             decimals,
@@ -434,6 +440,7 @@ impl Engine {
             o,
             on: d.on,
             t: o.data_time_ms.unwrap_or(o.received_ms),
+            mn_active,
         };
         let realtime = o.cn == "2011";
         if realtime {
@@ -495,14 +502,19 @@ fn learn_cadence(d: &mut DeviceState, o: &Obs) {
 impl Cx<'_> {
     fn raise(&mut self, r: Raise) {
         self.active.raise(self.out, r);
+        // Raised now or active already: either way the device has an active alarm.
+        self.mn_active = true;
     }
 
     /// Clears the alarm `key` builds (only built if the device has any active alarm),
     /// ended by this observation at `end_ms`.
     fn clear_lazy(&mut self, key: impl FnOnce() -> AlarmKey, end_ms: i64) {
+        if !self.mn_active {
+            return;
+        }
         let o = self.o;
-        self.active
-            .clear_lazy(self.out, &o.mn, key, end_ms, Some(o.seq));
+        self.active.clear(self.out, key(), end_ms, Some(o.seq));
+        self.mn_active = self.active.per_mn.contains_key(&o.mn);
     }
 
     fn time_skew(&mut self, d: &mut DeviceState) {

@@ -4,8 +4,8 @@
 //! last `spike_window` values before every new value of every factor of every
 //! frame. Copying and selecting twice per value was the detector's largest cost;
 //! here an insert and a removal move at most `spike_window` floats, the median is
-//! read off the sorted side, and the MAD comes from walking outwards from the
-//! median over both sorted halves (their deviations grow monotonically), with no
+//! read off the sorted side, and the MAD is a selection over the two sorted halves
+//! (their deviations grow monotonically away from the median), with no
 //! allocation. Results are bit-identical to selecting over a copy: the same order
 //! statistics of the same multiset under `f64::total_cmp`.
 
@@ -54,34 +54,40 @@ impl Window {
         } else {
             (s[k - 1] + s[k]) / 2.0
         };
-        // s[..k] <= med <= s[k..], so |y - med| grows leftwards on the one side and
-        // rightwards on the other: merging the two runs yields the deviations in
-        // order; the (k-1)-th and k-th of them are all the MAD needs.
-        let (mut left, mut right) = (k, k);
-        let (mut prev, mut cur) = (0.0, 0.0);
-        for _ in 0..=k {
-            let dl = (left > 0).then(|| (s[left - 1] - med).abs());
-            let dr = (right < n).then(|| (s[right] - med).abs());
-            let d = match (dl, dr) {
-                (Some(a), Some(b)) if a <= b => {
-                    left -= 1;
-                    a
+        // s[..k] <= med <= s[k..], so |y - med| grows leftwards from k - 1 on the one
+        // side and rightwards from k on the other: two sorted runs, whose merged
+        // q-th value is found by bisecting how many of the q + 1 smallest come from
+        // the left run (O(log n), no merge).
+        let left = |i: usize| (s[k - 1 - i] - med).abs();
+        let right = |j: usize| (s[k + j] - med).abs();
+        let (a, b) = (k, n - k);
+        let nth = |q: usize| {
+            let (mut lo, mut hi) = ((q + 1).saturating_sub(b), a.min(q + 1));
+            while lo < hi {
+                let i = (lo + hi) / 2;
+                // Taking i from the left leaves the right run's q - i in: too many
+                // from the right while that one exceeds the next left value.
+                if right(q - i) > left(i) {
+                    lo = i + 1;
+                } else {
+                    hi = i;
                 }
-                (Some(a), None) => {
-                    left -= 1;
-                    a
-                }
-                (_, Some(b)) => {
-                    right += 1;
-                    b
-                }
-                // k + 1 <= n values are taken from n.
-                (None, None) => break,
-            };
-            prev = cur;
-            cur = d;
-        }
-        let mad = if n % 2 == 1 { cur } else { (prev + cur) / 2.0 };
+            }
+            let i = lo;
+            let l = (i > 0).then(|| left(i - 1));
+            let r = (q + 1 > i).then(|| right(q - i));
+            match (l, r) {
+                (Some(x), Some(y)) => x.max(y),
+                (Some(x), None) => x,
+                (None, Some(y)) => y,
+                (None, None) => 0.0,
+            }
+        };
+        let mad = if n % 2 == 1 {
+            nth(k)
+        } else {
+            (nth(k - 1) + nth(k)) / 2.0
+        };
         (med, mad)
     }
 }
