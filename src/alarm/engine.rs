@@ -9,12 +9,19 @@
 //!
 //! Values are compared as exact decimals; f64 is used only for statistics (median/MAD,
 //! shares of a window), never for values that end up in an alarm.
+//!
+//! The detectors run for every value of every frame, so the quiet path is kept cheap:
+//! one device lookup per observation, the factor's state (with its resolved settings)
+//! found once per value, the spike window kept sorted ([`super::window`]), and an
+//! [`AlarmKey`] built only when an event is actually raised or cleared.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::fmt::Write as _;
 use std::str::FromStr;
 
 use rust_decimal::Decimal;
 
+use super::window::Window;
 use super::{AlarmEvent, AlarmKey, Obs, Raise, Severity, Val};
 use crate::config::{AlarmsSection, FactorAlarms};
 
@@ -33,15 +40,59 @@ fn dec(x: f64) -> Decimal {
     Decimal::from_str(&format!("{x}")).unwrap_or_default()
 }
 
+/// The decimal's text read as f64 (correctly rounded), formatted on the stack: this
+/// runs for every value of every frame.
 fn to_f64(d: Decimal) -> f64 {
-    d.to_string().parse().unwrap_or(0.0)
+    let mut buf = StackText::default();
+    if write!(buf, "{d}").is_err() {
+        // Longer than any decimal's text: never happens, but stay exact if it did.
+        return d.to_string().parse().unwrap_or(0.0);
+    }
+    buf.as_str().parse().unwrap_or(0.0)
+}
+
+/// A small fixed text buffer (a `Decimal` prints at most 31 characters).
+struct StackText {
+    buf: [u8; 64],
+    len: usize,
+}
+
+impl Default for StackText {
+    fn default() -> Self {
+        StackText {
+            buf: [0; 64],
+            len: 0,
+        }
+    }
+}
+
+impl StackText {
+    fn as_str(&self) -> &str {
+        // Only whole `&str`s are ever appended.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+}
+
+impl std::fmt::Write for StackText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        if end > self.buf.len() {
+            return Err(std::fmt::Error);
+        }
+        self.buf[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
 }
 
 #[derive(Debug, Default)]
 struct FactorState {
+    /// Settings resolved on the factor's first numeric value (the configuration
+    /// never changes for an engine's lifetime).
+    fs: Option<Fs>,
     stuck_value: Option<Decimal>,
     stuck_seqs: VecDeque<u64>,
-    window: VecDeque<f64>,
+    window: Window,
     hug: VecDeque<(Decimal, u64)>,
     flag_since: Option<(i64, u64)>,
     /// CNs whose latest sample is out of range / inconsistent. One alarm per factor
@@ -59,6 +110,19 @@ struct Series {
     support: Vec<u64>,
 }
 
+/// Which detectors run for a device (global and per-device `disabled`).
+#[derive(Debug, Default, Clone, Copy)]
+struct Enabled {
+    flag: bool,
+    range: bool,
+    stuck: bool,
+    spike: bool,
+    hugging: bool,
+    mismatch: bool,
+    skew: bool,
+    gap: bool,
+}
+
 #[derive(Debug, Default)]
 struct DeviceState {
     last_seen_ms: Option<i64>,
@@ -70,7 +134,26 @@ struct DeviceState {
     clean_run: u32,
     skew_seqs: VecDeque<u64>,
     series: HashMap<String, Series>,
-    factors: HashMap<String, FactorState>,
+    /// Sorted by factor code: frames list a device's factors in the same order every
+    /// time, and a binary search over a few short codes beats hashing each one.
+    factors: Vec<(String, FactorState)>,
+    on: Enabled,
+    /// `reference_o2` of the device, else the global one.
+    reference_o2: Option<Decimal>,
+}
+
+impl DeviceState {
+    fn factor(&mut self, f: &str) -> &mut FactorState {
+        let i = match self.factors.binary_search_by(|(c, _)| c.as_str().cmp(f)) {
+            Ok(i) => i,
+            Err(i) => {
+                self.factors
+                    .insert(i, (f.to_owned(), FactorState::default()));
+                i
+            }
+        };
+        &mut self.factors[i].1
+    }
 }
 
 /// Resolved per-factor settings.
@@ -83,45 +166,116 @@ struct Fs {
     spike_k: f64,
 }
 
+/// Configuration values the detectors use as decimals, converted once.
+#[derive(Debug)]
+struct Decimals {
+    hugging_band: Decimal,
+    mismatch_tolerance: Decimal,
+    mismatch_abs: Decimal,
+}
+
+/// The set of active alarms, apart from the devices' state so that a detector can
+/// hold one device's state and raise or clear at the same time.
+#[derive(Debug, Default)]
+struct Active {
+    keys: BTreeSet<AlarmKey>,
+    /// Active alarms per MN (the MNs of `keys`), so that clearing on a device
+    /// without alarms builds no key.
+    per_mn: HashMap<String, usize>,
+}
+
+impl Active {
+    /// Raises `key` unless it is active.
+    fn raise(&mut self, out: &mut Vec<AlarmEvent>, r: Raise) {
+        if self.keys.insert(r.key.clone()) {
+            *self.per_mn.entry(r.key.mn.clone()).or_default() += 1;
+            out.push(AlarmEvent::Raise(r));
+        }
+    }
+
+    /// [`Self::clear`] for detectors that run on every value of every frame: the
+    /// key (two strings) is only built when `mn` has an active alarm at all.
+    fn clear_lazy(
+        &mut self,
+        out: &mut Vec<AlarmEvent>,
+        mn: &str,
+        key: impl FnOnce() -> AlarmKey,
+        end_ms: i64,
+        seq: Option<u64>,
+    ) {
+        if self.per_mn.contains_key(mn) {
+            self.clear(out, key(), end_ms, seq);
+        }
+    }
+
+    /// Clears `key` if it is active.
+    fn clear(&mut self, out: &mut Vec<AlarmEvent>, key: AlarmKey, end_ms: i64, seq: Option<u64>) {
+        if self.keys.remove(&key) {
+            if let Some(n) = self.per_mn.get_mut(&key.mn) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_mn.remove(&key.mn);
+                }
+            }
+            out.push(AlarmEvent::Clear { key, end_ms, seq });
+        }
+    }
+}
+
 /// Detectors, their state, and the set of active alarms.
 #[derive(Debug)]
 pub struct Engine {
     cfg: AlarmsSection,
+    decimals: Decimals,
     devices: HashMap<String, DeviceState>,
-    active: BTreeSet<AlarmKey>,
-    /// `factor_settings` per MN and factor: resolving them converts up to three
-    /// bounds through text into decimals, for every value of every frame otherwise.
-    /// The configuration never changes for an engine's lifetime.
-    settings: HashMap<String, HashMap<String, Fs>>,
-    /// Active alarms per MN (the MNs of `active`), so that clearing on a device
-    /// without alarms builds no key.
-    active_per_mn: HashMap<String, usize>,
+    active: Active,
+}
+
+/// What the per-value detectors of one observation share.
+struct Cx<'a> {
+    cfg: &'a AlarmsSection,
+    decimals: &'a Decimals,
+    active: &'a mut Active,
+    out: &'a mut Vec<AlarmEvent>,
+    o: &'a Obs,
+    on: Enabled,
+    /// DataTime, else receive time.
+    t: i64,
+    /// The device has an active alarm: the only case where a clear can do anything.
+    /// Every key of an observation is of its own MN, and only `raise`/`clear_lazy`
+    /// below change the active set while it is processed, so this is kept in step
+    /// there instead of hashing the MN again for every detector of every value.
+    mn_active: bool,
 }
 
 impl Engine {
     /// An engine with no history.
     pub fn new(cfg: AlarmsSection) -> Engine {
+        let decimals = Decimals {
+            hugging_band: dec(cfg.hugging_band),
+            mismatch_tolerance: dec(cfg.mismatch_tolerance),
+            mismatch_abs: dec(cfg.mismatch_abs),
+        };
         Engine {
             cfg,
+            decimals,
             devices: HashMap::new(),
-            active: BTreeSet::new(),
-            settings: HashMap::new(),
-            active_per_mn: HashMap::new(),
+            active: Active::default(),
         }
     }
 
     /// Replaces the set of active alarms (restored from the alarms table on restart).
     pub fn set_active(&mut self, keys: impl IntoIterator<Item = AlarmKey>) {
-        self.active = keys.into_iter().collect();
-        self.active_per_mn.clear();
-        for k in &self.active {
-            *self.active_per_mn.entry(k.mn.clone()).or_default() += 1;
+        self.active.keys = keys.into_iter().collect();
+        self.active.per_mn.clear();
+        for k in &self.active.keys {
+            *self.active.per_mn.entry(k.mn.clone()).or_default() += 1;
         }
     }
 
     /// The active alarms.
     pub fn active(&self) -> impl Iterator<Item = &AlarmKey> {
-        self.active.iter()
+        self.active.keys.iter()
     }
 
     fn enabled(&self, mn: &str, kind: &str) -> bool {
@@ -133,23 +287,35 @@ impl Engine {
                 .is_some_and(|d| d.disabled.iter().any(|x| x == kind))
     }
 
-    fn cached_settings(&mut self, mn: &str, factor: &str) -> Fs {
-        if let Some(fs) = self.settings.get(mn).and_then(|m| m.get(factor)) {
-            return *fs;
+    /// A new device's state: which detectors run for it and its reference O2.
+    fn new_device(&self, mn: &str) -> DeviceState {
+        let on = |kind| self.enabled(mn, kind);
+        DeviceState {
+            on: Enabled {
+                flag: on("flag.abnormal"),
+                range: on("value.range"),
+                stuck: on("value.stuck"),
+                spike: on("value.spike"),
+                hugging: on("limit.hugging"),
+                mismatch: on("converted.mismatch"),
+                skew: on("time.skew"),
+                gap: on("data.gap"),
+            },
+            reference_o2: self
+                .cfg
+                .device
+                .get(mn)
+                .and_then(|d| d.reference_o2)
+                .or(self.cfg.reference_o2)
+                .map(dec),
+            ..DeviceState::default()
         }
-        let fs = self.factor_settings(mn, factor);
-        self.settings
-            .entry(mn.to_owned())
-            .or_default()
-            .insert(factor.to_owned(), fs);
-        fs
     }
 
-    fn factor_settings(&self, mn: &str, factor: &str) -> Fs {
+    fn factor_settings(cfg: &AlarmsSection, mn: &str, factor: &str) -> Fs {
         let empty = FactorAlarms::default();
-        let g = self.cfg.factor.get(factor).unwrap_or(&empty);
-        let d = self
-            .cfg
+        let g = cfg.factor.get(factor).unwrap_or(&empty);
+        let d = cfg
             .device
             .get(mn)
             .and_then(|d| d.factor.get(factor))
@@ -166,47 +332,8 @@ impl Engine {
             min: d.min.or(g.min).or(dmin).map(dec),
             max: d.max.or(g.max).or(dmax).map(dec),
             limit: d.limit.or(g.limit).map(dec),
-            stuck_count: d
-                .stuck_count
-                .or(g.stuck_count)
-                .unwrap_or(self.cfg.stuck_count),
-            spike_k: d.spike_k.or(g.spike_k).unwrap_or(self.cfg.spike_k),
-        }
-    }
-
-    /// Raises `key` unless it is active.
-    fn raise(&mut self, out: &mut Vec<AlarmEvent>, r: Raise) {
-        if self.active.insert(r.key.clone()) {
-            *self.active_per_mn.entry(r.key.mn.clone()).or_default() += 1;
-            out.push(AlarmEvent::Raise(r));
-        }
-    }
-
-    /// [`Self::clear`] for detectors that run on every value of every frame: the
-    /// key (two strings) is only built when `mn` has an active alarm at all.
-    fn clear_lazy(
-        &mut self,
-        out: &mut Vec<AlarmEvent>,
-        mn: &str,
-        key: impl FnOnce() -> AlarmKey,
-        end_ms: i64,
-        seq: Option<u64>,
-    ) {
-        if self.active_per_mn.contains_key(mn) {
-            self.clear(out, key(), end_ms, seq);
-        }
-    }
-
-    /// Clears `key` if it is active.
-    fn clear(&mut self, out: &mut Vec<AlarmEvent>, key: AlarmKey, end_ms: i64, seq: Option<u64>) {
-        if self.active.remove(&key) {
-            if let Some(n) = self.active_per_mn.get_mut(&key.mn) {
-                *n -= 1;
-                if *n == 0 {
-                    self.active_per_mn.remove(&key.mn);
-                }
-            }
-            out.push(AlarmEvent::Clear { key, end_ms, seq });
+            stuck_count: d.stuck_count.or(g.stuck_count).unwrap_or(cfg.stuck_count),
+            spike_k: d.spike_k.or(g.spike_k).unwrap_or(cfg.spike_k),
         }
     }
 
@@ -218,7 +345,13 @@ impl Engine {
         let learned = if d.video || d.intervals.len() < 3 {
             None
         } else {
-            let mut v: Vec<i64> = d.intervals.iter().copied().collect();
+            // Every device on every tick: on the stack, not in a Vec.
+            let mut buf = [0i64; CADENCE_SAMPLES];
+            let n = d.intervals.len().min(CADENCE_SAMPLES);
+            for (slot, x) in buf.iter_mut().zip(&d.intervals) {
+                *slot = *x;
+            }
+            let v = &mut buf[..n];
             let mid = v.len() / 2;
             let (_, &mut m, _) = v.select_nth_unstable(mid);
             Some(m * i64::from(self.cfg.offline_factor))
@@ -243,7 +376,7 @@ impl Engine {
         due.sort();
         for (mn, seen, seq, limit) in due {
             let secs = limit / 1000;
-            self.raise(
+            self.active.raise(
                 &mut out,
                 Raise {
                     key: AlarmKey {
@@ -265,26 +398,31 @@ impl Engine {
     /// One accepted inbound frame.
     pub fn observe(&mut self, o: &Obs) -> Vec<AlarmEvent> {
         let mut out = Vec::new();
-        let mn = o.mn.clone();
-        if !self.devices.contains_key(&mn) {
-            self.devices.insert(mn.clone(), DeviceState::default());
+        if !self.devices.contains_key(&o.mn) {
+            let d = self.new_device(&o.mn);
+            self.devices.insert(o.mn.clone(), d);
         }
-        let d = self.devices.get_mut(&mn).expect("inserted above");
+        let Engine {
+            cfg,
+            decimals,
+            devices,
+            active,
+        } = self;
+        let d = devices.get_mut(&o.mn).expect("inserted above");
         d.video = o.video;
         d.last_seen_ms = Some(
             d.last_seen_ms
                 .map_or(o.received_ms, |s| s.max(o.received_ms)),
         );
         d.last_seq = o.seq;
-        let key = |kind: &'static str, factor: &str| AlarmKey {
-            kind,
-            mn: mn.clone(),
-            factor: factor.to_owned(),
-        };
-        self.clear_lazy(
+        active.clear_lazy(
             &mut out,
             &o.mn,
-            || key("device.offline", ""),
+            || AlarmKey {
+                kind: "device.offline",
+                mn: o.mn.clone(),
+                factor: String::new(),
+            },
             o.received_ms,
             Some(o.seq),
         );
@@ -293,56 +431,97 @@ impl Engine {
             // carries no new sample (counting it would fake a stuck value).
             return out;
         }
-        let t = o.data_time_ms.unwrap_or(o.received_ms);
-        if o.cn == "2011" {
-            self.learn_cadence(&mn, o);
-            self.time_skew(&mut out, o);
+        let mn_active = active.per_mn.contains_key(&o.mn);
+        let mut cx = Cx {
+            cfg,
+            decimals,
+            active,
+            out: &mut out,
+            o,
+            on: d.on,
+            t: o.data_time_ms.unwrap_or(o.received_ms),
+            mn_active,
+        };
+        let realtime = o.cn == "2011";
+        if realtime {
+            learn_cadence(d, o);
+            cx.time_skew(d);
         }
         if matches!(o.cn.as_str(), "2051" | "2061" | "2031") {
-            self.data_gap(&mut out, o);
+            cx.data_gap(d);
         }
-        let suffix = if o.cn == "2011" { "Rtd" } else { "Avg" };
-        let factors: Vec<String> = o.values.keys().cloned().collect();
-        for f in &factors {
-            let Some(v) = o.num(f, suffix) else {
+        let suffix = if realtime { "Rtd" } else { "Avg" };
+        let reference_o2 = d.reference_o2;
+        for (f, vals) in &o.values {
+            let st = d.factor(f);
+            let flag = match vals.get("Flag") {
+                Some(Val::Text(s)) => Some(s.as_str()),
+                _ => None,
+            };
+            let Some(Val::Num(v)) = vals.get(suffix) else {
                 // A flag without a value still counts for flag.abnormal.
-                self.flag(&mut out, o, f, t);
+                cx.flag(st, f, flag);
                 continue;
             };
-            let fs = self.cached_settings(&mn, f);
-            self.flag(&mut out, o, f, t);
-            self.range(&mut out, o, f, v, &fs, t);
-            if o.cn == "2011" {
-                let normal = o.text(f, "Flag").is_none_or(|x| x == "N");
-                self.stuck(&mut out, o, f, v, normal, &fs, t);
-                self.spike(&mut out, o, f, v, &fs, t);
-                let hv = o.num(f, "ZsRtd").unwrap_or(v);
-                self.hugging(&mut out, o, f, hv, &fs, t);
+            let v = *v;
+            let fs = *st
+                .fs
+                .get_or_insert_with(|| Engine::factor_settings(cx.cfg, &o.mn, f));
+            cx.flag(st, f, flag);
+            cx.range(st, f, v, &fs);
+            if realtime {
+                let normal = flag.is_none_or(|x| x == "N");
+                cx.stuck(st, f, v, normal, &fs);
+                cx.spike(st, f, v, &fs);
+                let hv = match vals.get("ZsRtd") {
+                    Some(Val::Num(z)) => *z,
+                    _ => v,
+                };
+                cx.hugging(st, f, hv, &fs);
             }
-            self.mismatch(&mut out, o, f, v, suffix, t);
+            cx.mismatch(st, f, vals, v, suffix, reference_o2);
         }
         out
     }
+}
 
-    fn learn_cadence(&mut self, mn: &str, o: &Obs) {
-        let Some(dt) = o.data_time_ms else { return };
-        let d = self.devices.get_mut(mn).expect("device exists");
-        if let Some(prev) = d.last_2011_dt {
-            let gap = dt - prev;
-            if gap > 0 {
-                d.intervals.push_back(gap);
-                if d.intervals.len() > CADENCE_SAMPLES {
-                    d.intervals.pop_front();
-                }
+fn learn_cadence(d: &mut DeviceState, o: &Obs) {
+    let Some(dt) = o.data_time_ms else { return };
+    if let Some(prev) = d.last_2011_dt {
+        let gap = dt - prev;
+        if gap > 0 {
+            d.intervals.push_back(gap);
+            if d.intervals.len() > CADENCE_SAMPLES {
+                d.intervals.pop_front();
             }
         }
-        d.last_2011_dt = Some(dt);
+    }
+    d.last_2011_dt = Some(dt);
+}
+
+impl Cx<'_> {
+    fn raise(&mut self, r: Raise) {
+        self.active.raise(self.out, r);
+        // Raised now or active already: either way the device has an active alarm.
+        self.mn_active = true;
     }
 
-    fn time_skew(&mut self, out: &mut Vec<AlarmEvent>, o: &Obs) {
-        if !self.enabled(&o.mn, "time.skew") {
+    /// Clears the alarm `key` builds (only built if the device has any active alarm),
+    /// ended by this observation at `end_ms`.
+    fn clear_lazy(&mut self, key: impl FnOnce() -> AlarmKey, end_ms: i64) {
+        if !self.mn_active {
             return;
         }
+        let o = self.o;
+        self.active.clear(self.out, key(), end_ms, Some(o.seq));
+        self.mn_active = self.active.per_mn.contains_key(&o.mn);
+    }
+
+    fn time_skew(&mut self, d: &mut DeviceState) {
+        if !self.on.skew {
+            return;
+        }
+        let o = self.o;
         let limit = self.cfg.skew_threshold.0.as_millis() as i64;
         let diff = o.data_time_ms.map(|t| o.received_ms - t);
         // time.future / time.stale (old DataTime) and RF=1 on real-time data are the
@@ -353,7 +532,6 @@ impl Engine {
                 .iter()
                 .any(|f| f == "time.future" || f == "time.stale");
         let n = self.cfg.skew_count;
-        let d = self.devices.get_mut(&o.mn).expect("device exists");
         if skewed {
             d.skew_run += 1;
             d.clean_run = 0;
@@ -367,7 +545,6 @@ impl Engine {
             d.skew_seqs.clear();
         }
         let (run, clean) = (d.skew_run, d.clean_run);
-        let seqs: Vec<u64> = d.skew_seqs.iter().copied().collect();
         let key = || AlarmKey {
             kind: "time.skew",
             mn: o.mn.clone(),
@@ -375,31 +552,29 @@ impl Engine {
         };
         if run >= n {
             let s = diff.unwrap_or(0) / 1000;
-            self.raise(
-                out,
-                Raise {
-                    key: key(),
-                    severity: Severity::Warning,
-                    start_ms: o.received_ms,
-                    seqs,
-                    message_zh: format!(
-                        "设备 {} 时钟偏差：连续 {run} 条实时数据的数据时间与接收时间相差 {s} 秒",
-                        o.mn
-                    ),
-                    message_en: format!(
-                        "device {} clock skew: {run} consecutive real-time frames, receive time minus DataTime {s} s",
-                        o.mn
-                    ),
-                },
-            );
+            self.raise(Raise {
+                key: key(),
+                severity: Severity::Warning,
+                start_ms: o.received_ms,
+                seqs: d.skew_seqs.iter().copied().collect(),
+                message_zh: format!(
+                    "设备 {} 时钟偏差：连续 {run} 条实时数据的数据时间与接收时间相差 {s} 秒",
+                    o.mn
+                ),
+                message_en: format!(
+                    "device {} clock skew: {run} consecutive real-time frames, receive time minus DataTime {s} s",
+                    o.mn
+                ),
+            });
         } else if clean >= n {
-            self.clear_lazy(out, &o.mn, key, o.received_ms, Some(o.seq));
+            self.clear_lazy(key, o.received_ms);
         }
     }
 
-    fn data_gap(&mut self, out: &mut Vec<AlarmEvent>, o: &Obs) {
+    fn data_gap(&mut self, d: &mut DeviceState) {
+        let o = self.o;
         let Some(t) = o.data_time_ms else { return };
-        if !self.enabled(&o.mn, "data.gap") {
+        if !self.on.gap {
             return;
         }
         let nominal: i64 = match o.cn.as_str() {
@@ -407,8 +582,10 @@ impl Engine {
             "2061" => 3_600_000,
             _ => 86_400_000,
         };
-        let d = self.devices.get_mut(&o.mn).expect("device exists");
-        let s = d.series.entry(o.cn.clone()).or_default();
+        if !d.series.contains_key(&o.cn) {
+            d.series.insert(o.cn.clone(), Series::default());
+        }
+        let s = d.series.get_mut(&o.cn).expect("inserted above");
         s.missing.remove(&t);
         match s.last_ms {
             Some(last) if t > last => {
@@ -431,58 +608,45 @@ impl Engine {
             Some(_) => {}
             None => s.last_ms = Some(t),
         }
-        let missing: Vec<i64> = s.missing.iter().copied().collect();
-        let support = s.support.clone();
         let key = || AlarmKey {
             kind: "data.gap",
             mn: o.mn.clone(),
             factor: o.cn.clone(),
         };
-        if let Some(first) = missing.first() {
-            let first_txt = chrono::DateTime::from_timestamp_millis(*first)
+        if let Some(&first) = s.missing.first() {
+            let first_txt = chrono::DateTime::from_timestamp_millis(first)
                 .map(|x| x.to_rfc3339())
                 .unwrap_or_default();
-            let n = missing.len();
-            self.raise(
-                out,
-                Raise {
-                    key: key(),
-                    severity: Severity::Warning,
-                    start_ms: *first,
-                    seqs: support,
-                    message_zh: format!(
-                        "设备 {} 的 {} 数据缺失 {n} 条，自 {first_txt} 起",
-                        o.mn, o.cn
-                    ),
-                    message_en: format!(
-                        "device {}: {n} {} record(s) missing from {first_txt}",
-                        o.mn, o.cn
-                    ),
-                },
-            );
+            let n = s.missing.len();
+            let support = s.support.clone();
+            self.raise(Raise {
+                key: key(),
+                severity: Severity::Warning,
+                start_ms: first,
+                seqs: support,
+                message_zh: format!(
+                    "设备 {} 的 {} 数据缺失 {n} 条，自 {first_txt} 起",
+                    o.mn, o.cn
+                ),
+                message_en: format!(
+                    "device {}: {n} {} record(s) missing from {first_txt}",
+                    o.mn, o.cn
+                ),
+            });
         } else {
-            self.clear_lazy(out, &o.mn, key, o.received_ms, Some(o.seq));
+            self.clear_lazy(key, o.received_ms);
         }
     }
 
-    fn fstate(&mut self, mn: &str, f: &str) -> &mut FactorState {
-        let factors = &mut self.devices.get_mut(mn).expect("device exists").factors;
-        // Looked up several times per value: no key allocation once the factor is known.
-        if !factors.contains_key(f) {
-            factors.insert(f.to_owned(), FactorState::default());
-        }
-        factors.get_mut(f).expect("inserted above")
-    }
-
-    fn flag(&mut self, out: &mut Vec<AlarmEvent>, o: &Obs, f: &str, t: i64) {
-        let Some(flag) = o.text(f, "Flag") else {
+    fn flag(&mut self, st: &mut FactorState, f: &str, flag: Option<&str>) {
+        let Some(flag) = flag else {
             return;
         };
-        if !self.enabled(&o.mn, "flag.abnormal") {
+        if !self.on.flag {
             return;
         }
+        let (o, t) = (self.o, self.t);
         let after = self.cfg.flag_after.0.as_millis() as i64;
-        let st = self.fstate(&o.mn, f);
         let key = || AlarmKey {
             kind: "flag.abnormal",
             mn: o.mn.clone(),
@@ -490,46 +654,45 @@ impl Engine {
         };
         if flag == "N" {
             st.flag_since = None;
-            self.clear_lazy(out, &o.mn, key, t, Some(o.seq));
+            self.clear_lazy(key, t);
             return;
         }
         let (since, first_seq) = *st.flag_since.get_or_insert((t, o.seq));
         // S is a manually set value: never acceptable as measured data.
         if flag == "S" || t - since >= after {
             let mins = (t - since) / 60_000;
-            self.raise(
-                out,
-                Raise {
-                    key: key(),
-                    severity: if flag == "S" {
-                        Severity::Critical
-                    } else {
-                        Severity::Warning
-                    },
-                    start_ms: since,
-                    seqs: vec![first_seq, o.seq],
-                    message_zh: format!(
-                        "设备 {} 因子 {f} 数据标记为 {flag}（非正常），已持续 {mins} 分钟",
-                        o.mn
-                    ),
-                    message_en: format!(
-                        "device {} factor {f}: flag {flag} (not normal) for {mins} min",
-                        o.mn
-                    ),
+            self.raise(Raise {
+                key: key(),
+                severity: if flag == "S" {
+                    Severity::Critical
+                } else {
+                    Severity::Warning
                 },
-            );
+                start_ms: since,
+                seqs: vec![first_seq, o.seq],
+                message_zh: format!(
+                    "设备 {} 因子 {f} 数据标记为 {flag}（非正常），已持续 {mins} 分钟",
+                    o.mn
+                ),
+                message_en: format!(
+                    "device {} factor {f}: flag {flag} (not normal) for {mins} min",
+                    o.mn
+                ),
+            });
         }
     }
 
-    fn range(&mut self, out: &mut Vec<AlarmEvent>, o: &Obs, f: &str, v: Decimal, fs: &Fs, t: i64) {
-        if !self.enabled(&o.mn, "value.range") {
+    fn range(&mut self, st: &mut FactorState, f: &str, v: Decimal, fs: &Fs) {
+        if !self.on.range {
             return;
         }
+        let (o, t) = (self.o, self.t);
         let low = fs.min.is_some_and(|m| v < m);
         let high = fs.max.is_some_and(|m| v > m);
-        let st = self.fstate(&o.mn, f);
         if low || high {
-            st.range_bad.insert(o.cn.clone());
+            if !st.range_bad.contains(&o.cn) {
+                st.range_bad.insert(o.cn.clone());
+            }
         } else {
             st.range_bad.remove(&o.cn);
         }
@@ -545,40 +708,27 @@ impl Engine {
                 fs.min.map_or("-".into(), |x| x.to_string()),
                 fs.max.map_or("-".into(), |x| x.to_string())
             );
-            self.raise(
-                out,
-                Raise {
-                    key: key(),
-                    severity: Severity::Critical,
-                    start_ms: t,
-                    seqs: vec![o.seq],
-                    message_zh: format!("设备 {} 因子 {f} 数值 {v} 超出合理范围 {bounds}", o.mn),
-                    message_en: format!(
-                        "device {} factor {f}: value {v} outside plausible range {bounds}",
-                        o.mn
-                    ),
-                },
-            );
+            self.raise(Raise {
+                key: key(),
+                severity: Severity::Critical,
+                start_ms: t,
+                seqs: vec![o.seq],
+                message_zh: format!("设备 {} 因子 {f} 数值 {v} 超出合理范围 {bounds}", o.mn),
+                message_en: format!(
+                    "device {} factor {f}: value {v} outside plausible range {bounds}",
+                    o.mn
+                ),
+            });
         } else if !any_bad {
-            self.clear_lazy(out, &o.mn, key, t, Some(o.seq));
+            self.clear_lazy(key, t);
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn stuck(
-        &mut self,
-        out: &mut Vec<AlarmEvent>,
-        o: &Obs,
-        f: &str,
-        v: Decimal,
-        normal: bool,
-        fs: &Fs,
-        t: i64,
-    ) {
-        if !self.enabled(&o.mn, "value.stuck") {
+    fn stuck(&mut self, st: &mut FactorState, f: &str, v: Decimal, normal: bool, fs: &Fs) {
+        if !self.on.stuck {
             return;
         }
-        let st = self.fstate(&o.mn, f);
+        let (o, t) = (self.o, self.t);
         if !normal || st.stuck_value != Some(v) {
             st.stuck_value = normal.then_some(v);
             st.stuck_seqs.clear();
@@ -590,47 +740,40 @@ impl Engine {
             }
         }
         let run = st.stuck_seqs.len() as u32;
-        let seqs: Vec<u64> = st.stuck_seqs.iter().copied().collect();
         let key = || AlarmKey {
             kind: "value.stuck",
             mn: o.mn.clone(),
             factor: f.to_owned(),
         };
         if run >= fs.stuck_count {
-            self.raise(
-                out,
-                Raise {
-                    key: key(),
-                    severity: Severity::Warning,
-                    start_ms: t,
-                    seqs,
-                    message_zh: format!(
-                        "设备 {} 因子 {f} 数值 {v} 连续 {run} 次不变（仪器标记正常）",
-                        o.mn
-                    ),
-                    message_en: format!(
-                        "device {} factor {f}: value {v} unchanged for {run} consecutive samples while flagged normal",
-                        o.mn
-                    ),
-                },
-            );
+            self.raise(Raise {
+                key: key(),
+                severity: Severity::Warning,
+                start_ms: t,
+                seqs: st.stuck_seqs.iter().copied().collect(),
+                message_zh: format!(
+                    "设备 {} 因子 {f} 数值 {v} 连续 {run} 次不变（仪器标记正常）",
+                    o.mn
+                ),
+                message_en: format!(
+                    "device {} factor {f}: value {v} unchanged for {run} consecutive samples while flagged normal",
+                    o.mn
+                ),
+            });
         } else if run <= 1 {
-            self.clear_lazy(out, &o.mn, key, t, Some(o.seq));
+            self.clear_lazy(key, t);
         }
     }
 
-    fn spike(&mut self, out: &mut Vec<AlarmEvent>, o: &Obs, f: &str, v: Decimal, fs: &Fs, t: i64) {
-        if !self.enabled(&o.mn, "value.spike") {
+    fn spike(&mut self, st: &mut FactorState, f: &str, v: Decimal, fs: &Fs) {
+        if !self.on.spike {
             return;
         }
+        let (o, t) = (self.o, self.t);
         let (window, min) = (self.cfg.spike_window, self.cfg.spike_min_samples);
         let x = to_f64(v);
-        let st = self.fstate(&o.mn, f);
         let verdict = if st.window.len() >= min {
-            let mut w: Vec<f64> = st.window.iter().copied().collect();
-            let med = median(&mut w);
-            let mut dev: Vec<f64> = w.iter().map(|y| (y - med).abs()).collect();
-            let mad = median(&mut dev);
+            let (med, mad) = st.window.median_mad();
             // A perfectly flat window has MAD 0; 1 % of the median (or 1e-6) keeps one
             // tiny wiggle from counting as infinitely many deviations.
             let sigma = (1.4826 * mad).max(med.abs() * 0.01).max(1e-6);
@@ -638,10 +781,7 @@ impl Engine {
         } else {
             None
         };
-        st.window.push_back(x);
-        if st.window.len() > window {
-            st.window.pop_front();
-        }
+        st.window.push(x, window);
         let key = || AlarmKey {
             kind: "value.spike",
             mn: o.mn.clone(),
@@ -651,112 +791,96 @@ impl Engine {
             Some((z, med)) if z > fs.spike_k => {
                 // Spikes stay out of the window's statistics only by being robust
                 // (median/MAD), not by exclusion: a real level change becomes normal.
-                self.raise(
-                    out,
-                    Raise {
-                        key: key(),
-                        severity: Severity::Warning,
-                        start_ms: t,
-                        seqs: vec![o.seq],
-                        message_zh: format!(
-                            "设备 {} 因子 {f} 数值 {v} 突变：偏离中位数 {med:.3} 达 {z:.1} 倍稳健标准差",
-                            o.mn
-                        ),
-                        message_en: format!(
-                            "device {} factor {f}: spike {v}, {z:.1} robust deviations from median {med:.3}",
-                            o.mn
-                        ),
-                    },
-                );
+                self.raise(Raise {
+                    key: key(),
+                    severity: Severity::Warning,
+                    start_ms: t,
+                    seqs: vec![o.seq],
+                    message_zh: format!(
+                        "设备 {} 因子 {f} 数值 {v} 突变：偏离中位数 {med:.3} 达 {z:.1} 倍稳健标准差",
+                        o.mn
+                    ),
+                    message_en: format!(
+                        "device {} factor {f}: spike {v}, {z:.1} robust deviations from median {med:.3}",
+                        o.mn
+                    ),
+                });
             }
-            Some(_) => self.clear_lazy(out, &o.mn, key, t, Some(o.seq)),
+            Some(_) => self.clear_lazy(key, t),
             None => {}
         }
     }
 
-    fn hugging(
-        &mut self,
-        out: &mut Vec<AlarmEvent>,
-        o: &Obs,
-        f: &str,
-        v: Decimal,
-        fs: &Fs,
-        t: i64,
-    ) {
+    fn hugging(&mut self, st: &mut FactorState, f: &str, v: Decimal, fs: &Fs) {
         let Some(limit) = fs.limit else { return };
-        if !self.enabled(&o.mn, "limit.hugging") {
+        if !self.on.hugging {
             return;
         }
+        let (o, t) = (self.o, self.t);
         let (n, frac) = (self.cfg.hugging_window, self.cfg.hugging_fraction);
-        let low = limit - limit * dec(self.cfg.hugging_band) / Decimal::ONE_HUNDRED;
-        let st = self.fstate(&o.mn, f);
+        let low = limit - limit * self.decimals.hugging_band / Decimal::ONE_HUNDRED;
         st.hug.push_back((v, o.seq));
         if st.hug.len() > n {
             st.hug.pop_front();
         }
-        let near: Vec<u64> = st
-            .hug
-            .iter()
-            .filter(|(x, _)| *x >= low && *x <= limit)
-            .map(|(_, s)| *s)
-            .collect();
+        let is_near = |x: &Decimal| *x >= low && *x <= limit;
+        let k = st.hug.iter().filter(|(x, _)| is_near(x)).count();
         let full = st.hug.len() >= n;
-        let share = near.len() as f64 / n as f64;
+        let share = k as f64 / n as f64;
         let key = || AlarmKey {
             kind: "limit.hugging",
             mn: o.mn.clone(),
             factor: f.to_owned(),
         };
         if full && share >= frac {
-            let (k, pct) = (near.len(), self.cfg.hugging_band);
-            self.raise(
-                out,
-                Raise {
-                    key: key(),
-                    severity: Severity::Critical,
-                    start_ms: t,
-                    seqs: near.into_iter().rev().take(MAX_SUPPORT).rev().collect(),
-                    message_zh: format!(
-                        "设备 {} 因子 {f} 最近 {n} 个数据中有 {k} 个紧贴排放限值 {limit} 以下 {pct}% 以内（疑似造假）",
-                        o.mn
-                    ),
-                    message_en: format!(
-                        "device {} factor {f}: {k} of the last {n} samples within {pct} % below the limit {limit} (possible falsification)",
-                        o.mn
-                    ),
-                },
-            );
+            let pct = self.cfg.hugging_band;
+            let near: Vec<u64> = st
+                .hug
+                .iter()
+                .filter(|(x, _)| is_near(x))
+                .map(|(_, s)| *s)
+                .collect();
+            self.raise(Raise {
+                key: key(),
+                severity: Severity::Critical,
+                start_ms: t,
+                seqs: near.into_iter().rev().take(MAX_SUPPORT).rev().collect(),
+                message_zh: format!(
+                    "设备 {} 因子 {f} 最近 {n} 个数据中有 {k} 个紧贴排放限值 {limit} 以下 {pct}% 以内（疑似造假）",
+                    o.mn
+                ),
+                message_en: format!(
+                    "device {} factor {f}: {k} of the last {n} samples within {pct} % below the limit {limit} (possible falsification)",
+                    o.mn
+                ),
+            });
         } else if share < frac / 2.0 {
             // Hysteresis: clearing at half the raising share keeps a series that
             // hovers around the threshold from flapping.
-            self.clear_lazy(out, &o.mn, key, t, Some(o.seq));
+            self.clear_lazy(key, t);
         }
     }
 
     fn mismatch(
         &mut self,
-        out: &mut Vec<AlarmEvent>,
-        o: &Obs,
+        st: &mut FactorState,
         f: &str,
+        vals: &BTreeMap<String, Val>,
         c: Decimal,
         suffix: &str,
-        t: i64,
+        reference: Option<Decimal>,
     ) {
+        let (o, t) = (self.o, self.t);
         let zs_suffix = if suffix == "Rtd" { "ZsRtd" } else { "ZsAvg" };
-        let Some(zs) = o.num(f, zs_suffix) else {
+        let Some(Val::Num(zs)) = vals.get(zs_suffix) else {
+            return;
+        };
+        let zs = *zs;
+        let Some(reference) = reference else {
             return;
         };
         let Some(o2) = o.num(O2, suffix) else { return };
-        let reference = self
-            .cfg
-            .device
-            .get(&o.mn)
-            .and_then(|d| d.reference_o2)
-            .or(self.cfg.reference_o2);
-        let Some(reference) = reference.map(dec) else {
-            return;
-        };
-        if !self.enabled(&o.mn, "converted.mismatch") {
+        if !self.on.mismatch {
             return;
         }
         let twenty_one = Decimal::from(21);
@@ -771,62 +895,40 @@ impl Engine {
             return;
         };
         let diff = (zs - expected).abs();
-        let tol = (expected.abs() * dec(self.cfg.mismatch_tolerance) / Decimal::ONE_HUNDRED)
-            .max(dec(self.cfg.mismatch_abs));
+        let tol = (expected.abs() * self.decimals.mismatch_tolerance / Decimal::ONE_HUNDRED)
+            .max(self.decimals.mismatch_abs);
         let key = || AlarmKey {
             kind: "converted.mismatch",
             mn: o.mn.clone(),
             factor: f.to_owned(),
         };
-        let st = self.fstate(&o.mn, f);
         if diff > tol {
-            st.mismatch_bad.insert(o.cn.clone());
+            if !st.mismatch_bad.contains(&o.cn) {
+                st.mismatch_bad.insert(o.cn.clone());
+            }
         } else {
             st.mismatch_bad.remove(&o.cn);
         }
         let any_bad = !st.mismatch_bad.is_empty();
         if diff > tol {
             let e = expected.round_dp(3);
-            self.raise(
-                out,
-                Raise {
-                    key: key(),
-                    severity: Severity::Critical,
-                    start_ms: t,
-                    seqs: vec![o.seq],
-                    message_zh: format!(
-                        "设备 {} 因子 {f} 折算值 {zs} 与实测值 {c}、含氧量 {o2}%（基准 {reference}%）计算值 {e} 不符",
-                        o.mn
-                    ),
-                    message_en: format!(
-                        "device {} factor {f}: converted {zs} does not follow from measured {c} at O2 {o2} % (reference {reference} %): expected {e}",
-                        o.mn
-                    ),
-                },
-            );
+            self.raise(Raise {
+                key: key(),
+                severity: Severity::Critical,
+                start_ms: t,
+                seqs: vec![o.seq],
+                message_zh: format!(
+                    "设备 {} 因子 {f} 折算值 {zs} 与实测值 {c}、含氧量 {o2}%（基准 {reference}%）计算值 {e} 不符",
+                    o.mn
+                ),
+                message_en: format!(
+                    "device {} factor {f}: converted {zs} does not follow from measured {c} at O2 {o2} % (reference {reference} %): expected {e}",
+                    o.mn
+                ),
+            });
         } else if !any_bad {
-            self.clear_lazy(out, &o.mn, key, t, Some(o.seq));
+            self.clear_lazy(key, t);
         }
-    }
-}
-
-/// Runs for every value of every frame: selection (linear) rather than a full sort.
-fn median(v: &mut [f64]) -> f64 {
-    let n = v.len();
-    if n == 0 {
-        return 0.0;
-    }
-    let (below, &mut upper, _) = v.select_nth_unstable_by(n / 2, f64::total_cmp);
-    if n % 2 == 1 {
-        upper
-    } else {
-        // The lower middle is the largest of the elements placed before the upper one.
-        let lower = below
-            .iter()
-            .copied()
-            .max_by(f64::total_cmp)
-            .unwrap_or(upper);
-        (lower + upper) / 2.0
     }
 }
 

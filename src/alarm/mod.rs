@@ -6,11 +6,12 @@
 //! batch of events together with the cursor in one transaction, so a crash can neither
 //! lose nor duplicate an alarm. The same engine runs in `replay` (audit) over history.
 
+mod doc;
 pub mod engine;
 pub mod task;
+mod window;
 
 use std::collections::BTreeMap;
-use std::str::FromStr;
 
 use rust_decimal::Decimal;
 
@@ -114,56 +115,41 @@ impl Obs {
         duplicate: bool,
         video: bool,
     ) -> Option<Obs> {
-        let doc: serde_json::Value = serde_json::from_str(doc).ok()?;
-        let text = |k: &str| doc.get(k).and_then(|v| v.as_str()).map(str::to_owned);
-        let mn = text("mn").filter(|m| !m.is_empty())?;
-        let mut values = BTreeMap::new();
-        if let Some(map) = doc.get("values").and_then(|v| v.as_object()) {
-            for (factor, sufs) in map {
-                let Some(sufs) = sufs.as_object() else {
-                    continue;
-                };
-                let mut out = BTreeMap::new();
-                for (suffix, v) in sufs {
-                    let val = match v {
-                        // arbitrary_precision: the number's text is the device's digits.
-                        serde_json::Value::Number(n) => match Decimal::from_str(n.as_str())
-                            .or_else(|_| Decimal::from_scientific(n.as_str()))
-                        {
-                            Ok(d) => Val::Num(d),
-                            Err(_) => continue,
-                        },
-                        serde_json::Value::String(s) => Val::Text(s.clone()),
-                        _ => continue,
-                    };
-                    out.insert(suffix.clone(), val);
-                }
-                values.insert(factor.clone(), out);
-            }
-        }
-        let findings = serde_json::from_str::<serde_json::Value>(findings)
-            .ok()
-            .and_then(|v| v.as_array().cloned())
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|f| f.get("code").and_then(|c| c.as_str()).map(str::to_owned))
-            .collect();
-        let data_time_ms = text("data_time")
+        let doc = doc::DocFields::parse(doc)?;
+        let mn = doc.mn.filter(|m| !m.is_empty())?;
+        let findings = finding_codes(findings);
+        let data_time_ms = doc
+            .data_time
             .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
             .map(|t| t.timestamp_millis());
         Some(Obs {
             seq,
             received_ms,
             mn,
-            cn: text("cn").unwrap_or_default(),
+            cn: doc.cn.unwrap_or_default(),
             data_time_ms,
-            rf: doc.get("rf").and_then(|v| v.as_bool()).unwrap_or(false),
+            rf: doc.rf,
             duplicate,
             findings,
-            values,
+            values: doc.values,
             video,
         })
     }
+}
+
+/// The `code`s of a findings array text. Most frames have none: `[]` is answered
+/// without parsing.
+fn finding_codes(findings: &str) -> Vec<String> {
+    if findings == "[]" {
+        return Vec::new();
+    }
+    serde_json::from_str::<serde_json::Value>(findings)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|f| f.get("code").and_then(|c| c.as_str()).map(str::to_owned))
+        .collect()
 }
 
 /// Identity of a condition: at most one active alarm per key.

@@ -1,0 +1,214 @@
+//! The alarm detector's cost per record, on records as the gateway stores them:
+//! 2017 CN=2011 frames built the way `simulate` sends them (500 bytes, flue gas
+//! and waste water alternating, ~20 values each), decoded by the protocol core
+//! and turned into the stored JSON document as a session does.
+//!
+//! Measures, per record, in the steady state (every device's windows full):
+//! - `from_record`: `Obs::from_record` (stored doc and findings text -> observation);
+//! - `observe`: `Engine::observe` on a ready observation;
+//! - `feed`: `Feeder::feed`, what the detector task does per record (both of the above
+//!   plus the clock tick).
+//!
+//! 1000 devices report round-robin, 30 s apart per device; values vary as
+//! `simulate`'s do, so no alarm fires and the detectors' quiet path is measured.
+//!
+//! Run: `cargo bench --bench alarm`
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use hj212_gateway::alarm::engine::Engine;
+use hj212_gateway::alarm::task::Feeder;
+use hj212_gateway::alarm::{AlarmEvent, Obs, Val};
+use hj212_gateway::cmd::simulate::fleet::{self, Edition, Kind, Series};
+use hj212_gateway::config::Config;
+use hj212_gateway::protocol::build::{self, Civil, Head};
+use hj212_gateway::protocol::{self, Options, json};
+use hj212_gateway::store::{Direction, StoredRecord, Verdict};
+
+// The gateway's allocator (src/main.rs): allocation cost is part of the detector's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const DEVICES: u64 = 1000;
+const SEED: u64 = 212;
+const FRAME_SIZE: usize = 500;
+/// Per-device cadence of the series (ms).
+const CADENCE_MS: i64 = 30_000;
+/// Rounds (one record per device) fed before measuring: fills the spike windows
+/// (`spike_window` = 60) and every other run.
+const WARMUP_ROUNDS: u64 = 70;
+/// Rounds measured.
+const ROUNDS: u64 = 150;
+/// Beijing time, as `simulate` sends by default.
+const TZ_S: i32 = 8 * 3600;
+
+/// One round: one 2011 record per device at `round`, stored as a session stores it.
+fn round_records(round: u64, seq: &mut u64, rngs: &mut [u64]) -> Vec<StoredRecord> {
+    let t0 = 1_780_000_000_000i64;
+    let mut out = Vec::with_capacity(DEVICES as usize);
+    let mut buf = Vec::with_capacity(1024);
+    for index in 0..DEVICES {
+        // Devices spread over the cadence, as a real fleet's phases are.
+        let at = t0 + round as i64 * CADENCE_MS + (index as i64 * CADENCE_MS) / DEVICES as i64;
+        let kind = if index % 2 == 0 {
+            Kind::Air
+        } else {
+            Kind::Water
+        };
+        let mn = fleet::mn("SIM", Edition::V2017, index);
+        let qn = Civil::from_unix_ms(at, TZ_S).qn();
+        let head = Head {
+            qn: Some(&qn[..]),
+            st: kind.st(),
+            cn: 2011,
+            pw: "123456",
+            mn: &mn,
+            flag: Some(5),
+            split: None,
+        };
+        buf.clear();
+        let civil = Civil::from_unix_ms(at, TZ_S);
+        let rng = &mut rngs[index as usize];
+        build::device_frame(&mut buf, &head, None, |b| {
+            b.extend_from_slice(b"DataTime=");
+            civil.put_n14(b);
+            fleet::put_factors(
+                b,
+                kind,
+                Edition::V2017,
+                Series::Realtime,
+                SEED,
+                index,
+                rng,
+                0,
+                Some(FRAME_SIZE),
+            );
+        });
+        let now = chrono::DateTime::from_timestamp_millis(at + 40).expect("in range");
+        let f = protocol::decode(Bytes::copy_from_slice(&buf), &Options::new(now), &());
+        assert!(!f.has_error(), "simulated frame decodes cleanly");
+        *seq += 1;
+        out.push(StoredRecord {
+            seq: *seq,
+            received_at_ms: at + 40,
+            peer: "127.0.0.1:40000".into(),
+            session: index,
+            direction: Direction::In,
+            kind: hj212_gateway::store::Kind::Frame,
+            raw: f.raw.to_vec(),
+            dialect: f.dialect.map(|d| d.as_str().to_owned()),
+            st: f.st().map(str::to_owned),
+            cn: f.cn().map(str::to_owned),
+            mn: f.mn().map(str::to_owned),
+            qn: f.qn().map(str::to_owned),
+            data_time: f
+                .data_time
+                .map(|t| protocol::time::rfc3339(t, f.data_time_ms)),
+            verdict: Verdict::Accepted,
+            duplicate: false,
+            findings: serde_json::to_string(&f.findings).expect("findings serialize"),
+            doc: json::frame_doc(&f),
+            hash: [0; 32],
+        });
+    }
+    out
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("bounds")
+}
+
+/// Per-record ns of a whole round (the round's time / its records): one sample per round.
+fn report(name: &str, h: &Histogram<u64>, total: Duration, n: u64) {
+    println!(
+        "{name:12} {:8.0} ns/record (mean)  per-round p50 {:6} p90 {:6} p99 {:6} max {:6} ns/record",
+        total.as_nanos() as f64 / n as f64,
+        h.value_at_quantile(0.5),
+        h.value_at_quantile(0.9),
+        h.value_at_quantile(0.99),
+        h.max()
+    );
+}
+
+fn main() {
+    let cfg = Config::parse("", std::path::Path::new("bench")).expect("default config");
+    let mut feeder = Feeder::new(Engine::new(cfg.alarms.clone()));
+    let mut engine = Engine::new(cfg.alarms);
+    let mut rngs: Vec<u64> = (0..DEVICES).map(|i| SEED ^ (i * 0x9E37_79B9)).collect();
+    let mut seq = 0;
+    let sample = round_records(0, &mut 0, &mut rngs.clone());
+    let (mut factors, mut numbers) = (0, 0);
+    for o in sample.iter().filter_map(|r| Obs::from_record(r, false)) {
+        factors += o.values.len();
+        numbers += o
+            .values
+            .values()
+            .flat_map(|m| m.values())
+            .filter(|v| matches!(v, Val::Num(_)))
+            .count();
+    }
+    // A reader that lost the numbers would make the detectors look free.
+    assert!(numbers >= factors, "every factor has a number");
+    println!(
+        "{DEVICES} devices, 2017 CN=2011, mean frame {:.0} bytes, mean doc {:.0} bytes, {:.1} factors and {:.1} numbers per record",
+        sample.iter().map(|r| r.raw.len()).sum::<usize>() as f64 / sample.len() as f64,
+        sample.iter().map(|r| r.doc.len()).sum::<usize>() as f64 / sample.len() as f64,
+        factors as f64 / sample.len() as f64,
+        numbers as f64 / sample.len() as f64,
+    );
+
+    let (mut h_parse, mut h_obs, mut h_feed) = (hist(), hist(), hist());
+    let (mut t_parse, mut t_obs, mut t_feed) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let mut events: Vec<AlarmEvent> = Vec::new();
+    let mut measured = 0u64;
+    for round in 0..WARMUP_ROUNDS + ROUNDS {
+        let recs = round_records(round, &mut seq, &mut rngs);
+        let n = recs.len() as u64;
+        let warm = round >= WARMUP_ROUNDS;
+
+        let t = Instant::now();
+        let obs: Vec<Obs> = recs
+            .iter()
+            .map(|r| Obs::from_record(r, false).expect("accepted inbound frame"))
+            .collect();
+        let dt = t.elapsed();
+        if warm {
+            t_parse += dt;
+            h_parse.record(dt.as_nanos() as u64 / n).expect("in range");
+        }
+
+        let t = Instant::now();
+        for o in &obs {
+            std::hint::black_box(engine.observe(o));
+        }
+        let dt = t.elapsed();
+        if warm {
+            t_obs += dt;
+            h_obs.record(dt.as_nanos() as u64 / n).expect("in range");
+        }
+
+        let t = Instant::now();
+        for r in &recs {
+            events.extend(feeder.feed(r, false));
+        }
+        let dt = t.elapsed();
+        if warm {
+            t_feed += dt;
+            h_feed.record(dt.as_nanos() as u64 / n).expect("in range");
+            measured += n;
+        }
+    }
+    println!(
+        "{measured} records measured after {} warm-up; events raised: {}",
+        WARMUP_ROUNDS * DEVICES,
+        events.len()
+    );
+    for e in events.iter().take(5) {
+        println!("  event: {:?}", e.key());
+    }
+    report("from_record", &h_parse, t_parse, measured);
+    report("observe", &h_obs, t_obs, measured);
+    report("feed", &h_feed, t_feed, measured);
+}
