@@ -226,7 +226,7 @@ mod tests {
         let v: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(v, 3);
+        assert_eq!(v, schema::latest_version());
         let n: i64 = conn
             .query_row("SELECT count(*) FROM cursors", [], |r| r.get(0))
             .unwrap();

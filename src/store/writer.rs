@@ -672,6 +672,84 @@ fn columns(rec: &NewRecord, seq: u64, duplicate: bool) -> [ValueRef<'_>; HASHED_
 mod tests {
     use super::*;
 
+    fn inbound(raw: &'static [u8], qn: &str) -> NewRecord {
+        NewRecord {
+            received_at_ms: 1,
+            peer: "10.0.0.1:1".into(),
+            session: 1,
+            direction: Direction::In,
+            kind: Kind::Frame,
+            raw: bytes::Bytes::from_static(raw),
+            dialect: Some("2017".into()),
+            st: Some("32".into()),
+            cn: Some("2011".into()),
+            mn: Some("MN1".into()),
+            qn: Some(qn.into()),
+            data_time: None,
+            verdict: super::super::Verdict::Accepted,
+            findings: "[]".into(),
+            doc: "{}".into(),
+        }
+    }
+
+    /// A v3 log (retransmission index by MN) moves to the QN-ordered index, and a
+    /// retransmission of a frame stored before the migration is still found.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_v3_log_gets_the_qn_ordered_index_and_keeps_finding_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.sqlite");
+        let cfg = StoreConfig {
+            sync: super::super::SyncMode::Off,
+            ..StoreConfig::new(&path)
+        };
+        let (h, join) = Store::open(cfg.clone()).unwrap();
+        h.append(inbound(b"##a", "20261128120000001"))
+            .await
+            .unwrap();
+        drop(h);
+        tokio::task::spawn_blocking(move || join.join().unwrap())
+            .await
+            .unwrap();
+        {
+            // Back to the file as release v3 left it.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "DROP INDEX records_retransmission_qn; \
+                 CREATE INDEX records_retransmission ON records (mn, qn, cn) \
+                 WHERE direction = 'in' AND kind = 'frame' AND qn IS NOT NULL AND qn <> ''; \
+                 PRAGMA user_version = 3;",
+            )
+            .unwrap();
+        }
+        let (h, join) = Store::open(cfg).unwrap();
+        let again = h
+            .append(inbound(b"##a", "20261128120000001"))
+            .await
+            .unwrap();
+        let other = h
+            .append(inbound(b"##b", "20261128120000002"))
+            .await
+            .unwrap();
+        assert!(again.duplicate && !other.duplicate);
+        drop(h);
+        tokio::task::spawn_blocking(move || join.join().unwrap())
+            .await
+            .unwrap();
+        let conn = Connection::open(&path).unwrap();
+        let indexes: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'records'")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(indexes, ["records_retransmission_qn"]);
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, 4);
+    }
+
     #[test]
     fn the_retransmission_probe_is_one_index_seek() {
         let dir = tempfile::tempdir().unwrap();
@@ -688,7 +766,7 @@ mod tests {
         assert_eq!(plan.len(), 1, "{plan:?}");
         assert!(
             plan[0].starts_with("SEARCH records USING")
-                && plan[0].ends_with("INDEX records_retransmission (mn=? AND qn=? AND cn=?)"),
+                && plan[0].ends_with("INDEX records_retransmission_qn (qn=? AND mn=? AND cn=?)"),
             "{plan:?}"
         );
     }
