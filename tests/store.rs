@@ -549,7 +549,7 @@ fn config_and_schema_version_are_checked() {
         Store::open(StoreConfig::new(&path)),
         Err(StoreError::SchemaTooNew {
             found: 99,
-            supported: 3
+            supported: 4
         })
     ));
     assert!(matches!(
