@@ -110,19 +110,9 @@ fn normalized(items: &[(usize, Cut)]) -> Vec<Norm> {
 /// gateway would send decodes cleanly and echoes QN and MN. A device with the
 /// standard's test key is registered so the SM4 paths run too.
 pub fn decode_frame(data: &[u8]) {
-    use crate::protocol::{self, DeviceLookup, DeviceProfile, Options, crc, json, reply};
+    use crate::protocol::{self, ExampleKeyLookup, Options, crc, json, reply};
     use chrono::TimeZone;
-    use std::sync::Arc;
 
-    struct TestKey;
-    impl DeviceLookup for TestKey {
-        fn profile(&self, _mn: &str) -> Option<Arc<DeviceProfile>> {
-            Some(Arc::new(DeviceProfile {
-                keys: vec![[0x30; 16]],
-                ..Default::default()
-            }))
-        }
-    }
     let now = chrono::Utc
         .with_ymd_and_hms(2024, 6, 1, 1, 0, 0)
         .single()
@@ -130,7 +120,7 @@ pub fn decode_frame(data: &[u8]) {
     let f = protocol::decode(
         bytes::Bytes::copy_from_slice(data),
         &Options::new(now),
-        &TestKey,
+        &ExampleKeyLookup,
     );
     assert_eq!(&f.raw[..], data, "raw bytes are never rewritten");
     let len = f.segment.len();

@@ -336,17 +336,12 @@ mod tests {
         );
         assert_eq!(cp.len(), 208);
         assert_eq!(crypt::sniff(&out[cp]), Some(crypt::WireForm::Raw));
-        struct K;
-        impl crate::protocol::DeviceLookup for K {
-            fn profile(&self, _: &str) -> Option<std::sync::Arc<crate::protocol::DeviceProfile>> {
-                Some(std::sync::Arc::new(crate::protocol::DeviceProfile {
-                    keys: vec![[0x30; 16]],
-                    ..Default::default()
-                }))
-            }
-        }
         let now = chrono::Utc.with_ymd_and_hms(2024, 5, 20, 13, 8, 0).unwrap();
-        let f = decode(Bytes::from(out), &Options::new(now), &K);
+        let f = decode(
+            Bytes::from(out),
+            &Options::new(now),
+            &crate::protocol::ExampleKeyLookup,
+        );
         assert!(!f.has_error(), "{:?}", f.findings);
         assert_eq!(f.encryption, Some(crypt::WireForm::Raw));
         assert_eq!(f.param("DataTime"), Some("20240520210600"));

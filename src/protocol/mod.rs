@@ -20,3 +20,18 @@ pub mod time;
 pub use dialect::Dialect;
 pub use finding::{Finding, Severity};
 pub use frame::{CrcPolicy, DeviceLookup, DeviceProfile, Frame, Options, decode};
+
+/// A device lookup in which every MN holds the SM4 key of the standard's worked
+/// examples (sixteen `0x30` bytes), so encrypted example frames decode. For
+/// fuzzing, tests and demonstrations; never a production registry.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExampleKeyLookup;
+
+impl DeviceLookup for ExampleKeyLookup {
+    fn profile(&self, _mn: &str) -> Option<std::sync::Arc<DeviceProfile>> {
+        Some(std::sync::Arc::new(DeviceProfile {
+            keys: vec![[0x30; 16]],
+            ..Default::default()
+        }))
+    }
+}

@@ -651,17 +651,12 @@ mod tests {
             bytes.windows(7).all(|w| w != b"NewSK=0"),
             "CP must be encrypted"
         );
-        struct K;
-        impl crate::protocol::DeviceLookup for K {
-            fn profile(&self, _: &str) -> Option<std::sync::Arc<crate::protocol::DeviceProfile>> {
-                Some(std::sync::Arc::new(crate::protocol::DeviceProfile {
-                    keys: vec![[0x30; 16]],
-                    ..Default::default()
-                }))
-            }
-        }
         let now = chrono::Utc.with_ymd_and_hms(2024, 6, 1, 1, 0, 0).unwrap();
-        let f = decode(bytes, &Options::new(now), &K);
+        let f = decode(
+            bytes,
+            &Options::new(now),
+            &crate::protocol::ExampleKeyLookup,
+        );
         assert!(!f.has_error(), "{:?}", f.findings);
         assert_eq!(f.param("NewSK"), Some("0123456789ABCDEF"));
         let doc = crate::protocol::json::frame_doc(&f);
