@@ -368,7 +368,7 @@ impl Default for MqttSection {
             batch: 1024,
             merge_wait: Dur(Duration::from_secs(60)),
             merge_max_groups: 10_000,
-            reconnect_max: Dur(Duration::from_secs(60)),
+            reconnect_max: Dur(Duration::from_secs(10)),
         }
     }
 }

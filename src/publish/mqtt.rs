@@ -307,7 +307,8 @@ struct ReadItem {
     part: Option<Part>,
 }
 
-type ReadTask = JoinHandle<(u64, Result<Vec<ReadItem>, StoreError>)>;
+/// A read's start, and its items with the last seq it covered.
+type ReadTask = JoinHandle<(u64, Result<(Vec<ReadItem>, u64), StoreError>)>;
 
 enum Ended {
     Shutdown,
@@ -327,7 +328,8 @@ struct Publisher {
     acked: u64,
     persisted: (u64, u64),
     persist_task: Option<JoinHandle<()>>,
-    /// `(seq, done)` for every record after `acked` up to `next_read`, in order.
+    /// `(seq, done)` after `acked` up to `next_read`, in seq order: every inbound
+    /// frame read, and the last seq of a stretch that holds nothing to publish.
     window: VecDeque<(u64, bool)>,
     next_read: u64,
     read_task: Option<ReadTask>,
@@ -518,7 +520,7 @@ impl Publisher {
                 r = async { self.read_task.as_mut().expect("guarded").await }, if self.read_task.is_some() => {
                     self.read_task = None;
                     match r {
-                        Ok((after, Ok(items))) => self.on_read(after, items),
+                        Ok((after, Ok((items, through)))) => self.on_read(after, items, through),
                         Ok((_, Err(e))) => {
                             error!(error = %e, "MQTT publisher cannot read the frame log; retrying");
                             self.caught_up = true;
@@ -604,9 +606,10 @@ impl Publisher {
             let r = reader
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .read_from(after, limit);
-            let items = r.map(|recs| {
-                recs.into_iter()
+                .read_inbound_frames(after, limit);
+            let items = r.map(|(recs, through)| {
+                let items = recs
+                    .into_iter()
                     .map(|rec| {
                         let planned = plan::plan(&rec, &opts);
                         let part = planned
@@ -621,17 +624,18 @@ impl Publisher {
                             part,
                         }
                     })
-                    .collect::<Vec<_>>()
+                    .collect::<Vec<_>>();
+                (items, through)
             });
             (after, items)
         }));
     }
 
-    fn on_read(&mut self, after: u64, items: Vec<ReadItem>) {
+    fn on_read(&mut self, after: u64, items: Vec<ReadItem>, through: u64) {
         if after != self.next_read {
             return; // read before a rewind
         }
-        if items.len() < self.s.batch {
+        if through - after < self.s.batch as u64 {
             self.caught_up = true;
         }
         for it in items {
@@ -655,6 +659,11 @@ impl Publisher {
                 None => self.window.push_back((it.seq, true)),
             }
             self.next_read = it.seq;
+        }
+        // The rest of the stretch held nothing to publish (our acks, junk): done.
+        if through > self.next_read {
+            self.window.push_back((through, true));
+            self.next_read = through;
         }
         self.advance();
     }
@@ -706,11 +715,10 @@ impl Publisher {
         self.in_client = self.in_client.saturating_sub(1);
         match tag {
             Tag::Data(seq) => {
-                if let Some(i) = seq.checked_sub(self.acked + 1) {
-                    if let Some(e) = self.window.get_mut(i as usize) {
-                        debug_assert_eq!(e.0, seq);
-                        e.1 = true;
-                    }
+                // Sorted by seq but not dense: stretches with nothing to publish
+                // are one entry.
+                if let Ok(i) = self.window.binary_search_by_key(&seq, |e| e.0) {
+                    self.window[i].1 = true;
                 }
                 self.advance();
             }

@@ -126,6 +126,27 @@ impl FeedReader {
         Ok(recs.into_iter().map(Arc::new).collect())
     }
 
+    /// Like [`read_from`](Self::read_from) for a consumer that only wants inbound
+    /// frames: up to `limit` seqs after `after` are covered, the returned records
+    /// include every inbound frame among them (the feed may also return other
+    /// records; SQLite does not load them), and the second value is the last seq
+    /// covered, where the consumer's position moves. Covering fewer than `limit`
+    /// seqs means the consumer reached the head.
+    pub fn read_inbound_frames(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<Arc<StoredRecord>>, u64), StoreError> {
+        if let Some(recs) = self.feed.read_after(after, limit) {
+            crate::metrics::METRICS.feed_reads.add(recs.len() as u64);
+            let through = recs.last().map_or(after, |r| r.seq);
+            return Ok((recs, through));
+        }
+        let (recs, through) = self.reader.read_inbound_frames(after, limit)?;
+        crate::metrics::METRICS.feed_misses.add(recs.len() as u64);
+        Ok((recs.into_iter().map(Arc::new).collect(), through))
+    }
+
     /// The SQLite side, for everything that is not a page of new records.
     pub fn reader(&self) -> &Reader {
         &self.reader

@@ -125,6 +125,31 @@ impl Reader {
             .into())
     }
 
+    /// The inbound frames among the next `span` seqs after `after_seq`, and the seq
+    /// the read covered: the caller's position moves there even when the stretch
+    /// held only replies and junk. A consumer that publishes inbound frames only
+    /// (MQTT) drains a backlog without loading the rows it would skip: about half
+    /// of the log is the acks we sent.
+    pub fn read_inbound_frames(
+        &self,
+        after_seq: u64,
+        span: usize,
+    ) -> Result<(Vec<StoredRecord>, u64), StoreError> {
+        // The head is read first, in its own snapshot: seqs are dense and commit in
+        // order, so every seq up to it is in the later snapshot the page reads.
+        let until = self
+            .last_seq()?
+            .min(after_seq.saturating_add(span as u64))
+            .max(after_seq);
+        let filter = RecordFilter {
+            direction: Some(Direction::In),
+            kind: Some(Kind::Frame),
+            ..RecordFilter::default()
+        };
+        let recs = self.page(&filter, after_seq, until, span)?;
+        Ok((recs.into(), until))
+    }
+
     /// Streams the records matching `filter` in seq order, a page at a time (bounded
     /// memory, no long-lived read transaction). The end is fixed when the iterator is
     /// created: records committed later are not included, so the iteration terminates
