@@ -17,12 +17,14 @@
 # Environment: BIN (default target/release/hj212-gateway; build with
 # `cargo build --release`), MOSQUITTO (/usr/sbin/mosquitto), RATE, DURATION,
 # DEVICES, FRAME_SIZE (500), SIM_THREADS (1), OUTAGE (s), WARM (s before the broker
-# stops), SESSIONS, PROCS (simulator processes for idle/storm), KEEP=1 keeps the
-# temp dir. Exit 0 when the run met its zero-loss condition, 1 otherwise.
+# stops), SESSIONS, PROCS (simulator processes for idle/storm), STORE_TOML (extra
+# `[store]` lines, e.g. 'batch_delay = "0ms"'), KEEP=1 keeps the temp dir.
+# Exit 0 when the run met its zero-loss condition, 1 otherwise.
 set -euo pipefail
 
 SCENARIO=${1:-}
 BIN=${BIN:-target/release/hj212-gateway}
+STORE_TOML=${STORE_TOML:-}
 MOSQUITTO=${MOSQUITTO:-/usr/sbin/mosquitto}
 FRAME_SIZE=${FRAME_SIZE:-500}
 SIM_THREADS=${SIM_THREADS:-1}
@@ -98,6 +100,7 @@ max_per_ip = 20000
 idle_timeout = "1h"
 [store]
 sync = "full"
+$STORE_TOML
 [mqtt]
 url = "mqtt://127.0.0.1:$MQ_PORT"
 client_id = "e2e"
@@ -150,10 +153,18 @@ for line in text.splitlines():
         name, _, val = line.rpartition(" ")
         v[name] = float(val)
 n = v.get("hj212_store_commit_batch_records_count", 0) or 1
+# Share of commits slower than each bucket bound: the tail a device's ack waits on.
+buckets = sorted(
+    (float(k.split('le="')[1].rstrip('"}')), c)
+    for k, c in v.items()
+    if k.startswith("hj212_store_commit_duration_seconds_bucket") and "+Inf" not in k
+)
+slower = {f"over_{int(le * 1000)}ms": round(1 - c / n, 4) for le, c in buckets if le >= 0.005}
 print(json.dumps({
     "commits": int(v.get("hj212_store_commit_batch_records_count", 0)),
     "records_per_commit": round(v.get("hj212_store_commit_batch_records_sum", 0) / n, 1),
     "commit_ms_mean": round(v.get("hj212_store_commit_duration_seconds_sum", 0) * 1000 / n, 2),
+    "commits_slower": slower,
 }))
 PY
 }

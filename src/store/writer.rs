@@ -388,14 +388,19 @@ impl Writer {
                 }
             }
             // Linger only under load (see the module docs): a lone record commits now.
-            if !lone && !self.cfg.batch_delay.is_zero() {
-                let deadline = tokio::time::Instant::from_std(started + self.cfg.batch_delay);
+            // The thread sleeps through the linger and then takes what queued up:
+            // waking for every append (one context switch each) cost more CPU than
+            // the commit it was batching for. Batches fill far slower than
+            // `batch_delay` at any rate this box reaches, so one sleep is enough.
+            if !lone && !self.cfg.batch_delay.is_zero() && !closing {
+                let deadline = started + self.cfg.batch_delay;
+                if let Some(rest) = deadline.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(rest);
+                }
                 while n < self.cfg.batch_max {
-                    // The timer must be created inside the runtime: build it in the future.
-                    match rt.block_on(async { tokio::time::timeout_at(deadline, rx.recv()).await })
-                    {
-                        Ok(Some(msg)) => take(msg, &mut batch, &mut n, &mut rx, &mut closing),
-                        Ok(None) | Err(_) => break,
+                    match rx.try_recv() {
+                        Ok(msg) => take(msg, &mut batch, &mut n, &mut rx, &mut closing),
+                        Err(_) => break,
                     }
                 }
             }
