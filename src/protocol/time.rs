@@ -5,7 +5,7 @@
 //! are Beijing local time (UTC+8), configurable per gateway. Many devices send
 //! 17-digit DataTimes (milliseconds appended): parsed and flagged, not rejected.
 
-use chrono::{DateTime, FixedOffset, NaiveDate, NaiveDateTime, TimeZone, Utc};
+use chrono::{DateTime, Datelike, FixedOffset, NaiveDate, NaiveDateTime, TimeZone, Timelike, Utc};
 
 /// Parses `YYYYMMDDhhmmss` or `YYYYMMDDhhmmsszzz` as local time in `tz`.
 pub fn parse_local(text: &[u8], tz: FixedOffset) -> Option<DateTime<FixedOffset>> {
@@ -34,7 +34,48 @@ pub fn format_qn(t: DateTime<Utc>, tz: FixedOffset) -> String {
 }
 
 /// RFC 3339 with the device offset; milliseconds only when the device sent them.
+///
+/// Written digit by digit (this runs for every frame at ingest); what the fast
+/// path does not cover (years outside 0..=9999, leap seconds, offsets with
+/// seconds) goes through chrono's formatter, which a test holds it equal to.
 pub fn rfc3339(t: DateTime<FixedOffset>, with_ms: bool) -> String {
+    let year = t.year();
+    let offset = t.offset().local_minus_utc();
+    if !(0..=9999).contains(&year) || t.nanosecond() >= 1_000_000_000 || offset % 60 != 0 {
+        return rfc3339_chrono(t, with_ms);
+    }
+    let mut b = [0u8; 29];
+    let mut n = 0;
+    let mut put = |v: u32, digits: u32, sep: Option<u8>| {
+        for d in (0..digits).rev() {
+            b[n] = b'0' + (v / 10u32.pow(d) % 10) as u8;
+            n += 1;
+        }
+        if let Some(c) = sep {
+            b[n] = c;
+            n += 1;
+        }
+    };
+    put(year as u32, 4, Some(b'-'));
+    put(t.month(), 2, Some(b'-'));
+    put(t.day(), 2, Some(b'T'));
+    put(t.hour(), 2, Some(b':'));
+    put(t.minute(), 2, Some(b':'));
+    if with_ms {
+        put(t.second(), 2, Some(b'.'));
+        put(t.nanosecond() / 1_000_000, 3, None);
+    } else {
+        put(t.second(), 2, None);
+    }
+    let minutes = offset.unsigned_abs() / 60;
+    put(0, 0, Some(if offset < 0 { b'-' } else { b'+' }));
+    put(minutes / 60, 2, Some(b':'));
+    put(minutes % 60, 2, None);
+    std::str::from_utf8(&b[..n]).expect("ASCII").to_owned()
+}
+
+/// [`rfc3339`] through chrono's formatter: the general case and the reference.
+pub fn rfc3339_chrono(t: DateTime<FixedOffset>, with_ms: bool) -> String {
     if with_ms {
         t.format("%Y-%m-%dT%H:%M:%S%.3f%:z").to_string()
     } else {
@@ -50,6 +91,44 @@ pub fn beijing() -> FixedOffset {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_matches_chrono_everywhere() {
+        // A deterministic walk over instants (incl. sub-second), years at the
+        // edges of the fast path and beyond, and offsets east and west, with
+        // minutes and with seconds.
+        let offsets = [
+            0,
+            8 * 3600,
+            -5 * 3600,
+            5 * 3600 + 1800,
+            -1800,
+            3600 + 7,
+            -(14 * 3600),
+        ];
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut cases = vec![
+            DateTime::from_timestamp(-62_167_219_200, 0).unwrap(), // 0000-01-01
+            DateTime::from_timestamp(253_402_300_799, 999_999_999).unwrap(), // 9999-12-31
+            DateTime::from_timestamp(253_402_300_800, 0).unwrap(), // 10000-01-01
+            DateTime::from_timestamp(-62_167_219_201, 0).unwrap(), // year -1
+            DateTime::from_timestamp(1_483_228_799, 1_500_000_000).unwrap(), // leap second
+        ];
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let secs = (x % 4_102_444_800) as i64; // 1970..2100
+            cases.push(DateTime::from_timestamp(secs, (x >> 33) as u32 % 1_000_000_000).unwrap());
+        }
+        for (i, t) in cases.iter().enumerate() {
+            let tz = FixedOffset::east_opt(offsets[i % offsets.len()]).unwrap();
+            let t = t.with_timezone(&tz);
+            for ms in [false, true] {
+                assert_eq!(rfc3339(t, ms), rfc3339_chrono(t, ms), "{t:?} ms={ms}");
+            }
+        }
+    }
 
     #[test]
     fn parses_and_formats() {
