@@ -248,7 +248,8 @@ pub fn spawn(
         let tick = cfg.tick.0;
         let mut committed = feed.subscribe();
         let opened =
-            tokio::task::spawn_blocking(move || Detector::open(cfg, &db, feed, registry)).await;
+            crate::priority::spawn_background(move || Detector::open(cfg, &db, feed, registry))
+                .await;
         let mut d = match opened {
             Ok(Ok(d)) => d,
             Ok(Err(e)) => {
@@ -263,7 +264,7 @@ pub fn spawn(
         loop {
             let stepped = tokio::time::Instant::now();
             let now = chrono::Utc::now().timestamp_millis();
-            let res = tokio::task::spawn_blocking(move || {
+            let res = crate::priority::spawn_background(move || {
                 let r = d.step(now);
                 (d, r)
             })
@@ -306,7 +307,7 @@ pub fn spawn(
                 }
             }
         }
-        let flushed = tokio::task::spawn_blocking(move || d.flush_cursor()).await;
+        let flushed = crate::priority::spawn_background(move || d.flush_cursor()).await;
         if let Ok(Err(e)) = flushed {
             warn!(error = %e, "alarm detector cursor not written at stop");
         }
