@@ -1418,16 +1418,9 @@ mod tests {
 
     #[test]
     fn ack_records_match_the_decode_path_over_the_fixtures() {
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/fixtures/frames.jsonl"
-        ))
-        .unwrap();
         let opts = live_opts();
         let (mut acked, mut direct) = (0, 0);
-        for line in text.lines() {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            let raw = v["frame"].as_str().unwrap().as_bytes().to_vec();
+        for raw in crate::protocol::fixture_frames() {
             let f = protocol::decode(Bytes::from(raw), &opts, &());
             let mut frames = vec![f.clone()];
             // The same frame asking for an ack (most fixtures do not).

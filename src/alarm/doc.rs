@@ -380,19 +380,12 @@ mod tests {
 
     #[test]
     fn stored_documents_of_every_fixture_frame_read_as_through_value() {
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/fixtures/frames.jsonl"
-        ))
-        .unwrap();
         let now = chrono::DateTime::parse_from_rfc3339("2026-06-01T00:00:00Z")
             .unwrap()
             .to_utc();
         let mut with_values = 0;
         let mut with_findings = 0;
-        for line in text.lines() {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            let frame = v["frame"].as_str().unwrap().as_bytes().to_vec();
+        for frame in protocol::fixture_frames() {
             let f = protocol::decode(Bytes::from(frame), &Options::new(now), &());
             let doc = json::frame_doc(&f);
             let findings = serde_json::to_string(&f.findings).unwrap();

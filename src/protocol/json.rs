@@ -581,18 +581,11 @@ mod tests {
                 String::from_utf8_lossy(&f.raw)
             );
         };
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/fixtures/frames.jsonl"
-        ))
-        .unwrap();
-        let mut n = 0;
-        for line in text.lines() {
-            let v: Value = serde_json::from_str(line).unwrap();
-            check(v["frame"].as_str().unwrap().as_bytes().to_vec());
-            n += 1;
+        let corpus = crate::protocol::fixture_frames();
+        assert!(corpus.len() > 50, "{} fixtures", corpus.len());
+        for raw in corpus {
+            check(raw);
         }
-        assert!(n > 50, "{n} fixtures");
         let items: [&[u8]; 16] = [
             b"a01-Rtd=1.5",
             b"a02-Rtd=+007.",

@@ -35,3 +35,17 @@ impl DeviceLookup for ExampleKeyLookup {
         }))
     }
 }
+
+/// The raw bytes of every frame in `fixtures/frames.jsonl`, for unit tests that
+/// run a property over the real corpus.
+#[cfg(test)]
+pub(crate) fn fixture_frames() -> Vec<Vec<u8>> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/frames.jsonl");
+    let text = std::fs::read_to_string(path).expect("fixtures/frames.jsonl");
+    text.lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).expect("json line");
+            v["frame"].as_str().expect("frame").as_bytes().to_vec()
+        })
+        .collect()
+}
