@@ -14,6 +14,7 @@ pub mod audit;
 pub mod config;
 pub mod control;
 pub mod engine;
+pub mod inbox;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
