@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,7 @@ use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 
 use crate::downlink::engine::{Begin, Engine, Out, Timing};
-use crate::downlink::inbox::Inbox;
+use crate::downlink::inbox::{Inbox, Next};
 use crate::downlink::{self as dl, Action, Event, Outcome, Refusal, Submit};
 
 use crate::codec::{Hj212Codec, Item};
@@ -64,12 +64,11 @@ pub mod code {
     pub const DEVICE_QUARANTINED: &str = "device.quarantined";
 }
 
-/// What [`SessionMap`] keeps per MN: the owning session, its cancel token,
-/// and its [`SessionInfo`] (with its downlink queue).
+/// What [`SessionMap`] keeps per MN: the owning session and its
+/// [`SessionInfo`] (with its downlink queue, which also carries supersession).
 #[derive(Debug, Clone)]
 struct Owner {
     id: u64,
-    token: CancellationToken,
     info: Arc<SessionInfo>,
 }
 
@@ -83,12 +82,9 @@ pub struct SessionInfo {
     last_frame_ms: AtomicI64,
     header: Mutex<DeviceHeader>,
     /// Requests for this session's devices (bounded by `[downlink] queue`),
-    /// taken one at a time when the engine is idle.
+    /// taken one at a time when the engine is idle, and the word that a newer
+    /// session took the device over.
     inbox: Inbox,
-    /// A newer session took the device over. The session's token is also
-    /// cancelled by shutdown (it is the shutdown token's child), so this tells
-    /// the two apart.
-    superseded: AtomicBool,
 }
 
 /// What requests to the device echo from its own frames.
@@ -131,8 +127,7 @@ impl SessionMap {
         let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         match m.insert(mn.to_owned(), owner.clone()) {
             Some(old) if old.id != owner.id => {
-                old.info.superseded.store(true, Ordering::Relaxed);
-                old.token.cancel();
+                old.info.inbox.supersede();
                 Some(old.id)
             }
             _ => None,
@@ -371,7 +366,6 @@ struct Session {
     id: u64,
     /// Decoder options from the config (its time zone parsed once); `now` is set per read.
     opts: Options,
-    token: CancellationToken,
     shutdown: CancellationToken,
     codec: Hj212Codec,
     mns: Vec<String>,
@@ -392,11 +386,12 @@ struct Session {
     dl: Option<Box<DlState>>,
 }
 
-/// The next request from the session's queue; pending forever while the
-/// session has none (it has not claimed an MN yet).
-async fn next_submit(owner: &Option<Owner>) -> Box<Submit> {
+/// What wakes the session through its inbox: supersession, or (when
+/// `requests`) a queued request. Pending forever while it has no inbox: it has
+/// not claimed an MN, so it can be neither superseded nor sent requests.
+async fn next_for(owner: &Option<Owner>, requests: bool) -> Next {
     match owner {
-        Some(o) => o.info.inbox.pop().await,
+        Some(o) => o.info.inbox.next(requests).await,
         None => std::future::pending().await,
     }
 }
@@ -421,9 +416,6 @@ impl Session {
             ..FramerConfig::default()
         });
         let opts = decode_options(&shared.cfg, chrono::Utc::now());
-        // A child of the shutdown token: one wait in `serve` covers shutdown
-        // and supersession, instead of a ~70 B wait for each in every task.
-        let token = shutdown.child_token();
         Session {
             since_ms: now_ms(),
             owner: None,
@@ -432,7 +424,6 @@ impl Session {
             peer_text: peer.to_string(),
             id,
             opts,
-            token,
             shutdown,
             codec,
             mns: Vec::new(),
@@ -443,19 +434,24 @@ impl Session {
         }
     }
 
+    /// A newer session took the device over.
+    fn superseded(&self) -> bool {
+        self.owner
+            .as_ref()
+            .is_some_and(|o| o.info.inbox.is_superseded())
+    }
+
     /// This session as [`SessionMap`] records it, made on first use.
     fn owner(&mut self) -> &Owner {
         if self.owner.is_none() {
             self.owner = Some(Owner {
                 id: self.id,
-                token: self.token.clone(),
                 info: Arc::new(SessionInfo {
                     inbox: Inbox::new(self.shared.cfg.downlink.queue),
                     peer: self.peer_text.clone(),
                     since_ms: self.since_ms,
                     last_frame_ms: AtomicI64::new(0),
                     header: Mutex::new(DeviceHeader::default()),
-                    superseded: AtomicBool::new(false),
                 }),
             });
         }
@@ -479,11 +475,11 @@ impl Session {
         // as-is (once per quiet period).
         let mut tail_checked = false;
         // The waits live across iterations: re-creating them for every frame would
-        // register and deregister a cancellation waiter and a timer per frame.
-        // Moving the timer's deadline later, which every read does, is a cheap
-        // update in tokio.
-        let cancel = self.token.clone();
-        let mut cancel_wait = std::pin::pin!(cancel.cancelled());
+        // register and deregister a cancellation waiter and a timer per frame
+        // (the shutdown token's waiter list is shared by every session). Moving the
+        // timer's deadline later, which every read does, is a cheap update in tokio.
+        let shutdown = self.shutdown.clone();
+        let mut shutdown_wait = std::pin::pin!(shutdown.cancelled());
         let mut armed = last_activity + idle;
         let mut timer = std::pin::pin!(tokio::time::sleep_until(armed.into()));
         loop {
@@ -504,24 +500,25 @@ impl Session {
             }
             tokio::select! {
                 biased;
-                // Bytes already read are stored (a partial frame as junk), never
-                // dropped. Shutdown wins when the device was also superseded.
-                _ = &mut cancel_wait => {
-                    if self.shutdown.is_cancelled() {
-                        Box::pin(self.close_gracefully(&rd, &mut buf, wr)).await;
-                        return "shutdown";
-                    }
-                    let _ = Box::pin(self.flush_eof(&mut buf, Some(&mut wr))).await;
-                    return "superseded";
+                // Bytes already read are stored (a partial frame as junk), never dropped.
+                _ = &mut shutdown_wait => {
+                    Box::pin(self.close_gracefully(&rd, &mut buf, wr)).await;
+                    return "shutdown";
                 }
-                sub = next_submit(&self.owner), if dl_idle => {
-                    let mut out = Vec::new();
-                    self.dl_begin(*sub, &mut out);
-                    if let Err(reason) = Box::pin(self.dl_run(out, &mut wr)).await {
-                        return reason;
+                next = next_for(&self.owner, dl_idle) => match next {
+                    Next::Superseded => {
+                        let _ = Box::pin(self.flush_eof(&mut buf, Some(&mut wr))).await;
+                        return "superseded";
                     }
-                    continue;
-                }
+                    Next::Request(sub) => {
+                        let mut out = Vec::new();
+                        self.dl_begin(*sub, &mut out);
+                        if let Err(reason) = Box::pin(self.dl_run(out, &mut wr)).await {
+                            return reason;
+                        }
+                        continue;
+                    }
+                },
                 _ = &mut timer => {
                     // The exchange first when both are due; the line's deadline,
                     // already past, fires again on the next turn.
@@ -831,11 +828,7 @@ impl Session {
         self.dl_deliver(dl_out);
         for (mn, announce) in claims {
             // A superseded session storing its last bytes must not take the MN back.
-            if self
-                .owner
-                .as_ref()
-                .is_some_and(|o| o.info.superseded.load(Ordering::Relaxed))
-            {
+            if self.superseded() {
                 break;
             }
             // The first MN a connection speaks for is its device: a reconnect
@@ -897,7 +890,7 @@ impl Session {
             .observe_duration(read_at.elapsed(), acks);
         // After the 9013 to a 1013 or 1014 went out, as the standard's flows expect.
         // Not while closing: the exchange could not finish.
-        if !autos.is_empty() && !self.token.is_cancelled() && !self.shutdown.is_cancelled() {
+        if !autos.is_empty() && !self.superseded() && !self.shutdown.is_cancelled() {
             let d = self.dl_state();
             for a in autos {
                 let queued = d.engine.current_origin() == Some(a.origin.as_str())
@@ -1413,16 +1406,14 @@ mod tests {
     use super::*;
 
     fn owner(id: u64, cap: usize) -> Owner {
-        let token = CancellationToken::new();
         let info = Arc::new(SessionInfo {
             inbox: Inbox::new(cap),
             peer: "127.0.0.1:1".into(),
             since_ms: 0,
             last_frame_ms: AtomicI64::new(0),
             header: Mutex::new(DeviceHeader::default()),
-            superseded: AtomicBool::new(false),
         });
-        Owner { id, token, info }
+        Owner { id, info }
     }
 
     fn req(mn: &str, n: u32) -> Box<Submit> {
@@ -1600,9 +1591,8 @@ mod tests {
         // A reconnect takes the MN over: requests go to the new session.
         let b = owner(2, 4);
         assert_eq!(map.claim("MN1", &b), Some(1));
-        assert!(a.token.is_cancelled());
-        assert!(a.info.superseded.load(Ordering::Relaxed));
-        assert!(!b.info.superseded.load(Ordering::Relaxed));
+        assert!(a.info.inbox.is_superseded());
+        assert!(!b.info.inbox.is_superseded());
         assert!(map.submit(req("MN1", 3)).is_ok());
         assert_eq!(n(&b.info.inbox.try_pop().unwrap()), 3);
         assert!(a.info.inbox.try_pop().is_none());

@@ -1,4 +1,5 @@
-//! A session's queue of downlink requests, bounded by `[downlink] queue`.
+//! A session's queue of downlink requests, bounded by `[downlink] queue`, and
+//! the word that a newer session took its device over.
 //!
 //! Every session that speaks for an MN has one, and most never receive a
 //! request. tokio's bounded `mpsc` channel allocates ~800 B up front (its
@@ -8,13 +9,24 @@
 //! are rare and handled one at a time, so a lock is cheap here. Its only
 //! reader is the session, so the session's waker is all it needs to wake: the
 //! wait is a pointer in the session's task, where a `Notify` waiter would add
-//! ~60 B to every session.
+//! ~60 B to every session. Supersession travels the same way, so a session
+//! needs no cancellation token of its own (~130 B each, with its slot in the
+//! parent's list).
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
 
 use super::{Refusal, Submit};
+
+/// What a session is woken for.
+#[derive(Debug)]
+pub enum Next {
+    /// A newer session took the device over: this one ends.
+    Superseded,
+    /// The oldest queued request.
+    Request(Box<Submit>),
+}
 
 /// Requests waiting for one session.
 #[derive(Debug)]
@@ -27,7 +39,8 @@ pub struct Inbox {
 struct State {
     items: VecDeque<Box<Submit>>,
     closed: bool,
-    /// The session, while it waits in [`Inbox::pop`].
+    superseded: bool,
+    /// The session, while it waits in [`Inbox::next`].
     waiting: Option<Waker>,
 }
 
@@ -55,13 +68,29 @@ impl Inbox {
             return Err((s, Refusal::Busy));
         }
         st.items.push_back(s);
+        Self::wake(st);
+        Ok(())
+    }
+
+    /// Tells the session a newer one took its device over.
+    pub fn supersede(&self) {
+        let mut st = self.state();
+        st.superseded = true;
+        Self::wake(st);
+    }
+
+    /// True once [`Inbox::supersede`] was called.
+    pub fn is_superseded(&self) -> bool {
+        self.state().superseded
+    }
+
+    fn wake(mut st: std::sync::MutexGuard<'_, State>) {
         let waiting = st.waiting.take();
         drop(st);
-        // A session that is not waiting sees the request on its next `pop`.
+        // A session that is not waiting sees the news on its next `next`.
         if let Some(w) = waiting {
             w.wake();
         }
-        Ok(())
     }
 
     /// The oldest request, if any.
@@ -77,16 +106,22 @@ impl Inbox {
         s
     }
 
-    /// Waits for the next request (one reader: the session). Cancel-safe:
+    /// Waits until the session is superseded or, when `requests`, a request
+    /// is queued; supersession first. One reader: the session. Cancel-safe:
     /// nothing is taken until it returns.
-    pub fn pop(&self) -> impl Future<Output = Box<Submit>> + '_ {
-        std::future::poll_fn(|cx| self.poll_pop(cx))
+    pub fn next(&self, requests: bool) -> impl Future<Output = Next> + '_ {
+        std::future::poll_fn(move |cx| self.poll_next(cx, requests))
     }
 
-    fn poll_pop(&self, cx: &mut Context<'_>) -> Poll<Box<Submit>> {
+    fn poll_next(&self, cx: &mut Context<'_>, requests: bool) -> Poll<Next> {
         let mut st = self.state();
-        if let Some(s) = Self::take(&mut st) {
-            return Poll::Ready(s);
+        if st.superseded {
+            return Poll::Ready(Next::Superseded);
+        }
+        if requests {
+            if let Some(s) = Self::take(&mut st) {
+                return Poll::Ready(Next::Request(s));
+            }
         }
         match &mut st.waiting {
             Some(w) if w.will_wake(cx.waker()) => {}
@@ -116,6 +151,9 @@ impl Inbox {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
     use super::*;
     use crate::downlink::Action;
 
@@ -154,13 +192,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_session_is_woken_and_none_is_lost() {
-        let q = std::sync::Arc::new(Inbox::new(8));
+        let q = Arc::new(Inbox::new(8));
         let waiter = tokio::spawn({
             let q = q.clone();
             async move {
                 let mut got = Vec::new();
                 for _ in 0..3 {
-                    got.push(n(&*q.pop().await));
+                    match q.next(true).await {
+                        Next::Request(s) => got.push(n(&s)),
+                        Next::Superseded => panic!("not superseded"),
+                    }
                 }
                 got
             }
@@ -170,12 +211,34 @@ mod tests {
         for i in 1..=3 {
             q.try_push(req(i)).unwrap();
         }
-        let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter)
             .await
             .expect("woken")
             .unwrap();
         assert_eq!(got, [1, 2, 3]);
         // Drained: the storage was given back.
         assert_eq!(q.state().items.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn supersession_wakes_a_session_that_takes_no_requests() {
+        let q = Arc::new(Inbox::new(8));
+        q.try_push(req(1)).unwrap();
+        let waiter = tokio::spawn({
+            let q = q.clone();
+            async move { q.next(false).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "a queued request is not taken");
+        assert!(!q.is_superseded());
+        q.supersede();
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .unwrap();
+        assert!(matches!(got, Next::Superseded));
+        // It comes before a queued request, too.
+        assert!(matches!(q.next(true).await, Next::Superseded));
+        assert_eq!(q.len(), 1);
     }
 }
