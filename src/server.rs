@@ -181,16 +181,16 @@ impl AcceptCtx {
             self.stats.accepted.fetch_add(1, Ordering::Relaxed);
             METRICS.accepted.inc();
             configure(&stream, &self.shared);
-            let shared = self.shared.clone();
-            let per_ip = self.per_ip.clone();
-            let shutdown = self.shutdown.clone();
-            self.tracker.spawn(async move {
-                METRICS.sessions_open.inc();
-                session::run(shared, stream, peer, shutdown).await;
-                METRICS.sessions_open.dec();
-                drop(permit);
-                release(&per_ip, ip);
-            });
+            // Spawned as is, not inside an `async` block: a block would keep its
+            // own copy of everything it hands the session (see `session::run`).
+            let held = Held::new(permit, self.per_ip.clone(), ip);
+            self.tracker.spawn(session::run(
+                self.shared.clone(),
+                stream,
+                peer,
+                self.shutdown.clone(),
+                held,
+            ));
         }
     }
 
@@ -259,12 +259,41 @@ impl AcceptCtx {
             METRICS.accepted.inc();
             debug!(%peer, via = %sock_peer, version = ?header.version, "PROXY header accepted");
             configure(&stream, &shared);
-            METRICS.sessions_open.inc();
-            session::run(shared, stream, peer, shutdown).await;
-            METRICS.sessions_open.dec();
-            drop(permit);
-            release(&per_ip, peer.ip());
+            let held = Held::new(permit, per_ip, peer.ip());
+            session::run(shared, stream, peer, shutdown, held).await;
         });
+    }
+}
+
+/// What a session holds from the listener while it lives: a connection
+/// permit and a per-IP slot. Given back on drop, so also when the session's
+/// task is dropped without finishing (runtime shutdown).
+struct Held {
+    _permit: OwnedSemaphorePermit,
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Held {
+    /// Takes over a slot [`admit`] granted; the session counts as open from here.
+    fn new(
+        permit: OwnedSemaphorePermit,
+        per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+        ip: IpAddr,
+    ) -> Held {
+        METRICS.sessions_open.inc();
+        Held {
+            _permit: permit,
+            per_ip,
+            ip,
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        METRICS.sessions_open.dec();
+        release(&self.per_ip, self.ip);
     }
 }
 

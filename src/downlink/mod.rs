@@ -6,6 +6,8 @@
 //! - [`Devices`]: per-MN state shared across sessions and reconnects: the QN
 //!   clock (strictly increasing per MN), the rate limits of automatic requests
 //!   and the last minute/hour/day DataTimes the backfill compares against.
+//! - [`inbox`]: a session's bounded queue of requests (and word of its
+//!   supersession), allocation-free while empty.
 //! - [`control`]: the operator's Unix control socket (`command`, `sessions`).
 //! - [`audit`]: each exchange's outcome, recorded in the store.
 //! - [`config`]: the `[downlink]` section.
@@ -14,6 +16,7 @@ pub mod audit;
 pub mod config;
 pub mod control;
 pub mod engine;
+pub mod inbox;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
