@@ -69,8 +69,32 @@ fn upload_and_ack(s: &mut TcpStream, i: u32) {
     assert_eq!(got, want, "ack bytes");
 }
 
+/// Both ends of every session live in this process: raise the soft open-file
+/// limit to the hard one (common defaults are 1,024 soft), and fail with the
+/// reason if even that is too low.
+fn enough_files() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let _ = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: lim.maximum,
+            maximum: lim.maximum,
+        },
+    );
+    let need = 2 * N as u64 + 256;
+    if let Some(soft) = getrlimit(Resource::Nofile).current {
+        assert!(
+            soft >= need,
+            "this test needs {need} open files; RLIMIT_NOFILE allows {soft} (hard {:?})",
+            lim.maximum
+        );
+    }
+}
+
 #[test]
 fn an_idle_session_costs_at_most_4_kib_of_rss() {
+    enough_files();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
