@@ -46,7 +46,6 @@ pub mod downlink;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod metrics;
-pub mod priority;
 pub mod protocol;
 pub mod proxy;
 pub mod publish;

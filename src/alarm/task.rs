@@ -248,8 +248,7 @@ pub fn spawn(
         let tick = cfg.tick.0;
         let mut committed = feed.subscribe();
         let opened =
-            crate::priority::spawn_background(move || Detector::open(cfg, &db, feed, registry))
-                .await;
+            tokio::task::spawn_blocking(move || Detector::open(cfg, &db, feed, registry)).await;
         let mut d = match opened {
             Ok(Ok(d)) => d,
             Ok(Err(e)) => {
@@ -264,7 +263,7 @@ pub fn spawn(
         loop {
             let stepped = tokio::time::Instant::now();
             let now = chrono::Utc::now().timestamp_millis();
-            let res = crate::priority::spawn_background(move || {
+            let res = tokio::task::spawn_blocking(move || {
                 let r = d.step(now);
                 (d, r)
             })
@@ -307,7 +306,7 @@ pub fn spawn(
                 }
             }
         }
-        let flushed = crate::priority::spawn_background(move || d.flush_cursor()).await;
+        let flushed = tokio::task::spawn_blocking(move || d.flush_cursor()).await;
         if let Ok(Err(e)) = flushed {
             warn!(error = %e, "alarm detector cursor not written at stop");
         }

@@ -364,7 +364,7 @@ impl Publisher {
         let committed = feed.subscribe();
         let db = db.to_owned();
         let (reader, cursors, data, merge, alarms, alarm) =
-            crate::priority::spawn_background(move || {
+            tokio::task::spawn_blocking(move || {
                 let reader = FeedReader::new(feed, Reader::open(&db)?);
                 let cursors = Cursors::open(&db)?;
                 let data = cursors.get_cursor(CURSOR)?.unwrap_or(0);
@@ -602,7 +602,7 @@ impl Publisher {
         let reader = self.reader.clone();
         let opts = self.s.plan.clone();
         let floor = self.floor;
-        self.read_task = Some(crate::priority::spawn_background(move || {
+        self.read_task = Some(tokio::task::spawn_blocking(move || {
             let r = reader
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -748,7 +748,7 @@ impl Publisher {
             return;
         }
         let (store, after) = (self.alarms.clone(), self.alarm_next);
-        let read = crate::priority::spawn_background(move || {
+        let read = tokio::task::spawn_blocking(move || {
             store
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -811,7 +811,7 @@ impl Publisher {
         self.alarm_persisted = alarm;
         let cursors = self.cursors.clone();
         let alarms = self.alarms.clone();
-        self.persist_task = Some(crate::priority::spawn_background(move || {
+        self.persist_task = Some(tokio::task::spawn_blocking(move || {
             let c = cursors.lock().unwrap_or_else(|e| e.into_inner());
             if let Err(e) = c
                 .set_cursor(CURSOR, data)

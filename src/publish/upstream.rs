@@ -667,7 +667,7 @@ fn relay_bytes(ev: Event) -> Option<Bytes> {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
-    crate::priority::spawn_background(f)
+    tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| StoreError::Io {
             source: std::io::Error::other(e.to_string()),

@@ -595,7 +595,6 @@ impl Checkpointer {
         let thread = std::thread::Builder::new()
             .name("hj212-store-ckpt".into())
             .spawn(move || {
-                crate::priority::background();
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                     stopped.recv_timeout(CHECKPOINT_EVERY)
                 {
