@@ -149,22 +149,26 @@ import json, sys, urllib.request
 text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode()
 v = {}
 for line in text.splitlines():
-    if line.startswith(("hj212_store_commit_batch_records_", "hj212_store_commit_duration_seconds_")):
+    if line.startswith(("hj212_store_commit_batch_records_", "hj212_store_commit_duration_seconds_", "hj212_ack_latency_seconds_")):
         name, _, val = line.rpartition(" ")
         v[name] = float(val)
 n = v.get("hj212_store_commit_batch_records_count", 0) or 1
-# Share of commits slower than each bucket bound: the tail a device's ack waits on.
-buckets = sorted(
-    (float(k.split('le="')[1].rstrip('"}')), c)
-    for k, c in v.items()
-    if k.startswith("hj212_store_commit_duration_seconds_bucket") and "+Inf" not in k
-)
-slower = {f"over_{int(le * 1000)}ms": round(1 - c / n, 4) for le, c in buckets if le >= 0.005}
+# Share of observations slower than each bucket bound (5 ms to 100 ms).
+def slower(name):
+    total = v.get(name + "_count", 0) or 1
+    buckets = sorted(
+        (float(k.split('le="')[1].rstrip('"}')), c)
+        for k, c in v.items()
+        if k.startswith(name + "_bucket") and "+Inf" not in k
+    )
+    return {f"over_{int(le * 1000)}ms": round(1 - c / total, 4) for le, c in buckets if 0.005 <= le <= 0.1}
 print(json.dumps({
     "commits": int(v.get("hj212_store_commit_batch_records_count", 0)),
     "records_per_commit": round(v.get("hj212_store_commit_batch_records_sum", 0) / n, 1),
     "commit_ms_mean": round(v.get("hj212_store_commit_duration_seconds_sum", 0) * 1000 / n, 2),
-    "commits_slower": slower,
+    "commits_slower": slower("hj212_store_commit_duration_seconds"),
+    # The gateway's own view of ack latency: frame read until its ack is written.
+    "acks_slower": slower("hj212_ack_latency_seconds"),
 }))
 PY
 }
