@@ -18,13 +18,15 @@
 # `cargo build --release`), MOSQUITTO (/usr/sbin/mosquitto), RATE, DURATION,
 # DEVICES, FRAME_SIZE (500), SIM_THREADS (1), OUTAGE (s), WARM (s before the broker
 # stops), SESSIONS, PROCS (simulator processes for idle/storm), STORE_TOML (extra
-# `[store]` lines, e.g. 'batch_delay = "0ms"'), KEEP=1 keeps the temp dir.
+# `[store]` lines, e.g. 'batch_delay = "0ms"'), MQTT_TOML (extra `[mqtt]` lines),
+# KEEP=1 keeps the temp dir.
 # Exit 0 when the run met its zero-loss condition, 1 otherwise.
 set -euo pipefail
 
 SCENARIO=${1:-}
 BIN=${BIN:-target/release/hj212-gateway}
 STORE_TOML=${STORE_TOML:-}
+MQTT_TOML=${MQTT_TOML:-}
 MOSQUITTO=${MOSQUITTO:-/usr/sbin/mosquitto}
 FRAME_SIZE=${FRAME_SIZE:-500}
 SIM_THREADS=${SIM_THREADS:-1}
@@ -105,6 +107,7 @@ $STORE_TOML
 url = "mqtt://127.0.0.1:$MQ_PORT"
 client_id = "e2e"
 qos = 1
+$MQTT_TOML
 [metrics]
 listen = "127.0.0.1:$METRICS_PORT"
 EOF

@@ -7,7 +7,7 @@
 //! (every frame PUBACKed, QoS 1). Prints frames/s.
 //!
 //! Environment: `MQTT_BENCH_N` records (default 1000000), `MQTT_BENCH_INFLIGHT`
-//! (default 256, the config default), `MQTT_BENCH_DIR` where to put the files.
+//! (default: the config default), `MQTT_BENCH_DIR` where to put the files.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -89,7 +89,10 @@ fn build_log(path: &Path, n: u64) {
 
 fn main() {
     let n = env_num("MQTT_BENCH_N", 1_000_000);
-    let inflight = env_num("MQTT_BENCH_INFLIGHT", 256) as usize;
+    let inflight = env_num(
+        "MQTT_BENCH_INFLIGHT",
+        MqttSection::default().max_inflight as u64,
+    ) as usize;
     let tmp = tempfile::tempdir().unwrap();
     let dir = std::env::var_os("MQTT_BENCH_DIR")
         .map(std::path::PathBuf::from)

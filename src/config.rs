@@ -362,7 +362,7 @@ impl Default for MqttSection {
             keep_alive: Dur(Duration::from_secs(30)),
             qos: 1,
             topic_prefix: "hj212".into(),
-            max_inflight: 256,
+            max_inflight: 1024,
             publish_rejected: false,
             include_raw: false,
             batch: 1024,
