@@ -1416,21 +1416,7 @@ mod tests {
         Owner { id, info }
     }
 
-    fn req(mn: &str, n: u32) -> Box<Submit> {
-        Box::new(Submit {
-            mn: mn.into(),
-            action: Action::SetRtdInterval(n),
-            origin: "up".into(),
-            replies: None,
-        })
-    }
-
-    fn n(s: &Submit) -> u32 {
-        match s.action {
-            Action::SetRtdInterval(n) => n,
-            _ => unreachable!(),
-        }
-    }
+    use crate::downlink::test_requests::{n, request as req};
 
     /// The ack record built directly must be the record of our ack bytes
     /// decoded, column for column, for every frame that gets an ack.

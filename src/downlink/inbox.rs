@@ -155,22 +155,10 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::downlink::Action;
+    use crate::downlink::test_requests::{n, request};
 
-    fn req(n: u32) -> Box<Submit> {
-        Box::new(Submit {
-            mn: "MN".into(),
-            action: Action::SetRtdInterval(n),
-            origin: "test".into(),
-            replies: None,
-        })
-    }
-
-    fn n(s: &Submit) -> u32 {
-        match s.action {
-            Action::SetRtdInterval(n) => n,
-            _ => unreachable!(),
-        }
+    fn req(i: u32) -> Box<Submit> {
+        request("MN", i)
     }
 
     #[test]

@@ -412,3 +412,27 @@ mod tests {
         assert!(!d.backfill_due("A", 10, 1000));
     }
 }
+
+/// Numbered requests for the unit tests of the queues that carry them.
+#[cfg(test)]
+pub(crate) mod test_requests {
+    use super::{Action, Submit};
+
+    /// A request for `mn` whose number `n` reads back.
+    pub(crate) fn request(mn: &str, n: u32) -> Box<Submit> {
+        Box::new(Submit {
+            mn: mn.into(),
+            action: Action::SetRtdInterval(n),
+            origin: "test".into(),
+            replies: None,
+        })
+    }
+
+    /// The number [`request`] gave.
+    pub(crate) fn n(s: &Submit) -> u32 {
+        match s.action {
+            Action::SetRtdInterval(n) => n,
+            _ => unreachable!("only numbered requests are queued in these tests"),
+        }
+    }
+}
