@@ -55,6 +55,15 @@ fn open(path: &Path) -> (StoreHandle, WriterJoin) {
     Store::open(StoreConfig::new(path)).expect("open store")
 }
 
+/// A store whose commit feed keeps only `records`, so tests cross its edge.
+fn open_with_feed(path: &Path, records: usize) -> (StoreHandle, WriterJoin) {
+    Store::open(StoreConfig {
+        feed_records: records,
+        ..StoreConfig::new(path)
+    })
+    .expect("open store")
+}
+
 async fn close(handle: StoreHandle, join: WriterJoin) {
     drop(handle);
     tokio::task::spawn_blocking(move || join.join())
@@ -968,11 +977,7 @@ async fn the_commit_feed_serves_exactly_what_the_log_holds() {
     use hj212_gateway::store::FeedReader;
     let dir = tempfile::tempdir().unwrap();
     let path = db_path(&dir);
-    let (h, join) = Store::open(StoreConfig {
-        feed_records: 16,
-        ..StoreConfig::new(&path)
-    })
-    .unwrap();
+    let (h, join) = open_with_feed(&path, 16);
     let mut committed = h.feed().subscribe();
     // Frames, a retransmission (duplicate = true), junk; one append and a group.
     h.append(frame(&b"##a"[..], "MN1", "Q1", "2011"))
@@ -1038,11 +1043,7 @@ async fn inbound_frame_reads_skip_replies_and_cover_every_seq() {
     use hj212_gateway::store::FeedReader;
     let dir = tempfile::tempdir().unwrap();
     let path = db_path(&dir);
-    let (h, join) = Store::open(StoreConfig {
-        feed_records: 8,
-        ..StoreConfig::new(&path)
-    })
-    .unwrap();
+    let (h, join) = open_with_feed(&path, 8);
     let ack = |i: usize| NewRecord {
         direction: Direction::Out,
         qn: Some(format!("A{i}")),
