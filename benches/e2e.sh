@@ -120,6 +120,15 @@ EOF
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$GW_PID/stat"; }
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$GW_PID/status"; }
+mq_ticks() { awk '{print $14 + $15}' "/proc/$MQ_PID/stat"; }
+# CPU ticks of this shell's reaped children (the simulator, once `simulate`
+# returned). `times` must run in this shell, not in a $(...) subshell.
+child_ticks() {
+    times >"$WORK/times"
+    awk -v t="$TCK" 'NR == 2 { for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); s += a[1] * 60 + a[2] } } END { printf "%d", s * t }' "$WORK/times"
+}
+# Busy and total ticks of the whole machine (all CPUs), from /proc/stat.
+machine_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8 }' /proc/stat; }
 fds() { find "/proc/$GW_PID/fd" -mindepth 1 -maxdepth 1 | wc -l; }
 
 # Counts from the log: inbound accepted frames (stored), acks we sent, the last seq,
@@ -255,12 +264,22 @@ sustained | latency)
         RATE=${RATE:-5000} DURATION=${DURATION:-60} DEVICES=${DEVICES:-1000}
     fi
     c0=$(cpu_ticks)
+    m0=$(mq_ticks)
+    child_ticks >"$WORK/s0"
+    read -r b0 t0 < <(machine_ticks)
     sim=$(simulate --devices "$DEVICES" --rate "$RATE" --duration "$DURATION" --ramp 5) || true
     c1=$(cpu_ticks)
+    m1=$(mq_ticks)
+    child_ticks >"$WORK/s1"
+    read -r b1 t1 < <(machine_ticks)
     drain=$(wait_published 300)
     c2=$(cpu_ticks)
     c=$(counts)
-    extra=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d.update(rss_kib=int(sys.argv[2]), publish_drain_s=sys.argv[3], store=json.loads(sys.argv[4]), log_bytes=int(sys.argv[5])); print(json.dumps(d))' "$c" "$(rss_kib)" "$drain" "$(commit_stats)" "$(du -sb "$WORK/data" | cut -f1)")
+    # Where the machine's CPU went during the run: what is left for the gateway
+    # when the simulator and the broker share its cores.
+    others=$(python3 -c 'import json,sys; s,m,b,t=map(int,sys.argv[1:5]); tck=int(sys.argv[5]); n=max(json.loads(sys.argv[6]).get("stored",0),1); print(json.dumps(dict(simulator_cpu_us_per_frame=round(s/tck*1e6/n,1), mosquitto_cpu_us_per_frame=round(m/tck*1e6/n,1), machine_busy=round(b/max(t,1),3))))' \
+        $(($(cat "$WORK/s1") - $(cat "$WORK/s0"))) $((m1 - m0)) $((b1 - b0)) $((t1 - t0)) "$TCK" "$c")
+    extra=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d.update(rss_kib=int(sys.argv[2]), publish_drain_s=sys.argv[3], store=json.loads(sys.argv[4]), log_bytes=int(sys.argv[5])); d.update(json.loads(sys.argv[6])); print(json.dumps(d))' "$c" "$(rss_kib)" "$drain" "$(commit_stats)" "$(du -sb "$WORK/data" | cut -f1)" "$others")
     report "$SCENARIO rate=$RATE duration=$DURATION devices=$DEVICES" "$sim" $((c1 - c0)) $((c2 - c0)) "$extra"
     zero_loss "$sim" "$c"
     ;;

@@ -752,7 +752,111 @@ mod tests {
         let v: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(v, 4);
+        assert_eq!(v, schema::latest_version());
+    }
+
+    /// The opcodes of the record insert as `conn` compiles it.
+    fn insert_opcodes(conn: &Connection) -> Vec<String> {
+        let mut stmt = conn.prepare(&format!("EXPLAIN {INSERT_SQL}")).unwrap();
+        let unbound = std::iter::repeat_n(rusqlite::types::Null, HASHED_COLUMNS + 1);
+        stmt.query_map(rusqlite::params_from_iter(unbound), |r| {
+            r.get::<_, String>(1)
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+    }
+
+    /// Inserts one row with the given verdict, as the writer would.
+    fn insert_verdict(conn: &Connection, seq: i64, verdict: &str) -> rusqlite::Result<usize> {
+        conn.execute(
+            INSERT_SQL,
+            rusqlite::params![
+                seq,
+                1,
+                "p",
+                1,
+                "in",
+                "frame",
+                b"##".to_vec(),
+                None::<String>,
+                None::<String>,
+                None::<String>,
+                None::<String>,
+                None::<String>,
+                None::<String>,
+                verdict,
+                0,
+                "[]",
+                "{}",
+                vec![0u8; 32]
+            ],
+        )
+    }
+
+    /// No temporary B-tree per row: the `verdict` CHECK is plain comparisons.
+    #[test]
+    fn the_insert_builds_no_temporary_btree() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn =
+            schema::open_writer(&dir.path().join("f.sqlite"), super::super::SyncMode::Off).unwrap();
+        let ops = insert_opcodes(&conn);
+        assert!(ops.iter().any(|o| o == "Insert"), "{ops:?}");
+        assert!(!ops.iter().any(|o| o == "OpenEphemeral"), "{ops:?}");
+    }
+
+    /// A v4 log gets the comparison form of the `verdict` CHECK in place: its rows
+    /// stay, the file stays sound, and the CHECK still refuses what it refused.
+    #[test]
+    fn a_v4_log_gets_the_verdict_check_rewritten_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.sqlite");
+        {
+            let conn = Connection::open(&path).unwrap();
+            for sql in &schema::MIGRATIONS[..4] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 4).unwrap();
+            insert_verdict(&conn, 1, "accepted").unwrap();
+            assert!(insert_opcodes(&conn).iter().any(|o| o == "OpenEphemeral"));
+        }
+        let conn = schema::open_writer(&path, super::super::SyncMode::Off).unwrap();
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, 5);
+        // The migrating connection itself already runs the new schema.
+        assert!(!insert_opcodes(&conn).iter().any(|o| o == "OpenEphemeral"));
+        let sql: String = conn
+            .query_row(
+                "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'records'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(
+            sql.contains(
+                "CHECK (verdict = 'accepted' OR verdict = 'rejected' OR verdict = 'junk')"
+            ) && !sql.contains("verdict IN"),
+            "{sql}"
+        );
+        let ok: String = conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(ok, "ok");
+        for (seq, verdict) in [(2, "rejected"), (3, "junk")] {
+            insert_verdict(&conn, seq, verdict).unwrap();
+        }
+        let err = insert_verdict(&conn, 4, "bogus").unwrap_err();
+        assert!(err.to_string().contains("CHECK constraint failed"), "{err}");
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM records", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 3);
+        drop(conn);
+        // Another connection opened afterwards reads the new text too.
+        let other = schema::open_read_only(&path).unwrap();
+        assert!(!insert_opcodes(&other).iter().any(|o| o == "OpenEphemeral"));
     }
 
     #[test]
