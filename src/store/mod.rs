@@ -323,7 +323,8 @@ pub struct StoreConfig {
     /// are gathered. An `append_many` is never split, so a batch can exceed it by the
     /// size of the last entry taken. Default 512.
     pub batch_max: usize,
-    /// Longest time the writer lingers to fill a batch when there is load. Default 2 ms.
+    /// Longest time the writer lingers to fill a batch when there is load (not when
+    /// a quarter of `batch_max` is already queued). Default 2 ms.
     pub batch_delay: Duration,
     /// Capacity of the bounded append queue, in append calls. Default 8192.
     pub queue: usize,
