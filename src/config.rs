@@ -516,6 +516,8 @@ pub struct AlarmsSection {
     /// Reference O2 (%) for all devices; unset means `converted.mismatch` only runs for
     /// devices with their own `reference_o2`.
     pub reference_o2: Option<f64>,
+    /// Nice steps the detector's thread runs below the gateway (0 = the same).
+    pub nice: u8,
     /// Detectors switched off everywhere, e.g. `["value.stuck"]`.
     pub disabled: Vec<String>,
     /// Per-factor settings.
@@ -546,6 +548,7 @@ impl Default for AlarmsSection {
             mismatch_tolerance: 5.0,
             mismatch_abs: 1.0,
             reference_o2: None,
+            nice: 10,
             disabled: Vec::new(),
             factor: Default::default(),
             device: Default::default(),
@@ -811,6 +814,7 @@ impl Config {
                 "mismatch_abs",
                 !(a.mismatch_abs >= 0.0 && a.mismatch_abs.is_finite()),
             ),
+            ("nice", a.nice > 19),
         ];
         for (k, wrong) in positive {
             if wrong {

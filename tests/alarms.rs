@@ -151,10 +151,13 @@ async fn wait_rows(db: &Path, what: &str, pred: impl Fn(&[AlarmRow]) -> bool) ->
     }
 }
 
-/// Exactly one alarm of `kind` for `mn`, and it has ended.
+/// Exactly one alarm of `kind` for `mn`, and it has ended. For `device.offline`
+/// the first one has ended: a device the test has stopped sending to goes offline
+/// again a second later, and a slow machine may poll after that.
 fn raised_and_cleared(rows: &[AlarmRow], mn: &str, kind: &str) -> bool {
     let a = of(rows, mn, kind);
-    a.len() == 1 && a[0].end_ms.is_some()
+    let once = a.len() == 1 || (kind == "device.offline" && !a.is_empty());
+    once && a[0].end_ms.is_some()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -319,10 +322,9 @@ async fn every_detector_raises_and_clears_through_the_daemon() {
         .filter(|r| r.mn == VIDEO)
         .map(|r| r.kind.as_str())
         .collect();
-    assert_eq!(
-        video,
-        ["device.offline"],
-        "video devices get offline checks only"
+    assert!(
+        !video.is_empty() && video.iter().all(|k| *k == "device.offline"),
+        "video devices get offline checks only: {video:?}"
     );
     let s_flag = of(&rows, FLAG, "flag.abnormal");
     assert_eq!(
@@ -578,4 +580,77 @@ limit = 20
     let rows = all(&db);
     assert!(rows.is_empty(), "false positives: {rows:#?}");
     gw.stop().await.expect("stop");
+}
+
+/// The nice value of each thread of `pid`, by thread name.
+fn thread_nices(pid: u32) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).expect("task dir") {
+        let t = t.expect("task").path();
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(t.join("comm")),
+            std::fs::read_to_string(t.join("stat")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        // Fields after the parenthesised name: state is field 3, nice field 19.
+        let rest = &stat[stat.rfind(')').expect("stat") + 2..];
+        let nice = rest
+            .split(' ')
+            .nth(16)
+            .expect("nice")
+            .parse()
+            .expect("number");
+        out.push((comm.trim().to_owned(), nice));
+    }
+    out
+}
+
+/// The detector has a thread of its own, `[alarms] nice` steps below the rest of
+/// the gateway (whose threads keep the process's priority); `nice = 0` keeps it level.
+#[test]
+fn the_detector_thread_runs_below_the_rest_of_the_gateway() {
+    for (setting, below) in [("", 10), ("nice = 0", 0), ("nice = 3", 3)] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("gateway.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[metrics]\nlisten = \"127.0.0.1:0\"\n[server]\nlisten = [\"127.0.0.1:0\"]\n\
+                 [store]\nsync = \"off\"\n[alarms]\n{setting}\n"
+            ),
+        )
+        .unwrap();
+        let gw = common::Bin::spawn(&cfg, &dir.path().join("data"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let nices = loop {
+            let n = thread_nices(gw.child.id());
+            if n.iter().any(|(name, _)| name == "hj212-alarms") {
+                break n;
+            }
+            assert!(Instant::now() < deadline, "no detector thread: {n:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let of = |name: &str| nices.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
+        let base = of("hj212-gateway").expect("main thread");
+        assert_eq!(
+            of("hj212-alarms"),
+            Some((base + below).min(19)),
+            "{setting:?}: {nices:?}"
+        );
+        for (name, nice) in &nices {
+            if name != "hj212-alarms" {
+                assert_eq!(
+                    *nice, base,
+                    "{setting:?}: {name} keeps the gateway's priority"
+                );
+            }
+        }
+    }
+    assert!(
+        Config::parse("[alarms]\nnice = 20", Path::new("t"))
+            .unwrap_err()
+            .to_string()
+            .contains("`alarms.nice`")
+    );
 }

@@ -236,7 +236,14 @@ impl Detector {
     }
 }
 
-/// Starts the detector on the log at `db`; it runs until `shutdown` is cancelled.
+/// Starts the detector on a thread of its own, `cfg.nice` steps below the
+/// process's priority; the handle completes when it has stopped (cursor written).
+///
+/// Its own thread because Linux keeps the nice value per thread and an
+/// unprivileged thread cannot raise it again: tokio's blocking pool also runs the
+/// MQTT publisher, which must not slow down. Alarms are derived from the log
+/// behind a cursor, so under overload they lag (`hj212_consumer_lag_records`)
+/// while sessions and the writer keep the CPU for acks.
 pub fn spawn(
     cfg: AlarmsSection,
     db: PathBuf,
@@ -244,71 +251,100 @@ pub fn spawn(
     registry: Arc<SharedRegistry>,
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
+    let rt = tokio::runtime::Handle::current();
+    let (stopped, on_stop) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("hj212-alarms".into())
+        .spawn(move || {
+            // Code under the detector may expect a runtime context, as it had on
+            // the blocking pool.
+            let _context = rt.enter();
+            lower_priority(cfg.nice);
+            run(&rt, cfg, &db, feed, registry, &shutdown);
+            let _ = stopped.send(());
+        });
+    if let Err(e) = thread {
+        error!(error = %e, "alarm detector thread cannot start; no alarms");
+        return tokio::spawn(async {});
+    }
     tokio::spawn(async move {
-        let tick = cfg.tick.0;
-        let mut committed = feed.subscribe();
-        let opened =
-            tokio::task::spawn_blocking(move || Detector::open(cfg, &db, feed, registry)).await;
-        let mut d = match opened {
-            Ok(Ok(d)) => d,
-            Ok(Err(e)) => {
-                error!(error = %e, "alarm detector cannot open the frame log; no alarms");
-                return;
-            }
-            Err(e) => {
-                error!(error = %e, "alarm detector failed to start");
-                return;
-            }
-        };
-        loop {
-            let stepped = tokio::time::Instant::now();
-            let now = chrono::Utc::now().timestamp_millis();
-            let res = tokio::task::spawn_blocking(move || {
-                let r = d.step(now);
-                (d, r)
-            })
-            .await;
-            let caught_up = match res {
-                Ok((back, r)) => {
-                    d = back;
-                    match r {
-                        Ok(c) => c,
-                        Err(e) => {
-                            // Nothing was committed; the events are kept and retried first.
-                            error!(error = %e, "alarm detector step failed; retrying");
-                            true
-                        }
-                    }
-                }
-                Err(e) => {
-                    error!(error = %e, "alarm detector panicked; stopping");
-                    return;
-                }
-            };
-            if shutdown.is_cancelled() {
-                break;
-            }
-            if caught_up {
-                // A commit wakes the detector: while it keeps up it reads from
-                // memory, and the feed only reaches back so far. Steps are at least
-                // MIN_STEP apart so that under load each takes a batch of records,
-                // not one commit's worth (the feed holds far more than MIN_STEP of
-                // traffic).
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = committed.changed() => {
-                        tokio::select! {
-                            _ = shutdown.cancelled() => break,
-                            _ = tokio::time::sleep_until(stepped + MIN_STEP) => {}
-                        }
-                    }
-                    _ = tokio::time::sleep(tick) => {}
-                }
-            }
-        }
-        let flushed = tokio::task::spawn_blocking(move || d.flush_cursor()).await;
-        if let Ok(Err(e)) = flushed {
-            warn!(error = %e, "alarm detector cursor not written at stop");
+        if on_stop.await.is_err() {
+            error!("alarm detector panicked; no alarms until the gateway restarts");
         }
     })
+}
+
+/// Lowers the calling thread's priority by `nice` steps (the nice value is per
+/// thread on Linux). Failing only costs the preference, so it is logged and run.
+fn lower_priority(nice: u8) {
+    if nice == 0 {
+        return;
+    }
+    let lowered = rustix::process::getpriority_process(None).and_then(|now| {
+        rustix::process::setpriority_process(None, (now + i32::from(nice)).min(19))
+    });
+    if let Err(e) = lowered {
+        warn!(error = %e, nice, "alarm detector runs at the gateway's priority");
+    }
+}
+
+/// The detector's loop, on its own thread; waits on the runtime's timers and
+/// the feed through `rt`.
+fn run(
+    rt: &tokio::runtime::Handle,
+    cfg: AlarmsSection,
+    db: &Path,
+    feed: Arc<Feed>,
+    registry: Arc<SharedRegistry>,
+    shutdown: &CancellationToken,
+) {
+    let tick = cfg.tick.0;
+    let mut committed = feed.subscribe();
+    let mut d = match Detector::open(cfg, db, feed, registry) {
+        Ok(d) => d,
+        Err(e) => {
+            error!(error = %e, "alarm detector cannot open the frame log; no alarms");
+            return;
+        }
+    };
+    loop {
+        let stepped = tokio::time::Instant::now();
+        let now = chrono::Utc::now().timestamp_millis();
+        let caught_up = match d.step(now) {
+            Ok(c) => c,
+            Err(e) => {
+                // Nothing was committed; the events are kept and retried first.
+                error!(error = %e, "alarm detector step failed; retrying");
+                true
+            }
+        };
+        if shutdown.is_cancelled() {
+            break;
+        }
+        if caught_up {
+            // A commit wakes the detector: while it keeps up it reads from
+            // memory, and the feed only reaches back so far. Steps are at least
+            // MIN_STEP apart so that under load each takes a batch of records,
+            // not one commit's worth (the feed holds far more than MIN_STEP of
+            // traffic).
+            let stop = rt.block_on(async {
+                tokio::select! {
+                    _ = shutdown.cancelled() => true,
+                    _ = committed.changed() => {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => true,
+                            _ = tokio::time::sleep_until(stepped + MIN_STEP) => false,
+                        }
+                    }
+                    _ = tokio::time::sleep(tick) => false,
+                }
+            });
+            if stop {
+                break;
+            }
+        }
+    }
+    if let Err(e) = d.flush_cursor() {
+        warn!(error = %e, "alarm detector cursor not written at stop");
+    }
 }
