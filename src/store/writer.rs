@@ -799,6 +799,51 @@ mod tests {
         )
     }
 
+    /// New logs get 16 KiB pages; a log created with SQLite's default 4 KiB keeps them
+    /// (the page size of a WAL file cannot change) and is written as before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn new_logs_get_large_pages_and_old_ones_keep_theirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let page_size = |p: &std::path::Path| -> i64 {
+            Connection::open(p)
+                .unwrap()
+                .query_row("PRAGMA page_size", [], |r| r.get(0))
+                .unwrap()
+        };
+        let new = dir.path().join("new.sqlite");
+        drop(schema::open_writer(&new, super::super::SyncMode::Off).unwrap());
+        assert_eq!(page_size(&new), 16 * 1024);
+        let old = dir.path().join("old.sqlite");
+        {
+            let conn = Connection::open(&old).unwrap();
+            conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+                .unwrap();
+            conn.execute_batch(schema::MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+        }
+        assert_eq!(page_size(&old), 4096);
+        let cfg = StoreConfig {
+            sync: super::super::SyncMode::Off,
+            ..StoreConfig::new(&old)
+        };
+        let (h, join) = Store::open(cfg).unwrap();
+        let a = h
+            .append(inbound(b"##a", "20261129000000001"))
+            .await
+            .unwrap();
+        assert_eq!(a.seq, 1);
+        drop(h);
+        tokio::task::spawn_blocking(move || join.join().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(page_size(&old), 4096);
+        let n: i64 = Connection::open(&old)
+            .unwrap()
+            .query_row("SELECT count(*) FROM records", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+
     /// No temporary B-tree per row: the `verdict` CHECK is plain comparisons.
     #[test]
     fn the_insert_builds_no_temporary_btree() {
