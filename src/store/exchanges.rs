@@ -207,11 +207,7 @@ mod tests {
         let path = dir.path().join("f.sqlite");
         {
             // A file as the previous release left it: migrations 1 and 2 only.
-            let conn = Connection::open(&path).unwrap();
-            for sql in &schema::MIGRATIONS[..2] {
-                conn.execute_batch(sql).unwrap();
-            }
-            conn.pragma_update(None, "user_version", 2).unwrap();
+            let conn = schema::file_at_version(&path, 2);
             conn.execute(
                 "INSERT INTO cursors (name, seq, updated_at) VALUES ('mqtt', 0, 0)",
                 [],

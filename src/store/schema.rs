@@ -181,6 +181,18 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     "#,
 ];
 
+/// A log file as an earlier release left it: the first `version` migrations only.
+#[cfg(test)]
+pub(crate) fn file_at_version(path: &Path, version: usize) -> Connection {
+    let conn = Connection::open(path).expect("open");
+    for sql in &MIGRATIONS[..version] {
+        conn.execute_batch(sql).expect("migration");
+    }
+    conn.pragma_update(None, "user_version", version as i64)
+        .expect("user_version");
+    conn
+}
+
 /// Whether a migration step edits `sqlite_schema` directly: SQLite does not bump the
 /// schema cookie for that, so `migrate` does, or connections keep the old schema.
 fn edits_schema_text(sql: &str) -> bool {

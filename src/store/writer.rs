@@ -862,11 +862,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f.sqlite");
         {
-            let conn = Connection::open(&path).unwrap();
-            for sql in &schema::MIGRATIONS[..4] {
-                conn.execute_batch(sql).unwrap();
-            }
-            conn.pragma_update(None, "user_version", 4).unwrap();
+            let conn = schema::file_at_version(&path, 4);
             insert_verdict(&conn, 1, "accepted").unwrap();
             assert!(insert_opcodes(&conn).iter().any(|o| o == "OpenEphemeral"));
         }
