@@ -92,8 +92,12 @@ pub fn device_frame(
 }
 
 /// Appends `n` in decimal.
-pub fn put_uint(out: &mut Vec<u8>, mut n: u64) {
-    let mut buf = [0u8; 20];
+pub fn put_uint(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(decimal(n, &mut [0; 20]).as_bytes());
+}
+
+/// `n` in decimal, written into `buf` without allocating (frame and JSON writers).
+pub(crate) fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &str {
     let mut i = buf.len();
     loop {
         i -= 1;
@@ -103,7 +107,7 @@ pub fn put_uint(out: &mut Vec<u8>, mut n: u64) {
             break;
         }
     }
-    out.extend_from_slice(&buf[i..]);
+    std::str::from_utf8(&buf[i..]).expect("ASCII digits")
 }
 
 /// Appends `n` zero-padded to `width` digits (more digits if it needs them).

@@ -243,18 +243,7 @@ fn push_num(out: &mut String, key: &str, v: Option<u32>) {
 }
 
 fn push_u32(out: &mut String, v: u32) {
-    let mut buf = [0u8; 10];
-    let mut i = buf.len();
-    let mut v = v;
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    out.push_str(std::str::from_utf8(&buf[i..]).expect("ASCII digits"));
+    out.push_str(super::build::decimal(u64::from(v), &mut [0; 20]));
 }
 
 /// Normalises a loose decimal (`+1`, `.5`, `1.`, `007`) to JSON number syntax,
