@@ -161,7 +161,7 @@ import json, sys, urllib.request
 text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode()
 v = {}
 for line in text.splitlines():
-    if line.startswith(("hj212_store_commit_batch_records_", "hj212_store_commit_duration_seconds_", "hj212_ack_latency_seconds_")):
+    if line.startswith(("hj212_store_commit_batch_records_", "hj212_store_commit_duration_seconds_", "hj212_ack_latency_seconds_", "hj212_consumer_records_total")):
         name, _, val = line.rpartition(" ")
         v[name] = float(val)
 n = v.get("hj212_store_commit_batch_records_count", 0) or 1
@@ -181,6 +181,12 @@ print(json.dumps({
     "commits_slower": slower("hj212_store_commit_duration_seconds"),
     # The gateway's own view of ack latency: frame read until its ack is written.
     "acks_slower": slower("hj212_ack_latency_seconds"),
+    # Records the consumers took from the writer's in-memory feed, and those they
+    # had to read back from SQLite because they fell behind it.
+    "consumer_reads": {
+        "feed": int(v.get('hj212_consumer_records_total{source="feed"}', 0)),
+        "sqlite": int(v.get('hj212_consumer_records_total{source="sqlite"}', 0)),
+    },
 }))
 PY
 }
