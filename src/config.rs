@@ -192,6 +192,8 @@ pub struct StoreSection {
     /// Committed records kept in memory for the consumers (MQTT, upstreams, alarms);
     /// 0 makes every consumer read SQLite.
     pub feed_records: usize,
+    /// Nice steps the writer thread runs above the rest of the gateway (0..=20).
+    pub writer_boost: u8,
 }
 
 impl Default for StoreSection {
@@ -203,6 +205,7 @@ impl Default for StoreSection {
             batch_delay: Dur(Duration::from_millis(2)),
             queue: 8192,
             feed_records: 8192,
+            writer_boost: 5,
         }
     }
 }
@@ -707,6 +710,12 @@ impl Config {
             if v == 0 {
                 return Err(bad(k, "must be greater than 0".into()));
             }
+        }
+        if self.store.writer_boost > 20 {
+            return Err(bad(
+                "store.writer_boost",
+                "must be between 0 and 20 (nice steps)".into(),
+            ));
         }
         if self.server.max_frame_bytes < 64 || self.server.max_frame_bytes > 1 << 20 {
             return Err(bad(

@@ -117,6 +117,7 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
         batch_delay: cfg.store.batch_delay.0,
         queue: cfg.store.queue,
         feed_records: cfg.store.feed_records,
+        writer_boost: cfg.store.writer_boost,
     };
     let (store, writer): (StoreHandle, WriterJoin) =
         tokio::task::spawn_blocking(move || Store::open(store_cfg))

@@ -46,6 +46,7 @@ pub mod downlink;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod metrics;
+pub mod priority;
 pub mod protocol;
 pub mod proxy;
 pub mod publish;

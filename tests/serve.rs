@@ -1129,3 +1129,112 @@ async fn a_frame_without_terminator_is_acked_once_the_line_is_quiet() {
     assert!(finding_codes(stored[0]).contains(&"terminator.missing".to_owned()));
     gw.stop().await;
 }
+
+// Thread priorities of a running gateway, read from `/proc`: the store writer runs
+// `[store] writer_boost` nice steps above the rest, the alarm detector `[alarms]
+// nice` steps below, every other thread at the process's own priority.
+
+/// The nice value of each thread of `pid`, by thread name.
+fn thread_nices(pid: u32) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).expect("task dir") {
+        let t = t.expect("task").path();
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(t.join("comm")),
+            std::fs::read_to_string(t.join("stat")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        // Fields after the parenthesised name: state is field 3, nice field 19.
+        let rest = &stat[stat.rfind(')').expect("stat") + 2..];
+        let nice = rest
+            .split(' ')
+            .nth(16)
+            .expect("nice")
+            .parse()
+            .expect("number");
+        out.push((comm.trim().to_owned(), nice));
+    }
+    out
+}
+
+/// Whether this process may raise a thread `steps` nice steps (root, CAP_SYS_NICE
+/// or RLIMIT_NICE): asked of a throwaway thread, so the test's own stay put.
+fn may_raise(steps: i32) -> bool {
+    std::thread::spawn(move || hj212_gateway::priority::shift_current_thread(-steps).is_ok())
+        .join()
+        .unwrap()
+}
+
+const DETECTOR: &str = "hj212-alarms";
+// The kernel keeps 15 bytes of a thread's name.
+const WRITER: &str = "hj212-store-wri";
+
+#[test]
+fn the_writer_runs_above_and_the_detector_below_the_rest_of_the_gateway() {
+    // ([alarms] keys, [store] keys, detector steps below, writer steps above when
+    // this machine lets a process raise a thread)
+    let cases = [
+        ("", "", 10, 5),
+        ("nice = 0", "writer_boost = 0", 0, 0),
+        ("nice = 3", "writer_boost = 2", 3, 2),
+    ];
+    for (alarms, store, below, above) in cases {
+        let setting = format!("{alarms} {store}");
+        let raised = if may_raise(above) {
+            i64::from(above)
+        } else {
+            0
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("gateway.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[metrics]\nlisten = \"127.0.0.1:0\"\n[server]\nlisten = [\"127.0.0.1:0\"]\n\
+                 [store]\nsync = \"off\"\n{store}\n[alarms]\n{alarms}\n"
+            ),
+        )
+        .unwrap();
+        let gw = common::Bin::spawn(&cfg, &dir.path().join("data"));
+        let of = |nices: &[(String, i64)], name: &str| {
+            nices.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+        };
+        // Both threads have their names from the start and set their priority
+        // first thing; poll until both did.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (nices, base) = loop {
+            let n = thread_nices(gw.child.id());
+            let base = of(&n, "hj212-gateway").expect("main thread");
+            if of(&n, DETECTOR) == Some((base + below).min(19))
+                && of(&n, WRITER) == Some((base - raised).max(-20))
+            {
+                break (n, base);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{setting:?}: detector not {below} below or writer not {raised} above: {n:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        for (name, nice) in &nices {
+            if name != DETECTOR && name != WRITER {
+                assert_eq!(
+                    *nice, base,
+                    "{setting:?}: {name} keeps the gateway's priority"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn priorities_out_of_range_are_refused_by_key() {
+    for (text, key) in [
+        ("[alarms]\nnice = 20", "`alarms.nice`"),
+        ("[store]\nwriter_boost = 21", "`store.writer_boost`"),
+    ] {
+        let err = Config::parse(text, Path::new("t")).unwrap_err().to_string();
+        assert!(err.contains(key), "{text}: {err}");
+    }
+}

@@ -274,16 +274,13 @@ pub fn spawn(
     })
 }
 
-/// Lowers the calling thread's priority by `nice` steps (the nice value is per
-/// thread on Linux). Failing only costs the preference, so it is logged and run.
+/// Lowers the calling thread's priority by `nice` steps (see [`crate::priority`]).
+/// Failing only costs the preference, so it is logged and run.
 fn lower_priority(nice: u8) {
     if nice == 0 {
         return;
     }
-    let lowered = rustix::process::getpriority_process(None).and_then(|now| {
-        rustix::process::setpriority_process(None, (now + i32::from(nice)).min(19))
-    });
-    if let Err(e) = lowered {
+    if let Err(e) = crate::priority::shift_current_thread(i32::from(nice)) {
         warn!(error = %e, nice, "alarm detector runs at the gateway's priority");
     }
 }

@@ -331,6 +331,10 @@ pub struct StoreConfig {
     /// Committed records kept in memory for consumers ([`Feed`]); 0 keeps none.
     /// Default 8192.
     pub feed_records: usize,
+    /// Nice steps the writer thread runs above the rest of the process (see
+    /// [`crate::priority`]); 0 leaves it alone. Default 0 here (library users and
+    /// tests); the daemon passes `[store] writer_boost`.
+    pub writer_boost: u8,
 }
 
 impl StoreConfig {
@@ -352,6 +356,7 @@ impl Default for StoreConfig {
             batch_delay: Duration::from_millis(2),
             queue: 8192,
             feed_records: 8192,
+            writer_boost: 0,
         }
     }
 }

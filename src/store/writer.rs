@@ -72,9 +72,13 @@ impl Store {
             counters: Arc::clone(&counters),
             checkpointer: Some(checkpointer),
         };
+        let boost = writer.cfg.writer_boost;
         let thread = std::thread::Builder::new()
             .name("hj212-store-writer".into())
-            .spawn(move || writer.run(rx, &rt))
+            .spawn(move || {
+                raise_priority(boost);
+                writer.run(rx, &rt)
+            })
             .map_err(|source| StoreError::Spawn { source })?;
         Ok((
             StoreHandle {
@@ -84,6 +88,24 @@ impl Store {
             },
             WriterJoin { thread, counters },
         ))
+    }
+}
+
+/// Raises the writer thread `boost` nice steps above the rest of the gateway (see
+/// [`crate::priority`]). Without `CAP_SYS_NICE` or a large enough `RLIMIT_NICE`
+/// the kernel refuses; the writer then runs at the gateway's priority, which is
+/// correct, only slower to get a CPU under load: an informational line, not an error.
+fn raise_priority(boost: u8) {
+    if boost == 0 {
+        return;
+    }
+    match crate::priority::shift_current_thread(-i32::from(boost)) {
+        Ok(nice) => tracing::debug!(nice, "store writer thread raised"),
+        Err(e) => tracing::info!(
+            error = %e,
+            boost,
+            "store writer runs at the gateway's priority ([store] writer_boost needs CAP_SYS_NICE or LimitNICE=, see deploy/hj212-gateway.service)"
+        ),
     }
 }
 
