@@ -39,8 +39,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
-    TlsConfiguration, Transport,
+    AsyncClient, ClientError, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing,
+    Packet, QoS, Request, TlsConfiguration, Transport,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -505,7 +505,9 @@ impl Publisher {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks: u32 = 0;
         loop {
-            self.pump(client);
+            if let Err(e) = self.pump(client) {
+                return Ended::Lost(e);
+            }
             self.maybe_read();
             tokio::select! {
                 biased;
@@ -567,18 +569,41 @@ impl Publisher {
 
     /// Hands the client as many messages as the inflight window allows (control
     /// messages first). `try_publish` never waits: the channel holds more than the window.
-    fn pump(&mut self, client: &AsyncClient) {
+    /// The message moves into the client (no copy of the payload): nothing needs it
+    /// afterwards, because a lost connection re-reads data from the log and re-queues
+    /// merged groups and presence from their own records. A refused publish comes
+    /// back inside the error and is queued again as it was; should the client ever
+    /// hand back something else, the message is gone from memory and the caller
+    /// reconnects, which re-reads everything unacknowledged from the log.
+    fn pump(&mut self, client: &AsyncClient) -> Result<(), String> {
         while self.in_client < self.s.max_inflight {
             let Some(m) = self.ctrl.pop_front().or_else(|| self.data.pop_front()) else {
                 break;
             };
-            match client.try_publish(m.topic.clone(), self.s.qos, m.retain, m.payload.clone()) {
+            let Msg {
+                topic,
+                payload,
+                retain,
+                tag,
+            } = m;
+            match client.try_publish(topic, self.s.qos, retain, payload) {
                 Ok(()) => {
-                    self.sent_fifo.push_back(m.tag);
+                    self.sent_fifo.push_back(tag);
                     self.in_client += 1;
                 }
                 Err(e) => {
                     debug!(error = %e, "MQTT request channel refused a publish; retrying later");
+                    let (ClientError::Request(Request::Publish(p))
+                    | ClientError::TryRequest(Request::Publish(p))) = e
+                    else {
+                        return Err(format!("MQTT client lost a refused publish: {e}"));
+                    };
+                    let m = Msg {
+                        topic: p.topic,
+                        payload: p.payload.into(),
+                        retain,
+                        tag,
+                    };
                     match m.tag {
                         Tag::Data(_) => self.data.push_front(m),
                         _ => self.ctrl.push_front(m),
@@ -587,6 +612,7 @@ impl Publisher {
                 }
             }
         }
+        Ok(())
     }
 
     fn maybe_read(&mut self) {
@@ -841,7 +867,9 @@ impl Publisher {
         });
         let deadline = tokio::time::Instant::now() + STOP_DRAIN;
         loop {
-            self.pump(client);
+            if self.pump(client).is_err() {
+                break;
+            }
             if self.ctrl.is_empty() && self.in_client == 0 {
                 break;
             }
