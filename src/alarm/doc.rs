@@ -5,10 +5,11 @@
 //! `Value` allocated a map for the whole document (params, findings, every key)
 //! only to copy five fields out of it. Here one pass keeps `mn`, `cn`,
 //! `data_time`, `rf` and `values` and skips everything else in place. Keys,
-//! suffixes and flags are read as borrowed text into inline [`ShortText`]s and
-//! values are built in place into [`Values`] (no `String` per key, no map nodes);
-//! what still allocates is `mn`, `cn`, the two vectors of the values and
-//! serde_json's own buffer for each fraction's digits.
+//! suffixes and flags are read as borrowed text into inline [`ShortText`]s,
+//! numbers from their raw text, and values are built in place into [`Values`]
+//! (no `String` per key or number, no map nodes): a typical document costs `mn`,
+//! `cn` and the two vectors of the values. The findings text gets the same
+//! treatment ([`finding_codes`]).
 //!
 //! The result is the one the `Value` path gave for *any* input (the tests compare
 //! both): a field of the wrong type reads as absent, a factor that is not an object
@@ -24,6 +25,7 @@ use rust_decimal::Decimal;
 use serde::de::{
     Deserialize, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor,
 };
+use serde_json::value::RawValue;
 
 use super::Val;
 use super::values::{ShortText, Values};
@@ -326,7 +328,8 @@ impl Fields for FactorFields<'_> {
         suffix: ShortText,
         map: &mut A,
     ) -> Result<(), A::Error> {
-        let val = match map.next_value::<Leaf>()? {
+        let raw: &'de RawValue = map.next_value()?;
+        let val = match raw_leaf(raw.get()).map_err(serde::de::Error::custom)? {
             Leaf::Num(d) => d.map(Val::Num),
             Leaf::Str(s) => Some(Val::Text(s)),
             Leaf::Bool(_) | Leaf::Other => None,
@@ -334,6 +337,38 @@ impl Fields for FactorFields<'_> {
         self.values.put(self.start, suffix, val);
         Ok(())
     }
+}
+
+/// A value from its JSON text. serde_json with `arbitrary_precision` allocates a
+/// `String` for every number it visits; taken as raw text (borrowed from the
+/// document), the common values, numbers and strings without escapes, are read
+/// here without one. Anything else goes through [`LeafVisitor`].
+fn raw_leaf(raw: &str) -> Result<Leaf, serde_json::Error> {
+    match raw.as_bytes().first() {
+        Some(b'-' | b'0'..=b'9') => Ok(Leaf::Num(number(raw))),
+        Some(b'"') if raw.len() >= 2 && !raw.contains('\\') => {
+            Ok(Leaf::Str(ShortText::new(&raw[1..raw.len() - 1])))
+        }
+        _ => serde_json::from_str(raw),
+    }
+}
+
+/// A JSON number's text as serde_json (`arbitrary_precision`) hands it to
+/// [`LeafVisitor`]: integers that fit `u64` (non-negative) or `i64` (negative,
+/// but not `-0`) as integers, everything else as text.
+fn number(t: &str) -> Option<Decimal> {
+    if !t.starts_with('-') {
+        if let Ok(u) = t.parse::<u64>() {
+            return Some(Decimal::from(u));
+        }
+    } else if t != "-0" {
+        if let Ok(i) = t.parse::<i64>() {
+            return Some(Decimal::from(i));
+        }
+    }
+    Decimal::from_str(t)
+        .or_else(|_| Decimal::from_scientific(t))
+        .ok()
 }
 
 /// factor -> suffix -> value.
@@ -351,6 +386,82 @@ impl Fields for ValuesFields<'_> {
             start,
         }))?;
         self.0.end_factor(code, start, is_object);
+        Ok(())
+    }
+}
+
+/// The `code`s of a findings array text, as the `Value` path read them: an
+/// element that is not an object, or whose (last) `code` is not a string, is left
+/// out; anything but an array reads as none. Read in place: a frame with a finding
+/// on every record (a simulated MN is not hex) paid for a `Value` of the whole
+/// array and a deep copy of it.
+pub(super) fn finding_codes(findings: &str) -> Vec<String> {
+    // Most frames have none.
+    if findings == "[]" {
+        return Vec::new();
+    }
+    let mut de = serde_json::Deserializer::from_str(findings);
+    match de.deserialize_any(CodesVisitor) {
+        Ok(codes) if de.end().is_ok() => codes,
+        _ => Vec::new(),
+    }
+}
+
+struct CodesVisitor;
+
+impl<'de> Visitor<'de> for CodesVisitor {
+    type Value = Vec<String>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of findings")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+        let mut codes = Vec::new();
+        loop {
+            let mut code = Code(None);
+            match seq.next_element_seed(ObjectSeed(&mut code))? {
+                None => return Ok(codes),
+                Some(_) => codes.extend(code.0),
+            }
+        }
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Vec<String>, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Vec::new())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Vec<String>, E> {
+        Ok(Vec::new())
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Vec<String>, E> {
+        Ok(Vec::new())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Vec<String>, E> {
+        Ok(Vec::new())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Vec<String>, E> {
+        Ok(Vec::new())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Vec<String>, E> {
+        Ok(Vec::new())
+    }
+    fn visit_unit<E>(self) -> Result<Vec<String>, E> {
+        Ok(Vec::new())
+    }
+}
+
+/// The `code` of one finding.
+struct Code(Option<String>);
+
+impl Fields for &mut Code {
+    fn field<'de, A: MapAccess<'de>>(
+        &mut self,
+        key: ShortText,
+        map: &mut A,
+    ) -> Result<(), A::Error> {
+        if key.is("code") {
+            self.0 = map.next_value_seed(StrSeed(str::to_owned))?;
+        } else {
+            let _: IgnoredAny = map.next_value()?;
+        }
         Ok(())
     }
 }
@@ -588,6 +699,11 @@ mod tests {
             "[]",
             r#"[{"code":"time.future"},{"code":"crc.bad","code":"x"},{"code":1},3]"#,
             r#"{"code":"x"}"#,
+            r#"[{"code":"a","code":null},[{"code":"b"}],{"x":{"code":"c"}},{"detail":"d","code":"d"},null,"e",1.5,true,{}]"#,
+            r#"[{"$serde_json::private::Number":"1"},{"code":"f","$serde_json::private::Number":"1"},{"code":"\u0067"}]"#,
+            r#"[{"code":"a"}] x"#,
+            r#" [ {"code" : "a"} ] "#,
+            "[",
             "not json",
             "",
         ] {

@@ -112,7 +112,7 @@ impl Obs {
     ) -> Option<Obs> {
         let doc = doc::DocFields::parse(doc)?;
         let mn = doc.mn.filter(|m| !m.is_empty())?;
-        let findings = finding_codes(findings);
+        let findings = doc::finding_codes(findings);
         Some(Obs {
             seq,
             received_ms,
@@ -126,21 +126,6 @@ impl Obs {
             video,
         })
     }
-}
-
-/// The `code`s of a findings array text. Most frames have none: `[]` is answered
-/// without parsing.
-fn finding_codes(findings: &str) -> Vec<String> {
-    if findings == "[]" {
-        return Vec::new();
-    }
-    serde_json::from_str::<serde_json::Value>(findings)
-        .ok()
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|f| f.get("code").and_then(|c| c.as_str()).map(str::to_owned))
-        .collect()
 }
 
 /// Identity of a condition: at most one active alarm per key.
