@@ -144,9 +144,9 @@ fn main() {
         factors += o.values.len();
         numbers += o
             .values
-            .values()
-            .flat_map(|m| m.values())
-            .filter(|v| matches!(v, Val::Num(_)))
+            .iter()
+            .flat_map(|f| f.iter())
+            .filter(|(_, v)| matches!(v, Val::Num(_)))
             .count();
     }
     // A reader that lost the numbers would make the detectors look free.

@@ -4,38 +4,52 @@
 //! The detector reads every accepted inbound frame's document; going through a
 //! `Value` allocated a map for the whole document (params, findings, every key)
 //! only to copy five fields out of it. Here one pass keeps `mn`, `cn`,
-//! `data_time`, `rf` and `values` and skips everything else in place.
+//! `data_time`, `rf` and `values` and skips everything else in place. Keys,
+//! suffixes and flags are read as borrowed text into inline [`ShortText`]s,
+//! numbers from their raw text, and values are built in place into [`Values`]
+//! (no `String` per key or number, no map nodes): a typical document costs `mn`,
+//! `cn` and the two vectors of the values. The findings text gets the same
+//! treatment ([`finding_codes`]).
 //!
 //! The result is the one the `Value` path gave for *any* input (the tests compare
 //! both): a field of the wrong type reads as absent, a factor that is not an object
 //! or a value that is neither a number nor a string is left out, and of repeated
-//! keys the last one counts (as in a `Value` map).
+//! keys the last one counts (as in a `Value` map), for repeated factors and for
+//! repeated suffixes within a factor too.
 
-use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::OnceLock;
 
 use rust_decimal::Decimal;
-use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{
+    Deserialize, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor,
+};
+use serde_json::value::RawValue;
 
 use super::Val;
+use super::values::{ShortText, Values};
 
 /// The fields of a frame document the engine uses.
 #[derive(Debug, Default)]
 pub(super) struct DocFields {
     pub(super) mn: Option<String>,
     pub(super) cn: Option<String>,
-    pub(super) data_time: Option<String>,
+    /// `data_time` as UTC unix ms (absent if it is not RFC 3339 text).
+    pub(super) data_time_ms: Option<i64>,
     pub(super) rf: bool,
-    pub(super) values: BTreeMap<String, BTreeMap<String, Val>>,
+    pub(super) values: Values,
 }
 
 impl DocFields {
     /// `None` if `doc` is not a JSON object.
     pub(super) fn parse(doc: &str) -> Option<DocFields> {
-        serde_json::from_str::<DocFields>(doc).ok()
+        let mut de = serde_json::Deserializer::from_str(doc);
+        let mut out = DocFields::default();
+        let is_object = ObjectSeed(&mut out).deserialize(&mut de).ok()?;
+        de.end().ok()?;
+        out.values.sort();
+        is_object.then_some(out)
     }
 }
 
@@ -67,17 +81,67 @@ fn number_key() -> &'static str {
     })
 }
 
+/// An object key, read from the borrowed text (serde's `String` or `Cow` would
+/// allocate one per key).
+enum Key {
+    /// The private key of a number's map.
+    Number,
+    Text(ShortText),
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Key, D::Error> {
+        struct KeyVisitor;
+        impl Visitor<'_> for KeyVisitor {
+            type Value = Key;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key, E> {
+                Ok(if v == number_key() {
+                    Key::Number
+                } else {
+                    Key::Text(ShortText::new(v))
+                })
+            }
+        }
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+/// A number's text as a decimal (`None` if `Decimal` cannot hold it).
+struct NumText(Option<Decimal>);
+
+impl<'de> Deserialize<'de> for NumText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<NumText, D::Error> {
+        struct NumVisitor;
+        impl Visitor<'_> for NumVisitor {
+            type Value = NumText;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a number's text")
+            }
+            // arbitrary_precision: the number's text is the device's digits.
+            fn visit_str<E>(self, n: &str) -> Result<NumText, E> {
+                Ok(NumText(
+                    Decimal::from_str(n)
+                        .or_else(|_| Decimal::from_scientific(n))
+                        .ok(),
+                ))
+            }
+        }
+        d.deserialize_str(NumVisitor)
+    }
+}
+
 /// What a JSON value is, as far as this module cares.
 enum Leaf {
-    Str(String),
+    Str(ShortText),
     Bool(bool),
-    /// A number's text.
-    Num(String),
-    /// An integer that fits 64 bits (serde_json visits those as integers even with
-    /// `arbitrary_precision`; their text is the canonical one).
-    Int(Decimal),
-    /// An object other than a number (not kept).
-    Object,
+    /// A number (`None` if `Decimal` cannot hold it). Integers that fit 64 bits
+    /// are visited as integers even with `arbitrary_precision` (their text is the
+    /// canonical one); other numbers come as text.
+    Num(Option<Decimal>),
+    /// Anything else (not kept).
     Other,
 }
 
@@ -89,19 +153,16 @@ impl<'de> Visitor<'de> for LeafVisitor {
         f.write_str("any JSON value")
     }
     fn visit_str<E>(self, v: &str) -> Result<Leaf, E> {
-        Ok(Leaf::Str(v.to_owned()))
-    }
-    fn visit_string<E>(self, v: String) -> Result<Leaf, E> {
-        Ok(Leaf::Str(v))
+        Ok(Leaf::Str(ShortText::new(v)))
     }
     fn visit_bool<E>(self, v: bool) -> Result<Leaf, E> {
         Ok(Leaf::Bool(v))
     }
     fn visit_u64<E>(self, v: u64) -> Result<Leaf, E> {
-        Ok(Leaf::Int(Decimal::from(v)))
+        Ok(Leaf::Num(Some(Decimal::from(v))))
     }
     fn visit_i64<E>(self, v: i64) -> Result<Leaf, E> {
-        Ok(Leaf::Int(Decimal::from(v)))
+        Ok(Leaf::Num(Some(Decimal::from(v))))
     }
     // Fractions come as text (arbitrary_precision); an f64 has lost the digits.
     fn visit_f64<E>(self, _: f64) -> Result<Leaf, E> {
@@ -118,16 +179,15 @@ impl<'de> Visitor<'de> for LeafVisitor {
         Ok(Leaf::Other)
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Leaf, A::Error> {
-        let Some(first) = map.next_key::<Cow<'de, str>>()? else {
-            return Ok(Leaf::Object);
-        };
-        if first == number_key() {
-            let text: Cow<'de, str> = map.next_value()?;
-            return Ok(Leaf::Num(text.into_owned()));
+        match map.next_key::<Key>()? {
+            None => Ok(Leaf::Other),
+            Some(Key::Number) => Ok(Leaf::Num(map.next_value::<NumText>()?.0)),
+            Some(Key::Text(_)) => {
+                let _: IgnoredAny = map.next_value()?;
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Leaf::Other)
+            }
         }
-        let _: IgnoredAny = map.next_value()?;
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(Leaf::Object)
     }
 }
 
@@ -137,181 +197,364 @@ impl<'de> Deserialize<'de> for Leaf {
     }
 }
 
-/// An object's entries through `each`, or `None` for anything that is not an
-/// object (a number's private map included).
-fn object<'de, A, F>(mut map: A, mut each: F) -> Result<bool, A::Error>
-where
-    A: MapAccess<'de>,
-    F: FnMut(Cow<'de, str>, &mut A) -> Result<(), A::Error>,
-{
-    let Some(first) = map.next_key::<Cow<'de, str>>()? else {
-        return Ok(true);
-    };
-    if first == number_key() {
-        let _: IgnoredAny = map.next_value()?;
-        return Ok(false);
-    }
-    each(first, &mut map)?;
-    while let Some(k) = map.next_key::<Cow<'de, str>>()? {
-        each(k, &mut map)?;
-    }
-    Ok(true)
-}
+/// A string value through `F`; any other value is skipped and reads as `None`.
+struct StrSeed<F>(F);
 
-/// Visits an object with `each`; any other value is skipped and reads as `None`.
-macro_rules! object_or_none {
-    ($name:ident, $out:ty, $expect:literal, |$k:ident, $map:ident, $acc:ident| $body:block) => {
-        struct $name;
-        impl<'de> Visitor<'de> for $name {
-            type Value = Option<$out>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str($expect)
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-                let mut $acc = <$out>::default();
-                let is_object = object(map, |$k, $map| $body)?;
-                Ok(is_object.then_some($acc))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(None)
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_unit<E>(self) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_none<E>(self) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-        }
-    };
-}
-
-// suffix -> value of one factor.
-object_or_none!(
-    FactorVisitor,
-    BTreeMap<String, Val>,
-    "a factor's values",
-    |suffix, map, out| {
-        let val = match map.next_value::<Leaf>()? {
-            // arbitrary_precision: the number's text is the device's digits.
-            Leaf::Num(n) => Decimal::from_str(&n)
-                .or_else(|_| Decimal::from_scientific(&n))
-                .ok()
-                .map(Val::Num),
-            Leaf::Int(d) => Some(Val::Num(d)),
-            Leaf::Str(s) => Some(Val::Text(s)),
-            _ => None,
-        };
-        match val {
-            Some(v) => {
-                out.insert(suffix.into_owned(), v);
-            }
-            // The last of repeated keys counts, even when it is unusable.
-            None => {
-                out.remove(suffix.as_ref());
-            }
-        }
-        Ok(())
-    }
-);
-
-/// `Option<factor map>` through [`FactorVisitor`].
-struct Factor(Option<BTreeMap<String, Val>>);
-
-impl<'de> Deserialize<'de> for Factor {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Factor, D::Error> {
-        d.deserialize_any(FactorVisitor).map(Factor)
+impl<'de, T, F: FnOnce(&str) -> T> DeserializeSeed<'de> for StrSeed<F> {
+    type Value = Option<T>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<T>, D::Error> {
+        d.deserialize_any(self)
     }
 }
 
-// factor -> suffix -> value.
-object_or_none!(
-    ValuesVisitor,
-    BTreeMap<String, BTreeMap<String, Val>>,
-    "the values object",
-    |factor, map, out| {
-        match map.next_value::<Factor>()?.0 {
-            Some(f) => {
-                out.insert(factor.into_owned(), f);
-            }
-            None => {
-                out.remove(factor.as_ref());
-            }
-        }
-        Ok(())
-    }
-);
-
-struct Values(Option<BTreeMap<String, BTreeMap<String, Val>>>);
-
-impl<'de> Deserialize<'de> for Values {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Values, D::Error> {
-        d.deserialize_any(ValuesVisitor).map(Values)
-    }
-}
-
-struct DocVisitor;
-
-impl<'de> Visitor<'de> for DocVisitor {
-    type Value = DocFields;
+impl<'de, T, F: FnOnce(&str) -> T> Visitor<'de> for StrSeed<F> {
+    type Value = Option<T>;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a frame document object")
+        f.write_str("a string")
     }
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<DocFields, A::Error> {
-        let mut doc = DocFields::default();
-        let text = |leaf: Leaf| match leaf {
-            Leaf::Str(s) => Some(s),
-            _ => None,
-        };
-        let is_object = object(map, |key, map| {
-            match key.as_ref() {
-                "mn" => doc.mn = text(map.next_value()?),
-                "cn" => doc.cn = text(map.next_value()?),
-                "data_time" => doc.data_time = text(map.next_value()?),
-                "rf" => doc.rf = matches!(map.next_value()?, Leaf::Bool(true)),
-                "values" => doc.values = map.next_value::<Values>()?.0.unwrap_or_default(),
-                _ => {
-                    let _: IgnoredAny = map.next_value()?;
-                }
-            }
-            Ok(())
-        })?;
-        if is_object {
-            Ok(doc)
-        } else {
-            Err(serde::de::Error::custom("a number, not a document"))
-        }
+    fn visit_str<E>(self, v: &str) -> Result<Option<T>, E> {
+        Ok(Some((self.0)(v)))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<T>, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<T>, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Option<T>, E> {
+        Ok(None)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Option<T>, E> {
+        Ok(None)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Option<T>, E> {
+        Ok(None)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Option<T>, E> {
+        Ok(None)
+    }
+    fn visit_unit<E>(self) -> Result<Option<T>, E> {
+        Ok(None)
+    }
+    fn visit_none<E>(self) -> Result<Option<T>, E> {
+        Ok(None)
     }
 }
 
-impl<'de> Deserialize<'de> for DocFields {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<DocFields, D::Error> {
-        d.deserialize_map(DocVisitor)
+/// The entries of an object, one at a time.
+trait Fields {
+    /// The entry `key`; `map` is positioned at its value, which must be consumed.
+    fn field<'de, A: MapAccess<'de>>(
+        &mut self,
+        key: ShortText,
+        map: &mut A,
+    ) -> Result<(), A::Error>;
+}
+
+/// Visits an object's entries with `F` and reads `true`; any other value (a
+/// number's private map included) is skipped and reads `false`.
+struct ObjectSeed<F>(F);
+
+impl<'de, F: Fields> DeserializeSeed<'de> for ObjectSeed<F> {
+    type Value = bool;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, F: Fields> Visitor<'de> for ObjectSeed<F> {
+    type Value = bool;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object")
+    }
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<bool, A::Error> {
+        let first = match map.next_key::<Key>()? {
+            None => return Ok(true),
+            Some(Key::Number) => {
+                let _: IgnoredAny = map.next_value()?;
+                return Ok(false);
+            }
+            Some(Key::Text(k)) => k,
+        };
+        self.0.field(first, &mut map)?;
+        while let Some(k) = map.next_key::<Key>()? {
+            // Only a first key makes a number; later it is an ordinary key.
+            let k = match k {
+                Key::Text(k) => k,
+                Key::Number => ShortText::new(number_key()),
+            };
+            self.0.field(k, &mut map)?;
+        }
+        Ok(true)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(false)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_unit<E>(self) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_none<E>(self) -> Result<bool, E> {
+        Ok(false)
+    }
+}
+
+/// suffix -> value of the factor being read, begun at `start`.
+struct FactorFields<'a> {
+    values: &'a mut Values,
+    start: usize,
+}
+
+impl Fields for FactorFields<'_> {
+    fn field<'de, A: MapAccess<'de>>(
+        &mut self,
+        suffix: ShortText,
+        map: &mut A,
+    ) -> Result<(), A::Error> {
+        let raw: &'de RawValue = map.next_value()?;
+        let val = match raw_leaf(raw.get()).map_err(serde::de::Error::custom)? {
+            Leaf::Num(d) => d.map(Val::Num),
+            Leaf::Str(s) => Some(Val::Text(s)),
+            Leaf::Bool(_) | Leaf::Other => None,
+        };
+        self.values.put(self.start, suffix, val);
+        Ok(())
+    }
+}
+
+/// A value from its JSON text. serde_json with `arbitrary_precision` allocates a
+/// `String` for every number it visits; taken as raw text (borrowed from the
+/// document), the common values, numbers and strings without escapes, are read
+/// here without one. Anything else goes through [`LeafVisitor`].
+fn raw_leaf(raw: &str) -> Result<Leaf, serde_json::Error> {
+    match raw.as_bytes().first() {
+        Some(b'-' | b'0'..=b'9') => Ok(Leaf::Num(number(raw))),
+        Some(b'"') if raw.len() >= 2 && !raw.contains('\\') => {
+            Ok(Leaf::Str(ShortText::new(&raw[1..raw.len() - 1])))
+        }
+        _ => serde_json::from_str(raw),
+    }
+}
+
+/// A JSON number's text as serde_json (`arbitrary_precision`) hands it to
+/// [`LeafVisitor`]: integers that fit `u64` (non-negative) or `i64` (negative,
+/// but not `-0`) as integers, everything else as text.
+fn number(t: &str) -> Option<Decimal> {
+    if !t.starts_with('-') {
+        if let Ok(u) = t.parse::<u64>() {
+            return Some(Decimal::from(u));
+        }
+    } else if t != "-0" {
+        if let Ok(i) = t.parse::<i64>() {
+            return Some(Decimal::from(i));
+        }
+    }
+    Decimal::from_str(t)
+        .or_else(|_| Decimal::from_scientific(t))
+        .ok()
+}
+
+/// factor -> suffix -> value.
+struct ValuesFields<'a>(&'a mut Values);
+
+impl Fields for ValuesFields<'_> {
+    fn field<'de, A: MapAccess<'de>>(
+        &mut self,
+        code: ShortText,
+        map: &mut A,
+    ) -> Result<(), A::Error> {
+        let start = self.0.begin_factor();
+        let is_object = map.next_value_seed(ObjectSeed(FactorFields {
+            values: self.0,
+            start,
+        }))?;
+        self.0.end_factor(code, start, is_object);
+        Ok(())
+    }
+}
+
+/// The `code`s of a findings array text, as the `Value` path read them: an
+/// element that is not an object, or whose (last) `code` is not a string, is left
+/// out; anything but an array reads as none. Read in place: a frame with a finding
+/// on every record (a simulated MN is not hex) paid for a `Value` of the whole
+/// array and a deep copy of it.
+pub(super) fn finding_codes(findings: &str) -> Vec<String> {
+    // Most frames have none.
+    if findings == "[]" {
+        return Vec::new();
+    }
+    let mut de = serde_json::Deserializer::from_str(findings);
+    match de.deserialize_any(CodesVisitor) {
+        Ok(codes) if de.end().is_ok() => codes,
+        _ => Vec::new(),
+    }
+}
+
+struct CodesVisitor;
+
+impl<'de> Visitor<'de> for CodesVisitor {
+    type Value = Vec<String>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of findings")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+        let mut codes = Vec::new();
+        loop {
+            let mut code = Code(None);
+            match seq.next_element_seed(ObjectSeed(&mut code))? {
+                None => return Ok(codes),
+                Some(_) => codes.extend(code.0),
+            }
+        }
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Vec<String>, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Vec::new())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Vec<String>, E> {
+        Ok(Vec::new())
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Vec<String>, E> {
+        Ok(Vec::new())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Vec<String>, E> {
+        Ok(Vec::new())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Vec<String>, E> {
+        Ok(Vec::new())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Vec<String>, E> {
+        Ok(Vec::new())
+    }
+    fn visit_unit<E>(self) -> Result<Vec<String>, E> {
+        Ok(Vec::new())
+    }
+}
+
+/// The `code` of one finding.
+struct Code(Option<String>);
+
+impl Fields for &mut Code {
+    fn field<'de, A: MapAccess<'de>>(
+        &mut self,
+        key: ShortText,
+        map: &mut A,
+    ) -> Result<(), A::Error> {
+        if key.is("code") {
+            self.0 = map.next_value_seed(StrSeed(str::to_owned))?;
+        } else {
+            let _: IgnoredAny = map.next_value()?;
+        }
+        Ok(())
+    }
+}
+
+fn rfc3339_ms(t: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(t)
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
+impl Fields for &mut DocFields {
+    fn field<'de, A: MapAccess<'de>>(
+        &mut self,
+        key: ShortText,
+        map: &mut A,
+    ) -> Result<(), A::Error> {
+        match key.as_bytes() {
+            b"mn" => self.mn = map.next_value_seed(StrSeed(str::to_owned))?,
+            b"cn" => self.cn = map.next_value_seed(StrSeed(str::to_owned))?,
+            b"data_time" => {
+                self.data_time_ms = map.next_value_seed(StrSeed(rfc3339_ms))?.flatten();
+            }
+            b"rf" => self.rf = matches!(map.next_value()?, Leaf::Bool(true)),
+            b"values" => {
+                // The last of repeated `values` counts; one that is not an object
+                // reads as empty.
+                self.values.clear();
+                let _ = map.next_value_seed(ObjectSeed(ValuesFields(&mut self.values)))?;
+            }
+            _ => {
+                let _: IgnoredAny = map.next_value()?;
+            }
+        }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use bytes::Bytes;
 
     use super::super::Obs;
     use super::*;
     use crate::protocol::{self, Options, json};
+
+    /// An observation with its values as a map of maps: what the `Value` path
+    /// built, and what [`Values`] must read as.
+    #[derive(Debug)]
+    #[allow(dead_code, reason = "compared through its Debug text")]
+    struct Plain {
+        seq: u64,
+        received_ms: i64,
+        mn: String,
+        cn: String,
+        data_time_ms: Option<i64>,
+        rf: bool,
+        duplicate: bool,
+        findings: Vec<String>,
+        values: BTreeMap<String, BTreeMap<String, Val>>,
+        video: bool,
+    }
+
+    /// `o` as [`Plain`], after checking what a map would guarantee: factors in
+    /// code order (the engine's visiting order), each code and each suffix of a
+    /// factor once.
+    fn plain(o: Obs) -> Plain {
+        let codes: Vec<&str> = o.values.iter().map(|f| f.code()).collect();
+        assert!(codes.windows(2).all(|w| w[0] < w[1]), "{codes:?}");
+        let values: BTreeMap<String, BTreeMap<String, Val>> = o
+            .values
+            .iter()
+            .map(|f| {
+                let m: BTreeMap<String, Val> =
+                    f.iter().map(|(s, v)| (s.to_owned(), v.clone())).collect();
+                assert_eq!(m.len(), f.len(), "repeated suffix in {f:?}");
+                (f.code().to_owned(), m)
+            })
+            .collect();
+        Plain {
+            seq: o.seq,
+            received_ms: o.received_ms,
+            mn: o.mn,
+            cn: o.cn,
+            data_time_ms: o.data_time_ms,
+            rf: o.rf,
+            duplicate: o.duplicate,
+            findings: o.findings,
+            values,
+            video: o.video,
+        }
+    }
 
     /// The path this module replaces: the whole document as a `Value`.
     fn via_value(
@@ -321,7 +564,7 @@ mod tests {
         findings: &str,
         duplicate: bool,
         video: bool,
-    ) -> Option<Obs> {
+    ) -> Option<Plain> {
         let doc: serde_json::Value = serde_json::from_str(doc).ok()?;
         let text = |k: &str| doc.get(k).and_then(|v| v.as_str()).map(str::to_owned);
         let mn = text("mn").filter(|m| !m.is_empty())?;
@@ -340,7 +583,7 @@ mod tests {
                             Ok(d) => Val::Num(d),
                             Err(_) => continue,
                         },
-                        serde_json::Value::String(s) => Val::Text(s.clone()),
+                        serde_json::Value::String(s) => Val::Text(ShortText::new(s)),
                         _ => continue,
                     };
                     out.insert(suffix.clone(), val);
@@ -358,7 +601,7 @@ mod tests {
         let data_time_ms = text("data_time")
             .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
             .map(|t| t.timestamp_millis());
-        Some(Obs {
+        Some(Plain {
             seq,
             received_ms,
             mn,
@@ -373,8 +616,10 @@ mod tests {
     }
 
     fn same(doc: &str, findings: &str) {
-        let new = Obs::from_doc(7, 1_780_000_000_000, doc, findings, false, false);
+        let new = Obs::from_doc(7, 1_780_000_000_000, doc, findings, false, false).map(plain);
         let old = via_value(7, 1_780_000_000_000, doc, findings, false, false);
+        // Debug text, not `==`: decimals compare equal across scales (1.5 == 1.50),
+        // and the device's digits are what must survive.
         assert_eq!(format!("{new:?}"), format!("{old:?}"), "doc {doc}");
     }
 
@@ -393,9 +638,9 @@ mod tests {
             let o = Obs::from_doc(1, 0, &doc, &findings, false, false);
             let numbers = o.as_ref().map_or(0, |o| {
                 o.values
-                    .values()
-                    .flat_map(|m| m.values())
-                    .filter(|v| matches!(v, Val::Num(_)))
+                    .iter()
+                    .flat_map(|f| f.iter())
+                    .filter(|(_, v)| matches!(v, Val::Num(_)))
                     .count()
             });
             with_values += (numbers > 0) as u32;
@@ -423,6 +668,16 @@ mod tests {
             r#"{"mn":"M1","values":5}"#,
             r#"{"mn":"M1","values":"x"}"#,
             r#"{"mn":"M1","rf":1}"#,
+            // Repeated factors and suffixes anywhere: the last counts, in its place
+            // in code order.
+            r#"{"mn":"M1","values":{"b":{"Rtd":1,"Flag":"N","Rtd":2},"a":{"Rtd":3},"b":{"Avg":4,"Flag":"D"},"c":{}}}"#,
+            r#"{"mn":"M1","values":{"c":{"Rtd":1},"a":{"Rtd":2,"Flag":"N"},"b":{"Rtd":3},"a":5,"d":{"Flag":"N","Flag":7}}}"#,
+            r#"{"mn":"M1","values":{"a":{"Rtd":1},"a":{},"a":{"Flag":"N"},"b":{"Rtd":2},"b":[1]}}"#,
+            r#"{"mn":"M1","values":{"a":{"Rtd":1}},"values":[],"cn":"2011"}"#,
+            // Codes, suffixes and texts longer than kept inline.
+            r#"{"mn":"M1","values":{"a_non_standard_factor_code_x":{"SampleTime_or_some_longer_suffix":"a text longer than twenty-two bytes","Rtd":1.5},"a":{"Info":"0123456789012345678901","EFlag":"01234567890123456789012"}}}"#,
+            // The private key of serde_json's number map, as an ordinary key and first.
+            r#"{"mn":"M1","values":{"a":{"Rtd":1,"$serde_json::private::Number":"2"},"b":{"$serde_json::private::Number":"1.5"}}}"#,
             // Escapes in keys and values.
             r#"{"m\u006e":"M\u00e9","values":{"a\"b":{"R\u0074d":"\u4e2d"}}}"#,
             // Unused fields of any shape are skipped.
@@ -444,10 +699,144 @@ mod tests {
             "[]",
             r#"[{"code":"time.future"},{"code":"crc.bad","code":"x"},{"code":1},3]"#,
             r#"{"code":"x"}"#,
+            r#"[{"code":"a","code":null},[{"code":"b"}],{"x":{"code":"c"}},{"detail":"d","code":"d"},null,"e",1.5,true,{}]"#,
+            r#"[{"$serde_json::private::Number":"1"},{"code":"f","$serde_json::private::Number":"1"},{"code":"\u0067"}]"#,
+            r#"[{"code":"a"}] x"#,
+            r#" [ {"code" : "a"} ] "#,
+            "[",
             "not json",
             "",
         ] {
             same(r#"{"mn":"M1"}"#, findings);
         }
+    }
+
+    /// Not an assertion on time: prints what reading documents into observations
+    /// and observing them costs, to compare representations of `Obs` on one box.
+    /// 100 000 realtime documents as `simulate` sends them (500-byte 2017 CN=2011
+    /// frames, flue gas and waste water alternating, 500 devices 30 s apart).
+    ///
+    /// Run: `cargo test --release --lib alarm::doc::tests::cost -- --ignored --nocapture`;
+    /// instructions and allocations, without the noise of a shared box:
+    /// `ALARM_COST_ROUNDS=20 valgrind --tool=callgrind --toggle-collect='*read_all*'`
+    /// on the test binary with the same arguments (`*observe_all*` for the engine).
+    #[test]
+    #[ignore = "a timing printout, not a check"]
+    fn cost_of_reading_and_observing_realtime_documents() {
+        use crate::alarm::engine::Engine;
+        use crate::cmd::simulate::fleet::{self, Edition, Kind, Series};
+        use crate::protocol::build::{self, Civil, Head};
+        use std::time::{Duration, Instant};
+
+        // Not inlined, so that a profiler (callgrind) can attribute their cost.
+        #[inline(never)]
+        fn read_all(texts: &[(i64, String, String)]) -> Vec<Obs> {
+            texts
+                .iter()
+                .enumerate()
+                .map(|(i, (at, doc, findings))| {
+                    Obs::from_doc(i as u64, *at, doc, findings, false, false).unwrap()
+                })
+                .collect()
+        }
+        #[inline(never)]
+        fn observe_all(engine: &mut Engine, obs: &[Obs]) -> usize {
+            obs.iter()
+                .map(|o| std::hint::black_box(engine.observe(o)).len())
+                .sum()
+        }
+
+        const DEVICES: u64 = 500;
+        // Fewer for a run under valgrind.
+        let rounds: u64 = std::env::var("ALARM_COST_ROUNDS")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(200);
+        let cfg = crate::config::Config::parse("", std::path::Path::new("t")).unwrap();
+        let mut engine = Engine::new(cfg.alarms);
+        let mut rngs: Vec<u64> = (0..DEVICES).map(|i| 212 ^ (i * 0x9E37_79B9)).collect();
+        let (mut t_read, mut t_observe) = (Duration::ZERO, Duration::ZERO);
+        // This thread's CPU time (ns): the box is shared, wall time counts waits.
+        let cpu_ns = || -> u64 {
+            std::fs::read_to_string("/proc/thread-self/schedstat")
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        let (mut c_read, mut c_observe) = (0u64, 0u64);
+        let (mut docs, mut doc_bytes, mut factors, mut events) = (0u64, 0usize, 0usize, 0usize);
+        let mut buf = Vec::with_capacity(1024);
+        for round in 0..rounds {
+            let mut texts = Vec::with_capacity(DEVICES as usize);
+            for index in 0..DEVICES {
+                let at = 1_780_000_000_000i64 + round as i64 * 30_000 + index as i64 * 60;
+                let kind = if index % 2 == 0 {
+                    Kind::Air
+                } else {
+                    Kind::Water
+                };
+                let mn = fleet::mn("SIM", Edition::V2017, index);
+                let civil = Civil::from_unix_ms(at, 8 * 3600);
+                let qn = civil.qn();
+                let head = Head {
+                    qn: Some(&qn[..]),
+                    st: kind.st(),
+                    cn: 2011,
+                    pw: "123456",
+                    mn: &mn,
+                    flag: Some(5),
+                    split: None,
+                };
+                buf.clear();
+                let rng = &mut rngs[index as usize];
+                build::device_frame(&mut buf, &head, None, |b| {
+                    b.extend_from_slice(b"DataTime=");
+                    civil.put_n14(b);
+                    fleet::put_factors(
+                        b,
+                        kind,
+                        Edition::V2017,
+                        Series::Realtime,
+                        212,
+                        index,
+                        rng,
+                        0,
+                        Some(500),
+                    );
+                });
+                let now = chrono::DateTime::from_timestamp_millis(at + 40).unwrap();
+                let f = protocol::decode(Bytes::copy_from_slice(&buf), &Options::new(now), &());
+                assert!(!f.has_error());
+                let findings = serde_json::to_string(&f.findings).unwrap();
+                texts.push((at + 40, json::frame_doc(&f), findings));
+            }
+            let (t, c) = (Instant::now(), cpu_ns());
+            let obs = read_all(&texts);
+            t_read += t.elapsed();
+            let c2 = cpu_ns();
+            c_read += c2 - c;
+            let t = Instant::now();
+            events += observe_all(&mut engine, &obs);
+            t_observe += t.elapsed();
+            c_observe += cpu_ns() - c2;
+            docs += obs.len() as u64;
+            doc_bytes += texts.iter().map(|(_, d, _)| d.len()).sum::<usize>();
+            factors += obs.iter().map(|o| o.values.len()).sum::<usize>();
+        }
+        let per = |d: Duration| d.as_nanos() as f64 / docs as f64;
+        let cpu = |ns: u64| ns as f64 / docs as f64;
+        println!(
+            "{docs} docs, mean {:.0} bytes, {:.1} factors, {events} events\n\
+             wall: from_doc {:.0} ns/doc, observe {:.0} ns/doc, total {:.0} ns/doc\n\
+             cpu:  from_doc {:.0} ns/doc, observe {:.0} ns/doc, total {:.0} ns/doc",
+            doc_bytes as f64 / docs as f64,
+            factors as f64 / docs as f64,
+            per(t_read),
+            per(t_observe),
+            per(t_read + t_observe),
+            cpu(c_read),
+            cpu(c_observe),
+            cpu(c_read + c_observe),
+        );
     }
 }

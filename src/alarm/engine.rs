@@ -15,14 +15,14 @@
 //! found once per value, the spike window kept sorted ([`super::window`]), and an
 //! [`AlarmKey`] built only when an event is actually raised or cleared.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::str::FromStr;
 
 use rust_decimal::Decimal;
 
 use super::window::Window;
-use super::{AlarmEvent, AlarmKey, Obs, Raise, Severity, Val};
+use super::{AlarmEvent, AlarmKey, Factor, Obs, Raise, Severity, ShortText, Val, Values};
 use crate::config::{AlarmsSection, FactorAlarms};
 
 /// Factor code of O2 (HJ212.md §6.2).
@@ -452,18 +452,15 @@ impl Engine {
         }
         let suffix = if realtime { "Rtd" } else { "Avg" };
         let reference_o2 = d.reference_o2;
-        for (f, vals) in &o.values {
+        for vals in o.values.iter() {
+            let f = vals.code();
             let st = d.factor(f);
-            let flag = match vals.get("Flag") {
-                Some(Val::Text(s)) => Some(s.as_str()),
-                _ => None,
-            };
-            let Some(Val::Num(v)) = vals.get(suffix) else {
+            let flag = vals.text("Flag");
+            let Some(v) = vals.num(suffix) else {
                 // A flag without a value still counts for flag.abnormal.
                 cx.flag(st, f, flag);
                 continue;
             };
-            let v = *v;
             let fs = *st
                 .fs
                 .get_or_insert_with(|| Engine::factor_settings(cx.cfg, &o.mn, f));
@@ -473,10 +470,7 @@ impl Engine {
                 let normal = flag.is_none_or(|x| x == "N");
                 cx.stuck(st, f, v, normal, &fs);
                 cx.spike(st, f, v, &fs);
-                let hv = match vals.get("ZsRtd") {
-                    Some(Val::Num(z)) => *z,
-                    _ => v,
-                };
+                let hv = vals.num("ZsRtd").unwrap_or(v);
                 cx.hugging(st, f, hv, &fs);
             }
             cx.mismatch(st, f, vals, v, suffix, reference_o2);
@@ -865,17 +859,16 @@ impl Cx<'_> {
         &mut self,
         st: &mut FactorState,
         f: &str,
-        vals: &BTreeMap<String, Val>,
+        vals: Factor<'_>,
         c: Decimal,
         suffix: &str,
         reference: Option<Decimal>,
     ) {
         let (o, t) = (self.o, self.t);
         let zs_suffix = if suffix == "Rtd" { "ZsRtd" } else { "ZsAvg" };
-        let Some(Val::Num(zs)) = vals.get(zs_suffix) else {
+        let Some(zs) = vals.num(zs_suffix) else {
             return;
         };
-        let zs = *zs;
         let Some(reference) = reference else {
             return;
         };
@@ -935,15 +928,13 @@ impl Cx<'_> {
 /// Builds an observation by hand (tests, benches): `values` as `(factor, suffix, text)`
 /// where numbers are given as decimal text.
 pub fn obs(seq: u64, mn: &str, cn: &str, at_ms: i64, values: &[(&str, &str, &str)]) -> Obs {
-    let mut map: BTreeMap<String, BTreeMap<String, Val>> = BTreeMap::new();
+    let mut map = Values::default();
     for (f, s, v) in values {
         let val = match Decimal::from_str(v) {
             Ok(d) if *s != "Flag" => Val::Num(d),
-            _ => Val::Text((*v).to_owned()),
+            _ => Val::Text(ShortText::new(v)),
         };
-        map.entry((*f).to_owned())
-            .or_default()
-            .insert((*s).to_owned(), val);
+        map.insert(f, s, val);
     }
     Obs {
         seq,

@@ -9,13 +9,14 @@
 mod doc;
 pub mod engine;
 pub mod task;
+mod values;
 mod window;
-
-use std::collections::BTreeMap;
 
 use rust_decimal::Decimal;
 
 use crate::store::{Direction, Kind, StoredRecord, Verdict};
+
+pub use values::{Factor, ShortText, Values};
 
 /// How serious an alarm is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +43,7 @@ pub enum Val {
     /// A number with the device's exact digits.
     Num(Decimal),
     /// A flag, time or text.
-    Text(String),
+    Text(ShortText),
 }
 
 /// What the engine needs of one accepted inbound frame.
@@ -64,8 +65,8 @@ pub struct Obs {
     pub duplicate: bool,
     /// Finding codes of the frame.
     pub findings: Vec<String>,
-    /// factor -> suffix -> value.
-    pub values: BTreeMap<String, BTreeMap<String, Val>>,
+    /// factor -> suffix -> value, factors in code order.
+    pub values: Values,
     /// The device is a video gateway (`kind = "video"`): only offline checks.
     pub video: bool,
 }
@@ -73,18 +74,12 @@ pub struct Obs {
 impl Obs {
     /// A numeric value, if present.
     pub fn num(&self, factor: &str, suffix: &str) -> Option<Decimal> {
-        match self.values.get(factor)?.get(suffix)? {
-            Val::Num(d) => Some(*d),
-            Val::Text(_) => None,
-        }
+        self.values.num(factor, suffix)
     }
 
     /// A text value (flags), if present.
     pub fn text(&self, factor: &str, suffix: &str) -> Option<&str> {
-        match self.values.get(factor)?.get(suffix)? {
-            Val::Text(s) => Some(s),
-            Val::Num(_) => None,
-        }
+        self.values.text(factor, suffix)
     }
 
     /// Builds the observation of a stored record; `None` for anything that is not an
@@ -117,17 +112,13 @@ impl Obs {
     ) -> Option<Obs> {
         let doc = doc::DocFields::parse(doc)?;
         let mn = doc.mn.filter(|m| !m.is_empty())?;
-        let findings = finding_codes(findings);
-        let data_time_ms = doc
-            .data_time
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
-            .map(|t| t.timestamp_millis());
+        let findings = doc::finding_codes(findings);
         Some(Obs {
             seq,
             received_ms,
             mn,
             cn: doc.cn.unwrap_or_default(),
-            data_time_ms,
+            data_time_ms: doc.data_time_ms,
             rf: doc.rf,
             duplicate,
             findings,
@@ -135,21 +126,6 @@ impl Obs {
             video,
         })
     }
-}
-
-/// The `code`s of a findings array text. Most frames have none: `[]` is answered
-/// without parsing.
-fn finding_codes(findings: &str) -> Vec<String> {
-    if findings == "[]" {
-        return Vec::new();
-    }
-    serde_json::from_str::<serde_json::Value>(findings)
-        .ok()
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|f| f.get("code").and_then(|c| c.as_str()).map(str::to_owned))
-        .collect()
 }
 
 /// Identity of a condition: at most one active alarm per key.
