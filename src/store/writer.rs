@@ -92,9 +92,10 @@ impl Store {
 }
 
 /// Raises the writer thread `boost` nice steps above the rest of the gateway (see
-/// [`crate::priority`]). Without `CAP_SYS_NICE` or a large enough `RLIMIT_NICE`
-/// the kernel refuses; the writer then runs at the gateway's priority, which is
-/// correct, only slower to get a CPU under load: an informational line, not an error.
+/// [`crate::priority`]; off by default, the README's Architecture says why).
+/// Without `CAP_SYS_NICE` or a large enough `RLIMIT_NICE` the kernel refuses; the
+/// writer then runs at the gateway's priority, which is correct: an informational
+/// line, not an error.
 fn raise_priority(boost: u8) {
     if boost == 0 {
         return;
