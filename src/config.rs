@@ -205,7 +205,7 @@ impl Default for StoreSection {
             batch_delay: Dur(Duration::from_millis(2)),
             queue: 8192,
             feed_records: 8192,
-            writer_boost: 0,
+            writer_boost: 5,
         }
     }
 }

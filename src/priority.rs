@@ -3,11 +3,11 @@
 //! Linux keeps the nice value per thread, so one thread can run above or below
 //! the rest of the process. The gateway uses that for two threads:
 //!
-//! - the store writer can run `[store] writer_boost` steps *above* the rest (off by
-//!   default): it is the one serial stage every ack waits for, and at saturation
-//!   it spent ~40 % of its wall time runnable but waiting for a CPU behind session
-//!   tasks (from `/proc/<pid>/task/<tid>/schedstat` at 20,000 frames/s); raised, it
-//!   acks sooner but commits smaller batches (see the README's Architecture);
+//! - the store writer runs `[store] writer_boost` steps *above* the rest: it is the
+//!   one serial stage every ack waits for, and at saturation it spent ~40 % of its
+//!   wall time runnable but waiting for a CPU behind session tasks (from
+//!   `/proc/<pid>/task/<tid>/schedstat` at 20,000 frames/s), until acks missed the
+//!   devices' timeout (see the README's Architecture);
 //! - the alarm detector runs `[alarms] nice` steps *below* it, so it lags under
 //!   overload instead of delaying acks.
 //!

@@ -1175,8 +1175,8 @@ fn the_writer_runs_above_and_the_detector_below_the_rest_of_the_gateway() {
     // ([alarms] keys, [store] keys, detector steps below, writer steps above when
     // this machine lets a process raise a thread)
     let cases = [
-        ("", "", 10, 0),
-        ("nice = 0", "writer_boost = 5", 0, 5),
+        ("", "", 10, 5),
+        ("nice = 0", "writer_boost = 0", 0, 0),
         ("nice = 3", "writer_boost = 2", 3, 2),
     ];
     for (alarms, store, below, above) in cases {

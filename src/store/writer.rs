@@ -92,7 +92,7 @@ impl Store {
 }
 
 /// Raises the writer thread `boost` nice steps above the rest of the gateway (see
-/// [`crate::priority`]; off by default, the README's Architecture says why).
+/// [`crate::priority`]; the README's Architecture has the measurements).
 /// Without `CAP_SYS_NICE` or a large enough `RLIMIT_NICE` the kernel refuses; the
 /// writer then runs at the gateway's priority, which is correct: an informational
 /// line, not an error.
