@@ -1112,3 +1112,52 @@ async fn inbound_frame_reads_skip_replies_and_cover_every_seq() {
     assert_eq!(after, 33);
     close(h, join).await;
 }
+
+/// Salt-1 of the WAL header (bytes 16..20): SQLite adds one to it each time the WAL
+/// starts over from its beginning.
+fn wal_salt(path: &Path) -> Option<u32> {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    let bytes = std::fs::read(PathBuf::from(wal)).ok()?;
+    Some(u32::from_be_bytes(bytes.get(16..20)?.try_into().ok()?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_starts_over_while_appends_never_pause() {
+    // The writer commits back to back here, so a background checkpoint pass never
+    // ends with the WAL fully copied; without the writer finishing the pass the WAL
+    // only starts over at the 256 MiB auto-checkpoint backstop.
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let (handle, join) = open(&path);
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let h = handle.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0;
+            while Instant::now() < until {
+                let mut raw = nasty_raw(t, i);
+                raw.resize(2_000, b'x');
+                h.append(junk(raw)).await.unwrap();
+                i += 1;
+            }
+        }));
+    }
+    let mut salts = HashSet::new();
+    while Instant::now() < until {
+        salts.extend(wal_salt(&path));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let stats = handle.stats();
+    close(handle, join).await;
+    assert!(
+        salts.len() >= 4,
+        "the WAL started over {} times in 3 s of appends ({} commits)",
+        salts.len().saturating_sub(1),
+        stats.commits
+    );
+}

@@ -237,7 +237,8 @@ pub(crate) fn open_writer(path: &Path, sync: SyncMode) -> Result<Connection, Sto
     conn.pragma_update(None, "cache_size", WRITER_CACHE_KIB)
         .map_err(StoreError::sqlite("set cache_size"))?;
     // Checkpoints normally run on a background connection (see `writer::Checkpointer`);
-    // this is only the backstop if that one falls behind (~64 MiB of WAL).
+    // this is only the backstop if that one falls behind (16,384 pages: 256 MiB of WAL
+    // with 16 KiB pages).
     conn.pragma_update(None, "wal_autocheckpoint", 16_384)
         .map_err(StoreError::sqlite("set wal_autocheckpoint"))?;
     migrate(&mut conn)?;
