@@ -16,7 +16,8 @@
 #
 # Environment: BIN (default target/release/hj212-gateway; build with
 # `cargo build --release`), MOSQUITTO (/usr/sbin/mosquitto), RATE, DURATION,
-# DEVICES, FRAME_SIZE (500), SIM_THREADS (1), OUTAGE (s), WARM (s before the broker
+# DEVICES, FRAME_SIZE (500), SIM_THREADS (1), SIM_NICE (0: the simulator's nice
+# value), OUTAGE (s), WARM (s before the broker
 # stops), SESSIONS, PROCS (simulator processes for idle/storm), STORE_TOML (extra
 # `[store]` lines, e.g. 'batch_delay = "0ms"'), MQTT_TOML (extra `[mqtt]` lines),
 # KEEP=1 keeps the temp dir.
@@ -30,6 +31,7 @@ MQTT_TOML=${MQTT_TOML:-}
 MOSQUITTO=${MOSQUITTO:-/usr/sbin/mosquitto}
 FRAME_SIZE=${FRAME_SIZE:-500}
 SIM_THREADS=${SIM_THREADS:-1}
+SIM_NICE=${SIM_NICE:-0}
 TCK=$(getconf CLK_TCK)
 
 case "$SCENARIO" in
@@ -224,7 +226,7 @@ wait_published() {
 }
 
 simulate() {
-    "$BIN" simulate --target "127.0.0.1:$GW_PORT" --frame-size "$FRAME_SIZE" --dialects 2017 \
+    nice -n "$SIM_NICE" "$BIN" simulate --target "127.0.0.1:$GW_PORT" --frame-size "$FRAME_SIZE" --dialects 2017 \
         --cn 2011 --threads "$SIM_THREADS" --progress 0 --json "$@"
 }
 

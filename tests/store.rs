@@ -1145,8 +1145,10 @@ async fn the_wal_starts_over_while_appends_never_pause() {
         }));
     }
     let mut salts = HashSet::new();
+    let mut wal_pages = 0;
     while Instant::now() < until {
         salts.extend(wal_salt(&path));
+        wal_pages = wal_pages.max(handle.stats().wal_pages);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for t in tasks {
@@ -1160,4 +1162,5 @@ async fn the_wal_starts_over_while_appends_never_pause() {
         salts.len().saturating_sub(1),
         stats.commits
     );
+    assert!(wal_pages > 0, "the checkpointer reports the WAL's size");
 }

@@ -243,6 +243,12 @@ impl Probe {
             stats.records_committed,
         );
         e.family(
+            "hj212_store_wal_pages",
+            "gauge",
+            "Pages in the frame log's WAL at the last background checkpoint; it starts over once all are copied back, so growth means a long read holds an old snapshot.",
+        );
+        e.sample("hj212_store_wal_pages", &[], stats.wal_pages);
+        e.family(
             "hj212_store_failed_batches_total",
             "counter",
             "Frame log transactions rolled back (nothing in them acked).",

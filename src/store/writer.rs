@@ -55,13 +55,13 @@ impl Store {
         }
         let conn = schema::open_writer(&cfg.path, cfg.sync)?;
         let (next_seq, prev_hash) = load_head(&conn)?;
+        let counters = Arc::new(Counters::default());
         let passes = Arc::new(AtomicU64::new(0));
-        let checkpointer = Checkpointer::spawn(&cfg, Arc::clone(&passes))?;
+        let checkpointer = Checkpointer::spawn(&cfg, Arc::clone(&passes), Arc::clone(&counters))?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
             .map_err(|source| StoreError::Spawn { source })?;
-        let counters = Arc::new(Counters::default());
         let (tx, rx) = mpsc::channel(cfg.queue);
         let feed = Arc::new(Feed::new(cfg.feed_records));
         let writer = Writer {
@@ -162,6 +162,7 @@ struct Counters {
     failed_batches: AtomicU64,
     failed_records: AtomicU64,
     largest_batch: AtomicU64,
+    wal_pages: AtomicU64,
     /// Set by `shutdown()`: later appends fail fast instead of queueing.
     closing: AtomicBool,
 }
@@ -174,6 +175,7 @@ impl Counters {
             failed_batches: self.failed_batches.load(Ordering::Relaxed),
             failed_records: self.failed_records.load(Ordering::Relaxed),
             largest_batch: self.largest_batch.load(Ordering::Relaxed),
+            wal_pages: self.wal_pages.load(Ordering::Relaxed),
             queued,
         }
     }
@@ -192,6 +194,11 @@ pub struct StoreStats {
     pub failed_records: u64,
     /// Most records committed in one transaction.
     pub largest_batch: u64,
+    /// Pages in the WAL at the background checkpointer's last pass. The WAL starts
+    /// over once every page has been copied back, so this stays near a quarter
+    /// second of commits; a value that keeps growing means something holds an old
+    /// snapshot open (a long read) and the WAL cannot start over.
+    pub wal_pages: u64,
     /// Append calls waiting in the queue right now.
     pub queued: usize,
 }
@@ -653,7 +660,11 @@ struct Checkpointer {
 impl Checkpointer {
     /// `passes` counts the passes that copied every frame the WAL held when they
     /// began.
-    fn spawn(cfg: &StoreConfig, passes: Arc<AtomicU64>) -> Result<Self, StoreError> {
+    fn spawn(
+        cfg: &StoreConfig,
+        passes: Arc<AtomicU64>,
+        counters: Arc<Counters>,
+    ) -> Result<Self, StoreError> {
         let conn = schema::open_side(&cfg.path)?;
         conn.pragma_update(None, "synchronous", cfg.sync.pragma_value())
             .map_err(StoreError::sqlite("set synchronous"))?;
@@ -672,10 +683,14 @@ impl Checkpointer {
                             r.get::<_, i64>(2)?,
                         ))
                     }) {
-                        Ok((0, log, done)) if log > 0 && log == done => {
-                            passes.fetch_add(1, Ordering::Release);
+                        Ok((busy, log, done)) => {
+                            counters
+                                .wal_pages
+                                .store(u64::try_from(log).unwrap_or(0), Ordering::Relaxed);
+                            if busy == 0 && log > 0 && log == done {
+                                passes.fetch_add(1, Ordering::Release);
+                            }
                         }
-                        Ok(_) => {}
                         Err(error) => tracing::warn!(%error, "store background checkpoint failed"),
                     }
                 }
