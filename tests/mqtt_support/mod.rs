@@ -208,18 +208,23 @@ impl Subscriber {
             .set_keep_alive(Duration::from_secs(5))
             .set_max_packet_size(8 << 20, 8 << 20);
         let (client, mut el) = AsyncClient::new(o, 100);
-        client
-            .subscribe(filter, QoS::AtLeastOnce)
-            .await
-            .expect("subscribe");
         let got = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = tokio::sync::oneshot::channel();
         let g = got.clone();
+        let filter = filter.to_owned();
         let task = tokio::spawn(async move {
-            let _client = client; // dropping it would end the event loop
+            // Subscribes on every CONNACK until a SUBACK arrives: rumqttc does not
+            // carry a SUBSCRIBE over to the next connection, so one sent into a
+            // connection that then failed would never be answered.
             let mut tx = Some(tx);
             loop {
                 match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) if tx.is_some() => {
+                        client
+                            .subscribe(filter.as_str(), QoS::AtLeastOnce)
+                            .await
+                            .expect("subscribe");
+                    }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
                         if let Some(tx) = tx.take() {
                             let _ = tx.send(());
@@ -233,7 +238,10 @@ impl Subscriber {
                         });
                     }
                     Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(e) => {
+                        eprintln!("test subscriber on {filter}: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                 }
             }
         });
