@@ -65,18 +65,21 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let n: u64 = num.parse().map_err(|_| {
         format!("invalid duration {text:?}: expected e.g. \"30s\", \"5m\", \"250ms\"")
     })?;
-    let ms = match unit {
-        "ms" => n,
-        "s" => n * 1000,
-        "m" => n * 60_000,
-        "h" => n * 3_600_000,
-        "d" => n * 86_400_000,
+    let per = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
         _ => {
             return Err(format!(
                 "invalid duration {text:?}: unit must be ms, s, m, h or d"
             ));
         }
     };
+    let ms = n
+        .checked_mul(per)
+        .ok_or_else(|| format!("invalid duration {text:?}: too long"))?;
     Ok(Duration::from_millis(ms))
 }
 
@@ -723,6 +726,7 @@ impl Config {
                 "must be between 64 and 1048576".into(),
             ));
         }
+        self.check_durations(path)?;
         self.check_proxy(path)?;
         self.time_zone().ok_or_else(|| {
             bad(
@@ -749,6 +753,111 @@ impl Config {
             .iter()
             .filter_map(|c| c.parse().ok())
             .collect()
+    }
+
+    /// Every duration a hostile or mistaken value could turn into a stall: a
+    /// zero that spins a timer, or an hour that holds every ack or SIGTERM.
+    /// Bounds are inclusive; the message names the key and the range.
+    fn check_durations(&self, path: &Path) -> Result<(), ConfigError> {
+        const MS: fn(u64) -> Duration = Duration::from_millis;
+        const S: fn(u64) -> Duration = Duration::from_secs;
+        let (sv, st, m, a, d) = (
+            &self.server,
+            &self.store,
+            &self.mqtt,
+            &self.alarms,
+            &self.downlink,
+        );
+        let bounds: [(&str, Duration, Duration, Duration); 18] = [
+            // Sessions: each of these closes or delays a connection.
+            (
+                "server.idle_timeout",
+                sv.idle_timeout.0,
+                S(1),
+                S(7 * 86_400),
+            ),
+            (
+                "server.partial_frame_timeout",
+                sv.partial_frame_timeout.0,
+                S(1),
+                S(3600),
+            ),
+            ("server.tcp_keepalive", sv.tcp_keepalive.0, S(1), S(7200)),
+            // A reply write and the SIGTERM grace both hold shutdown.
+            ("server.write_timeout", sv.write_timeout.0, MS(100), S(60)),
+            ("server.shutdown_grace", sv.shutdown_grace.0, S(0), S(60)),
+            (
+                "server.proxy_header_timeout",
+                sv.proxy_header_timeout.0,
+                MS(1),
+                S(60),
+            ),
+            // Every ack waits for its batch's commit.
+            ("store.batch_delay", st.batch_delay.0, S(0), S(1)),
+            ("mqtt.merge_wait", m.merge_wait.0, S(0), S(3600)),
+            ("mqtt.reconnect_max", m.reconnect_max.0, MS(100), S(600)),
+            ("alarms.tick", a.tick.0, MS(100), S(300)),
+            (
+                "alarms.offline_after",
+                a.offline_after.0,
+                S(1),
+                S(30 * 86_400),
+            ),
+            ("alarms.offline_min", a.offline_min.0, S(0), S(30 * 86_400)),
+            ("downlink.over_time", d.over_time.0, MS(100), S(600)),
+            ("downlink.exec_timeout", d.exec_timeout.0, S(1), S(3600)),
+            (
+                "downlink.time_sync_interval",
+                d.time_sync_interval.0,
+                S(1),
+                S(30 * 86_400),
+            ),
+            (
+                "downlink.backfill_max_window",
+                d.backfill_max_window.0,
+                S(60),
+                S(31 * 86_400),
+            ),
+            (
+                "downlink.backfill_interval",
+                d.backfill_interval.0,
+                S(1),
+                S(30 * 86_400),
+            ),
+            (
+                "validation.stale_after",
+                self.validation.stale_after.0,
+                S(1),
+                S(3660 * 86_400),
+            ),
+        ];
+        for (key, v, lo, hi) in bounds {
+            if v < lo || v > hi {
+                return Err(ConfigError::Invalid {
+                    path: path.to_owned(),
+                    key: key.to_owned(),
+                    message: format!(
+                        "{} is out of range: must be between {} and {}",
+                        show_duration(v),
+                        show_duration(lo),
+                        show_duration(hi)
+                    ),
+                });
+            }
+        }
+        for (i, u) in self.upstream.iter().enumerate() {
+            if u.ack_timeout.0 > S(120) {
+                return Err(ConfigError::Invalid {
+                    path: path.to_owned(),
+                    key: format!("upstream[{i}].ack_timeout"),
+                    message: format!(
+                        "{} is out of range: must be between 50ms and 120s",
+                        show_duration(u.ack_timeout.0)
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn check_proxy(&self, path: &Path) -> Result<(), ConfigError> {
@@ -1041,13 +1150,20 @@ fn check_devices(devices: &[DeviceEntry], path: &Path) -> Result<(), ConfigError
             key: format!("device[{i}].{field}"),
             message,
         };
-        if d.mn.is_empty() || d.mn.len() > 32 || d.mn.contains([';', ',', '=', '&']) {
+        if !header_value_ok(&d.mn, 32) {
             return Err(bad(
                 "mn",
                 format!(
-                    "{:?} is not a valid MN (1..32 characters, no separators)",
+                    "{:?} is not a valid MN: 1..32 printable ASCII characters without spaces, ';', ',', '=' or '&'",
                     d.mn
                 ),
+            ));
+        }
+        // The password is a secret: the message never repeats it.
+        if d.pw.as_deref().is_some_and(|pw| !header_value_ok(pw, 32)) {
+            return Err(bad(
+                "pw",
+                "is not a valid PW: 1..32 printable ASCII characters without spaces, ';', ',', '=' or '&' (the gateway writes it into frame headers)".into(),
             ));
         }
         if !seen.insert(d.mn.as_str()) {
@@ -1089,6 +1205,37 @@ fn check_devices(devices: &[DeviceEntry], path: &Path) -> Result<(), ConfigError
     Ok(())
 }
 
+/// A value the gateway may write into an HJ 212 header field (`MN=`, `PW=`).
+///
+/// HJ 212-2017 §6.3.2 (Table 3) gives MN as 24 characters `0-9A-F` and PW as
+/// 6 characters; the field has no escaping, so `;` ends the field, `,` `=` and
+/// `&` are CP separators and control characters break line-based tooling.
+/// Loggers in the field use longer passwords (24 hex seen) and other MN
+/// alphabets, so this admits any printable ASCII up to `max` bytes except those.
+pub fn header_value_ok(value: &str, max: usize) -> bool {
+    !value.is_empty()
+        && value.len() <= max
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b';' | b',' | b'=' | b'&'))
+}
+
+/// `1h`, `250ms`, `90s`: the shortest exact form, for error messages.
+fn show_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        "0s".into()
+    } else if ms % 3_600_000 == 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
 /// Parses `+08:00`, `-05:30`, `Z` or `UTC`.
 pub fn parse_offset(text: &str) -> Option<FixedOffset> {
     let t = text.trim();
@@ -1117,6 +1264,88 @@ mod tests {
         Config::parse(text, Path::new("t.toml"))
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn durations_that_would_stall_acks_or_shutdown_are_refused() {
+        for (text, key) in [
+            ("[store]\nbatch_delay = \"1h\"", "`store.batch_delay`"),
+            ("[store]\nbatch_delay = \"1001ms\"", "`store.batch_delay`"),
+            ("[server]\nidle_timeout = \"0s\"", "`server.idle_timeout`"),
+            (
+                "[server]\nidle_timeout = \"999ms\"",
+                "`server.idle_timeout`",
+            ),
+            (
+                "[server]\nshutdown_grace = \"1h\"",
+                "`server.shutdown_grace`",
+            ),
+            ("[server]\nwrite_timeout = \"0s\"", "`server.write_timeout`"),
+            ("[server]\nwrite_timeout = \"2m\"", "`server.write_timeout`"),
+            (
+                "[server]\npartial_frame_timeout = \"0s\"",
+                "`server.partial_frame_timeout`",
+            ),
+            ("[server]\ntcp_keepalive = \"0s\"", "`server.tcp_keepalive`"),
+            ("[alarms]\ntick = \"1ms\"", "`alarms.tick`"),
+            ("[mqtt]\nmerge_wait = \"2h\"", "`mqtt.merge_wait`"),
+            ("[mqtt]\nreconnect_max = \"1d\"", "`mqtt.reconnect_max`"),
+            ("[downlink]\nover_time = \"50ms\"", "`downlink.over_time`"),
+            (
+                "[downlink]\nexec_timeout = \"2h\"",
+                "`downlink.exec_timeout`",
+            ),
+            (
+                "[[upstream]]\nname = \"p\"\naddr = \"h:1\"\nack_timeout = \"1h\"",
+                "`upstream[0].ack_timeout`",
+            ),
+        ] {
+            let e = err(text);
+            assert!(e.contains(key) && e.contains("out of range"), "{text}: {e}");
+        }
+        assert!(err("[store]\nbatch_delay = \"1h\"").contains("between 0s and 1s"));
+        // The edges are allowed.
+        for text in [
+            "[store]\nbatch_delay = \"1s\"",
+            "[store]\nbatch_delay = \"0ms\"",
+            "[server]\nidle_timeout = \"1s\"\nshutdown_grace = \"0s\"",
+            "[server]\nshutdown_grace = \"60s\"",
+        ] {
+            Config::parse(text, Path::new("t.toml")).unwrap_or_else(|e| panic!("{text}: {e}"));
+        }
+        // A count of units that overflows is an error, not a wrap or a panic.
+        assert!(err("[store]\nbatch_delay = \"99999999999999999d\"").contains("too long"));
+    }
+
+    #[test]
+    fn mn_and_pw_cannot_carry_header_syntax() {
+        for (text, key) in [
+            ("[[device]]\nmn = \"A\"\npw = \"12;MN=X\"", "`device[0].pw`"),
+            ("[[device]]\nmn = \"A\"\npw = \"a&&b\"", "`device[0].pw`"),
+            ("[[device]]\nmn = \"A\"\npw = \"a,b\"", "`device[0].pw`"),
+            ("[[device]]\nmn = \"A\"\npw = \"a=b\"", "`device[0].pw`"),
+            ("[[device]]\nmn = \"A\"\npw = \"\"", "`device[0].pw`"),
+            (
+                "[[device]]\nmn = \"A\"\npw = \"12\\r\\n34\"",
+                "`device[0].pw`",
+            ),
+            ("[[device]]\nmn = \"A\"\npw = \"12 34\"", "`device[0].pw`"),
+            ("[[device]]\nmn = \"A\\u0007\"", "`device[0].mn`"),
+            ("[[device]]\nmn = \"A B\"", "`device[0].mn`"),
+            ("[[device]]\nmn = \"站点1\"", "`device[0].mn`"),
+        ] {
+            let e = err(text);
+            assert!(e.contains(key), "{text}: {e}");
+        }
+        // The secret is never echoed back.
+        assert!(!err("[[device]]\nmn = \"A\"\npw = \"se;cret\"").contains("se;cret"));
+        let c = Config::parse(
+            "[[device]]\nmn = \"010000A8900016F000169DC0\"\npw = \"100000\"\n\
+             [[device]]\nmn = \"88888880000001\"\npw = \"0123456789ABCDEF01234567\"",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.device.len(), 2);
     }
 
     #[test]

@@ -388,6 +388,30 @@ fn check_config_names_the_bad_key_and_exits_78() {
     let invalid = check("invalid.toml", "[validation]\ntime_zone = \"Mars\"\n");
     assert_eq!(invalid.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&invalid.stderr).contains("validation.time_zone"));
+    // Values that parse but would hold every ack for an hour, close every
+    // session at once, or inject header text into the frames the gateway builds.
+    for (name, text, key) in [
+        (
+            "delay.toml",
+            "[store]\nbatch_delay = \"1h\"\n",
+            "store.batch_delay",
+        ),
+        (
+            "idle.toml",
+            "[server]\nidle_timeout = \"0s\"\n",
+            "server.idle_timeout",
+        ),
+        (
+            "pw.toml",
+            "[[device]]\nmn = \"010000A8900016F000000001\"\npw = \"1;MN=X\"\n",
+            "device[0].pw",
+        ),
+    ] {
+        let out = check(name, text);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{name}: {err}");
+        assert!(err.contains(key), "{name}: {err}");
+    }
 }
 
 #[test]
