@@ -1,7 +1,8 @@
 //! The command line: one subcommand per job, each mapped to an exit code.
 //!
 //! Exit codes: 0 success; 1 the command's answer is "no" (decode found an
-//! error, verify found tampering); 2 usage or I/O error; 70 internal error;
+//! error, verify found tampering); 2 usage or I/O error, or a frame log that
+//! `serve` will not use (empty, not a frame log, damaged, too new); 70 internal error;
 //! 78 bad configuration (sysexits `EX_CONFIG`, as systemd units expect).
 //! `command` adds 3 (the device did not answer in time) and 4 (the device is
 //! offline or busy); see [`crate::cmd::command`].
@@ -529,6 +530,14 @@ pub fn main() -> ExitCode {
                     tracing::error!("{e}");
                     eprintln!("error: {e}");
                     ExitCode::from(EX_CONFIG)
+                }
+                // Empty, foreign or damaged log file: an operator must act on the
+                // file (exit 2, like any command given a file it cannot use);
+                // restarting would only fail the same way.
+                Err(ServeError::Store(e)) if e.refuses_file() => {
+                    tracing::error!("{e}");
+                    eprintln!("error: frame log: {e}");
+                    ExitCode::from(2)
                 }
                 Err(e) => {
                     tracing::error!("{e}");

@@ -197,6 +197,9 @@ pub struct StoreSection {
     pub feed_records: usize,
     /// Nice steps the writer thread runs above the rest of the gateway (0..=20).
     pub writer_boost: u8,
+    /// Records (and entries of each index on them) the start-up check reads from
+    /// the end of an existing log (1..=1,000,000).
+    pub check_tail: usize,
 }
 
 impl Default for StoreSection {
@@ -209,6 +212,7 @@ impl Default for StoreSection {
             queue: 8192,
             feed_records: 8192,
             writer_boost: 5,
+            check_tail: crate::store::DEFAULT_CHECK_TAIL,
         }
     }
 }
@@ -654,6 +658,26 @@ pub struct Config {
     pub upstream: Vec<UpstreamEntry>,
     /// `[downlink]`.
     pub downlink: crate::downlink::config::DownlinkSection,
+    /// `[log]`.
+    pub log: LogSection,
+}
+
+/// `[log]`: the gateway's own log lines.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// A warning or error that repeats (per frame, per connection, per retry) is
+    /// logged once, then at most once per this interval with the count of the
+    /// lines suppressed meanwhile (1 s ..= 1 h).
+    pub repeat_interval: Dur,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            repeat_interval: Dur(crate::telemetry::DEFAULT_REPEAT_INTERVAL),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -718,6 +742,19 @@ impl Config {
             return Err(bad(
                 "store.writer_boost",
                 "must be between 0 and 20 (nice steps)".into(),
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.store.check_tail) {
+            return Err(bad(
+                "store.check_tail",
+                "must be between 1 and 1000000 (records)".into(),
+            ));
+        }
+        let repeat = self.log.repeat_interval.0;
+        if repeat < Duration::from_secs(1) || repeat > Duration::from_secs(3600) {
+            return Err(bad(
+                "log.repeat_interval",
+                "must be between 1s and 1h".into(),
             ));
         }
         if self.server.max_frame_bytes < 64 || self.server.max_frame_bytes > 1 << 20 {
@@ -1367,6 +1404,21 @@ mod tests {
         assert!(err("[[device]]\nmn = \"A\"\n[[device]]\nmn = \"A\"").contains("`device[1].mn`"));
         let e = err("[[device]]\nmn = \"A\"\nkey = \"zz\"");
         assert!(!e.contains("zz"), "keys never echoed: {e}");
+    }
+
+    /// The start-up check, the log's repeat limit and the metrics listener's caps.
+    #[test]
+    fn health_keys() {
+        let c = Config::parse("", Path::new("t")).unwrap();
+        assert_eq!(c.store.check_tail, 1000);
+        assert_eq!(c.log.repeat_interval.0, Duration::from_secs(10));
+        assert_eq!(c.metrics.max_connections, 64);
+        assert_eq!(c.metrics.head_timeout.0, Duration::from_secs(5));
+        assert!(err("[store]\ncheck_tail = 0").contains("`store.check_tail`"));
+        assert!(err("[log]\nrepeat_interval = \"500ms\"").contains("`log.repeat_interval`"));
+        assert!(err("[log]\nrepeat_interval = \"2h\"").contains("`log.repeat_interval`"));
+        assert!(err("[metrics]\nmax_connections = 0").contains("`metrics.max_connections`"));
+        assert!(err("[metrics]\nhead_timeout = \"2m\"").contains("`metrics.head_timeout`"));
     }
 
     #[test]

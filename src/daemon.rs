@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::{self, Config, ConfigError};
+use crate::health::{self, Health};
 use crate::metrics::http::{MetricsServer, Probe};
 use crate::publish::mqtt::{self, MqttSettings};
 use crate::publish::presence::Presence;
@@ -103,6 +104,7 @@ pub struct Running {
 
 /// Opens the store and binds the listeners; sessions start immediately.
 pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
+    crate::telemetry::set_repeat_interval(cfg.log.repeat_interval.0);
     let data = data_dir(o.data.as_deref());
     let registry = Registry::from_config(&cfg)?;
     let store_path = cfg.store_path(&data);
@@ -118,6 +120,7 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
         queue: cfg.store.queue,
         feed_records: cfg.store.feed_records,
         writer_boost: cfg.store.writer_boost,
+        check_tail: cfg.store.check_tail,
     };
     let (store, writer): (StoreHandle, WriterJoin) =
         tokio::task::spawn_blocking(move || Store::open(store_cfg))
@@ -169,7 +172,7 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
     let control_path = control.path().to_owned();
     let addrs = server.local_addrs();
     let metrics_server = match shared.cfg.metrics.addr() {
-        Some(a) => Some(MetricsServer::bind(a).await?),
+        Some(_) => Some(MetricsServer::bind(&shared.cfg.metrics).await?),
         None => None,
     };
     let metrics_addr = metrics_server
@@ -178,6 +181,7 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
         .transpose()?;
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let health = Arc::new(Health::default());
     crate::metrics::METRICS.mark_start();
     info!(listen = ?addrs, data = %data.display(), store = %store_path.display(), devices, "listening");
     let (t, s) = (tracker.clone(), shutdown.clone());
@@ -194,6 +198,7 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
             store_path.clone(),
             serving,
             shutdown.clone(),
+            health.clone(),
         ));
         info!(metrics = ?metrics_addr, "metrics listening");
         // Outside the tracker and on its own token: /healthz keeps answering 503
@@ -206,12 +211,17 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
     // The publisher only reads the log (its own connections), so it neither slows
     // ingest nor needs the store handle; it stops on the same token.
     let publisher = match (mqtt, presence) {
-        (Some(settings), Some(presence)) => Some(mqtt::spawn(
-            settings,
-            store_path.clone(),
-            shared.store.feed(),
-            presence,
-            shutdown.child_token(),
+        (Some(settings), Some(presence)) => Some(health::watch(
+            "MQTT publisher".into(),
+            mqtt::spawn(
+                settings,
+                store_path.clone(),
+                shared.store.feed(),
+                presence,
+                shutdown.child_token(),
+            ),
+            shutdown.clone(),
+            health.clone(),
         )),
         _ => None,
     };
@@ -225,24 +235,34 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
         .iter()
         .filter(|u| u.enabled)
         .map(|u| {
-            upstream::spawn(
-                u.clone(),
-                names.clone(),
-                shared.clone(),
-                store_path.clone(),
-                shutdown.child_token(),
+            health::watch(
+                format!("upstream {}", u.name),
+                upstream::spawn(
+                    u.clone(),
+                    names.clone(),
+                    shared.clone(),
+                    store_path.clone(),
+                    shutdown.child_token(),
+                ),
+                shutdown.clone(),
+                health.clone(),
             )
         })
         .collect();
     // The detector, like the publisher, only reads the log behind its own cursor and
     // writes its own tables; the store writer never waits for it.
     let detector = shared.cfg.alarms.enabled.then(|| {
-        crate::alarm::task::spawn(
-            shared.cfg.alarms.clone(),
-            store_path.clone(),
-            shared.store.feed(),
-            shared.registry.clone(),
-            shutdown.child_token(),
+        health::watch(
+            "alarm detector".into(),
+            crate::alarm::task::spawn(
+                shared.cfg.alarms.clone(),
+                store_path.clone(),
+                shared.store.feed(),
+                shared.registry.clone(),
+                shutdown.child_token(),
+            ),
+            shutdown.clone(),
+            health.clone(),
         )
     });
     // Operators reach devices through their sessions; stops (and removes the
@@ -354,6 +374,15 @@ impl Running {
 /// `serve`: runs until SIGTERM/SIGINT.
 pub async fn serve(o: Overrides) -> Result<(), ServeError> {
     let cfg = load_config(&o)?;
+    // Raw frames hold device passwords: whatever serve creates (data directory, log,
+    // its -wal/-shm, the control socket before its chmod) is not world-readable,
+    // also outside systemd's UMask=. The store sets 0750/0640 explicitly as well.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o027));
+    // A file size limit (ulimit -f, LimitFSIZE=) must fail a commit like a full
+    // disk does (health 503, nothing acked), not kill the process with SIGXFSZ.
+    let _xfsz = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(
+        rustix::process::Signal::XFSZ.as_raw(),
+    ))?;
     // Handlers go in before we announce ourselves (log line, READY=1): a SIGHUP
     // or SIGTERM sent right after must not meet the default action (terminate).
     let signals = Signals::install()?;

@@ -24,6 +24,7 @@
 //! - [`downlink`]: gateway-originated requests to devices (operator commands, clock
 //!   calibration, gap backfill, 2025 key rotation, relayed platform requests), a
 //!   sans-IO engine per session and the operator control socket.
+//! - [`health`]: consumers that stopped, for `/healthz`.
 //! - [`daemon`], [`systemd`], [`telemetry`], [`cli`], [`cmd`]: process wiring.
 //!
 //! # Data flow
@@ -45,6 +46,7 @@ pub mod daemon;
 pub mod downlink;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod health;
 pub mod metrics;
 pub mod priority;
 pub mod protocol;

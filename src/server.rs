@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use crate::metrics::{METRICS, Refusal};
 use crate::proxy::{self, Accept, Cidr, Parsed};
@@ -163,7 +163,7 @@ impl AcceptCtx {
                     Err(e) => {
                         self.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
                         METRICS.accept_errors.inc();
-                        error!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
+                        crate::log_repeated!(error, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(1));
                         continue;

@@ -349,14 +349,28 @@ impl Session {
                 }
             }
         }
-        slog!(
-            info,
-            s,
-            reason,
-            frames = s.frames,
-            junk_bytes = s.junk_bytes,
-            "closed"
-        );
+        if reason == "store error" {
+            // The log's failure, not the device's: every session meets it, and
+            // devices reconnect and meet it again (hundreds a second). One line
+            // per interval; hj212_sessions_closed_total counts them all.
+            crate::log_repeated!(
+                info,
+                peer = %s.peer_text,
+                session = s.id,
+                reason,
+                frames = s.frames,
+                "closed"
+            );
+        } else {
+            slog!(
+                info,
+                s,
+                reason,
+                frames = s.frames,
+                junk_bytes = s.junk_bytes,
+                "closed"
+            );
+        }
     }
 }
 
@@ -820,7 +834,9 @@ impl Session {
             Ok(_) => {}
             Err(e) => {
                 // Nothing of this batch is durable: no ack may go out.
-                slog!(warn, self, error = %e, "frame log append failed; replies withheld");
+                // Every session meets the same failure (a full disk): one line per
+                // interval for all of them, not one per batch per session.
+                crate::log_repeated!(warn, peer = %self.peer_text, session = self.id, error = %e, "frame log append failed; replies withheld");
                 return Err("store error");
             }
         }

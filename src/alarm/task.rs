@@ -311,7 +311,7 @@ fn run(
             Ok(c) => c,
             Err(e) => {
                 // Nothing was committed; the events are kept and retried first.
-                error!(error = %e, "alarm detector step failed; retrying");
+                crate::log_repeated!(error, error = %e, "alarm detector step failed; retrying");
                 true
             }
         };

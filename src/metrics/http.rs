@@ -2,10 +2,13 @@
 //!
 //! A deliberately small HTTP/1.1 responder instead of a framework: two GET
 //! routes, one response per connection (`Connection: close`), a bounded request
-//! head, a read deadline and a cap on concurrent scrapes. That is all a
+//! head, a read deadline (`[metrics] head_timeout`) and a cap on concurrent
+//! connections (`[metrics] max_connections`) that closes the oldest silent one
+//! rather than make a health check wait. That is all a
 //! Prometheus scraper or a load balancer health check needs, and it keeps the
 //! dependency tree (and the attack surface facing the network) as it is.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,23 +19,20 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::{Exposition, METRICS, render_process};
+use crate::health::Health;
 use crate::session::Shared;
 use crate::store::Reader;
 
 /// Largest request head accepted (request line and headers).
 const MAX_REQUEST: usize = 8 * 1024;
-/// A client must send its request head within this.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// A client must take the response within this.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// After the response, how long (and how many bytes) we wait for the client to close.
 const LINGER: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 64 * 1024;
-/// Concurrent metrics connections; more wait in the kernel backlog.
-const MAX_CLIENTS: usize = 8;
 /// Longest the store part of a scrape may take; after it the scrape answers
 /// without store figures (and says so in `hj212_scrape_store_ok`).
 const STORE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -48,6 +48,8 @@ pub struct Probe {
     /// True while the device listener's accept loop runs.
     serving: Arc<AtomicBool>,
     shutdown: CancellationToken,
+    /// Consumers that stopped while serving.
+    health: Arc<Health>,
     /// Reused read-only connection; one scrape at a time uses it.
     reader: Arc<Mutex<Option<Reader>>>,
 }
@@ -67,6 +69,7 @@ impl Probe {
         db: PathBuf,
         serving: Arc<AtomicBool>,
         shutdown: CancellationToken,
+        health: Arc<Health>,
     ) -> Probe {
         let cfg = &shared.cfg;
         let mut consumers = Vec::new();
@@ -86,22 +89,28 @@ impl Probe {
             consumers,
             serving,
             shutdown,
+            health,
             reader: Arc::default(),
         }
     }
 
-    /// `None` when healthy, else why not.
-    pub fn unhealthy(&self) -> Option<&'static str> {
+    /// `None` when healthy, else why not: shutting down, the listener stopped, the
+    /// frame log's writer stopped or its commits fail (disk full, read-only, damaged
+    /// file), or a consumer of the log stopped.
+    pub fn unhealthy(&self) -> Option<String> {
         if self.shutdown.is_cancelled() {
-            return Some("shutting down");
+            return Some("shutting down".into());
         }
         if !self.serving.load(Ordering::Relaxed) {
-            return Some("device listener not accepting");
+            return Some("device listener not accepting".into());
         }
         if !self.shared.store.writer_alive() {
-            return Some("frame log writer stopped");
+            return Some("frame log writer stopped".into());
         }
-        None
+        self.shared
+            .store
+            .problem()
+            .or_else(|| self.health.problem())
     }
 
     /// `None` when another scrape is still reading (a slow disk must not pile
@@ -152,7 +161,7 @@ impl Probe {
         let view = match view {
             Ok(Ok(Some(Ok(v)))) => Some(v),
             Ok(Ok(Some(Err(e)))) => {
-                warn!(error = %e, "metrics: cannot read the frame log");
+                crate::log_repeated!(warn, error = %e, "metrics: cannot read the frame log");
                 None
             }
             Ok(Ok(None)) => {
@@ -160,7 +169,7 @@ impl Probe {
                 None
             }
             Ok(Err(_)) | Err(_) => {
-                warn!("metrics: frame log read timed out");
+                crate::log_repeated!(warn, "metrics: frame log read timed out");
                 None
             }
         };
@@ -312,18 +321,38 @@ impl Probe {
 #[derive(Debug)]
 pub struct MetricsServer {
     listener: TcpListener,
+    max_connections: usize,
+    head_timeout: Duration,
+}
+
+/// Connections still waiting for their request head, oldest first: the ones to
+/// close when every slot is taken.
+#[derive(Debug, Default)]
+struct Waiting {
+    next_id: u64,
+    queue: VecDeque<(u64, CancellationToken)>,
 }
 
 impl MetricsServer {
-    /// Binds `addr`; the error names `[metrics] listen`.
-    pub async fn bind(addr: SocketAddr) -> std::io::Result<MetricsServer> {
+    /// Binds `[metrics] listen`; the error names the key.
+    pub async fn bind(cfg: &super::MetricsConfig) -> std::io::Result<MetricsServer> {
+        let addr = cfg.addr().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "[metrics] listen: metrics are switched off",
+            )
+        })?;
         let listener = TcpListener::bind(addr).await.map_err(|e| {
             std::io::Error::new(
                 e.kind(),
                 format!("[metrics] listen: cannot listen on {addr}: {e}"),
             )
         })?;
-        Ok(MetricsServer { listener })
+        Ok(MetricsServer {
+            listener,
+            max_connections: cfg.max_connections,
+            head_timeout: cfg.head_timeout.0,
+        })
     }
 
     /// The bound address (port 0 resolved).
@@ -332,28 +361,78 @@ impl MetricsServer {
     }
 
     /// Serves until `shutdown`.
+    ///
+    /// Each connection is its own task holding one of `max_connections` slots. The
+    /// accept loop never waits on a client: when every slot is taken, the oldest
+    /// connection that has not sent its request head yet is closed to make room.
+    /// Scrapers and health checks send their head right after connecting, so idle
+    /// or slow clients (slowloris) cannot hold `/healthz` back, however many.
     pub async fn run(self, probe: Arc<Probe>, shutdown: CancellationToken) {
-        let limit = Arc::new(Semaphore::new(MAX_CLIENTS));
+        let slots = Arc::new(Semaphore::new(self.max_connections));
+        let waiting = Arc::new(Mutex::new(Waiting::default()));
         loop {
-            let permit = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            };
             let stream = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = self.listener.accept() => match r {
                     Ok((s, _)) => s,
                     Err(e) => {
-                        debug!(error = %e, "metrics accept failed");
+                        crate::log_repeated!(warn, error = %e, "metrics accept failed");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                 },
             };
-            let probe = probe.clone();
+            let permit = match slots.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    let victim = lock(&waiting).queue.pop_front();
+                    if let Some((_, token)) = victim {
+                        token.cancel();
+                        METRICS.metrics_connections_evicted.inc();
+                    }
+                    // The evicted task gives its slot back at once; without one
+                    // (every slot is answering) wait at most a head timeout.
+                    let wait =
+                        tokio::time::timeout(self.head_timeout, slots.clone().acquire_owned());
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        p = wait => match p {
+                            Ok(Ok(p)) => p,
+                            Ok(Err(_)) => return,
+                            Err(_) => {
+                                crate::log_repeated!(warn, "metrics connection dropped: every [metrics] max_connections slot is answering");
+                                continue;
+                            }
+                        },
+                    }
+                }
+            };
+            let token = shutdown.child_token();
+            let id = {
+                let mut w = lock(&waiting);
+                w.next_id += 1;
+                let id = w.next_id;
+                w.queue.push_back((id, token.clone()));
+                id
+            };
+            let (probe, waiting, head_timeout) =
+                (probe.clone(), waiting.clone(), self.head_timeout);
             tokio::spawn(async move {
-                if let Err(e) = respond(stream, &probe).await {
-                    debug!(error = %e, "metrics request failed");
+                let mut stream = stream;
+                let head = tokio::select! {
+                    _ = token.cancelled() => None,
+                    h = read_head(&mut stream, head_timeout) => Some(h),
+                };
+                lock(&waiting).queue.retain(|(i, _)| *i != id);
+                match head {
+                    Some(Ok(head)) => {
+                        if let Err(e) = respond(stream, head, &probe).await {
+                            debug!(error = %e, "metrics request failed");
+                        }
+                    }
+                    Some(Err(e)) => debug!(error = %e, "metrics request head not read"),
+                    // Evicted for a newer connection.
+                    None => {}
                 }
                 drop(permit);
             });
@@ -361,10 +440,14 @@ impl MetricsServer {
     }
 }
 
-/// Reads one request head (bounded, with a deadline).
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
+fn lock(w: &Mutex<Waiting>) -> std::sync::MutexGuard<'_, Waiting> {
+    w.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Reads one request head (bounded, with a deadline); `None` when it is too large.
+async fn read_head(stream: &mut TcpStream, timeout: Duration) -> std::io::Result<Option<Vec<u8>>> {
     let mut buf = Vec::with_capacity(1024);
-    let deadline = tokio::time::Instant::now() + READ_TIMEOUT;
+    let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") {
             return Ok(Some(buf));
@@ -385,8 +468,12 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
     }
 }
 
-async fn respond(mut stream: TcpStream, probe: &Arc<Probe>) -> std::io::Result<()> {
-    let (status, content_type, body, allow) = match read_head(&mut stream).await? {
+async fn respond(
+    mut stream: TcpStream,
+    head: Option<Vec<u8>>,
+    probe: &Arc<Probe>,
+) -> std::io::Result<()> {
+    let (status, content_type, body, allow) = match head {
         None => (
             "431 Request Header Fields Too Large",
             "text/plain; charset=utf-8",

@@ -33,6 +33,12 @@ pub struct MetricsConfig {
     pub enabled: bool,
     /// `HOST:PORT` of the metrics HTTP listener.
     pub listen: String,
+    /// Metrics connections served at once (1..=1024). When all are taken, the
+    /// oldest one still waiting for its request head is closed to make room, so
+    /// idle or slow clients cannot keep `/healthz` from answering.
+    pub max_connections: usize,
+    /// A client must send its request head within this (100 ms ..= 60 s).
+    pub head_timeout: crate::config::Dur,
 }
 
 impl Default for MetricsConfig {
@@ -40,6 +46,8 @@ impl Default for MetricsConfig {
         MetricsConfig {
             enabled: true,
             listen: "127.0.0.1:9464".into(),
+            max_connections: 64,
+            head_timeout: crate::config::Dur(Duration::from_secs(5)),
         }
     }
 }
@@ -55,6 +63,18 @@ impl MetricsConfig {
 
     /// Checks `metrics.listen` (`path` is for the message).
     pub fn check(&self, path: &std::path::Path) -> Result<(), crate::config::ConfigError> {
+        let bad = |key: &str, message: &str| crate::config::ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.into(),
+            message: message.into(),
+        };
+        if !(1..=1024).contains(&self.max_connections) {
+            return Err(bad("metrics.max_connections", "must be between 1 and 1024"));
+        }
+        let t = self.head_timeout.0;
+        if t < Duration::from_millis(100) || t > Duration::from_secs(60) {
+            return Err(bad("metrics.head_timeout", "must be between 100ms and 60s"));
+        }
         if !self.enabled || self.listen.is_empty() {
             return Ok(());
         }
@@ -355,6 +375,11 @@ pub struct Metrics {
     refused: [Counter; Refusal::ALL.len()],
     /// `accept()` failures (EMFILE, ...).
     pub accept_errors: Counter,
+    /// Repeated log lines not written (see [`crate::telemetry::Repeats`]).
+    pub log_lines_suppressed: Counter,
+    /// Metrics connections closed before their request head to make room for a
+    /// new one (`[metrics] max_connections` reached).
+    pub metrics_connections_evicted: Counter,
     closed: [Counter; CLOSE_SLOTS],
     items: [Counter; 3],
     findings: [Counter; FINDING_SLOTS],
@@ -407,6 +432,8 @@ impl Metrics {
             accepted: Counter::new(),
             refused: [const { Counter::new() }; Refusal::ALL.len()],
             accept_errors: Counter::new(),
+            log_lines_suppressed: Counter::new(),
+            metrics_connections_evicted: Counter::new(),
             closed: [const { Counter::new() }; CLOSE_SLOTS],
             items: [const { Counter::new() }; 3],
             findings: [const { Counter::new() }; FINDING_SLOTS],
@@ -548,6 +575,26 @@ impl Metrics {
             "accept() failures (EMFILE, ...).",
         );
         e.sample("hj212_accept_errors_total", &[], self.accept_errors.get());
+        e.family(
+            "hj212_log_lines_suppressed_total",
+            "counter",
+            "Repeated warning and error lines not written ([log] repeat_interval); each call site logs once per interval with the count.",
+        );
+        e.sample(
+            "hj212_log_lines_suppressed_total",
+            &[],
+            self.log_lines_suppressed.get(),
+        );
+        e.family(
+            "hj212_metrics_connections_evicted_total",
+            "counter",
+            "Metrics connections closed before sending a request head, to make room for a new one ([metrics] max_connections).",
+        );
+        e.sample(
+            "hj212_metrics_connections_evicted_total",
+            &[],
+            self.metrics_connections_evicted.get(),
+        );
         e.family(
             "hj212_sessions_closed_total",
             "counter",

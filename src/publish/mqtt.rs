@@ -44,7 +44,7 @@ use rumqttc::{
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info};
 
 use super::merge::{Merged, Merger, Part};
 use super::plan::{self, PlanOptions};
@@ -433,7 +433,7 @@ impl Publisher {
                 Err(e) => {
                     attempt += 1;
                     // One line per backoff step; the error never contains the password.
-                    warn!(host = %self.s.host, port = self.s.port, attempt, retry_in_ms = backoff.as_millis() as u64, error = %e, "MQTT broker unreachable; ingest continues, publishing resumes from the cursor");
+                    crate::log_repeated!(warn, host = %self.s.host, port = self.s.port, attempt, retry_in_ms = backoff.as_millis() as u64, error = %e, "MQTT broker unreachable; ingest continues, publishing resumes from the cursor");
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(backoff) => {}
@@ -448,7 +448,7 @@ impl Publisher {
             match ended {
                 Ended::Shutdown => break,
                 Ended::Lost(e) => {
-                    warn!(error = %e, cursor = self.acked, "MQTT connection lost; will resume from the cursor");
+                    crate::log_repeated!(warn, error = %e, cursor = self.acked, "MQTT connection lost; will resume from the cursor");
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(backoff) => {}
@@ -524,7 +524,7 @@ impl Publisher {
                     match r {
                         Ok((after, Ok((items, through)))) => self.on_read(after, items, through),
                         Ok((_, Err(e))) => {
-                            error!(error = %e, "MQTT publisher cannot read the frame log; retrying");
+                            crate::log_repeated!(error, error = %e, "MQTT publisher cannot read the frame log; retrying");
                             self.caught_up = true;
                         }
                         Err(e) => error!(error = %e, "MQTT read task failed"),

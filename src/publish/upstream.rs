@@ -210,7 +210,7 @@ impl Forwarder {
             self.persist(false).await;
             if self.pending.is_empty() {
                 if let Err(e) = self.fill().await {
-                    error!(upstream = %self.e.name, error = %e, "upstream forwarder cannot read the frame log; retrying");
+                    crate::log_repeated!(error, upstream = %self.e.name, error = %e, "upstream forwarder cannot read the frame log; retrying");
                 }
             }
             // A persistent connection is kept up even with nothing to send: the

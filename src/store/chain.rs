@@ -266,7 +266,7 @@ pub fn verify_chain(path: impl AsRef<Path>) -> Result<ChainReport, StoreError> {
 }
 
 /// The 17 hashed values and the stored hash of a `SELECT {RECORD_COLUMNS}` row.
-fn row_values<'r>(
+pub(crate) fn row_values<'r>(
     row: &'r rusqlite::Row<'_>,
 ) -> rusqlite::Result<([ValueRef<'r>; HASHED_COLUMNS], ValueRef<'r>)> {
     let mut vals = [ValueRef::Null; HASHED_COLUMNS];

@@ -53,6 +53,38 @@ pub enum StoreError {
         /// The file.
         path: PathBuf,
     },
+    /// `serve` found a 0-byte file where the log should be. SQLite would silently
+    /// make it a new database; an empty file is more likely a log that was truncated
+    /// or a copy that went wrong than a new installation.
+    #[error(
+        "{path} is an empty file (0 bytes), not a frame log: restore the log from a backup, or remove the file if this is a new installation and no log existed"
+    )]
+    EmptyFile {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file is not a frame log (not SQLite, or another application's database);
+    /// it was not changed.
+    #[error(
+        "{path} is not a frame log ({reason}); it was left unchanged. `serve` creates a new log only where no file exists: point --data or [store] path at the frame log, or at a path that does not exist yet"
+    )]
+    NotAFrameLog {
+        /// The file.
+        path: PathBuf,
+        /// What it is instead.
+        reason: String,
+    },
+    /// The start-up check (or SQLite while serving) found the file damaged; nothing
+    /// is acknowledged into it.
+    #[error(
+        "{path} is damaged ({detail}): run `hj212-gateway verify --db {path}` and restore the log from a backup; the gateway does not write to a damaged log"
+    )]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What SQLite or the check reported.
+        detail: String,
+    },
     /// The writer has shut down (or died); the append was not queued or not answered.
     #[error("the store writer is closed")]
     Closed,
@@ -115,6 +147,18 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether this refuses the log file itself (empty, foreign or damaged): an
+    /// operator has to act on the file, restarting will not help.
+    pub fn refuses_file(&self) -> bool {
+        matches!(
+            self,
+            StoreError::EmptyFile { .. }
+                | StoreError::NotAFrameLog { .. }
+                | StoreError::Damaged { .. }
+                | StoreError::SchemaTooNew { .. }
+        )
+    }
+
     pub(crate) fn sqlite(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
         move |source| StoreError::Sqlite { op, source }
     }

@@ -95,6 +95,7 @@
 mod alarms;
 mod audit;
 mod chain;
+mod check;
 mod error;
 mod exchanges;
 mod export;
@@ -312,6 +313,9 @@ impl SyncMode {
     }
 }
 
+/// Default of [`StoreConfig::check_tail`] (and `[store] check_tail`).
+pub const DEFAULT_CHECK_TAIL: usize = 1000;
+
 /// Configuration of [`Store::open`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreConfig {
@@ -335,6 +339,9 @@ pub struct StoreConfig {
     /// [`crate::priority`]); 0 leaves it alone. Default 0 here (library users and
     /// tests); the daemon passes `[store] writer_boost`.
     pub writer_boost: u8,
+    /// Records (and entries of each index on them) read from the end of an existing
+    /// log by the start-up check (see the `check` module). Default 1000.
+    pub check_tail: usize,
 }
 
 impl StoreConfig {
@@ -357,6 +364,7 @@ impl Default for StoreConfig {
             queue: 8192,
             feed_records: 8192,
             writer_boost: 0,
+            check_tail: DEFAULT_CHECK_TAIL,
         }
     }
 }

@@ -204,22 +204,77 @@ pub(crate) fn latest_version() -> i64 {
     MIGRATIONS.len() as i64
 }
 
-/// Opens (creating if needed) the write connection, sets WAL and `synchronous`, and
-/// migrates the schema to the latest version.
+#[cfg(test)]
+/// Opens (creating if needed) the write connection with the default start-up check
+/// (see [`open_log`]).
 pub(crate) fn open_writer(path: &Path, sync: SyncMode) -> Result<Connection, StoreError> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+    open_log(path, sync, super::DEFAULT_CHECK_TAIL)
+}
+
+/// Opens the write connection: creates a new log where no file exists (directory
+/// 0750, file 0640: raw frames hold device passwords), or identifies and checks an
+/// existing one (see [`super::check`]) before anything is written to it; then sets
+/// WAL and `synchronous` and migrates the schema to the latest version.
+pub(crate) fn open_log(
+    path: &Path,
+    sync: SyncMode,
+    check_tail: usize,
+) -> Result<Connection, StoreError> {
+    let existing = match std::fs::metadata(path) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => {
+            return Err(StoreError::Io { source });
+        }
+    };
+    match &existing {
+        None => create_private(path)?,
+        Some(m) if !m.is_file() => {
+            return Err(StoreError::NotAFrameLog {
+                path: path.to_path_buf(),
+                reason: "not a regular file".into(),
+            });
+        }
+        Some(m) if m.len() == 0 => {
+            return Err(StoreError::EmptyFile {
+                path: path.to_path_buf(),
+            });
+        }
+        Some(_) => {}
     }
-    let mut conn = Connection::open(path).map_err(StoreError::sqlite("open the store file"))?;
+    let mut conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(StoreError::sqlite("open the store file"))?;
     conn.busy_timeout(BUSY_TIMEOUT)
         .map_err(StoreError::sqlite("set busy_timeout"))?;
-    // Only takes effect on a new, empty file (before WAL mode is set); an existing
-    // log keeps the page size it was created with.
-    conn.pragma_update(None, "page_size", PAGE_SIZE)
-        .map_err(StoreError::sqlite("set page_size"))?;
+    // Nothing below may write to a file before it is known to be ours and sound:
+    // even `journal_mode = WAL` rewrites the header of a foreign database.
+    let labelled = match existing {
+        Some(_) => {
+            let labelled = super::check::identify(&conn, path, latest_version())?;
+            let started = std::time::Instant::now();
+            super::check::startup_check(&conn, path, check_tail)?;
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                check_tail,
+                "frame log start-up check passed"
+            );
+            labelled
+        }
+        None => {
+            // Only takes effect on a new, empty file (before WAL mode is set); an
+            // existing log keeps the page size it was created with.
+            conn.pragma_update(None, "page_size", PAGE_SIZE)
+                .map_err(StoreError::sqlite("set page_size"))?;
+            // The first write: from here on the file says it is a frame log, so a
+            // start interrupted before the first migration is recognised as ours.
+            conn.pragma_update(None, "application_id", super::check::APPLICATION_ID)
+                .map_err(StoreError::sqlite("set application_id"))?;
+            true
+        }
+    };
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
         .map_err(StoreError::sqlite("enable WAL"))?;
@@ -242,7 +297,37 @@ pub(crate) fn open_writer(path: &Path, sync: SyncMode) -> Result<Connection, Sto
     conn.pragma_update(None, "wal_autocheckpoint", 16_384)
         .map_err(StoreError::sqlite("set wal_autocheckpoint"))?;
     migrate(&mut conn)?;
+    if !labelled {
+        // A log of an earlier release: recognised by its schema above, labelled now
+        // so that later starts need not guess.
+        conn.pragma_update(None, "application_id", super::check::APPLICATION_ID)
+            .map_err(StoreError::sqlite("set application_id"))?;
+    }
     Ok(conn)
+}
+
+/// Creates a new, empty log file readable by its owner and group only, and its
+/// directory (0750) if missing. SQLite gives the `-wal` and `-shm` files the mode
+/// of the database file.
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(dir)
+            .map_err(|source| StoreError::CreateDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o640)
+        .open(path)
+        .map(drop)
+        .map_err(|source| StoreError::Io { source })
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

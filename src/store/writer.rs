@@ -1,7 +1,7 @@
 //! The append path: bounded queue, one writer thread, group commit.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -53,7 +53,7 @@ impl Store {
                 reason: "must be at least 1",
             });
         }
-        let conn = schema::open_writer(&cfg.path, cfg.sync)?;
+        let conn = schema::open_log(&cfg.path, cfg.sync, cfg.check_tail)?;
         let (next_seq, prev_hash) = load_head(&conn)?;
         let counters = Arc::new(Counters::default());
         let checkpointer = Checkpointer::spawn(&cfg, Arc::clone(&counters))?;
@@ -166,9 +166,37 @@ struct Counters {
     complete_passes: AtomicU64,
     /// Set by `shutdown()`: later appends fail fast instead of queueing.
     closing: AtomicBool,
+    /// [`HEALTHY`], [`FAILING`] or [`DAMAGED`]; `why` is written before it.
+    condition: AtomicU8,
+    /// The last failure, for `/healthz`.
+    why: Mutex<String>,
 }
 
+/// Commits succeed (or none was tried).
+const HEALTHY: u8 = 0;
+/// The last commit failed (disk full, read-only, I/O error); the writer keeps
+/// trying, with every batch and once per [`PROBE_EVERY`] while idle.
+const FAILING: u8 = 1;
+/// SQLite reported the file damaged: the writer refuses every later batch.
+const DAMAGED: u8 = 2;
+
+/// How often a writer whose commits fail tries a small write while no batch comes,
+/// so that health recovers when the disk does, without waiting for traffic.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
 impl Counters {
+    fn set_condition(&self, condition: u8, why: String) {
+        *self
+            .why
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = why;
+        self.condition.store(condition, Ordering::Release);
+    }
+
+    fn condition(&self) -> u8 {
+        self.condition.load(Ordering::Acquire)
+    }
+
     fn snapshot(&self, queued: usize) -> StoreStats {
         StoreStats {
             records_committed: self.records.load(Ordering::Relaxed),
@@ -314,6 +342,25 @@ impl StoreHandle {
         Arc::clone(&self.feed)
     }
 
+    /// Why the log is not taking records right now, `None` while commits succeed:
+    /// the last commit failed (disk full, read-only file system, I/O error; cleared
+    /// by the next commit that succeeds) or SQLite found the file damaged (the
+    /// writer then refuses every batch until the gateway is restarted on a sound
+    /// log). What `/healthz` reports.
+    pub fn problem(&self) -> Option<String> {
+        let c = &self.counters;
+        let prefix = match c.condition() {
+            FAILING => "frame log commits failing",
+            DAMAGED => "frame log damaged, nothing is acknowledged",
+            _ => return None,
+        };
+        let why = c
+            .why
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Some(format!("{prefix}: {why}"))
+    }
+
     /// True while the writer thread is running (its queue has a receiver).
     pub fn writer_alive(&self) -> bool {
         !self.tx.is_closed()
@@ -409,7 +456,20 @@ impl Writer {
         let mut closing = false;
         // `recv` yields None once every handle is dropped, or after `close()` (on
         // Shutdown) once the queue is drained.
-        while let Some(first) = rt.block_on(rx.recv()) {
+        loop {
+            let next = if self.counters.condition() == FAILING {
+                rt.block_on(async { tokio::time::timeout(PROBE_EVERY, rx.recv()).await })
+            } else {
+                Ok(rt.block_on(rx.recv()))
+            };
+            let first = match next {
+                Ok(Some(first)) => first,
+                Ok(None) => break,
+                Err(_idle) => {
+                    self.probe();
+                    continue;
+                }
+            };
             let started = Instant::now();
             let mut n = 0;
             take(first, &mut batch, &mut n, &mut rx, &mut closing);
@@ -461,8 +521,30 @@ impl Writer {
 
     fn commit_and_answer(&mut self, batch: &mut Vec<Job>, n: usize) {
         let started = Instant::now();
+        if self.counters.condition() == DAMAGED {
+            // Writing on into a B-tree SQLite found damaged can only spread the
+            // damage; nothing is acknowledged until an operator has a sound log.
+            for job in batch.drain(..) {
+                let _ = job.reply.send(Err(self.damaged()));
+            }
+            self.counters.failed_batches.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .failed_records
+                .fetch_add(n as u64, Ordering::Relaxed);
+            crate::log_repeated!(
+                error,
+                records = n,
+                path = %self.cfg.path.display(),
+                "frame log damaged: batch refused, nothing acknowledged; restart on a sound log"
+            );
+            return;
+        }
         match self.commit(batch) {
             Ok((results, hashes)) => {
+                if self.counters.condition() == FAILING {
+                    self.counters.set_condition(HEALTHY, String::new());
+                    tracing::info!("frame log commits succeed again");
+                }
                 let m = &crate::metrics::METRICS;
                 m.commit_seconds.observe_duration(started.elapsed(), 1);
                 if n > 0 {
@@ -497,14 +579,19 @@ impl Writer {
                 self.finish_checkpoint();
             }
             Err((op, err)) => {
-                tracing::error!(op, records = n, error = %err, "store batch rolled back; nothing in it acknowledged");
+                self.failed(op, &err);
+                crate::log_repeated!(error, op, records = n, error = %err, "store batch rolled back; nothing in it acknowledged");
                 self.counters.failed_batches.fetch_add(1, Ordering::Relaxed);
                 self.counters
                     .failed_records
                     .fetch_add(n as u64, Ordering::Relaxed);
                 let lost: usize = batch.iter().map(|j| j.exchanges.len()).sum();
                 if lost > 0 {
-                    tracing::warn!(exchanges = lost, "downlink exchange outcomes not recorded");
+                    crate::log_repeated!(
+                        warn,
+                        exchanges = lost,
+                        "downlink exchange outcomes not recorded"
+                    );
                     crate::metrics::METRICS.downlink_unrecorded.add(lost as u64);
                 }
                 let source = Arc::new(err);
@@ -516,6 +603,65 @@ impl Writer {
                     }));
                 }
             }
+        }
+    }
+
+    /// Records why a commit (or probe) failed: damage is final, anything else is
+    /// retried.
+    fn failed(&self, op: &'static str, err: &rusqlite::Error) {
+        if super::check::is_damage(err) {
+            if self.counters.condition() != DAMAGED {
+                tracing::error!(
+                    op,
+                    error = %err,
+                    path = %self.cfg.path.display(),
+                    "frame log damaged: from now on every batch is refused and nothing is acknowledged; run `hj212-gateway verify` and restore the log from a backup"
+                );
+            }
+            self.counters.set_condition(DAMAGED, format!("{op}: {err}"));
+        } else {
+            let what = match err.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::DiskFull) => "disk full: ",
+                Some(rusqlite::ErrorCode::ReadOnly) => "read-only: ",
+                _ => "",
+            };
+            self.counters
+                .set_condition(FAILING, format!("{what}{op}: {err}"));
+        }
+    }
+
+    fn damaged(&self) -> StoreError {
+        StoreError::Damaged {
+            path: self.cfg.path.clone(),
+            detail: self
+                .counters
+                .why
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+        }
+    }
+
+    /// While commits fail and no batch comes: one small write transaction (the
+    /// head's `updated_at_ms`, outside the chain) to learn whether the log takes
+    /// writes again.
+    fn probe(&mut self) {
+        let result = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .and_then(|tx| {
+                tx.execute(
+                    "UPDATE meta SET updated_at_ms = ?1 WHERE id = 1",
+                    [chrono::Utc::now().timestamp_millis()],
+                )?;
+                tx.commit()
+            });
+        match result {
+            Ok(()) => {
+                self.counters.set_condition(HEALTHY, String::new());
+                tracing::info!("frame log commits succeed again");
+            }
+            Err(err) => self.failed("probe the log with a small write", &err),
         }
     }
 
@@ -685,7 +831,9 @@ impl Checkpointer {
                                 counters.complete_passes.fetch_add(1, Ordering::Release);
                             }
                         }
-                        Err(error) => tracing::warn!(%error, "store background checkpoint failed"),
+                        Err(error) => {
+                            crate::log_repeated!(warn, %error, "store background checkpoint failed")
+                        }
                     }
                 }
             })
