@@ -387,7 +387,14 @@ mod tests {
     use crate::store::{NewRecord, Store, StoreConfig, SyncMode};
 
     /// A row as an earlier release's writer left it (the hash is not checked here).
-    fn insert_old(conn: &Connection, seq: i64, peer: &str, direction: &str, mn: &str, dialect: &str) {
+    fn insert_old(
+        conn: &Connection,
+        seq: i64,
+        peer: &str,
+        direction: &str,
+        mn: &str,
+        dialect: &str,
+    ) {
         conn.execute(
             "INSERT INTO records (seq, received_at_ms, peer, session, direction, kind, raw, \
              dialect, mn, verdict, duplicate, findings, doc, hash) \
@@ -429,7 +436,11 @@ mod tests {
         let r = Reader::open(&path).unwrap();
         assert_eq!(r.last_device_dialect("A").unwrap().as_deref(), Some("2017"));
         assert_eq!(r.last_device_dialect("B").unwrap().as_deref(), Some("2025"));
-        assert_eq!(r.last_device_dialect("C").unwrap(), None, "never from a device");
+        assert_eq!(
+            r.last_device_dialect("C").unwrap(),
+            None,
+            "never from a device"
+        );
         assert_eq!(r.last_device_dialect("nobody").unwrap(), None);
         // One primary-key seek: no scan of `records`, whatever the MN.
         let p = plan(&conn, LAST_DIALECT_SQL);
