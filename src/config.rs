@@ -441,6 +441,11 @@ pub struct UpstreamEntry {
     /// `now` or `oldest`: where the cursor starts the first time.
     #[serde(default)]
     pub start: UpstreamStart,
+    /// Requests of this platform the gateway cannot relay (the device has no
+    /// live session, or its queue is full) answered QnRtn=2 per minute; beyond
+    /// it they are logged and recorded as refused, but not answered.
+    #[serde(default = "default_refusals_per_minute")]
+    pub refusals_per_minute: u32,
 }
 
 fn yes() -> bool {
@@ -451,6 +456,9 @@ fn default_ack_timeout() -> Dur {
 }
 fn default_retries() -> u32 {
     3
+}
+fn default_refusals_per_minute() -> u32 {
+    120
 }
 
 /// `[alarms.factor.<code>]` (and `[alarms.device.<MN>.factor.<code>]`): per-factor settings.
@@ -528,6 +536,9 @@ pub struct AlarmsSection {
     pub reference_o2: Option<f64>,
     /// Nice steps the detector's thread runs below the gateway (0 = the same).
     pub nice: u8,
+    /// Devices outside the registry (and `[alarms.device]`) the detectors keep state
+    /// for; past it the one heard from longest ago is forgotten and its alarms end.
+    pub max_unregistered_devices: usize,
     /// Detectors switched off everywhere, e.g. `["value.stuck"]`.
     pub disabled: Vec<String>,
     /// Per-factor settings.
@@ -559,12 +570,17 @@ impl Default for AlarmsSection {
             mismatch_abs: 1.0,
             reference_o2: None,
             nice: 10,
+            max_unregistered_devices: 5000,
             disabled: Vec::new(),
             factor: Default::default(),
             device: Default::default(),
         }
     }
 }
+
+/// Largest accepted `max_unregistered_devices` (alarms and downlink): a cap far
+/// above it is no cap.
+pub const MAX_TRACKED: usize = 1_000_000;
 
 /// Detector names accepted in `disabled`.
 pub const DETECTORS: &[&str] = &[
@@ -970,6 +986,10 @@ impl Config {
                 !(a.mismatch_abs >= 0.0 && a.mismatch_abs.is_finite()),
             ),
             ("nice", a.nice > 19),
+            (
+                "max_unregistered_devices",
+                a.max_unregistered_devices == 0 || a.max_unregistered_devices > MAX_TRACKED,
+            ),
         ];
         for (k, wrong) in positive {
             if wrong {
@@ -1145,6 +1165,12 @@ impl Config {
             }
             if u.retries > 100 {
                 return Err(bad("retries", "must be at most 100".into()));
+            }
+            if u.refusals_per_minute == 0 || u.refusals_per_minute > 60_000 {
+                return Err(bad(
+                    "refusals_per_minute",
+                    "must be between 1 and 60000".into(),
+                ));
             }
         }
         Ok(())
@@ -1465,6 +1491,11 @@ mod tests {
         assert!(err("[alarms]\nspike_k = -1").contains("`alarms.spike_k`"));
         assert!(err("[alarms]\ndisabled = [\"value.stuk\"]").contains("`alarms.disabled`"));
         assert!(err("[alarms]\nreference_o2 = 21").contains("`alarms.reference_o2`"));
+        assert_eq!(c.alarms.max_unregistered_devices, 5000);
+        assert!(
+            err("[alarms]\nmax_unregistered_devices = 0")
+                .contains("`alarms.max_unregistered_devices`")
+        );
         assert!(
             err("[alarms.factor.a21026]\nmin = 5\nmax = 1").contains("`alarms.factor.a21026.min`")
         );
@@ -1536,6 +1567,11 @@ mod tests {
             ))
         };
         assert!(up("name = \"b\"\naddr = \"nope\"").contains("`upstream[1].addr`"));
+        assert_eq!(a.refusals_per_minute, 120);
+        assert!(
+            up("name = \"b\"\naddr = \"h:2\"\nrefusals_per_minute = 0")
+                .contains("`upstream[1].refusals_per_minute`")
+        );
         assert!(up("name = \"a\"\naddr = \"h:2\"").contains("`upstream[1].name`"));
         assert!(up("name = \"b c\"\naddr = \"h:2\"").contains("`upstream[1].name`"));
         assert!(

@@ -158,11 +158,17 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
     })
     .await
     .map_err(|e| std::io::Error::other(e.to_string()))??;
+    let registry = Arc::new(SharedRegistry::new(registry));
+    let mut sessions = SessionMap::default();
+    sessions.devices = crate::downlink::Devices::new(
+        Some(registry.clone()),
+        cfg.downlink.max_unregistered_devices,
+    );
     let shared = Arc::new(Shared {
         cfg,
-        registry: Arc::new(SharedRegistry::new(registry)),
+        registry,
         store,
-        sessions: SessionMap::default(),
+        sessions,
         next_id: AtomicU64::new(1),
         presence: presence.clone(),
     });

@@ -20,6 +20,8 @@
 //!   [`publish::upstream`] forwards frames to HJ 212 platforms.
 //! - [`alarm`]: abnormal-data detection, a sans-IO engine and the task that
 //!   follows the log with it (alarms in the store, on MQTT, in `replay`).
+//! - [`recency`]: least-recently-seen order that caps per-MN state of
+//!   unregistered devices (alarm engine, downlink state).
 //! - [`metrics`]: lock-free counters and histograms, `/metrics` and `/healthz`.
 //! - [`downlink`]: gateway-originated requests to devices (operator commands, clock
 //!   calibration, gap backfill, 2025 key rotation, relayed platform requests), a
@@ -52,6 +54,7 @@ pub mod priority;
 pub mod protocol;
 pub mod proxy;
 pub mod publish;
+pub mod recency;
 pub mod registry;
 pub mod server;
 pub mod session;

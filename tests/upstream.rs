@@ -743,3 +743,131 @@ async fn rejected_frames_do_not_wait_for_an_ack() {
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
     gw.running.stop().await.expect("stop");
 }
+
+/// A platform flooding requests for MNs that have no session (here 2,000
+/// invented ones) costs the forwarder one logged record and one exchange row
+/// each, no fsync wait: the real frames behind them are still forwarded, every
+/// request is recorded as refused, and only `refusals_per_minute` of them get
+/// an answer (and an answer record).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_flood_for_unknown_mns_is_refused_cheaply_and_forwarding_goes_on() {
+    const JUNK: u32 = 2000;
+    const UPLOADS: u32 = 20;
+    const BUDGET: u32 = 10;
+    let started = Instant::now();
+    let p = Platform::start("127.0.0.1:0", Duration::ZERO).await;
+    // Its own upstream name: the per-upstream counters are process-wide.
+    let gw = start(&config(
+        &upstream(
+            "flood",
+            p.addr,
+            &format!("refusals_per_minute = {BUDGET}\ncn = [\"2011\"]"),
+        ),
+        "",
+    ))
+    .await;
+    let m = mn(1);
+    let mut d = Device::connect(gw.addr).await;
+    d.send_acked(&upload(&m, &qn(0), "123456")).await;
+    p.wait_for(1).await;
+    let mut junk = Vec::new();
+    for i in 0..JUNK {
+        let t = reply::Target {
+            dialect: protocol::Dialect::V2017,
+            st: "91",
+            pw: "123456",
+            mn: &mn(500_000 + i),
+        };
+        junk.extend_from_slice(&reply::get_time(t, &qn(i), None));
+    }
+    p.send(&junk).await;
+    for i in 1..=UPLOADS {
+        d.send_acked(&upload(&m, &qn(i), "123456")).await;
+    }
+    let is_upload = |f: &Vec<u8>| String::from_utf8_lossy(f).contains("CN=2011;");
+    let deadline = Instant::now() + PATIENCE * 3;
+    while p.got().iter().filter(|f| is_upload(f)).count() < UPLOADS as usize + 1 {
+        assert!(
+            Instant::now() < deadline,
+            "forwarding stalled behind the flood"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Every request has its exchange row (committed without anyone waiting).
+    let deadline = Instant::now() + PATIENCE * 3;
+    let rows = loop {
+        let x = hj212_gateway::store::list_exchanges(&gw.db, &Default::default()).unwrap();
+        let rows: Vec<_> = x
+            .into_iter()
+            .map(|r| r.exchange)
+            .filter(|e| e.origin == "flood")
+            .collect();
+        if rows.len() >= JUNK as usize {
+            break rows;
+        }
+        assert!(Instant::now() < deadline, "{} of {JUNK} rows", rows.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(rows.len(), JUNK as usize);
+    assert!(rows.iter().all(|e| e.outcome == "offline" && e.cn == 1011));
+    let unanswered = rows
+        .iter()
+        .filter(|e| e.detail.contains("not answered"))
+        .count();
+    let answers = p
+        .got()
+        .iter()
+        .filter(|f| String::from_utf8_lossy(f).contains("QnRtn=2"))
+        .count();
+    assert_eq!(answers + unanswered, JUNK as usize);
+    // The bucket starts full and refills at BUDGET a minute.
+    let refill = (started.elapsed().as_secs_f64() * f64::from(BUDGET) / 60.0).ceil() as usize;
+    assert!(
+        (BUDGET as usize..=BUDGET as usize + refill).contains(&answers),
+        "{answers} answers, budget {BUDGET} + {refill}"
+    );
+    let m_flood = hj212_gateway::metrics::METRICS.upstream("flood");
+    assert_eq!(m_flood.refused_offline.get(), answers as u64);
+    assert_eq!(m_flood.refused_rate_limited.get(), unanswered as u64);
+    // One record per request; answer records only for the answers sent.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let recs = records(&gw.db);
+        // The platform's 9014s for the forwarded uploads are logged too.
+        let n = |dir: Direction| {
+            recs.iter()
+                .filter(|r| r.peer == "flood" && r.direction == dir)
+                .filter(|r| r.cn.as_deref() != Some("9014"))
+                .count()
+        };
+        if n(Direction::In) == JUNK as usize && n(Direction::Out) == answers {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} in, {} out",
+            n(Direction::In),
+            n(Direction::Out)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The device's dialect was looked up by key; invented MNs left no rows.
+    let conn = rusqlite::Connection::open(&gw.db).unwrap();
+    let known: Vec<String> = conn
+        .prepare("SELECT mn FROM device_dialects")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(known, std::slice::from_ref(&m));
+    let plan: String = conn
+        .query_row(
+            "EXPLAIN QUERY PLAN SELECT dialect FROM device_dialects WHERE mn = ?1",
+            [&m],
+            |r| r.get(3),
+        )
+        .unwrap();
+    assert!(plan.contains("USING PRIMARY KEY (mn=?)"), "{plan}");
+    gw.running.stop().await.expect("stop");
+}

@@ -14,6 +14,16 @@
 //! one device lookup per observation, the factor's state (with its resolved settings)
 //! found once per value, the spike window kept sorted ([`super::window`]), and an
 //! [`AlarmKey`] built only when an event is actually raised or cleared.
+//!
+//! Per-device state is bounded. Devices the operator knows (in the registry, or
+//! named under `[alarms.device.<MN>]`) keep theirs for the engine's lifetime.
+//! Any other MN takes one of `max_unregistered_devices` slots, and past that the
+//! unregistered MN heard from longest ago is forgotten, its active alarms ended:
+//! a sender inventing MNs (one frame each is enough) churns through the slots
+//! instead of growing the engine. Unregistered devices are never reported
+//! `device.offline`: a device nobody registered going quiet is not an outage the
+//! operator asked to be told about, and one invented MN per frame would otherwise
+//! end in one critical alarm per frame.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt::Write as _;
@@ -24,6 +34,7 @@ use rust_decimal::Decimal;
 use super::window::Window;
 use super::{AlarmEvent, AlarmKey, Factor, Obs, Raise, Severity, ShortText, Val, Values};
 use crate::config::{AlarmsSection, FactorAlarms};
+use crate::recency::Recency;
 
 /// Factor code of O2 (HJ212.md §6.2).
 const O2: &str = "a19001";
@@ -125,6 +136,9 @@ struct Enabled {
 
 #[derive(Debug, Default)]
 struct DeviceState {
+    /// Registered or configured under `[alarms.device]`: never evicted, and the only
+    /// devices `device.offline` is raised for.
+    known: bool,
     last_seen_ms: Option<i64>,
     last_seq: u64,
     video: bool,
@@ -179,17 +193,40 @@ struct Decimals {
 #[derive(Debug, Default)]
 struct Active {
     keys: BTreeSet<AlarmKey>,
-    /// Active alarms per MN (the MNs of `keys`), so that clearing on a device
-    /// without alarms builds no key.
-    per_mn: HashMap<String, usize>,
+    /// Active alarms per MN (the keys of `keys` by MN), so that clearing on a device
+    /// without alarms builds no key, and forgetting a device finds its alarms.
+    per_mn: HashMap<String, Vec<AlarmKey>>,
 }
 
 impl Active {
+    fn add(&mut self, key: &AlarmKey) {
+        self.per_mn
+            .entry(key.mn.clone())
+            .or_default()
+            .push(key.clone());
+    }
+
     /// Raises `key` unless it is active.
     fn raise(&mut self, out: &mut Vec<AlarmEvent>, r: Raise) {
         if self.keys.insert(r.key.clone()) {
-            *self.per_mn.entry(r.key.mn.clone()).or_default() += 1;
+            self.add(&r.key);
             out.push(AlarmEvent::Raise(r));
+        }
+    }
+
+    /// Ends every active alarm of `mn` (the engine forgets the device).
+    fn clear_all(&mut self, out: &mut Vec<AlarmEvent>, mn: &str, end_ms: i64) {
+        let Some(keys) = self.per_mn.remove(mn) else {
+            return;
+        };
+        for key in keys {
+            if self.keys.remove(&key) {
+                out.push(AlarmEvent::Clear {
+                    key,
+                    end_ms,
+                    seq: None,
+                });
+            }
         }
     }
 
@@ -211,9 +248,9 @@ impl Active {
     /// Clears `key` if it is active.
     fn clear(&mut self, out: &mut Vec<AlarmEvent>, key: AlarmKey, end_ms: i64, seq: Option<u64>) {
         if self.keys.remove(&key) {
-            if let Some(n) = self.per_mn.get_mut(&key.mn) {
-                *n -= 1;
-                if *n == 0 {
+            if let Some(v) = self.per_mn.get_mut(&key.mn) {
+                v.retain(|k| *k != key);
+                if v.is_empty() {
                     self.per_mn.remove(&key.mn);
                 }
             }
@@ -229,6 +266,10 @@ pub struct Engine {
     decimals: Decimals,
     devices: HashMap<String, DeviceState>,
     active: Active,
+    /// The tracked devices that are not known, least recently seen first.
+    unregistered: Recency,
+    /// Unregistered devices forgotten to stay within the cap, since start.
+    evicted: u64,
 }
 
 /// What the per-value detectors of one observation share.
@@ -261,6 +302,8 @@ impl Engine {
             decimals,
             devices: HashMap::new(),
             active: Active::default(),
+            unregistered: Recency::default(),
+            evicted: 0,
         }
     }
 
@@ -268,8 +311,40 @@ impl Engine {
     pub fn set_active(&mut self, keys: impl IntoIterator<Item = AlarmKey>) {
         self.active.keys = keys.into_iter().collect();
         self.active.per_mn.clear();
-        for k in &self.active.keys {
-            *self.active.per_mn.entry(k.mn.clone()).or_default() += 1;
+        let keys: Vec<AlarmKey> = self.active.keys.iter().cloned().collect();
+        for k in &keys {
+            self.active.add(k);
+        }
+    }
+
+    /// Devices with state: `(known, unregistered)`. The second never exceeds
+    /// `[alarms] max_unregistered_devices`.
+    pub fn tracked(&self) -> (usize, usize) {
+        let unregistered = self.unregistered.len();
+        (self.devices.len() - unregistered, unregistered)
+    }
+
+    /// Unregistered devices forgotten to stay within the cap, since the engine started.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    /// Takes `mn` into the unregistered slots (or moves it to the back) and, past
+    /// the cap, forgets the devices heard from longest ago, ending their alarms at
+    /// `now_ms`.
+    fn admit_unregistered(&mut self, mn: &str, now_ms: i64, out: &mut Vec<AlarmEvent>) {
+        if !self.unregistered.touch(mn) {
+            return;
+        }
+        // `touch` put `mn` at the back, so with a cap of at least one it is never
+        // the device popped here.
+        while self.unregistered.len() > self.cfg.max_unregistered_devices.max(1) {
+            let Some(old) = self.unregistered.pop_oldest() else {
+                break;
+            };
+            self.devices.remove(&old);
+            self.active.clear_all(out, &old, now_ms);
+            self.evicted += 1;
         }
     }
 
@@ -367,6 +442,9 @@ impl Engine {
         let mut out = Vec::new();
         let mut due = Vec::new();
         for (mn, d) in &self.devices {
+            if !d.known {
+                continue;
+            }
             let Some(seen) = d.last_seen_ms else { continue };
             let limit = self.offline_threshold(mn, d);
             if now_ms - seen > limit && self.enabled(mn, "device.offline") {
@@ -398,6 +476,16 @@ impl Engine {
     /// One accepted inbound frame.
     pub fn observe(&mut self, o: &Obs) -> Vec<AlarmEvent> {
         let mut out = Vec::new();
+        let known = o.registered || self.cfg.device.contains_key(&o.mn);
+        if known {
+            // Registered since it was first seen (a registry reload): no longer
+            // one of the slots.
+            if !self.unregistered.is_empty() {
+                self.unregistered.remove(&o.mn);
+            }
+        } else {
+            self.admit_unregistered(&o.mn, o.received_ms, &mut out);
+        }
         if !self.devices.contains_key(&o.mn) {
             let d = self.new_device(&o.mn);
             self.devices.insert(o.mn.clone(), d);
@@ -407,8 +495,10 @@ impl Engine {
             decimals,
             devices,
             active,
+            ..
         } = self;
         let d = devices.get_mut(&o.mn).expect("inserted above");
+        d.known = known;
         d.video = o.video;
         d.last_seen_ms = Some(
             d.last_seen_ms
@@ -989,31 +1079,159 @@ mod tests {
         out
     }
 
+    /// An observation of a registered device.
+    fn registered(mut o: Obs) -> Obs {
+        o.registered = true;
+        o
+    }
+
     #[test]
     fn offline_raises_after_learned_interval_and_clears() {
         let mut e = Engine::new(cfg());
         for i in 0..6 {
-            e.observe(&obs(i, MN, "2011", T0 + i as i64 * 60_000, &[]));
+            e.observe(&registered(obs(i, MN, "2011", T0 + i as i64 * 60_000, &[])));
         }
         let last = T0 + 5 * 60_000;
         assert!(e.tick(last + 170_000).is_empty(), "3 x 60 s not yet passed");
         let ev = e.tick(last + 181_000);
         assert!(has(&ev, "raise", "device.offline"));
         assert!(e.tick(last + 300_000).is_empty(), "one raise only");
-        let ev = e.observe(&obs(9, MN, "2011", last + 400_000, &[]));
+        let ev = e.observe(&registered(obs(9, MN, "2011", last + 400_000, &[])));
         assert!(has(&ev, "clear", "device.offline"));
+    }
+
+    #[test]
+    fn unregistered_devices_are_never_offline_unless_configured() {
+        let mut c = cfg();
+        c.device
+            .insert("CONFIGURED".into(), DeviceAlarms::default());
+        let mut e = Engine::new(c);
+        for (i, mn) in ["STRANGER", "CONFIGURED"].into_iter().enumerate() {
+            e.observe(&obs(i as u64, mn, "2011", T0, &[]));
+        }
+        let ev = e.tick(T0 + 86_400_000);
+        let offline: Vec<&str> = ev
+            .iter()
+            .map(|x| x.key())
+            .filter(|k| k.kind == "device.offline")
+            .map(|k| k.mn.as_str())
+            .collect();
+        assert_eq!(offline, ["CONFIGURED"], "{ev:?}");
+        assert_eq!(e.tracked(), (1, 1));
+    }
+
+    #[test]
+    fn unregistered_devices_beyond_the_cap_are_forgotten_oldest_first() {
+        let mut c = cfg();
+        c.max_unregistered_devices = 2;
+        let mut e = Engine::new(c);
+        // A registered device and three strangers; the first stranger raises an alarm.
+        e.observe(&registered(obs(
+            1,
+            MN,
+            "2011",
+            T0,
+            &[("w01001", "Rtd", "15")],
+        )));
+        let ev = e.observe(&obs(2, "S1", "2011", T0, &[("w01001", "Rtd", "15")]));
+        assert!(has(&ev, "raise", "value.range"));
+        e.observe(&obs(3, "S2", "2011", T0, &[]));
+        // S1 is heard again: S2 is now the oldest.
+        e.observe(&obs(4, "S1", "2011", T0 + 1000, &[("w01001", "Rtd", "15")]));
+        let ev = e.observe(&obs(5, "S3", "2011", T0 + 2000, &[]));
+        assert!(ev.is_empty(), "S2 had no alarm to end: {ev:?}");
+        assert_eq!(e.tracked(), (1, 2));
+        assert_eq!(e.evicted(), 1);
+        // S4 pushes S1 out, and S1's alarm ends with it: nothing stays active for
+        // a device the engine no longer watches.
+        let ev = e.observe(&obs(6, "S4", "2011", T0 + 3000, &[]));
+        assert_eq!(
+            ev,
+            vec![AlarmEvent::Clear {
+                key: AlarmKey {
+                    kind: "value.range",
+                    mn: "S1".into(),
+                    factor: "w01001".into(),
+                },
+                end_ms: T0 + 3000,
+                seq: None,
+            }]
+        );
+        assert_eq!(e.active().filter(|k| k.mn == "S1").count(), 0);
+        assert_eq!(e.active().filter(|k| k.mn == MN).count(), 1, "kept");
+        assert_eq!(e.tracked(), (1, 2));
+        assert_eq!(e.evicted(), 2);
+    }
+
+    /// Bounded property: thousands of observations for random MNs (some
+    /// registered, a few repeating) never leave more unregistered state than the
+    /// cap, never evict a registered device, and never raise `device.offline`
+    /// for an unregistered one.
+    #[test]
+    fn state_for_random_mns_stays_within_the_cap() {
+        const CAP: usize = 50;
+        let mut c = cfg();
+        c.max_unregistered_devices = CAP;
+        let mut e = Engine::new(c);
+        let mut n = Noise::new(18);
+        let mut reg = std::collections::BTreeSet::new();
+        let mut events = Vec::new();
+        for i in 0..4000u64 {
+            let r = (n.uniform() * 1e9) as u64;
+            // One in ten from a pool of 20 registered devices, the rest from a
+            // large pool of invented MNs (so some repeat).
+            let (mn, registered) = if r % 10 == 0 {
+                (format!("REG{:02}", (r / 10) % 20), true)
+            } else {
+                (format!("X{:08}", r % 100_000), false)
+            };
+            let t = T0 + i as i64 * 1000;
+            let v = format!("{}", r % 40);
+            let mut o = obs(
+                i,
+                &mn,
+                ["2011", "2051", "2061"][(r % 3) as usize],
+                t,
+                &[
+                    ("w01001", "Rtd", &v),
+                    ("w01001", "Avg", &v),
+                    ("a21026", "Flag", ["N", "D", "S"][(r % 3) as usize]),
+                ],
+            );
+            o.registered = registered;
+            if registered {
+                reg.insert(mn.clone());
+            }
+            events.extend(e.observe(&o));
+            if i % 100 == 0 {
+                events.extend(e.tick(t + 3_600_000));
+            }
+            let (known, unregistered) = e.tracked();
+            assert!(unregistered <= CAP, "{unregistered} > {CAP} after {i}");
+            assert_eq!(known, reg.len(), "registered devices are never forgotten");
+        }
+        assert!(e.evicted() > 1000, "the flood churned: {}", e.evicted());
+        for ev in &events {
+            if ev.key().kind == "device.offline" {
+                assert!(ev.key().mn.starts_with("REG"), "{ev:?}");
+            }
+        }
+        // Every alarm still active is of a device the engine still tracks.
+        let active_mns: std::collections::BTreeSet<&str> =
+            e.active().map(|k| k.mn.as_str()).collect();
+        assert!(active_mns.len() <= CAP + reg.len(), "{}", active_mns.len());
     }
 
     #[test]
     fn video_devices_get_only_offline() {
         let mut e = Engine::new(cfg());
-        let mut o = obs(
+        let mut o = registered(obs(
             1,
             MN,
             "2011",
             T0,
             &[("a21026", "Rtd", "-5"), ("a21026", "Flag", "S")],
-        );
+        ));
         o.video = true;
         assert!(e.observe(&o).is_empty());
         let ev = e.tick(T0 + 601_000);
@@ -1232,7 +1450,7 @@ mod tests {
         pub(crate) fn new(seed: u64) -> Noise {
             Noise(seed)
         }
-        fn uniform(&mut self) -> f64 {
+        pub(crate) fn uniform(&mut self) -> f64 {
             self.0 = self
                 .0
                 .wrapping_mul(6364136223846793005)

@@ -69,6 +69,10 @@ pub struct Obs {
     pub values: Values,
     /// The device is a video gateway (`kind = "video"`): only offline checks.
     pub video: bool,
+    /// The MN is in the device registry. Unregistered devices (unless named under
+    /// `[alarms.device]`) share `[alarms] max_unregistered_devices` slots of state and
+    /// are never reported `device.offline`.
+    pub registered: bool,
 }
 
 impl Obs {
@@ -124,6 +128,7 @@ impl Obs {
             findings,
             values: doc.values,
             video,
+            registered: false,
         })
     }
 }

@@ -72,9 +72,24 @@ impl Feeder {
         }
     }
 
-    /// One record (any record: only accepted inbound frames are observed).
+    /// One record (any record: only accepted inbound frames are observed) of a
+    /// device that is not in the registry.
     pub fn feed(&mut self, r: &StoredRecord, video: bool) -> Vec<AlarmEvent> {
-        self.feed_obs(r.received_at_ms, Obs::from_record(r, video).as_ref())
+        self.feed_device(r, video, false)
+    }
+
+    /// One record of a device that is (`registered`) or is not in the registry.
+    pub fn feed_device(
+        &mut self,
+        r: &StoredRecord,
+        video: bool,
+        registered: bool,
+    ) -> Vec<AlarmEvent> {
+        let o = Obs::from_record(r, video).map(|mut o| {
+            o.registered = registered;
+            o
+        });
+        self.feed_obs(r.received_at_ms, o.as_ref())
     }
 
     /// The clock at `at_ms` (UTC unix ms), then the observation if any.
@@ -147,8 +162,8 @@ impl Detector {
                 break;
             }
             for r in page.iter().take_while(|r| r.seq <= cursor) {
-                let video = d.is_video(r);
-                let _ = d.feeder.feed(r, video);
+                let (video, registered) = d.device(r);
+                let _ = d.feeder.feed_device(r, video, registered);
                 warmed += 1;
             }
             after = page.last().map_or(cursor, |r| r.seq);
@@ -164,13 +179,25 @@ impl Detector {
         Ok(d)
     }
 
-    fn is_video(&self, r: &StoredRecord) -> bool {
-        r.mn.as_deref().is_some_and(|mn| {
-            self.registry
-                .current()
-                .get(mn)
-                .is_some_and(|d| d.kind == DeviceKind::Video)
-        })
+    /// Whether the record's device is a video gateway, and whether it is registered.
+    fn device(&self, r: &StoredRecord) -> (bool, bool) {
+        let Some(mn) = r.mn.as_deref() else {
+            return (false, false);
+        };
+        match self.registry.current().get(mn) {
+            Some(d) => (d.kind == DeviceKind::Video, true),
+            None => (false, false),
+        }
+    }
+
+    /// Publishes the engine's device counts (`hj212_alarm_tracked_devices`,
+    /// `hj212_tracked_devices_evicted_total`).
+    fn report_tracked(&self) {
+        let m = &crate::metrics::METRICS;
+        let (known, unregistered) = self.feeder.engine.tracked();
+        m.alarm_tracked_registered.set(known as i64);
+        m.alarm_tracked_unregistered.set(unregistered as i64);
+        m.alarm_evicted.set(self.feeder.engine.evicted() as i64);
     }
 
     /// One step; returns true when caught up.
@@ -182,9 +209,10 @@ impl Detector {
         let caught_up = page.len() < PAGE;
         let mut events = Vec::new();
         for r in &page {
-            let video = self.is_video(r);
-            events.extend(self.feeder.feed(r, video));
+            let (video, registered) = self.device(r);
+            events.extend(self.feeder.feed_device(r, video, registered));
         }
+        self.report_tracked();
         // A tick walks every device (offline checks). Steps follow commits, up to
         // `1 / MIN_STEP` a second, and ticking at each of them was ~20 % of the
         // detector's CPU at 5,000 frames/s; `tick` is the resolution it promises.

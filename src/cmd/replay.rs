@@ -329,9 +329,8 @@ pub fn audit(captures: &[Capture], cfg: &Config, registry: &Registry) -> ReplayR
                     .qn()
                     .filter(|q| !q.is_empty())
                     .is_some_and(|q| seen.contains(&(mn.to_owned(), q.to_owned(), cn.clone())));
-                let video = registry
-                    .get(mn)
-                    .is_some_and(|d| d.kind == crate::config::DeviceKind::Video);
+                let registered = registry.get(mn);
+                let video = registered.is_some_and(|d| d.kind == crate::config::DeviceKind::Video);
                 let at = item.at_ms.or(f.data_time.map(|d| d.timestamp_millis()));
                 let findings = serde_json::to_string(&f.findings).unwrap_or_else(|_| "[]".into());
                 let o = Obs::from_doc(
@@ -341,7 +340,11 @@ pub fn audit(captures: &[Capture], cfg: &Config, registry: &Registry) -> ReplayR
                     &findings,
                     dup,
                     video,
-                );
+                )
+                .map(|mut o| {
+                    o.registered = registered.is_some();
+                    o
+                });
                 // Without any time there is no clock: only value detectors can judge.
                 let events = match at {
                     Some(at) => feeder.feed_obs(at, o.as_ref()),

@@ -51,6 +51,10 @@ pub struct DownlinkSection {
     pub backfill_max_window: Dur,
     /// At most one backfill request per device in this interval.
     pub backfill_interval: Dur,
+    /// Devices outside the registry whose downlink state (QN clock, calibration
+    /// and backfill rate limits, series) is kept; past it the one heard from
+    /// longest ago is forgotten.
+    pub max_unregistered_devices: usize,
 }
 
 impl Default for DownlinkSection {
@@ -71,6 +75,7 @@ impl Default for DownlinkSection {
             backfill: true,
             backfill_max_window: Dur(Duration::from_secs(6 * 3600)),
             backfill_interval: Dur(Duration::from_secs(600)),
+            max_unregistered_devices: 5000,
         }
     }
 }
@@ -94,6 +99,14 @@ impl DownlinkSection {
         }
         if self.queue == 0 || self.queue > 1024 {
             return Err(bad("queue", "must be between 1 and 1024"));
+        }
+        if self.max_unregistered_devices == 0
+            || self.max_unregistered_devices > crate::config::MAX_TRACKED
+        {
+            return Err(bad(
+                "max_unregistered_devices",
+                "must be between 1 and 1000000",
+            ));
         }
         if self.control_clients == 0 {
             return Err(bad("control_clients", "must be greater than 0"));
@@ -149,6 +162,10 @@ mod tests {
             ("[downlink]\nover_time = \"0s\"", "downlink.over_time"),
             ("[downlink]\nre_count = 100", "downlink.re_count"),
             ("[downlink]\nqueue = 0", "downlink.queue"),
+            (
+                "[downlink]\nmax_unregistered_devices = 0",
+                "downlink.max_unregistered_devices",
+            ),
             ("[downlink]\nevents = 0", "downlink.events"),
             (
                 "[downlink]\ncontrol_clients = 0",

@@ -6,6 +6,8 @@
 //! - [`Devices`]: per-MN state shared across sessions and reconnects: the QN
 //!   clock (strictly increasing per MN), the rate limits of automatic requests
 //!   and the last minute/hour/day DataTimes the backfill compares against.
+//!   Registered devices keep theirs; MNs outside the registry share
+//!   `[downlink] max_unregistered_devices` slots, least recently seen evicted.
 //! - [`inbox`]: a session's bounded queue of requests (and word of its
 //!   supersession), allocation-free while empty.
 //! - [`control`]: the operator's Unix control socket (`command`, `sessions`).
@@ -19,7 +21,7 @@ pub mod engine;
 pub mod inbox;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use chrono::{DateTime, FixedOffset, Utc};
@@ -28,6 +30,8 @@ use tokio::sync::mpsc;
 use crate::protocol::crypt::Key;
 use crate::protocol::reply::{self, Target};
 use crate::protocol::{self, Dialect};
+use crate::recency::Recency;
+use crate::registry::SharedRegistry;
 
 pub use engine::{Event, Outcome};
 
@@ -214,20 +218,101 @@ pub struct Gap {
     pub to: i64,
 }
 
-/// Per-MN downlink state shared by all sessions (survives reconnects; bounded
-/// by the number of devices that ever spoke, a few dozen bytes each).
-#[derive(Debug, Default)]
+/// Per-MN downlink state shared by all sessions (survives reconnects; a few
+/// dozen bytes per MN). Registered devices keep theirs for the process's
+/// lifetime; MNs outside the registry take one of `cap` slots, and the one
+/// heard from longest ago is forgotten when a new one needs a slot.
+///
+/// Forgetting costs an unregistered device little: its next request's QN
+/// restarts from the clock (still unique unless the clock went back), a
+/// calibration or backfill may come sooner than its interval, and its gap
+/// detection learns the series again.
+#[derive(Debug)]
 pub struct Devices {
-    inner: Mutex<HashMap<String, MnState>>,
+    inner: Mutex<Tracked>,
+    /// Who is registered; `None`: nobody (tests, tools).
+    registry: Option<Arc<SharedRegistry>>,
+    cap: usize,
+}
+
+#[derive(Debug, Default)]
+struct Tracked {
+    states: HashMap<String, MnState>,
+    /// The MNs of `states` that were not registered when first seen.
+    unregistered: Recency,
+    evicted: u64,
+}
+
+impl Default for Devices {
+    fn default() -> Self {
+        Devices::new(
+            None,
+            config::DownlinkSection::default().max_unregistered_devices,
+        )
+    }
+}
+
+/// How many devices [`Devices`] holds state for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrackedCounts {
+    /// Registered when first seen (never evicted).
+    pub registered: usize,
+    /// Outside the registry: at most `[downlink] max_unregistered_devices`.
+    pub unregistered: usize,
+    /// Unregistered devices forgotten to stay within the cap, since start.
+    pub evicted: u64,
 }
 
 impl Devices {
+    /// State for devices of `registry`, and for at most `cap` (at least 1) others.
+    pub fn new(registry: Option<Arc<SharedRegistry>>, cap: usize) -> Devices {
+        Devices {
+            inner: Mutex::default(),
+            registry,
+            cap: cap.max(1),
+        }
+    }
+
+    fn registered(&self, mn: &str) -> bool {
+        self.registry
+            .as_ref()
+            .is_some_and(|r| r.current().get(mn).is_some())
+    }
+
     fn with<R>(&self, mn: &str, f: impl FnOnce(&mut MnState) -> R) -> R {
-        let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = m.get_mut(mn) {
+        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let t = &mut *guard;
+        if let Some(s) = t.states.get_mut(mn) {
+            if t.unregistered.contains(mn) {
+                t.unregistered.touch(mn);
+            }
             return f(s);
         }
-        f(m.entry(mn.to_owned()).or_default())
+        if !self.registered(mn) {
+            t.unregistered.touch(mn);
+            // `mn` is the newest, so it is never the one forgotten here.
+            while t.unregistered.len() > self.cap {
+                let Some(old) = t.unregistered.pop_oldest() else {
+                    break;
+                };
+                // Registered by a reload since: it keeps its state, outside the slots.
+                if !self.registered(&old) {
+                    t.states.remove(&old);
+                    t.evicted += 1;
+                }
+            }
+        }
+        f(t.states.entry(mn.to_owned()).or_default())
+    }
+
+    /// Devices with state now, and evictions so far.
+    pub fn tracked(&self) -> TrackedCounts {
+        let t = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        TrackedCounts {
+            registered: t.states.len() - t.unregistered.len(),
+            unregistered: t.unregistered.len(),
+            evicted: t.evicted,
+        }
     }
 
     /// The next QN timestamp for `mn`: the clock in ms, or one past the last
@@ -400,6 +485,70 @@ mod tests {
         assert_eq!(d.skew_run("B", -10 * h, 60_000), 1);
         assert_eq!(d.skew_run("B", -10 * h + 300_000, 60_000), 1);
         assert_eq!(d.skew_run("B", 0, 60_000), 0);
+    }
+
+    /// Bounded property: thousands of calls for random MNs, a few registered,
+    /// keep at most `cap` unregistered MNs and every registered one.
+    #[test]
+    fn state_for_random_mns_stays_within_the_cap() {
+        const CAP: usize = 40;
+        let entries: Vec<crate::config::DeviceEntry> = (0..5)
+            .map(|i| {
+                crate::config::Config::parse(
+                    &format!("[[device]]\nmn = \"REG{i}\"\n"),
+                    std::path::Path::new("t"),
+                )
+                .unwrap()
+                .device
+                .remove(0)
+            })
+            .collect();
+        let registry =
+            crate::registry::Registry::from_entries(&entries, std::path::Path::new("t")).unwrap();
+        let d = Devices::new(Some(Arc::new(SharedRegistry::new(registry))), CAP);
+        let mut x: u64 = 212;
+        for i in 0..5000i64 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let r = x >> 33;
+            let mn = if r % 10 == 0 {
+                format!("REG{}", (r / 10) % 5)
+            } else {
+                format!("X{:08}", r % 50_000)
+            };
+            match r % 4 {
+                0 => drop(d.next_qn_ms(&mn, i)),
+                1 => drop(d.skew_run(&mn, 3_600_000, 60_000)),
+                2 => drop(d.observe(&mn, 2051, i * 60, 86_400)),
+                _ => drop(d.backfill_due(&mn, i, 1000)),
+            }
+            let t = d.tracked();
+            assert!(t.unregistered <= CAP, "{t:?} after {i}");
+        }
+        let t = d.tracked();
+        assert_eq!(t.registered, 5, "registered devices are never forgotten");
+        assert_eq!(t.unregistered, CAP);
+        assert!(t.evicted > 1000, "{t:?}");
+        // A registered device keeps its QN clock through the churn.
+        let before = d.next_qn_ms("REG1", 0);
+        for i in 0..200 {
+            d.next_qn_ms(&format!("Y{i}"), 0);
+        }
+        assert_eq!(d.next_qn_ms("REG1", 0), before + 1);
+    }
+
+    #[test]
+    fn the_least_recently_seen_unregistered_device_goes_first() {
+        let d = Devices::new(None, 2);
+        d.next_qn_ms("A", 1000);
+        d.next_qn_ms("B", 1000);
+        d.next_qn_ms("A", 1000);
+        d.next_qn_ms("C", 1000);
+        // B was the oldest: forgotten; A kept its clock.
+        assert_eq!(d.next_qn_ms("A", 1000), 1002);
+        assert_eq!(d.tracked().evicted, 1);
+        assert_eq!(d.next_qn_ms("B", 500), 500, "B starts over");
     }
 
     #[test]

@@ -228,6 +228,49 @@ impl Probe {
             &[],
             self.shared.sessions.len() as u64,
         );
+        let dl = self.shared.sessions.devices.tracked();
+        e.family(
+            "hj212_downlink_tracked_devices",
+            "gauge",
+            "Devices the downlink keeps state for (QN clock, rate limits, series); registered=\"false\" is capped by [downlink] max_unregistered_devices.",
+        );
+        for (registered, n) in [("true", dl.registered), ("false", dl.unregistered)] {
+            e.sample(
+                "hj212_downlink_tracked_devices",
+                &[("registered", registered)],
+                n as u64,
+            );
+        }
+        e.family(
+            "hj212_alarm_tracked_devices",
+            "gauge",
+            "Devices the alarm detectors keep state for; registered=\"false\" (outside the registry and [alarms.device]) is capped by [alarms] max_unregistered_devices.",
+        );
+        for (registered, g) in [
+            ("true", &METRICS.alarm_tracked_registered),
+            ("false", &METRICS.alarm_tracked_unregistered),
+        ] {
+            e.sample(
+                "hj212_alarm_tracked_devices",
+                &[("registered", registered)],
+                g.get(),
+            );
+        }
+        e.family(
+            "hj212_tracked_devices_evicted_total",
+            "counter",
+            "Unregistered devices whose state was forgotten to stay within a cap (state=\"alarms\": [alarms] max_unregistered_devices, their alarms ended; state=\"downlink\": [downlink] max_unregistered_devices).",
+        );
+        e.sample(
+            "hj212_tracked_devices_evicted_total",
+            &[("state", "alarms")],
+            METRICS.alarm_evicted.get(),
+        );
+        e.sample(
+            "hj212_tracked_devices_evicted_total",
+            &[("state", "downlink")],
+            dl.evicted,
+        );
         let stats = self.shared.store.stats();
         e.family(
             "hj212_store_queue_depth",

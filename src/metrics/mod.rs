@@ -363,6 +363,15 @@ const _: () = assert!(CLOSE_REASONS.len() < CLOSE_SLOTS);
 pub struct UpstreamMetrics {
     /// 1 while the forwarder holds a connection to its platform.
     pub connected: Gauge,
+    /// Platform requests not relayed because the device had no live session,
+    /// answered QnRtn=2.
+    pub refused_offline: Counter,
+    /// Platform requests not relayed because the device's queue was full,
+    /// answered QnRtn=2.
+    pub refused_busy: Counter,
+    /// Platform requests not relayed and not answered: beyond
+    /// `[[upstream]] refusals_per_minute`.
+    pub refused_rate_limited: Counter,
 }
 
 /// Every process-wide series. See the README "Metrics" section for meanings.
@@ -410,6 +419,14 @@ pub struct Metrics {
     pub mqtt_publishes: Counter,
     /// Publishes the broker confirmed (PUBACK/PUBCOMP; at QoS 0, sent).
     pub mqtt_acks: Counter,
+    /// Registered (or `[alarms.device]`) devices the alarm engine holds state for.
+    pub alarm_tracked_registered: Gauge,
+    /// Unregistered devices the alarm engine holds state for (at most
+    /// `[alarms] max_unregistered_devices`).
+    pub alarm_tracked_unregistered: Gauge,
+    /// Unregistered devices the alarm engine forgot to stay within its cap (the
+    /// engine's own count, so set rather than added to).
+    pub alarm_evicted: Gauge,
     upstreams: Mutex<Vec<(String, Arc<UpstreamMetrics>)>>,
     /// Process start, unix seconds (set by [`Metrics::mark_start`]).
     start_time_ms: AtomicI64,
@@ -451,6 +468,9 @@ impl Metrics {
             mqtt_connected: Gauge::new(),
             mqtt_publishes: Counter::new(),
             mqtt_acks: Counter::new(),
+            alarm_tracked_registered: Gauge::new(),
+            alarm_tracked_unregistered: Gauge::new(),
+            alarm_evicted: Gauge::new(),
             upstreams: Mutex::new(Vec::new()),
             start_time_ms: AtomicI64::new(0),
         }
@@ -738,6 +758,24 @@ impl Metrics {
                     &[("upstream", name)],
                     m.connected.get(),
                 );
+            }
+            e.family(
+                "hj212_upstream_requests_refused_total",
+                "counter",
+                "Platform requests not relayed to a device, by reason: offline (no live session) and busy (its queue full) were answered QnRtn=2; rate_limited ones, beyond [[upstream]] refusals_per_minute, were logged but not answered.",
+            );
+            for (name, m) in ups.iter() {
+                for (reason, c) in [
+                    ("offline", &m.refused_offline),
+                    ("busy", &m.refused_busy),
+                    ("rate_limited", &m.refused_rate_limited),
+                ] {
+                    e.sample(
+                        "hj212_upstream_requests_refused_total",
+                        &[("upstream", name), ("reason", reason)],
+                        c.get(),
+                    );
+                }
             }
         }
     }

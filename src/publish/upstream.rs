@@ -15,6 +15,17 @@
 //! Why stop-and-wait: HJ 212 has no window; platforms answer in order of
 //! arrival and some drop frames sent before the previous ack. One frame in
 //! flight also bounds the duplicates a reconnect can cause to one.
+//!
+//! A platform's requests are handled on the forwarder's task, so what one
+//! costs is what forwarding waits for. None waits on an fsync: the platform's
+//! frames and the gateway's answers are queued on the writer (in order) and
+//! commit with the next batch; nobody is acked on their durability. A request
+//! that cannot be relayed (no live session, queue full) costs one record, one
+//! exchange row and, within `refusals_per_minute`, an answer in the device's
+//! last dialect (one primary-key seek). Beyond the budget it is still logged and
+//! recorded as refused, but not answered: a platform flooding requests for
+//! devices that are not there gets silence, and the log grows by the request
+//! and its row, not by answers as well.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -60,6 +71,42 @@ const STATE_EVERY: Duration = Duration::from_secs(60);
 const INBOX: usize = 64;
 /// Device replies to relayed requests buffered for one connection.
 const RELAYED: usize = 256;
+/// Summary of unanswered refusals at most this often.
+const SUMMARY_EVERY: Duration = Duration::from_secs(60);
+
+/// Answers to refused requests a platform may still get: a token bucket that
+/// holds a minute's worth (`refusals_per_minute`) and refills continuously.
+/// Sans-IO: the caller passes the clock.
+#[derive(Debug)]
+struct Budget {
+    per_minute: f64,
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl Budget {
+    fn new(per_minute: u32, now: tokio::time::Instant) -> Budget {
+        let per_minute = f64::from(per_minute.max(1));
+        Budget {
+            per_minute,
+            tokens: per_minute,
+            at: now,
+        }
+    }
+
+    /// Takes one answer if the budget has one at `now`.
+    fn take(&mut self, now: tokio::time::Instant) -> bool {
+        let refill = now.saturating_duration_since(self.at).as_secs_f64() * self.per_minute / 60.0;
+        self.tokens = (self.tokens + refill).min(self.per_minute);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
 
 /// The cursor name of upstream `name`.
 pub fn cursor_name(name: &str) -> String {
@@ -160,6 +207,12 @@ struct Forwarder {
     last_seq: u64,
     state: State,
     logged: (State, tokio::time::Instant),
+    /// Answers left for requests that cannot be relayed.
+    refusals: Budget,
+    /// Requests refused unanswered since the last summary line, and when it was
+    /// logged (`None`: never).
+    unanswered: (u64, Option<tokio::time::Instant>),
+    metrics: Arc<crate::metrics::UpstreamMetrics>,
 }
 
 impl Forwarder {
@@ -184,7 +237,12 @@ impl Forwarder {
         .await?;
         info!(upstream = %e.name, addr = %e.addr, cursor, lag_frames = last.saturating_sub(cursor), "upstream forwarder resumes from its cursor");
         let now = tokio::time::Instant::now();
+        let refusals = Budget::new(e.refusals_per_minute, now);
+        let metrics = crate::metrics::METRICS.upstream(&e.name);
         Ok(Forwarder {
+            refusals,
+            unanswered: (0, None),
+            metrics,
             e,
             names,
             shared,
@@ -489,15 +547,21 @@ impl Forwarder {
             origin: self.e.name.clone(),
             replies: Some(c.relay_tx.clone()),
         });
-        let why = match self.shared.sessions.submit(sub) {
+        let (sub, why) = match self.shared.sessions.submit(sub) {
             Ok(()) => return Ok(f),
-            Err((sub, why)) => {
-                crate::downlink::audit::refused(&self.shared.store, &sub, why);
-                why
-            }
+            Err(refused) => refused,
         };
-        if why == Refusal::Busy {
-            warn!(upstream = %self.e.name, mn, cn, "device's downlink queue is full (downlink.queue); request rejected");
+        if !self.refusals.take(tokio::time::Instant::now()) {
+            self.refuse_unanswered(&sub, why);
+            return Ok(f);
+        }
+        crate::downlink::audit::refused(&self.shared.store, &sub, why);
+        match why {
+            Refusal::Busy => {
+                self.metrics.refused_busy.inc();
+                warn!(upstream = %self.e.name, mn, cn, "device's downlink queue is full (downlink.queue); request rejected");
+            }
+            Refusal::Offline => self.metrics.refused_offline.inc(),
         }
         // Offline (or its downlink queue is full): rejected, in the device's
         // dialect: the registry's override, else that of its last frame, else 2017.
@@ -523,6 +587,38 @@ impl Forwarder {
         Ok(f)
     }
 
+    /// A request that cannot be relayed, beyond `refusals_per_minute`: its exchange
+    /// row says so, it is counted, and a summary line is logged at most every
+    /// [`SUMMARY_EVERY`]; nothing is sent.
+    fn refuse_unanswered(&mut self, sub: &Submit, why: Refusal) {
+        use crate::downlink::{Outcome, audit};
+        self.metrics.refused_rate_limited.inc();
+        let o = match why {
+            Refusal::Offline => Outcome::Offline,
+            Refusal::Busy => Outcome::Busy,
+        };
+        let mut row = audit::unsent(sub, &o, audit::now_ms());
+        row.detail = format!(
+            "{}; not answered: over upstream {:?} refusals_per_minute = {}",
+            row.detail, self.e.name, self.e.refusals_per_minute
+        );
+        audit::record(&self.shared.store, row);
+        let (n, last) = &mut self.unanswered;
+        *n += 1;
+        // The first one at once, then one line per SUMMARY_EVERY with the count.
+        let now = tokio::time::Instant::now();
+        if last.is_none_or(|t| now.saturating_duration_since(t) >= SUMMARY_EVERY) {
+            warn!(
+                upstream = %self.e.name,
+                unanswered = *n,
+                refusals_per_minute = self.e.refusals_per_minute,
+                "platform requests for devices that cannot take them, beyond refusals_per_minute: logged and recorded, not answered"
+            );
+            *n = 0;
+            *last = Some(now);
+        }
+    }
+
     /// Writes a frame to the platform (a device's reply to a relayed request,
     /// or our own QnRtn=2) and logs it as sent to the upstream.
     async fn on_relayed(&mut self, c: &mut Conn, bytes: Bytes) -> Result<(), String> {
@@ -535,9 +631,11 @@ impl Forwarder {
         }
     }
 
+    /// Queues the frame's record on the writer without waiting for its commit
+    /// (see the module doc): in order with everything else this task logs.
     async fn log(&self, f: &Frame, direction: Direction, session: u64) {
         let rec = self.record(f, direction, session);
-        if let Err(e) = self.shared.store.append_many(vec![rec]).await {
+        if let Err(e) = self.shared.store.queue(vec![rec]).await {
             // A gateway problem, not the platform's: the traffic goes on, the
             // record is missing and the error logged.
             warn!(upstream = %self.e.name, error = %e, "upstream traffic not logged");
@@ -672,4 +770,22 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| StoreError::Io {
             source: std::io::Error::other(e.to_string()),
         })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_refusal_budget_holds_a_minute_and_refills_over_it() {
+        let t0 = tokio::time::Instant::now();
+        let mut b = Budget::new(60, t0);
+        assert_eq!((0..100).filter(|_| b.take(t0)).count(), 60);
+        assert!(!b.take(t0 + Duration::from_millis(500)));
+        assert!(b.take(t0 + Duration::from_secs(1)), "one a second");
+        assert!(!b.take(t0 + Duration::from_secs(1)));
+        // An hour of silence refills a minute's worth, not an hour's.
+        let later = t0 + Duration::from_secs(3600);
+        assert_eq!((0..100).filter(|_| b.take(later)).count(), 60);
+    }
 }

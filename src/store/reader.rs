@@ -12,6 +12,9 @@ use super::{Direction, Kind, StoreError, StoredRecord, Verdict};
 /// Records fetched per query by [`Records`].
 const PAGE: usize = 512;
 
+/// The last dialect an MN spoke from a device connection.
+pub(crate) const LAST_DIALECT_SQL: &str = "SELECT dialect FROM device_dialects WHERE mn = ?1";
+
 /// A read-only connection on the log. Runs alongside the writer (WAL).
 ///
 /// Each call is its own short read transaction, so a `Reader` never holds back WAL
@@ -97,17 +100,14 @@ impl Reader {
     /// connection, if any. Records a platform sent about the device (peer = an
     /// upstream's name) do not count: device peers are socket addresses, the
     /// only peers with a `:`. Used to answer requests for an offline device.
+    ///
+    /// One primary-key seek in `device_dialects` (see `schema::DEVICE_DIALECTS`),
+    /// whatever the size of the log and whether or not the log knows the MN.
     pub fn last_device_dialect(&self, mn: &str) -> Result<Option<String>, StoreError> {
         use rusqlite::OptionalExtension;
         self.conn
-            .query_row(
-                "SELECT dialect FROM records WHERE mn = ?1 AND direction = 'in' \
-                 AND kind = 'frame' AND dialect IS NOT NULL AND instr(peer, ':') > 0 \
-                 ORDER BY seq DESC LIMIT 1",
-                [mn],
-                |r| r.get(0),
-            )
-            .optional()
+            .prepare_cached(LAST_DIALECT_SQL)
+            .and_then(|mut st| st.query_row([mn], |r| r.get(0)).optional())
             .map_err(StoreError::sqlite("read a device's last dialect"))
     }
 
@@ -378,5 +378,129 @@ impl Cursors {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{NewRecord, Store, StoreConfig, SyncMode};
+
+    /// A row as an earlier release's writer left it (the hash is not checked here).
+    fn insert_old(
+        conn: &Connection,
+        seq: i64,
+        peer: &str,
+        direction: &str,
+        mn: &str,
+        dialect: &str,
+    ) {
+        conn.execute(
+            "INSERT INTO records (seq, received_at_ms, peer, session, direction, kind, raw, \
+             dialect, mn, verdict, duplicate, findings, doc, hash) \
+             VALUES (?1, 0, ?2, 1, ?3, 'frame', x'2323', ?4, ?5, 'accepted', 0, '[]', '{}', zeroblob(32))",
+            (seq, peer, direction, dialect, mn),
+        )
+        .unwrap();
+    }
+
+    fn plan(conn: &Connection, sql: &str) -> Vec<String> {
+        conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap()
+            .query_map(["M"], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_previous_log_gains_the_dialect_table_and_the_lookup_is_one_seek() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.sqlite");
+        let previous = schema::device_dialects_version() - 1;
+        {
+            let conn = schema::file_at_version(&path, previous);
+            insert_old(&conn, 1, "10.0.0.1:1", "in", "A", "2005");
+            insert_old(&conn, 2, "10.0.0.1:2", "in", "A", "2017");
+            // A platform's request about A (peer = its name) and our reply to A.
+            insert_old(&conn, 3, "prov", "in", "A", "2025");
+            insert_old(&conn, 4, "10.0.0.1:2", "out", "A", "2025");
+            insert_old(&conn, 5, "10.0.0.9:1", "in", "B", "2025");
+            insert_old(&conn, 6, "prov", "in", "C", "2017");
+        }
+        let conn = schema::open_writer(&path, SyncMode::Off).unwrap();
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, schema::latest_version());
+        let r = Reader::open(&path).unwrap();
+        assert_eq!(r.last_device_dialect("A").unwrap().as_deref(), Some("2017"));
+        assert_eq!(r.last_device_dialect("B").unwrap().as_deref(), Some("2025"));
+        assert_eq!(
+            r.last_device_dialect("C").unwrap(),
+            None,
+            "never from a device"
+        );
+        assert_eq!(r.last_device_dialect("nobody").unwrap(), None);
+        // One primary-key seek: no scan of `records`, whatever the MN.
+        let p = plan(&conn, LAST_DIALECT_SQL);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with("SEARCH device_dialects USING PRIMARY KEY (mn=?)"),
+            "{p:?}"
+        );
+        // What the lookup was before: a scan of the log for an MN it never saw.
+        let old = "SELECT dialect FROM records WHERE mn = ?1 AND direction = 'in' \
+                   AND kind = 'frame' AND dialect IS NOT NULL AND instr(peer, ':') > 0 \
+                   ORDER BY seq DESC LIMIT 1";
+        assert!(plan(&conn, old)[0].starts_with("SCAN records"));
+    }
+
+    fn device_frame(peer: &str, mn: &str, dialect: &str) -> NewRecord {
+        NewRecord {
+            received_at_ms: 1,
+            peer: peer.into(),
+            session: 1,
+            direction: crate::store::Direction::In,
+            kind: crate::store::Kind::Frame,
+            raw: bytes::Bytes::from_static(b"##0000"),
+            dialect: Some(dialect.into()),
+            st: Some("32".into()),
+            cn: Some("2011".into()),
+            mn: Some(mn.into()),
+            qn: None,
+            data_time: None,
+            verdict: crate::store::Verdict::Accepted,
+            findings: "[]".into(),
+            doc: "{}".into(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn appends_keep_the_dialect_table_current_and_the_chain_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.sqlite");
+        let (h, join) = Store::open(StoreConfig {
+            sync: SyncMode::Off,
+            ..StoreConfig::new(&path)
+        })
+        .unwrap();
+        h.append_many(vec![
+            device_frame("10.0.0.1:1", "A", "2005"),
+            device_frame("10.0.0.1:1", "A", "2005"),
+            device_frame("10.0.0.1:1", "A", "2017"),
+            device_frame("prov", "A", "2025"),
+            device_frame("prov", "Z", "2017"),
+        ])
+        .await
+        .unwrap();
+        let r = Reader::open(&path).unwrap();
+        assert_eq!(r.last_device_dialect("A").unwrap().as_deref(), Some("2017"));
+        assert_eq!(r.last_device_dialect("Z").unwrap(), None);
+        drop(h);
+        tokio::task::spawn_blocking(move || join.join().unwrap())
+            .await
+            .unwrap();
+        assert!(crate::store::verify_chain(&path).unwrap().is_intact());
     }
 }

@@ -179,7 +179,59 @@ pub(crate) const MIGRATIONS: &[&str] = &[
      WHERE type = 'table' AND name = 'records';
     PRAGMA writable_schema = RESET;
     "#,
+    DEVICE_DIALECTS,
 ];
+
+/// The dialect each MN last spoke from a device connection, for answering a
+/// platform's request for a device that is offline (`Reader::last_device_dialect`).
+///
+/// Before this, that answer searched `records` newest first for the MN: for an MN
+/// the log never saw, a scan of the whole log per request, which a platform
+/// flooding requests for invented MNs turned into a stalled forwarder. An index
+/// on `records (mn)` would answer it too, but MN-ordered index entries land on
+/// one page per device, the write amplification migration 3 -> 4 removed from the
+/// retransmission index. This table has one row per MN (a few pages for a
+/// thousand devices), is kept by a trigger in the transaction that inserts the
+/// record, and is only written when an MN is new or changes dialect: the upsert's
+/// `WHERE` leaves an unchanged row (and its page) alone. The device-peer test is
+/// the one the old query used: device peers are socket addresses, the only
+/// peers with a `:`; records a platform sent about a device carry its name.
+///
+/// Outside the hash chain, like cursors and alarms: derived from the records and
+/// rebuilt from them by this step's `INSERT ... SELECT` (one pass over the log,
+/// once, at the upgrade; idempotent, so a file whose version was set back, as
+/// tests do, migrates again). Kept as a named step so that renumbering it against
+/// another branch's migration is moving one line.
+pub(crate) const DEVICE_DIALECTS: &str = r#"
+    CREATE TABLE IF NOT EXISTS device_dialects (
+        mn      TEXT NOT NULL PRIMARY KEY,
+        dialect TEXT NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    INSERT OR REPLACE INTO device_dialects (mn, dialect)
+        SELECT mn, dialect FROM (
+            SELECT mn, dialect, max(seq) FROM records
+             WHERE mn IS NOT NULL AND direction = 'in' AND kind = 'frame'
+               AND dialect IS NOT NULL AND instr(peer, ':') > 0
+             GROUP BY mn);
+    CREATE TRIGGER IF NOT EXISTS records_device_dialect AFTER INSERT ON records
+        WHEN NEW.mn IS NOT NULL AND NEW.direction = 'in' AND NEW.kind = 'frame'
+         AND NEW.dialect IS NOT NULL AND instr(NEW.peer, ':') > 0
+    BEGIN
+        INSERT INTO device_dialects (mn, dialect) VALUES (NEW.mn, NEW.dialect)
+            ON CONFLICT (mn) DO UPDATE SET dialect = excluded.dialect
+            WHERE dialect <> excluded.dialect;
+    END;
+    "#;
+
+/// The schema version a file has once [`DEVICE_DIALECTS`] ran (the step's index + 1).
+#[cfg(test)]
+pub(crate) fn device_dialects_version() -> usize {
+    MIGRATIONS
+        .iter()
+        .position(|m| *m == DEVICE_DIALECTS)
+        .expect("DEVICE_DIALECTS is a migration")
+        + 1
+}
 
 /// A log file as an earlier release left it: the first `version` migrations only.
 #[cfg(test)]

@@ -305,6 +305,33 @@ impl StoreHandle {
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// Queues records (in order, one transaction) without waiting for their commit:
+    /// waits only while the writer's queue is full. For traffic whose sender is
+    /// not acked on durability (a platform's requests and the gateway's answers to
+    /// them), so that nobody waits on an fsync per record; a batch that fails is
+    /// logged and counted by the writer, and the records are lost with it.
+    pub async fn queue(&self, recs: Vec<NewRecord>) -> Result<(), StoreError> {
+        if recs.is_empty() {
+            return Ok(());
+        }
+        if self.counters.closing.load(Ordering::Acquire) {
+            return Err(StoreError::Closed);
+        }
+        for rec in &recs {
+            validate(rec)?;
+        }
+        // Nobody waits for the answer.
+        let (reply, _) = oneshot::channel();
+        self.tx
+            .send(Msg::Append(Job {
+                recs,
+                exchanges: Vec::new(),
+                reply,
+            }))
+            .await
+            .map_err(|_| StoreError::Closed)
+    }
+
     /// Queues a downlink exchange outcome (table `downlink_exchanges`) without
     /// waiting: it commits with the next batch. Fails at once when the queue is
     /// full or the writer is closed; a failed batch is logged and counted by the
@@ -1097,7 +1124,7 @@ mod tests {
         let v: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(v, 5);
+        assert_eq!(v, schema::latest_version());
         // The migrating connection itself already runs the new schema.
         assert!(!insert_opcodes(&conn).iter().any(|o| o == "OpenEphemeral"));
         let sql: String = conn
