@@ -194,6 +194,11 @@ pub struct StoreSection {
     pub feed_records: usize,
     /// Nice steps the writer thread runs above the rest of the gateway (0..=20).
     pub writer_boost: u8,
+    /// Crash-loop guard of the log's consumers (MQTT, upstreams, alarms): after this
+    /// many consecutive starts at the same cursor without a clean stop, a consumer
+    /// marks each record before working on it, so one more crash names the record,
+    /// which the next start sets aside (dead letter, reason `crash`). 1..=100.
+    pub crash_loop_starts: u32,
 }
 
 impl Default for StoreSection {
@@ -206,6 +211,7 @@ impl Default for StoreSection {
             queue: 8192,
             feed_records: 8192,
             writer_boost: 5,
+            crash_loop_starts: 2,
         }
     }
 }
@@ -348,6 +354,14 @@ pub struct MqttSection {
     pub merge_max_groups: usize,
     /// Cap of the exponential reconnect backoff.
     pub reconnect_max: Dur,
+    /// Largest MQTT packet the publisher sends (set it to the broker's limit). A
+    /// message that would exceed it is not sent: its record is set aside (dead
+    /// letter, reason `oversize`). 1024..=268435455 bytes.
+    pub max_packet_size: usize,
+    /// Connection losses with the same message alone in flight before that message
+    /// is set aside (dead letter, reason `broker_refused`): how a broker refuses a
+    /// publish under MQTT 3.1.1. 1..=100.
+    pub max_refusals: u32,
 }
 
 impl Default for MqttSection {
@@ -372,6 +386,8 @@ impl Default for MqttSection {
             merge_wait: Dur(Duration::from_secs(60)),
             merge_max_groups: 10_000,
             reconnect_max: Dur(Duration::from_secs(10)),
+            max_packet_size: 1 << 20,
+            max_refusals: 3,
         }
     }
 }
@@ -434,6 +450,12 @@ pub struct UpstreamEntry {
     /// `now` or `oldest`: where the cursor starts the first time.
     #[serde(default)]
     pub start: UpstreamStart,
+    /// Rounds of `1 + retries` sends without the platform's ack after which a frame
+    /// is set aside (dead letter, reason `no_ack`), provided the platform acks the
+    /// next frame (a platform that acks nothing is an outage, not a poison frame).
+    /// 1..=1000.
+    #[serde(default = "default_dead_letter_after")]
+    pub dead_letter_after: u32,
 }
 
 fn yes() -> bool {
@@ -443,6 +465,9 @@ fn default_ack_timeout() -> Dur {
     Dur(Duration::from_secs(10))
 }
 fn default_retries() -> u32 {
+    3
+}
+fn default_dead_letter_after() -> u32 {
     3
 }
 
@@ -521,6 +546,10 @@ pub struct AlarmsSection {
     pub reference_o2: Option<f64>,
     /// Nice steps the detector's thread runs below the gateway (0 = the same).
     pub nice: u8,
+    /// Failed commits of one step's alarm events after which they are set aside
+    /// (dead letter `alarms`, reason `store_refused`) and the cursor moves on.
+    /// 1..=1000.
+    pub max_store_failures: u32,
     /// Detectors switched off everywhere, e.g. `["value.stuck"]`.
     pub disabled: Vec<String>,
     /// Per-factor settings.
@@ -552,6 +581,7 @@ impl Default for AlarmsSection {
             mismatch_abs: 1.0,
             reference_o2: None,
             nice: 10,
+            max_store_failures: 10,
             disabled: Vec::new(),
             factor: Default::default(),
             device: Default::default(),
@@ -717,6 +747,12 @@ impl Config {
                 "must be between 0 and 20 (nice steps)".into(),
             ));
         }
+        if !(1..=100).contains(&self.store.crash_loop_starts) {
+            return Err(bad(
+                "store.crash_loop_starts",
+                "must be between 1 and 100".into(),
+            ));
+        }
         if self.server.max_frame_bytes < 64 || self.server.max_frame_bytes > 1 << 20 {
             return Err(bad(
                 "server.max_frame_bytes",
@@ -794,6 +830,12 @@ impl Config {
             message,
         };
         let a = &self.alarms;
+        if !(1..=1000).contains(&a.max_store_failures) {
+            return Err(bad(
+                "alarms.max_store_failures".into(),
+                "must be between 1 and 1000".into(),
+            ));
+        }
         let positive = [
             ("tick", a.tick.0.is_zero()),
             ("offline_factor", a.offline_factor == 0),
@@ -962,6 +1004,16 @@ impl Config {
         if m.reconnect_max.0 < Duration::from_millis(100) {
             return Err(bad("reconnect_max", "must be at least 100ms".into()));
         }
+        // 268,435,455: the largest remaining length MQTT can encode.
+        if !(1024..=268_435_455).contains(&m.max_packet_size) {
+            return Err(bad(
+                "max_packet_size",
+                "must be between 1024 and 268435455 bytes".into(),
+            ));
+        }
+        if !(1..=100).contains(&m.max_refusals) {
+            return Err(bad("max_refusals", "must be between 1 and 100".into()));
+        }
         Ok(())
     }
 
@@ -999,6 +1051,12 @@ impl Config {
             }
             if u.retries > 100 {
                 return Err(bad("retries", "must be at most 100".into()));
+            }
+            if !(1..=1000).contains(&u.dead_letter_after) {
+                return Err(bad(
+                    "dead_letter_after",
+                    "must be between 1 and 1000".into(),
+                ));
             }
         }
         Ok(())
