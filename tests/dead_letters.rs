@@ -329,3 +329,53 @@ async fn careful_mode_after_unclean_starts_publishes_everything_and_sets_nothing
     let c = Cursors::open(db(dir.path())).expect("cursors");
     assert_eq!(c.begin_start("mqtt", 1).expect("start").starts, 1);
 }
+
+/// The alarm detector's crash-loop guard: the record it died on in careful mode
+/// (left in its cursor row) is set aside on the next start, the rest is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_alarm_detector_skips_the_record_it_died_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = "[metrics]\nlisten = \"127.0.0.1:0\"\n[server]\nlisten = [\"127.0.0.1:0\"]\n\
+                [store]\nsync = \"off\"\n[mqtt]\nenabled = false\n[alarms]\nenabled = false\n";
+    let start = |text: &str| {
+        let cfg = Config::parse(text, Path::new("test")).expect("config");
+        let o = Overrides {
+            config: None,
+            listen: Vec::new(),
+            data: Some(dir.path().to_owned()),
+        };
+        async move { daemon::start(cfg, &o).await.expect("gateway starts") }
+    };
+    let gw = start(text).await;
+    let mut d = Device::connect(gw.addrs[0]).await;
+    let mut seqs = Vec::new();
+    for i in 0..3 {
+        d.send_acked(&upload(&mn(4), &qn(i), "123456")).await;
+        seqs.push(last_seq(dir.path()));
+    }
+    gw.stop().await.expect("stop");
+    // The detector had no cursor: it starts at the head and warms up from 0.
+    let c = Cursors::open(db(dir.path())).expect("cursors");
+    c.set_cursor("alarms", 0).expect("cursor");
+    c.begin_start("alarms", 0).expect("start 1");
+    c.begin_start("alarms", 0).expect("start 2");
+    c.set_probe("alarms", Some(seqs[1])).expect("probe");
+    drop(c);
+    let gw = start(&text.replace("[alarms]\nenabled = false", "[alarms]\nenabled = true")).await;
+    wait_entries(dir.path(), "the detector's dead letter", |e| e.len() == 1).await;
+    let e = &entries(dir.path())[0];
+    assert_eq!(
+        (e.consumer.as_str(), e.seq, e.reason.as_str()),
+        ("alarms", seqs[1], "crash")
+    );
+    let c = Cursors::open(db(dir.path())).expect("cursors");
+    let deadline = Instant::now() + PATIENCE;
+    while c.get_cursor("alarms").expect("cursor") < Some(seqs[2]) {
+        assert!(
+            Instant::now() < deadline,
+            "the detector did not read past it"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.stop().await.expect("stop");
+}

@@ -808,6 +808,10 @@ mod tests {
             CLOSE_REASONS.windows(2).all(|w| w[0] < w[1]),
             "sorted, unique"
         );
+        assert!(
+            DEAD_LETTER_CONSUMERS.windows(2).all(|w| w[0] < w[1]),
+            "sorted, unique (binary search)"
+        );
     }
 
     #[test]

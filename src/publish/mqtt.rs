@@ -381,6 +381,9 @@ struct ReadItem {
     refused: Option<Refusal>,
 }
 
+/// Dead letters and resolved re-drives a cursor write could not save.
+type Unsaved = (Vec<DeadLetter>, Vec<i64>);
+
 /// A read's start, and its items with the last seq it covered.
 type ReadTask = JoinHandle<(u64, Result<(Vec<ReadItem>, u64), StoreError>)>;
 
@@ -402,7 +405,7 @@ struct Publisher {
     acked: u64,
     persisted: (u64, u64),
     /// The running cursor write; yields what it could not write, to be retried.
-    persist_task: Option<JoinHandle<Option<(Vec<DeadLetter>, Vec<i64>)>>>,
+    persist_task: Option<JoinHandle<Option<Unsaved>>>,
     /// `(seq, done)` after `acked` up to `next_read`, in seq order: every inbound
     /// frame read, and the last seq of a stretch that holds nothing to publish.
     window: VecDeque<(u64, bool)>,

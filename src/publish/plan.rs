@@ -382,4 +382,37 @@ mod tests {
         r.mn = Some("a/#".into());
         assert!(plan(&r, &opts(false)).is_none());
     }
+
+    #[test]
+    fn topics_a_broker_refuses_are_refused_with_a_reason() {
+        for bad in [
+            "", "a+b", "a#", "a\0b", "a\u{1}b", "a\u{7f}", "a\u{85}", "\u{fffe}", "\u{fdd0}",
+        ] {
+            assert!(topic_problem(bad).is_some(), "{bad:?}");
+        }
+        assert!(topic_problem(&"a".repeat(65_536)).is_some());
+        assert_eq!(topic_problem("hj212/010000A8900016F0/2011"), None);
+        assert_eq!(topic_problem("hj212/设备/2011"), None);
+        let mut r = rec("{}");
+        r.mn = Some("AB\u{1}CD".into());
+        r.verdict = Verdict::Rejected;
+        let mut o = opts(false);
+        o.publish_rejected = true;
+        let Decision::Refuse(why) = decide(&r, &o, 1 << 20) else {
+            panic!("refused");
+        };
+        assert_eq!(why.reason, "invalid_topic");
+        assert!(why.detail.contains("\\u{1}"), "{}", why.detail);
+        let Decision::Refuse(why) = decide(&rec(r#"{"a":1}"#), &opts(false), 100) else {
+            panic!("refused");
+        };
+        assert_eq!(why.reason, "oversize");
+        assert!(matches!(
+            decide(&rec("{}"), &opts(false), 1 << 20),
+            Decision::Publish(_)
+        ));
+        // The packet length counts the remaining-length bytes.
+        assert_eq!(publish_packet_len(3, 120), 1 + 1 + 127);
+        assert_eq!(publish_packet_len(3, 121), 1 + 2 + 128);
+    }
 }

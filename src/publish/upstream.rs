@@ -389,33 +389,9 @@ impl Forwarder {
         info!(upstream = %self.e.name, cursor = self.delivered, "upstream forwarder stopped");
     }
 
-    /// Whether `rec` goes to this upstream: an inbound device frame (not one an
-    /// upstream sent us), accepted (or rejected with `include_rejected`), never
-    /// from a quarantined device, and passing the MN/ST/CN filters.
+    /// Whether `rec` goes to this upstream (see [`selects`]).
     fn selected(&self, rec: &StoredRecord) -> bool {
-        if rec.direction != Direction::In || rec.kind != Kind::Frame {
-            return false;
-        }
-        if self.names.contains(&rec.peer) {
-            return false;
-        }
-        // A device's 9011/9012 answer a request relayed from one upstream; they
-        // go back to that upstream only (see `on_relayed`), never to all.
-        if matches!(rec.cn.as_deref(), Some("9011" | "9012")) {
-            return false;
-        }
-        match rec.verdict {
-            Verdict::Accepted => {}
-            Verdict::Rejected if self.e.include_rejected => {}
-            _ => return false,
-        }
-        if is_quarantined(&rec.findings) {
-            return false;
-        }
-        let pass = |list: &[String], v: &Option<String>| {
-            list.is_empty() || v.as_deref().is_some_and(|v| list.iter().any(|x| x == v))
-        };
-        pass(&self.e.mn, &rec.mn) && pass(&self.e.st, &rec.st) && pass(&self.e.cn, &rec.cn)
+        selects(&self.e, &self.names, rec)
     }
 
     async fn fill(&mut self) -> Result<(), StoreError> {
@@ -887,6 +863,36 @@ impl Forwarder {
             }
         }
     }
+}
+
+/// Whether `rec` goes to upstream `e` (`names`: every configured upstream): an
+/// inbound device frame (not one an upstream sent us), accepted (or rejected with
+/// `include_rejected`), never from a quarantined device, and passing the
+/// MN/ST/CN filters. Pure, for the forwarder and the fuzzer.
+pub fn selects(e: &UpstreamEntry, names: &[String], rec: &StoredRecord) -> bool {
+    if rec.direction != Direction::In || rec.kind != Kind::Frame {
+        return false;
+    }
+    if names.contains(&rec.peer) {
+        return false;
+    }
+    // A device's 9011/9012 answer a request relayed from one upstream; they
+    // go back to that upstream only (see `on_relayed`), never to all.
+    if matches!(rec.cn.as_deref(), Some("9011" | "9012")) {
+        return false;
+    }
+    match rec.verdict {
+        Verdict::Accepted => {}
+        Verdict::Rejected if e.include_rejected => {}
+        _ => return false,
+    }
+    if is_quarantined(&rec.findings) {
+        return false;
+    }
+    let pass = |list: &[String], v: &Option<String>| {
+        list.is_empty() || v.as_deref().is_some_and(|v| list.iter().any(|x| x == v))
+    };
+    pass(&e.mn, &rec.mn) && pass(&e.st, &rec.st) && pass(&e.cn, &rec.cn)
 }
 
 /// The device frame a relayed exchange's step carries back to the platform;
