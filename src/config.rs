@@ -200,6 +200,11 @@ pub struct StoreSection {
     /// Records (and entries of each index on them) the start-up check reads from
     /// the end of an existing log (1..=1,000,000).
     pub check_tail: usize,
+    /// Crash-loop guard of the log's consumers (MQTT, upstreams, alarms): after this
+    /// many consecutive starts at the same cursor without a clean stop, a consumer
+    /// marks each record before working on it, so one more crash names the record,
+    /// which the next start sets aside (dead letter, reason `crash`). 1..=100.
+    pub crash_loop_starts: u32,
 }
 
 impl Default for StoreSection {
@@ -213,6 +218,7 @@ impl Default for StoreSection {
             feed_records: 8192,
             writer_boost: 5,
             check_tail: crate::store::DEFAULT_CHECK_TAIL,
+            crash_loop_starts: 2,
         }
     }
 }
@@ -355,6 +361,14 @@ pub struct MqttSection {
     pub merge_max_groups: usize,
     /// Cap of the exponential reconnect backoff.
     pub reconnect_max: Dur,
+    /// Largest MQTT packet the publisher sends (set it to the broker's limit). A
+    /// message that would exceed it is not sent: its record is set aside (dead
+    /// letter, reason `oversize`). 1024..=268435455 bytes.
+    pub max_packet_size: usize,
+    /// Connection losses with the same message alone in flight before that message
+    /// is set aside (dead letter, reason `broker_refused`): how a broker refuses a
+    /// publish under MQTT 3.1.1. 1..=100.
+    pub max_refusals: u32,
 }
 
 impl Default for MqttSection {
@@ -379,6 +393,8 @@ impl Default for MqttSection {
             merge_wait: Dur(Duration::from_secs(60)),
             merge_max_groups: 10_000,
             reconnect_max: Dur(Duration::from_secs(10)),
+            max_packet_size: 1 << 20,
+            max_refusals: 3,
         }
     }
 }
@@ -446,6 +462,12 @@ pub struct UpstreamEntry {
     /// it they are logged and recorded as refused, but not answered.
     #[serde(default = "default_refusals_per_minute")]
     pub refusals_per_minute: u32,
+    /// Rounds of `1 + retries` sends without the platform's ack after which a frame
+    /// is set aside (dead letter, reason `no_ack`), provided the platform acks the
+    /// next frame (a platform that acks nothing is an outage, not a poison frame).
+    /// 1..=1000.
+    #[serde(default = "default_dead_letter_after")]
+    pub dead_letter_after: u32,
 }
 
 fn yes() -> bool {
@@ -459,6 +481,9 @@ fn default_retries() -> u32 {
 }
 fn default_refusals_per_minute() -> u32 {
     120
+}
+fn default_dead_letter_after() -> u32 {
+    3
 }
 
 /// `[alarms.factor.<code>]` (and `[alarms.device.<MN>.factor.<code>]`): per-factor settings.
@@ -539,6 +564,10 @@ pub struct AlarmsSection {
     /// Devices outside the registry (and `[alarms.device]`) the detectors keep state
     /// for; past it the one heard from longest ago is forgotten and its alarms end.
     pub max_unregistered_devices: usize,
+    /// Failed commits of one step's alarm events after which they are set aside
+    /// (dead letter `alarms`, reason `store_refused`) and the cursor moves on.
+    /// 1..=1000.
+    pub max_store_failures: u32,
     /// Detectors switched off everywhere, e.g. `["value.stuck"]`.
     pub disabled: Vec<String>,
     /// Per-factor settings.
@@ -571,6 +600,7 @@ impl Default for AlarmsSection {
             reference_o2: None,
             nice: 10,
             max_unregistered_devices: 5000,
+            max_store_failures: 10,
             disabled: Vec::new(),
             factor: Default::default(),
             device: Default::default(),
@@ -773,6 +803,12 @@ impl Config {
                 "must be between 1s and 1h".into(),
             ));
         }
+        if !(1..=100).contains(&self.store.crash_loop_starts) {
+            return Err(bad(
+                "store.crash_loop_starts",
+                "must be between 1 and 100".into(),
+            ));
+        }
         if self.server.max_frame_bytes < 64 || self.server.max_frame_bytes > 1 << 20 {
             return Err(bad(
                 "server.max_frame_bytes",
@@ -956,6 +992,12 @@ impl Config {
             message,
         };
         let a = &self.alarms;
+        if !(1..=1000).contains(&a.max_store_failures) {
+            return Err(bad(
+                "alarms.max_store_failures".into(),
+                "must be between 1 and 1000".into(),
+            ));
+        }
         let positive = [
             ("tick", a.tick.0.is_zero()),
             ("offline_factor", a.offline_factor == 0),
@@ -1128,6 +1170,16 @@ impl Config {
         if m.reconnect_max.0 < Duration::from_millis(100) {
             return Err(bad("reconnect_max", "must be at least 100ms".into()));
         }
+        // 268,435,455: the largest remaining length MQTT can encode.
+        if !(1024..=268_435_455).contains(&m.max_packet_size) {
+            return Err(bad(
+                "max_packet_size",
+                "must be between 1024 and 268435455 bytes".into(),
+            ));
+        }
+        if !(1..=100).contains(&m.max_refusals) {
+            return Err(bad("max_refusals", "must be between 1 and 100".into()));
+        }
         Ok(())
     }
 
@@ -1170,6 +1222,12 @@ impl Config {
                 return Err(bad(
                     "refusals_per_minute",
                     "must be between 1 and 60000".into(),
+                ));
+            }
+            if !(1..=1000).contains(&u.dead_letter_after) {
+                return Err(bad(
+                    "dead_letter_after",
+                    "must be between 1 and 1000".into(),
                 ));
             }
         }

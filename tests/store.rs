@@ -560,7 +560,7 @@ fn config_and_schema_version_are_checked() {
         Err(StoreError::SchemaTooNew {
             found: 99,
             supported
-        }) if (6..99).contains(&supported)
+        }) if (7..99).contains(&supported)
     ));
     assert!(matches!(
         Reader::open(&path),

@@ -2,7 +2,11 @@
 //! the committed seeds on every `cargo test` and the fuzzer (`fuzz/`) and CI
 //! run the same assertions.
 
+pub mod plan;
+
 use crate::protocol::framing::{Cut, FramerConfig, JunkReason, cut};
+
+pub use plan::plan_record;
 
 /// Re-chunking property of the framer.
 ///

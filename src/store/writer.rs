@@ -981,6 +981,8 @@ mod tests {
                 "DROP INDEX records_retransmission_qn; \
                  CREATE INDEX records_retransmission ON records (mn, qn, cn) \
                  WHERE direction = 'in' AND kind = 'frame' AND qn IS NOT NULL AND qn <> ''; \
+                 DROP TABLE dead_letters; ALTER TABLE cursors DROP COLUMN start_seq; \
+                 ALTER TABLE cursors DROP COLUMN starts; ALTER TABLE cursors DROP COLUMN probe_seq; \
                  PRAGMA user_version = 3;",
             )
             .unwrap();
