@@ -209,8 +209,12 @@ async fn junk_floods_are_stored_exactly_in_few_records() {
     for (local, sent, frame) in &sent_by {
         let inbound = inbound_of(&recs, *local);
         let stored: Vec<u8> = inbound.iter().flat_map(|r| r.raw.iter().copied()).collect();
-        assert!(stored == *sent, "connection {local}: stored bytes differ from sent");
-        let (junk, frames): (Vec<&StoredRecord>, Vec<&StoredRecord>) = inbound.iter().partition(|r| r.kind == Kind::Junk);
+        assert!(
+            stored == *sent,
+            "connection {local}: stored bytes differ from sent"
+        );
+        let (junk, frames): (Vec<&StoredRecord>, Vec<&StoredRecord>) =
+            inbound.iter().partition(|r| r.kind == Kind::Junk);
         assert!(junk.iter().all(|r| r.verdict == Verdict::Junk));
         match frame {
             Some(f) => {
@@ -325,7 +329,10 @@ async fn another_address_cannot_take_a_live_session_over() {
     let socket = gw.running.control_path.clone();
     let mn_arg = dev.clone();
     let cmd = tokio::spawn(async move { command(&socket, &mn_arg, &["get-rtd-interval"]).await });
-    let request = real.line(PATIENCE).await.expect("the request reaches the real device");
+    let request = real
+        .line(PATIENCE)
+        .await
+        .expect("the request reaches the real device");
     assert!(
         String::from_utf8_lossy(&request).contains("CN=1061"),
         "{}",
@@ -340,14 +347,21 @@ async fn another_address_cannot_take_a_live_session_over() {
     spoof.exchange(&later).await;
     assert_eq!(owner_of(&gw, &dev), Some(spoof.local.to_string()));
     let recs = common::records(&gw.db);
-    let r = recs.iter().rev().find(|r| r.raw == later[..]).expect("stored");
+    let r = recs
+        .iter()
+        .rev()
+        .find(|r| r.raw == later[..])
+        .expect("stored");
     assert!(!finding_codes(r).contains(&"session.conflict".to_owned()));
 
     // From the owner's own address a new connection supersedes (a reconnect).
     let mut again = Device::connect_from(gw.addr, [127, 0, 0, 2]).await;
     later = upload(&dev, &qn(6), "123456");
     again.exchange(&later).await;
-    assert!(spoof.closed_within(PATIENCE).await, "superseded by the reconnect");
+    assert!(
+        spoof.closed_within(PATIENCE).await,
+        "superseded by the reconnect"
+    );
     assert_eq!(owner_of(&gw, &dev), Some(again.local.to_string()));
     tokio::time::timeout(PATIENCE * 3, gw.running.stop())
         .await
