@@ -6,6 +6,18 @@
 //! therefore never holds an ack for a frame that a crash could lose. When
 //! the store's queue is full, `append_many` waits and we stop reading: TCP
 //! flow control pushes the backpressure to the device.
+//!
+//! Junk items are not stored one record each: consecutive junk of a session
+//! is one record (see [`ingest`]), so a `#` flood cannot bloat the log.
+//!
+//! MN ownership ([`SessionMap`]): the session that sends an MN's first
+//! accepted frame holds the MN and its downlink. A new session for it from
+//! the same address supersedes the holder (a device reconnecting after a
+//! network drop); from another address it may upload (stored, acked, finding
+//! `session.conflict`, counted, a WARN per MN and minute) but the holder keeps
+//! the MN until it closes or its device has been silent for `idle_timeout`.
+//! A password match proves nothing (PW travels in clear text); the address is
+//! the real client's (the PROXY header's source behind a balancer).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -125,7 +137,9 @@ pub struct SessionEntry {
 }
 
 /// Which session currently owns each MN, so a reconnecting device supersedes
-/// its stale session (and downlink traffic reaches the live one).
+/// its stale session (and downlink traffic reaches the live one), while a
+/// session from another address cannot take a live device over
+/// ([`ingest::claim`]).
 #[derive(Debug, Default)]
 pub struct SessionMap {
     inner: Mutex<HashMap<String, Owner>>,
@@ -868,8 +882,7 @@ impl Session {
                     }
                     records.push(rec);
                 }
-                Step::Frame(frame) => {
-                    let mut frame = *frame;
+                Step::Frame(mut frame) => {
                     self.frames += 1;
                     let accepted = !frame.has_error();
                     // An upload for an MN that a live session from another
@@ -882,14 +895,7 @@ impl Session {
                     };
                     if let Some(holder) = &conflict {
                         self.note_conflict(&frame, holder, received_at_ms);
-                        frame.findings.push(Finding::new(
-                            code::SESSION_CONFLICT,
-                            Severity::Warning,
-                            format!(
-                                "the MN has a live session from {}; this session may upload but does not take the device over",
-                                holder.peer
-                            ),
-                        ));
+                        frame.findings.push(ingest::conflict_finding(&holder.peer));
                     }
                     crate::metrics::METRICS.frame(accepted, frame.raw.len(), &frame.findings);
                     if !accepted && self.warn_allowed() {

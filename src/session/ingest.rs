@@ -25,7 +25,7 @@ use crate::codec::Item;
 use crate::config::UnknownDevice;
 use crate::protocol::framing::JunkReason;
 use crate::protocol::json::{self, JunkPiece};
-use crate::protocol::{self, Frame, Options};
+use crate::protocol::{self, Finding, Frame, Options, Severity};
 use crate::store::{Direction, Kind, NewRecord, Verdict};
 
 /// How many items a junk record lists by offset; the rest are only counted.
@@ -236,7 +236,7 @@ pub enum Step {
     Junk(NewRecord, RunEnd),
     /// A frame, decoded and judged by gateway policy; the session decides its
     /// ack, downlink matching and MN ownership, then stores it.
-    Frame(Box<Frame>),
+    Frame(Frame),
 }
 
 /// One item: a junk item joins the run (a full run is emitted), a frame ends
@@ -254,7 +254,7 @@ pub fn ingest_item(junk: &mut JunkCoalescer, item: Item, ctx: &Ctx<'_>, out: &mu
             }
             let mut frame = protocol::decode(bytes, ctx.opts, ctx.registry);
             super::apply_policy(&mut frame, ctx.registry, ctx.unknown);
-            out.push(Step::Frame(Box::new(frame)));
+            out.push(Step::Frame(frame));
         }
     }
 }
@@ -290,6 +290,17 @@ pub enum Claim {
     /// A live session from another address holds it: this session may upload
     /// (stored, acked, flagged `session.conflict`) but does not get the MN.
     Conflict,
+}
+
+/// The finding on an upload whose MN a live session from `holder` holds.
+pub fn conflict_finding(holder: &str) -> Finding {
+    Finding::new(
+        super::code::SESSION_CONFLICT,
+        Severity::Warning,
+        format!(
+            "the MN has a live session from {holder}; this session may upload but does not take the device over"
+        ),
+    )
 }
 
 /// The ownership rule (README, "Devices on the network"). A password match
@@ -356,7 +367,7 @@ mod tests {
         let big = Bytes::from(vec![b'x'; 1]);
         let mut run = JunkRun::new(big, JunkReason::NoHeader, i64::MIN);
         for r in JunkReason::ALL.iter().cycle().take(JUNK_PIECES_LISTED) {
-            run.push(&[b'x'], *r);
+            run.push(b"x", *r);
         }
         // Counts as large as they can get.
         run.by_reason = [(u64::MAX / 8, u64::MAX / 8); 5];
