@@ -1155,6 +1155,17 @@ mod tests {
     }
 
     #[test]
+    fn junk_record_bytes_is_bounded() {
+        let c = Config::parse("", Path::new("t")).unwrap();
+        assert_eq!(c.server.junk_record_bytes, 4096);
+        for v in ["1023", "0", "1048577"] {
+            let e = err(&format!("[server]\njunk_record_bytes = {v}"));
+            assert!(e.contains("`server.junk_record_bytes`"), "{e}");
+        }
+        assert!(Config::parse("[server]\njunk_record_bytes = 1024", Path::new("t")).is_ok());
+    }
+
+    #[test]
     fn proxy_keys() {
         let c = Config::parse("", Path::new("t")).unwrap();
         assert_eq!(c.server.proxy_protocol, ProxyProtocol::Off);
