@@ -101,6 +101,10 @@ pub struct ServerConfig {
     pub max_frame_bytes: usize,
     /// Junk bytes one session may send before it is closed.
     pub max_junk_bytes: usize,
+    /// Consecutive junk items of a session are stored as one record of at
+    /// least this many bytes (fewer when a frame follows or the connection
+    /// ends); it is also what a session holds back before storing.
+    pub junk_record_bytes: usize,
     /// TCP keepalive idle time.
     pub tcp_keepalive: Dur,
     /// Give up writing a reply to a device after this long.
@@ -155,6 +159,7 @@ impl Default for ServerConfig {
             partial_frame_timeout: Dur(Duration::from_secs(30)),
             max_frame_bytes: 10_240,
             max_junk_bytes: 65_536,
+            junk_record_bytes: 4096,
             tcp_keepalive: Dur(Duration::from_secs(60)),
             write_timeout: Dur(Duration::from_secs(10)),
             shutdown_grace: Dur(Duration::from_secs(10)),
@@ -807,6 +812,15 @@ impl Config {
             return Err(bad(
                 "store.crash_loop_starts",
                 "must be between 1 and 100".into(),
+            ));
+        }
+        // Below ~1 KiB a junk record's fixed cost (its document, row and
+        // hash, up to ~2.5 KB) would outweigh its bytes: the log's growth per
+        // junk byte is bounded by 8 only above that.
+        if !(1024..=1 << 20).contains(&self.server.junk_record_bytes) {
+            return Err(bad(
+                "server.junk_record_bytes",
+                "must be between 1024 and 1048576".into(),
             ));
         }
         if self.server.max_frame_bytes < 64 || self.server.max_frame_bytes > 1 << 20 {
@@ -1503,6 +1517,17 @@ mod tests {
         assert!(err("[log]\nrepeat_interval = \"2h\"").contains("`log.repeat_interval`"));
         assert!(err("[metrics]\nmax_connections = 0").contains("`metrics.max_connections`"));
         assert!(err("[metrics]\nhead_timeout = \"2m\"").contains("`metrics.head_timeout`"));
+    }
+
+    #[test]
+    fn junk_record_bytes_is_bounded() {
+        let c = Config::parse("", Path::new("t")).unwrap();
+        assert_eq!(c.server.junk_record_bytes, 4096);
+        for v in ["1023", "0", "1048577"] {
+            let e = err(&format!("[server]\njunk_record_bytes = {v}"));
+            assert!(e.contains("`server.junk_record_bytes`"), "{e}");
+        }
+        assert!(Config::parse("[server]\njunk_record_bytes = 1024", Path::new("t")).is_ok());
     }
 
     #[test]

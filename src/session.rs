@@ -6,9 +6,21 @@
 //! therefore never holds an ack for a frame that a crash could lose. When
 //! the store's queue is full, `append_many` waits and we stop reading: TCP
 //! flow control pushes the backpressure to the device.
+//!
+//! Junk items are not stored one record each: consecutive junk of a session
+//! is one record (see [`ingest`]), so a `#` flood cannot bloat the log.
+//!
+//! MN ownership ([`SessionMap`]): the session that sends an MN's first
+//! accepted frame holds the MN and its downlink. A new session for it from
+//! the same address supersedes the holder (a device reconnecting after a
+//! network drop); from another address it may upload (stored, acked, finding
+//! `session.conflict`, counted, a WARN per MN and minute) but the holder keeps
+//! the MN until it closes or its device has been silent for `idle_timeout`.
+//! A password match proves nothing (PW travels in clear text); the address is
+//! the real client's (the PROXY header's source behind a balancer).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,6 +44,10 @@ use crate::protocol::{self, Finding, Frame, Options, Severity, json, reply};
 use crate::publish::presence::Presence;
 use crate::registry::SharedRegistry;
 use crate::store::{Direction, Kind, NewRecord, StoreHandle, Verdict};
+
+pub mod ingest;
+
+use ingest::{Claim, Ctx, Holder, JunkCoalescer, Step};
 
 /// Emits a session event with the session's `peer`, `session` (id) and, once
 /// known, `mn` as fields. There is no per-session span: a span lives as long as
@@ -62,6 +78,9 @@ pub mod code {
     /// MN not in the registry and `unknown_device = "quarantine"`: stored and
     /// acked, never forwarded or published.
     pub const DEVICE_QUARANTINED: &str = "device.quarantined";
+    /// The MN has a live session from another address: stored and acked, but
+    /// that session keeps the MN (and its downlink).
+    pub const SESSION_CONFLICT: &str = "session.conflict";
 }
 
 /// What [`SessionMap`] keeps per MN: the owning session and its
@@ -79,8 +98,13 @@ pub struct SessionInfo {
     pub peer: String,
     /// Connected at (unix ms).
     pub since_ms: i64,
+    /// The device's address (the PROXY header's source behind a balancer).
+    ip: IpAddr,
     last_frame_ms: AtomicI64,
     header: Mutex<DeviceHeader>,
+    /// When a conflict over this session's MN was last logged (unix ms), and
+    /// how many were not logged since: one WARN per MN and minute.
+    conflict_log: Mutex<(i64, u64)>,
     /// Requests for this session's devices (bounded by `[downlink] queue`),
     /// taken one at a time when the engine is idle, and the word that a newer
     /// session took the device over.
@@ -113,7 +137,9 @@ pub struct SessionEntry {
 }
 
 /// Which session currently owns each MN, so a reconnecting device supersedes
-/// its stale session (and downlink traffic reaches the live one).
+/// its stale session (and downlink traffic reaches the live one), while a
+/// session from another address cannot take a live device over
+/// ([`ingest::claim`]).
 #[derive(Debug, Default)]
 pub struct SessionMap {
     inner: Mutex<HashMap<String, Owner>>,
@@ -121,15 +147,90 @@ pub struct SessionMap {
     pub devices: crate::downlink::Devices,
 }
 
+/// What [`SessionMap::claim`] did.
+#[derive(Debug)]
+enum Claimed {
+    /// The MN was free or already ours.
+    Took,
+    /// Taken from session `.0`, which is told to close.
+    Superseded(u64),
+    /// A live session from another address keeps it.
+    Conflict(Arc<SessionInfo>),
+}
+
+impl Owner {
+    fn holder(&self) -> Holder {
+        Holder {
+            id: self.id,
+            ip: self.info.ip,
+            last_seen_ms: self
+                .info
+                .last_frame_ms
+                .load(Ordering::Relaxed)
+                .max(self.info.since_ms),
+        }
+    }
+}
+
+impl SessionInfo {
+    /// Whether to log a conflict over this session's MN now (at most once a
+    /// minute), and how many went unlogged before it.
+    fn conflict_log_due(&self, now_ms: i64) -> Option<u64> {
+        let mut g = self.conflict_log.lock().unwrap_or_else(|e| e.into_inner());
+        if now_ms.saturating_sub(g.0) >= 60_000 || now_ms < g.0 {
+            let unlogged = g.1;
+            *g = (now_ms, 0);
+            Some(unlogged)
+        } else {
+            g.1 += 1;
+            None
+        }
+    }
+}
+
 impl SessionMap {
-    /// Claims `mn` for session `id`; returns the session it took it from.
-    fn claim(&self, mn: &str, owner: &Owner) -> Option<u64> {
+    /// Claims `mn` for `owner` under the ownership rule ([`ingest::claim`]):
+    /// free, same address or a silent holder: taken; a live holder from
+    /// another address keeps it.
+    fn claim(&self, mn: &str, owner: &Owner, now_ms: i64, idle_ms: i64) -> Claimed {
         let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        match m.insert(mn.to_owned(), owner.clone()) {
-            Some(old) if old.id != owner.id => {
+        let held = m.get(mn);
+        let rule = ingest::claim(
+            held.map(Owner::holder).as_ref(),
+            owner.id,
+            owner.info.ip,
+            now_ms,
+            idle_ms,
+        );
+        match (rule, held) {
+            (Claim::Conflict, Some(h)) => Claimed::Conflict(h.info.clone()),
+            (Claim::Supersede, Some(old)) => {
                 old.info.inbox.supersede();
-                Some(old.id)
+                let old = old.id;
+                m.insert(mn.to_owned(), owner.clone());
+                Claimed::Superseded(old)
             }
+            (Claim::Own, _) => Claimed::Took,
+            _ => {
+                m.insert(mn.to_owned(), owner.clone());
+                Claimed::Took
+            }
+        }
+    }
+    /// The live session from another address that holds `mn` against session
+    /// `id` at `ip` (the frame is then flagged `session.conflict`), if any.
+    fn conflicting(
+        &self,
+        mn: &str,
+        id: u64,
+        ip: IpAddr,
+        now_ms: i64,
+        idle_ms: i64,
+    ) -> Option<Arc<SessionInfo>> {
+        let m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let held = m.get(mn)?;
+        match ingest::claim(Some(&held.holder()), id, ip, now_ms, idle_ms) {
+            Claim::Conflict => Some(held.info.clone()),
             _ => None,
         }
     }
@@ -337,6 +438,11 @@ impl Session {
         let id = s.id;
         slog!(debug, s, "connected");
         let reason = s.serve(rd, wr).await;
+        // Paths that end on an error store no last run themselves: junk is
+        // stored whatever ended the session (a failing store fails again here).
+        if s.junk.pending() > 0 {
+            let _ = Box::pin(s.process(Vec::new(), None, true)).await;
+        }
         crate::metrics::METRICS.session_closed(reason);
         s.dl_close();
         for (i, mn) in s.mns.iter().enumerate() {
@@ -387,6 +493,10 @@ struct Session {
     announced: bool,
     frames: u64,
     junk_bytes: usize,
+    /// Consecutive junk items not yet stored (one record per run).
+    junk: JunkCoalescer,
+    /// The device's address, for the MN ownership rule.
+    ip: IpAddr,
     warn: WarnLimiter,
     /// Connected at (unix ms), for [`SessionInfo::since_ms`].
     since_ms: i64,
@@ -444,6 +554,8 @@ impl Session {
             announced: false,
             frames: 0,
             junk_bytes: 0,
+            junk: JunkCoalescer::default(),
+            ip: peer.ip(),
             warn: WarnLimiter::new(),
         }
     }
@@ -464,8 +576,10 @@ impl Session {
                     inbox: Inbox::new(self.shared.cfg.downlink.queue),
                     peer: self.peer_text.clone(),
                     since_ms: self.since_ms,
+                    ip: self.ip,
                     last_frame_ms: AtomicI64::new(0),
                     header: Mutex::new(DeviceHeader::default()),
+                    conflict_log: Mutex::new((i64::MIN, 0)),
                 }),
             });
         }
@@ -556,7 +670,7 @@ impl Session {
                                 partial_since = None;
                                 buf = BytesMut::new();
                             }
-                            if let Err(reason) = Box::pin(self.process(vec![Item::Frame { bytes, info }], Some(&mut wr))).await {
+                            if let Err(reason) = Box::pin(self.process(vec![Item::Frame { bytes, info }], Some(&mut wr), false)).await {
                                 return reason;
                             }
                         }
@@ -567,6 +681,8 @@ impl Session {
                         let _ = Box::pin(self.flush_eof(&mut buf, Some(&mut wr))).await;
                         return "partial frame timeout";
                     }
+                    // A junk run may still be held back.
+                    let _ = Box::pin(self.flush_eof(&mut buf, Some(&mut wr))).await;
                     return "idle timeout";
                 }
                 r = rd.readable() => {
@@ -621,7 +737,7 @@ impl Session {
                 partial_since = Some(Instant::now());
             }
             if !items.is_empty() {
-                if let Err(reason) = Box::pin(self.process(items, Some(&mut wr))).await {
+                if let Err(reason) = Box::pin(self.process(items, Some(&mut wr), false)).await {
                     return reason;
                 }
             }
@@ -653,7 +769,7 @@ impl Session {
         while let Ok(Some(item)) = self.codec.decode(buf) {
             items.push(item);
         }
-        if !items.is_empty() && self.process(items, Some(&mut wr)).await.is_err() {
+        if !items.is_empty() && self.process(items, Some(&mut wr), false).await.is_err() {
             return;
         }
         let _ = tokio::time::timeout(self.shared.cfg.server.write_timeout.0, wr.shutdown()).await;
@@ -674,7 +790,7 @@ impl Session {
                     while let Ok(Some(item)) = self.codec.decode(buf) {
                         items.push(item);
                     }
-                    if !items.is_empty() && self.process(items, None).await.is_err() {
+                    if !items.is_empty() && self.process(items, None, false).await.is_err() {
                         return;
                     }
                 }
@@ -706,19 +822,22 @@ impl Session {
                 reason: protocol::framing::JunkReason::Truncated,
             });
         }
-        if items.is_empty() {
+        if items.is_empty() && self.junk.pending() == 0 {
             return Ok(());
         }
-        self.process(items, wr).await
+        self.process(items, wr, true).await
     }
 
     /// Stores the items; with a writer, also builds, logs and (after commit)
     /// sends the replies. Without one (the write side is closed) frames are
     /// stored but not acked: the device will retransmit, marked duplicate.
+    ///
+    /// `end`: the connection is over, so a junk run still open is stored too.
     async fn process(
         &mut self,
         items: Vec<Item>,
         wr: Option<&mut OwnedWriteHalf>,
+        end: bool,
     ) -> Result<(), &'static str> {
         // The items were fully read just before this call: ack latency starts here.
         let read_at = Instant::now();
@@ -730,7 +849,31 @@ impl Session {
         let opts = self.opts.clone();
         let registry = self.shared.registry.current();
         let received_at_ms = now.timestamp_millis();
-        let mut records = Vec::with_capacity(items.len() * 2);
+        let idle_ms = cfg.server.idle_timeout.0.as_millis() as i64;
+        // Cut items become junk records (runs of consecutive junk) and judged
+        // frames, in stream order; see `ingest`.
+        let mut steps = Vec::new();
+        let ctx = Ctx {
+            peer: &self.peer_text,
+            session: self.id,
+            received_at_ms,
+            opts: &opts,
+            registry: &registry,
+            unknown: cfg.validation.unknown_device,
+            junk_cap: cfg.server.junk_record_bytes,
+        };
+        for item in items {
+            if let Item::Junk { bytes, .. } = &item {
+                self.junk_bytes += bytes.len();
+                crate::metrics::METRICS.junk(bytes.len());
+            }
+            ingest::ingest_item(&mut self.junk, item, &ctx, &mut steps);
+        }
+        if end {
+            ingest::ingest_end(&mut self.junk, ctx.peer, ctx.session, &mut steps);
+        }
+        // Room for each frame's ack record (junk runs are few).
+        let mut records = Vec::with_capacity(steps.len() * 2);
         let mut replies: Vec<Bytes> = Vec::new();
         // (MN, announce presence): quarantined devices are never published.
         let mut claims: Vec<(String, bool)> = Vec::new();
@@ -738,44 +881,36 @@ impl Session {
         let mut dl_out: Vec<Out<Tag>> = Vec::new();
         // Automatic requests the batch calls for, queued after the replies are written.
         let mut autos: Vec<Submit> = Vec::new();
-        for item in items {
-            match item {
-                Item::Junk { bytes, reason } => {
-                    self.junk_bytes += bytes.len();
-                    crate::metrics::METRICS.junk(bytes.len());
+        for step in steps {
+            match step {
+                Step::Junk(rec, run_end) => {
+                    crate::metrics::METRICS.junk_record(run_end.as_str());
                     if self.warn_allowed() {
                         slog!(
                             warn,
                             self,
-                            reason = reason.as_str(),
-                            bytes = bytes.len(),
+                            bytes = rec.raw.len(),
+                            findings = %rec.findings,
                             "junk received"
                         );
                     }
-                    let doc = json::junk_json(&bytes, reason.as_str(), false);
-                    records.push(NewRecord {
-                        received_at_ms,
-                        peer: self.peer_text.clone(),
-                        session: self.id,
-                        direction: Direction::In,
-                        kind: Kind::Junk,
-                        raw: bytes,
-                        dialect: None,
-                        st: None,
-                        cn: None,
-                        mn: None,
-                        qn: None,
-                        data_time: None,
-                        verdict: Verdict::Junk,
-                        findings: doc["findings"].to_string(),
-                        doc: serde_json::Value::Object(doc).to_string(),
-                    });
+                    records.push(rec);
                 }
-                Item::Frame { bytes, .. } => {
+                Step::Frame(mut frame) => {
                     self.frames += 1;
-                    let mut frame = protocol::decode(bytes, &opts, &*registry);
-                    apply_policy(&mut frame, &registry, cfg.validation.unknown_device);
                     let accepted = !frame.has_error();
+                    // An upload for an MN that a live session from another
+                    // address holds: stored and acked, flagged, never given the MN.
+                    let conflict = match frame.mn() {
+                        Some(mn) if accepted && !self.mns.iter().any(|m| m == mn) => shared
+                            .sessions
+                            .conflicting(mn, self.id, self.ip, received_at_ms, idle_ms),
+                        _ => None,
+                    };
+                    if let Some(holder) = &conflict {
+                        self.note_conflict(&frame, holder, received_at_ms);
+                        frame.findings.push(ingest::conflict_finding(&holder.peer));
+                    }
                     crate::metrics::METRICS.frame(accepted, frame.raw.len(), &frame.findings);
                     if !accepted && self.warn_allowed() {
                         let codes: Vec<&str> = frame
@@ -786,7 +921,7 @@ impl Session {
                             .collect();
                         slog!(warn, self, mn = frame.mn().or(self.mns.first().map(String::as_str)), cn = frame.cn().unwrap_or(""), reasons = ?codes, "frame rejected");
                     }
-                    if accepted {
+                    if accepted && conflict.is_none() {
                         if let Some(mn) = frame.mn() {
                             if !self.mns.iter().any(|m| m == mn)
                                 && !claims.iter().any(|(m, _)| m == mn)
@@ -816,6 +951,8 @@ impl Session {
                                 format!("answers the {} request QN={}", m.origin, m.qn),
                             )),
                             Some(_) => {}
+                            // The downlink belongs to the MN's holder.
+                            None if conflict.is_some() => {}
                             None => {
                                 self.auto_requests(&frame, &registry, received_at_ms, &mut autos)
                             }
@@ -829,6 +966,10 @@ impl Session {
                     }
                 }
             }
+        }
+        if records.is_empty() {
+            // Only junk held back for its run: nothing to store or answer yet.
+            return Ok(());
         }
         match self.shared.store.append_many(records).await {
             Ok(_) => {}
@@ -848,19 +989,36 @@ impl Session {
                 break;
             }
             // The first MN a connection speaks for is its device: a reconnect
-            // supersedes the stale session. Further MNs on the same connection
-            // (multi-outlet loggers, forwarders) are only taken when unowned,
-            // so two live paths for one MN never evict each other in turn.
+            // from the same address (or after the holder went silent)
+            // supersedes the stale session; a live holder elsewhere keeps it.
+            // Further MNs on the same connection (multi-outlet loggers,
+            // forwarders) are only taken when unowned, so two live paths for
+            // one MN never evict each other in turn.
             if self.mns.is_empty() {
                 let shared = self.shared.clone();
-                if let Some(old) = shared.sessions.claim(&mn, self.owner()) {
-                    slog!(
+                let idle_ms = shared.cfg.server.idle_timeout.0.as_millis() as i64;
+                match shared.sessions.claim(&mn, self.owner(), now_ms(), idle_ms) {
+                    Claimed::Took => {}
+                    Claimed::Superseded(old) => slog!(
                         info,
                         self,
                         mn = mn.as_str(),
                         superseded = old,
                         "device reconnected; older session superseded"
-                    );
+                    ),
+                    // The holder appeared between the frame's check and the
+                    // commit: counted, not flagged (the frame is stored).
+                    Claimed::Conflict(holder) => {
+                        crate::metrics::METRICS.session_conflicts.inc();
+                        slog!(
+                            debug,
+                            self,
+                            mn = mn.as_str(),
+                            holder = %holder.peer,
+                            "MN taken by a live session from another address; not taking it over"
+                        );
+                        continue;
+                    }
                 }
                 if let (Some(p), true) = (&self.shared.presence, announce) {
                     p.set(&mn, true, &self.peer_text);
@@ -922,6 +1080,22 @@ impl Session {
             self.dl_run(Vec::new(), wr).await?;
         }
         Ok(())
+    }
+
+    /// Counts a conflict over `frame`'s MN with its `holder` and logs it, at
+    /// most once a minute per MN (the holder's session keeps the count).
+    fn note_conflict(&self, frame: &Frame, holder: &SessionInfo, now_ms: i64) {
+        crate::metrics::METRICS.session_conflicts.inc();
+        if let Some(unlogged) = holder.conflict_log_due(now_ms) {
+            slog!(
+                warn,
+                self,
+                mn = frame.mn(),
+                holder = %holder.peer,
+                unlogged,
+                "upload for an MN held by a live session from another address; that session keeps the device"
+            );
+        }
     }
 
     /// [`WarnLimiter::allow`], reporting what the window that just ended suppressed.
@@ -1421,13 +1595,21 @@ impl std::fmt::Debug for Session {
 mod tests {
     use super::*;
 
+    const IDLE: i64 = 600_000;
+
     fn owner(id: u64, cap: usize) -> Owner {
+        owner_at(id, cap, [127, 0, 0, 1])
+    }
+
+    fn owner_at(id: u64, cap: usize, ip: [u8; 4]) -> Owner {
         let info = Arc::new(SessionInfo {
             inbox: Inbox::new(cap),
             peer: "127.0.0.1:1".into(),
             since_ms: 0,
+            ip: ip.into(),
             last_frame_ms: AtomicI64::new(0),
             header: Mutex::new(DeviceHeader::default()),
+            conflict_log: Mutex::new((i64::MIN, 0)),
         });
         Owner { id, info }
     }
@@ -1573,11 +1755,47 @@ mod tests {
     }
 
     #[test]
+    fn another_address_does_not_take_a_live_mn() {
+        let map = SessionMap::default();
+        let a = owner_at(1, 4, [10, 0, 0, 1]);
+        let b = owner_at(2, 4, [10, 0, 0, 2]);
+        assert!(matches!(map.claim("MN", &a, 1_000, IDLE), Claimed::Took));
+        a.info.last_frame_ms.store(5_000, Ordering::Relaxed);
+        assert!(map.conflicting("MN", 2, b.info.ip, 6_000, IDLE).is_some());
+        assert!(matches!(
+            map.claim("MN", &b, 6_000, IDLE),
+            Claimed::Conflict(_)
+        ));
+        assert!(!a.info.inbox.is_superseded());
+        assert!(map.submit(req("MN", 1)).is_ok());
+        assert_eq!(
+            n(&a.info.inbox.try_pop().unwrap()),
+            1,
+            "requests go to the holder"
+        );
+        // Silent for idle_timeout since its last frame: taken over.
+        assert!(
+            map.conflicting("MN", 2, b.info.ip, 5_000 + IDLE, IDLE)
+                .is_none()
+        );
+        assert!(matches!(
+            map.claim("MN", &b, 5_000 + IDLE, IDLE),
+            Claimed::Superseded(1)
+        ));
+        assert!(a.info.inbox.is_superseded());
+        // Rate-limited logging: one per minute per holder, then the count.
+        assert_eq!(b.info.conflict_log_due(0), Some(0));
+        assert_eq!(b.info.conflict_log_due(59_999), None);
+        assert_eq!(b.info.conflict_log_due(30_000), None);
+        assert_eq!(b.info.conflict_log_due(60_000), Some(2));
+    }
+
+    #[test]
     fn requests_reach_the_live_owner_and_are_bounded() {
         let map = SessionMap::default();
         assert_eq!(map.submit(req("MN1", 0)).unwrap_err().1, Refusal::Offline);
         let a = owner(1, 1);
-        assert_eq!(map.claim("MN1", &a), None);
+        assert!(matches!(map.claim("MN1", &a, 0, IDLE), Claimed::Took));
         assert!(map.submit(req("MN1", 1)).is_ok());
         // Full queue: handed back at once.
         let (back, why) = map.submit(req("MN1", 2)).unwrap_err();
@@ -1585,7 +1803,10 @@ mod tests {
         assert_eq!(n(&a.info.inbox.try_pop().unwrap()), 1);
         // A reconnect takes the MN over: requests go to the new session.
         let b = owner(2, 4);
-        assert_eq!(map.claim("MN1", &b), Some(1));
+        assert!(matches!(
+            map.claim("MN1", &b, 0, IDLE),
+            Claimed::Superseded(1)
+        ));
         assert!(a.info.inbox.is_superseded());
         assert!(!b.info.inbox.is_superseded());
         assert!(map.submit(req("MN1", 3)).is_ok());

@@ -3,6 +3,7 @@
 //! run the same assertions.
 
 pub mod plan;
+pub mod ingest;
 
 use crate::protocol::framing::{Cut, FramerConfig, JunkReason, cut};
 

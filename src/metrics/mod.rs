@@ -322,6 +322,7 @@ pub const FINDING_CODES: &[&str] = &[
     "header.syntax",
     "length.malformed",
     "length.mismatch",
+    "session.conflict",
     "terminator.missing",
     "terminator.nonstandard",
     "time.future",
@@ -356,6 +357,10 @@ pub const CLOSE_REASONS: &[&str] = &[
     "write timeout",
 ];
 const CLOSE_SLOTS: usize = 16;
+
+/// What ends a junk run (the `end` label of `hj212_junk_records_total`): a
+/// frame, the `junk_record_bytes` cap, the connection's end.
+pub const JUNK_RUN_ENDS: [&str; 3] = ["frame", "cap", "close"];
 const _: () = assert!(CLOSE_REASONS.len() < CLOSE_SLOTS);
 
 /// Consumers of `hj212_dead_letters_total`, sorted. Every upstream forwarder counts
@@ -412,6 +417,9 @@ pub struct Metrics {
     pub bytes_out: Counter,
     /// Bytes stored as junk.
     pub junk_bytes: Counter,
+    junk_records: [Counter; 3],
+    /// Uploads for an MN held by a live session from another address.
+    pub session_conflicts: Counter,
     /// Inbound frames the store marked as retransmissions of an earlier (MN, QN, CN).
     pub duplicates: Counter,
     /// Records consumers took from the writer's in-memory commit feed.
@@ -474,6 +482,8 @@ impl Metrics {
             bytes_in: Counter::new(),
             bytes_out: Counter::new(),
             junk_bytes: Counter::new(),
+            junk_records: [const { Counter::new() }; 3],
+            session_conflicts: Counter::new(),
             duplicates: Counter::new(),
             feed_reads: Counter::new(),
             feed_misses: Counter::new(),
@@ -569,6 +579,15 @@ impl Metrics {
         match (i, j) {
             (Some(i), Some(j)) => self.dead_letters[i][j].get(),
             _ => 0,
+        }
+    }
+
+    /// Counts one junk record stored (a run of consecutive junk items) by
+    /// what ended its run (one of [`JUNK_RUN_ENDS`]; anything else is not counted).
+    #[inline]
+    pub fn junk_record(&self, end: &str) {
+        if let Some(i) = JUNK_RUN_ENDS.iter().position(|e| *e == end) {
+            self.junk_records[i].inc();
         }
     }
 
@@ -720,6 +739,28 @@ impl Metrics {
         e.sample("hj212_sent_bytes_total", &[], self.bytes_out.get());
         e.family("hj212_junk_bytes_total", "counter", "Bytes stored as junk.");
         e.sample("hj212_junk_bytes_total", &[], self.junk_bytes.get());
+        e.family(
+            "hj212_junk_records_total",
+            "counter",
+            "Junk records stored (each a run of consecutive junk items of one session), by what ended the run: a frame, the junk_record_bytes cap, or the connection's end.",
+        );
+        for (i, end) in JUNK_RUN_ENDS.iter().enumerate() {
+            e.sample(
+                "hj212_junk_records_total",
+                &[("end", end)],
+                self.junk_records[i].get(),
+            );
+        }
+        e.family(
+            "hj212_session_conflicts_total",
+            "counter",
+            "Uploads for an MN held by a live session from another address (stored and acked with finding session.conflict; the holder keeps the MN).",
+        );
+        e.sample(
+            "hj212_session_conflicts_total",
+            &[],
+            self.session_conflicts.get(),
+        );
         e.family(
             "hj212_duplicate_frames_total",
             "counter",

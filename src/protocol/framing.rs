@@ -136,6 +136,20 @@ pub enum JunkReason {
 }
 
 impl JunkReason {
+    /// Every reason, in a fixed order (the order junk records list them in).
+    pub const ALL: [JunkReason; 5] = [
+        JunkReason::NoHeader,
+        JunkReason::BadLength,
+        JunkReason::Truncated,
+        JunkReason::Oversize,
+        JunkReason::Padding,
+    ];
+
+    /// Position of this reason in [`JunkReason::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// Stable low-cardinality name for logs and metrics.
     pub fn as_str(&self) -> &'static str {
         match self {

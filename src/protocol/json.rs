@@ -264,18 +264,66 @@ fn push_normalised(out: &mut String, v: &str) {
     }
 }
 
-/// The JSON object for bytes that are not a frame.
+/// The JSON object for bytes that are not a frame (one junk item).
 pub fn junk_json(bytes: &[u8], reason: &str, include_raw: bool) -> Map<String, Value> {
+    let len = bytes.len() as u64;
+    junk_run_json(&[(reason, 1, len)], &[], include_raw.then_some(bytes))
+}
+
+/// One junk item inside a junk record: where it starts in the record's bytes,
+/// how long it is, and why it is junk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JunkPiece {
+    /// Offset in the record's raw bytes.
+    pub at: usize,
+    /// Length in bytes.
+    pub len: usize,
+    /// The framer's reason (`JunkReason::as_str`).
+    pub reason: &'static str,
+}
+
+/// The JSON object for a junk record: consecutive junk items of one session
+/// stored as one record. `reasons` holds (reason, items, bytes) per reason
+/// present; `pieces` the first items in order (the caller bounds how many). One
+/// finding per reason, so the object's size is bounded by the number of
+/// reasons and pieces, not by the number of items. A record of a single item
+/// reads exactly as [`junk_json`] always did; several add `items`, `pieces`
+/// and `pieces_omitted`.
+pub fn junk_run_json(
+    reasons: &[(&str, u64, u64)],
+    pieces: &[JunkPiece],
+    raw: Option<&[u8]>,
+) -> Map<String, Value> {
+    let items: u64 = reasons.iter().map(|r| r.1).sum();
     let mut obj = Map::new();
     obj.insert("schema".into(), SCHEMA.into());
     obj.insert("kind".into(), "junk".into());
     obj.insert("dialect".into(), Value::Null);
-    obj.insert(
-        "findings".into(),
-        json!([{"code": format!("junk.{reason}"), "severity": "error",
-                "detail": format!("{} bytes that are not an HJ 212 frame ({reason})", bytes.len())}]),
-    );
-    if include_raw {
+    let findings: Vec<Value> = reasons
+        .iter()
+        .map(|&(reason, n, bytes)| {
+            let detail = if n == 1 {
+                format!("{bytes} bytes that are not an HJ 212 frame ({reason})")
+            } else {
+                format!("{bytes} bytes in {n} items that are not an HJ 212 frame ({reason})")
+            };
+            json!({"code": format!("junk.{reason}"), "severity": "error", "detail": detail})
+        })
+        .collect();
+    obj.insert("findings".into(), Value::Array(findings));
+    if items > 1 {
+        obj.insert("items".into(), items.into());
+        let listed: Vec<Value> = pieces
+            .iter()
+            .map(|p| json!({"at": p.at, "len": p.len, "reason": p.reason}))
+            .collect();
+        obj.insert("pieces".into(), Value::Array(listed));
+        obj.insert(
+            "pieces_omitted".into(),
+            items.saturating_sub(pieces.len() as u64).into(),
+        );
+    }
+    if let Some(bytes) = raw {
         add_raw(&mut obj, bytes);
     }
     obj
