@@ -895,7 +895,7 @@ async fn a_third_connection_from_one_address_is_closed_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_session_is_closed_after_idle_timeout() {
-    let gw = Gateway::start("idle_timeout = \"300ms\"", "").await;
+    let gw = Gateway::start("idle_timeout = \"1s\"", "").await;
     let mut d = gw.device().await;
     let t = Instant::now();
     d.exchange(&upload(&mn(43), &qn(1), "123456")).await;
@@ -903,17 +903,17 @@ async fn an_idle_session_is_closed_after_idle_timeout() {
     // Measured from before the last frame was sent: the gateway's idle clock
     // starts when it reads that frame, which is later.
     assert!(
-        t.elapsed() >= Duration::from_millis(300),
+        t.elapsed() >= Duration::from_secs(1),
         "{:?}",
         t.elapsed()
     );
-    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
     gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_frame_is_closed_after_partial_frame_timeout_and_kept_as_junk() {
-    let gw = Gateway::start("partial_frame_timeout = \"300ms\"", "").await;
+    let gw = Gateway::start("partial_frame_timeout = \"1s\"", "").await;
     let mut d = gw.device().await;
     let f = upload(&mn(44), &qn(1), "123456");
     let half = &f[..120];
@@ -921,7 +921,7 @@ async fn a_half_frame_is_closed_after_partial_frame_timeout_and_kept_as_junk() {
     let t = Instant::now();
     d.closed_within(PATIENCE).await;
     assert!(
-        t.elapsed() >= Duration::from_millis(280),
+        t.elapsed() >= Duration::from_millis(980),
         "{:?}",
         t.elapsed()
     );
