@@ -978,3 +978,54 @@ async fn a_frame_the_platform_never_acks_is_set_aside_and_forwarding_goes_on() {
     assert!(e.is_empty(), "an outage sets nothing aside: {e:?}");
     gw.running.stop().await.expect("stop");
 }
+
+/// The frame after a stuck one may be stored only once the forwarder is already
+/// retrying the stuck one (its read of the log ended there): it is still tried in
+/// the stuck frame's place, and the stuck frame set aside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_stored_while_the_stuck_one_is_retried_is_tried_in_its_place() {
+    use hj212_gateway::store::{DeadLetterFilter, list_dead_letters};
+    let p = Platform::start("127.0.0.1:0", Duration::ZERO).await;
+    *p.poison.lock().unwrap() = Some(qn(1));
+    let ups = upstream(
+        "p",
+        p.addr,
+        "ack_timeout = \"100ms\"\nretries = 0\ndead_letter_after = 2",
+    );
+    let gw = start(&config(&ups, "")).await;
+    let mut d = Device::connect(gw.addr).await;
+    let (stuck, next) = (
+        upload(&mn(1), &qn(1), "123456"),
+        upload(&mn(1), &qn(2), "123456"),
+    );
+    d.send_acked(&stuck).await;
+    // The forwarder has read the log and sent the stuck frame: the next one is
+    // not in what it read.
+    p.wait_for(1).await;
+    d.send_acked(&next).await;
+    let deadline = Instant::now() + PATIENCE;
+    while !p.got().contains(&next) {
+        assert!(
+            Instant::now() < deadline,
+            "the next frame was never tried: {} sends of the stuck one",
+            p.got().len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = Instant::now() + PATIENCE;
+    let e = loop {
+        let e = list_dead_letters(&gw.db, &DeadLetterFilter::default()).expect("dead letters");
+        if !e.is_empty() || Instant::now() >= deadline {
+            break e;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let stuck_seq = records(&gw.db)
+        .into_iter()
+        .find(|r| r.raw == stuck)
+        .expect("stored")
+        .seq;
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!((e[0].seq, e[0].reason.as_str()), (stuck_seq, "no_ack"));
+    gw.running.stop().await.expect("stop");
+}

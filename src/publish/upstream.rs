@@ -349,12 +349,12 @@ impl Forwarder {
                     }
                 }
             }
-            let Some(front) = self.pending.front() else {
+            let Some(front) = self.pending.front().cloned() else {
                 // Caught up: keep consuming what the platform sends meanwhile.
                 self.idle(&mut conn, &shutdown).await;
                 continue;
             };
-            if !self.selected(front) || self.dead.contains(&front.seq) {
+            if !self.selected(&front) || self.dead.contains(&front.seq) {
                 self.delivered = front.seq;
                 self.pending.pop_front();
                 continue;
@@ -364,14 +364,20 @@ impl Forwarder {
                 .failing
                 .filter(|&(seq, n)| seq == front.seq && n >= self.e.dead_letter_after)
                 .map(|(seq, _)| seq);
-            let probe = stuck.and_then(|_| {
-                self.pending
-                    .iter()
-                    .skip(1)
-                    .find(|r| self.selected(r) && !self.dead.contains(&r.seq))
-                    .cloned()
-            });
-            let rec = probe.clone().unwrap_or_else(|| front.clone());
+            let mut probe = stuck.and_then(|_| self.next_after_front());
+            if stuck.is_some() && probe.is_none() {
+                // `pending` is refilled only once empty, so the batch read with the
+                // stuck frame may end at it (the next frames were stored after that
+                // read): without a look further on, the stuck frame would be retried
+                // for good and never set aside.
+                match self.read_past_front().await {
+                    Ok(()) => probe = self.next_after_front(),
+                    Err(e) => {
+                        crate::log_repeated!(error, upstream = %self.e.name, error = %e, "upstream forwarder cannot read the frame log; retrying");
+                    }
+                }
+            }
+            let rec = probe.clone().unwrap_or(front);
             if self.careful_until > 0 {
                 self.mark(rec.seq).await;
             }
@@ -466,6 +472,39 @@ impl Forwarder {
         let newest = recs.last().map_or(0, |r| r.seq);
         self.last_seq = self.last_seq.max(newest).max(*self.committed.borrow());
         self.pending = recs.into();
+        Ok(())
+    }
+
+    /// The first frame after the front of `pending` that goes to this upstream
+    /// and is not set aside: what is tried in place of a stuck front.
+    fn next_after_front(&self) -> Option<Arc<StoredRecord>> {
+        self.pending
+            .iter()
+            .skip(1)
+            .find(|r| self.selected(r) && !self.dead.contains(&r.seq))
+            .cloned()
+    }
+
+    /// Replaces what follows the front of `pending` (none of it a frame for this
+    /// upstream, see [`Self::next_after_front`]) with the batch after the last
+    /// pending record, so `pending` stays within one batch past the front.
+    async fn read_past_front(&mut self) -> Result<(), StoreError> {
+        let Some(after) = self.pending.back().map(|r| r.seq) else {
+            return Ok(());
+        };
+        let reader = self.reader.clone();
+        let recs = blocking(move || {
+            reader
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read_from(after, BATCH)
+        })
+        .await?;
+        if let Some(newest) = recs.last().map(|r| r.seq) {
+            self.last_seq = self.last_seq.max(newest);
+            self.pending.truncate(1);
+            self.pending.extend(recs);
+        }
         Ok(())
     }
 

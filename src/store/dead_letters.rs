@@ -136,6 +136,20 @@ const SET_CURSOR_SQL: &str = "INSERT INTO cursors (name, seq, updated_at) \
      SELECT ?1, ?2, ?3 WHERE ?2 <= (SELECT last_seq FROM meta WHERE id = 1) \
      ON CONFLICT (name) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at";
 
+/// A transaction that writes, holding the write lock from `BEGIN` on.
+///
+/// A deferred transaction that reads before it writes holds a read snapshot when it
+/// asks for the write lock; SQLite then returns `SQLITE_BUSY` at once if another
+/// connection writes (the busy timeout is not applied, as waiting could deadlock,
+/// and a snapshot older than that writer's commit could not write anyway). At
+/// start-up every consumer records its start while the others do the same and the
+/// store writer appends frames, so that happened within milliseconds and the
+/// consumer gave up for good. `BEGIN IMMEDIATE` waits for the lock under the busy
+/// timeout instead.
+fn write_tx(conn: &rusqlite::Connection) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+    rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)
+}
+
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -170,10 +184,7 @@ impl Cursors {
         resolved: &[i64],
     ) -> Result<(), StoreError> {
         let op = "write cursors and dead letters";
-        let tx = self
-            .conn
-            .unchecked_transaction()
-            .map_err(StoreError::sqlite(op))?;
+        let tx = write_tx(&self.conn).map_err(StoreError::sqlite(op))?;
         let now = chrono::Utc::now().timestamp_millis();
         for d in dead {
             tx.prepare_cached(UPSERT_SQL)
@@ -245,10 +256,9 @@ impl Cursors {
     /// start and returns what the guard needs (see the module documentation).
     pub fn begin_start(&self, name: &str, cursor: u64) -> Result<StartCheck, StoreError> {
         let op = "record a consumer start";
-        let tx = self
-            .conn
-            .unchecked_transaction()
-            .map_err(StoreError::sqlite(op))?;
+        // Reads the row, then writes it: see `write_tx` for why the write lock is
+        // taken up front.
+        let tx = write_tx(&self.conn).map_err(StoreError::sqlite(op))?;
         let row: Option<(Option<i64>, i64, Option<i64>)> = tx
             .query_row(
                 "SELECT start_seq, starts, probe_seq FROM cursors WHERE name = ?1",
@@ -431,9 +441,7 @@ pub fn mark_redrive(path: &Path, consumer: Option<&str>, ids: &[i64]) -> Result<
             )
             .map_err(StoreError::sqlite(op));
     }
-    let tx = conn
-        .unchecked_transaction()
-        .map_err(StoreError::sqlite(op))?;
+    let tx = write_tx(&conn).map_err(StoreError::sqlite(op))?;
     let mut n = 0;
     for id in ids {
         n += tx
@@ -520,6 +528,42 @@ mod tests {
         // A cursor past the head is not written, entries are.
         c.save(&[("mqtt", 99)], &[], &[]).unwrap();
         assert_eq!(c.get_cursor("mqtt").unwrap(), Some(4));
+    }
+
+    #[tokio::test]
+    async fn a_start_waits_while_another_connection_writes() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        // Set by the busy handler: the start is waiting for the write lock.
+        static WAITING: AtomicBool = AtomicBool::new(false);
+        static DONE: AtomicBool = AtomicBool::new(false);
+        fn on_busy(_tries: i32) -> bool {
+            WAITING.store(true, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            true
+        }
+        let (_d, path) = store_with(5).await;
+        let mut c = Cursors::open(&path).unwrap();
+        assert_eq!(c.begin_start("a", 2).unwrap().starts, 1);
+        // Another consumer (or the store writer) is in the middle of a write; it
+        // commits only once the start is seen waiting for it.
+        let (locked_tx, locked) = std::sync::mpsc::channel();
+        let p = path.clone();
+        let writer = std::thread::spawn(move || {
+            let w = schema::open_side(&p).unwrap();
+            w.execute_batch("BEGIN IMMEDIATE; UPDATE cursors SET updated_at = 0 WHERE name = 'b'")
+                .unwrap();
+            locked_tx.send(()).unwrap();
+            while !WAITING.load(Ordering::SeqCst) && !DONE.load(Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            w.execute_batch("COMMIT").unwrap();
+        });
+        locked.recv().unwrap();
+        c.conn.busy_handler(Some(on_busy)).unwrap();
+        let r = c.begin_start("a", 2);
+        DONE.store(true, Ordering::SeqCst);
+        writer.join().unwrap();
+        assert_eq!(r.expect("waits for the lock, not SQLITE_BUSY").starts, 2);
     }
 
     #[tokio::test]
