@@ -902,11 +902,7 @@ async fn an_idle_session_is_closed_after_idle_timeout() {
     d.closed_within(PATIENCE).await;
     // Measured from before the last frame was sent: the gateway's idle clock
     // starts when it reads that frame, which is later.
-    assert!(
-        t.elapsed() >= Duration::from_secs(1),
-        "{:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() >= Duration::from_secs(1), "{:?}", t.elapsed());
     assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
     gw.stop().await;
 }

@@ -2,8 +2,8 @@
 //! the committed seeds on every `cargo test` and the fuzzer (`fuzz/`) and CI
 //! run the same assertions.
 
-pub mod plan;
 pub mod ingest;
+pub mod plan;
 
 use crate::protocol::framing::{Cut, FramerConfig, JunkReason, cut};
 
