@@ -303,6 +303,13 @@ pub struct DeviceEntry {
     pub next_key: Option<String>,
 }
 
+/// Largest `[mqtt] merge_max_packets`.
+pub const MAX_MERGE_PACKETS: u64 = 65_535;
+/// Smallest `[mqtt] max_packet_size`: a data message of a default-size frame fits.
+pub const MIN_PACKET_SIZE: usize = 16 << 10;
+/// Largest `[mqtt] max_packet_size`: the MQTT 3.1.1 remaining-length limit.
+pub const MAX_PACKET_SIZE: usize = 268_435_455;
+
 /// `[mqtt]`: republishing the frame log to an MQTT broker (see README "MQTT").
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -346,6 +353,17 @@ pub struct MqttSection {
     /// Most split-upload groups held open at once; beyond it the oldest is published
     /// incomplete (memory bound).
     pub merge_max_groups: usize,
+    /// Most packets a split upload may announce (PNUM) to be merged; a larger one
+    /// is published packet by packet on the merged topic with `packets.not_merged`.
+    /// Also the most packets one group holds (resent PNOs count).
+    pub merge_max_packets: u64,
+    /// Most bytes all open split-upload groups hold together; beyond it the oldest
+    /// group is published incomplete (memory bound).
+    pub merge_max_bytes: usize,
+    /// Largest MQTT packet the broker accepts (bytes). MQTT 3.1.1 cannot tell the
+    /// client, so it is configured: merged messages are kept under it and the
+    /// client sends nothing larger.
+    pub max_packet_size: usize,
     /// Cap of the exponential reconnect backoff.
     pub reconnect_max: Dur,
 }
@@ -371,6 +389,9 @@ impl Default for MqttSection {
             batch: 1024,
             merge_wait: Dur(Duration::from_secs(60)),
             merge_max_groups: 10_000,
+            merge_max_packets: 256,
+            merge_max_bytes: 64 << 20,
+            max_packet_size: 1 << 20,
             reconnect_max: Dur(Duration::from_secs(10)),
         }
     }
@@ -911,6 +932,31 @@ impl Config {
             if v == 0 {
                 return Err(bad(k, "must be greater than 0".into()));
             }
+        }
+        if !(2..=MAX_MERGE_PACKETS).contains(&m.merge_max_packets) {
+            return Err(bad(
+                "merge_max_packets",
+                format!("must be between 2 and {MAX_MERGE_PACKETS}"),
+            ));
+        }
+        if !(MIN_PACKET_SIZE..=MAX_PACKET_SIZE).contains(&m.max_packet_size) {
+            return Err(bad(
+                "max_packet_size",
+                format!(
+                    "must be between {MIN_PACKET_SIZE} and {MAX_PACKET_SIZE} bytes \
+                     (the MQTT maximum)"
+                ),
+            ));
+        }
+        if m.merge_max_bytes < m.max_packet_size {
+            return Err(bad(
+                "merge_max_bytes",
+                format!(
+                    "must be at least max_packet_size ({} bytes): one merged message \
+                     must fit the budget",
+                    m.max_packet_size
+                ),
+            ));
         }
         let topic_ok = |t: &str| !t.is_empty() && !t.contains(['+', '#', '\0']);
         if !topic_ok(&m.topic_prefix) || m.topic_prefix.ends_with('/') {

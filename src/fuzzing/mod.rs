@@ -2,6 +2,8 @@
 //! the committed seeds on every `cargo test` and the fuzzer (`fuzz/`) and CI
 //! run the same assertions.
 
+pub mod merge;
+
 use crate::protocol::framing::{Cut, FramerConfig, JunkReason, cut};
 
 /// Re-chunking property of the framer.

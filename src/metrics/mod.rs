@@ -338,6 +338,10 @@ pub const CLOSE_REASONS: &[&str] = &[
 const CLOSE_SLOTS: usize = 16;
 const _: () = assert!(CLOSE_REASONS.len() < CLOSE_SLOTS);
 
+/// Caps of the MQTT split-upload merger (`reason` of
+/// `hj212_mqtt_merge_limited_total`, the `as_str` of `publish::merge::Limit`).
+pub const MERGE_LIMITS: [&str; 5] = ["packets", "groups", "bytes", "size", "fields"];
+
 /// Per-upstream series, registered once per forwarder (names come from the config).
 #[derive(Debug, Default)]
 pub struct UpstreamMetrics {
@@ -385,6 +389,11 @@ pub struct Metrics {
     pub mqtt_publishes: Counter,
     /// Publishes the broker confirmed (PUBACK/PUBCOMP; at QoS 0, sent).
     pub mqtt_acks: Counter,
+    /// Bytes held by open split-upload groups (as accounted against `merge_max_bytes`).
+    pub mqtt_merge_bytes: Gauge,
+    /// Open split-upload groups.
+    pub mqtt_merge_groups: Gauge,
+    merge_limited: [Counter; MERGE_LIMITS.len()],
     upstreams: Mutex<Vec<(String, Arc<UpstreamMetrics>)>>,
     /// Process start, unix seconds (set by [`Metrics::mark_start`]).
     start_time_ms: AtomicI64,
@@ -424,6 +433,9 @@ impl Metrics {
             mqtt_connected: Gauge::new(),
             mqtt_publishes: Counter::new(),
             mqtt_acks: Counter::new(),
+            mqtt_merge_bytes: Gauge::new(),
+            mqtt_merge_groups: Gauge::new(),
+            merge_limited: [const { Counter::new() }; MERGE_LIMITS.len()],
             upstreams: Mutex::new(Vec::new()),
             start_time_ms: AtomicI64::new(0),
         }
@@ -455,6 +467,14 @@ impl Metrics {
         self.bytes_in.add(len as u64);
         for f in findings {
             self.findings[finding_index(f.code)].inc();
+        }
+    }
+
+    /// Counts `n` times a split-upload merger cap bit (`reason` one of
+    /// [`MERGE_LIMITS`]; anything else is not counted).
+    pub fn mqtt_merge_limited(&self, reason: &str, n: u64) {
+        if let Some(i) = MERGE_LIMITS.iter().position(|r| *r == reason) {
+            self.merge_limited[i].add(n);
         }
     }
 
@@ -678,6 +698,30 @@ impl Metrics {
             "Publishes confirmed by the broker (PUBACK/PUBCOMP; at QoS 0, sent).",
         );
         e.sample("hj212_mqtt_acks_total", &[], self.mqtt_acks.get());
+        e.family(
+            "hj212_mqtt_merge_bytes",
+            "gauge",
+            "Bytes held by open split-upload groups, as accounted against merge_max_bytes.",
+        );
+        e.sample("hj212_mqtt_merge_bytes", &[], self.mqtt_merge_bytes.get());
+        e.family(
+            "hj212_mqtt_merge_groups",
+            "gauge",
+            "Split-upload groups open in the MQTT publisher's merger.",
+        );
+        e.sample("hj212_mqtt_merge_groups", &[], self.mqtt_merge_groups.get());
+        e.family(
+            "hj212_mqtt_merge_limited_total",
+            "counter",
+            "Times a split-upload merger cap bit, by reason: packets (PNUM above merge_max_packets, published packet by packet), groups, bytes (group published early), size (message would exceed max_packet_size), fields (header field too long to merge).",
+        );
+        for (i, r) in MERGE_LIMITS.iter().enumerate() {
+            e.sample(
+                "hj212_mqtt_merge_limited_total",
+                &[("reason", r)],
+                self.merge_limited[i].get(),
+            );
+        }
         let ups = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
         if !ups.is_empty() {
             e.family(

@@ -46,7 +46,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::merge::{Merged, Merger, Part};
+use super::merge::{self, Limit, Merged, Merger, Part};
 use super::plan::{self, PlanOptions};
 use super::presence::{DeviceStatus, Presence};
 use crate::config::{ConfigError, MqttSection, parse_broker_url};
@@ -74,8 +74,9 @@ const PERSIST_EVERY: u32 = 4; // ticks of IDLE_POLL: 200 ms
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 /// On stop, how long in-flight publishes get to be acknowledged.
 const STOP_DRAIN: Duration = Duration::from_secs(2);
-/// Largest packet we send; frames are capped far below (1 MiB), merged groups too.
-const MAX_PACKET: usize = 8 << 20;
+/// Bytes of a PUBLISH besides its payload and topic: fixed header (at most 5),
+/// topic length (2) and packet id (2), rounded up.
+const PUBLISH_OVERHEAD: usize = 16;
 
 /// Everything the publisher needs, resolved from `[mqtt]` (files read, URL parsed).
 #[derive(Clone)]
@@ -93,6 +94,9 @@ pub struct MqttSettings {
     batch: usize,
     merge_wait: Duration,
     merge_max_groups: usize,
+    merge_max_packets: u64,
+    merge_max_bytes: usize,
+    max_packet_size: usize,
     reconnect_max: Duration,
     /// Selection and payload options.
     pub plan: PlanOptions,
@@ -155,6 +159,9 @@ impl MqttSettings {
             batch: m.batch,
             merge_wait: m.merge_wait.0,
             merge_max_groups: m.merge_max_groups,
+            merge_max_packets: m.merge_max_packets,
+            merge_max_bytes: m.merge_max_bytes,
+            max_packet_size: m.max_packet_size,
             reconnect_max: m.reconnect_max.0,
             plan: PlanOptions {
                 prefix: m.topic_prefix.clone(),
@@ -162,6 +169,20 @@ impl MqttSettings {
                 include_raw: m.include_raw,
             },
         })
+    }
+
+    /// The split-upload merger's caps: a merged message, its topic included,
+    /// stays within `max_packet_size`.
+    fn merge_limits(&self) -> merge::Limits {
+        // `{prefix}/{mn}/{cn}/merged`: the merger accounts MN and CN itself.
+        let fixed = self.plan.prefix.len() + "///merged".len() + PUBLISH_OVERHEAD;
+        merge::Limits {
+            wait: self.merge_wait,
+            max_groups: self.merge_max_groups,
+            max_packets: self.merge_max_packets,
+            max_bytes: self.merge_max_bytes,
+            max_message: self.max_packet_size.saturating_sub(fixed),
+        }
     }
 
     fn gateway_topic(&self) -> String {
@@ -175,7 +196,7 @@ impl MqttSettings {
             .set_clean_session(true)
             .set_inflight(u16::try_from(self.max_inflight).unwrap_or(u16::MAX))
             .set_request_channel_capacity(self.max_inflight + 16)
-            .set_max_packet_size(MAX_PACKET, MAX_PACKET)
+            .set_max_packet_size(self.max_packet_size, self.max_packet_size)
             .set_last_will(LastWill::new(self.gateway_topic(), OFFLINE, self.qos, true));
         if let Some(u) = &self.username {
             o.set_credentials(u.clone(), self.password.clone().unwrap_or_default());
@@ -383,7 +404,7 @@ impl Publisher {
             "MQTT publisher resumes from its cursor"
         );
         Ok(Publisher {
-            merger: Merger::new(s.merge_wait, s.merge_max_groups),
+            merger: Merger::new(s.merge_limits()),
             s,
             reader: Arc::new(Mutex::new(reader)),
             committed,
@@ -695,6 +716,14 @@ impl Publisher {
     }
 
     fn enqueue_merged(&mut self, groups: Vec<Merged>) {
+        let m = &crate::metrics::METRICS;
+        for (l, n) in Limit::ALL.into_iter().zip(self.merger.take_limited()) {
+            m.mqtt_merge_limited(l.as_str(), n);
+        }
+        m.mqtt_merge_bytes
+            .set(i64::try_from(self.merger.held_bytes()).unwrap_or(i64::MAX));
+        m.mqtt_merge_groups
+            .set(i64::try_from(self.merger.len()).unwrap_or(i64::MAX));
         for g in groups {
             let id = self.next_merged_id;
             self.next_merged_id += 1;
