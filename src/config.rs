@@ -1274,6 +1274,36 @@ mod tests {
     }
 
     #[test]
+    fn mqtt_merge_limit_keys() {
+        let c = Config::parse("", Path::new("t.toml")).unwrap();
+        assert_eq!(
+            (
+                c.mqtt.merge_max_packets,
+                c.mqtt.merge_max_bytes,
+                c.mqtt.max_packet_size
+            ),
+            (256, 64 << 20, 1 << 20)
+        );
+        for bad in [
+            "merge_max_packets = 1",
+            "merge_max_packets = 65536",
+            "max_packet_size = 1000",
+            "max_packet_size = 268435456",
+            "merge_max_bytes = 1000",
+        ] {
+            let key = bad.split(' ').next().unwrap();
+            let e = err(&format!("[mqtt]\n{bad}"));
+            assert!(e.contains(&format!("`mqtt.{key}`")), "{bad}: {e}");
+        }
+        let c = Config::parse(
+            "[mqtt]\nmax_packet_size = 16384\nmerge_max_bytes = 16384\nmerge_max_packets = 2",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.mqtt.merge_max_bytes, 16384);
+    }
+
+    #[test]
     fn upstream_keys() {
         let c = Config::parse(
             "[[upstream]]\nname = \"prov\"\naddr = \"10.0.0.1:9000\"\n\

@@ -32,6 +32,10 @@
 //! Split-upload groups are rebuilt on start from the second cursor
 //! `mqtt.merge` (the lowest seq of any group still open or whose merged message
 //! is not yet acknowledged), so a restart loses no group.
+//!
+//! MQTT 3.1.1 gives the client no way to learn the broker's packet limit, so it
+//! is configured (`max_packet_size`): the client sends nothing larger and the
+//! merger keeps every merged message, topic included, under it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
