@@ -73,6 +73,27 @@ enum DirectionArg {
     All,
 }
 
+/// What `dead-letters` does besides listing.
+#[derive(Debug, Subcommand)]
+enum DeadLettersAction {
+    /// Mark entries for re-drive: the running gateway's consumer sends them once
+    /// more (within seconds, or at its next start) and marks them resolved, or dead
+    /// again with one more attempt.
+    ///
+    /// Examples:
+    ///   hj212-gateway dead-letters redrive --id 12 --id 13
+    ///   hj212-gateway dead-letters redrive --consumer upstream.cnemc --all
+    #[command(verbatim_doc_comment)]
+    Redrive {
+        /// An entry id from the listing (repeatable).
+        #[arg(long = "id")]
+        ids: Vec<i64>,
+        /// Every `dead` entry (of --consumer, if given).
+        #[arg(long)]
+        all: bool,
+    },
+}
+
 /// What `command` asks the device.
 #[derive(Debug, Subcommand)]
 enum CommandAction {
@@ -414,6 +435,34 @@ enum Command {
         /// JSON lines (schema hj212.downlink_exchange.v1) instead of the table.
         #[arg(long)]
         json: bool,
+    },
+    /// List the records the log's consumers could not deliver and set aside (see README "Dead letters").
+    ///
+    /// Examples:
+    ///   hj212-gateway dead-letters --data /var/lib/hj212-gateway
+    ///   hj212-gateway dead-letters --consumer mqtt --json
+    ///   hj212-gateway dead-letters redrive --id 12
+    ///
+    /// Exit 0 on success, 2 on usage or store errors.
+    #[command(verbatim_doc_comment)]
+    DeadLetters {
+        /// Data directory (default: $STATE_DIRECTORY, else ./data).
+        #[arg(long, conflicts_with = "db", global = true)]
+        data: Option<PathBuf>,
+        /// The SQLite file itself.
+        #[arg(long, global = true)]
+        db: Option<PathBuf>,
+        /// Only this consumer: mqtt, mqtt.merge, mqtt.alarms, upstream.<name>, alarms.
+        #[arg(long, global = true)]
+        consumer: Option<String>,
+        /// Only entries in this state: dead, redrive, resolved.
+        #[arg(long)]
+        state: Option<String>,
+        /// JSON lines (schema hj212.dead_letter.v1) instead of the table.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<DeadLettersAction>,
     },
     /// Send a request to a connected device through the running gateway and print each step.
     ///
@@ -785,6 +834,41 @@ pub fn main() -> ExitCode {
                 json,
             };
             match exchanges::run(&args, &mut std::io::stdout().lock()) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
+        Command::DeadLetters {
+            data,
+            db,
+            consumer,
+            state,
+            json,
+            action,
+        } => {
+            let db = cmd::resolve_db(data.as_deref(), db.as_deref(), None);
+            let mut out = std::io::stdout().lock();
+            let r = match action {
+                None => cmd::dead_letters::list(
+                    &cmd::dead_letters::ListArgs {
+                        db,
+                        consumer,
+                        state,
+                        json,
+                    },
+                    &mut out,
+                ),
+                Some(DeadLettersAction::Redrive { ids, all }) => cmd::dead_letters::redrive(
+                    &cmd::dead_letters::RedriveArgs {
+                        db,
+                        consumer,
+                        ids,
+                        all,
+                    },
+                    &mut out,
+                ),
+            };
+            match r {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => fail(&e),
             }

@@ -194,6 +194,11 @@ pub struct StoreSection {
     pub feed_records: usize,
     /// Nice steps the writer thread runs above the rest of the gateway (0..=20).
     pub writer_boost: u8,
+    /// Crash-loop guard of the log's consumers (MQTT, upstreams, alarms): after this
+    /// many consecutive starts at the same cursor without a clean stop, a consumer
+    /// marks each record before working on it, so one more crash names the record,
+    /// which the next start sets aside (dead letter, reason `crash`). 1..=100.
+    pub crash_loop_starts: u32,
 }
 
 impl Default for StoreSection {
@@ -206,6 +211,7 @@ impl Default for StoreSection {
             queue: 8192,
             feed_records: 8192,
             writer_boost: 5,
+            crash_loop_starts: 2,
         }
     }
 }
@@ -305,10 +311,6 @@ pub struct DeviceEntry {
 
 /// Largest `[mqtt] merge_max_packets`.
 pub const MAX_MERGE_PACKETS: u64 = 65_535;
-/// Smallest `[mqtt] max_packet_size`: a data message of a default-size frame fits.
-pub const MIN_PACKET_SIZE: usize = 16 << 10;
-/// Largest `[mqtt] max_packet_size`: the MQTT 3.1.1 remaining-length limit.
-pub const MAX_PACKET_SIZE: usize = 268_435_455;
 
 /// `[mqtt]`: republishing the frame log to an MQTT broker (see README "MQTT").
 #[derive(Debug, Clone, Deserialize)]
@@ -360,12 +362,17 @@ pub struct MqttSection {
     /// Most bytes all open split-upload groups hold together; beyond it the oldest
     /// group is published incomplete (memory bound).
     pub merge_max_bytes: usize,
-    /// Largest MQTT packet the broker accepts (bytes). MQTT 3.1.1 cannot tell the
-    /// client, so it is configured: merged messages are kept under it and the
-    /// client sends nothing larger.
-    pub max_packet_size: usize,
     /// Cap of the exponential reconnect backoff.
     pub reconnect_max: Dur,
+    /// Largest MQTT packet the publisher sends (set it to the broker's limit). A
+    /// message that would exceed it is not sent: its record is set aside (dead
+    /// letter, reason `oversize`); merged split uploads are kept under it.
+    /// 1024..=268435455 bytes.
+    pub max_packet_size: usize,
+    /// Connection losses with the same message alone in flight before that message
+    /// is set aside (dead letter, reason `broker_refused`): how a broker refuses a
+    /// publish under MQTT 3.1.1. 1..=100.
+    pub max_refusals: u32,
 }
 
 impl Default for MqttSection {
@@ -393,6 +400,7 @@ impl Default for MqttSection {
             merge_max_bytes: 64 << 20,
             max_packet_size: 1 << 20,
             reconnect_max: Dur(Duration::from_secs(10)),
+            max_refusals: 3,
         }
     }
 }
@@ -455,6 +463,12 @@ pub struct UpstreamEntry {
     /// `now` or `oldest`: where the cursor starts the first time.
     #[serde(default)]
     pub start: UpstreamStart,
+    /// Rounds of `1 + retries` sends without the platform's ack after which a frame
+    /// is set aside (dead letter, reason `no_ack`), provided the platform acks the
+    /// next frame (a platform that acks nothing is an outage, not a poison frame).
+    /// 1..=1000.
+    #[serde(default = "default_dead_letter_after")]
+    pub dead_letter_after: u32,
 }
 
 fn yes() -> bool {
@@ -464,6 +478,9 @@ fn default_ack_timeout() -> Dur {
     Dur(Duration::from_secs(10))
 }
 fn default_retries() -> u32 {
+    3
+}
+fn default_dead_letter_after() -> u32 {
     3
 }
 
@@ -542,6 +559,10 @@ pub struct AlarmsSection {
     pub reference_o2: Option<f64>,
     /// Nice steps the detector's thread runs below the gateway (0 = the same).
     pub nice: u8,
+    /// Failed commits of one step's alarm events after which they are set aside
+    /// (dead letter `alarms`, reason `store_refused`) and the cursor moves on.
+    /// 1..=1000.
+    pub max_store_failures: u32,
     /// Detectors switched off everywhere, e.g. `["value.stuck"]`.
     pub disabled: Vec<String>,
     /// Per-factor settings.
@@ -573,6 +594,7 @@ impl Default for AlarmsSection {
             mismatch_abs: 1.0,
             reference_o2: None,
             nice: 10,
+            max_store_failures: 10,
             disabled: Vec::new(),
             factor: Default::default(),
             device: Default::default(),
@@ -738,6 +760,12 @@ impl Config {
                 "must be between 0 and 20 (nice steps)".into(),
             ));
         }
+        if !(1..=100).contains(&self.store.crash_loop_starts) {
+            return Err(bad(
+                "store.crash_loop_starts",
+                "must be between 1 and 100".into(),
+            ));
+        }
         if self.server.max_frame_bytes < 64 || self.server.max_frame_bytes > 1 << 20 {
             return Err(bad(
                 "server.max_frame_bytes",
@@ -815,6 +843,12 @@ impl Config {
             message,
         };
         let a = &self.alarms;
+        if !(1..=1000).contains(&a.max_store_failures) {
+            return Err(bad(
+                "alarms.max_store_failures".into(),
+                "must be between 1 and 1000".into(),
+            ));
+        }
         let positive = [
             ("tick", a.tick.0.is_zero()),
             ("offline_factor", a.offline_factor == 0),
@@ -939,25 +973,6 @@ impl Config {
                 format!("must be between 2 and {MAX_MERGE_PACKETS}"),
             ));
         }
-        if !(MIN_PACKET_SIZE..=MAX_PACKET_SIZE).contains(&m.max_packet_size) {
-            return Err(bad(
-                "max_packet_size",
-                format!(
-                    "must be between {MIN_PACKET_SIZE} and {MAX_PACKET_SIZE} bytes \
-                     (the MQTT maximum)"
-                ),
-            ));
-        }
-        if m.merge_max_bytes < m.max_packet_size {
-            return Err(bad(
-                "merge_max_bytes",
-                format!(
-                    "must be at least max_packet_size ({} bytes): one merged message \
-                     must fit the budget",
-                    m.max_packet_size
-                ),
-            ));
-        }
         let topic_ok = |t: &str| !t.is_empty() && !t.contains(['+', '#', '\0']);
         if !topic_ok(&m.topic_prefix) || m.topic_prefix.ends_with('/') {
             return Err(bad(
@@ -1008,6 +1023,26 @@ impl Config {
         if m.reconnect_max.0 < Duration::from_millis(100) {
             return Err(bad("reconnect_max", "must be at least 100ms".into()));
         }
+        // 268,435,455: the largest remaining length MQTT can encode.
+        if !(1024..=268_435_455).contains(&m.max_packet_size) {
+            return Err(bad(
+                "max_packet_size",
+                "must be between 1024 and 268435455 bytes".into(),
+            ));
+        }
+        if m.merge_max_bytes < m.max_packet_size {
+            return Err(bad(
+                "merge_max_bytes",
+                format!(
+                    "must be at least max_packet_size ({} bytes): one merged message \
+                     must fit the budget",
+                    m.max_packet_size
+                ),
+            ));
+        }
+        if !(1..=100).contains(&m.max_refusals) {
+            return Err(bad("max_refusals", "must be between 1 and 100".into()));
+        }
         Ok(())
     }
 
@@ -1045,6 +1080,12 @@ impl Config {
             }
             if u.retries > 100 {
                 return Err(bad("retries", "must be at most 100".into()));
+            }
+            if !(1..=1000).contains(&u.dead_letter_after) {
+                return Err(bad(
+                    "dead_letter_after",
+                    "must be between 1 and 1000".into(),
+                ));
             }
         }
         Ok(())

@@ -140,7 +140,9 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
             .config
             .clone()
             .unwrap_or_else(|| PathBuf::from("<defaults>"));
-        Some(MqttSettings::from_config(&cfg.mqtt, &path)?)
+        let mut m = MqttSettings::from_config(&cfg.mqtt, &path)?;
+        m.crash_loop_starts = cfg.store.crash_loop_starts;
+        Some(m)
     } else {
         None
     };
@@ -242,6 +244,7 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
             store_path.clone(),
             shared.store.feed(),
             shared.registry.clone(),
+            shared.cfg.store.crash_loop_starts,
             shutdown.child_token(),
         )
     });

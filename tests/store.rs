@@ -558,7 +558,7 @@ fn config_and_schema_version_are_checked() {
         Store::open(StoreConfig::new(&path)),
         Err(StoreError::SchemaTooNew {
             found: 99,
-            supported: 5
+            supported: 6
         })
     ));
     assert!(matches!(

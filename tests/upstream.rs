@@ -39,6 +39,8 @@ struct Platform {
     per_conn: Arc<Mutex<Vec<usize>>>,
     /// Frames asking for an ack that are left unanswered (from the first on).
     ignore: Arc<AtomicUsize>,
+    /// A QN the platform never acks (a frame it refuses, every time).
+    poison: Arc<Mutex<Option<String>>>,
     tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
     /// Write halves of the accepted connections, to send requests down.
     outs: Arc<Mutex<Vec<Writer>>>,
@@ -54,15 +56,17 @@ impl Platform {
             got: Arc::default(),
             per_conn: Arc::default(),
             ignore: Arc::default(),
+            poison: Arc::default(),
             tasks: Arc::default(),
             outs: Arc::default(),
         };
-        let (got, per_conn, ignore, tasks, outs) = (
+        let (got, per_conn, ignore, tasks, outs, poison) = (
             p.got.clone(),
             p.per_conn.clone(),
             p.ignore.clone(),
             p.tasks.clone(),
             p.outs.clone(),
+            p.poison.clone(),
         );
         let accept = tokio::spawn(async move {
             while let Ok((s, _)) = l.accept().await {
@@ -72,10 +76,19 @@ impl Platform {
                     v.len() - 1
                 };
                 let (got, per_conn, ignore) = (got.clone(), per_conn.clone(), ignore.clone());
+                let poison = poison.clone();
                 let (rd, wr) = s.into_split();
                 let wr = Arc::new(tokio::sync::Mutex::new(wr));
                 outs.lock().unwrap().push(wr.clone());
-                let t = tokio::spawn(serve(rd, wr, idx, got, per_conn, ignore, ack_delay));
+                let t = tokio::spawn(serve(
+                    rd,
+                    wr,
+                    idx,
+                    got,
+                    per_conn,
+                    (ignore, poison),
+                    ack_delay,
+                ));
                 tasks.lock().unwrap().push(t);
             }
         });
@@ -135,7 +148,7 @@ async fn serve(
     idx: usize,
     got: Arc<Mutex<Vec<Vec<u8>>>>,
     per_conn: Arc<Mutex<Vec<usize>>>,
-    ignore: Arc<AtomicUsize>,
+    (ignore, poison): (Arc<AtomicUsize>, Arc<Mutex<Option<String>>>),
     ack_delay: Duration,
 ) {
     let mut codec = Hj212Codec::default();
@@ -153,6 +166,9 @@ async fn serve(
             per_conn.lock().unwrap()[idx] += 1;
             let f = protocol::decode(bytes, &Options::new(chrono::Utc::now()), &());
             let Some(ack) = reply::ack(&f) else { continue };
+            if f.qn().is_some() && poison.lock().unwrap().as_deref() == f.qn() {
+                continue;
+            }
             if ignore
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                 .is_ok()
@@ -741,5 +757,96 @@ async fn rejected_frames_do_not_wait_for_an_ack() {
     d.send_unacked(&next).await;
     assert_eq!(p.wait_for(2).await, [bad, next]);
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    gw.running.stop().await.expect("stop");
+}
+
+/// A frame the platform never acks is set aside once the platform acks the next
+/// one, and forwarding goes on; a re-drive sends it again; a platform that acks
+/// nothing sets nothing aside (an outage is not a poison frame).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_the_platform_never_acks_is_set_aside_and_forwarding_goes_on() {
+    use hj212_gateway::store::{DeadLetterFilter, list_dead_letters, mark_redrive};
+    let p = Platform::start("127.0.0.1:0", Duration::ZERO).await;
+    *p.poison.lock().unwrap() = Some(qn(2));
+    let ups = upstream(
+        "p",
+        p.addr,
+        "ack_timeout = \"100ms\"\nretries = 0\ndead_letter_after = 2",
+    );
+    let gw = start(&config(&ups, "")).await;
+    let mut d = Device::connect(gw.addr).await;
+    let f: Vec<Vec<u8>> = (1..=4).map(|i| upload(&mn(1), &qn(i), "123456")).collect();
+    for x in &f {
+        d.send_acked(x).await;
+    }
+    let deadline = Instant::now() + PATIENCE;
+    while !p.got().contains(&f[3]) {
+        assert!(
+            Instant::now() < deadline,
+            "forwarding stopped at the poison frame: {} frames",
+            p.got().len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got = p.got();
+    assert_eq!(got[0], f[0]);
+    assert_eq!(
+        got.iter().filter(|g| **g == f[1]).count(),
+        2,
+        "two rounds of one send"
+    );
+    let e = list_dead_letters(&gw.db, &DeadLetterFilter::default()).expect("dead letters");
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(
+        (e[0].consumer.as_str(), e[0].reason.as_str()),
+        ("upstream.p", "no_ack")
+    );
+    let poisoned = records(&gw.db)
+        .into_iter()
+        .find(|r| r.raw == f[1])
+        .expect("stored")
+        .seq;
+    assert_eq!(e[0].seq, poisoned);
+
+    // The platform takes it now: a re-drive sends it and resolves the entry.
+    *p.poison.lock().unwrap() = None;
+    assert_eq!(
+        mark_redrive(&gw.db, Some("upstream.p"), &[]).expect("mark"),
+        1
+    );
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let e = list_dead_letters(&gw.db, &DeadLetterFilter::default()).expect("dead letters");
+        if e[0].state == "resolved" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "re-drive not resolved: {e:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(p.got().iter().filter(|g| **g == f[1]).count(), 3);
+    gw.running.stop().await.expect("stop");
+
+    // A platform that acks nothing: rounds go by, nothing is set aside.
+    let q = Platform::start("127.0.0.1:0", Duration::ZERO).await;
+    q.ignore.store(usize::MAX, Ordering::SeqCst);
+    let ups = upstream(
+        "q",
+        q.addr,
+        "ack_timeout = \"100ms\"\nretries = 0\ndead_letter_after = 1",
+    );
+    let gw = start(&config(&ups, "")).await;
+    let mut d = Device::connect(gw.addr).await;
+    for x in &f[..2] {
+        d.send_acked(x).await;
+    }
+    // The first frame's round, then the second frame tried as a probe, then the first again.
+    let deadline = Instant::now() + PATIENCE;
+    while q.got().len() < 4 {
+        assert!(Instant::now() < deadline, "platform got {}", q.got().len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(q.got().contains(&f[1]), "the next frame was tried");
+    let e = list_dead_letters(&gw.db, &DeadLetterFilter::default()).expect("dead letters");
+    assert!(e.is_empty(), "an outage sets nothing aside: {e:?}");
     gw.running.stop().await.expect("stop");
 }

@@ -8,6 +8,15 @@
 //! committed in one transaction. Between steps it waits for the next commit, or
 //! `tick` when nothing is committed.
 //!
+//! A step whose events the store keeps refusing (`[alarms] max_store_failures`
+//! commits in a row) is set aside: a dead letter `alarms` (seq = the step's last
+//! record, reason `store_refused`, the error and the number of events lost) is
+//! written with the cursor, and detection goes on. A disk that is full refuses the
+//! dead letter too, so then nothing moves until it is not. The crash-loop guard of
+//! the log's consumers (see `crate::store`) marks each record before the engine
+//! sees it while a crash loop is suspected; the record it died on is skipped on the
+//! next start (dead letter, reason `crash`).
+//!
 //! On start the engine is rebuilt: up to `lookback` records before the cursor are fed
 //! with their events discarded (cadences, windows, runs), then the active set is
 //! replaced by the table's active alarms, so nothing active is raised twice. A store
@@ -110,6 +119,14 @@ struct Detector {
     /// not taken yet: retried before anything new is read, because the engine's state
     /// has already moved past them and must not see the same records twice.
     pending: Option<(Vec<AlarmEvent>, u64)>,
+    /// Failed commits of `pending` in a row.
+    failures: u32,
+    max_failures: u32,
+    cursors: Cursors,
+    /// Records set aside after a crash (skipped).
+    dead: std::collections::BTreeSet<u64>,
+    /// Crash-loop guard: records up to here are marked before the engine sees them.
+    careful_until: u64,
 }
 
 impl Detector {
@@ -118,16 +135,27 @@ impl Detector {
         db: &Path,
         feed: Arc<Feed>,
         registry: Arc<SharedRegistry>,
+        crash_loop_starts: u32,
     ) -> Result<Self, StoreError> {
         let reader = FeedReader::new(feed, Reader::open(db)?);
         let alarms = AlarmStore::open(db)?;
         let cursors = Cursors::open(db)?;
+        let head = reader.reader().last_seq()?;
         let cursor = match cursors.get_cursor(CURSOR)? {
             Some(c) => c,
-            None => reader.reader().last_seq()?,
+            None => head,
         };
         let lookback = cfg.lookback as u64;
+        // The warm-up feeds records before the cursor to the engine too: guarded
+        // from where it starts.
+        let from = cursor.saturating_sub(lookback);
+        let careful_until = cursors.guard_start(CURSOR, from, head, crash_loop_starts)?;
+        let dead = cursors
+            .dead_seqs(CURSOR, from, 100_000)?
+            .into_iter()
+            .collect();
         let tick_ms = cfg.tick.0.as_millis() as i64;
+        let max_failures = cfg.max_store_failures;
         let mut d = Detector {
             feeder: Feeder::new(Engine::new(cfg)),
             reader,
@@ -138,15 +166,23 @@ impl Detector {
             wall_tick: i64::MIN,
             persisted: (cursor, Instant::now()),
             pending: None,
+            failures: 0,
+            max_failures,
+            cursors,
+            dead,
+            careful_until,
         };
-        let mut after = cursor.saturating_sub(lookback);
+        let mut after = from;
         let mut warmed = 0usize;
         while after < cursor {
-            let page = d.reader.read_from(after, PAGE)?;
+            let page = d.reader.read_from(after, d.page_size(after))?;
             if page.is_empty() {
                 break;
             }
             for r in page.iter().take_while(|r| r.seq <= cursor) {
+                if !d.admit(r)? {
+                    continue;
+                }
                 let video = d.is_video(r);
                 let _ = d.feeder.feed(r, video);
                 warmed += 1;
@@ -173,15 +209,49 @@ impl Detector {
         })
     }
 
+    /// Records per read: one while careful (each is marked first).
+    fn page_size(&self, after: u64) -> usize {
+        if after < self.careful_until { 1 } else { PAGE }
+    }
+
+    /// Whether `r` goes to the engine: not a record set aside after a crash. In
+    /// careful mode it is marked first (see the module documentation).
+    fn admit(&mut self, r: &StoredRecord) -> Result<bool, StoreError> {
+        if self.dead.contains(&r.seq) {
+            return Ok(false);
+        }
+        if self.careful_until > 0 {
+            if r.seq <= self.careful_until {
+                self.cursors.set_probe(CURSOR, Some(r.seq))?;
+            } else {
+                self.cursors.set_probe(CURSOR, None)?;
+                self.careful_until = 0;
+                info!("alarm detector passed the stretch it crashed in");
+            }
+        }
+        Ok(true)
+    }
+
     /// One step; returns true when caught up.
     fn step(&mut self, now_ms: i64) -> Result<bool, StoreError> {
         if let Some((events, next)) = self.pending.take() {
-            self.persist(events, next)?;
+            if let Err(e) = self.persist(events, next) {
+                self.failures += 1;
+                if self.failures < self.max_failures {
+                    return Err(e);
+                }
+                self.set_aside(next, &e)?;
+            }
+            self.failures = 0;
         }
-        let page = self.reader.read_from(self.cursor, PAGE)?;
-        let caught_up = page.len() < PAGE;
+        let size = self.page_size(self.cursor);
+        let page = self.reader.read_from(self.cursor, size)?;
+        let caught_up = page.len() < size;
         let mut events = Vec::new();
         for r in &page {
+            if !self.admit(r)? {
+                continue;
+            }
             let video = self.is_video(r);
             events.extend(self.feeder.feed(r, video));
         }
@@ -208,6 +278,29 @@ impl Detector {
         }
         self.persist(events, next)?;
         Ok(caught_up)
+    }
+
+    /// The pending events keep failing: they are dropped and the step's last record
+    /// set aside with the cursor moving past it, in one transaction. If that fails
+    /// too the events stay pending.
+    fn set_aside(&mut self, next: u64, e: &StoreError) -> Result<(), StoreError> {
+        let n = self.pending.as_ref().map_or(0, |(ev, _)| ev.len());
+        let dl = crate::store::DeadLetter {
+            consumer: CURSOR.into(),
+            seq: next,
+            reason: "store_refused",
+            detail: format!(
+                "{n} alarm events of the step ending here not stored after {} commits: {e}",
+                self.failures
+            ),
+        };
+        self.cursors.save(&[(CURSOR, next)], &[dl], &[])?;
+        self.pending = None;
+        self.cursor = next;
+        self.persisted = (next, Instant::now());
+        crate::metrics::METRICS.dead_letter(CURSOR, "store_refused");
+        error!(seq = next, events = n, error = %e, "alarm events the store keeps refusing set aside (dead letter); detection goes on");
+        Ok(())
     }
 
     /// Writes the cursor if it moved since it was last written (on stop).
@@ -249,6 +342,7 @@ pub fn spawn(
     db: PathBuf,
     feed: Arc<Feed>,
     registry: Arc<SharedRegistry>,
+    crash_loop_starts: u32,
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
     let rt = tokio::runtime::Handle::current();
@@ -260,7 +354,7 @@ pub fn spawn(
             // the blocking pool.
             let _context = rt.enter();
             lower_priority(cfg.nice);
-            run(&rt, cfg, &db, feed, registry, &shutdown);
+            run(&rt, cfg, &db, feed, registry, crash_loop_starts, &shutdown);
             let _ = stopped.send(());
         });
     if let Err(e) = thread {
@@ -293,11 +387,12 @@ fn run(
     db: &Path,
     feed: Arc<Feed>,
     registry: Arc<SharedRegistry>,
+    crash_loop_starts: u32,
     shutdown: &CancellationToken,
 ) {
     let tick = cfg.tick.0;
     let mut committed = feed.subscribe();
-    let mut d = match Detector::open(cfg, db, feed, registry) {
+    let mut d = match Detector::open(cfg, db, feed, registry, crash_loop_starts) {
         Ok(d) => d,
         Err(e) => {
             error!(error = %e, "alarm detector cannot open the frame log; no alarms");
@@ -343,5 +438,15 @@ fn run(
     }
     if let Err(e) = d.flush_cursor() {
         warn!(error = %e, "alarm detector cursor not written at stop");
+    }
+    let careful = d.careful_until > 0;
+    let stopped = if careful {
+        d.cursors.set_probe(CURSOR, None)
+    } else {
+        Ok(())
+    }
+    .and_then(|()| d.cursors.clean_stop(CURSOR));
+    if let Err(e) = stopped {
+        warn!(error = %e, "alarm detector clean stop not recorded; the next start counts as after a crash");
     }
 }

@@ -7,6 +7,7 @@
 pub mod alarms;
 pub mod capture;
 pub mod command;
+pub mod dead_letters;
 pub mod decode;
 pub mod exchanges;
 pub mod export;

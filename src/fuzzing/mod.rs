@@ -3,8 +3,11 @@
 //! run the same assertions.
 
 pub mod merge;
+pub mod plan;
 
 use crate::protocol::framing::{Cut, FramerConfig, JunkReason, cut};
+
+pub use plan::plan_record;
 
 /// Re-chunking property of the framer.
 ///

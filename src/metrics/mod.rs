@@ -341,6 +341,19 @@ const _: () = assert!(CLOSE_REASONS.len() < CLOSE_SLOTS);
 /// Caps of the MQTT split-upload merger (`reason` of
 /// `hj212_mqtt_merge_limited_total`, the `as_str` of `publish::merge::Limit`).
 pub const MERGE_LIMITS: [&str; 5] = ["packets", "groups", "bytes", "size", "fields"];
+/// Consumers of `hj212_dead_letters_total`, sorted. Every upstream forwarder counts
+/// as `upstream` (the entry in the store names which one); `mqtt.status` counts
+/// presence and gateway-status messages the publisher gave up on (they have no
+/// record to set aside).
+pub const DEAD_LETTER_CONSUMERS: [&str; 6] = [
+    "alarms",
+    "mqtt",
+    "mqtt.alarms",
+    "mqtt.merge",
+    "mqtt.status",
+    "upstream",
+];
+const DL_REASONS: usize = crate::store::DEAD_LETTER_REASONS.len();
 
 /// Per-upstream series, registered once per forwarder (names come from the config).
 #[derive(Debug, Default)]
@@ -394,6 +407,9 @@ pub struct Metrics {
     /// Open split-upload groups.
     pub mqtt_merge_groups: Gauge,
     merge_limited: [Counter; MERGE_LIMITS.len()],
+    dead_letters: [[Counter; DL_REASONS]; DEAD_LETTER_CONSUMERS.len()],
+    /// Consumer starts that found the previous run had died on a record (crash-loop guard).
+    pub consumer_crashes: Counter,
     upstreams: Mutex<Vec<(String, Arc<UpstreamMetrics>)>>,
     /// Process start, unix seconds (set by [`Metrics::mark_start`]).
     start_time_ms: AtomicI64,
@@ -436,6 +452,9 @@ impl Metrics {
             mqtt_merge_bytes: Gauge::new(),
             mqtt_merge_groups: Gauge::new(),
             merge_limited: [const { Counter::new() }; MERGE_LIMITS.len()],
+            dead_letters: [const { [const { Counter::new() }; DL_REASONS] };
+                DEAD_LETTER_CONSUMERS.len()],
+            consumer_crashes: Counter::new(),
             upstreams: Mutex::new(Vec::new()),
             start_time_ms: AtomicI64::new(0),
         }
@@ -492,6 +511,37 @@ impl Metrics {
         self.items[FrameVerdict::Junk as usize].inc();
         self.bytes_in.add(len as u64);
         self.junk_bytes.add(len as u64);
+    }
+
+    /// Counts a record (or message) `consumer` set aside for `reason` (one of
+    /// [`crate::store::DEAD_LETTER_REASONS`]). `upstream.<name>` counts as `upstream`.
+    pub fn dead_letter(&self, consumer: &str, reason: &str) {
+        let c = if consumer.starts_with("upstream.") {
+            "upstream"
+        } else {
+            consumer
+        };
+        let (Ok(i), Some(j)) = (
+            DEAD_LETTER_CONSUMERS.binary_search(&c),
+            crate::store::DEAD_LETTER_REASONS
+                .iter()
+                .position(|r| *r == reason),
+        ) else {
+            return;
+        };
+        self.dead_letters[i][j].inc();
+    }
+
+    /// The count of [`dead_letter`](Self::dead_letter) for one pair (tests, health).
+    pub fn dead_letters(&self, consumer: &str, reason: &str) -> u64 {
+        let i = DEAD_LETTER_CONSUMERS.binary_search(&consumer).ok();
+        let j = crate::store::DEAD_LETTER_REASONS
+            .iter()
+            .position(|r| *r == reason);
+        match (i, j) {
+            (Some(i), Some(j)) => self.dead_letters[i][j].get(),
+            _ => 0,
+        }
     }
 
     /// The series of upstream `name` (created on first use; cold path).
@@ -722,6 +772,30 @@ impl Metrics {
                 self.merge_limited[i].get(),
             );
         }
+        e.family(
+            "hj212_dead_letters_total",
+            "counter",
+            "Records (or messages) a log consumer could not deliver and set aside, by consumer and reason.",
+        );
+        for (i, c) in DEAD_LETTER_CONSUMERS.iter().enumerate() {
+            for (j, r) in crate::store::DEAD_LETTER_REASONS.iter().enumerate() {
+                e.sample(
+                    "hj212_dead_letters_total",
+                    &[("consumer", c), ("reason", r)],
+                    self.dead_letters[i][j].get(),
+                );
+            }
+        }
+        e.family(
+            "hj212_consumer_crashes_total",
+            "counter",
+            "Consumer starts that found the previous run died on a record (crash-loop guard).",
+        );
+        e.sample(
+            "hj212_consumer_crashes_total",
+            &[],
+            self.consumer_crashes.get(),
+        );
         let ups = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
         if !ups.is_empty() {
             e.family(
@@ -776,6 +850,10 @@ mod tests {
         assert!(
             CLOSE_REASONS.windows(2).all(|w| w[0] < w[1]),
             "sorted, unique"
+        );
+        assert!(
+            DEAD_LETTER_CONSUMERS.windows(2).all(|w| w[0] < w[1]),
+            "sorted, unique (binary search)"
         );
     }
 

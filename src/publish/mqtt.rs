@@ -36,6 +36,31 @@
 //! MQTT 3.1.1 gives the client no way to learn the broker's packet limit, so it
 //! is configured (`max_packet_size`): the client sends nothing larger and the
 //! merger keeps every merged message, topic included, under it.
+//!
+//! # No message can stop the publisher
+//!
+//! A message the broker will not take would otherwise be sent again after every
+//! reconnect, for ever, and nothing behind it would go out. So (see
+//! `crate::store` dead letters):
+//!
+//! - What can be checked here is checked before the client sees it: the topic
+//!   ([`plan::topic_problem`]) and the packet size against `mqtt.max_packet_size`.
+//!   A record that fails is set aside at once (reason `invalid_topic` or `oversize`).
+//! - A broker refuses a publish under MQTT 3.1.1 by closing the connection. When a
+//!   connection is lost with several publishes outstanding, the next connection
+//!   sends those one at a time; a loss with a single message outstanding counts
+//!   against that message, and after `mqtt.max_refusals` such losses it is set
+//!   aside (reason `broker_refused`, the client's error as detail).
+//! - Set-aside records are written with the cursor in one transaction, and the
+//!   cursor moves on. Merged groups are set aside as `mqtt.merge` (seq = first
+//!   packet), alarm events as `mqtt.alarms` (seq = event id).
+//! - Crash-loop guard: the publisher counts its starts in its cursor row; after
+//!   `[store] crash_loop_starts` starts at the same place without a clean stop it
+//!   reads one record at a time and marks each before planning and merging it, so
+//!   a record that aborts the process is set aside (reason `crash`) on the next
+//!   start.
+//! - Entries an operator marks for re-drive are published once more (outside the
+//!   cursor) and resolved on their acknowledgement.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -51,10 +76,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::merge::{self, Limit, Merged, Merger, Part};
-use super::plan::{self, PlanOptions};
+use super::plan::{self, Decision, PlanOptions, Refusal};
 use super::presence::{DeviceStatus, Presence};
 use crate::config::{ConfigError, MqttSection, parse_broker_url};
-use crate::store::{AlarmStore, Cursors, Feed, FeedReader, Reader, StoreError};
+use crate::store::{
+    AlarmStore, Cursors, DeadLetter, DeadLetterRow, Feed, FeedReader, Reader, StoreError,
+};
 
 /// Cursor of published (and acknowledged) records.
 pub const CURSOR: &str = "mqtt";
@@ -81,6 +108,19 @@ const STOP_DRAIN: Duration = Duration::from_secs(2);
 /// Bytes of a PUBLISH besides its payload and topic: fixed header (at most 5),
 /// topic length (2) and packet id (2), rounded up.
 const PUBLISH_OVERHEAD: usize = 16;
+/// Largest packet we accept from the broker (we subscribe to nothing).
+const MAX_PACKET: usize = 8 << 20;
+/// Consumer name of merged split-upload groups in the dead letters.
+pub const MERGE_DEAD: &str = "mqtt.merge";
+/// How often (ticks of IDLE_POLL) the publisher looks for entries to re-drive.
+const REDRIVE_EVERY: u32 = 20; // 1 s
+/// Entries re-driven per look.
+const REDRIVE_BATCH: usize = 64;
+/// Most seqs of set-aside records kept to skip on re-reads (those between the
+/// merge cursor and the read position; pruned as the cursor moves).
+const DEAD_SEQS_MAX: usize = 100_000;
+/// Refusal counters kept at once (one per message alone in flight at a loss).
+const REFUSALS_MAX: usize = 4096;
 
 /// Everything the publisher needs, resolved from `[mqtt]` (files read, URL parsed).
 #[derive(Clone)]
@@ -100,8 +140,11 @@ pub struct MqttSettings {
     merge_max_groups: usize,
     merge_max_packets: u64,
     merge_max_bytes: usize,
-    max_packet_size: usize,
     reconnect_max: Duration,
+    max_packet: usize,
+    max_refusals: u32,
+    /// `[store] crash_loop_starts` (the daemon sets it; default 2).
+    pub crash_loop_starts: u32,
     /// Selection and payload options.
     pub plan: PlanOptions,
 }
@@ -165,8 +208,10 @@ impl MqttSettings {
             merge_max_groups: m.merge_max_groups,
             merge_max_packets: m.merge_max_packets,
             merge_max_bytes: m.merge_max_bytes,
-            max_packet_size: m.max_packet_size,
             reconnect_max: m.reconnect_max.0,
+            max_packet: m.max_packet_size,
+            max_refusals: m.max_refusals,
+            crash_loop_starts: 2,
             plan: PlanOptions {
                 prefix: m.topic_prefix.clone(),
                 publish_rejected: m.publish_rejected,
@@ -185,7 +230,7 @@ impl MqttSettings {
             max_groups: self.merge_max_groups,
             max_packets: self.merge_max_packets,
             max_bytes: self.merge_max_bytes,
-            max_message: self.max_packet_size.saturating_sub(fixed),
+            max_message: self.max_packet.saturating_sub(fixed),
         }
     }
 
@@ -200,7 +245,9 @@ impl MqttSettings {
             .set_clean_session(true)
             .set_inflight(u16::try_from(self.max_inflight).unwrap_or(u16::MAX))
             .set_request_channel_capacity(self.max_inflight + 16)
-            .set_max_packet_size(self.max_packet_size, self.max_packet_size)
+            // Outgoing: what `plan::check_message` lets through, plus slack for
+            // the client's own accounting; the check is the binding limit.
+            .set_max_packet_size(MAX_PACKET, self.max_packet.saturating_add(64))
             .set_last_will(LastWill::new(self.gateway_topic(), OFFLINE, self.qos, true));
         if let Some(u) = &self.username {
             o.set_credentials(u.clone(), self.password.clone().unwrap_or_default());
@@ -315,6 +362,32 @@ enum Tag {
     Presence(String, DeviceStatus),
     Alarm(u64),
     Status,
+    /// A dead letter re-driven: (entry id, consumer, seq).
+    Redrive(i64, &'static str, u64),
+}
+
+/// A message's identity across reconnects, for counting refusals.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    Data(u64),
+    Merged(u64),
+    Alarm(u64),
+    Redrive(i64),
+    Presence(String),
+    Status,
+}
+
+impl Tag {
+    fn key(&self) -> Key {
+        match self {
+            Tag::Data(s) => Key::Data(*s),
+            Tag::Merged(id) => Key::Merged(*id),
+            Tag::Alarm(id) => Key::Alarm(*id),
+            Tag::Redrive(id, ..) => Key::Redrive(*id),
+            Tag::Presence(mn, _) => Key::Presence(mn.clone()),
+            Tag::Status => Key::Status,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -330,7 +403,11 @@ struct ReadItem {
     seq: u64,
     msg: Option<(String, Vec<u8>)>,
     part: Option<Part>,
+    refused: Option<Refusal>,
 }
+
+/// Dead letters and resolved re-drives a cursor write could not save.
+type Unsaved = (Vec<DeadLetter>, Vec<i64>);
 
 /// A read's start, and its items with the last seq it covered.
 type ReadTask = JoinHandle<(u64, Result<(Vec<ReadItem>, u64), StoreError>)>;
@@ -352,7 +429,8 @@ struct Publisher {
     /// Data frontier: every record up to here is acknowledged or not published.
     acked: u64,
     persisted: (u64, u64),
-    persist_task: Option<JoinHandle<()>>,
+    /// The running cursor write; yields what it could not write, to be retried.
+    persist_task: Option<JoinHandle<Option<Unsaved>>>,
     /// `(seq, done)` after `acked` up to `next_read`, in seq order: every inbound
     /// frame read, and the last seq of a stretch that holds nothing to publish.
     window: VecDeque<(u64, bool)>,
@@ -373,6 +451,24 @@ struct Publisher {
     alarm_persisted: u64,
     ctrl: VecDeque<Msg>,
     data: VecDeque<Msg>,
+    /// Set-aside records (and entries resolved) not yet written; written with the
+    /// cursors, in one transaction.
+    dead_pending: Vec<DeadLetter>,
+    resolved_pending: Vec<i64>,
+    /// Seqs of set-aside records at or after the merge cursor: skipped on re-reads.
+    dead_seqs: BTreeSet<u64>,
+    /// Connection losses with one message alone in flight, per message.
+    refusals: HashMap<Key, u32>,
+    /// Messages outstanding at a loss with several outstanding: while any is
+    /// unresolved, publishes go one at a time so the next loss names one.
+    suspects: std::collections::HashSet<Key>,
+    /// Careful mode (crash-loop guard): records up to here are read one at a time,
+    /// each marked in the cursor row first; 0 when off.
+    careful_until: u64,
+    /// Re-driven entries queued on this connection.
+    redriving: std::collections::HashSet<i64>,
+    /// Set-aside messages since the last warning line (a flood logs one line a minute).
+    dead_quiet: (u64, Option<tokio::time::Instant>),
     // Per connection:
     sent_fifo: VecDeque<Tag>,
     inflight: HashMap<u16, Tag>,
@@ -388,7 +484,8 @@ impl Publisher {
     ) -> Result<Publisher, StoreError> {
         let committed = feed.subscribe();
         let db = db.to_owned();
-        let (reader, cursors, data, merge, alarms, alarm) =
+        let crash_loop_starts = s.crash_loop_starts;
+        let (reader, cursors, data, merge, alarms, alarm, dead_seqs, careful_until) =
             tokio::task::spawn_blocking(move || {
                 let reader = FeedReader::new(feed, Reader::open(&db)?);
                 let cursors = Cursors::open(&db)?;
@@ -396,7 +493,22 @@ impl Publisher {
                 let merge = cursors.get_cursor(MERGE_CURSOR)?.unwrap_or(data).min(data);
                 let alarms = AlarmStore::open(&db)?;
                 let alarm = alarms.event_cursor(ALARM_CURSOR)?.unwrap_or(0);
-                Ok::<_, StoreError>((reader, cursors, data, merge, alarms, alarm))
+                let head = reader.reader().last_seq()?;
+                let careful_until = cursors.guard_start(CURSOR, merge, head, crash_loop_starts)?;
+                let dead: BTreeSet<u64> = cursors
+                    .dead_seqs(CURSOR, merge, DEAD_SEQS_MAX)?
+                    .into_iter()
+                    .collect();
+                Ok::<_, StoreError>((
+                    reader,
+                    cursors,
+                    data,
+                    merge,
+                    alarms,
+                    alarm,
+                    dead,
+                    careful_until,
+                ))
             })
             .await
             .map_err(|e| StoreError::Io {
@@ -433,6 +545,14 @@ impl Publisher {
             alarm_persisted: alarm,
             ctrl: VecDeque::new(),
             data: VecDeque::new(),
+            dead_pending: Vec::new(),
+            resolved_pending: Vec::new(),
+            dead_seqs,
+            refusals: HashMap::new(),
+            suspects: std::collections::HashSet::new(),
+            careful_until,
+            redriving: std::collections::HashSet::new(),
+            dead_quiet: (0, None),
             sent_fifo: VecDeque::new(),
             inflight: HashMap::new(),
             in_client: 0,
@@ -474,6 +594,7 @@ impl Publisher {
                 Ended::Shutdown => break,
                 Ended::Lost(e) => {
                     warn!(error = %e, cursor = self.acked, "MQTT connection lost; will resume from the cursor");
+                    self.on_lost(&e);
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(backoff) => {}
@@ -484,9 +605,27 @@ impl Publisher {
         if let Some(t) = self.read_task.take() {
             let _ = t.await;
         }
+        if let Some(t) = self.persist_task.take() {
+            let _ = t.await;
+        }
         self.persist().await;
         if let Some(t) = self.persist_task.take() {
             let _ = t.await;
+        }
+        let cursors = self.cursors.clone();
+        let careful = self.careful_until > 0;
+        let stopped = tokio::task::spawn_blocking(move || {
+            let c = cursors.lock().unwrap_or_else(|e| e.into_inner());
+            if careful {
+                c.set_probe(CURSOR, None)?;
+            }
+            c.clean_stop(CURSOR)
+        })
+        .await;
+        if !matches!(stopped, Ok(Ok(()))) {
+            warn!(
+                "MQTT publisher could not record its clean stop; the next start counts as after a crash"
+            );
         }
         info!(cursor = self.acked, "MQTT publisher stopped");
     }
@@ -505,6 +644,7 @@ impl Publisher {
         self.inflight.clear();
         self.in_client = 0;
         self.caught_up = false;
+        self.redriving.clear();
         self.alarm_next = self.alarm_acked;
         self.alarm_unacked.clear();
         self.ctrl.push_back(Msg {
@@ -584,6 +724,9 @@ impl Publisher {
                         self.enqueue_merged(due);
                     }
                     self.read_alarms().await;
+                    if ticks % REDRIVE_EVERY == 0 {
+                        self.read_redrives().await;
+                    }
                     if ticks % PERSIST_EVERY == 0 {
                         self.persist().await;
                     }
@@ -601,10 +744,24 @@ impl Publisher {
     /// hand back something else, the message is gone from memory and the caller
     /// reconnects, which re-reads everything unacknowledged from the log.
     fn pump(&mut self, client: &AsyncClient) -> Result<(), String> {
-        while self.in_client < self.s.max_inflight {
+        loop {
+            // After a loss with several publishes outstanding: one at a time, so
+            // that a broker closing the connection over one message names it.
+            let window = if self.suspects.is_empty() {
+                self.s.max_inflight
+            } else {
+                1
+            };
+            if self.in_client >= window {
+                break;
+            }
             let Some(m) = self.ctrl.pop_front().or_else(|| self.data.pop_front()) else {
                 break;
             };
+            if let Err(r) = plan::check_message(&m.topic, m.payload.len(), self.s.max_packet) {
+                self.give_up(m.tag, r);
+                continue;
+            }
             let Msg {
                 topic,
                 payload,
@@ -641,7 +798,11 @@ impl Publisher {
     }
 
     fn maybe_read(&mut self) {
-        let limit = self.s.batch;
+        let careful = self.careful_until > self.next_read;
+        if !careful && self.careful_until > 0 {
+            self.end_careful();
+        }
+        let limit = if careful { 1 } else { self.s.batch };
         if self.read_task.is_some()
             || self.caught_up
             || self.data.len() >= limit
@@ -653,7 +814,25 @@ impl Publisher {
         let reader = self.reader.clone();
         let opts = self.s.plan.clone();
         let floor = self.floor;
+        let max_packet = self.s.max_packet;
+        let dead: Vec<u64> = self
+            .dead_seqs
+            .range(after + 1..=after.saturating_add(limit as u64))
+            .copied()
+            .collect();
+        let probe = careful.then(|| self.cursors.clone());
         self.read_task = Some(tokio::task::spawn_blocking(move || {
+            if let Some(c) = probe {
+                // Careful mode: the one seq this read covers is marked before it is
+                // planned and (in `on_read`) merged; a crash there names it.
+                let r = c
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .set_probe(CURSOR, Some(after + 1));
+                if let Err(e) = r {
+                    return (after, Err(e));
+                }
+            }
             let r = reader
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -662,7 +841,19 @@ impl Publisher {
                 let items = recs
                     .into_iter()
                     .map(|rec| {
-                        let planned = plan::plan(&rec, &opts);
+                        if dead.binary_search(&rec.seq).is_ok() {
+                            return ReadItem {
+                                seq: rec.seq,
+                                msg: None,
+                                part: None,
+                                refused: None,
+                            };
+                        }
+                        let (planned, refused) = match plan::decide(&rec, &opts, max_packet) {
+                            Decision::Publish(p) => (Some(p), None),
+                            Decision::Refuse(r) => (None, Some(r)),
+                            Decision::Skip => (None, None),
+                        };
                         let part = planned
                             .as_ref()
                             .and_then(|p| p.object.as_ref())
@@ -673,6 +864,7 @@ impl Publisher {
                                 .filter(|_| rec.seq > floor)
                                 .map(|p| (p.topic, p.payload)),
                             part,
+                            refused: refused.filter(|_| rec.seq > floor),
                         }
                     })
                     .collect::<Vec<_>>();
@@ -696,6 +888,10 @@ impl Publisher {
                     let out = self.merger.push(p);
                     self.enqueue_merged(out);
                 }
+            }
+            if let Some(r) = it.refused {
+                self.set_aside(CURSOR, it.seq, r);
+                self.dead_seqs.insert(it.seq);
             }
             match it.msg {
                 Some((topic, payload)) => {
@@ -729,10 +925,17 @@ impl Publisher {
         m.mqtt_merge_groups
             .set(i64::try_from(self.merger.len()).unwrap_or(i64::MAX));
         for g in groups {
+            let topic = plan::merged_topic(&self.s.plan.prefix, &g.mn, &g.cn);
+            // Checked before it is kept for re-sending: a group the broker cannot
+            // take must not hold the merge cursor.
+            if let Err(r) = plan::check_message(&topic, g.payload.len(), self.s.max_packet) {
+                self.set_aside(MERGE_DEAD, g.min_seq, r);
+                continue;
+            }
             let id = self.next_merged_id;
             self.next_merged_id += 1;
             let m = Msg {
-                topic: plan::merged_topic(&self.s.plan.prefix, &g.mn, &g.cn),
+                topic,
                 payload: g.payload,
                 retain: false,
                 tag: Tag::Merged(id),
@@ -772,7 +975,21 @@ impl Publisher {
     fn complete(&mut self, tag: Tag) {
         crate::metrics::METRICS.mqtt_acks.inc();
         self.in_client = self.in_client.saturating_sub(1);
+        if !self.suspects.is_empty() || !self.refusals.is_empty() {
+            let k = tag.key();
+            self.suspects.remove(&k);
+            self.refusals.remove(&k);
+        }
+        self.settle(tag);
+    }
+
+    /// Accounts a message that is finished: acknowledged, or given up.
+    fn settle(&mut self, tag: Tag) {
         match tag {
+            Tag::Redrive(id, ..) => {
+                self.redriving.remove(&id);
+                self.resolved_pending.push(id);
+            }
             Tag::Data(seq) => {
                 // Sorted by seq but not dense: stretches with nothing to publish
                 // are one entry.
@@ -860,21 +1077,40 @@ impl Publisher {
         if self.persist_task.as_ref().is_some_and(|t| !t.is_finished()) {
             return;
         }
+        if let Some(t) = self.persist_task.take() {
+            if let Ok(Some((mut dead, mut resolved))) = t.await {
+                // Not written: kept (ahead of newer ones) and written with the next
+                // cursors, so no cursor passes a set-aside record without its entry.
+                dead.append(&mut self.dead_pending);
+                self.dead_pending = dead;
+                resolved.append(&mut self.resolved_pending);
+                self.resolved_pending = resolved;
+                self.persisted = (u64::MAX, u64::MAX);
+            }
+        }
         let data = self.acked.max(self.floor);
         let merge = self.merge_cursor();
         let alarm = self.alarm_acked;
-        if (data, merge) == self.persisted && alarm == self.alarm_persisted {
+        if (data, merge) == self.persisted
+            && alarm == self.alarm_persisted
+            && self.dead_pending.is_empty()
+            && self.resolved_pending.is_empty()
+        {
             return;
         }
         self.persisted = (data, merge);
         self.alarm_persisted = alarm;
+        // Seqs below the merge cursor are never read again.
+        self.dead_seqs = self.dead_seqs.split_off(&(merge + 1));
+        let dead = std::mem::take(&mut self.dead_pending);
+        let resolved = std::mem::take(&mut self.resolved_pending);
         let cursors = self.cursors.clone();
         let alarms = self.alarms.clone();
         self.persist_task = Some(tokio::task::spawn_blocking(move || {
             let c = cursors.lock().unwrap_or_else(|e| e.into_inner());
+            // The dead letters and the cursors that pass them commit together.
             if let Err(e) = c
-                .set_cursor(CURSOR, data)
-                .and_then(|()| c.set_cursor(MERGE_CURSOR, merge))
+                .save(&[(CURSOR, data), (MERGE_CURSOR, merge)], &dead, &resolved)
                 .and_then(|()| {
                     alarms
                         .lock()
@@ -883,8 +1119,213 @@ impl Publisher {
                 })
             {
                 error!(error = %e, "MQTT cursor not saved; a restart repeats more messages");
+                return Some((dead, resolved));
             }
+            None
         }));
+    }
+
+    /// Ends careful mode (crash-loop guard): the stretch was read without a crash.
+    fn end_careful(&mut self) {
+        self.careful_until = 0;
+        let cursors = self.cursors.clone();
+        tokio::task::spawn_blocking(move || {
+            let r = cursors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_probe(CURSOR, None);
+            if let Err(e) = r {
+                warn!(error = %e, "MQTT publisher could not clear its crash marker");
+            }
+        });
+        info!(
+            cursor = self.acked,
+            "MQTT publisher passed the stretch it crashed in; reading at full speed again"
+        );
+    }
+
+    /// A lost connection: a single message outstanding is charged with it; with
+    /// several, the next connection sends them one at a time (see the module doc).
+    fn on_lost(&mut self, error: &str) {
+        let mut out: Vec<Tag> = self
+            .sent_fifo
+            .iter()
+            .chain(self.inflight.values())
+            .cloned()
+            .collect();
+        match out.len() {
+            0 => {}
+            1 => {
+                let tag = out.pop().expect("one");
+                let k = tag.key();
+                if self.refusals.len() >= REFUSALS_MAX {
+                    self.refusals.clear();
+                }
+                let n = self.refusals.entry(k.clone()).or_insert(0);
+                *n += 1;
+                let n = *n;
+                if n >= self.s.max_refusals {
+                    self.refusals.remove(&k);
+                    self.suspects.remove(&k);
+                    self.give_up(
+                        tag,
+                        Refusal {
+                            reason: "broker_refused",
+                            detail: format!(
+                                "connection lost {n} times with this message alone in flight: {error}"
+                            ),
+                        },
+                    );
+                } else {
+                    debug!(
+                        losses = n,
+                        "MQTT connection lost with one message in flight"
+                    );
+                    self.suspects.insert(k);
+                }
+            }
+            _ => {
+                self.suspects.extend(out.iter().map(Tag::key));
+                // A suspect never sent again (e.g. a presence replaced by a newer
+                // state) must not keep the window at one for good.
+                if self.suspects.len() > self.s.max_inflight + 16 {
+                    self.suspects.clear();
+                }
+            }
+        }
+    }
+
+    /// Stops trying `tag`: a record is set aside (dead letter), anything else is
+    /// dropped and counted; either way it counts as finished.
+    fn give_up(&mut self, tag: Tag, r: Refusal) {
+        match &tag {
+            Tag::Data(seq) => {
+                self.set_aside(CURSOR, *seq, r);
+                self.dead_seqs.insert(*seq);
+            }
+            Tag::Merged(id) => {
+                if let Some((min_seq, _)) = self.merged_unacked.get(id) {
+                    let min_seq = *min_seq;
+                    self.set_aside(MERGE_DEAD, min_seq, r);
+                }
+            }
+            Tag::Alarm(id) => self.set_aside(ALARM_CURSOR, *id, r),
+            Tag::Redrive(id, consumer, seq) => {
+                // Set aside again: the entry goes back to `dead` with one more attempt.
+                self.redriving.remove(id);
+                self.set_aside(consumer, *seq, r);
+                return;
+            }
+            Tag::Presence(..) | Tag::Status => {
+                crate::metrics::METRICS.dead_letter("mqtt.status", r.reason);
+                warn!(reason = r.reason, detail = %r.detail, "MQTT status message given up");
+            }
+        }
+        self.settle(tag);
+    }
+
+    /// Queues a dead letter (written with the next cursors), counts and logs it.
+    fn set_aside(&mut self, consumer: &'static str, seq: u64, r: Refusal) {
+        crate::metrics::METRICS.dead_letter(consumer, r.reason);
+        let now = tokio::time::Instant::now();
+        let (quiet, last) = &mut self.dead_quiet;
+        if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60)) {
+            warn!(consumer, seq, reason = r.reason, detail = %r.detail, also_set_aside = *quiet, "MQTT message set aside (dead letter); publishing goes on");
+            *quiet = 0;
+            *last = Some(now);
+        } else {
+            *quiet += 1;
+        }
+        self.dead_pending.push(DeadLetter {
+            consumer: consumer.to_owned(),
+            seq,
+            reason: r.reason,
+            detail: r.detail,
+        });
+    }
+
+    /// Queues the entries an operator marked for re-drive (a bounded batch, once
+    /// a second while connected).
+    async fn read_redrives(&mut self) {
+        let (cursors, reader, alarms) = (
+            self.cursors.clone(),
+            self.reader.clone(),
+            self.alarms.clone(),
+        );
+        let skip: Vec<i64> = self.redriving.iter().copied().collect();
+        let opts = self.s.plan.clone();
+        let max_packet = self.s.max_packet;
+        let read = tokio::task::spawn_blocking(move || {
+            let c = cursors.lock().unwrap_or_else(|e| e.into_inner());
+            let mut rows: Vec<DeadLetterRow> = c.redrives(CURSOR, REDRIVE_BATCH)?;
+            rows.extend(c.redrives(ALARM_CURSOR, REDRIVE_BATCH)?);
+            drop(c);
+            let mut out = Vec::new();
+            for row in rows.into_iter().filter(|r| !skip.contains(&r.id)) {
+                let planned = if row.consumer == CURSOR {
+                    let rec = reader
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .reader()
+                        .get(row.seq)?;
+                    match rec.map(|r| plan::decide(&r, &opts, max_packet)) {
+                        Some(Decision::Publish(p)) => Ok(Some((p.topic, p.payload.clone()))),
+                        Some(Decision::Refuse(r)) => Err(r),
+                        Some(Decision::Skip) | None => Ok(None),
+                    }
+                } else {
+                    let ev = alarms
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .events_after(row.seq.saturating_sub(1), 1)?;
+                    Ok(ev.into_iter().find(|e| e.id == row.seq).map(|e| {
+                        (
+                            format!("{}/{}/alarm", opts.prefix, e.mn),
+                            e.payload.into_bytes(),
+                        )
+                    }))
+                };
+                out.push((row, planned));
+            }
+            Ok::<_, StoreError>(out)
+        })
+        .await;
+        let rows = match read {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                error!(error = %e, "MQTT publisher cannot read dead letters to re-drive");
+                return;
+            }
+            Err(_) => return,
+        };
+        for (row, planned) in rows {
+            let consumer = if row.consumer == CURSOR {
+                CURSOR
+            } else {
+                ALARM_CURSOR
+            };
+            let tag = Tag::Redrive(row.id, consumer, row.seq);
+            match planned {
+                Ok(Some((topic, payload))) => {
+                    info!(
+                        id = row.id,
+                        consumer,
+                        seq = row.seq,
+                        "MQTT re-drives a dead letter"
+                    );
+                    self.redriving.insert(row.id);
+                    self.ctrl.push_back(Msg {
+                        topic,
+                        payload,
+                        retain: false,
+                        tag,
+                    });
+                }
+                // Nothing to publish any more (e.g. the device is quarantined now).
+                Ok(None) => self.resolved_pending.push(row.id),
+                Err(r) => self.give_up(tag, r),
+            }
+        }
     }
 
     /// Clean stop: no new data; `offline` replaces the retained `online` (a clean

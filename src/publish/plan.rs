@@ -30,26 +30,79 @@ pub struct Planned {
     pub object: Option<Map<String, Value>>,
 }
 
+/// Why a message cannot go to the broker: a reason of
+/// [`crate::store::DEAD_LETTER_REASONS`] and words for the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// `oversize`, `invalid_topic`, ...
+    pub reason: &'static str,
+    /// What exactly (sizes, the offending topic level, escaped).
+    pub detail: String,
+}
+
+/// What the publisher does with a record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Not published (see [`plan`]).
+    Skip,
+    /// Published.
+    Publish(Planned),
+    /// Meant to be published, but the broker would refuse it: set aside.
+    Refuse(Refusal),
+}
+
 /// The message for `rec`, or `None` when the record is not published: replies
 /// we sent (`direction = out`), junk, frames without an MN, quarantined devices,
-/// and rejected frames unless `publish_rejected`.
+/// rejected frames unless `publish_rejected`, and records [`decide`] refuses.
 pub fn plan(rec: &StoredRecord, o: &PlanOptions) -> Option<Planned> {
-    if rec.direction != Direction::In || rec.kind != Kind::Frame {
-        return None;
+    match decide(rec, o, usize::MAX) {
+        Decision::Publish(p) => Some(p),
+        Decision::Skip | Decision::Refuse(_) => None,
     }
-    let mn = rec.mn.as_deref().filter(|m| topic_level_ok(m))?;
+}
+
+/// [`plan`], telling apart records that are not published from records whose
+/// message the broker would refuse: an MN or CN that is not a valid topic level
+/// (see [`topic_problem`]), or a packet over `max_packet` bytes. Refused records
+/// are the publisher's dead letters; deciding here, before the client sees them,
+/// keeps one record from ever costing a broker connection.
+pub fn decide(rec: &StoredRecord, o: &PlanOptions, max_packet: usize) -> Decision {
+    if rec.direction != Direction::In || rec.kind != Kind::Frame {
+        return Decision::Skip;
+    }
+    let Some(mn) = rec.mn.as_deref() else {
+        return Decision::Skip;
+    };
     // Quarantined devices are stored and acked but never leave the gateway.
     if rec.findings.contains(DEVICE_QUARANTINED) && is_quarantined(&rec.findings) {
-        return None;
+        return Decision::Skip;
     }
-    let topic = match rec.verdict {
-        Verdict::Accepted => {
-            let cn = rec.cn.as_deref().filter(|c| topic_level_ok(c))?;
-            format!("{}/{mn}/{cn}", o.prefix)
-        }
-        Verdict::Rejected if o.publish_rejected => format!("{}/{mn}/rejected", o.prefix),
-        _ => return None,
+    let cn = match rec.verdict {
+        Verdict::Accepted => match rec.cn.as_deref() {
+            Some(cn) => cn,
+            None => return Decision::Skip,
+        },
+        Verdict::Rejected if o.publish_rejected => "rejected",
+        _ => return Decision::Skip,
     };
+    for (what, level) in [("MN", mn), ("CN", cn)] {
+        if let Some(p) = level_problem(level) {
+            return Decision::Refuse(Refusal {
+                reason: "invalid_topic",
+                detail: format!("{what} {} {p}", escaped(level)),
+            });
+        }
+    }
+    let Some(p) = planned(rec, o, format!("{}/{mn}/{cn}", o.prefix)) else {
+        return Decision::Skip;
+    };
+    match check_message(&p.topic, p.payload.len(), max_packet) {
+        Ok(()) => Decision::Publish(p),
+        Err(r) => Decision::Refuse(r),
+    }
+}
+
+fn planned(rec: &StoredRecord, o: &PlanOptions, topic: String) -> Option<Planned> {
     // The common case (no raw bytes, a plain stored doc) splices text instead of
     // rebuilding the object: the drain of a backlog is bound by this JSON work.
     if !o.include_raw {
@@ -146,10 +199,94 @@ pub(crate) fn is_quarantined(findings: &str) -> bool {
         .unwrap_or(true)
 }
 
-/// MNs and CNs become topic levels: they must not be empty or carry MQTT
-/// wildcards or level separators (a device must not publish into another's topic).
+/// MNs and CNs become topic levels: they must not be empty, carry MQTT
+/// wildcards or level separators (a device must not publish into another's topic),
+/// or characters a broker refuses (see [`topic_problem`]).
 pub fn topic_level_ok(s: &str) -> bool {
-    !s.is_empty() && !s.contains(['/', '+', '#', '\0'])
+    level_problem(s).is_none()
+}
+
+fn level_problem(s: &str) -> Option<&'static str> {
+    if s.contains('/') {
+        return Some("holds a topic level separator '/'");
+    }
+    topic_problem(s)
+}
+
+/// Why `topic` is not a topic name a broker accepts in a PUBLISH, or `None`.
+///
+/// MQTT 3.1.1 §1.5.3 and §4.7 (and 5.0 §1.5.4): a UTF-8 string (a Rust `str`
+/// already is) of 1 to 65,535 bytes, without U+0000 and without the wildcards `+`
+/// and `#`. Control characters (U+0001..U+001F, U+007F..U+009F) and
+/// non-characters "SHOULD NOT" appear; mosquitto and others close the connection
+/// over them, which for a publisher that retries means never getting past the
+/// message, so they are refused here too.
+pub fn topic_problem(topic: &str) -> Option<&'static str> {
+    if topic.is_empty() {
+        return Some("is empty");
+    }
+    if topic.len() > 65_535 {
+        return Some("is longer than 65535 bytes");
+    }
+    for c in topic.chars() {
+        match c {
+            '+' | '#' => return Some("holds an MQTT wildcard"),
+            '\0' => return Some("holds U+0000"),
+            c if c.is_control() => return Some("holds a control character"),
+            c if is_noncharacter(c) => return Some("holds a Unicode non-character"),
+            _ => {}
+        }
+    }
+    None
+}
+
+fn is_noncharacter(c: char) -> bool {
+    let u = u32::from(c);
+    (0xFDD0..=0xFDEF).contains(&u) || (u & 0xFFFE) == 0xFFFE
+}
+
+/// The bytes of a QoS 1/2 PUBLISH packet: fixed header (1 + 1..4 bytes of
+/// remaining length), topic (2 + len), packet id (2), payload.
+pub fn publish_packet_len(topic_len: usize, payload_len: usize) -> usize {
+    let rest = 2 + topic_len + 2 + payload_len;
+    let len_bytes = match rest {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    1 + len_bytes + rest
+}
+
+/// Checks a message against what a broker would refuse: the topic (see
+/// [`topic_problem`]) and the packet size against `max_packet`.
+pub fn check_message(topic: &str, payload_len: usize, max_packet: usize) -> Result<(), Refusal> {
+    if let Some(p) = topic_problem(topic) {
+        return Err(Refusal {
+            reason: "invalid_topic",
+            detail: format!("topic {} {p}", escaped(topic)),
+        });
+    }
+    let len = publish_packet_len(topic.len(), payload_len);
+    if len > max_packet {
+        return Err(Refusal {
+            reason: "oversize",
+            detail: format!(
+                "PUBLISH of {len} bytes (payload {payload_len}) over mqtt.max_packet_size = {max_packet}"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// `s` for a log line or a dead-letter detail: control characters escaped, at
+/// most 64 characters (an MN or CN is far shorter).
+fn escaped(s: &str) -> String {
+    let mut out: String = s.chars().take(64).flat_map(char::escape_debug).collect();
+    if s.chars().nth(64).is_some() {
+        out.push('…');
+    }
+    format!("\"{out}\"")
 }
 
 /// `{prefix}/{mn}/{cn}/merged`.
@@ -244,5 +381,38 @@ mod tests {
         let mut r = rec("{}");
         r.mn = Some("a/#".into());
         assert!(plan(&r, &opts(false)).is_none());
+    }
+
+    #[test]
+    fn topics_a_broker_refuses_are_refused_with_a_reason() {
+        for bad in [
+            "", "a+b", "a#", "a\0b", "a\u{1}b", "a\u{7f}", "a\u{85}", "\u{fffe}", "\u{fdd0}",
+        ] {
+            assert!(topic_problem(bad).is_some(), "{bad:?}");
+        }
+        assert!(topic_problem(&"a".repeat(65_536)).is_some());
+        assert_eq!(topic_problem("hj212/010000A8900016F0/2011"), None);
+        assert_eq!(topic_problem("hj212/设备/2011"), None);
+        let mut r = rec("{}");
+        r.mn = Some("AB\u{1}CD".into());
+        r.verdict = Verdict::Rejected;
+        let mut o = opts(false);
+        o.publish_rejected = true;
+        let Decision::Refuse(why) = decide(&r, &o, 1 << 20) else {
+            panic!("refused");
+        };
+        assert_eq!(why.reason, "invalid_topic");
+        assert!(why.detail.contains("\\u{1}"), "{}", why.detail);
+        let Decision::Refuse(why) = decide(&rec(r#"{"a":1}"#), &opts(false), 100) else {
+            panic!("refused");
+        };
+        assert_eq!(why.reason, "oversize");
+        assert!(matches!(
+            decide(&rec("{}"), &opts(false), 1 << 20),
+            Decision::Publish(_)
+        ));
+        // The packet length counts the remaining-length bytes.
+        assert_eq!(publish_packet_len(3, 120), 1 + 1 + 127);
+        assert_eq!(publish_packet_len(3, 121), 1 + 2 + 128);
     }
 }

@@ -15,6 +15,20 @@
 //! Why stop-and-wait: HJ 212 has no window; platforms answer in order of
 //! arrival and some drop frames sent before the previous ack. One frame in
 //! flight also bounds the duplicates a reconnect can cause to one.
+//!
+//! # A frame the platform never takes
+//!
+//! Stop-and-wait means one frame the platform never acks (or closes the
+//! connection over) would hold every later frame for good. After
+//! `dead_letter_after` failed rounds (each `1 + retries` sends) the forwarder
+//! sends the *next* frame instead: if the platform acks that one, the stuck
+//! frame is set aside (dead letter `upstream.<name>`, reason `no_ack`) in the
+//! same transaction that moves the cursor past both. If the next frame fails
+//! too, the platform acks nothing (an outage, not a poison frame): nothing is
+//! set aside and the stuck frame is retried with backoff as before. Entries an
+//! operator marks for re-drive are sent again, out of order, and resolved once
+//! acked. The crash-loop guard of the log's consumers (see `crate::store`) marks
+//! each frame before it is decoded and sent while a crash loop is suspected.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -39,7 +53,8 @@ use crate::protocol::reply::Target;
 use crate::protocol::{self, DeviceLookup, Dialect, Frame, reply};
 use crate::session::{Shared, decode_options};
 use crate::store::{
-    Cursors, Direction, FeedReader, Kind, NewRecord, Reader, StoreError, StoredRecord, Verdict,
+    Cursors, DeadLetter, Direction, FeedReader, Kind, NewRecord, Reader, StoreError, StoredRecord,
+    Verdict,
 };
 
 /// Records read from the log per query.
@@ -60,6 +75,12 @@ const STATE_EVERY: Duration = Duration::from_secs(60);
 const INBOX: usize = 64;
 /// Device replies to relayed requests buffered for one connection.
 const RELAYED: usize = 256;
+/// How often the forwarder looks for dead letters an operator marked for re-drive.
+const REDRIVE_EVERY: Duration = Duration::from_secs(2);
+/// Entries re-driven per look.
+const REDRIVE_BATCH: usize = 16;
+/// Most seqs of set-aside frames kept to skip after a restart.
+const DEAD_SEQS_MAX: usize = 100_000;
 
 /// The cursor name of upstream `name`.
 pub fn cursor_name(name: &str) -> String {
@@ -160,6 +181,15 @@ struct Forwarder {
     last_seq: u64,
     state: State,
     logged: (State, tokio::time::Instant),
+    /// The frame that keeps failing, and its failed rounds.
+    failing: Option<(u64, u32)>,
+    /// Set-aside frames after the cursor (skipped).
+    dead: std::collections::BTreeSet<u64>,
+    /// Crash-loop guard: frames up to here are marked before they are sent; 0 off.
+    careful_until: u64,
+    last_redrive: tokio::time::Instant,
+    /// The last delivery failed for want of an ack (or the platform closed).
+    last_no_ack: bool,
 }
 
 impl Forwarder {
@@ -174,12 +204,22 @@ impl Forwarder {
         let (cn, start) = (cursor_name.clone(), e.start);
         let feed = shared.store.feed();
         let committed = feed.subscribe();
-        let (reader, cursors, cursor, last) = blocking(move || {
+        let crash_loop_starts = shared.cfg.store.crash_loop_starts;
+        let (reader, cursors, cursor, last, dead, careful_until) = blocking(move || {
             let reader = Reader::open(&db)?;
             let cursors = Cursors::open(&db)?;
             let cursor = init_cursor(&reader, &cursors, &cn, start)?;
             let last = reader.last_seq()?;
-            Ok((FeedReader::new(feed, reader), cursors, cursor, last))
+            let careful = cursors.guard_start(&cn, cursor, last, crash_loop_starts)?;
+            let dead = cursors.dead_seqs(&cn, cursor, DEAD_SEQS_MAX)?;
+            Ok((
+                FeedReader::new(feed, reader),
+                cursors,
+                cursor,
+                last,
+                dead.into_iter().collect(),
+                careful,
+            ))
         })
         .await?;
         info!(upstream = %e.name, addr = %e.addr, cursor, lag_frames = last.saturating_sub(cursor), "upstream forwarder resumes from its cursor");
@@ -199,6 +239,11 @@ impl Forwarder {
             last_seq: last,
             state: State::default(),
             logged: (State::default(), now),
+            failing: None,
+            dead,
+            careful_until,
+            last_redrive: now,
+            last_no_ack: false,
         })
     }
 
@@ -236,25 +281,69 @@ impl Forwarder {
                     }
                 }
             }
-            let Some(rec) = self.pending.front() else {
+            if let Some(c) = conn.as_mut() {
+                if self.last_redrive.elapsed() >= REDRIVE_EVERY {
+                    self.last_redrive = tokio::time::Instant::now();
+                    if let Err(e) = self.redrive(c).await {
+                        conn = None;
+                        self.set_state(false, Some(e));
+                        continue;
+                    }
+                }
+            }
+            let Some(front) = self.pending.front() else {
                 // Caught up: keep consuming what the platform sends meanwhile.
                 self.idle(&mut conn, &shutdown).await;
                 continue;
             };
-            if !self.selected(rec) {
-                self.delivered = rec.seq;
+            if !self.selected(front) || self.dead.contains(&front.seq) {
+                self.delivered = front.seq;
                 self.pending.pop_front();
                 continue;
             }
-            let rec = rec.clone();
+            // A frame that failed its rounds: try the next one (see the module doc).
+            let stuck = self
+                .failing
+                .filter(|&(seq, n)| seq == front.seq && n >= self.e.dead_letter_after)
+                .map(|(seq, _)| seq);
+            let probe = stuck.and_then(|_| {
+                self.pending
+                    .iter()
+                    .skip(1)
+                    .find(|r| self.selected(r) && !self.dead.contains(&r.seq))
+                    .cloned()
+            });
+            let rec = probe.clone().unwrap_or_else(|| front.clone());
+            if self.careful_until > 0 {
+                self.mark(rec.seq).await;
+            }
             let c = conn.as_mut().expect("connected above");
             let r = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 r = self.deliver(c, &rec) => r,
             };
+            if let (Some(stuck), Some(_)) = (stuck, &probe) {
+                match r {
+                    Ok(()) => {
+                        backoff = BACKOFF_MIN;
+                        self.set_aside(stuck, &rec).await;
+                    }
+                    Err(e) => {
+                        // The platform acks nothing: an outage, not a poison frame.
+                        self.failing = Some((stuck, 0));
+                        conn = None;
+                        self.set_state(false, Some(e));
+                        if !self.sleep(&mut backoff, &shutdown).await {
+                            break;
+                        }
+                    }
+                }
+                continue;
+            }
             match r {
                 Ok(()) => {
                     backoff = BACKOFF_MIN;
+                    self.failing = None;
                     self.delivered = rec.seq;
                     self.pending.pop_front();
                     if self.e.mode == UpstreamMode::PerMessage {
@@ -265,6 +354,12 @@ impl Forwarder {
                     }
                 }
                 Err(e) => {
+                    if self.last_no_ack {
+                        self.failing = match self.failing {
+                            Some((seq, n)) if seq == rec.seq => Some((seq, n + 1)),
+                            _ => Some((rec.seq, 1)),
+                        };
+                    }
                     conn = None;
                     self.set_state(false, Some(e));
                     if !self.sleep(&mut backoff, &shutdown).await {
@@ -275,36 +370,28 @@ impl Forwarder {
         }
         drop(conn);
         self.persist(true).await;
+        let (cursors, name, careful) = (
+            self.cursors.clone(),
+            self.cursor_name.clone(),
+            self.careful_until > 0,
+        );
+        let stopped = blocking(move || {
+            let c = cursors.lock().unwrap_or_else(|e| e.into_inner());
+            if careful {
+                c.set_probe(&name, None)?;
+            }
+            c.clean_stop(&name)
+        })
+        .await;
+        if let Err(e) = stopped {
+            warn!(upstream = %self.e.name, error = %e, "clean stop not recorded; the next start counts as after a crash");
+        }
         info!(upstream = %self.e.name, cursor = self.delivered, "upstream forwarder stopped");
     }
 
-    /// Whether `rec` goes to this upstream: an inbound device frame (not one an
-    /// upstream sent us), accepted (or rejected with `include_rejected`), never
-    /// from a quarantined device, and passing the MN/ST/CN filters.
+    /// Whether `rec` goes to this upstream (see [`selects`]).
     fn selected(&self, rec: &StoredRecord) -> bool {
-        if rec.direction != Direction::In || rec.kind != Kind::Frame {
-            return false;
-        }
-        if self.names.contains(&rec.peer) {
-            return false;
-        }
-        // A device's 9011/9012 answer a request relayed from one upstream; they
-        // go back to that upstream only (see `on_relayed`), never to all.
-        if matches!(rec.cn.as_deref(), Some("9011" | "9012")) {
-            return false;
-        }
-        match rec.verdict {
-            Verdict::Accepted => {}
-            Verdict::Rejected if self.e.include_rejected => {}
-            _ => return false,
-        }
-        if is_quarantined(&rec.findings) {
-            return false;
-        }
-        let pass = |list: &[String], v: &Option<String>| {
-            list.is_empty() || v.as_deref().is_some_and(|v| list.iter().any(|x| x == v))
-        };
-        pass(&self.e.mn, &rec.mn) && pass(&self.e.st, &rec.st) && pass(&self.e.cn, &rec.cn)
+        selects(&self.e, &self.names, rec)
     }
 
     async fn fill(&mut self) -> Result<(), StoreError> {
@@ -379,6 +466,7 @@ impl Forwarder {
     /// Sends `rec` and, if its Flag asks for an ack, waits for the platform's
     /// 9014/9013 with its QN: up to `1 + retries` sends, `ack_timeout` apart.
     async fn deliver(&mut self, c: &mut Conn, rec: &StoredRecord) -> Result<(), String> {
+        self.last_no_ack = false;
         let frame = self.decode(Bytes::copy_from_slice(&rec.raw));
         // A rejected frame (`include_rejected`) may be one the platform refuses
         // to ack (bad CRC): waiting for it would stop the feed for good.
@@ -407,6 +495,8 @@ impl Forwarder {
                     }
                 };
                 let Some(got) = got else {
+                    // Closing over a frame is how some platforms refuse it.
+                    self.last_no_ack = true;
                     return Err("connection closed by the platform".into());
                 };
                 let f = self.on_incoming(c, got).await?;
@@ -419,6 +509,7 @@ impl Forwarder {
                 debug!(upstream = %self.e.name, seq = rec.seq, attempt, "no ack in time; sending again");
             }
         }
+        self.last_no_ack = true;
         Err(format!(
             "no 9014/9013 for seq {} (QN {}) after {sends} sends",
             rec.seq,
@@ -624,6 +715,128 @@ impl Forwarder {
         }
     }
 
+    /// `stuck` failed its rounds and `next` (the first frame after it for this
+    /// upstream) was just acked: `stuck` is set aside and the cursor moves past
+    /// both, in one transaction.
+    async fn set_aside(&mut self, stuck: u64, next: &StoredRecord) {
+        let dl = DeadLetter {
+            consumer: self.cursor_name.clone(),
+            seq: stuck,
+            reason: "no_ack",
+            detail: format!(
+                "{} rounds of {} sends to {} without an ack ({}), while the platform acked seq {}",
+                self.e.dead_letter_after,
+                1 + self.e.retries,
+                self.e.addr,
+                self.state.last_error.as_deref().unwrap_or("-"),
+                next.seq
+            ),
+        };
+        let (cursors, name, seq) = (self.cursors.clone(), self.cursor_name.clone(), next.seq);
+        let r = blocking(move || {
+            cursors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .save(&[(&name, seq)], &[dl], &[])
+        })
+        .await;
+        if let Err(e) = r {
+            // Without its entry the frame must not be skipped: it stays stuck and
+            // the next pass tries again.
+            error!(upstream = %self.e.name, error = %e, "dead letter not written; the frame stays in line");
+            return;
+        }
+        crate::metrics::METRICS.dead_letter(&self.cursor_name, "no_ack");
+        warn!(upstream = %self.e.name, seq = stuck, next = next.seq, "frame never acked by the platform while the next one was; set aside (dead letter), forwarding goes on");
+        self.failing = None;
+        self.dead.insert(stuck);
+        while self.pending.front().is_some_and(|r| r.seq <= next.seq) {
+            self.pending.pop_front();
+        }
+        self.delivered = next.seq;
+        self.persisted = next.seq;
+        self.dead = self.dead.split_off(&(next.seq + 1));
+    }
+
+    /// Careful mode: marks `seq` in the cursor row before it is decoded and sent.
+    async fn mark(&mut self, seq: u64) {
+        let until = self.careful_until;
+        let probe = (seq <= until).then_some(seq);
+        let (cursors, name) = (self.cursors.clone(), self.cursor_name.clone());
+        let r = blocking(move || {
+            cursors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_probe(&name, probe)
+        })
+        .await;
+        if let Err(e) = r {
+            warn!(upstream = %self.e.name, error = %e, "crash marker not written");
+        }
+        if probe.is_none() {
+            self.careful_until = 0;
+            info!(upstream = %self.e.name, "forwarder passed the stretch it crashed in");
+        }
+    }
+
+    /// Sends the frames an operator marked for re-drive (a bounded batch); an
+    /// acked one is resolved, a failed one set aside again (one more attempt).
+    /// A connection error ends the pass (the caller reconnects).
+    async fn redrive(&mut self, c: &mut Conn) -> Result<(), String> {
+        let (cursors, reader, name) = (
+            self.cursors.clone(),
+            self.reader.clone(),
+            self.cursor_name.clone(),
+        );
+        let rows = blocking(move || {
+            let rows = cursors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .redrives(&name, REDRIVE_BATCH)?;
+            let r = reader.lock().unwrap_or_else(|e| e.into_inner());
+            rows.into_iter()
+                .map(|row| Ok((row.id, row.seq, r.reader().get(row.seq)?)))
+                .collect::<Result<Vec<_>, StoreError>>()
+        })
+        .await
+        .map_err(|e| format!("reading dead letters to re-drive: {e}"))?;
+        for (id, seq, rec) in rows {
+            let outcome = match &rec {
+                Some(rec) if self.selected(rec) => {
+                    info!(upstream = %self.e.name, id, seq, "re-driving a dead letter");
+                    self.deliver(c, rec).await
+                }
+                // No longer for this upstream (filters changed): nothing to send.
+                _ => Ok(()),
+            };
+            let (dead, resolved) = match &outcome {
+                Ok(()) => (Vec::new(), vec![id]),
+                Err(e) => (
+                    vec![DeadLetter {
+                        consumer: self.cursor_name.clone(),
+                        seq,
+                        reason: "no_ack",
+                        detail: format!("re-drive failed: {e}"),
+                    }],
+                    Vec::new(),
+                ),
+            };
+            let cursors = self.cursors.clone();
+            let w = blocking(move || {
+                cursors
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .save(&[], &dead, &resolved)
+            })
+            .await;
+            if let Err(e) = w {
+                error!(upstream = %self.e.name, error = %e, "re-drive outcome not written");
+            }
+            outcome?;
+        }
+        Ok(())
+    }
+
     async fn persist(&mut self, force: bool) {
         if self.delivered == self.persisted
             || (!force && self.last_persist.elapsed() < PERSIST_EVERY)
@@ -650,6 +863,36 @@ impl Forwarder {
             }
         }
     }
+}
+
+/// Whether `rec` goes to upstream `e` (`names`: every configured upstream): an
+/// inbound device frame (not one an upstream sent us), accepted (or rejected with
+/// `include_rejected`), never from a quarantined device, and passing the
+/// MN/ST/CN filters. Pure, for the forwarder and the fuzzer.
+pub fn selects(e: &UpstreamEntry, names: &[String], rec: &StoredRecord) -> bool {
+    if rec.direction != Direction::In || rec.kind != Kind::Frame {
+        return false;
+    }
+    if names.contains(&rec.peer) {
+        return false;
+    }
+    // A device's 9011/9012 answer a request relayed from one upstream; they
+    // go back to that upstream only (see `on_relayed`), never to all.
+    if matches!(rec.cn.as_deref(), Some("9011" | "9012")) {
+        return false;
+    }
+    match rec.verdict {
+        Verdict::Accepted => {}
+        Verdict::Rejected if e.include_rejected => {}
+        _ => return false,
+    }
+    if is_quarantined(&rec.findings) {
+        return false;
+    }
+    let pass = |list: &[String], v: &Option<String>| {
+        list.is_empty() || v.as_deref().is_some_and(|v| list.iter().any(|x| x == v))
+    };
+    pass(&e.mn, &rec.mn) && pass(&e.st, &rec.st) && pass(&e.cn, &rec.cn)
 }
 
 /// The device frame a relayed exchange's step carries back to the platform;

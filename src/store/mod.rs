@@ -95,6 +95,7 @@
 mod alarms;
 mod audit;
 mod chain;
+mod dead_letters;
 mod error;
 mod exchanges;
 mod export;
@@ -109,6 +110,10 @@ use std::time::Duration;
 pub use alarms::{AlarmEventRow, AlarmFilter, AlarmRow, AlarmStore};
 pub use audit::{DeviceStats, InboundFrame, device_stats, scan_inbound_frames};
 pub use chain::{BreakReason, ChainBreak, ChainHead, ChainReport, verify_chain};
+pub use dead_letters::{
+    DeadLetter, DeadLetterFilter, DeadLetterRow, NOT_REDRIVABLE, REASONS as DEAD_LETTER_REASONS,
+    STATES as DEAD_LETTER_STATES, StartCheck, list_dead_letters, mark_redrive,
+};
 pub use error::StoreError;
 pub use exchanges::{ExchangeFilter, ExchangeRow, NewExchange, OUTCOMES, list_exchanges};
 pub use export::{ExportDirection, ExportFormat, ExportOptions, export, export_record_json};

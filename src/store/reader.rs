@@ -325,7 +325,7 @@ fn record_from_row(row: &Row<'_>) -> Result<StoredRecord, StoreError> {
 /// `spawn_blocking`.
 #[derive(Debug)]
 pub struct Cursors {
-    conn: Connection,
+    pub(super) conn: Connection,
 }
 
 impl Cursors {

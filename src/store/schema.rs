@@ -179,6 +179,29 @@ pub(crate) const MIGRATIONS: &[&str] = &[
      WHERE type = 'table' AND name = 'records';
     PRAGMA writable_schema = RESET;
     "#,
+    // 5 -> 6: records a consumer set aside (see `dead_letters.rs`), and the start
+    // bookkeeping of its crash-loop guard in its cursor row. Outside the hash chain
+    // like the cursors: consumer state, not evidence. One row per (consumer, seq):
+    // a record refused again updates its row instead of piling up.
+    r#"
+    CREATE TABLE dead_letters (
+        id         INTEGER PRIMARY KEY,
+        consumer   TEXT    NOT NULL,
+        seq        INTEGER NOT NULL,
+        reason     TEXT    NOT NULL,
+        detail     TEXT    NOT NULL,
+        attempts   INTEGER NOT NULL CHECK (attempts >= 1),
+        first_ms   INTEGER NOT NULL,
+        last_ms    INTEGER NOT NULL,
+        state      TEXT    NOT NULL CHECK (state = 'dead' OR state = 'redrive' OR state = 'resolved')
+    ) STRICT;
+    CREATE UNIQUE INDEX dead_letters_consumer_seq ON dead_letters (consumer, seq);
+    -- What a consumer polls for: the few entries an operator asked to re-drive.
+    CREATE INDEX dead_letters_redrive ON dead_letters (consumer) WHERE state = 'redrive';
+    ALTER TABLE cursors ADD COLUMN start_seq INTEGER;
+    ALTER TABLE cursors ADD COLUMN starts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE cursors ADD COLUMN probe_seq INTEGER;
+    "#,
 ];
 
 /// A log file as an earlier release left it: the first `version` migrations only.
