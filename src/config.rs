@@ -321,6 +321,9 @@ pub struct DeviceEntry {
     pub next_key: Option<String>,
 }
 
+/// Largest `[mqtt] merge_max_packets`.
+pub const MAX_MERGE_PACKETS: u64 = 65_535;
+
 /// `[mqtt]`: republishing the frame log to an MQTT broker (see README "MQTT").
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -364,11 +367,19 @@ pub struct MqttSection {
     /// Most split-upload groups held open at once; beyond it the oldest is published
     /// incomplete (memory bound).
     pub merge_max_groups: usize,
+    /// Most packets a split upload may announce (PNUM) to be merged; a larger one
+    /// is published packet by packet on the merged topic with `packets.not_merged`.
+    /// Also the most packets one group holds (resent PNOs count).
+    pub merge_max_packets: u64,
+    /// Most bytes all open split-upload groups hold together; beyond it the oldest
+    /// group is published incomplete (memory bound).
+    pub merge_max_bytes: usize,
     /// Cap of the exponential reconnect backoff.
     pub reconnect_max: Dur,
     /// Largest MQTT packet the publisher sends (set it to the broker's limit). A
     /// message that would exceed it is not sent: its record is set aside (dead
-    /// letter, reason `oversize`). 1024..=268435455 bytes.
+    /// letter, reason `oversize`); merged split uploads are kept under it.
+    /// 1024..=268435455 bytes.
     pub max_packet_size: usize,
     /// Connection losses with the same message alone in flight before that message
     /// is set aside (dead letter, reason `broker_refused`): how a broker refuses a
@@ -397,8 +408,10 @@ impl Default for MqttSection {
             batch: 1024,
             merge_wait: Dur(Duration::from_secs(60)),
             merge_max_groups: 10_000,
-            reconnect_max: Dur(Duration::from_secs(10)),
+            merge_max_packets: 256,
+            merge_max_bytes: 64 << 20,
             max_packet_size: 1 << 20,
+            reconnect_max: Dur(Duration::from_secs(10)),
             max_refusals: 3,
         }
     }
@@ -1134,6 +1147,12 @@ impl Config {
                 return Err(bad(k, "must be greater than 0".into()));
             }
         }
+        if !(2..=MAX_MERGE_PACKETS).contains(&m.merge_max_packets) {
+            return Err(bad(
+                "merge_max_packets",
+                format!("must be between 2 and {MAX_MERGE_PACKETS}"),
+            ));
+        }
         let topic_ok = |t: &str| !t.is_empty() && !t.contains(['+', '#', '\0']);
         if !topic_ok(&m.topic_prefix) || m.topic_prefix.ends_with('/') {
             return Err(bad(
@@ -1189,6 +1208,16 @@ impl Config {
             return Err(bad(
                 "max_packet_size",
                 "must be between 1024 and 268435455 bytes".into(),
+            ));
+        }
+        if m.merge_max_bytes < m.max_packet_size {
+            return Err(bad(
+                "merge_max_bytes",
+                format!(
+                    "must be at least max_packet_size ({} bytes): one merged message \
+                     must fit the budget",
+                    m.max_packet_size
+                ),
             ));
         }
         if !(1..=100).contains(&m.max_refusals) {
@@ -1620,6 +1649,36 @@ mod tests {
             (u.tls, u.host.as_str(), u.port),
             (false, "broker.example", 1884)
         );
+    }
+
+    #[test]
+    fn mqtt_merge_limit_keys() {
+        let c = Config::parse("", Path::new("t.toml")).unwrap();
+        assert_eq!(
+            (
+                c.mqtt.merge_max_packets,
+                c.mqtt.merge_max_bytes,
+                c.mqtt.max_packet_size
+            ),
+            (256, 64 << 20, 1 << 20)
+        );
+        for bad in [
+            "merge_max_packets = 1",
+            "merge_max_packets = 65536",
+            "max_packet_size = 1000",
+            "max_packet_size = 268435456",
+            "merge_max_bytes = 1000",
+        ] {
+            let key = bad.split(' ').next().unwrap();
+            let e = err(&format!("[mqtt]\n{bad}"));
+            assert!(e.contains(&format!("`mqtt.{key}`")), "{bad}: {e}");
+        }
+        let c = Config::parse(
+            "[mqtt]\nmax_packet_size = 16384\nmerge_max_bytes = 16384\nmerge_max_packets = 2",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.mqtt.merge_max_bytes, 16384);
     }
 
     #[test]

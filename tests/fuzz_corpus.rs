@@ -67,3 +67,40 @@ fn reply_roundtrip_seeds_replay() {
         hj212_gateway::fuzzing::reply_roundtrip(&[sel, b'A', b'1', b'x', b'9', b'Z', b'0']);
     }
 }
+
+#[test]
+fn merge_packets_seeds_replay() {
+    assert!(
+        replay(
+            "merge_packets",
+            hj212_gateway::fuzzing::merge::merge_packets
+        ) >= 10
+    );
+}
+
+/// A bounded property run of the merger target in every `cargo test`:
+/// pseudo-random op sequences (a fixed-seed SplitMix64, so a failure repeats),
+/// biased towards the hostile cases of issue 18 (huge PNUMs, groups that never
+/// complete, values near the message cap).
+#[test]
+fn merge_packets_random_sequences_keep_their_bounds() {
+    let mut state = 0x5eed_0018_u64;
+    let mut next = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    for _ in 0..1000 {
+        let len = 5 + (next() % 400) as usize;
+        let mut data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        // Every fourth sequence: values mostly small, so groups fill up by count.
+        if data[0] % 4 == 0 {
+            for b in data.iter_mut().skip(5).step_by(3) {
+                *b %= 8;
+            }
+        }
+        hj212_gateway::fuzzing::merge::merge_packets(&data);
+    }
+}

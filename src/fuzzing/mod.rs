@@ -3,6 +3,7 @@
 //! run the same assertions.
 
 pub mod ingest;
+pub mod merge;
 pub mod plan;
 
 use crate::protocol::framing::{Cut, FramerConfig, JunkReason, cut};

@@ -363,6 +363,9 @@ const CLOSE_SLOTS: usize = 16;
 pub const JUNK_RUN_ENDS: [&str; 3] = ["frame", "cap", "close"];
 const _: () = assert!(CLOSE_REASONS.len() < CLOSE_SLOTS);
 
+/// Caps of the MQTT split-upload merger (`reason` of
+/// `hj212_mqtt_merge_limited_total`, the `as_str` of `publish::merge::Limit`).
+pub const MERGE_LIMITS: [&str; 5] = ["packets", "groups", "bytes", "size", "fields"];
 /// Consumers of `hj212_dead_letters_total`, sorted. Every upstream forwarder counts
 /// as `upstream` (the entry in the store names which one); `mqtt.status` counts
 /// presence and gateway-status messages the publisher gave up on (they have no
@@ -449,6 +452,11 @@ pub struct Metrics {
     /// Unregistered devices the alarm engine forgot to stay within its cap (the
     /// engine's own count, so set rather than added to).
     pub alarm_evicted: Gauge,
+    /// Bytes held by open split-upload groups (as accounted against `merge_max_bytes`).
+    pub mqtt_merge_bytes: Gauge,
+    /// Open split-upload groups.
+    pub mqtt_merge_groups: Gauge,
+    merge_limited: [Counter; MERGE_LIMITS.len()],
     dead_letters: [[Counter; DL_REASONS]; DEAD_LETTER_CONSUMERS.len()],
     /// Consumer starts that found the previous run had died on a record (crash-loop guard).
     pub consumer_crashes: Counter,
@@ -498,6 +506,9 @@ impl Metrics {
             alarm_tracked_registered: Gauge::new(),
             alarm_tracked_unregistered: Gauge::new(),
             alarm_evicted: Gauge::new(),
+            mqtt_merge_bytes: Gauge::new(),
+            mqtt_merge_groups: Gauge::new(),
+            merge_limited: [const { Counter::new() }; MERGE_LIMITS.len()],
             dead_letters: [const { [const { Counter::new() }; DL_REASONS] };
                 DEAD_LETTER_CONSUMERS.len()],
             consumer_crashes: Counter::new(),
@@ -532,6 +543,14 @@ impl Metrics {
         self.bytes_in.add(len as u64);
         for f in findings {
             self.findings[finding_index(f.code)].inc();
+        }
+    }
+
+    /// Counts `n` times a split-upload merger cap bit (`reason` one of
+    /// [`MERGE_LIMITS`]; anything else is not counted).
+    pub fn mqtt_merge_limited(&self, reason: &str, n: u64) {
+        if let Some(i) = MERGE_LIMITS.iter().position(|r| *r == reason) {
+            self.merge_limited[i].add(n);
         }
     }
 
@@ -837,6 +856,30 @@ impl Metrics {
             "Publishes confirmed by the broker (PUBACK/PUBCOMP; at QoS 0, sent).",
         );
         e.sample("hj212_mqtt_acks_total", &[], self.mqtt_acks.get());
+        e.family(
+            "hj212_mqtt_merge_bytes",
+            "gauge",
+            "Bytes held by open split-upload groups, as accounted against merge_max_bytes.",
+        );
+        e.sample("hj212_mqtt_merge_bytes", &[], self.mqtt_merge_bytes.get());
+        e.family(
+            "hj212_mqtt_merge_groups",
+            "gauge",
+            "Split-upload groups open in the MQTT publisher's merger.",
+        );
+        e.sample("hj212_mqtt_merge_groups", &[], self.mqtt_merge_groups.get());
+        e.family(
+            "hj212_mqtt_merge_limited_total",
+            "counter",
+            "Times a split-upload merger cap bit, by reason: packets (PNUM above merge_max_packets, published packet by packet), groups, bytes (group published early), size (message would exceed max_packet_size), fields (header field too long to merge).",
+        );
+        for (i, r) in MERGE_LIMITS.iter().enumerate() {
+            e.sample(
+                "hj212_mqtt_merge_limited_total",
+                &[("reason", r)],
+                self.merge_limited[i].get(),
+            );
+        }
         e.family(
             "hj212_dead_letters_total",
             "counter",

@@ -33,6 +33,10 @@
 //! `mqtt.merge` (the lowest seq of any group still open or whose merged message
 //! is not yet acknowledged), so a restart loses no group.
 //!
+//! MQTT 3.1.1 gives the client no way to learn the broker's packet limit, so it
+//! is configured (`max_packet_size`): the client sends nothing larger and the
+//! merger keeps every merged message, topic included, under it.
+//!
 //! # No message can stop the publisher
 //!
 //! A message the broker will not take would otherwise be sent again after every
@@ -71,7 +75,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::merge::{Merged, Merger, Part};
+use super::merge::{self, Limit, Merged, Merger, Part};
 use super::plan::{self, Decision, PlanOptions, Refusal};
 use super::presence::{DeviceStatus, Presence};
 use crate::config::{ConfigError, MqttSection, parse_broker_url};
@@ -101,6 +105,9 @@ const PERSIST_EVERY: u32 = 4; // ticks of IDLE_POLL: 200 ms
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 /// On stop, how long in-flight publishes get to be acknowledged.
 const STOP_DRAIN: Duration = Duration::from_secs(2);
+/// Bytes of a PUBLISH besides its payload and topic: fixed header (at most 5),
+/// topic length (2) and packet id (2), rounded up.
+const PUBLISH_OVERHEAD: usize = 16;
 /// Largest packet we accept from the broker (we subscribe to nothing).
 const MAX_PACKET: usize = 8 << 20;
 /// Consumer name of merged split-upload groups in the dead letters.
@@ -131,6 +138,8 @@ pub struct MqttSettings {
     batch: usize,
     merge_wait: Duration,
     merge_max_groups: usize,
+    merge_max_packets: u64,
+    merge_max_bytes: usize,
     reconnect_max: Duration,
     max_packet: usize,
     max_refusals: u32,
@@ -197,6 +206,8 @@ impl MqttSettings {
             batch: m.batch,
             merge_wait: m.merge_wait.0,
             merge_max_groups: m.merge_max_groups,
+            merge_max_packets: m.merge_max_packets,
+            merge_max_bytes: m.merge_max_bytes,
             reconnect_max: m.reconnect_max.0,
             max_packet: m.max_packet_size,
             max_refusals: m.max_refusals,
@@ -207,6 +218,20 @@ impl MqttSettings {
                 include_raw: m.include_raw,
             },
         })
+    }
+
+    /// The split-upload merger's caps: a merged message, its topic included,
+    /// stays within `max_packet_size`.
+    fn merge_limits(&self) -> merge::Limits {
+        // `{prefix}/{mn}/{cn}/merged`: the merger accounts MN and CN itself.
+        let fixed = self.plan.prefix.len() + "///merged".len() + PUBLISH_OVERHEAD;
+        merge::Limits {
+            wait: self.merge_wait,
+            max_groups: self.merge_max_groups,
+            max_packets: self.merge_max_packets,
+            max_bytes: self.merge_max_bytes,
+            max_message: self.max_packet.saturating_sub(fixed),
+        }
     }
 
     fn gateway_topic(&self) -> String {
@@ -495,7 +520,7 @@ impl Publisher {
             "MQTT publisher resumes from its cursor"
         );
         Ok(Publisher {
-            merger: Merger::new(s.merge_wait, s.merge_max_groups),
+            merger: Merger::new(s.merge_limits()),
             s,
             reader: Arc::new(Mutex::new(reader)),
             committed,
@@ -891,6 +916,14 @@ impl Publisher {
     }
 
     fn enqueue_merged(&mut self, groups: Vec<Merged>) {
+        let m = &crate::metrics::METRICS;
+        for (l, n) in Limit::ALL.into_iter().zip(self.merger.take_limited()) {
+            m.mqtt_merge_limited(l.as_str(), n);
+        }
+        m.mqtt_merge_bytes
+            .set(i64::try_from(self.merger.held_bytes()).unwrap_or(i64::MAX));
+        m.mqtt_merge_groups
+            .set(i64::try_from(self.merger.len()).unwrap_or(i64::MAX));
         for g in groups {
             let topic = plan::merged_topic(&self.s.plan.prefix, &g.mn, &g.cn);
             // Checked before it is kept for re-sending: a group the broker cannot
