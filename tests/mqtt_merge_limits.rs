@@ -9,15 +9,12 @@
 mod common;
 mod mqtt_support;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{mn, qn, records, upload};
-use hj212_gateway::metrics::parse_exposition;
+use common::{mn, qn, records, sample, scrape_metrics, upload};
 use hj212_gateway::protocol::reply;
 use hj212_gateway::store::Direction;
 use mqtt_support::{Device, Got, PATIENCE, Subscriber, rumqttd};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Packet `pno` of a `pnum`-packet split upload (2017, Flag=7: split, ack).
 fn split(m: &str, q: &str, data_time: &str, pnum: u32, pno: u32) -> Vec<u8> {
@@ -39,30 +36,6 @@ fn config(port: u16, mqtt: &str) -> String {
         "[metrics]\nlisten = \"127.0.0.1:0\"\n[server]\nlisten = [\"127.0.0.1:0\"]\n[store]\nsync = \"off\"\n\
          [mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\nclient_id = \"gw-merge\"\nreconnect_max = \"500ms\"\n{mqtt}\n"
     )
-}
-
-/// `/metrics` as (`name{labels}`, value).
-async fn scrape(addr: SocketAddr) -> Vec<(String, f64)> {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .expect("send");
-    let mut out = Vec::new();
-    tokio::time::timeout(PATIENCE, s.read_to_end(&mut out))
-        .await
-        .expect("response in time")
-        .expect("read");
-    let text = String::from_utf8(out).expect("utf-8");
-    let (_, body) = text.split_once("\r\n\r\n").expect("head and body");
-    parse_exposition(body).expect("exposition")
-}
-
-fn value(samples: &[(String, f64)], series: &str) -> f64 {
-    samples
-        .iter()
-        .find(|(s, _)| s == series)
-        .map(|x| x.1)
-        .unwrap_or_else(|| panic!("{series} missing from the scrape"))
 }
 
 fn seq_of(db: &std::path::Path, q: &str) -> u64 {
@@ -110,8 +83,8 @@ async fn a_pnum_of_u32_max_is_published_packet_by_packet_and_survives_a_restart(
     assert_eq!(v["values"]["a01"]["Rtd"].to_string(), "1.5");
     assert_eq!(v["findings"][0]["code"], "packets.not_merged");
     let metrics = gw.running.metrics_addr.expect("metrics bound");
-    let s = scrape(metrics).await;
-    assert!(value(&s, "hj212_mqtt_merge_limited_total{reason=\"packets\"}") >= 1.0);
+    let s = scrape_metrics(metrics).await;
+    assert!(sample(&s, "hj212_mqtt_merge_limited_total{reason=\"packets\"}") >= 1.0);
 
     // The gateway is still up, and a restart on the same log publishes on.
     d.send_acked(&upload(&m, &qn(3), "123456")).await;
@@ -172,9 +145,9 @@ async fn never_completing_split_uploads_stay_within_the_merge_budget() {
         d.send_acked(&split(&mn(42), &qn(100 + i), &data_time, pnum, 2))
             .await;
         if i % 25 == 0 {
-            let s = scrape(metrics).await;
-            max_bytes_seen = max_bytes_seen.max(value(&s, "hj212_mqtt_merge_bytes"));
-            max_groups_seen = max_groups_seen.max(value(&s, "hj212_mqtt_merge_groups"));
+            let s = scrape_metrics(metrics).await;
+            max_bytes_seen = max_bytes_seen.max(sample(&s, "hj212_mqtt_merge_bytes"));
+            max_groups_seen = max_groups_seen.max(sample(&s, "hj212_mqtt_merge_groups"));
         }
     }
     // Every PNUM 99999 packet arrives alone; the budget pushed out the oldest
@@ -206,10 +179,10 @@ async fn never_completing_split_uploads_stay_within_the_merge_budget() {
     }
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let s = scrape(metrics).await;
-        max_bytes_seen = max_bytes_seen.max(value(&s, "hj212_mqtt_merge_bytes"));
-        max_groups_seen = max_groups_seen.max(value(&s, "hj212_mqtt_merge_groups"));
-        if value(&s, "hj212_mqtt_merge_limited_total{reason=\"bytes\"}") >= 10.0 {
+        let s = scrape_metrics(metrics).await;
+        max_bytes_seen = max_bytes_seen.max(sample(&s, "hj212_mqtt_merge_bytes"));
+        max_groups_seen = max_groups_seen.max(sample(&s, "hj212_mqtt_merge_groups"));
+        if sample(&s, "hj212_mqtt_merge_limited_total{reason=\"bytes\"}") >= 10.0 {
             break;
         }
         assert!(Instant::now() < deadline, "bytes limit never counted");

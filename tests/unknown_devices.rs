@@ -11,8 +11,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{expected_ack, mn, qn, upload};
-use hj212_gateway::metrics::parse_exposition;
+use common::{expected_ack, mn, qn, sample, scrape_metrics, upload};
 use hj212_gateway::store::{AlarmFilter, AlarmRow, AlarmStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -63,29 +62,6 @@ async fn send_one(addr: SocketAddr, frame: Vec<u8>) {
         got.extend_from_slice(&chunk[..n]);
     }
     assert_eq!(got, want);
-}
-
-async fn scrape(addr: SocketAddr) -> Vec<(String, f64)> {
-    let mut s = TcpStream::connect(addr).await.expect("connect metrics");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .expect("request");
-    let mut out = Vec::new();
-    tokio::time::timeout(PATIENCE, s.read_to_end(&mut out))
-        .await
-        .expect("response in time")
-        .expect("read");
-    let text = String::from_utf8(out).expect("utf-8");
-    let (_, body) = text.split_once("\r\n\r\n").expect("head and body");
-    parse_exposition(body).unwrap_or_else(|e| panic!("{e}\n{body}"))
-}
-
-fn value(samples: &[(String, f64)], series: &str) -> f64 {
-    samples
-        .iter()
-        .find(|(s, _)| s == series)
-        .map(|x| x.1)
-        .unwrap_or_else(|| panic!("{series} missing from the scrape"))
 }
 
 fn offline_alarms(db: &Path) -> Vec<AlarmRow> {
@@ -147,17 +123,17 @@ async fn invented_mns_stay_within_the_caps_and_raise_no_offline_alarms() {
     // The detector has read everything; its state and the downlink's are capped.
     let deadline = Instant::now() + PATIENCE;
     let s = loop {
-        let s = scrape(metrics).await;
-        if value(&s, "hj212_consumer_lag_records{consumer=\"alarms\"}") == 0.0 {
+        let s = scrape_metrics(metrics).await;
+        if sample(&s, "hj212_consumer_lag_records{consumer=\"alarms\"}") == 0.0 {
             break s;
         }
         assert!(Instant::now() < deadline, "detector never caught up");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let alarm_unreg = value(&s, "hj212_alarm_tracked_devices{registered=\"false\"}");
-    let alarm_reg = value(&s, "hj212_alarm_tracked_devices{registered=\"true\"}");
-    let dl_unreg = value(&s, "hj212_downlink_tracked_devices{registered=\"false\"}");
-    let dl_reg = value(&s, "hj212_downlink_tracked_devices{registered=\"true\"}");
+    let alarm_unreg = sample(&s, "hj212_alarm_tracked_devices{registered=\"false\"}");
+    let alarm_reg = sample(&s, "hj212_alarm_tracked_devices{registered=\"true\"}");
+    let dl_unreg = sample(&s, "hj212_downlink_tracked_devices{registered=\"false\"}");
+    let dl_reg = sample(&s, "hj212_downlink_tracked_devices{registered=\"true\"}");
     assert_eq!(
         alarm_unreg, CAP as f64,
         "alarm engine holds exactly the cap"
@@ -169,7 +145,7 @@ async fn invented_mns_stay_within_the_caps_and_raise_no_offline_alarms() {
         "the registered device kept"
     );
     let evicted = |state: &str| {
-        value(
+        sample(
             &s,
             &format!("hj212_tracked_devices_evicted_total{{state=\"{state}\"}}"),
         )

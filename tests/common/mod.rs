@@ -192,3 +192,33 @@ pub fn frame_2005() -> Vec<u8> {
     )
     .to_vec()
 }
+
+/// `GET /metrics` from the listener at `addr`, parsed as (`name{labels}`, value).
+#[allow(dead_code)]
+pub async fn scrape_metrics(addr: std::net::SocketAddr) -> Vec<(String, f64)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("request");
+    let mut out = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("response in time")
+        .expect("read");
+    let text = String::from_utf8(out).expect("utf-8");
+    let (_, body) = text.split_once("\r\n\r\n").expect("head and body");
+    hj212_gateway::metrics::parse_exposition(body).unwrap_or_else(|e| panic!("{e}\n{body}"))
+}
+
+/// The value of `series` (`name{labels}` exactly) in a scrape.
+#[allow(dead_code)]
+pub fn sample(samples: &[(String, f64)], series: &str) -> f64 {
+    samples
+        .iter()
+        .find(|(s, _)| s == series)
+        .map(|x| x.1)
+        .unwrap_or_else(|| panic!("{series} missing from the scrape"))
+}
