@@ -287,21 +287,8 @@ impl StoreHandle {
         if recs.is_empty() {
             return Ok(Vec::new());
         }
-        if self.counters.closing.load(Ordering::Acquire) {
-            return Err(StoreError::Closed);
-        }
-        for rec in &recs {
-            validate(rec)?;
-        }
         let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(Msg::Append(Job {
-                recs,
-                exchanges: Vec::new(),
-                reply,
-            }))
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        self.submit(recs, reply).await?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -314,14 +301,24 @@ impl StoreHandle {
         if recs.is_empty() {
             return Ok(());
         }
+        // Nobody waits for the answer.
+        let (reply, _) = oneshot::channel();
+        self.submit(recs, reply).await
+    }
+
+    /// Validates `recs` and hands them to the writer as one job (waits only
+    /// while its queue is full).
+    async fn submit(
+        &self,
+        recs: Vec<NewRecord>,
+        reply: oneshot::Sender<Result<Vec<Appended>, StoreError>>,
+    ) -> Result<(), StoreError> {
         if self.counters.closing.load(Ordering::Acquire) {
             return Err(StoreError::Closed);
         }
         for rec in &recs {
             validate(rec)?;
         }
-        // Nobody waits for the answer.
-        let (reply, _) = oneshot::channel();
         self.tx
             .send(Msg::Append(Job {
                 recs,
