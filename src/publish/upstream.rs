@@ -458,16 +458,20 @@ impl Forwarder {
         selects(&self.e, &self.names, rec)
     }
 
-    async fn fill(&mut self) -> Result<(), StoreError> {
+    /// Up to one batch of records after `after`, read off the async threads.
+    async fn read_after(&self, after: u64) -> Result<Vec<Arc<StoredRecord>>, StoreError> {
         let reader = self.reader.clone();
-        let after = self.delivered;
-        let recs = blocking(move || {
+        blocking(move || {
             reader
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .read_from(after, BATCH)
         })
-        .await?;
+        .await
+    }
+
+    async fn fill(&mut self) -> Result<(), StoreError> {
+        let recs = self.read_after(self.delivered).await?;
         // For the lag report only; asking SQLite would be one more reader per fill.
         let newest = recs.last().map_or(0, |r| r.seq);
         self.last_seq = self.last_seq.max(newest).max(*self.committed.borrow());
@@ -492,14 +496,7 @@ impl Forwarder {
         let Some(after) = self.pending.back().map(|r| r.seq) else {
             return Ok(());
         };
-        let reader = self.reader.clone();
-        let recs = blocking(move || {
-            reader
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .read_from(after, BATCH)
-        })
-        .await?;
+        let recs = self.read_after(after).await?;
         if let Some(newest) = recs.last().map(|r| r.seq) {
             self.last_seq = self.last_seq.max(newest);
             self.pending.truncate(1);
