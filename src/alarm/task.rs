@@ -420,10 +420,30 @@ fn run(
 ) {
     let tick = cfg.tick.0;
     let mut committed = feed.subscribe();
-    let mut d = match Detector::open(cfg, db, feed, registry, crash_loop_starts) {
-        Ok(d) => d,
-        Err(e) => {
-            error!(error = %e, "alarm detector cannot open the frame log; no alarms");
+    let mut d = loop {
+        match Detector::open(
+            cfg.clone(),
+            db,
+            feed.clone(),
+            registry.clone(),
+            crash_loop_starts,
+        ) {
+            Ok(d) => break d,
+            Err(e) if e.is_damage() => {
+                error!(error = %e, "alarm detector cannot read the damaged frame log; stopped (see `verify`)");
+                return;
+            }
+            Err(e) => {
+                crate::log_repeated!(error, error = %e, "alarm detector cannot open the frame log; retrying");
+            }
+        }
+        let stop = rt.block_on(async {
+            tokio::select! {
+                _ = shutdown.cancelled() => true,
+                _ = tokio::time::sleep(crate::store::OPEN_RETRY) => false,
+            }
+        });
+        if stop {
             return;
         }
     };
@@ -476,5 +496,53 @@ fn run(
     .and_then(|()| d.cursors.clean_stop(CURSOR));
     if let Err(e) = stopped {
         warn!(error = %e, "alarm detector clean stop not recorded; the next start counts as after a crash");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::Registry;
+    use crate::store::{Store, StoreConfig};
+
+    fn started(db: &Path) -> bool {
+        let Ok(c) = rusqlite::Connection::open(db) else {
+            return false;
+        };
+        c.query_row(
+            "SELECT count(*) FROM cursors WHERE name = ?1",
+            [CURSOR],
+            |r| r.get::<_, i64>(0),
+        )
+        .is_ok_and(|n| n == 1)
+    }
+
+    /// A log the detector cannot open at start (here: not there yet; in the field,
+    /// a full disk refusing the start marker) is tried again, not given up on until
+    /// the gateway restarts.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_log_that_cannot_be_opened_at_start_is_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("log.db");
+        let feed = Arc::new(Feed::new(16));
+        let registry = Arc::new(SharedRegistry::new(Registry::default()));
+        let shutdown = CancellationToken::new();
+        let cfg = AlarmsSection {
+            nice: 0,
+            ..AlarmsSection::default()
+        };
+        let task = spawn(cfg, db.clone(), feed, registry, 3, shutdown.clone());
+        tokio::time::sleep(crate::store::OPEN_RETRY / 2).await;
+        assert!(!task.is_finished(), "the detector gave up on the log");
+        let (h, j) = Store::open(StoreConfig::new(&db)).unwrap();
+        let until = std::time::Instant::now() + crate::store::OPEN_RETRY * 10;
+        while !started(&db) {
+            assert!(std::time::Instant::now() < until, "never opened the log");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        shutdown.cancel();
+        task.await.unwrap();
+        drop(h);
+        j.join().unwrap();
     }
 }

@@ -345,10 +345,20 @@ pub fn spawn(
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        match Publisher::open(settings, &db, feed, presence).await {
-            Ok(p) => p.run(shutdown).await,
-            Err(e) => {
-                error!(error = %e, "MQTT publisher cannot open the frame log; not publishing")
+        loop {
+            match Publisher::open(settings.clone(), &db, feed.clone(), presence.clone()).await {
+                Ok(p) => return p.run(shutdown).await,
+                Err(e) if e.is_damage() => {
+                    error!(error = %e, "MQTT publisher cannot read the damaged frame log; stopped (see `verify`)");
+                    return;
+                }
+                Err(e) => {
+                    crate::log_repeated!(error, error = %e, "MQTT publisher cannot open the frame log; retrying")
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(crate::store::OPEN_RETRY) => {}
             }
         }
     })

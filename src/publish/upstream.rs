@@ -178,10 +178,20 @@ pub fn spawn(
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let name = entry.name.clone();
-        match Forwarder::open(entry, names, shared, &db).await {
-            Ok(f) => f.run(shutdown).await,
-            Err(e) => {
-                error!(upstream = %name, error = %e, "upstream forwarder cannot open the frame log; not forwarding")
+        loop {
+            match Forwarder::open(entry.clone(), names.clone(), shared.clone(), &db).await {
+                Ok(f) => return f.run(shutdown).await,
+                Err(e) if e.is_damage() => {
+                    error!(upstream = %name, error = %e, "upstream forwarder cannot read the damaged frame log; stopped (see `verify`)");
+                    return;
+                }
+                Err(e) => {
+                    crate::log_repeated!(error, upstream = %name, error = %e, "upstream forwarder cannot open the frame log; retrying")
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(crate::store::OPEN_RETRY) => {}
             }
         }
     })

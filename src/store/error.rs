@@ -159,6 +159,22 @@ impl StoreError {
         )
     }
 
+    /// Whether this is damage to the log (a corrupt page or row, or a refused
+    /// file): trying again cannot help, so a consumer that meets it at start stops
+    /// and `/healthz` names it, rather than retrying forever. Anything else (a full
+    /// disk, a lock, a file not there yet) may pass.
+    pub fn is_damage(&self) -> bool {
+        use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
+        match self {
+            StoreError::Sqlite {
+                source: rusqlite::Error::SqliteFailure(e, _),
+                ..
+            } => matches!(e.code, DatabaseCorrupt | NotADatabase),
+            StoreError::CorruptRow { .. } => true,
+            e => e.refuses_file(),
+        }
+    }
+
     pub(crate) fn sqlite(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
         move |source| StoreError::Sqlite { op, source }
     }

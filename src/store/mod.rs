@@ -321,6 +321,11 @@ impl SyncMode {
 /// Default of [`StoreConfig::check_tail`] (and `[store] check_tail`).
 pub const DEFAULT_CHECK_TAIL: usize = 1000;
 
+/// How long a consumer waits before trying again to open the log. A store that
+/// cannot be opened at start (a full disk refuses the start marker, a file not
+/// there yet) must not leave the consumer off until the gateway restarts.
+pub const OPEN_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Configuration of [`Store::open`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreConfig {
