@@ -27,7 +27,7 @@
 //!   calibration, gap backfill, 2025 key rotation, relayed platform requests), a
 //!   sans-IO engine per session and the operator control socket.
 //! - [`health`]: consumers that stopped, for `/healthz`.
-//! - [`daemon`], [`systemd`], [`telemetry`], [`cli`], [`cmd`]: process wiring.
+//! - [`daemon`], [`systemd`], [`telemetry`], [`cli`], [`cmd`], [`exit`]: process wiring.
 //!
 //! # Data flow
 //! ```text
@@ -46,6 +46,7 @@ pub mod codec;
 pub mod config;
 pub mod daemon;
 pub mod downlink;
+pub mod exit;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod health;

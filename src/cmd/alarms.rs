@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use super::CmdError;
 use crate::store::{AlarmFilter, AlarmStore};
@@ -85,6 +86,49 @@ pub fn run(args: &AlarmsArgs, out: &mut dyn Write) -> Result<usize, CmdError> {
     };
     w().map_err(io)?;
     Ok(rows.len())
+}
+
+/// Lists the anomaly detector's alarms (see README "Alarms").
+///
+/// Example: hj212-gateway alarms --data /var/lib/hj212-gateway --active --since 24h
+///
+/// Exit 0 on success, 2 on errors.
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct AlarmsFlags {
+    /// Data directory (default: $STATE_DIRECTORY, else ./data).
+    #[arg(long, conflicts_with = "db")]
+    data: Option<PathBuf>,
+    /// The SQLite file itself.
+    #[arg(long)]
+    db: Option<PathBuf>,
+    /// Only alarms that are still active.
+    #[arg(long)]
+    active: bool,
+    /// Only this device.
+    #[arg(long)]
+    mn: Option<String>,
+    /// Only alarms active at or ended after this: RFC 3339 or a duration ago (24h).
+    #[arg(long)]
+    since: Option<String>,
+    /// JSON lines (schema hj212.alarm.v1) instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `alarms` from the command line: the listing on stdout, the exit code back.
+pub fn main(flags: AlarmsFlags) -> ExitCode {
+    let args = AlarmsArgs {
+        db: super::resolve_db(flags.data.as_deref(), flags.db.as_deref(), None),
+        active: flags.active,
+        mn: flags.mn,
+        since: flags.since,
+        json: flags.json,
+    };
+    match run(&args, &mut std::io::stdout().lock()) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => super::fail(&e),
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use serde_json::Value;
 
@@ -18,12 +19,9 @@ use crate::config::Config;
 use crate::daemon;
 use crate::downlink::control::{ActionSpec, ControlRequest};
 
-/// Exit code: the device answered no.
-pub const EXIT_REFUSED: u8 = 1;
-/// Exit code: the device did not answer in time.
-pub const EXIT_TIMEOUT: u8 = 3;
-/// Exit code: the device is offline or busy.
-pub const EXIT_UNAVAILABLE: u8 = 4;
+pub use crate::exit::{
+    NO as EXIT_REFUSED, TIMEOUT as EXIT_TIMEOUT, UNAVAILABLE as EXIT_UNAVAILABLE,
+};
 
 /// Where the control socket is: `--socket`, else `[downlink] control_socket`
 /// of `--config`, else `$RUNTIME_DIRECTORY/control.sock`, else
@@ -95,7 +93,7 @@ pub fn run_command(
                     "refused" | "failed" => EXIT_REFUSED,
                     "no_reply" | "exec_timeout" => EXIT_TIMEOUT,
                     "offline" | "busy" | "closed" => EXIT_UNAVAILABLE,
-                    _ => 2,
+                    _ => crate::exit::USAGE,
                 };
                 if code == 0 {
                     if !json {
@@ -168,4 +166,126 @@ pub fn run_sessions(path: &Path, json: bool, out: &mut dyn Write) -> Result<(), 
     }
     writeln!(out, "{} session(s)", list.len()).map_err(w)?;
     Ok(())
+}
+
+/// Send a request to a connected device through the running gateway and print each step.
+///
+/// The request goes through the device's downlink engine (one at a time per device,
+/// OverTime/ReCount resends, 9011 then 9012), in its dialect, and is logged (peer
+/// "operator") like every reply.
+///
+/// Examples:
+///   hj212-gateway command --mn 010000A8900016F000169DC0 get-time
+///   hj212-gateway command --mn 010000A8900016F000169DC0 fetch --cn 2061 \
+///       --from 20240601000000 --to 20240601060000
+///
+/// Exit 0 success; 1 the device refused (QnRtn) or failed (ExeRtn); 2 usage error or
+/// control socket unreachable; 3 no answer in time; 4 device offline, busy, or its
+/// session ended; 78 bad --config.
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct CommandFlags {
+    /// The device's MN.
+    #[arg(long)]
+    mn: String,
+    /// Control socket (default: from --config, $RUNTIME_DIRECTORY, else <data>/control.sock).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Data directory (default: $STATE_DIRECTORY, else ./data).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Gateway config ([downlink] control_socket).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Print the gateway's JSON lines instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    action: Action,
+}
+
+/// What `command` asks the device.
+#[derive(Debug, clap::Subcommand)]
+enum Action {
+    /// CN 1011: read the device clock (with --pol: an instrument's clock).
+    GetTime {
+        /// PolId of the instrument.
+        #[arg(long)]
+        pol: Option<String>,
+    },
+    /// CN 1012: set the device clock to TIME (YYYYMMDDhhmmss device-local, or RFC 3339);
+    /// default: the gateway's clock in the device time zone.
+    SetTime {
+        /// The time to set.
+        time: Option<String>,
+    },
+    /// CN 2051/2061/2031: fetch minute/hour/day history for a window.
+    Fetch {
+        /// 2051 minute, 2061 hour, 2031 day (2041 facility running time).
+        #[arg(long)]
+        cn: u16,
+        /// BeginTime (YYYYMMDDhhmmss device-local, or RFC 3339).
+        #[arg(long)]
+        from: String,
+        /// EndTime (YYYYMMDDhhmmss device-local, or RFC 3339).
+        #[arg(long)]
+        to: String,
+    },
+    /// CN 1062: set the real-time upload interval in seconds.
+    SetRtdInterval {
+        /// Seconds.
+        seconds: u32,
+    },
+    /// CN 1061: read the real-time upload interval.
+    GetRtdInterval,
+    /// CN 3011: zero/span calibration of an instrument.
+    Calibrate {
+        /// PolId, e.g. a21026.
+        #[arg(long)]
+        pol: String,
+    },
+    /// CN 3012: immediate sampling.
+    Sample {
+        /// PolId, e.g. w01018.
+        #[arg(long)]
+        pol: String,
+    },
+    /// Any CN with a CP body as given (what goes between CP=&& and &&).
+    Raw {
+        /// CN, e.g. 1063.
+        #[arg(long)]
+        cn: u16,
+        /// CP body, e.g. 'PolId=w01018;InfoId=i13004'.
+        #[arg(long, default_value = "")]
+        cp: String,
+    },
+}
+
+/// Runs `command` from the command line: the steps on stdout, the exit code
+/// that says what the device did.
+pub fn main(flags: CommandFlags) -> ExitCode {
+    let request = match flags.action {
+        Action::GetTime { pol } => ActionSpec::GetTime { pol },
+        Action::SetTime { time } => ActionSpec::SetTime { time },
+        Action::Fetch { cn, from, to } => ActionSpec::Fetch { cn, from, to },
+        Action::SetRtdInterval { seconds } => ActionSpec::SetRtdInterval { seconds },
+        Action::GetRtdInterval => ActionSpec::GetRtdInterval,
+        Action::Calibrate { pol } => ActionSpec::Calibrate { pol },
+        Action::Sample { pol } => ActionSpec::Sample { pol },
+        Action::Raw { cn, cp } => ActionSpec::Raw { cn, cp },
+    };
+    let result = super::load_config(flags.config.as_deref()).and_then(|cfg| {
+        let path = socket_path(flags.socket.as_deref(), flags.data.as_deref(), cfg.as_ref());
+        run_command(
+            &path,
+            &flags.mn,
+            request,
+            flags.json,
+            &mut std::io::stdout().lock(),
+        )
+    });
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => super::fail(&e),
+    }
 }

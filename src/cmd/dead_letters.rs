@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use super::CmdError;
 use crate::store::{
@@ -118,4 +119,87 @@ pub fn redrive(args: &RedriveArgs, out: &mut dyn Write) -> Result<usize, CmdErro
         NOT_REDRIVABLE.join(", ")
     );
     Ok(n)
+}
+
+/// List the records the log's consumers could not deliver and set aside (see README "Dead letters").
+///
+/// Examples:
+///   hj212-gateway dead-letters --data /var/lib/hj212-gateway
+///   hj212-gateway dead-letters --consumer mqtt --json
+///   hj212-gateway dead-letters redrive --id 12
+///
+/// Exit 0 on success, 2 on usage or store errors.
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct DeadLettersFlags {
+    /// Data directory (default: $STATE_DIRECTORY, else ./data).
+    #[arg(long, conflicts_with = "db", global = true)]
+    data: Option<PathBuf>,
+    /// The SQLite file itself.
+    #[arg(long, global = true)]
+    db: Option<PathBuf>,
+    /// Only this consumer: mqtt, mqtt.merge, mqtt.alarms, upstream.<name>, alarms.
+    #[arg(long, global = true)]
+    consumer: Option<String>,
+    /// Only entries in this state: dead, redrive, resolved.
+    #[arg(long)]
+    state: Option<String>,
+    /// JSON lines (schema hj212.dead_letter.v1) instead of the table.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    action: Option<Action>,
+}
+
+/// What `dead-letters` does besides listing.
+#[derive(Debug, clap::Subcommand)]
+enum Action {
+    /// Mark entries for re-drive: the running gateway's consumer sends them once
+    /// more (within seconds, or at its next start) and marks them resolved, or dead
+    /// again with one more attempt.
+    ///
+    /// Examples:
+    ///   hj212-gateway dead-letters redrive --id 12 --id 13
+    ///   hj212-gateway dead-letters redrive --consumer upstream.cnemc --all
+    #[command(verbatim_doc_comment)]
+    Redrive {
+        /// An entry id from the listing (repeatable).
+        #[arg(long = "id")]
+        ids: Vec<i64>,
+        /// Every `dead` entry (of --consumer, if given).
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+/// Runs `dead-letters` (the listing, or `redrive`) from the command line: the
+/// output on stdout, the exit code back.
+pub fn main(flags: DeadLettersFlags) -> ExitCode {
+    let db = super::resolve_db(flags.data.as_deref(), flags.db.as_deref(), None);
+    let consumer = flags.consumer;
+    let mut out = std::io::stdout().lock();
+    let r = match flags.action {
+        None => list(
+            &ListArgs {
+                db,
+                consumer,
+                state: flags.state,
+                json: flags.json,
+            },
+            &mut out,
+        ),
+        Some(Action::Redrive { ids, all }) => redrive(
+            &RedriveArgs {
+                db,
+                consumer,
+                ids,
+                all,
+            },
+            &mut out,
+        ),
+    };
+    match r {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => super::fail(&e),
+    }
 }

@@ -3,10 +3,12 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::exit;
 use crate::protocol::framing::{self, Cut, FramerConfig};
 use crate::protocol::{
     self, CrcPolicy, DeviceLookup, DeviceProfile, Dialect, Frame, Options, Severity, codes, crc,
@@ -300,4 +302,70 @@ fn report(out: &mut dyn Write, n: usize, offset: usize, f: &Frame) -> std::io::R
         writeln!(out, "  {sev:<7} {}: {}", x.code, x.detail)?;
     }
     writeln!(out)
+}
+
+/// Explain a byte stream frame by frame (file or - for stdin).
+///
+/// Exit 0 when every item is a valid frame, 1 when any finding is an error, 2 on usage/IO errors.
+/// Example: printf '##0087QN=...\r\n' | hj212-gateway decode -
+#[derive(Debug, clap::Args)]
+pub struct DecodeFlags {
+    /// Input file, or - for stdin.
+    #[arg(default_value = "-")]
+    input: String,
+    /// One JSON object per item (schema hj212.frame.v1).
+    #[arg(long)]
+    json: bool,
+    /// SM4 key for an encrypted 2025 device: MN=32HEX (repeatable).
+    #[arg(long = "key", value_name = "MN=HEX")]
+    keys: Vec<String>,
+    /// Dialect override: MN=2005|2017|2025|surface-water (repeatable).
+    #[arg(long = "dialect", value_name = "MN=DIALECT")]
+    dialects: Vec<String>,
+    /// CRC policy: strict, modbus, swapped or any.
+    #[arg(long, default_value = "strict", value_parser = parse_crc)]
+    crc: CrcPolicy,
+    /// Receive time for timestamp checks, RFC 3339 (default: now).
+    #[arg(long)]
+    now: Option<chrono::DateTime<chrono::Utc>>,
+    /// Device time zone.
+    #[arg(long, default_value = "+08:00")]
+    tz: String,
+}
+
+fn parse_crc(s: &str) -> Result<CrcPolicy, String> {
+    match s {
+        "strict" => Ok(CrcPolicy::Strict),
+        "modbus" => Ok(CrcPolicy::Modbus),
+        "swapped" => Ok(CrcPolicy::Swapped),
+        "any" => Ok(CrcPolicy::Any),
+        _ => Err(format!("{s:?}: expected strict, modbus, swapped or any")),
+    }
+}
+
+/// Runs `decode` from the command line: the report on stdout, the exit code back.
+pub fn main(flags: DecodeFlags) -> ExitCode {
+    let Some(tz) = crate::config::parse_offset(&flags.tz) else {
+        eprintln!("error: --tz {:?}: expected an offset like +08:00", flags.tz);
+        return ExitCode::from(exit::USAGE);
+    };
+    let args = DecodeArgs {
+        input: flags.input,
+        json: flags.json,
+        keys: flags.keys,
+        dialects: flags.dialects,
+        crc: flags.crc,
+        now: flags.now,
+        tz,
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    match run(&args, &mut out) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(exit::NO),
+        Err(e @ (DecodeError::Usage(_) | DecodeError::Io(_))) => {
+            eprintln!("error: {e}");
+            ExitCode::from(exit::USAGE)
+        }
+    }
 }

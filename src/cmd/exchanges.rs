@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use super::CmdError;
 use crate::store::{ExchangeFilter, list_exchanges};
@@ -82,4 +83,43 @@ pub fn run(args: &ExchangesArgs, out: &mut dyn Write) -> Result<usize, CmdError>
     };
     w().map_err(io)?;
     Ok(rows.len())
+}
+
+/// Lists how the gateway's requests to devices ended (see README "Exchange outcomes").
+///
+/// Example: hj212-gateway exchanges --data /var/lib/hj212-gateway --mn MN --since 24h
+///
+/// Exit 0 on success, 2 on errors.
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct ExchangesFlags {
+    /// Data directory (default: $STATE_DIRECTORY, else ./data).
+    #[arg(long, conflicts_with = "db")]
+    data: Option<PathBuf>,
+    /// The SQLite file itself.
+    #[arg(long)]
+    db: Option<PathBuf>,
+    /// Only this device.
+    #[arg(long)]
+    mn: Option<String>,
+    /// Only exchanges that ended at or after this: RFC 3339 or a duration ago (24h).
+    #[arg(long)]
+    since: Option<String>,
+    /// JSON lines (schema hj212.downlink_exchange.v1) instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `exchanges` from the command line: the listing on stdout, the exit code back.
+pub fn main(flags: ExchangesFlags) -> ExitCode {
+    let args = ExchangesArgs {
+        db: super::resolve_db(flags.data.as_deref(), flags.db.as_deref(), None),
+        mn: flags.mn,
+        since: flags.since,
+        json: flags.json,
+    };
+    match run(&args, &mut std::io::stdout().lock()) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => super::fail(&e),
+    }
 }

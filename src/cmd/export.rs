@@ -6,13 +6,14 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use bytes::Bytes;
 use serde_json::Value;
 
 use super::{CmdError, is_broken_pipe, require_db, rfc3339_ms};
 use crate::protocol::{self, Options};
-use crate::store::{Direction, Reader, RecordFilter, StoredRecord, export_record_json};
+use crate::store::{Direction, Reader, RecordFilter, StoredRecord, Verdict, export_record_json};
 
 /// Output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,4 +234,149 @@ fn write_csv_rows(rec: &StoredRecord, out: &mut dyn Write) -> std::io::Result<()
         out.write_all(b"\n")?;
     }
     Ok(())
+}
+
+/// Write stored records in seq order, optionally filtered (works while serve is running).
+///
+/// Filters combine with AND and are exact matches. --since is inclusive, --until
+/// exclusive; both are RFC 3339 instants compared with the receive time, or with the
+/// device's DataTime under --time data (records without a DataTime then never match).
+///
+/// Examples:
+///   hj212-gateway export --data /var/lib/hj212-gateway --format raw -o capture.bin
+///   hj212-gateway export --mn 010000A8900016F000169DC0 --cn 2011 --verdict accepted \
+///       --time data --since 2024-06-01T00:00:00+08:00 --until 2024-06-02T00:00:00+08:00 --format csv
+///
+/// Exit 0 on success (also when a pipe reader goes away), 2 on usage or I/O errors.
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct ExportFlags {
+    /// Data directory (default: $STATE_DIRECTORY, else ./data).
+    #[arg(long, conflicts_with = "db")]
+    data: Option<PathBuf>,
+    /// The SQLite file itself.
+    #[arg(long)]
+    db: Option<PathBuf>,
+    /// raw: the exact stored bytes back to back; jsonl: one object per record;
+    /// csv: one row per reading (seq,received_at,mn,cn,data_time,factor,suffix,value,flag).
+    #[arg(long, value_enum, default_value = "jsonl")]
+    format: FormatArg,
+    /// Which records.
+    #[arg(long, value_enum, default_value = "all")]
+    direction: DirectionArg,
+    /// Only this MN.
+    #[arg(long)]
+    mn: Option<String>,
+    /// Only this CN (e.g. 2011).
+    #[arg(long)]
+    cn: Option<String>,
+    /// Only this ST (e.g. 31).
+    #[arg(long)]
+    st: Option<String>,
+    /// Only records at or after this instant (RFC 3339, e.g. 2024-06-01T00:00:00+08:00).
+    #[arg(long)]
+    since: Option<String>,
+    /// Only records before this instant (RFC 3339, exclusive).
+    #[arg(long)]
+    until: Option<String>,
+    /// Clock that --since/--until compare with.
+    #[arg(long, value_enum, default_value = "received")]
+    time: TimeArg,
+    /// Only this verdict.
+    #[arg(long, value_enum)]
+    verdict: Option<VerdictArg>,
+    /// Output file (default stdout).
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+}
+
+// A doc comment on a value becomes its description in `--help`; of these
+// values only those of `--time` have one.
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum FormatArg {
+    Raw,
+    Jsonl,
+    Csv,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum TimeArg {
+    /// When the gateway received the record.
+    Received,
+    /// The device's DataTime.
+    Data,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum VerdictArg {
+    Accepted,
+    Rejected,
+    Junk,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum DirectionArg {
+    In,
+    Out,
+    All,
+}
+
+/// Runs `export` from the command line: records to `--output` or stdout, the
+/// count on stderr, the exit code back.
+pub fn main(flags: ExportFlags) -> ExitCode {
+    let filter = RecordFilter {
+        direction: match flags.direction {
+            DirectionArg::In => Some(Direction::In),
+            DirectionArg::Out => Some(Direction::Out),
+            DirectionArg::All => None,
+        },
+        mn: flags.mn,
+        cn: flags.cn,
+        st: flags.st,
+        verdict: flags.verdict.map(|v| match v {
+            VerdictArg::Accepted => Verdict::Accepted,
+            VerdictArg::Rejected => Verdict::Rejected,
+            VerdictArg::Junk => Verdict::Junk,
+        }),
+        ..RecordFilter::default()
+    };
+    let basis = match flags.time {
+        TimeArg::Received => TimeBasis::Received,
+        TimeArg::Data => TimeBasis::Data,
+    };
+    let result = time_filter(
+        filter,
+        basis,
+        flags.since.as_deref(),
+        flags.until.as_deref(),
+    )
+    .and_then(|filter| {
+        let args = ExportArgs {
+            db: super::resolve_db(flags.data.as_deref(), flags.db.as_deref(), None),
+            format: match flags.format {
+                FormatArg::Raw => Format::Raw,
+                FormatArg::Jsonl => Format::Jsonl,
+                FormatArg::Csv => Format::Csv,
+            },
+            filter,
+        };
+        // Checked before the output file is created, so a typo in --db
+        // does not leave an empty file behind.
+        require_db(&args.db)?;
+        match &flags.output {
+            Some(p) => {
+                let f = std::fs::File::create(p).map_err(CmdError::io(p.display().to_string()))?;
+                run(&args, &mut std::io::BufWriter::new(f))
+            }
+            None => run(&args, &mut std::io::stdout().lock()),
+        }
+    });
+    match result {
+        Ok(n) => {
+            eprintln!("exported {n} records");
+            ExitCode::SUCCESS
+        }
+        Err(e) => super::fail(&e),
+    }
 }

@@ -1,23 +1,31 @@
-//! Command implementations behind the CLI.
+//! The subcommands, one module each.
 //!
-//! Each command takes plain argument structs (built by [`crate::cli`]) and returns
-//! a [`CmdError`] for usage, I/O and configuration problems; what a command found
-//! (tampering, rejected frames) is its `Ok` value, not an error.
+//! A module owns its command line (a clap struct, `<Name>Flags`, whose doc
+//! comment is the `--help` text) and `main`, which turns the flags into plain
+//! argument structs, runs the command and maps the outcome to an exit code
+//! ([`crate::exit`]). The work itself is a `run` taking those plain structs (what
+//! tests call) and returning a [`CmdError`] for usage, I/O and configuration
+//! problems; what a command found (tampering, rejected frames) is its `Ok`
+//! value, not an error.
 
 pub mod alarms;
 pub mod capture;
+pub mod check_config;
 pub mod command;
 pub mod dead_letters;
 pub mod decode;
 pub mod exchanges;
 pub mod export;
 pub mod replay;
+pub mod serve;
+pub mod sessions;
 pub mod simulate;
 pub mod stats;
 pub mod tail;
 pub mod verify;
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use crate::config::{Config, ConfigError};
 use crate::daemon;
@@ -47,11 +55,11 @@ pub enum CmdError {
 }
 
 impl CmdError {
-    /// The process exit code for this error (see [`crate::cli`]).
+    /// The process exit code for this error (see [`crate::exit`]).
     pub fn exit_code(&self) -> u8 {
         match self {
-            CmdError::Config(_) => crate::cli::EX_CONFIG,
-            _ => 2,
+            CmdError::Config(_) => crate::exit::EX_CONFIG,
+            _ => crate::exit::USAGE,
         }
     }
 
@@ -59,6 +67,17 @@ impl CmdError {
         let context = context.into();
         move |source| CmdError::Io { context, source }
     }
+}
+
+/// Prints `e` and its causes to stderr; returns its exit code.
+pub(crate) fn fail(e: &CmdError) -> ExitCode {
+    eprintln!("error: {e}");
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        eprintln!("  caused by: {s}");
+        src = s.source();
+    }
+    ExitCode::from(e.exit_code())
 }
 
 /// Where a command finds the log: `--db` as given, else the store path of the config

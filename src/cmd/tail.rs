@@ -7,6 +7,7 @@
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -186,4 +187,61 @@ pub fn line(rec: &StoredRecord, colour: bool) -> String {
         s.push_str(" (duplicate)");
     }
     s
+}
+
+/// Follow the log live, one line per record (time, peer, MN, CN, verdict, values).
+///
+/// Starts at the end of the log unless --since-seq is given; polls every 200 ms.
+/// Colours only on a terminal (and not with NO_COLOR).
+///
+/// Examples:
+///   hj212-gateway tail --data /var/lib/hj212-gateway --mn 010000A8900016F000169DC0
+///   hj212-gateway tail --raw --since-seq 0 | hj212-gateway decode -
+///
+/// Exit 0 on Ctrl-C, SIGTERM or a closed pipe; 2 on errors.
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct TailFlags {
+    /// Data directory (default: $STATE_DIRECTORY, else ./data).
+    #[arg(long, conflicts_with = "db")]
+    data: Option<PathBuf>,
+    /// The SQLite file itself.
+    #[arg(long)]
+    db: Option<PathBuf>,
+    /// Only this MN.
+    #[arg(long)]
+    mn: Option<String>,
+    /// Only this CN.
+    #[arg(long)]
+    cn: Option<String>,
+    /// Print the exact stored bytes.
+    #[arg(long, conflicts_with = "json")]
+    raw: bool,
+    /// Print one export JSON object per record.
+    #[arg(long)]
+    json: bool,
+    /// Start after this seq (0: from the beginning).
+    #[arg(long, value_name = "N")]
+    since_seq: Option<u64>,
+}
+
+/// Runs `tail` from the command line until interrupted; returns the exit code.
+pub fn main(flags: TailFlags) -> ExitCode {
+    let args = TailArgs {
+        db: super::resolve_db(flags.data.as_deref(), flags.db.as_deref(), None),
+        mn: flags.mn,
+        cn: flags.cn,
+        format: if flags.raw {
+            TailFormat::Raw
+        } else if flags.json {
+            TailFormat::Json
+        } else {
+            TailFormat::Line
+        },
+        since_seq: flags.since_seq,
+    };
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => super::fail(&e),
+    }
 }

@@ -10,6 +10,7 @@ mod device;
 pub mod fleet;
 
 use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::process::ExitCode;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::sync::{Arc, Mutex};
@@ -21,9 +22,38 @@ use tokio::time::Instant;
 use super::CmdError;
 use fleet::{Edition, Kind};
 
-/// Everything `simulate` was asked to do (validated by [`plan`]); also its
-/// command line.
+/// Simulate a fleet of data loggers against a gateway and measure ack latency.
+///
+/// Each device is one connection sending 2011 real-time data every --interval (or
+/// the fleet sending --rate frames/s in total), 2051 at every --minute-every minute
+/// and 2061 at every full hour of the wall clock, acked per frame. Devices answer
+/// platform requests (1011/1012/1061/1062, 2031/2051/2061 history) with 9011,
+/// data and 9012. MN of device i: --mn-prefix (default 99 + 4 hex digits of the
+/// seed) then i zero-padded to 24 characters (14 for 2005). Device i's dialect is
+/// slot i mod (sum of --dialects weights), its kind slot (i / that sum) mod (sum of
+/// --kinds weights). --list-devices prints the fleet as [[device]] TOML (with the
+/// SM4 keys of 2025e devices) for the gateway's registry.
+///
+/// Latency is measured from each frame's scheduled send time (coordinated omission
+/// corrected); --json prints one object with sent, acked, errors, reconnects,
+/// duration_s and latency_ms {p50,p90,p99,p999,max}.
+///
+/// Examples:
+///   hj212-gateway simulate --target 127.0.0.1:9000 --devices 1000 --rate 20000 \
+///       --duration 300 --frame-size 500 --json
+///   hj212-gateway simulate --target 127.0.0.1:9000 --devices 19000 --idle \
+///       --source-ips 127.0.0.2-127.0.0.20 --ramp 30 --duration 600
+///   hj212-gateway simulate --target 127.0.0.1:9000 --devices 500 --interval 5 \
+///       --dialects 2017=2,2005=1,2025e=1 --reconnect-storm-at 20 --duration 60
+///
+/// Exit 0 when every frame was acked and nothing failed, 1 when frames went unacked
+/// or connections/replies failed (errors > 0), 2 on usage errors (e.g. --devices
+/// beyond RLIMIT_NOFILE or the ephemeral ports of the source addresses).
+//
+// The command line is also everything `simulate` was asked to do; `plan`
+// validates it.
 #[derive(Debug, Clone, clap::Args)]
+#[command(verbatim_doc_comment)]
 pub struct SimulateArgs {
     /// Gateway address.
     #[arg(long, value_name = "HOST:PORT")]
@@ -711,4 +741,43 @@ pub fn print(s: &Summary, out: &mut dyn std::io::Write) -> std::io::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// Runs `simulate` from the command line: the summary (or the fleet with
+/// `--list-devices`) on stdout, the exit code back.
+pub fn main(args: SimulateArgs) -> ExitCode {
+    let plan = match plan(&args) {
+        Ok(p) => p,
+        Err(e) => return super::fail(&e),
+    };
+    if args.list_devices {
+        return match list_devices(&plan, &mut std::io::stdout().lock()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => super::fail(&CmdError::Io {
+                context: "stdout".into(),
+                source: e,
+            }),
+        };
+    }
+    match run(plan, args.threads, args.progress) {
+        Ok(s) => {
+            let mut out = std::io::stdout().lock();
+            let _ = if args.json {
+                use std::io::Write;
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string(&s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+                )
+            } else {
+                print(&s, &mut out)
+            };
+            if s.is_clean(!args.no_ack) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(crate::exit::NO)
+            }
+        }
+        Err(e) => super::fail(&e),
+    }
 }

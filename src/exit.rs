@@ -1,0 +1,32 @@
+//! The process exit codes, one table for the command line and every subcommand.
+//!
+//! Scripts and systemd branch on these numbers, so each has one meaning across
+//! the commands: 0 success; 1 the command ran and its answer is "no"; 2 the
+//! command could not do its job with what it was given; 3 and 4 only from
+//! `command`; 70 and 78 as in BSD `sysexits.h` (the packaged unit lists 78 in
+//! `RestartPreventExitStatus=`).
+
+/// The command ran and its answer is "no": `decode` found an error finding,
+/// `verify` found tampering, `replay --to` left acks missing or connections
+/// failed, `simulate` left frames unacked or saw errors, `command`'s device
+/// refused (QnRtn) or failed (ExeRtn).
+pub const NO: u8 = 1;
+
+/// A usage error (bad flag value, unreadable input, unreachable control
+/// socket), a failed read or write, or a frame log that `serve` or a reading
+/// command will not use (missing, empty, not a frame log, damaged, too new).
+pub const USAGE: u8 = 2;
+
+/// `command`: the device did not answer in time (no 9011 after ReCount
+/// resends, or nothing within the execution timeout).
+pub const TIMEOUT: u8 = 3;
+
+/// `command`: the device is offline or busy, or its session ended mid-exchange.
+pub const UNAVAILABLE: u8 = 4;
+
+/// `EX_SOFTWARE`: an internal error (the runtime did not start, a task failed).
+pub const EX_SOFTWARE: u8 = 70;
+
+/// `EX_CONFIG`: the config file is unreadable or invalid; the message names
+/// the key. Restarting cannot help, so the packaged unit does not.
+pub const EX_CONFIG: u8 = 78;
