@@ -36,8 +36,7 @@ pub fn init(format: LogFormat) {
     };
 }
 
-/// Default of `[log] repeat_interval`.
-pub const DEFAULT_REPEAT_INTERVAL: Duration = Duration::from_secs(10);
+pub use crate::config::DEFAULT_REPEAT_INTERVAL;
 
 /// `[log] repeat_interval` in milliseconds, shared by every [`Repeats`].
 static REPEAT_INTERVAL_MS: AtomicU64 = AtomicU64::new(10_000);

@@ -1,0 +1,318 @@
+//! `[alarms]`: abnormal-data detection, with per-factor and per-device settings.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{ConfigError, Dur, MAX_TRACKED, check_bounds};
+
+/// `[alarms.factor.<code>]` (and `[alarms.device.<MN>.factor.<code>]`): per-factor settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FactorAlarms {
+    /// Lowest plausible value (`value.range`); default 0 for concentrations, 0 for pH and O2.
+    pub min: Option<f64>,
+    /// Highest plausible value (`value.range`); default 14 for pH (w01001), 25 for O2 (a19001).
+    pub max: Option<f64>,
+    /// Emission limit (`limit.hugging`); no limit, no check.
+    pub limit: Option<f64>,
+    /// Overrides `alarms.stuck_count` for this factor.
+    pub stuck_count: Option<u32>,
+    /// Overrides `alarms.spike_k` for this factor.
+    pub spike_k: Option<f64>,
+}
+
+/// `[alarms.device.<MN>]`: per-device settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeviceAlarms {
+    /// Fixed `device.offline` threshold instead of the learned one.
+    pub offline_after: Option<Dur>,
+    /// Reference O2 (%) of this source, enables `converted.mismatch`.
+    pub reference_o2: Option<f64>,
+    /// Detectors switched off for this device.
+    pub disabled: Vec<String>,
+    /// Per-factor settings for this device (override `[alarms.factor]`).
+    pub factor: std::collections::BTreeMap<String, FactorAlarms>,
+}
+
+/// `[alarms]`: abnormal-data detection (see README "Alarms").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlarmsSection {
+    /// Run the detector task at all.
+    pub enabled: bool,
+    /// How often the clock is ticked for `device.offline` (and new records polled).
+    pub tick: Dur,
+    /// Records re-read before the cursor on restart to rebuild detector state.
+    pub lookback: usize,
+    /// `device.offline`: silent for longer than this many learned 2011 intervals.
+    pub offline_factor: u32,
+    /// `device.offline` threshold until an interval is learned (and for video devices).
+    pub offline_after: Dur,
+    /// `device.offline` never fires sooner than this.
+    pub offline_min: Dur,
+    /// `time.skew`: |receive time - DataTime| of a 2011 frame beyond this is skewed.
+    pub skew_threshold: Dur,
+    /// `time.skew`: consecutive skewed (or clean) 2011 frames to raise (or clear).
+    pub skew_count: u32,
+    /// `value.stuck`: identical consecutive samples (flag N) that raise.
+    pub stuck_count: u32,
+    /// `value.spike`: rolling window of samples.
+    pub spike_window: usize,
+    /// `value.spike`: samples needed before judging.
+    pub spike_min_samples: usize,
+    /// `value.spike`: robust deviations (1.4826 x MAD) from the median that make a spike.
+    pub spike_k: f64,
+    /// `flag.abnormal`: a flag other than N lasting longer than this raises (S at once).
+    pub flag_after: Dur,
+    /// `limit.hugging`: samples considered.
+    pub hugging_window: usize,
+    /// `limit.hugging`: share of the window within the band that raises (clears below half).
+    pub hugging_fraction: f64,
+    /// `limit.hugging`: band under the limit, percent of the limit.
+    pub hugging_band: f64,
+    /// `converted.mismatch`: allowed relative difference, percent.
+    pub mismatch_tolerance: f64,
+    /// `converted.mismatch`: allowed absolute difference (rounding of small values).
+    pub mismatch_abs: f64,
+    /// Reference O2 (%) for all devices; unset means `converted.mismatch` only runs for
+    /// devices with their own `reference_o2`.
+    pub reference_o2: Option<f64>,
+    /// Nice steps the detector's thread runs below the gateway (0 = the same).
+    pub nice: u8,
+    /// Devices outside the registry (and `[alarms.device]`) the detectors keep state
+    /// for; past it the one heard from longest ago is forgotten and its alarms end.
+    pub max_unregistered_devices: usize,
+    /// Failed commits of one step's alarm events after which they are set aside
+    /// (dead letter `alarms`, reason `store_refused`) and the cursor moves on.
+    /// 1..=1000.
+    pub max_store_failures: u32,
+    /// Detectors switched off everywhere, e.g. `["value.stuck"]`.
+    pub disabled: Vec<String>,
+    /// Per-factor settings.
+    pub factor: std::collections::BTreeMap<String, FactorAlarms>,
+    /// Per-device settings, keyed by MN.
+    pub device: std::collections::BTreeMap<String, DeviceAlarms>,
+}
+
+impl Default for AlarmsSection {
+    fn default() -> Self {
+        AlarmsSection {
+            enabled: true,
+            tick: Dur(Duration::from_secs(5)),
+            lookback: 5000,
+            offline_factor: 3,
+            offline_after: Dur(Duration::from_secs(600)),
+            offline_min: Dur(Duration::from_secs(60)),
+            skew_threshold: Dur(Duration::from_secs(300)),
+            skew_count: 3,
+            stuck_count: 30,
+            spike_window: 60,
+            spike_min_samples: 20,
+            spike_k: 8.0,
+            flag_after: Dur(Duration::from_secs(3600)),
+            hugging_window: 20,
+            hugging_fraction: 0.8,
+            hugging_band: 5.0,
+            mismatch_tolerance: 5.0,
+            mismatch_abs: 1.0,
+            reference_o2: None,
+            nice: 10,
+            max_unregistered_devices: 5000,
+            max_store_failures: 10,
+            disabled: Vec::new(),
+            factor: Default::default(),
+            device: Default::default(),
+        }
+    }
+}
+
+impl AlarmsSection {
+    /// Range checks, naming the key (`alarms.device.<MN>.factor.<code>.limit`).
+    pub(super) fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: String, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            message,
+        };
+        let a = self;
+        const S: fn(u64) -> Duration = Duration::from_secs;
+        check_bounds(
+            path,
+            &[
+                ("alarms.tick", a.tick.0, Duration::from_millis(100), S(300)),
+                (
+                    "alarms.offline_after",
+                    a.offline_after.0,
+                    S(1),
+                    S(30 * 86_400),
+                ),
+                ("alarms.offline_min", a.offline_min.0, S(0), S(30 * 86_400)),
+            ],
+        )?;
+        if !(1..=1000).contains(&a.max_store_failures) {
+            return Err(bad(
+                "alarms.max_store_failures".into(),
+                "must be between 1 and 1000".into(),
+            ));
+        }
+        let positive = [
+            ("tick", a.tick.0.is_zero()),
+            ("offline_factor", a.offline_factor == 0),
+            ("offline_after", a.offline_after.0.is_zero()),
+            ("skew_count", a.skew_count == 0),
+            ("stuck_count", a.stuck_count < 2),
+            ("spike_window", a.spike_window < 5),
+            (
+                "spike_min_samples",
+                a.spike_min_samples < 5 || a.spike_min_samples > a.spike_window,
+            ),
+            ("spike_k", !(a.spike_k.is_finite() && a.spike_k > 0.0)),
+            ("hugging_window", a.hugging_window < 2),
+            (
+                "hugging_fraction",
+                !(a.hugging_fraction > 0.0 && a.hugging_fraction <= 1.0),
+            ),
+            (
+                "hugging_band",
+                !(a.hugging_band > 0.0 && a.hugging_band < 100.0),
+            ),
+            (
+                "mismatch_tolerance",
+                !(a.mismatch_tolerance >= 0.0 && a.mismatch_tolerance.is_finite()),
+            ),
+            (
+                "mismatch_abs",
+                !(a.mismatch_abs >= 0.0 && a.mismatch_abs.is_finite()),
+            ),
+            ("nice", a.nice > 19),
+            (
+                "max_unregistered_devices",
+                a.max_unregistered_devices == 0 || a.max_unregistered_devices > MAX_TRACKED,
+            ),
+        ];
+        for (k, wrong) in positive {
+            if wrong {
+                return Err(bad(
+                    format!("alarms.{k}"),
+                    "out of range (see deploy/gateway.toml)".into(),
+                ));
+            }
+        }
+        let o2 = |key: String, v: Option<f64>| match v {
+            Some(x) if !(0.0..21.0).contains(&x) => Err(bad(key, "must be in 0..21 (%)".into())),
+            _ => Ok(()),
+        };
+        o2("alarms.reference_o2".into(), a.reference_o2)?;
+        let names = |key: String, list: &[String]| {
+            for d in list {
+                if !DETECTORS.contains(&d.as_str()) {
+                    return Err(bad(
+                        key,
+                        format!("{d:?} is not a detector; expected one of {DETECTORS:?}"),
+                    ));
+                }
+            }
+            Ok(())
+        };
+        names("alarms.disabled".into(), &a.disabled)?;
+        let factors = |prefix: String, f: &std::collections::BTreeMap<String, FactorAlarms>| {
+            for (code, fa) in f {
+                let k = |x: &str| format!("{prefix}.{code}.{x}");
+                for (name, v) in [
+                    ("min", fa.min),
+                    ("max", fa.max),
+                    ("limit", fa.limit),
+                    ("spike_k", fa.spike_k),
+                ] {
+                    if v.is_some_and(|x| !x.is_finite()) {
+                        return Err(bad(k(name), "must be a finite number".into()));
+                    }
+                }
+                if let (Some(lo), Some(hi)) = (fa.min, fa.max) {
+                    if lo > hi {
+                        return Err(bad(k("min"), "greater than max".into()));
+                    }
+                }
+                if fa.limit.is_some_and(|l| l <= 0.0) {
+                    return Err(bad(k("limit"), "must be positive".into()));
+                }
+                if fa.stuck_count.is_some_and(|n| n < 2) {
+                    return Err(bad(k("stuck_count"), "must be at least 2".into()));
+                }
+                if fa.spike_k.is_some_and(|x| x <= 0.0) {
+                    return Err(bad(k("spike_k"), "must be positive".into()));
+                }
+            }
+            Ok(())
+        };
+        factors("alarms.factor".into(), &a.factor)?;
+        for (mn, d) in &a.device {
+            let p = format!("alarms.device.{mn}");
+            o2(format!("{p}.reference_o2"), d.reference_o2)?;
+            names(format!("{p}.disabled"), &d.disabled)?;
+            if d.offline_after.is_some_and(|x| x.0.is_zero()) {
+                return Err(bad(format!("{p}.offline_after"), "must be positive".into()));
+            }
+            factors(format!("{p}.factor"), &d.factor)?;
+        }
+        Ok(())
+    }
+}
+
+/// Detector names accepted in `disabled`.
+pub const DETECTORS: &[&str] = &[
+    "device.offline",
+    "data.gap",
+    "time.skew",
+    "value.stuck",
+    "value.range",
+    "value.spike",
+    "flag.abnormal",
+    "limit.hugging",
+    "converted.mismatch",
+];
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use crate::config::tests::err;
+    use std::path::Path;
+
+    #[test]
+    fn alarms_keys() {
+        let c = Config::parse("", Path::new("t")).unwrap();
+        assert!(c.alarms.enabled);
+        assert_eq!(c.alarms.stuck_count, 30);
+        let c = Config::parse(
+            "[alarms.factor.a21026]\nlimit = 100\n[alarms.device.M1]\nreference_o2 = 9\noffline_after = \"3m\"\n[alarms.device.M1.factor.a21002]\nmax = 500",
+            Path::new("t"),
+        )
+        .unwrap();
+        assert_eq!(c.alarms.factor["a21026"].limit, Some(100.0));
+        assert_eq!(c.alarms.device["M1"].factor["a21002"].max, Some(500.0));
+        assert!(err("[alarms]\nstuck_count = 1").contains("`alarms.stuck_count`"));
+        assert!(err("[alarms]\nspike_k = -1").contains("`alarms.spike_k`"));
+        assert!(err("[alarms]\ndisabled = [\"value.stuk\"]").contains("`alarms.disabled`"));
+        assert!(err("[alarms]\nreference_o2 = 21").contains("`alarms.reference_o2`"));
+        assert_eq!(c.alarms.max_unregistered_devices, 5000);
+        assert!(
+            err("[alarms]\nmax_unregistered_devices = 0")
+                .contains("`alarms.max_unregistered_devices`")
+        );
+        assert!(
+            err("[alarms.factor.a21026]\nmin = 5\nmax = 1").contains("`alarms.factor.a21026.min`")
+        );
+        assert!(
+            err("[alarms.device.M1.factor.a21026]\nlimit = 0")
+                .contains("`alarms.device.M1.factor.a21026.limit`")
+        );
+        assert!(
+            err("[alarms.device.M1]\nreference_o2 = 30")
+                .contains("`alarms.device.M1.reference_o2`")
+        );
+        assert!(err("[alarms]\nstuck = 3").contains("stuck"));
+    }
+}
