@@ -1,13 +1,7 @@
 //! The command line: global flags, one subcommand per job, and the dispatch.
 //!
-//! Each subcommand's flags, help text and exit codes live with its
-//! implementation in [`crate::cmd`]; the exit codes are listed in
-//! [`crate::exit`]: 0 success; 1 the command's answer is "no" (decode found an
-//! error, verify found tampering); 2 usage or I/O error, or a frame log that
-//! `serve` will not use (empty, not a frame log, damaged, too new); 70 internal error;
-//! 78 bad configuration (sysexits `EX_CONFIG`, as systemd units expect).
-//! `command` adds 3 (the device did not answer in time) and 4 (the device is
-//! offline or busy); see [`crate::cmd::command`].
+//! Each subcommand's flags, help text and `main` live with its implementation in
+//! [`crate::cmd`]; the exit codes are one table in [`crate::exit`].
 
 use std::process::ExitCode;
 
