@@ -1,4 +1,5 @@
-//! `[downlink]`: the section now lives in [`crate::config`] with the others; this
-//! path stays for the code that names it here.
+//! `[downlink]` is defined with the other sections in [`crate::config`], which
+//! imports nothing from the modules that read it; the name is re-exported here
+//! for code that takes it from the downlink module.
 
 pub use crate::config::DownlinkSection;
