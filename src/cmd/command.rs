@@ -182,6 +182,9 @@ pub fn run_sessions(path: &Path, json: bool, out: &mut dyn Write) -> Result<(), 
 /// Exit 0 success; 1 the device refused (QnRtn) or failed (ExeRtn); 2 usage error or
 /// control socket unreachable; 3 no answer in time; 4 device offline, busy, or its
 /// session ended; 78 bad --config.
+// This doc comment is the `--help` text, written for a terminal: rustdoc would
+// read its `<data>` as markup.
+#[allow(rustdoc::invalid_html_tags)]
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct CommandFlags {

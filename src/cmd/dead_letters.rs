@@ -129,6 +129,9 @@ pub fn redrive(args: &RedriveArgs, out: &mut dyn Write) -> Result<usize, CmdErro
 ///   hj212-gateway dead-letters redrive --id 12
 ///
 /// Exit 0 on success, 2 on usage or store errors.
+// This doc comment is the `--help` text, written for a terminal: rustdoc would
+// read its `<name>` as markup.
+#[allow(rustdoc::invalid_html_tags)]
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct DeadLettersFlags {

@@ -9,6 +9,9 @@ use super::command;
 /// List the devices connected to the running gateway: MN, peer, since, dialect, last frame.
 ///
 /// Exit 0 on success, 2 when the control socket cannot be reached, 78 bad --config.
+// This doc comment is the `--help` text, written for a terminal: rustdoc would
+// read its `<data>` as markup.
+#[allow(rustdoc::invalid_html_tags)]
 #[derive(Debug, clap::Args)]
 pub struct SessionsFlags {
     /// Control socket (default: from --config, $RUNTIME_DIRECTORY, else <data>/control.sock).

@@ -52,6 +52,9 @@ use fleet::{Edition, Kind};
 //
 // The command line is also everything `simulate` was asked to do; `plan`
 // validates it.
+// This doc comment is the `--help` text, written for a terminal: rustdoc would
+// read its `[[device]]` as markup.
+#[allow(rustdoc::private_intra_doc_links)]
 #[derive(Debug, Clone, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct SimulateArgs {
