@@ -11,7 +11,7 @@ use crate::cmd::{
     alarms, check_config, command, dead_letters, decode, exchanges, export, replay, serve,
     sessions, simulate, stats, tail, verify,
 };
-use crate::telemetry::LogFormat;
+use crate::telemetry::{self, LogFormat};
 
 pub use crate::exit::{EX_CONFIG, EX_SOFTWARE};
 
@@ -50,7 +50,12 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(flags) => serve::main(flags, cli.log_format),
+        Command::Serve(flags) => {
+            // Only the daemon logs: what the other commands write to stdout and
+            // stderr is their output.
+            telemetry::init(cli.log_format);
+            serve::main(flags)
+        }
         Command::CheckConfig(flags) => check_config::main(flags),
         Command::Decode(flags) => decode::main(flags),
         Command::Export(flags) => export::main(flags),

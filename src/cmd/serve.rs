@@ -9,7 +9,6 @@ use std::process::ExitCode;
 
 use crate::daemon::{self, Overrides, ServeError};
 use crate::exit;
-use crate::telemetry::{self, LogFormat};
 
 /// Run the gateway: accept devices, log every frame durably, ack after commit.
 ///
@@ -27,10 +26,10 @@ pub struct ServeFlags {
     data: Option<PathBuf>,
 }
 
-/// Runs the gateway until it is stopped; returns the exit code: 0 after a
-/// clean stop, 78 for a bad config, 2 for a frame log it will not use, 70 otherwise.
-pub fn main(flags: ServeFlags, log_format: LogFormat) -> ExitCode {
-    telemetry::init(log_format);
+/// Runs the gateway until it is stopped (logging is set up by the caller);
+/// returns the exit code: 0 after a clean stop, 78 for a bad config, 2 for a
+/// frame log it will not use, 70 otherwise.
+pub fn main(flags: ServeFlags) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
