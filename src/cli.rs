@@ -605,6 +605,7 @@ pub fn main() -> ExitCode {
                     c.server.listen.len(),
                     c.device.len()
                 );
+                crate::daemon::warn_stop_timeout(&c);
                 ExitCode::SUCCESS
             }
             Err(e) => {
