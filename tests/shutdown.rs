@@ -146,12 +146,13 @@ const CONNACK: &[u8] = &[0x20, 0x02, 0x00, 0x00];
 /// The grace of the test daemon; the margin covers the store drain of a tiny
 /// log and process exit on a loaded machine.
 const GRACE: Duration = Duration::from_millis(500);
-const MARGIN: Duration = Duration::from_millis(900);
+const MARGIN: Duration = Duration::from_millis(1200);
 
 /// A device that never closes its connection, a broker that never acknowledges a
-/// publish and an upstream that never acks a frame: each alone holds its part
-/// of the stop for a while (the session drains until the device closes, the
-/// publisher waits for in-flight PUBACKs); all of it fits one grace.
+/// publish and an upstream that never acks a frame: each holds its part of the
+/// stop for a while (the session drains until the device closes, the publisher
+/// waits up to 2 s for in-flight PUBACKs, four times the grace); the stop still
+/// ends within one grace and names the publisher it cut short.
 #[test]
 fn sigterm_exits_within_the_grace_and_names_what_was_cut_short() {
     let (broker, published) = black_hole(CONNACK);
