@@ -1,16 +1,33 @@
 //! `serve`: wires the store, registry, listener and signals together.
 //!
-//! Shutdown is one token and one tracker: SIGTERM/SIGINT cancel the token,
-//! the listener stops accepting, sessions finish the batch in flight (append,
-//! commit, ack) and close; after the grace period the store drains, commits,
-//! checkpoints and the process exits 0.
+//! Shutdown is one token, two trackers and one deadline. SIGTERM/SIGINT cancel
+//! the token: the listener stops accepting, sessions finish the batch in flight
+//! (append, commit, ack) and close, consumers (MQTT, upstreams, alarms, the
+//! control socket) stop between steps and persist their cursors. The deadline is
+//! computed once, when the stop begins, and split in two named shares:
+//!
+//! - `[server] shutdown_grace` for the tasks: the stop waits for the sessions
+//!   first (a session acks only after commit, so it must end before the log
+//!   closes), then for the consumers, which stopped in parallel meanwhile, each
+//!   wait taking only what is left of the grace. A task still running at the end
+//!   of the grace is logged by name and left behind (a consumer resumes from its
+//!   last saved cursor at the next start: at-least-once, nothing lost).
+//! - [`STORE_DRAIN_RESERVE`] after it for the frame log: queued appends commit,
+//!   the chain head is written, the WAL is checkpointed. The drain is never cut
+//!   short (an unwritten chain head is a damaged-looking tail at the next start);
+//!   one that overruns its reserve is logged and waited for.
+//!
+//! So a stop takes at most `shutdown_grace + STORE_DRAIN_RESERVE`, which
+//! `check-config` compares with the packaged unit's `TimeoutStopSec`
+//! ([`stop_timeout_warning`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -90,12 +107,12 @@ pub struct Running {
     pub shutdown: CancellationToken,
     /// Shared state (store handle, registry, config).
     pub shared: Arc<Shared>,
+    /// The accept loop and the sessions.
     tracker: TaskTracker,
-    publisher: Option<tokio::task::JoinHandle<()>>,
-    upstreams: Vec<tokio::task::JoinHandle<()>>,
-    detector: Option<tokio::task::JoinHandle<()>>,
-    metrics: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
-    control: tokio::task::JoinHandle<()>,
+    /// Everything else that stops on `shutdown`: publisher, forwarders, detector,
+    /// control socket.
+    consumers: Consumers,
+    metrics: Option<(CancellationToken, JoinHandle<()>)>,
     /// The operator control socket (`command`, `sessions`).
     pub control_path: PathBuf,
     writer: WriterJoin,
@@ -218,9 +235,10 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
     };
     // The publisher only reads the log (its own connections), so it neither slows
     // ingest nor needs the store handle; it stops on the same token.
-    let publisher = match (mqtt, presence) {
-        (Some(settings), Some(presence)) => Some(health::watch(
-            "MQTT publisher".into(),
+    let consumers = Consumers::default();
+    if let (Some(settings), Some(presence)) = (mqtt, presence) {
+        consumers.watched(
+            "MQTT publisher",
             mqtt::spawn(
                 settings,
                 store_path.clone(),
@@ -228,40 +246,33 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
                 presence,
                 shutdown.child_token(),
             ),
-            shutdown.clone(),
-            health.clone(),
-        )),
-        _ => None,
-    };
+            &shutdown,
+            &health,
+        );
+    }
     // Forwarders append what platforms send them, so they get the shared state
     // (store handle, registry) and must stop before the store does.
     let names: Arc<Vec<String>> =
         Arc::new(shared.cfg.upstream.iter().map(|u| u.name.clone()).collect());
-    let upstreams = shared
-        .cfg
-        .upstream
-        .iter()
-        .filter(|u| u.enabled)
-        .map(|u| {
-            health::watch(
-                format!("upstream {}", u.name),
-                upstream::spawn(
-                    u.clone(),
-                    names.clone(),
-                    shared.clone(),
-                    store_path.clone(),
-                    shutdown.child_token(),
-                ),
-                shutdown.clone(),
-                health.clone(),
-            )
-        })
-        .collect();
+    for u in shared.cfg.upstream.iter().filter(|u| u.enabled) {
+        consumers.watched(
+            &format!("upstream {}", u.name),
+            upstream::spawn(
+                u.clone(),
+                names.clone(),
+                shared.clone(),
+                store_path.clone(),
+                shutdown.child_token(),
+            ),
+            &shutdown,
+            &health,
+        );
+    }
     // The detector, like the publisher, only reads the log behind its own cursor and
     // writes its own tables; the store writer never waits for it.
-    let detector = shared.cfg.alarms.enabled.then(|| {
-        health::watch(
-            "alarm detector".into(),
+    if shared.cfg.alarms.enabled {
+        consumers.watched(
+            "alarm detector",
             crate::alarm::task::spawn(
                 shared.cfg.alarms.clone(),
                 store_path.clone(),
@@ -270,25 +281,25 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
                 shared.cfg.store.crash_loop_starts,
                 shutdown.child_token(),
             ),
-            shutdown.clone(),
-            health.clone(),
-        )
-    });
+            &shutdown,
+            &health,
+        );
+    }
     // Operators reach devices through their sessions; stops (and removes the
     // socket) on the same token.
-    let control = control.spawn(shared.clone(), shutdown.child_token());
+    consumers.track(
+        "control socket".into(),
+        control.spawn(shared.clone(), shutdown.child_token()),
+    );
     Ok(Running {
-        control,
         control_path,
         addrs,
         metrics_addr,
         metrics,
-        detector,
         shutdown,
         shared,
         tracker,
-        publisher,
-        upstreams,
+        consumers,
         writer,
         config_path: o.config.clone(),
     })
@@ -314,61 +325,45 @@ impl Running {
         }
     }
 
-    /// Stops accepting, lets sessions finish within the grace period, then
-    /// drains and closes the frame log.
+    /// Stops accepting and stops every task within one deadline (see the module
+    /// doc): sessions, then consumers, within `[server] shutdown_grace`; then the
+    /// frame log drains and closes within [`STORE_DRAIN_RESERVE`].
     pub async fn stop(self) -> Result<(), ServeError> {
+        let deadline = StopDeadline::from_now(self.shared.cfg.server.shutdown_grace.0);
         self.shutdown.cancel();
         self.tracker.close();
-        let grace = self.shared.cfg.server.shutdown_grace.0;
-        if tokio::time::timeout(grace, self.tracker.wait())
+        if tokio::time::timeout_at(deadline.tasks, self.tracker.wait())
             .await
             .is_err()
         {
             warn!(
-                grace_s = grace.as_secs(),
+                grace_s = deadline.grace.as_secs(),
+                sessions = self.tracker.len(),
                 "sessions still open after the grace period; closing anyway"
             );
         }
-        if tokio::time::timeout(Duration::from_secs(5), self.control)
-            .await
-            .is_err()
-        {
-            warn!("control socket did not stop in time");
-        }
-        if let Some(d) = self.detector {
-            // Each step commits its events with the cursor, so stopping between steps
-            // loses nothing; a step in flight is short (one page).
-            if tokio::time::timeout(Duration::from_secs(10), d)
-                .await
-                .is_err()
-            {
-                warn!("alarm detector did not stop in time");
-            }
-        }
-        if let Some(p) = self.publisher {
-            // Bounded inside: at most a couple of seconds to get in-flight PUBACKs.
-            if tokio::time::timeout(Duration::from_secs(10), p)
-                .await
-                .is_err()
-            {
-                warn!("MQTT publisher did not stop in time");
-            }
-        }
-        for u in self.upstreams {
-            // A forwarder stops between frames; it may be mid-append of a platform frame.
-            if tokio::time::timeout(Duration::from_secs(10), u)
-                .await
-                .is_err()
-            {
-                warn!("upstream forwarder did not stop in time");
-            }
-        }
-        self.shared.store.shutdown().await;
+        self.consumers.stop_by(deadline.tasks).await;
         let writer = self.writer;
-        let joined = tokio::task::spawn_blocking(move || writer.join()).await;
+        let store = self.shared.store.clone();
+        let drain = async move {
+            store.shutdown().await;
+            tokio::task::spawn_blocking(move || writer.join()).await
+        };
+        let mut drain = std::pin::pin!(drain);
+        let joined = match tokio::time::timeout_at(deadline.end, &mut drain).await {
+            Ok(j) => j,
+            Err(_) => {
+                warn!(
+                    reserve_s = STORE_DRAIN_RESERVE.as_secs(),
+                    "frame log still draining after its share of the shutdown deadline; waiting for it to write the chain head"
+                );
+                drain.await
+            }
+        };
         if let Some((stop, task)) = self.metrics {
             stop.cancel();
-            let _ = task.await;
+            // An answer in flight gets what is left of the deadline, the task at least one poll.
+            let _ = tokio::time::timeout_at(deadline.end, task).await;
         }
         let stats = joined.map_err(|e| std::io::Error::other(e.to_string()))??;
         info!(
@@ -378,6 +373,188 @@ impl Running {
         );
         Ok(())
     }
+}
+
+/// What the frame log's drain is given of the stop deadline, after `[server]
+/// shutdown_grace`: the writer commits what is queued (at most `[store] queue`
+/// records, a few batches), writes the chain head and checkpoints the WAL, which
+/// the writer keeps short while serving (tens of MB at most), so this is a wide
+/// bound on a healthy disk.
+pub const STORE_DRAIN_RESERVE: Duration = Duration::from_secs(5);
+
+/// One stop's deadline, computed once when the stop begins.
+#[derive(Debug, Clone, Copy)]
+struct StopDeadline {
+    /// `[server] shutdown_grace`.
+    grace: Duration,
+    /// Until when sessions and consumers may run: the grace's end.
+    tasks: tokio::time::Instant,
+    /// Until when the frame log may drain: `tasks` plus [`STORE_DRAIN_RESERVE`].
+    end: tokio::time::Instant,
+}
+
+impl StopDeadline {
+    fn from_now(grace: Duration) -> StopDeadline {
+        let tasks = tokio::time::Instant::now() + grace;
+        StopDeadline {
+            grace,
+            tasks,
+            end: tasks + STORE_DRAIN_RESERVE,
+        }
+    }
+}
+
+/// The tasks that stop on the shutdown token besides the sessions, on one
+/// [`TaskTracker`] so that the stop waits for all of them at once (in parallel,
+/// not one timeout after another), with their names so that those cut short by
+/// the deadline are logged by name.
+#[derive(Debug, Default)]
+struct Consumers {
+    tracker: TaskTracker,
+    /// Names of the tasks still running; a name may repeat (it is a multiset).
+    running: Arc<Mutex<Vec<String>>>,
+}
+
+impl Consumers {
+    /// Tracks `task` under `name` until it ends.
+    fn track(&self, name: String, task: JoinHandle<()>) {
+        lock(&self.running).push(name.clone());
+        let running = Arc::clone(&self.running);
+        self.tracker.spawn(async move {
+            // A panic was reported by whoever watches the task; here it only ended.
+            let _ = task.await;
+            let mut r = lock(&running);
+            if let Some(i) = r.iter().position(|n| *n == name) {
+                r.swap_remove(i);
+            }
+        });
+    }
+
+    /// Tracks a consumer whose end while serving `/healthz` reports ([`health::watch`]).
+    fn watched(
+        &self,
+        name: &str,
+        task: JoinHandle<()>,
+        shutdown: &CancellationToken,
+        health: &Arc<Health>,
+    ) {
+        let watched = health::watch(name.into(), task, shutdown.clone(), health.clone());
+        self.track(name.into(), watched);
+    }
+
+    /// Waits until every tracked task has ended or `deadline`; logs each one
+    /// still running by name (it is left behind, and dropped with the runtime).
+    async fn stop_by(self, deadline: tokio::time::Instant) {
+        self.tracker.close();
+        if tokio::time::timeout_at(deadline, self.tracker.wait())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        let mut late = lock(&self.running).clone();
+        late.sort();
+        for task in late {
+            warn!(%task, "did not stop in time; cut short at the shutdown deadline");
+        }
+    }
+}
+
+/// The systemd unit shipped in `deploy/`, read at build time: the stop budget
+/// `check-config` compares the config with is the one this binary is packaged with.
+const PACKAGED_UNIT: &str = include_str!("../deploy/hj212-gateway.service");
+
+/// systemd's `DefaultTimeoutStopSec`, what a unit without its own stop timeout gets.
+const SYSTEMD_DEFAULT_STOP: Duration = Duration::from_secs(90);
+
+/// How long the packaged unit lets the gateway stop before systemd kills it:
+/// its `TimeoutStopSec=` (or `TimeoutSec=`, which sets it too; the last
+/// assignment wins, as in systemd), `None` for `infinity` or a value this
+/// parser does not read.
+pub fn packaged_stop_timeout() -> Option<Duration> {
+    let mut value = None;
+    for line in PACKAGED_UNIT.lines() {
+        let Some((key, v)) = line.split_once('=') else {
+            continue;
+        };
+        if matches!(key.trim(), "TimeoutStopSec" | "TimeoutSec") {
+            value = Some(v.trim());
+        }
+    }
+    match value {
+        None => Some(SYSTEMD_DEFAULT_STOP),
+        Some(v) => parse_timespan(v),
+    }
+}
+
+/// A systemd time span, systemd.time(7): "a space-separated series of time values
+/// each suffixed by a time unit", e.g. "2min 30s"; "if no time unit is specified,
+/// generally seconds are assumed". Units read: us, ms, s/sec/second(s),
+/// m/min/minute(s), h/hr/hour(s). `infinity` and anything else give `None`.
+fn parse_timespan(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    if text.is_empty() || text == "infinity" {
+        return None;
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let n: u64 = rest[..digits].parse().ok()?;
+        rest = rest[digits..].trim_start();
+        let unit = rest
+            .find(|c: char| !c.is_ascii_alphabetic())
+            .unwrap_or(rest.len());
+        let per_unit = match &rest[..unit] {
+            "us" | "usec" => Duration::from_micros(1),
+            "ms" | "msec" => Duration::from_millis(1),
+            "" | "s" | "sec" | "second" | "seconds" => Duration::from_secs(1),
+            "m" | "min" | "minute" | "minutes" => Duration::from_secs(60),
+            "h" | "hr" | "hour" | "hours" => Duration::from_secs(3600),
+            _ => return None,
+        };
+        total += per_unit.checked_mul(u32::try_from(n).ok()?)?;
+        rest = rest[unit..].trim_start();
+    }
+    Some(total)
+}
+
+/// The warning `check-config` prints when a stop may need longer than the
+/// packaged unit allows: `[server] shutdown_grace` plus [`STORE_DRAIN_RESERVE`]
+/// over its `TimeoutStopSec` means systemd may SIGKILL the gateway before the
+/// frame log has drained. `None` when it fits.
+pub fn stop_timeout_warning(cfg: &Config) -> Option<String> {
+    let limit = packaged_stop_timeout()?;
+    let grace = cfg.server.shutdown_grace.0;
+    let needed = grace + STORE_DRAIN_RESERVE;
+    (needed > limit).then(|| {
+        format!(
+            "server.shutdown_grace = {} plus the frame log's {} drain reserve is {}, over the packaged unit's TimeoutStopSec={}: systemd may kill the gateway before the log is closed; lower server.shutdown_grace to at most {} or raise TimeoutStopSec",
+            secs(grace),
+            secs(STORE_DRAIN_RESERVE),
+            secs(needed),
+            secs(limit),
+            secs(limit.saturating_sub(STORE_DRAIN_RESERVE)),
+        )
+    })
+}
+
+/// Prints [`stop_timeout_warning`] on stderr, if any (`check-config`).
+pub fn warn_stop_timeout(cfg: &Config) {
+    if let Some(w) = stop_timeout_warning(cfg) {
+        eprintln!("warning: {w}");
+    }
+}
+
+/// A duration as an operator writes it in the config ("12s", "1.5s").
+fn secs(d: Duration) -> String {
+    format!("{}s", d.as_secs_f64())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// `serve`: runs until SIGTERM/SIGINT.
@@ -428,5 +605,69 @@ impl Signals {
                 _ = self.hup.recv() => running.reload(),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timespans_read_as_systemd_reads_them() {
+        let s = Duration::from_secs;
+        assert_eq!(parse_timespan("30s"), Some(s(30)));
+        assert_eq!(parse_timespan("30"), Some(s(30)));
+        assert_eq!(parse_timespan("2min 30s"), Some(s(150)));
+        assert_eq!(parse_timespan("1min30s"), Some(s(90)));
+        assert_eq!(parse_timespan("1h"), Some(s(3600)));
+        assert_eq!(parse_timespan("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_timespan("infinity"), None);
+        assert_eq!(parse_timespan("30 fortnights"), None);
+        assert_eq!(parse_timespan(""), None);
+    }
+
+    /// The packaged unit leaves room for the default grace and the store's reserve,
+    /// and the largest grace the config accepts is warned about.
+    #[test]
+    fn the_default_grace_fits_the_packaged_unit_and_the_largest_does_not() {
+        let limit = packaged_stop_timeout().expect("the unit's TimeoutStopSec is read");
+        let mut cfg = Config::parse("", Path::new("<defaults>")).expect("defaults");
+        assert!(cfg.server.shutdown_grace.0 + STORE_DRAIN_RESERVE <= limit);
+        assert_eq!(stop_timeout_warning(&cfg), None);
+        cfg.server.shutdown_grace.0 = Duration::from_secs(60);
+        let w = stop_timeout_warning(&cfg).expect("60s + reserve is over the unit's limit");
+        assert!(w.contains("server.shutdown_grace = 60s"), "{w}");
+        assert!(
+            w.contains(&format!("at most {}", secs(limit - STORE_DRAIN_RESERVE))),
+            "{w}"
+        );
+    }
+
+    /// Consumers stop in parallel within what is left of the deadline; the one that
+    /// does not is left behind, and the wait ends at the deadline.
+    #[tokio::test]
+    async fn consumers_are_waited_for_together_until_the_deadline() {
+        let c = Consumers::default();
+        let token = CancellationToken::new();
+        for (name, takes) in [("quick", 10), ("also quick", 20), ("stuck", 3_600_000)] {
+            let t = token.clone();
+            c.track(
+                name.into(),
+                tokio::spawn(async move {
+                    t.cancelled().await;
+                    tokio::time::sleep(Duration::from_millis(takes)).await;
+                }),
+            );
+        }
+        let running = Arc::clone(&c.running);
+        let started = tokio::time::Instant::now();
+        token.cancel();
+        c.stop_by(started + Duration::from_millis(300)).await;
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        assert_eq!(*lock(&running), vec!["stuck".to_owned()]);
     }
 }

@@ -32,7 +32,9 @@ use std::str::FromStr;
 use rust_decimal::Decimal;
 
 use super::window::Window;
-use super::{AlarmEvent, AlarmKey, Factor, Obs, Raise, Severity, ShortText, Val, Values};
+use super::{
+    AlarmEvent, AlarmKey, DetectorKind, Factor, Obs, Raise, Severity, ShortText, Val, Values,
+};
 use crate::config::{AlarmsSection, FactorAlarms};
 use crate::recency::Recency;
 
@@ -353,7 +355,8 @@ impl Engine {
         self.active.keys.iter()
     }
 
-    fn enabled(&self, mn: &str, kind: &str) -> bool {
+    fn enabled(&self, mn: &str, kind: DetectorKind) -> bool {
+        let kind = kind.as_str();
         !self.cfg.disabled.iter().any(|d| d == kind)
             && !self
                 .cfg
@@ -367,14 +370,14 @@ impl Engine {
         let on = |kind| self.enabled(mn, kind);
         DeviceState {
             on: Enabled {
-                flag: on("flag.abnormal"),
-                range: on("value.range"),
-                stuck: on("value.stuck"),
-                spike: on("value.spike"),
-                hugging: on("limit.hugging"),
-                mismatch: on("converted.mismatch"),
-                skew: on("time.skew"),
-                gap: on("data.gap"),
+                flag: on(DetectorKind::FlagAbnormal),
+                range: on(DetectorKind::ValueRange),
+                stuck: on(DetectorKind::ValueStuck),
+                spike: on(DetectorKind::ValueSpike),
+                hugging: on(DetectorKind::LimitHugging),
+                mismatch: on(DetectorKind::ConvertedMismatch),
+                skew: on(DetectorKind::TimeSkew),
+                gap: on(DetectorKind::DataGap),
             },
             reference_o2: self
                 .cfg
@@ -447,7 +450,7 @@ impl Engine {
             }
             let Some(seen) = d.last_seen_ms else { continue };
             let limit = self.offline_threshold(mn, d);
-            if now_ms - seen > limit && self.enabled(mn, "device.offline") {
+            if now_ms - seen > limit && self.enabled(mn, DetectorKind::DeviceOffline) {
                 due.push((mn.clone(), seen, d.last_seq, limit));
             }
         }
@@ -458,7 +461,7 @@ impl Engine {
                 &mut out,
                 Raise {
                     key: AlarmKey {
-                        kind: "device.offline",
+                        kind: DetectorKind::DeviceOffline,
                         mn: mn.clone(),
                         factor: String::new(),
                     },
@@ -509,7 +512,7 @@ impl Engine {
             &mut out,
             &o.mn,
             || AlarmKey {
-                kind: "device.offline",
+                kind: DetectorKind::DeviceOffline,
                 mn: o.mn.clone(),
                 factor: String::new(),
             },
@@ -630,7 +633,7 @@ impl Cx<'_> {
         }
         let (run, clean) = (d.skew_run, d.clean_run);
         let key = || AlarmKey {
-            kind: "time.skew",
+            kind: DetectorKind::TimeSkew,
             mn: o.mn.clone(),
             factor: String::new(),
         };
@@ -693,7 +696,7 @@ impl Cx<'_> {
             None => s.last_ms = Some(t),
         }
         let key = || AlarmKey {
-            kind: "data.gap",
+            kind: DetectorKind::DataGap,
             mn: o.mn.clone(),
             factor: o.cn.clone(),
         };
@@ -732,7 +735,7 @@ impl Cx<'_> {
         let (o, t) = (self.o, self.t);
         let after = self.cfg.flag_after.0.as_millis() as i64;
         let key = || AlarmKey {
-            kind: "flag.abnormal",
+            kind: DetectorKind::FlagAbnormal,
             mn: o.mn.clone(),
             factor: f.to_owned(),
         };
@@ -782,7 +785,7 @@ impl Cx<'_> {
         }
         let any_bad = !st.range_bad.is_empty();
         let key = || AlarmKey {
-            kind: "value.range",
+            kind: DetectorKind::ValueRange,
             mn: o.mn.clone(),
             factor: f.to_owned(),
         };
@@ -825,7 +828,7 @@ impl Cx<'_> {
         }
         let run = st.stuck_seqs.len() as u32;
         let key = || AlarmKey {
-            kind: "value.stuck",
+            kind: DetectorKind::ValueStuck,
             mn: o.mn.clone(),
             factor: f.to_owned(),
         };
@@ -867,7 +870,7 @@ impl Cx<'_> {
         };
         st.window.push(x, window);
         let key = || AlarmKey {
-            kind: "value.spike",
+            kind: DetectorKind::ValueSpike,
             mn: o.mn.clone(),
             factor: f.to_owned(),
         };
@@ -912,7 +915,7 @@ impl Cx<'_> {
         let full = st.hug.len() >= n;
         let share = k as f64 / n as f64;
         let key = || AlarmKey {
-            kind: "limit.hugging",
+            kind: DetectorKind::LimitHugging,
             mn: o.mn.clone(),
             factor: f.to_owned(),
         };
@@ -981,7 +984,7 @@ impl Cx<'_> {
         let tol = (expected.abs() * self.decimals.mismatch_tolerance / Decimal::ONE_HUNDRED)
             .max(self.decimals.mismatch_abs);
         let key = || AlarmKey {
-            kind: "converted.mismatch",
+            kind: DetectorKind::ConvertedMismatch,
             mn: o.mn.clone(),
             factor: f.to_owned(),
         };
@@ -1052,8 +1055,10 @@ mod tests {
     fn kinds(ev: &[AlarmEvent]) -> Vec<(String, &'static str, String)> {
         ev.iter()
             .map(|e| match e {
-                AlarmEvent::Raise(r) => ("raise".into(), r.key.kind, r.key.factor.clone()),
-                AlarmEvent::Clear { key, .. } => ("clear".into(), key.kind, key.factor.clone()),
+                AlarmEvent::Raise(r) => ("raise".into(), r.key.kind.as_str(), r.key.factor.clone()),
+                AlarmEvent::Clear { key, .. } => {
+                    ("clear".into(), key.kind.as_str(), key.factor.clone())
+                }
             })
             .collect()
     }
@@ -1113,7 +1118,7 @@ mod tests {
         let offline: Vec<&str> = ev
             .iter()
             .map(|x| x.key())
-            .filter(|k| k.kind == "device.offline")
+            .filter(|k| k.kind == DetectorKind::DeviceOffline)
             .map(|k| k.mn.as_str())
             .collect();
         assert_eq!(offline, ["CONFIGURED"], "{ev:?}");
@@ -1149,7 +1154,7 @@ mod tests {
             ev,
             vec![AlarmEvent::Clear {
                 key: AlarmKey {
-                    kind: "value.range",
+                    kind: DetectorKind::ValueRange,
                     mn: "S1".into(),
                     factor: "w01001".into(),
                 },
@@ -1212,7 +1217,7 @@ mod tests {
         }
         assert!(e.evicted() > 1000, "the flood churned: {}", e.evicted());
         for ev in &events {
-            if ev.key().kind == "device.offline" {
+            if ev.key().kind == DetectorKind::DeviceOffline {
                 assert!(ev.key().mn.starts_with("REG"), "{ev:?}");
             }
         }
@@ -1436,7 +1441,7 @@ mod tests {
     fn restored_active_set_prevents_duplicates() {
         let mut e = Engine::new(cfg());
         e.set_active([AlarmKey {
-            kind: "value.range",
+            kind: DetectorKind::ValueRange,
             mn: MN.into(),
             factor: "a21026".into(),
         }]);

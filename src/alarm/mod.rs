@@ -8,6 +8,7 @@
 
 mod doc;
 pub mod engine;
+mod kind;
 pub mod task;
 mod values;
 mod window;
@@ -16,6 +17,7 @@ use rust_decimal::Decimal;
 
 use crate::store::{Direction, Kind, StoredRecord, Verdict};
 
+pub use kind::DetectorKind;
 pub use values::{Factor, ShortText, Values};
 
 /// How serious an alarm is.
@@ -136,8 +138,8 @@ impl Obs {
 /// Identity of a condition: at most one active alarm per key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AlarmKey {
-    /// Detector name, e.g. `value.stuck`.
-    pub kind: &'static str,
+    /// Which detector, e.g. `value.stuck`.
+    pub kind: DetectorKind,
     /// Device.
     pub mn: String,
     /// Factor code; for `data.gap` the CN of the series; empty for device-wide alarms.

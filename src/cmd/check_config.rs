@@ -27,6 +27,7 @@ pub fn main(flags: CheckConfigFlags) -> ExitCode {
                 c.server.listen.len(),
                 c.device.len()
             );
+            crate::daemon::warn_stop_timeout(&c);
             ExitCode::SUCCESS
         }
         Err(e) => {

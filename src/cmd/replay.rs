@@ -417,7 +417,7 @@ impl ReplayAlarms {
                     self.active.insert(r.key.clone(), self.rows.len());
                     self.rows.push(AlarmRow {
                         id: self.rows.len() as i64 + 1,
-                        kind: r.key.kind.to_owned(),
+                        kind: r.key.kind.as_str().to_owned(),
                         severity: r.severity.as_str().to_owned(),
                         mn: r.key.mn,
                         factor: r.key.factor,

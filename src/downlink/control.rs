@@ -26,6 +26,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::{Action, Event, ORIGIN_OPERATOR, Outcome, Refusal, Submit};
@@ -229,6 +230,9 @@ impl Control {
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             let clients = Arc::new(Semaphore::new(shared.cfg.downlink.control_clients));
+            // Clients stop on the same token; the task ends only after they did,
+            // so that whoever waits for it at shutdown waits for them too.
+            let tracker = TaskTracker::new();
             info!(path = %self.path.display(), "control socket ready");
             loop {
                 let conn = tokio::select! {
@@ -257,7 +261,7 @@ impl Control {
                     continue;
                 };
                 let (shared, stop) = (shared.clone(), shutdown.clone());
-                tokio::spawn(async move {
+                tracker.spawn(async move {
                     let _permit = permit;
                     tokio::select! {
                         _ = stop.cancelled() => {}
@@ -268,6 +272,8 @@ impl Control {
                 });
             }
             let _ = std::fs::remove_file(&self.path);
+            tracker.close();
+            tracker.wait().await;
         })
     }
 }

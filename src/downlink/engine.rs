@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::protocol::Frame;
+use crate::store::ExchangeOutcome;
 
 /// Timers and retry count, from `[downlink]`.
 #[derive(Debug, Clone, Copy)]
@@ -103,19 +104,25 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// Stable name used on the control socket.
-    pub fn name(&self) -> &'static str {
+    /// Which outcome this is, without its details.
+    pub fn kind(&self) -> ExchangeOutcome {
         match self {
-            Outcome::Success => "success",
-            Outcome::Refused(_) => "refused",
-            Outcome::Failed(_) => "failed",
-            Outcome::NoReply { .. } => "no_reply",
-            Outcome::ExecTimeout => "exec_timeout",
-            Outcome::Offline => "offline",
-            Outcome::Busy => "busy",
-            Outcome::Closed => "closed",
-            Outcome::Invalid(_) => "invalid",
+            Outcome::Success => ExchangeOutcome::Success,
+            Outcome::Refused(_) => ExchangeOutcome::Refused,
+            Outcome::Failed(_) => ExchangeOutcome::Failed,
+            Outcome::NoReply { .. } => ExchangeOutcome::NoReply,
+            Outcome::ExecTimeout => ExchangeOutcome::ExecTimeout,
+            Outcome::Offline => ExchangeOutcome::Offline,
+            Outcome::Busy => ExchangeOutcome::Busy,
+            Outcome::Closed => ExchangeOutcome::Closed,
+            Outcome::Invalid(_) => ExchangeOutcome::Invalid,
         }
+    }
+
+    /// Stable name used on the control socket, in the exchanges table and in
+    /// metrics: the [`ExchangeOutcome::as_str`] of its [`kind`](Outcome::kind).
+    pub fn name(&self) -> &'static str {
+        self.kind().as_str()
     }
 }
 

@@ -349,7 +349,7 @@ impl Probe {
             "gauge",
             "Alarms raised and not yet cleared, by detector.",
         );
-        for kind in crate::config::DETECTORS {
+        for kind in crate::alarm::DetectorKind::ALL.map(|k| k.as_str()) {
             let n = v
                 .alarms
                 .iter()

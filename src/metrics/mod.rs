@@ -362,7 +362,7 @@ pub struct Metrics {
     pub feed_reads: Counter,
     /// Records consumers had to read back from SQLite (behind the feed).
     pub feed_misses: Counter,
-    downlink_exchanges: [Counter; crate::store::OUTCOMES.len()],
+    downlink_exchanges: [Counter; crate::store::ExchangeOutcome::ALL.len()],
     /// Exchange outcomes that could not be written to the store.
     pub downlink_unrecorded: Counter,
     /// Wall time of one store transaction (begin .. commit), nanoseconds.
@@ -428,7 +428,8 @@ impl Metrics {
             duplicates: Counter::new(),
             feed_reads: Counter::new(),
             feed_misses: Counter::new(),
-            downlink_exchanges: [const { Counter::new() }; crate::store::OUTCOMES.len()],
+            downlink_exchanges: [const { Counter::new() };
+                crate::store::ExchangeOutcome::ALL.len()],
             downlink_unrecorded: Counter::new(),
             commit_seconds: Histogram::new(LATENCY_NS, 1e-9),
             commit_batch_records: Histogram::new(BATCH_RECORDS, 1.0),
@@ -487,11 +488,11 @@ impl Metrics {
         }
     }
 
-    /// Counts a downlink exchange that ended with `outcome` (one of
-    /// [`crate::store::OUTCOMES`]; anything else is not counted).
+    /// Counts a downlink exchange that ended with `outcome` (the name of one of
+    /// [`crate::store::ExchangeOutcome::ALL`]; anything else is not counted).
     pub fn downlink_exchange(&self, outcome: &str) {
-        if let Some(i) = crate::store::OUTCOMES.iter().position(|o| *o == outcome) {
-            self.downlink_exchanges[i].inc();
+        if let Some(o) = crate::store::ExchangeOutcome::from_name(outcome) {
+            self.downlink_exchanges[o as usize].inc();
         }
     }
 
@@ -739,11 +740,11 @@ impl Metrics {
             "counter",
             "Downlink exchanges ended, by outcome.",
         );
-        for (i, o) in crate::store::OUTCOMES.iter().enumerate() {
+        for o in crate::store::ExchangeOutcome::ALL {
             e.sample(
                 "hj212_downlink_exchanges_total",
-                &[("outcome", o)],
-                self.downlink_exchanges[i].get(),
+                &[("outcome", o.as_str())],
+                self.downlink_exchanges[o as usize].get(),
             );
         }
         e.family(

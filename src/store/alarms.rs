@@ -7,7 +7,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::StoreError;
 use super::schema;
-use crate::alarm::{AlarmEvent, AlarmKey};
+use crate::alarm::{AlarmEvent, AlarmKey, DetectorKind};
 
 /// One stored alarm.
 #[derive(Debug, Clone, PartialEq)]
@@ -156,9 +156,8 @@ impl AlarmStore {
         Ok(rows
             .into_iter()
             .filter_map(|r| {
-                let kind = crate::config::DETECTORS.iter().find(|d| **d == r.kind)?;
                 Some(AlarmKey {
-                    kind,
+                    kind: DetectorKind::from_name(&r.kind)?,
                     mn: r.mn,
                     factor: r.factor,
                 })
@@ -267,7 +266,7 @@ impl AlarmStore {
                              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
                              ON CONFLICT (kind, mn, factor) WHERE end_ms IS NULL DO NOTHING",
                             params![
-                                r.key.kind,
+                                r.key.kind.as_str(),
                                 r.severity.as_str(),
                                 r.key.mn,
                                 r.key.factor,
@@ -284,7 +283,7 @@ impl AlarmStore {
                     .query_row(
                         "UPDATE alarms SET end_ms = max(?4, start_ms), clear_seq = ?5 \
                          WHERE kind = ?1 AND mn = ?2 AND factor = ?3 AND end_ms IS NULL RETURNING id",
-                        params![key.kind, key.mn, key.factor, end_ms, seq.map(|s| s as i64)],
+                        params![key.kind.as_str(), key.mn, key.factor, end_ms, seq.map(|s| s as i64)],
                         |r| r.get(0),
                     )
                     .optional()
@@ -332,7 +331,7 @@ mod tests {
     fn raise(factor: &str) -> AlarmEvent {
         AlarmEvent::Raise(Raise {
             key: AlarmKey {
-                kind: "value.range",
+                kind: DetectorKind::ValueRange,
                 mn: "M1".into(),
                 factor: factor.into(),
             },
@@ -358,7 +357,7 @@ mod tests {
         assert_eq!(w.len(), 2, "a duplicate raise is ignored");
         let clear = AlarmEvent::Clear {
             key: AlarmKey {
-                kind: "value.range",
+                kind: DetectorKind::ValueRange,
                 mn: "M1".into(),
                 factor: "a".into(),
             },

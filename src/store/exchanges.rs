@@ -16,18 +16,85 @@ use rusqlite::{Connection, params};
 use super::StoreError;
 use super::schema;
 
-/// Outcome names the table accepts (its CHECK constraint), in metrics order.
-pub const OUTCOMES: [&str; 9] = [
-    "success",
-    "refused",
-    "failed",
-    "no_reply",
-    "exec_timeout",
-    "offline",
-    "busy",
-    "closed",
-    "invalid",
-];
+/// How a downlink exchange ended: the vocabulary of the table's `outcome` column
+/// (its CHECK constraint), of `hj212_downlink_exchanges_total{outcome}` and of the
+/// control socket's `done` lines. `downlink::Outcome` carries the details (codes,
+/// sends); this is its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExchangeOutcome {
+    /// `success`: 9012 ExeRtn=1, a 9013 to a notify, or QnRtn=1 and the data.
+    Success,
+    /// `refused`: 9011 with QnRtn other than 1.
+    Refused,
+    /// `failed`: 9012 with ExeRtn other than 1.
+    Failed,
+    /// `no_reply`: no 9011 after `1 + re_count` sends.
+    NoReply,
+    /// `exec_timeout`: accepted, then nothing within `exec_timeout`.
+    ExecTimeout,
+    /// `offline`: no live session when submitted.
+    Offline,
+    /// `busy`: the device's queue was full when submitted.
+    Busy,
+    /// `closed`: the session ended first.
+    Closed,
+    /// `invalid`: the request could not be built or logged.
+    Invalid,
+}
+
+impl ExchangeOutcome {
+    /// Every outcome, in metrics order (and the README table's).
+    pub const ALL: [ExchangeOutcome; 9] = [
+        ExchangeOutcome::Success,
+        ExchangeOutcome::Refused,
+        ExchangeOutcome::Failed,
+        ExchangeOutcome::NoReply,
+        ExchangeOutcome::ExecTimeout,
+        ExchangeOutcome::Offline,
+        ExchangeOutcome::Busy,
+        ExchangeOutcome::Closed,
+        ExchangeOutcome::Invalid,
+    ];
+
+    /// The stored and exported name, e.g. `no_reply`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ExchangeOutcome::Success => "success",
+            ExchangeOutcome::Refused => "refused",
+            ExchangeOutcome::Failed => "failed",
+            ExchangeOutcome::NoReply => "no_reply",
+            ExchangeOutcome::ExecTimeout => "exec_timeout",
+            ExchangeOutcome::Offline => "offline",
+            ExchangeOutcome::Busy => "busy",
+            ExchangeOutcome::Closed => "closed",
+            ExchangeOutcome::Invalid => "invalid",
+        }
+    }
+
+    /// The outcome named `name` (an [`as_str`](ExchangeOutcome::as_str)), if any.
+    pub fn from_name(name: &str) -> Option<ExchangeOutcome> {
+        ExchangeOutcome::ALL
+            .into_iter()
+            .find(|o| o.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for ExchangeOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The names of [`ExchangeOutcome::ALL`], in that order.
+pub const OUTCOMES: [&str; ExchangeOutcome::ALL.len()] = {
+    let mut names = [""; ExchangeOutcome::ALL.len()];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = ExchangeOutcome::ALL[i].as_str();
+        i += 1;
+    }
+    names
+};
 
 /// One exchange to record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,7 +112,7 @@ pub struct NewExchange {
     pub requested_at_ms: i64,
     /// When the outcome was decided (UTC unix ms).
     pub ended_at_ms: i64,
-    /// One of [`OUTCOMES`].
+    /// How it ended: an [`ExchangeOutcome::as_str`].
     pub outcome: &'static str,
     /// The device's 9011 QnRtn, if one came.
     pub qn_rtn: Option<u16>,
@@ -159,11 +226,9 @@ pub fn list_exchanges(
                     requested_at_ms: r.get(5)?,
                     ended_at_ms: r.get(6)?,
                     // The CHECK constraint keeps this to the known names.
-                    outcome: OUTCOMES
-                        .iter()
-                        .find(|o| **o == outcome)
-                        .copied()
-                        .unwrap_or("invalid"),
+                    outcome: ExchangeOutcome::from_name(&outcome)
+                        .unwrap_or(ExchangeOutcome::Invalid)
+                        .as_str(),
                     qn_rtn: r.get(8)?,
                     exe_rtn: r.get(9)?,
                     attempts: r.get(10)?,
@@ -232,6 +297,48 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    /// Every outcome passes the table's CHECK and reads back as itself.
+    #[test]
+    fn every_outcome_is_stored_and_read_back_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.sqlite");
+        let (h, join) = Store::open(StoreConfig {
+            sync: SyncMode::Off,
+            ..StoreConfig::new(&path)
+        })
+        .unwrap();
+        for o in ExchangeOutcome::ALL {
+            h.record_exchange(row(o.as_str())).unwrap();
+        }
+        drop(h);
+        join.join().unwrap();
+        let read: Vec<_> = list_exchanges(&path, &ExchangeFilter::default())
+            .unwrap()
+            .into_iter()
+            .map(|r| ExchangeOutcome::from_name(r.exchange.outcome))
+            .collect();
+        assert_eq!(read, ExchangeOutcome::ALL.map(Some));
+        assert_eq!(OUTCOMES, ExchangeOutcome::ALL.map(ExchangeOutcome::as_str));
+        // Metrics index their counters by discriminant.
+        for (i, o) in ExchangeOutcome::ALL.into_iter().enumerate() {
+            assert_eq!(o as usize, i);
+        }
+    }
+
+    /// The README's outcome table lists every outcome once, in this order.
+    #[test]
+    fn the_readme_table_lists_every_outcome() {
+        let readme = include_str!("../../README.md");
+        let section = &readme[readme.find("### Exchange outcomes").expect("section")..];
+        let section = &section[..section[4..].find("\n#").expect("section end")];
+        let rows: Vec<&str> = section
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `")?.split('`').next())
+            .filter(|name| *name != "outcome")
+            .collect();
+        assert_eq!(rows, OUTCOMES);
     }
 
     #[test]

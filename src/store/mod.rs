@@ -116,7 +116,9 @@ pub use dead_letters::{
     STATES as DEAD_LETTER_STATES, StartCheck, list_dead_letters, mark_redrive,
 };
 pub use error::StoreError;
-pub use exchanges::{ExchangeFilter, ExchangeRow, NewExchange, OUTCOMES, list_exchanges};
+pub use exchanges::{
+    ExchangeFilter, ExchangeOutcome, ExchangeRow, NewExchange, OUTCOMES, list_exchanges,
+};
 pub use export::{ExportDirection, ExportFormat, ExportOptions, export, export_record_json};
 pub use feed::{Feed, FeedReader};
 pub use reader::{Cursors, Reader, RecordFilter, Records};
