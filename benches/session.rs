@@ -18,8 +18,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use hj212_gateway::config::Config;
+use hj212_gateway::ingest::{decode_options, frame_record};
 use hj212_gateway::protocol::{self, Frame, Options, json, reply};
-use hj212_gateway::session::{decode_options, frame_record};
 use hj212_gateway::store::{Direction, NewRecord};
 
 fn corpus() -> Vec<Bytes> {
