@@ -6,7 +6,7 @@
 //! store's queue is full, `append_many` waits and we stop reading: TCP flow
 //! control pushes the backpressure to the device.
 //!
-//! [`conn::DeviceConn`] owns the socket, the read buffer and the codec; the
+//! `DeviceConn` (`session/conn.rs`) owns the socket, the read buffer and the codec; the
 //! session owns what lives as long as the device is connected: its MNs in the
 //! shared [`crate::app::SessionMap`], its downlink exchange and its log fields.
 
