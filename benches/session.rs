@@ -6,8 +6,10 @@
 //! - `decode-path`: the ack decoded back to build its record, decoder options
 //!   rebuilt per read, both records' JSON re-parsed with serde (how sessions
 //!   worked before and what debug builds still check);
-//! - `session`: what `Session::process` does now (`reply::ack_frame`, cached
-//!   options, `json::well_formed`).
+//! - `session`: the same steps called one by one (`reply::ack_frame`, cached
+//!   options, `json::well_formed`);
+//! - `ingest core`: what a session does per read of one frame: the codec
+//!   cuts it and `ingest::ingest` turns it into records and the reply.
 //!
 //! Frames: the fixture corpus with the ack bit set where it has a Flag, and a
 //! simulator-like 2017 real-time upload of ~500 bytes.
@@ -17,9 +19,13 @@
 use std::time::Instant;
 
 use bytes::Bytes;
+use bytes::BytesMut;
+use hj212_gateway::codec::Hj212Codec;
 use hj212_gateway::config::Config;
+use hj212_gateway::downlink::Devices;
+use hj212_gateway::ingest::{self, Hooks, Input, Now, Policy, decode_options, frame_record};
 use hj212_gateway::protocol::{self, Frame, Options, json, reply};
-use hj212_gateway::session::{decode_options, frame_record};
+use hj212_gateway::registry::Registry;
 use hj212_gateway::store::{Direction, NewRecord};
 
 fn corpus() -> Vec<Bytes> {
@@ -144,6 +150,49 @@ fn session_path(opts: &mut Options, raw: &Bytes) -> Vec<NewRecord> {
     recs
 }
 
+/// A session alone on the network: nobody else holds an MN.
+struct Alone;
+
+impl Hooks for Alone {
+    fn conflicting(&mut self, _: &Frame, _: &str, _: i64) -> Option<String> {
+        None
+    }
+}
+
+/// The core as a session calls it for a read that holds one frame.
+fn ingest_path(cfg: &Config, opts: &Options, devices: &Devices, raw: &Bytes) -> Vec<NewRecord> {
+    let mut buf = BytesMut::from(&raw[..]);
+    let mut codec = Hj212Codec::default();
+    let mut items = Vec::with_capacity(1);
+    while let Ok(Some(item)) = tokio_util::codec::Decoder::decode(&mut codec, &mut buf) {
+        items.push(item);
+    }
+    let registry = Registry::default();
+    let policy = Policy::new(cfg, opts, devices, "127.0.0.1:40000", 1, &[]);
+    let input = Input {
+        items,
+        end: false,
+        ack: true,
+    };
+    let mut conn = ingest::Conn::default();
+    let b: ingest::Batch<()> = ingest::ingest(
+        &mut conn,
+        input,
+        Now::read(),
+        &registry,
+        &policy,
+        None,
+        &mut Alone,
+    );
+    for r in &b.records {
+        assert!(
+            json::well_formed(r.doc.as_bytes(), b'{')
+                && json::well_formed(r.findings.as_bytes(), b'[')
+        );
+    }
+    b.records
+}
+
 fn run(name: &str, frames: &[Bytes], mut f: impl FnMut(&Bytes) -> Vec<NewRecord>) {
     let mut best = f64::MAX;
     for _ in 0..3 {
@@ -225,6 +274,10 @@ fn main() {
         let mut opts = decode_options(&cfg, chrono::Utc::now());
         run(&format!("{label}: session"), frames, |r| {
             session_path(&mut opts, r)
+        });
+        let devices = Devices::new(None, 1024);
+        run(&format!("{label}: ingest core"), frames, |r| {
+            ingest_path(&cfg, &opts, &devices, r)
         });
     }
 }

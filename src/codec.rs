@@ -65,6 +65,20 @@ impl Hj212Codec {
         };
         Some(item)
     }
+
+    /// A frame that lacks only its terminator, taken as complete: some
+    /// loggers send no CR LF and then wait for their ack, and the framer
+    /// cannot know no terminator is coming. The caller asks once the line has
+    /// been quiet for a while; anything but one whole frame stays buffered.
+    pub fn decode_tail(&mut self, src: &mut BytesMut) -> Option<Item> {
+        match framing::cut(src, true, &self.cfg)? {
+            Cut::Frame { len, info } => Some(Item::Frame {
+                bytes: src.split_to(len).freeze(),
+                info,
+            }),
+            Cut::Junk { .. } => None,
+        }
+    }
 }
 
 impl Decoder for Hj212Codec {

@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::app::{SessionMap, Shared};
 use crate::config::{self, Config, ConfigError};
 use crate::health::{self, Health};
 use crate::metrics::http::{MetricsServer, Probe};
@@ -40,7 +41,6 @@ use crate::publish::presence::Presence;
 use crate::publish::upstream;
 use crate::registry::{Registry, SharedRegistry};
 use crate::server::Server;
-use crate::session::{SessionMap, Shared};
 use crate::store::{Store, StoreConfig, StoreHandle, SyncMode, WriterJoin};
 use crate::systemd;
 

@@ -11,7 +11,12 @@
 //!   findings, replies, the frame JSON schema). No I/O, no clock reads.
 //! - [`codec`]: the tokio-util adapter around [`protocol::framing`].
 //! - [`config`], [`registry`]: strict TOML config and the device registry.
-//! - [`server`], [`session`]: listener with limits; one task per device.
+//! - [`app`]: what every task shares (config, registry, store handle, MN
+//!   ownership).
+//! - [`ingest`]: sans-IO per-connection core: items and `now` in; records,
+//!   replies and downlink steps out.
+//! - [`server`], [`session`]: listener with limits; one task per device, a
+//!   short wait loop around [`ingest`].
 //! - [`proxy`]: sans-IO PROXY protocol v1/v2 (real client addresses behind an
 //!   L4 load balancer).
 //! - [`store`]: the frame log (the only module that touches SQLite).
@@ -40,6 +45,7 @@
 //! ```
 
 pub mod alarm;
+pub mod app;
 pub mod cli;
 pub mod cmd;
 pub mod codec;
@@ -50,6 +56,7 @@ pub mod exit;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod health;
+pub mod ingest;
 pub mod metrics;
 pub mod priority;
 pub mod protocol;

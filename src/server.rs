@@ -12,7 +12,6 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,24 +22,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::app::Shared;
 use crate::metrics::{METRICS, Refusal};
 use crate::proxy::{self, Accept, Cidr, Parsed};
-use crate::session::{self, Shared};
-
-/// Counters of connection handling.
-#[derive(Debug, Default)]
-pub struct ServerStats {
-    /// Connections accepted.
-    pub accepted: AtomicU64,
-    /// Connections refused by the per-IP cap.
-    pub refused_per_ip: AtomicU64,
-    /// Accept errors.
-    pub accept_errors: AtomicU64,
-    /// Connections refused because their source is not in `proxy_trusted`.
-    pub refused_proxy_untrusted: AtomicU64,
-    /// Trusted connections refused for a missing, malformed or late PROXY header.
-    pub refused_proxy_header: AtomicU64,
-}
+use crate::session;
 
 /// Bound listeners, ready to serve.
 #[derive(Debug)]
@@ -49,8 +34,6 @@ pub struct Server {
     shared: Arc<Shared>,
     limit: Arc<Semaphore>,
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    /// Connection counters.
-    pub stats: Arc<ServerStats>,
 }
 
 /// Pending connections the kernel queues per listener (capped by
@@ -88,7 +71,6 @@ impl Server {
             shared,
             limit,
             per_ip: Arc::default(),
-            stats: Arc::default(),
         })
     }
 
@@ -118,7 +100,6 @@ impl Server {
                 shared: self.shared.clone(),
                 limit: self.limit.clone(),
                 per_ip: self.per_ip.clone(),
-                stats: self.stats.clone(),
                 tracker: tracker.clone(),
                 shutdown: shutdown.clone(),
             };
@@ -143,7 +124,6 @@ struct AcceptCtx {
     shared: Arc<Shared>,
     limit: Arc<Semaphore>,
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    stats: Arc<ServerStats>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -161,7 +141,6 @@ impl AcceptCtx {
                 r = listener.accept() => match r {
                     Ok(x) => { backoff = Duration::from_millis(10); x }
                     Err(e) => {
-                        self.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
                         METRICS.accept_errors.inc();
                         crate::log_repeated!(error, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
                         tokio::time::sleep(backoff).await;
@@ -175,10 +154,9 @@ impl AcceptCtx {
                 continue;
             }
             let ip = peer.ip();
-            if !admit(&self.per_ip, &self.stats, &self.shared, peer) {
+            if !admit(&self.per_ip, &self.shared, peer) {
                 continue;
             }
-            self.stats.accepted.fetch_add(1, Ordering::Relaxed);
             METRICS.accepted.inc();
             configure(&stream, &self.shared);
             // Spawned as is, not inside an `async` block: a block would keep its
@@ -209,21 +187,15 @@ impl AcceptCtx {
             // Refused before a byte is read: an untrusted source must not be able
             // to claim an address, and serving it as a direct device would make
             // the log's peer depend on which path a device took.
-            let refused = self
-                .stats
-                .refused_proxy_untrusted
-                .fetch_add(1, Ordering::Relaxed)
-                + 1;
-            METRICS.refused(Refusal::ProxyUntrusted);
+            let refused = METRICS.refused(Refusal::ProxyUntrusted);
             if refused.is_power_of_two() {
                 warn!(peer = %sock_peer, refused_total = refused, "connection refused: source not in proxy_trusted");
             }
             return;
         }
-        let (shared, per_ip, stats, shutdown) = (
+        let (shared, per_ip, shutdown) = (
             self.shared.clone(),
             self.per_ip.clone(),
-            self.stats.clone(),
             self.shutdown.clone(),
         );
         self.tracker.spawn(async move {
@@ -240,8 +212,7 @@ impl AcceptCtx {
                         Ok(Err(HeaderFailure::Io(e))) => ("io", e.to_string()),
                         _ => ("timeout", format!("no complete header within {:?}", policy.timeout)),
                     };
-                    let refused = stats.refused_proxy_header.fetch_add(1, Ordering::Relaxed) + 1;
-                    METRICS.refused(Refusal::ProxyHeader);
+                    let refused = METRICS.refused(Refusal::ProxyHeader);
                     // Nothing was acked, so the device still holds its data and
                     // retransmits once the path is fixed; storing bytes whose
                     // sender is unknown would put a wrong peer in the log.
@@ -252,10 +223,9 @@ impl AcceptCtx {
                 }
             };
             let peer = header.source.unwrap_or(sock_peer);
-            if !admit(&per_ip, &stats, &shared, peer) {
+            if !admit(&per_ip, &shared, peer) {
                 return;
             }
-            stats.accepted.fetch_add(1, Ordering::Relaxed);
             METRICS.accepted.inc();
             debug!(%peer, via = %sock_peer, version = ?header.version, "PROXY header accepted");
             configure(&stream, &shared);
@@ -298,18 +268,12 @@ impl Drop for Held {
 }
 
 /// Takes a per-IP slot for `peer`, or counts and (rate-limited) logs the refusal.
-fn admit(
-    per_ip: &Mutex<HashMap<IpAddr, usize>>,
-    stats: &ServerStats,
-    shared: &Shared,
-    peer: SocketAddr,
-) -> bool {
+fn admit(per_ip: &Mutex<HashMap<IpAddr, usize>>, shared: &Shared, peer: SocketAddr) -> bool {
     let max = shared.cfg.server.max_per_ip;
     let mut m = per_ip.lock().unwrap_or_else(|e| e.into_inner());
     let n = m.entry(peer.ip()).or_insert(0);
     if *n >= max {
-        let refused = stats.refused_per_ip.fetch_add(1, Ordering::Relaxed) + 1;
-        METRICS.refused(Refusal::PerIp);
+        let refused = METRICS.refused(Refusal::PerIp);
         // Rate-limit: a flood from one address logs at powers of two.
         if refused.is_power_of_two() {
             warn!(%peer, refused_total = refused, max_per_ip = max, "connection refused: per-IP limit");

@@ -26,10 +26,10 @@ use crate::alarm::engine::Engine;
 use crate::alarm::task::Feeder;
 use crate::alarm::{AlarmEvent, AlarmKey, Obs};
 use crate::config::Config;
+use crate::ingest::{apply_policy, decode_options};
 use crate::protocol::framing::{self, Cut, FramerConfig};
 use crate::protocol::{self, Frame, Options, Severity, finding::code, reply};
 use crate::registry::Registry;
-use crate::session::{apply_policy, decode_options};
 use crate::store::AlarmRow;
 
 /// How frames are paced with `--to`.

@@ -19,9 +19,9 @@ use bytes::Bytes;
 
 use super::{CmdError, require_db};
 use crate::config::Config;
+use crate::ingest::decode_options;
 use crate::protocol::{self, DeviceLookup, Severity, finding::code};
 use crate::registry::Registry;
-use crate::session::decode_options;
 use crate::store::{self, ChainReport, Verdict};
 
 /// Options of `verify`.

@@ -30,8 +30,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::{Action, Event, ORIGIN_OPERATOR, Outcome, Refusal, Submit};
+use crate::app::Shared;
 use crate::protocol;
-use crate::session::Shared;
 
 /// Longest request line accepted.
 const MAX_LINE: u64 = 64 * 1024;

@@ -15,6 +15,7 @@
 //! - [`config`]: the `[downlink]` section.
 
 pub mod audit;
+pub mod auto;
 pub mod config;
 pub mod control;
 pub mod engine;

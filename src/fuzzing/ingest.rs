@@ -1,9 +1,8 @@
 //! The session's ingest path without sockets: arbitrary sequences of chunks,
 //! frames, junk floods, closes and clock steps over a few sessions and MNs,
-//! through the framer (`protocol::framing::cut` via the codec), the decoder,
-//! the session's pure functions (`decode_options`, `apply_policy` via
-//! `ingest_item`, the junk coalescer, `frame_record`, the MN ownership rule)
-//! and the ack builder, exactly as `session::process` calls them.
+//! through the framer (`protocol::framing::cut` via the codec) and the
+//! ingest core ([`crate::ingest::ingest`]: decoder, policy, junk coalescer,
+//! records, acks, the MN ownership rule), exactly as the session calls them.
 //!
 //! Asserted bounds, not only "no panic":
 //! * every input byte is in exactly one inbound record, in order, per session;
@@ -29,11 +28,15 @@ use tokio_util::codec::Decoder;
 
 use crate::codec::{Hj212Codec, Item};
 use crate::config::{Config, UnknownDevice};
+use crate::downlink::Devices;
+use crate::ingest::owner::{self, Claim, Holder};
+use crate::ingest::{
+    self, Batch, FindingCode, Hooks, Input, JUNK_DOC_MAX, Now, Policy, RunEnd, decode_options,
+};
+use crate::protocol::Frame;
 use crate::protocol::framing::FramerConfig;
 use crate::protocol::reply;
 use crate::registry::Registry;
-use crate::session::ingest::{self, Claim, Ctx, Holder, JUNK_DOC_MAX, JunkCoalescer, RunEnd, Step};
-use crate::session::{code, decode_options, frame_record};
 use crate::store::{Direction, Kind, NewRecord};
 
 /// The smallest `[server] junk_record_bytes` the config accepts: the bound of
@@ -71,7 +74,8 @@ struct Conn {
     peer: String,
     buf: BytesMut,
     codec: Hj212Codec,
-    junk: JunkCoalescer,
+    /// The ingest core's state for this connection.
+    core: ingest::Conn,
     fed: Vec<u8>,
     /// MNs this session holds.
     held: Vec<String>,
@@ -90,7 +94,7 @@ impl Conn {
             peer: format!("{ip}:{}", 4000 + id),
             buf: BytesMut::new(),
             codec: Hj212Codec::new(FRAMER),
-            junk: JunkCoalescer::default(),
+            core: ingest::Conn::default(),
             fed: Vec::new(),
             held: Vec::new(),
         }
@@ -119,6 +123,8 @@ struct Model {
     fed: HashMap<u64, Vec<u8>>,
     totals: Totals,
     qn: u32,
+    /// Per-MN downlink state the automatic requests read and update.
+    devices: Devices,
 }
 
 /// Entry point; see the module doc. Byte 0 picks `unknown_device`; then each
@@ -143,6 +149,7 @@ pub fn session_ingest(data: &[u8]) {
         fed: HashMap::new(),
         totals: Totals::default(),
         qn: 0,
+        devices: Devices::new(None, config().0.downlink.max_unregistered_devices),
     };
     let take = |n: usize, rest: &mut &[u8]| -> Vec<u8> {
         let n = n.min(rest.len());
@@ -273,127 +280,74 @@ impl Model {
             .expect("valid time");
         let opts = decode_options(cfg, now);
         let c = &mut self.conns[slot];
-        let ctx = Ctx {
-            peer: &c.peer,
-            session: c.id,
-            received_at_ms: self.now_ms,
-            opts: &opts,
-            registry,
-            unknown: self.unknown,
-            junk_cap: CAP,
+        let mut policy = Policy::new(cfg, &opts, &self.devices, &c.peer, c.id, &c.held);
+        policy.unknown = self.unknown;
+        policy.junk_cap = CAP;
+        let mut hooks = ModelHooks {
+            owners: &mut self.owners,
+            id: c.id,
+            ip: c.ip,
+            totals: &mut self.totals,
+            flagged: None,
+            flagged_mns: Vec::new(),
         };
-        let mut steps = Vec::new();
-        for item in items {
-            if let Item::Junk { bytes, .. } = &item {
-                self.totals.junk_bytes += bytes.len();
-            }
-            ingest::ingest_item(&mut c.junk, item, &ctx, &mut steps);
-            assert!(
-                c.junk.pending() < CAP + FRAMER.max_frame,
-                "{} junk bytes held back",
-                c.junk.pending()
-            );
-        }
+        let input = Input {
+            items,
+            end,
+            ack: true,
+        };
+        let now = Now {
+            wall: now,
+            mono: std::time::Instant::now(),
+        };
+        let batch: Batch<()> =
+            ingest::ingest(&mut c.core, input, now, registry, &policy, None, &mut hooks);
+        let flagged_mns = hooks.flagged_mns;
+        assert!(
+            c.core.junk.pending() < CAP + FRAMER.max_frame,
+            "{} junk bytes held back",
+            c.core.junk.pending()
+        );
         if end {
-            ingest::ingest_end(&mut c.junk, ctx.peer, ctx.session, &mut steps);
-            assert_eq!(c.junk.pending(), 0);
+            assert_eq!(c.core.junk.pending(), 0);
         }
-        let mut records: Vec<NewRecord> = Vec::new();
-        for step in steps {
-            match step {
-                Step::Junk(rec, run_end) => {
-                    assert_eq!(rec.kind, Kind::Junk);
-                    let stored = rec.raw.len() + rec.doc.len() + rec.findings.len();
-                    assert!(
-                        rec.doc.len() + rec.findings.len() <= JUNK_DOC_MAX,
-                        "junk doc {} + findings {}",
-                        rec.doc.len(),
-                        rec.findings.len()
-                    );
-                    let doc: serde_json::Value =
-                        serde_json::from_str(&rec.doc).expect("junk doc is JSON");
-                    assert_eq!(doc["kind"], "junk");
-                    if run_end == RunEnd::Cap {
-                        assert!(rec.raw.len() >= CAP);
-                        assert!(rec.raw.len() < CAP + FRAMER.max_frame);
-                        assert!(
-                            stored <= 8 * rec.raw.len(),
-                            "{stored} for {}",
-                            rec.raw.len()
-                        );
-                    }
-                    self.totals.junk_stored += stored;
-                    self.totals.junk_records += 1;
-                    records.push(rec);
-                }
-                Step::Frame(mut frame) => {
-                    self.totals.frames += 1;
-                    let accepted = !frame.has_error();
-                    let c = &mut self.conns[slot];
-                    let mut flagged = false;
-                    if let (true, Some(mn)) = (accepted, frame.mn().map(str::to_owned)) {
-                        let holder = self.owners.get(&mn).copied();
-                        match ingest::claim(holder.as_ref(), c.id, c.ip, self.now_ms, IDLE_MS) {
-                            Claim::Conflict => {
-                                let h = holder.expect("a conflict has a holder");
-                                assert_ne!(h.ip, c.ip, "a conflict from the holder's own address");
-                                frame.findings.push(ingest::conflict_finding("10.0.0.9:1"));
-                                flagged = true;
-                            }
-                            Claim::Own => {
-                                if let Some(h) = self.owners.get_mut(&mn) {
-                                    h.last_seen_ms = self.now_ms;
-                                }
-                            }
-                            Claim::Free | Claim::Supersede => {
-                                self.owners.insert(
-                                    mn.clone(),
-                                    Holder {
-                                        id: c.id,
-                                        ip: c.ip,
-                                        last_seen_ms: self.now_ms,
-                                    },
-                                );
-                                c.held.push(mn.clone());
-                            }
-                        }
-                        if flagged {
-                            assert_ne!(self.owners.get(&mn).map(|h| h.id), Some(c.id));
-                        }
-                    }
-                    assert_eq!(
-                        flagged,
-                        frame
-                            .findings
-                            .iter()
-                            .any(|f| f.code == code::SESSION_CONFLICT)
-                    );
-                    let c = &self.conns[slot];
-                    records.push(frame_record(
-                        &frame,
-                        &c.peer,
-                        c.id,
-                        Direction::In,
-                        self.now_ms,
-                        accepted,
-                    ));
-                    if accepted {
-                        if let Some(ack) = reply::ack_frame(&frame, &opts) {
-                            records.push(frame_record(
-                                &ack,
-                                &c.peer,
-                                c.id,
-                                Direction::Out,
-                                self.now_ms,
-                                true,
-                            ));
-                        }
-                    }
-                }
+        let acks = batch
+            .records
+            .iter()
+            .filter(|r| r.direction == Direction::Out)
+            .count();
+        assert_eq!(acks, batch.replies.len(), "one ack record per reply");
+        // What the session does after the commit: take the MNs the batch
+        // saw first, under the ownership rule.
+        for claim in batch.claims {
+            assert!(
+                !flagged_mns.contains(&claim.mn),
+                "a flagged upload claims {}",
+                claim.mn
+            );
+            let holder = self.owners.get(&claim.mn).copied();
+            let took = if c.held.is_empty() {
+                matches!(
+                    owner::claim(holder.as_ref(), c.id, c.ip, self.now_ms, IDLE_MS),
+                    Claim::Free | Claim::Supersede | Claim::Own
+                )
+            } else {
+                holder.is_none_or(|h| h.id == c.id)
+            };
+            if took {
+                self.owners.insert(
+                    claim.mn.clone(),
+                    Holder {
+                        id: c.id,
+                        ip: c.ip,
+                        last_seen_ms: self.now_ms,
+                    },
+                );
+                c.held.push(claim.mn);
             }
         }
-        let id = self.conns[slot].id;
-        for r in &records {
+        let id = c.id;
+        for r in &batch.records {
             assert!(!r.raw.is_empty(), "an empty record");
             if r.direction == Direction::In {
                 self.inbound
@@ -402,6 +356,79 @@ impl Model {
                     .extend_from_slice(&r.raw);
             }
         }
-        self.totals.records += records.len();
+        self.totals.records += batch.records.len();
+    }
+}
+
+/// The model's side of the core: MN holders from its map, and the checks on
+/// what the core reports.
+struct ModelHooks<'a> {
+    owners: &'a mut HashMap<String, Holder>,
+    id: u64,
+    ip: IpAddr,
+    totals: &'a mut Totals,
+    /// Whether the frame being judged was reported held elsewhere.
+    flagged: Option<String>,
+    flagged_mns: Vec<String>,
+}
+
+impl Hooks for ModelHooks<'_> {
+    fn conflicting(&mut self, _frame: &Frame, mn: &str, now_ms: i64) -> Option<String> {
+        let holder = self.owners.get(mn).copied();
+        match owner::claim(holder.as_ref(), self.id, self.ip, now_ms, IDLE_MS) {
+            Claim::Conflict => {
+                let h = holder.expect("a conflict has a holder");
+                assert_ne!(h.ip, self.ip, "a conflict from the holder's own address");
+                assert_ne!(h.id, self.id);
+                self.flagged = Some(mn.to_owned());
+                self.flagged_mns.push(mn.to_owned());
+                Some("10.0.0.9:1".to_owned())
+            }
+            _ => None,
+        }
+    }
+
+    fn junk(&mut self, len: usize) {
+        self.totals.junk_bytes += len;
+    }
+
+    fn junk_record(&mut self, rec: &NewRecord, run_end: RunEnd) {
+        assert_eq!(rec.kind, Kind::Junk);
+        let stored = rec.raw.len() + rec.doc.len() + rec.findings.len();
+        assert!(
+            rec.doc.len() + rec.findings.len() <= JUNK_DOC_MAX,
+            "junk doc {} + findings {}",
+            rec.doc.len(),
+            rec.findings.len()
+        );
+        let doc: serde_json::Value = serde_json::from_str(&rec.doc).expect("junk doc is JSON");
+        assert_eq!(doc["kind"], "junk");
+        if run_end == RunEnd::Cap {
+            assert!(rec.raw.len() >= CAP);
+            assert!(rec.raw.len() < CAP + FRAMER.max_frame);
+            assert!(
+                stored <= 8 * rec.raw.len(),
+                "{stored} for {}",
+                rec.raw.len()
+            );
+        }
+        self.totals.junk_stored += stored;
+        self.totals.junk_records += 1;
+    }
+
+    fn frame(&mut self, frame: &Frame, _accepted: bool) {
+        self.totals.frames += 1;
+        let flagged = self.flagged.take();
+        assert_eq!(flagged.is_some(), FindingCode::SessionConflict.is_on(frame));
+    }
+
+    fn accepted(&mut self, frame: &Frame, primary: Option<&str>, now_ms: i64) {
+        if let (Some(mn), Some(p)) = (frame.mn(), primary) {
+            if mn == p {
+                if let Some(h) = self.owners.get_mut(mn).filter(|h| h.id == self.id) {
+                    h.last_seen_ms = now_ms;
+                }
+            }
+        }
     }
 }

@@ -22,8 +22,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::{Exposition, METRICS, render_process};
+use crate::app::Shared;
 use crate::health::Health;
-use crate::session::Shared;
 use crate::store::Reader;
 
 /// Largest request head accepted (request line and headers).

@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::ingest::{CloseReason, FindingCode};
+
 #[doc(hidden)]
 pub use render::parse_exposition;
 pub use render::{Exposition, render_process};
@@ -212,58 +214,95 @@ pub enum FrameVerdict {
 /// Verdict label values, indexed by [`FrameVerdict`].
 pub const VERDICTS: [&str; 3] = ["accepted", "rejected", "junk"];
 
-/// Every finding code the gateway can produce (protocol and gateway policy).
-/// A code missing here is counted as `other`; a unit test keeps the table in
-/// step with `protocol::finding::code` and `session::code`.
-pub const FINDING_CODES: &[&str] = &[
-    "auth.password",
-    "cp.duplicate",
-    "cp.missing",
-    "cp.oversize",
-    "cp.syntax",
-    "cp.trailing",
-    "crc.lowercase",
-    "crc.mismatch",
-    "crc.missing",
-    "crc.variant.modbus",
-    "crc.variant.modbus_swapped",
-    "decrypt.failed",
-    "decrypt.nokey",
-    "device.quarantined",
-    "device.unknown",
-    "dialect.guessed",
-    "field.case",
-    "field.duplicate",
-    "field.malformed.cn",
-    "field.malformed.flag",
-    "field.malformed.mn",
-    "field.malformed.packet",
-    "field.malformed.pw",
-    "field.malformed.qn",
-    "field.malformed.st",
-    "field.missing.cn",
-    "field.missing.flag",
-    "field.missing.mn",
-    "field.missing.pw",
-    "field.missing.qn",
-    "field.missing.st",
-    "field.unknown",
-    "flag.version.unknown",
-    "frame.extension",
-    "frame.header",
-    "frame.oversize",
-    "header.syntax",
-    "length.malformed",
-    "length.mismatch",
-    "session.conflict",
-    "terminator.missing",
-    "terminator.nonstandard",
-    "time.future",
-    "time.malformed",
-    "time.precision",
-    "time.stale",
-    "value.format",
-];
+/// The protocol's finding codes (`protocol::finding::code`). The protocol
+/// crate is to list them itself (`code::ALL`); until then they are named here
+/// by their constants, so a renamed code fails to compile instead of being
+/// counted as `other`.
+const PROTOCOL_FINDING_CODES: &[&str] = {
+    use crate::protocol::finding::code::*;
+    &[
+        LENGTH_MISMATCH,
+        LENGTH_MALFORMED,
+        FRAME_OVERSIZE,
+        FRAME_EXTENSION,
+        FRAME_HEADER,
+        CRC_MISMATCH,
+        CRC_VARIANT_MODBUS,
+        CRC_VARIANT_MODBUS_SWAPPED,
+        CRC_MISSING,
+        CRC_LOWERCASE,
+        TERMINATOR_NONSTANDARD,
+        TERMINATOR_MISSING,
+        FIELD_MISSING_QN,
+        FIELD_MISSING_ST,
+        FIELD_MISSING_CN,
+        FIELD_MISSING_PW,
+        FIELD_MISSING_MN,
+        FIELD_MISSING_FLAG,
+        FIELD_MALFORMED_QN,
+        FIELD_MALFORMED_ST,
+        FIELD_MALFORMED_CN,
+        FIELD_MALFORMED_MN,
+        FIELD_MALFORMED_PW,
+        FIELD_MALFORMED_FLAG,
+        FIELD_MALFORMED_PACKET,
+        FIELD_DUPLICATE,
+        FIELD_UNKNOWN,
+        FIELD_CASE,
+        HEADER_SYNTAX,
+        CP_MISSING,
+        CP_SYNTAX,
+        CP_TRAILING,
+        CP_DUPLICATE,
+        CP_OVERSIZE,
+        VALUE_FORMAT,
+        TIME_MALFORMED,
+        TIME_FUTURE,
+        TIME_STALE,
+        TIME_PRECISION,
+        DECRYPT_NOKEY,
+        DECRYPT_FAILED,
+        FLAG_VERSION_UNKNOWN,
+        DIALECT_GUESSED,
+    ]
+};
+
+/// Byte order of two strings, usable in a constant.
+const fn str_less(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut i = 0;
+    while i < a.len() && i < b.len() {
+        if a[i] != b[i] {
+            return a[i] < b[i];
+        }
+        i += 1;
+    }
+    a.len() < b.len()
+}
+
+/// Every finding code the gateway can produce: the protocol's and its own
+/// policy's ([`FindingCode`]), sorted (the `code` label order of
+/// `hj212_findings_total`, and binary-searched per finding).
+pub const FINDING_CODES: [&str; PROTOCOL_FINDING_CODES.len() + FindingCode::ALL.len()] = {
+    let mut out = [""; PROTOCOL_FINDING_CODES.len() + FindingCode::ALL.len()];
+    let mut n = 0;
+    while n < out.len() {
+        let next = if n < PROTOCOL_FINDING_CODES.len() {
+            PROTOCOL_FINDING_CODES[n]
+        } else {
+            FindingCode::ALL[n - PROTOCOL_FINDING_CODES.len()].as_str()
+        };
+        // Insertion sort: a few dozen codes, once, at compile time.
+        let mut j = n;
+        while j > 0 && str_less(next, out[j - 1]) {
+            out[j] = out[j - 1];
+            j -= 1;
+        }
+        out[j] = next;
+        n += 1;
+    }
+    out
+};
 
 const FINDING_SLOTS: usize = 64;
 const _: () = assert!(FINDING_CODES.len() < FINDING_SLOTS);
@@ -275,26 +314,9 @@ fn finding_index(code: &str) -> usize {
         .unwrap_or(FINDING_CODES.len())
 }
 
-/// Why a session ended (the `reason` strings of `session::run`).
-pub const CLOSE_REASONS: &[&str] = &[
-    "codec error",
-    "idle timeout",
-    "junk limit",
-    "partial frame timeout",
-    "peer closed",
-    "read error",
-    "shutdown",
-    "store error",
-    "superseded",
-    "write error",
-    "write timeout",
-];
-const CLOSE_SLOTS: usize = 16;
-
 /// What ends a junk run (the `end` label of `hj212_junk_records_total`): a
 /// frame, the `junk_record_bytes` cap, the connection's end.
 pub const JUNK_RUN_ENDS: [&str; 3] = ["frame", "cap", "close"];
-const _: () = assert!(CLOSE_REASONS.len() < CLOSE_SLOTS);
 
 /// Caps of the MQTT split-upload merger (`reason` of
 /// `hj212_mqtt_merge_limited_total`, the `as_str` of `publish::merge::Limit`).
@@ -344,7 +366,7 @@ pub struct Metrics {
     /// Metrics connections closed before their request head to make room for a
     /// new one (`[metrics] max_connections` reached).
     pub metrics_connections_evicted: Counter,
-    closed: [Counter; CLOSE_SLOTS],
+    closed: [Counter; CloseReason::ALL.len()],
     items: [Counter; 3],
     findings: [Counter; FINDING_SLOTS],
     /// Bytes received from devices (every byte becomes a frame or junk record).
@@ -417,7 +439,7 @@ impl Metrics {
             accept_errors: Counter::new(),
             log_lines_suppressed: Counter::new(),
             metrics_connections_evicted: Counter::new(),
-            closed: [const { Counter::new() }; CLOSE_SLOTS],
+            closed: [const { Counter::new() }; CloseReason::ALL.len()],
             items: [const { Counter::new() }; 3],
             findings: [const { Counter::new() }; FINDING_SLOTS],
             bytes_in: Counter::new(),
@@ -451,18 +473,16 @@ impl Metrics {
         }
     }
 
-    /// Counts a connection refused after `accept`.
+    /// Counts a connection refused after `accept`; returns the refusals of
+    /// this kind so far (the listener logs at powers of two).
     #[inline]
-    pub fn refused(&self, r: Refusal) {
-        self.refused[r as usize].inc();
+    pub fn refused(&self, r: Refusal) -> u64 {
+        self.refused[r as usize].0.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// Counts a session end by its reason.
-    pub fn session_closed(&self, reason: &str) {
-        let i = CLOSE_REASONS
-            .binary_search(&reason)
-            .unwrap_or(CLOSE_REASONS.len());
-        self.closed[i].inc();
+    pub fn session_closed(&self, reason: CloseReason) {
+        self.closed[reason as usize].inc();
     }
 
     /// Counts one inbound device frame: its verdict, its findings, its bytes.
@@ -643,16 +663,12 @@ impl Metrics {
             "counter",
             "Device sessions ended, by reason.",
         );
-        for (i, r) in CLOSE_REASONS.iter().enumerate() {
+        for r in CloseReason::ALL {
             e.sample(
                 "hj212_sessions_closed_total",
-                &[("reason", r)],
-                self.closed[i].get(),
+                &[("reason", r.as_str())],
+                self.closed[r as usize].get(),
             );
-        }
-        let other = self.closed[CLOSE_REASONS.len()].get();
-        if other > 0 {
-            e.sample("hj212_sessions_closed_total", &[("reason", "other")], other);
         }
         e.family(
             "hj212_frames_total",
@@ -878,37 +894,61 @@ impl Metrics {
 mod tests {
     use super::*;
 
-    /// Every `pub const X: &str = "..."` in a source file.
-    fn consts(src: &str) -> Vec<String> {
-        src.lines()
-            .filter_map(|l| {
-                let l = l.trim();
-                let rest = l.strip_prefix("pub const ")?;
-                let (_, v) = rest.split_once(": &str = \"")?;
-                Some(v.trim_end_matches("\";").to_owned())
-            })
-            .collect()
-    }
-
     #[test]
-    fn finding_table_covers_every_code_and_is_sorted() {
-        let mut all = consts(include_str!("../protocol/finding.rs"));
-        let session = include_str!("../session.rs");
-        let policy = &session[session.find("pub mod code").expect("session::code")..];
-        all.extend(consts(&policy[..policy.find("\n}").expect("end of mod")]));
-        assert!(all.len() > 40, "parsed {} codes", all.len());
-        for c in &all {
-            assert!(
-                FINDING_CODES.binary_search(&c.as_str()).is_ok(),
-                "finding code {c} is missing from metrics::FINDING_CODES"
-            );
-        }
+    fn finding_table_is_sorted_and_holds_every_code() {
         assert!(
             FINDING_CODES.windows(2).all(|w| w[0] < w[1]),
             "sorted, unique"
         );
+        for c in PROTOCOL_FINDING_CODES
+            .iter()
+            .copied()
+            .chain(FindingCode::ALL.map(FindingCode::as_str))
+        {
+            assert_ne!(finding_index(c), FINDING_CODES.len(), "{c} counts as other");
+        }
+        assert_eq!(
+            FindingCode::ALL.map(FindingCode::as_str).to_vec(),
+            {
+                let mut v = FindingCode::ALL.map(FindingCode::as_str).to_vec();
+                v.sort_unstable();
+                v
+            },
+            "gateway codes listed in order"
+        );
+    }
+
+    /// What the decoder and the policy produce on real frames is counted by
+    /// its code, never as `other` (the table is complete for them).
+    #[test]
+    fn findings_on_the_fixtures_have_their_own_slot() {
+        let registry = crate::registry::Registry::default();
+        let opts = crate::protocol::Options::new(chrono::Utc::now());
+        let mut seen = 0;
+        for raw in crate::ingest::fixture_frames() {
+            let mut f = crate::protocol::decode(bytes::Bytes::from(raw), &opts, &());
+            crate::ingest::apply_policy(
+                &mut f,
+                &registry,
+                crate::config::UnknownDevice::Quarantine,
+            );
+            for x in &f.findings {
+                assert_ne!(finding_index(x.code), FINDING_CODES.len(), "{}", x.code);
+                seen += 1;
+            }
+        }
+        assert!(seen > 100, "{seen} findings");
+    }
+
+    #[test]
+    fn close_reasons_index_their_slot_in_label_order() {
+        for (i, r) in CloseReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r}");
+        }
         assert!(
-            CLOSE_REASONS.windows(2).all(|w| w[0] < w[1]),
+            CloseReason::ALL
+                .windows(2)
+                .all(|w| w[0].as_str() < w[1].as_str()),
             "sorted, unique"
         );
         assert!(

@@ -5,7 +5,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::session::code::DEVICE_QUARANTINED;
+use crate::ingest::FindingCode;
 use crate::store::{Direction, Kind, StoredRecord, Verdict, export_record_json};
 
 /// Publishing choices that affect selection and payloads.
@@ -74,7 +74,11 @@ pub fn decide(rec: &StoredRecord, o: &PlanOptions, max_packet: usize) -> Decisio
         return Decision::Skip;
     };
     // Quarantined devices are stored and acked but never leave the gateway.
-    if rec.findings.contains(DEVICE_QUARANTINED) && is_quarantined(&rec.findings) {
+    if rec
+        .findings
+        .contains(FindingCode::DeviceQuarantined.as_str())
+        && is_quarantined(&rec.findings)
+    {
         return Decision::Skip;
     }
     let cn = match rec.verdict {
@@ -192,8 +196,10 @@ fn is_split(doc: &str) -> bool {
 pub(crate) fn is_quarantined(findings: &str) -> bool {
     serde_json::from_str::<Vec<Value>>(findings)
         .map(|v| {
-            v.iter()
-                .any(|f| f.get("code").and_then(Value::as_str) == Some(DEVICE_QUARANTINED))
+            v.iter().any(|f| {
+                f.get("code").and_then(Value::as_str)
+                    == Some(FindingCode::DeviceQuarantined.as_str())
+            })
         })
         // An unparsable findings column only comes from an altered file; keep it home.
         .unwrap_or(true)

@@ -57,12 +57,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::plan::is_quarantined;
+use crate::app::Shared;
 use crate::codec::{Hj212Codec, Item};
 use crate::config::{UpstreamEntry, UpstreamMode, UpstreamStart};
 use crate::downlink::{Action, Event, Refusal, Submit};
+use crate::ingest::decode_options;
 use crate::protocol::reply::Target;
 use crate::protocol::{self, DeviceLookup, Dialect, Frame, reply};
-use crate::session::{Shared, decode_options};
 use crate::store::{
     Cursors, DeadLetter, Direction, FeedReader, Kind, NewRecord, Reader, StoreError, StoredRecord,
     Verdict,
@@ -805,7 +806,7 @@ impl Forwarder {
     }
 
     fn record(&self, f: &Frame, direction: Direction, session: u64) -> NewRecord {
-        crate::session::frame_record(
+        crate::ingest::frame_record(
             f,
             &self.e.name,
             session,

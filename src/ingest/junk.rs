@@ -1,10 +1,3 @@
-//! The pure part of a session: what the items cut from one connection become
-//! before any socket, clock or shared state is involved, and the rule that
-//! decides who owns an MN. The session calls these with the bytes it read and
-//! the time it read them; the fuzz entry point (`fuzzing::ingest`) calls the
-//! same functions over arbitrary chunk sequences, so the bounds it asserts are
-//! the session's.
-//!
 //! Junk coalescing (issue 18): a stream of `#` is cut into 1-2 byte junk items,
 //! and one ~380-byte record per item turned 3.2 MB of input into 1.25 GB of
 //! log. Bad input is still data (every junk byte is stored, byte-exact, in
@@ -17,15 +10,10 @@
 //! item (an item is at most `max_frame_bytes`). Junk is never acked, so
 //! holding it back delays nothing a device waits for.
 
-use std::net::IpAddr;
-
 use bytes::{Bytes, BytesMut};
 
-use crate::codec::Item;
-use crate::config::UnknownDevice;
 use crate::protocol::framing::JunkReason;
 use crate::protocol::json::{self, JunkPiece};
-use crate::protocol::{self, Finding, Frame, Options, Severity};
 use crate::store::{Direction, Kind, NewRecord, Verdict};
 
 /// How many items a junk record lists by offset; the rest are only counted.
@@ -210,113 +198,6 @@ impl JunkCoalescer {
     }
 }
 
-/// What the session needs to turn items into steps, for one batch of items.
-#[derive(Debug, Clone, Copy)]
-pub struct Ctx<'a> {
-    /// The device's address (the PROXY header's source behind a balancer).
-    pub peer: &'a str,
-    /// Session id.
-    pub session: u64,
-    /// When the batch was read (unix ms).
-    pub received_at_ms: i64,
-    /// Decoder options with `now` set to the read time.
-    pub opts: &'a Options,
-    /// Device registry.
-    pub registry: &'a crate::registry::Registry,
-    /// `[validation] unknown_device`.
-    pub unknown: UnknownDevice,
-    /// `[server] junk_record_bytes`.
-    pub junk_cap: usize,
-}
-
-/// What one item becomes, in stream order.
-#[derive(Debug)]
-pub enum Step {
-    /// A junk record to store, and why its run ended.
-    Junk(NewRecord, RunEnd),
-    /// A frame, decoded and judged by gateway policy; the session decides its
-    /// ack, downlink matching and MN ownership, then stores it.
-    Frame(Frame),
-}
-
-/// One item: a junk item joins the run (a full run is emitted), a frame ends
-/// the run first (so records stay in stream order) and is decoded and judged.
-pub fn ingest_item(junk: &mut JunkCoalescer, item: Item, ctx: &Ctx<'_>, out: &mut Vec<Step>) {
-    match item {
-        Item::Junk { bytes, reason } => {
-            if let Some(run) = junk.push(bytes, reason, ctx.received_at_ms, ctx.junk_cap) {
-                out.push(Step::Junk(run.record(ctx.peer, ctx.session), RunEnd::Cap));
-            }
-        }
-        Item::Frame { bytes, .. } => {
-            if let Some(run) = junk.take() {
-                out.push(Step::Junk(run.record(ctx.peer, ctx.session), RunEnd::Frame));
-            }
-            let mut frame = protocol::decode(bytes, ctx.opts, ctx.registry);
-            super::apply_policy(&mut frame, ctx.registry, ctx.unknown);
-            out.push(Step::Frame(frame));
-        }
-    }
-}
-
-/// The connection ended: the run, if any, becomes its last record.
-pub fn ingest_end(junk: &mut JunkCoalescer, peer: &str, session: u64, out: &mut Vec<Step>) {
-    if let Some(run) = junk.take() {
-        out.push(Step::Junk(run.record(peer, session), RunEnd::Close));
-    }
-}
-
-/// The live session holding an MN, as the ownership rule sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Holder {
-    /// Its session id.
-    pub id: u64,
-    /// Its device's address.
-    pub ip: IpAddr,
-    /// Its last accepted frame from its device, or its start (unix ms).
-    pub last_seen_ms: i64,
-}
-
-/// What a session that sent a frame for an MN may do with it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Claim {
-    /// No live session holds it: take it.
-    Free,
-    /// This session holds it already.
-    Own,
-    /// Take it, closing the holder: the same address (a device reconnecting
-    /// after a network drop), or a holder silent for `idle_timeout`.
-    Supersede,
-    /// A live session from another address holds it: this session may upload
-    /// (stored, acked, flagged `session.conflict`) but does not get the MN.
-    Conflict,
-}
-
-/// The finding on an upload whose MN a live session from `holder` holds.
-pub fn conflict_finding(holder: &str) -> Finding {
-    Finding::new(
-        super::code::SESSION_CONFLICT,
-        Severity::Warning,
-        format!(
-            "the MN has a live session from {holder}; this session may upload but does not take the device over"
-        ),
-    )
-}
-
-/// The ownership rule (README, "Devices on the network"). A password match
-/// proves nothing (PW travels in clear text), so it is not an input; the
-/// address is the real client's (the PROXY header's source when behind a
-/// balancer). IPv4-mapped IPv6 addresses compare equal to their IPv4 form.
-pub fn claim(holder: Option<&Holder>, id: u64, ip: IpAddr, now_ms: i64, idle_ms: i64) -> Claim {
-    match holder {
-        None => Claim::Free,
-        Some(h) if h.id == id => Claim::Own,
-        Some(h) if h.ip.to_canonical() == ip.to_canonical() => Claim::Supersede,
-        Some(h) if now_ms.saturating_sub(h.last_seen_ms) >= idle_ms => Claim::Supersede,
-        Some(_) => Claim::Conflict,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -406,30 +287,5 @@ mod tests {
             .expect("full");
         assert_eq!(run.len(), 1200);
         assert_eq!(c.pending(), 0);
-    }
-
-    #[test]
-    fn ownership_rule() {
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
-        let h = Holder {
-            id: 1,
-            ip: a,
-            last_seen_ms: 1_000,
-        };
-        let idle = 600_000;
-        assert_eq!(claim(None, 2, b, 2_000, idle), Claim::Free);
-        assert_eq!(claim(Some(&h), 1, b, 2_000, idle), Claim::Own);
-        assert_eq!(claim(Some(&h), 2, a, 2_000, idle), Claim::Supersede);
-        assert_eq!(claim(Some(&h), 2, mapped, 2_000, idle), Claim::Supersede);
-        assert_eq!(claim(Some(&h), 2, b, 2_000, idle), Claim::Conflict);
-        assert_eq!(
-            claim(Some(&h), 2, b, 1_000 + idle - 1, idle),
-            Claim::Conflict
-        );
-        assert_eq!(claim(Some(&h), 2, b, 1_000 + idle, idle), Claim::Supersede);
-        // A clock step backwards never makes the holder look silent.
-        assert_eq!(claim(Some(&h), 2, b, i64::MIN, idle), Claim::Conflict);
     }
 }
