@@ -1241,3 +1241,73 @@ async fn connect(el: &mut EventLoop) -> Result<(), ConnectionError> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Exec, Store, StoreConfig, SyncMode};
+
+    /// A log of the previous schema (7) held the publisher's alarm-event cursor in
+    /// `cursors`. Opened by this build, the row moves to `event_cursors` with its
+    /// value and the publisher resumes after that event, not from the first one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_v7_alarm_cursor_moves_to_its_table_and_publishing_resumes_from_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v7.sqlite");
+        let conn = crate::store::file_at_version(&path, 7);
+        conn.execute_batch(
+            "INSERT INTO alarms (kind, severity, mn, factor, start_ms, seqs, message_zh, message_en) \
+             VALUES ('value.stuck', 'warning', 'MN1', 'a21026', 0, '[]', 'z', 'e'); \
+             INSERT INTO alarm_events (alarm_id, event, mn, payload) VALUES \
+             (1, 'raise', 'MN1', '{\"n\":1}'), (1, 'clear', 'MN1', '{\"n\":2}'), \
+             (1, 'raise', 'MN1', '{\"n\":3}'); \
+             INSERT INTO cursors (name, seq, updated_at) VALUES ('mqtt.alarms', 2, 7), ('mqtt', 0, 7);",
+        )
+        .unwrap();
+        drop(conn);
+        let mut cfg = StoreConfig::new(&path);
+        cfg.sync = SyncMode::Off;
+        let (h, j) = Store::open(cfg).unwrap();
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let moved: (i64, i64) = conn
+            .query_row(
+                "SELECT event_id, updated_at FROM event_cursors WHERE name = 'mqtt.alarms'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(moved, (2, 7));
+        let left: Vec<String> = conn
+            .prepare("SELECT name FROM cursors ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(left, ["mqtt"], "record cursors only");
+
+        let m = Mqtt {
+            settings: MqttSettings::from_config(&MqttSection::default(), Path::new("t")).unwrap(),
+            presence: Arc::default(),
+        };
+        let f = Follower::open(m.plan(), &path, h.feed(), Exec::Pool).unwrap();
+        let mut p = m.open(f).unwrap();
+        assert_eq!((p.alarm_acked, p.alarm_next), (2, 2));
+        p.read_alarms().await;
+        let queued: Vec<&[u8]> = p.ctrl.iter().map(|m| m.payload.as_slice()).collect();
+        assert_eq!(queued, [b"{\"n\":3}".as_slice()], "resumes after event 2");
+        // Acknowledged, the cursor is written to the new table.
+        p.settle(Tag::Alarm(3));
+        p.positions();
+        p.f.stop().await;
+        assert_eq!(
+            AlarmStore::open(&path)
+                .unwrap()
+                .event_cursor(ALARM_CURSOR)
+                .unwrap(),
+            Some(3)
+        );
+        drop(h);
+        j.join().unwrap();
+    }
+}

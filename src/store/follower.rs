@@ -611,3 +611,302 @@ fn set(v: &mut Vec<(&'static str, u64)>, name: &'static str, seq: u64) {
         None => v.push((name, seq)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{
+        Direction, Kind, NewRecord, Store, StoreConfig, StoreHandle, SyncMode, Verdict, WriterJoin,
+        list_dead_letters,
+    };
+
+    fn junk(i: u64) -> NewRecord {
+        NewRecord {
+            received_at_ms: 0,
+            peer: "p".into(),
+            session: 1,
+            direction: Direction::In,
+            kind: Kind::Junk,
+            raw: bytes::Bytes::from(format!("x{i}")),
+            dialect: None,
+            st: None,
+            cn: None,
+            mn: None,
+            qn: None,
+            data_time: None,
+            verdict: Verdict::Junk,
+            findings: "[]".into(),
+            doc: String::new(),
+        }
+    }
+
+    async fn store(dir: &Path, n: u64) -> (PathBuf, StoreHandle, WriterJoin) {
+        let path = dir.join("log.sqlite");
+        let mut cfg = StoreConfig::new(&path);
+        cfg.sync = SyncMode::Off;
+        let (h, j) = Store::open(cfg).unwrap();
+        for i in 0..n {
+            h.append(junk(i)).await.unwrap();
+        }
+        (path, h, j)
+    }
+
+    fn plan(name: &str) -> Plan {
+        Plan {
+            name: name.into(),
+            what: "test consumer",
+            start: Start::Oldest,
+            keep_start: false,
+            rewind: Rewind::None,
+            poll: Duration::from_secs(3600),
+            save_every: Duration::from_secs(3600),
+            crash_loop_starts: 2,
+        }
+    }
+
+    fn stored(path: &Path, name: &str) -> Option<u64> {
+        Cursors::open(path).unwrap().get_cursor(name).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_wakes_a_waiting_follower_long_before_its_poll() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, h, _j) = store(dir.path(), 1).await;
+        let mut f = Follower::open(plan("c"), &path, h.feed(), Exec::Pool).unwrap();
+        let stop = CancellationToken::new();
+        let t0 = std::time::Instant::now();
+        let append = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            h.append(junk(9)).await.unwrap();
+        };
+        let (woke, ()) = tokio::join!(f.wait(&stop), append);
+        assert!(woke);
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "woken by the commit"
+        );
+        let recs = f.read(0, 10).await.unwrap();
+        assert_eq!(recs.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2]);
+        stop.cancel();
+        assert!(!f.wait(&stop).await, "shutdown ends the wait");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_cursor_is_written_on_its_cadence_with_the_dead_letters_it_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, h, _j) = store(dir.path(), 5).await;
+        let mut p = plan("c");
+        p.save_every = Duration::from_millis(300);
+        let mut f = Follower::open(p, &path, h.feed(), Exec::Pool).unwrap();
+        f.advance(2);
+        f.persist(false).await;
+        assert_eq!(stored(&path, "c"), Some(0), "not due yet: the start's row");
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        f.set_aside(DeadLetter {
+            consumer: "c".into(),
+            seq: 3,
+            reason: "oversize",
+            detail: "too big".into(),
+        });
+        assert!(f.is_dead(3), "skipped from now on");
+        f.advance(4);
+        f.set_also("c.other", 1);
+        f.persist(false).await;
+        // The write runs in the background; a forced one waits for it.
+        f.persist(true).await;
+        assert_eq!(stored(&path, "c"), Some(4));
+        assert_eq!(stored(&path, "c.other"), Some(1));
+        let dl = list_dead_letters(&path, &Default::default()).unwrap();
+        assert_eq!(
+            (dl.len(), dl[0].seq, dl[0].reason.as_str()),
+            (1, 3, "oversize")
+        );
+        // Nothing changed: nothing is written, even when due.
+        let before = Cursors::open(&path)
+            .unwrap()
+            .conn
+            .query_row("SELECT updated_at FROM cursors WHERE name = 'c'", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        f.persist(false).await;
+        f.persist(true).await;
+        let after = Cursors::open(&path)
+            .unwrap()
+            .conn
+            .query_row("SELECT updated_at FROM cursors WHERE name = 'c'", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .unwrap();
+        assert_eq!(before, after);
+        f.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unclean_starts_read_carefully_and_the_record_died_on_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, h, _j) = store(dir.path(), 5).await;
+        // Two starts at 0 without a clean stop: careful from the second on.
+        drop(Follower::open(plan("c"), &path, h.feed(), Exec::Inline).unwrap());
+        let f = Follower::open(plan("c"), &path, h.feed(), Exec::Inline).unwrap();
+        assert!(f.marker().on());
+        assert_eq!(f.page(0, 100), 1, "one record at a time");
+        assert!(f.admit(1).await.unwrap());
+        assert!(f.admit(2).await.unwrap());
+        // It dies on 2: the next start sets 2 aside (reason crash) and skips it.
+        drop(f);
+        let crashes = crate::metrics::METRICS.consumer_crashes.get();
+        let f = Follower::open(plan("c"), &path, h.feed(), Exec::Inline).unwrap();
+        assert!(crate::metrics::METRICS.consumer_crashes.get() > crashes);
+        assert!(!f.marker().on(), "the culprit is known");
+        assert!(f.is_dead(2));
+        assert!(!f.admit(2).await.unwrap());
+        let dl = list_dead_letters(&path, &Default::default()).unwrap();
+        assert_eq!((dl[0].seq, dl[0].reason.as_str()), (2, "crash"));
+        // A clean stop ends the streak.
+        f.stop().await;
+        let f = Follower::open(plan("c"), &path, h.feed(), Exec::Inline).unwrap();
+        assert!(!f.marker().on());
+        assert_eq!(f.page(0, 100), 100);
+        f.stop().await;
+    }
+
+    /// A test consumer: retries a record it cannot finish `tries` times, then sets
+    /// it aside and goes on; stops once it has reached the end of the log.
+    #[derive(Clone)]
+    struct Picky {
+        poison: u64,
+        tries: u32,
+        opened: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Consumer for Picky {
+        type Task = (Picky, Follower);
+
+        fn plan(&self) -> Plan {
+            plan("picky")
+        }
+
+        fn open(self, f: Follower) -> Result<Self::Task, StoreError> {
+            self.opened.store(true, Ordering::SeqCst);
+            Ok((self, f))
+        }
+
+        async fn run((p, mut f): Self::Task, shutdown: CancellationToken) -> Follower {
+            let mut failed = 0;
+            while !shutdown.is_cancelled() {
+                let recs = f.read(f.position(), 10).await.unwrap();
+                if recs.is_empty() {
+                    break;
+                }
+                for r in recs {
+                    if !f.admit(r.seq).await.unwrap() {
+                        f.advance(r.seq);
+                        continue;
+                    }
+                    if r.seq == p.poison {
+                        failed += 1;
+                        if failed < p.tries {
+                            break; // tried again from the cursor
+                        }
+                        f.set_aside(DeadLetter {
+                            consumer: f.name().to_owned(),
+                            seq: r.seq,
+                            reason: "no_ack",
+                            detail: format!("{failed} tries"),
+                        });
+                    }
+                    f.advance(r.seq);
+                }
+                f.persist(false).await;
+            }
+            f
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_that_keeps_failing_is_set_aside_after_bounded_retries() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, h, j) = store(dir.path(), 6).await;
+        let picky = Picky {
+            poison: 3,
+            tries: 3,
+            opened: Arc::default(),
+        };
+        follow(
+            picky.clone(),
+            path.clone(),
+            h.feed(),
+            Exec::Pool,
+            CancellationToken::new(),
+        )
+        .await;
+        // Written on stop: the cursor past the record and its entry, together.
+        assert_eq!(stored(&path, "picky"), Some(6));
+        let dl = list_dead_letters(&path, &Default::default()).unwrap();
+        assert_eq!(dl.len(), 1);
+        assert_eq!((dl[0].seq, dl[0].detail.as_str()), (3, "3 tries"));
+        drop(h);
+        j.join().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_log_that_cannot_be_opened_yet_is_retried_until_it_can() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.sqlite");
+        let feed = Arc::new(Feed::new(8));
+        let picky = Picky {
+            poison: 0,
+            tries: 1,
+            opened: Arc::default(),
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(follow(
+            picky.clone(),
+            path.clone(),
+            feed,
+            Exec::Pool,
+            stop.clone(),
+        ));
+        tokio::time::sleep(super::super::OPEN_RETRY / 2).await;
+        assert!(!task.is_finished(), "gave up on the log");
+        assert!(!picky.opened.load(Ordering::SeqCst));
+        let (h, j) = Store::open(StoreConfig::new(&path)).unwrap();
+        h.append(junk(0)).await.unwrap();
+        let until = std::time::Instant::now() + super::super::OPEN_RETRY * 10;
+        while !task.is_finished() {
+            assert!(std::time::Instant::now() < until, "never opened the log");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(picky.opened.load(Ordering::SeqCst));
+        assert_eq!(stored(&path, "picky"), Some(1));
+        drop(h);
+        j.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_damaged_log_stops_the_consumer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.sqlite");
+        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+        let picky = Picky {
+            poison: 0,
+            tries: 1,
+            opened: Arc::default(),
+        };
+        let done = tokio::time::timeout(
+            Duration::from_secs(10),
+            follow(
+                picky.clone(),
+                path,
+                Arc::new(Feed::new(8)),
+                Exec::Pool,
+                CancellationToken::new(),
+            ),
+        )
+        .await;
+        assert!(done.is_ok(), "stopped, not retried");
+        assert!(!picky.opened.load(Ordering::SeqCst));
+    }
+}

@@ -125,6 +125,9 @@ pub use export::{ExportDirection, ExportFormat, ExportOptions, export, export_re
 pub use feed::{Feed, FeedReader};
 pub use follower::{Consumer, Exec, Follower, Plan};
 pub use reader::{Cursors, Reader, RecordFilter, Records};
+/// A log file as an earlier release left it (tests of migrations elsewhere in the crate).
+#[cfg(test)]
+pub(crate) use schema::file_at_version;
 pub use writer::{Store, StoreHandle, StoreStats, WriterJoin};
 
 /// Whether a record was received from a peer or sent to one.
