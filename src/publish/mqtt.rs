@@ -28,6 +28,8 @@
 //! Alarms (see `crate::alarm`) are published on `{prefix}/{mn}/alarm` from a third
 //! cursor, `mqtt.alarms`, over the `alarm_events` table: same client, same QoS, the
 //! cursor advances to the highest event id below which everything is acknowledged.
+//! It counts event ids, not seqs, so it is kept in `event_cursors`; the follower
+//! writes it with the other two, in one transaction.
 //!
 //! Split-upload groups are rebuilt on start from the second cursor
 //! `mqtt.merge` (the lowest seq of any group still open or whose merged message

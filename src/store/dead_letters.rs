@@ -18,8 +18,9 @@
 //! # The crash-loop guard
 //!
 //! A record that aborts the process (an allocation failure, a stack overflow) cannot
-//! be caught where it happens. Each consumer calls [`Cursors::begin_start`] when it
-//! starts and [`Cursors::clean_stop`] when it stops cleanly. The cursor row counts
+//! be caught where it happens. Each consumer's [`Follower`](super::Follower) calls
+//! [`Cursors::begin_start`] when it starts and [`Cursors::clean_stop`] when it
+//! stops cleanly. The cursor row counts
 //! starts that were not followed by a clean stop while the cursor stayed where it
 //! was. From a named number of such starts on (`[store] crash_loop_starts`), the
 //! consumer works in *careful mode* for a bounded stretch: before it hands a record

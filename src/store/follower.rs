@@ -108,7 +108,9 @@ impl Exec {
             Exec::Inline => f(),
             Exec::Pool => match tokio::task::spawn_blocking(f).await {
                 Ok(t) => t,
-                Err(e) => std::panic::resume_unwind(e.into_panic()),
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                // Cancelled: the runtime is shutting down and drops this task with it.
+                Err(_) => std::future::pending().await,
             },
         }
     }
@@ -309,7 +311,7 @@ impl Follower {
             position: cursor,
             also: Vec::new(),
             events: Vec::new(),
-            saved: None,
+            saved: Some((cursor, Vec::new(), Vec::new())),
             last_save: Instant::now(),
             save_task: None,
             dead_pending: Vec::new(),
