@@ -614,7 +614,7 @@ impl Publisher {
         el: &mut EventLoop,
         shutdown: &CancellationToken,
     ) -> Ended {
-        let mut tick = tokio::time::interval(IDLE_POLL);
+        let mut tick = tokio::time::interval(self.f.poll());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks: u32 = 0;
         loop {

@@ -586,10 +586,11 @@ impl Forwarder {
             self.f.wait(shutdown).await;
             return;
         };
+        let poll = self.f.poll();
         let got = tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = self.f.committed() => return,
-            _ = tokio::time::sleep(IDLE_POLL) => return,
+            _ = tokio::time::sleep(poll) => return,
             got = c.inbox.recv() => got,
             Some(ev) = c.relay_rx.recv() => {
                 let Some(b) = relay_bytes(ev) else { return };
