@@ -874,19 +874,13 @@ impl Forwarder {
                 // No longer for this upstream (filters changed): nothing to send.
                 _ => Ok(()),
             };
-            let (dead, resolved) = match &outcome {
-                Ok(()) => (Vec::new(), vec![id]),
-                Err(e) => (
-                    vec![DeadLetter {
-                        consumer: self.f.name().to_owned(),
-                        seq,
-                        reason: "no_ack",
-                        detail: format!("re-drive failed: {e}"),
-                    }],
-                    Vec::new(),
-                ),
-            };
-            if let Err(e) = self.f.save_now(None, dead, resolved).await {
+            let again = outcome.as_ref().err().map(|e| DeadLetter {
+                consumer: self.f.name().to_owned(),
+                seq,
+                reason: "no_ack",
+                detail: format!("re-drive failed: {e}"),
+            });
+            if let Err(e) = self.f.redriven(id, again).await {
                 error!(upstream = %self.e.name, error = %e, "re-drive outcome not written");
             }
             outcome?;

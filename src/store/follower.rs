@@ -502,6 +502,18 @@ impl Follower {
         Ok(())
     }
 
+    /// Writes the outcome of one re-driven entry now: `resolved`, or (`again`) set
+    /// aside once more, one more attempt on the same entry. Not counted as a new
+    /// dead letter.
+    pub async fn redriven(&self, id: i64, again: Option<DeadLetter>) -> Result<(), StoreError> {
+        let cursors = self.cursors.clone();
+        self.blocking(move || match again {
+            Some(d) => lock(&cursors).save(&[], &[d], &[]),
+            None => lock(&cursors).save(&[], &[], &[id]),
+        })
+        .await
+    }
+
     /// The cursor was written to `seq` by the consumer itself (in the transaction of
     /// its own results): the next write is not due before [`Plan::save_every`].
     pub fn saved_at(&mut self, seq: u64) {
