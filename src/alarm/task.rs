@@ -22,9 +22,9 @@
 //! replaced by the table's active alarms, so nothing active is raised twice. A store
 //! without the cursor starts at its head (history is the job of `replay`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -34,15 +34,15 @@ use super::engine::Engine;
 use super::{AlarmEvent, Obs};
 use crate::config::{AlarmsSection, DeviceKind};
 use crate::registry::SharedRegistry;
-use crate::store::{
-    AlarmRow, AlarmStore, Cursors, Feed, FeedReader, Reader, StoreError, StoredRecord,
-};
+use crate::store::follower::{self, Consumer, Exec, Follower, Plan, Rewind, Start};
+use crate::store::{AlarmRow, AlarmStore, Feed, StoreError, StoredRecord};
 
 /// The detector's cursor in the `cursors` table.
 pub const CURSOR: &str = "alarms";
 /// Records read per step.
 const PAGE: usize = 1024;
-/// Longest a cursor-only move waits before it is written (see `Detector::step`).
+/// Longest a cursor-only move waits before it is written (see `Detector::step`):
+/// under load each write competes with the frame writer for the WAL lock.
 const CURSOR_EVERY: Duration = Duration::from_secs(1);
 /// Shortest time between two steps woken by commits.
 const MIN_STEP: Duration = Duration::from_millis(50);
@@ -118,18 +118,80 @@ impl Feeder {
     }
 }
 
+/// The detector as a consumer of the log (see [`crate::store::follower`]).
+#[derive(Clone)]
+struct Alarms {
+    cfg: AlarmsSection,
+    registry: Arc<SharedRegistry>,
+    crash_loop_starts: u32,
+}
+
+impl Consumer for Alarms {
+    type Task = (Detector, Follower);
+
+    fn plan(&self) -> Plan {
+        Plan {
+            name: CURSOR.into(),
+            what: "alarm detector",
+            start: Start::Head,
+            keep_start: false,
+            // The warm-up feeds records before the cursor to the engine too:
+            // guarded from where it starts.
+            rewind: Rewind::Lookback(self.cfg.lookback as u64),
+            poll: self.cfg.tick.0,
+            save_every: CURSOR_EVERY,
+            crash_loop_starts: self.crash_loop_starts,
+        }
+    }
+
+    fn open(self, f: Follower) -> Result<(Detector, Follower), StoreError> {
+        Ok((Detector::open(self.cfg, &f, self.registry)?, f))
+    }
+
+    async fn run((mut d, mut f): (Detector, Follower), shutdown: CancellationToken) -> Follower {
+        loop {
+            let stepped = tokio::time::Instant::now();
+            let now = chrono::Utc::now().timestamp_millis();
+            let caught_up = match d.step(&mut f, now).await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Nothing was committed; the events are kept and retried first.
+                    crate::log_repeated!(error, error = %e, "alarm detector step failed; retrying");
+                    true
+                }
+            };
+            if shutdown.is_cancelled() {
+                break;
+            }
+            // A commit wakes the detector: while it keeps up it reads from
+            // memory, and the feed only reaches back so far. Steps are at least
+            // MIN_STEP apart so that under load each takes a batch of records,
+            // not one commit's worth (the feed holds far more than MIN_STEP of
+            // traffic).
+            if caught_up && !f.wait(&shutdown).await {
+                break;
+            }
+            if caught_up {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep_until(stepped + MIN_STEP) => {}
+                }
+            }
+        }
+        f
+    }
+}
+
 struct Detector {
     feeder: Feeder,
-    reader: FeedReader,
     alarms: AlarmStore,
     registry: Arc<SharedRegistry>,
+    /// Every record up to here was fed to the engine and its events stored.
     cursor: u64,
     /// `[alarms] tick` in ms: the wall clock ticks the engine at most this often.
     tick_ms: i64,
     /// When the wall clock last ticked the engine (UTC ms).
     wall_tick: i64,
-    /// The cursor as last written to the store, and when.
-    persisted: (u64, Instant),
     /// Events (and the cursor they reach) the engine has decided but the store has
     /// not taken yet: retried before anything new is read, because the engine's state
     /// has already moved past them and must not see the same records twice.
@@ -137,67 +199,45 @@ struct Detector {
     /// Failed commits of `pending` in a row.
     failures: u32,
     max_failures: u32,
-    cursors: Cursors,
-    /// Records set aside after a crash (skipped).
-    dead: std::collections::BTreeSet<u64>,
-    /// Crash-loop guard: records up to here are marked before the engine sees them.
-    careful_until: u64,
 }
 
 impl Detector {
+    /// Opens the alarm tables and warms the engine up (blocking, on the detector's
+    /// thread).
     fn open(
         cfg: AlarmsSection,
-        db: &Path,
-        feed: Arc<Feed>,
+        f: &Follower,
         registry: Arc<SharedRegistry>,
-        crash_loop_starts: u32,
     ) -> Result<Self, StoreError> {
-        let reader = FeedReader::new(feed, Reader::open(db)?);
-        let alarms = AlarmStore::open(db)?;
-        let cursors = Cursors::open(db)?;
-        let head = reader.reader().last_seq()?;
-        let cursor = match cursors.get_cursor(CURSOR)? {
-            Some(c) => c,
-            None => head,
-        };
-        let lookback = cfg.lookback as u64;
-        // The warm-up feeds records before the cursor to the engine too: guarded
-        // from where it starts.
-        let from = cursor.saturating_sub(lookback);
-        let careful_until = cursors.guard_start(CURSOR, from, head, crash_loop_starts)?;
-        let dead = cursors
-            .dead_seqs(CURSOR, from, 100_000)?
-            .into_iter()
-            .collect();
+        let alarms = AlarmStore::open(f.db())?;
+        let cursor = f.cursor_at_start();
         let tick_ms = cfg.tick.0.as_millis() as i64;
         let max_failures = cfg.max_store_failures;
         let mut d = Detector {
             feeder: Feeder::new(Engine::new(cfg)),
-            reader,
             alarms,
             registry,
             cursor,
             tick_ms,
             wall_tick: i64::MIN,
-            persisted: (cursor, Instant::now()),
             pending: None,
             failures: 0,
             max_failures,
-            cursors,
-            dead,
-            careful_until,
         };
-        let mut after = from;
+        let (reader, marker) = (f.reader(), f.marker().clone());
+        let reader = reader.lock().unwrap_or_else(|e| e.into_inner());
+        let mut after = f.rewind_from();
         let mut warmed = 0usize;
         while after < cursor {
-            let page = d.reader.read_from(after, d.page_size(after))?;
+            let page = reader.read_from(after, f.page(after, PAGE))?;
             if page.is_empty() {
                 break;
             }
             for r in page.iter().take_while(|r| r.seq <= cursor) {
-                if !d.admit(r)? {
+                if f.is_dead(r.seq) {
                     continue;
                 }
+                marker.mark(r.seq)?;
                 let (video, registered) = d.device(r);
                 let _ = d.feeder.feed_device(r, video, registered);
                 warmed += 1;
@@ -236,47 +276,25 @@ impl Detector {
         m.alarm_evicted.set(self.feeder.engine.evicted() as i64);
     }
 
-    /// Records per read: one while careful (each is marked first).
-    fn page_size(&self, after: u64) -> usize {
-        if after < self.careful_until { 1 } else { PAGE }
-    }
-
-    /// Whether `r` goes to the engine: not a record set aside after a crash. In
-    /// careful mode it is marked first (see the module documentation).
-    fn admit(&mut self, r: &StoredRecord) -> Result<bool, StoreError> {
-        if self.dead.contains(&r.seq) {
-            return Ok(false);
-        }
-        if self.careful_until > 0 {
-            if r.seq <= self.careful_until {
-                self.cursors.set_probe(CURSOR, Some(r.seq))?;
-            } else {
-                self.cursors.set_probe(CURSOR, None)?;
-                self.careful_until = 0;
-                info!("alarm detector passed the stretch it crashed in");
-            }
-        }
-        Ok(true)
-    }
-
-    /// One step; returns true when caught up.
-    fn step(&mut self, now_ms: i64) -> Result<bool, StoreError> {
+    /// One step; returns true when caught up. Runs in place on the detector's
+    /// thread (the follower's blocking calls too).
+    async fn step(&mut self, f: &mut Follower, now_ms: i64) -> Result<bool, StoreError> {
         if let Some((events, next)) = self.pending.take() {
-            if let Err(e) = self.persist(events, next) {
+            if let Err(e) = self.persist(f, events, next) {
                 self.failures += 1;
                 if self.failures < self.max_failures {
                     return Err(e);
                 }
-                self.set_aside(next, &e)?;
+                self.set_aside(f, next, &e).await?;
             }
             self.failures = 0;
         }
-        let size = self.page_size(self.cursor);
-        let page = self.reader.read_from(self.cursor, size)?;
+        let size = f.page(self.cursor, PAGE);
+        let page = f.read(self.cursor, size).await?;
         let caught_up = page.len() < size;
         let mut events = Vec::new();
         for r in &page {
-            if !self.admit(r)? {
+            if !f.admit(r.seq).await? {
                 continue;
             }
             let (video, registered) = self.device(r);
@@ -294,24 +312,27 @@ impl Detector {
         }
         let next = page.last().map_or(self.cursor, |r| r.seq);
         if events.is_empty() {
-            // A cursor-only move is an fsync'd write on the log's file, which under load
-            // competes with the frame writer for the WAL lock; it is written at most
-            // every CURSOR_EVERY. Records after a cursor left behind by a crash are fed
-            // again after the warm-up and produce no events again (they produced none).
+            // A cursor-only move is written on the follower's cadence. Records after
+            // a cursor left behind by a crash are fed again after the warm-up and
+            // produce no events again (they produced none).
             self.cursor = next;
-            if next != self.persisted.0 && self.persisted.1.elapsed() >= CURSOR_EVERY {
-                self.persist(Vec::new(), next)?;
-            }
+            f.advance(next);
+            f.persist(false).await;
             return Ok(caught_up);
         }
-        self.persist(events, next)?;
+        self.persist(f, events, next)?;
         Ok(caught_up)
     }
 
     /// The pending events keep failing: they are dropped and the step's last record
     /// set aside with the cursor moving past it, in one transaction. If that fails
     /// too the events stay pending.
-    fn set_aside(&mut self, next: u64, e: &StoreError) -> Result<(), StoreError> {
+    async fn set_aside(
+        &mut self,
+        f: &mut Follower,
+        next: u64,
+        e: &StoreError,
+    ) -> Result<(), StoreError> {
         let n = self.pending.as_ref().map_or(0, |(ev, _)| ev.len());
         let dl = crate::store::DeadLetter {
             consumer: CURSOR.into(),
@@ -322,28 +343,25 @@ impl Detector {
                 self.failures
             ),
         };
-        self.cursors.save(&[(CURSOR, next)], &[dl], &[])?;
+        f.save_now(Some(next), vec![dl], Vec::new()).await?;
         self.pending = None;
         self.cursor = next;
-        self.persisted = (next, Instant::now());
-        crate::metrics::METRICS.dead_letter(CURSOR, "store_refused");
         error!(seq = next, events = n, error = %e, "alarm events the store keeps refusing set aside (dead letter); detection goes on");
         Ok(())
     }
 
-    /// Writes the cursor if it moved since it was last written (on stop).
-    fn flush_cursor(&mut self) -> Result<(), StoreError> {
-        if self.pending.is_some() || self.cursor == self.persisted.0 {
-            return Ok(());
-        }
-        self.persist(Vec::new(), self.cursor)
-    }
-
-    fn persist(&mut self, events: Vec<AlarmEvent>, next: u64) -> Result<(), StoreError> {
+    /// Commits the events with the cursor in one transaction (after a crash either
+    /// both happened or neither did).
+    fn persist(
+        &mut self,
+        f: &mut Follower,
+        events: Vec<AlarmEvent>,
+        next: u64,
+    ) -> Result<(), StoreError> {
         match self.alarms.apply(&events, Some((CURSOR, next))) {
             Ok(written) => {
                 self.cursor = next;
-                self.persisted = (next, Instant::now());
+                f.saved_at(next);
                 for (a, e) in &written {
                     log_event(a, e);
                 }
@@ -364,7 +382,8 @@ impl Detector {
 /// unprivileged thread cannot raise it again: tokio's blocking pool also runs the
 /// MQTT publisher, which must not slow down. Alarms are derived from the log
 /// behind a cursor, so under overload they lag (`hj212_consumer_lag_records`)
-/// while sessions and the writer keep the CPU for acks.
+/// while sessions and the writer keep the CPU for acks. The follower runs its
+/// blocking calls in place ([`Exec::Inline`]), on this thread.
 pub fn spawn(
     cfg: AlarmsSection,
     db: PathBuf,
@@ -382,7 +401,12 @@ pub fn spawn(
             // the blocking pool.
             let _context = rt.enter();
             lower_priority(cfg.nice);
-            run(&rt, cfg, &db, feed, registry, crash_loop_starts, &shutdown);
+            let alarms = Alarms {
+                cfg,
+                registry,
+                crash_loop_starts,
+            };
+            rt.block_on(follower::follow(alarms, db, feed, Exec::Inline, shutdown));
             let _ = stopped.send(());
         });
     if let Err(e) = thread {
@@ -407,103 +431,12 @@ fn lower_priority(nice: u8) {
     }
 }
 
-/// The detector's loop, on its own thread; waits on the runtime's timers and
-/// the feed through `rt`.
-fn run(
-    rt: &tokio::runtime::Handle,
-    cfg: AlarmsSection,
-    db: &Path,
-    feed: Arc<Feed>,
-    registry: Arc<SharedRegistry>,
-    crash_loop_starts: u32,
-    shutdown: &CancellationToken,
-) {
-    let tick = cfg.tick.0;
-    let mut committed = feed.subscribe();
-    let mut d = loop {
-        match Detector::open(
-            cfg.clone(),
-            db,
-            feed.clone(),
-            registry.clone(),
-            crash_loop_starts,
-        ) {
-            Ok(d) => break d,
-            Err(e) if e.is_damage() => {
-                error!(error = %e, "alarm detector cannot read the damaged frame log; stopped (see `verify`)");
-                return;
-            }
-            Err(e) => {
-                crate::log_repeated!(error, error = %e, "alarm detector cannot open the frame log; retrying");
-            }
-        }
-        let stop = rt.block_on(async {
-            tokio::select! {
-                _ = shutdown.cancelled() => true,
-                _ = tokio::time::sleep(crate::store::OPEN_RETRY) => false,
-            }
-        });
-        if stop {
-            return;
-        }
-    };
-    loop {
-        let stepped = tokio::time::Instant::now();
-        let now = chrono::Utc::now().timestamp_millis();
-        let caught_up = match d.step(now) {
-            Ok(c) => c,
-            Err(e) => {
-                // Nothing was committed; the events are kept and retried first.
-                crate::log_repeated!(error, error = %e, "alarm detector step failed; retrying");
-                true
-            }
-        };
-        if shutdown.is_cancelled() {
-            break;
-        }
-        if caught_up {
-            // A commit wakes the detector: while it keeps up it reads from
-            // memory, and the feed only reaches back so far. Steps are at least
-            // MIN_STEP apart so that under load each takes a batch of records,
-            // not one commit's worth (the feed holds far more than MIN_STEP of
-            // traffic).
-            let stop = rt.block_on(async {
-                tokio::select! {
-                    _ = shutdown.cancelled() => true,
-                    _ = committed.changed() => {
-                        tokio::select! {
-                            _ = shutdown.cancelled() => true,
-                            _ = tokio::time::sleep_until(stepped + MIN_STEP) => false,
-                        }
-                    }
-                    _ = tokio::time::sleep(tick) => false,
-                }
-            });
-            if stop {
-                break;
-            }
-        }
-    }
-    if let Err(e) = d.flush_cursor() {
-        warn!(error = %e, "alarm detector cursor not written at stop");
-    }
-    let careful = d.careful_until > 0;
-    let stopped = if careful {
-        d.cursors.set_probe(CURSOR, None)
-    } else {
-        Ok(())
-    }
-    .and_then(|()| d.cursors.clean_stop(CURSOR));
-    if let Err(e) = stopped {
-        warn!(error = %e, "alarm detector clean stop not recorded; the next start counts as after a crash");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::registry::Registry;
     use crate::store::{Store, StoreConfig};
+    use std::path::Path;
 
     fn started(db: &Path) -> bool {
         let Ok(c) = rusqlite::Connection::open(db) else {

@@ -4,7 +4,9 @@
 //! cursor, sends them, and moves the cursor only once the far side has
 //! acknowledged them. After an outage or a restart it simply reads again from
 //! the cursor, so no component keeps a retry queue of its own and ingest never
-//! waits for a consumer.
+//! waits for a consumer. How a publisher follows the log (cursor, wake-up,
+//! cursor writes, crash-loop guard, dead letters) is `crate::store::Follower`'s
+//! job; each publisher implements `crate::store::Consumer`.
 //!
 //! - [`plan`]: which records are published, on which topic, with which payload
 //!   (pure functions, no I/O).

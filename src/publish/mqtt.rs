@@ -28,6 +28,8 @@
 //! Alarms (see `crate::alarm`) are published on `{prefix}/{mn}/alarm` from a third
 //! cursor, `mqtt.alarms`, over the `alarm_events` table: same client, same QoS, the
 //! cursor advances to the highest event id below which everything is acknowledged.
+//! It counts event ids, not seqs, so it is kept in `event_cursors`; the follower
+//! writes it with the other two, in one transaction.
 //!
 //! Split-upload groups are rebuilt on start from the second cursor
 //! `mqtt.merge` (the lowest seq of any group still open or whose merged message
@@ -79,9 +81,8 @@ use super::merge::{self, Limit, Merged, Merger, Part};
 use super::plan::{self, Decision, PlanOptions, Refusal};
 use super::presence::{DeviceStatus, Presence};
 use crate::config::{ConfigError, MqttSection, parse_broker_url};
-use crate::store::{
-    AlarmStore, Cursors, DeadLetter, DeadLetterRow, Feed, FeedReader, Reader, StoreError,
-};
+use crate::store::follower::{self, Consumer, Follower, Plan, Rewind, Start};
+use crate::store::{AlarmStore, DeadLetter, DeadLetterRow, Feed, StoreError};
 
 /// Cursor of published (and acknowledged) records.
 pub const CURSOR: &str = "mqtt";
@@ -99,8 +100,8 @@ pub const OFFLINE: &str = "offline";
 
 /// How often the publisher looks for new records once caught up.
 const IDLE_POLL: Duration = Duration::from_millis(50);
-/// How often the cursors are written (each write is an fsync'd SQLite commit).
-const PERSIST_EVERY: u32 = 4; // ticks of IDLE_POLL: 200 ms
+/// How often the cursors are written (each write is a commit on the log's file).
+const PERSIST_EVERY: Duration = Duration::from_millis(200);
 /// First reconnect delay; doubles up to `reconnect_max`.
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 /// On stop, how long in-flight publishes get to be acknowledged.
@@ -116,9 +117,6 @@ pub const MERGE_DEAD: &str = "mqtt.merge";
 const REDRIVE_EVERY: u32 = 20; // 1 s
 /// Entries re-driven per look.
 const REDRIVE_BATCH: usize = 64;
-/// Most seqs of set-aside records kept to skip on re-reads (those between the
-/// merge cursor and the read position; pruned as the cursor moves).
-const DEAD_SEQS_MAX: usize = 100_000;
 /// Refusal counters kept at once (one per message alone in flight at a loss).
 const REFUSALS_MAX: usize = 4096;
 
@@ -344,24 +342,40 @@ pub fn spawn(
     presence: Arc<Presence>,
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            match Publisher::open(settings.clone(), &db, feed.clone(), presence.clone()).await {
-                Ok(p) => return p.run(shutdown).await,
-                Err(e) if e.is_damage() => {
-                    error!(error = %e, "MQTT publisher cannot read the damaged frame log; stopped (see `verify`)");
-                    return;
-                }
-                Err(e) => {
-                    crate::log_repeated!(error, error = %e, "MQTT publisher cannot open the frame log; retrying")
-                }
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(crate::store::OPEN_RETRY) => {}
-            }
+    follower::spawn(Mqtt { settings, presence }, db, feed, shutdown)
+}
+
+/// The publisher as a consumer of the log (see [`crate::store::follower`]).
+#[derive(Clone)]
+struct Mqtt {
+    settings: MqttSettings,
+    presence: Arc<Presence>,
+}
+
+impl Consumer for Mqtt {
+    type Task = Publisher;
+
+    fn plan(&self) -> Plan {
+        Plan {
+            name: CURSOR.into(),
+            what: "MQTT publisher",
+            start: Start::Oldest,
+            keep_start: false,
+            // Split-upload groups are rebuilt from the merge cursor.
+            rewind: Rewind::Cursor(MERGE_CURSOR),
+            poll: IDLE_POLL,
+            save_every: PERSIST_EVERY,
+            crash_loop_starts: self.settings.crash_loop_starts,
         }
-    })
+    }
+
+    fn open(self, f: Follower) -> Result<Publisher, StoreError> {
+        Publisher::open(self.settings, f, self.presence)
+    }
+
+    async fn run(p: Publisher, shutdown: CancellationToken) -> Follower {
+        p.run(shutdown).await
+    }
 }
 
 /// What a publish is for, so its acknowledgement can be accounted.
@@ -416,9 +430,6 @@ struct ReadItem {
     refused: Option<Refusal>,
 }
 
-/// Dead letters and resolved re-drives a cursor write could not save.
-type Unsaved = (Vec<DeadLetter>, Vec<i64>);
-
 /// A read's start, and its items with the last seq it covered.
 type ReadTask = JoinHandle<(u64, Result<(Vec<ReadItem>, u64), StoreError>)>;
 
@@ -429,18 +440,13 @@ enum Ended {
 
 struct Publisher {
     s: MqttSettings,
-    reader: Arc<Mutex<FeedReader>>,
-    /// The last committed seq: wakes a caught-up publisher at once.
-    committed: tokio::sync::watch::Receiver<u64>,
-    cursors: Arc<Mutex<Cursors>>,
+    /// The log behind the cursors `mqtt`, `mqtt.merge` and `mqtt.alarms`.
+    f: Follower,
     presence: Arc<Presence>,
     /// Records at or below were published before this start: they only rebuild groups.
     floor: u64,
     /// Data frontier: every record up to here is acknowledged or not published.
     acked: u64,
-    persisted: (u64, u64),
-    /// The running cursor write; yields what it could not write, to be retried.
-    persist_task: Option<JoinHandle<Option<Unsaved>>>,
     /// `(seq, done)` after `acked` up to `next_read`, in seq order: every inbound
     /// frame read, and the last seq of a stretch that holds nothing to publish.
     window: VecDeque<(u64, bool)>,
@@ -458,23 +464,13 @@ struct Publisher {
     /// Highest alarm event queued on this connection.
     alarm_next: u64,
     alarm_unacked: BTreeSet<u64>,
-    alarm_persisted: u64,
     ctrl: VecDeque<Msg>,
     data: VecDeque<Msg>,
-    /// Set-aside records (and entries resolved) not yet written; written with the
-    /// cursors, in one transaction.
-    dead_pending: Vec<DeadLetter>,
-    resolved_pending: Vec<i64>,
-    /// Seqs of set-aside records at or after the merge cursor: skipped on re-reads.
-    dead_seqs: BTreeSet<u64>,
     /// Connection losses with one message alone in flight, per message.
     refusals: HashMap<Key, u32>,
     /// Messages outstanding at a loss with several outstanding: while any is
     /// unresolved, publishes go one at a time so the next loss names one.
     suspects: std::collections::HashSet<Key>,
-    /// Careful mode (crash-loop guard): records up to here are read one at a time,
-    /// each marked in the cursor row first; 0 when off.
-    careful_until: u64,
     /// Re-driven entries queued on this connection.
     redriving: std::collections::HashSet<i64>,
     /// Set-aside messages since the last warning line (a flood logs one line a minute).
@@ -486,44 +482,16 @@ struct Publisher {
 }
 
 impl Publisher {
-    async fn open(
+    /// The publisher's state around its follower (blocking): the data cursor, the
+    /// merge cursor (where the follower re-reads from) and the alarm-event cursor.
+    fn open(
         s: MqttSettings,
-        db: &Path,
-        feed: Arc<Feed>,
+        f: Follower,
         presence: Arc<Presence>,
     ) -> Result<Publisher, StoreError> {
-        let committed = feed.subscribe();
-        let db = db.to_owned();
-        let crash_loop_starts = s.crash_loop_starts;
-        let (reader, cursors, data, merge, alarms, alarm, dead_seqs, careful_until) =
-            tokio::task::spawn_blocking(move || {
-                let reader = FeedReader::new(feed, Reader::open(&db)?);
-                let cursors = Cursors::open(&db)?;
-                let data = cursors.get_cursor(CURSOR)?.unwrap_or(0);
-                let merge = cursors.get_cursor(MERGE_CURSOR)?.unwrap_or(data).min(data);
-                let alarms = AlarmStore::open(&db)?;
-                let alarm = alarms.event_cursor(ALARM_CURSOR)?.unwrap_or(0);
-                let head = reader.reader().last_seq()?;
-                let careful_until = cursors.guard_start(CURSOR, merge, head, crash_loop_starts)?;
-                let dead: BTreeSet<u64> = cursors
-                    .dead_seqs(CURSOR, merge, DEAD_SEQS_MAX)?
-                    .into_iter()
-                    .collect();
-                Ok::<_, StoreError>((
-                    reader,
-                    cursors,
-                    data,
-                    merge,
-                    alarms,
-                    alarm,
-                    dead,
-                    careful_until,
-                ))
-            })
-            .await
-            .map_err(|e| StoreError::Io {
-                source: std::io::Error::other(e.to_string()),
-            })??;
+        let (data, merge) = (f.cursor_at_start(), f.rewind_from());
+        let alarms = AlarmStore::open(f.db())?;
+        let alarm = alarms.event_cursor(ALARM_CURSOR)?.unwrap_or(0);
         info!(
             cursor = data,
             merge_cursor = merge,
@@ -532,14 +500,10 @@ impl Publisher {
         Ok(Publisher {
             merger: Merger::new(s.merge_limits()),
             s,
-            reader: Arc::new(Mutex::new(reader)),
-            committed,
-            cursors: Arc::new(Mutex::new(cursors)),
+            f,
             presence,
             floor: data,
             acked: merge,
-            persisted: (data, merge),
-            persist_task: None,
             window: VecDeque::new(),
             next_read: merge,
             read_task: None,
@@ -552,15 +516,10 @@ impl Publisher {
             alarm_acked: alarm,
             alarm_next: alarm,
             alarm_unacked: BTreeSet::new(),
-            alarm_persisted: alarm,
             ctrl: VecDeque::new(),
             data: VecDeque::new(),
-            dead_pending: Vec::new(),
-            resolved_pending: Vec::new(),
-            dead_seqs,
             refusals: HashMap::new(),
             suspects: std::collections::HashSet::new(),
-            careful_until,
             redriving: std::collections::HashSet::new(),
             dead_quiet: (0, None),
             sent_fifo: VecDeque::new(),
@@ -569,7 +528,7 @@ impl Publisher {
         })
     }
 
-    async fn run(mut self, shutdown: CancellationToken) {
+    async fn run(mut self, shutdown: CancellationToken) -> Follower {
         let mut backoff = BACKOFF_MIN;
         let mut attempt: u32 = 0;
         loop {
@@ -615,29 +574,8 @@ impl Publisher {
         if let Some(t) = self.read_task.take() {
             let _ = t.await;
         }
-        if let Some(t) = self.persist_task.take() {
-            let _ = t.await;
-        }
-        self.persist().await;
-        if let Some(t) = self.persist_task.take() {
-            let _ = t.await;
-        }
-        let cursors = self.cursors.clone();
-        let careful = self.careful_until > 0;
-        let stopped = tokio::task::spawn_blocking(move || {
-            let c = cursors.lock().unwrap_or_else(|e| e.into_inner());
-            if careful {
-                c.set_probe(CURSOR, None)?;
-            }
-            c.clean_stop(CURSOR)
-        })
-        .await;
-        if !matches!(stopped, Ok(Ok(()))) {
-            warn!(
-                "MQTT publisher could not record its clean stop; the next start counts as after a crash"
-            );
-        }
-        info!(cursor = self.acked, "MQTT publisher stopped");
+        self.positions();
+        self.f
     }
 
     /// A new connection starts from the cursor with a fresh client: whatever the
@@ -676,7 +614,7 @@ impl Publisher {
         el: &mut EventLoop,
         shutdown: &CancellationToken,
     ) -> Ended {
-        let mut tick = tokio::time::interval(IDLE_POLL);
+        let mut tick = tokio::time::interval(self.f.poll());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks: u32 = 0;
         loop {
@@ -707,7 +645,7 @@ impl Publisher {
                 }
                 // A caught-up publisher reads again as soon as something commits
                 // (the tick below is the fallback), while the feed still holds it.
-                r = self.committed.changed(), if self.caught_up => {
+                r = self.f.committed(), if self.caught_up => {
                     if r.is_ok() {
                         self.caught_up = false;
                     }
@@ -737,9 +675,7 @@ impl Publisher {
                     if ticks % REDRIVE_EVERY == 0 {
                         self.read_redrives().await;
                     }
-                    if ticks % PERSIST_EVERY == 0 {
-                        self.persist().await;
-                    }
+                    self.persist().await;
                 }
             }
         }
@@ -808,11 +744,7 @@ impl Publisher {
     }
 
     fn maybe_read(&mut self) {
-        let careful = self.careful_until > self.next_read;
-        if !careful && self.careful_until > 0 {
-            self.end_careful();
-        }
-        let limit = if careful { 1 } else { self.s.batch };
+        let limit = self.f.page(self.next_read, self.s.batch);
         if self.read_task.is_some()
             || self.caught_up
             || self.data.len() >= limit
@@ -821,27 +753,17 @@ impl Publisher {
             return;
         }
         let after = self.next_read;
-        let reader = self.reader.clone();
+        let reader = self.f.reader();
         let opts = self.s.plan.clone();
         let floor = self.floor;
         let max_packet = self.s.max_packet;
-        let dead: Vec<u64> = self
-            .dead_seqs
-            .range(after + 1..=after.saturating_add(limit as u64))
-            .copied()
-            .collect();
-        let probe = careful.then(|| self.cursors.clone());
+        let dead = self.f.dead_in(after, limit as u64);
+        let marker = self.f.marker().clone();
         self.read_task = Some(tokio::task::spawn_blocking(move || {
-            if let Some(c) = probe {
-                // Careful mode: the one seq this read covers is marked before it is
-                // planned and (in `on_read`) merged; a crash there names it.
-                let r = c
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .set_probe(CURSOR, Some(after + 1));
-                if let Err(e) = r {
-                    return (after, Err(e));
-                }
+            // Careful mode: the one seq this read covers is marked before it is
+            // planned and (in `on_read`) merged; a crash there names it.
+            if let Err(e) = marker.mark(after + 1) {
+                return (after, Err(e));
             }
             let r = reader
                 .lock()
@@ -901,7 +823,6 @@ impl Publisher {
             }
             if let Some(r) = it.refused {
                 self.set_aside(CURSOR, it.seq, r);
-                self.dead_seqs.insert(it.seq);
             }
             match it.msg {
                 Some((topic, payload)) => {
@@ -998,7 +919,7 @@ impl Publisher {
         match tag {
             Tag::Redrive(id, ..) => {
                 self.redriving.remove(&id);
-                self.resolved_pending.push(id);
+                self.f.resolve(id);
             }
             Tag::Data(seq) => {
                 // Sorted by seq but not dense: stretches with nothing to publish
@@ -1034,20 +955,21 @@ impl Publisher {
             return;
         }
         let (store, after) = (self.alarms.clone(), self.alarm_next);
-        let read = tokio::task::spawn_blocking(move || {
-            store
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .events_after(after, ALARM_BATCH)
-        })
-        .await;
+        let read = self
+            .f
+            .blocking(move || {
+                store
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .events_after(after, ALARM_BATCH)
+            })
+            .await;
         let events = match read {
-            Ok(Ok(e)) => e,
-            Ok(Err(e)) => {
+            Ok(e) => e,
+            Err(e) => {
                 error!(error = %e, "MQTT publisher cannot read alarm events; retrying");
                 return;
             }
-            Err(_) => return,
         };
         for e in events {
             self.alarm_next = e.id;
@@ -1083,75 +1005,19 @@ impl Publisher {
         lowest.map_or(self.acked, |s| (s - 1).min(self.acked))
     }
 
-    async fn persist(&mut self) {
-        if self.persist_task.as_ref().is_some_and(|t| !t.is_finished()) {
-            return;
-        }
-        if let Some(t) = self.persist_task.take() {
-            if let Ok(Some((mut dead, mut resolved))) = t.await {
-                // Not written: kept (ahead of newer ones) and written with the next
-                // cursors, so no cursor passes a set-aside record without its entry.
-                dead.append(&mut self.dead_pending);
-                self.dead_pending = dead;
-                resolved.append(&mut self.resolved_pending);
-                self.resolved_pending = resolved;
-                self.persisted = (u64::MAX, u64::MAX);
-            }
-        }
-        let data = self.acked.max(self.floor);
-        let merge = self.merge_cursor();
-        let alarm = self.alarm_acked;
-        if (data, merge) == self.persisted
-            && alarm == self.alarm_persisted
-            && self.dead_pending.is_empty()
-            && self.resolved_pending.is_empty()
-        {
-            return;
-        }
-        self.persisted = (data, merge);
-        self.alarm_persisted = alarm;
-        // Seqs below the merge cursor are never read again.
-        self.dead_seqs = self.dead_seqs.split_off(&(merge + 1));
-        let dead = std::mem::take(&mut self.dead_pending);
-        let resolved = std::mem::take(&mut self.resolved_pending);
-        let cursors = self.cursors.clone();
-        let alarms = self.alarms.clone();
-        self.persist_task = Some(tokio::task::spawn_blocking(move || {
-            let c = cursors.lock().unwrap_or_else(|e| e.into_inner());
-            // The dead letters and the cursors that pass them commit together.
-            if let Err(e) = c
-                .save(&[(CURSOR, data), (MERGE_CURSOR, merge)], &dead, &resolved)
-                .and_then(|()| {
-                    alarms
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .set_event_cursor(ALARM_CURSOR, alarm)
-                })
-            {
-                error!(error = %e, "MQTT cursor not saved; a restart repeats more messages");
-                return Some((dead, resolved));
-            }
-            None
-        }));
+    /// Hands the follower the cursors as they stand: `mqtt` (never below what was
+    /// published before this start), `mqtt.merge` and `mqtt.alarms`.
+    fn positions(&mut self) {
+        self.f.advance(self.acked.max(self.floor));
+        self.f.set_also(MERGE_CURSOR, self.merge_cursor());
+        self.f.set_event_cursor(ALARM_CURSOR, self.alarm_acked);
     }
 
-    /// Ends careful mode (crash-loop guard): the stretch was read without a crash.
-    fn end_careful(&mut self) {
-        self.careful_until = 0;
-        let cursors = self.cursors.clone();
-        tokio::task::spawn_blocking(move || {
-            let r = cursors
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .set_probe(CURSOR, None);
-            if let Err(e) = r {
-                warn!(error = %e, "MQTT publisher could not clear its crash marker");
-            }
-        });
-        info!(
-            cursor = self.acked,
-            "MQTT publisher passed the stretch it crashed in; reading at full speed again"
-        );
+    /// Writes the cursors (with the dead letters and resolved re-drives queued
+    /// since) on the follower's cadence, in the background.
+    async fn persist(&mut self) {
+        self.positions();
+        self.f.persist(false).await;
     }
 
     /// A lost connection: a single message outstanding is charged with it; with
@@ -1209,10 +1075,7 @@ impl Publisher {
     /// dropped and counted; either way it counts as finished.
     fn give_up(&mut self, tag: Tag, r: Refusal) {
         match &tag {
-            Tag::Data(seq) => {
-                self.set_aside(CURSOR, *seq, r);
-                self.dead_seqs.insert(*seq);
-            }
+            Tag::Data(seq) => self.set_aside(CURSOR, *seq, r),
             Tag::Merged(id) => {
                 if let Some((min_seq, _)) = self.merged_unacked.get(id) {
                     let min_seq = *min_seq;
@@ -1236,7 +1099,6 @@ impl Publisher {
 
     /// Queues a dead letter (written with the next cursors), counts and logs it.
     fn set_aside(&mut self, consumer: &'static str, seq: u64, r: Refusal) {
-        crate::metrics::METRICS.dead_letter(consumer, r.reason);
         let now = tokio::time::Instant::now();
         let (quiet, last) = &mut self.dead_quiet;
         if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60)) {
@@ -1246,7 +1108,7 @@ impl Publisher {
         } else {
             *quiet += 1;
         }
-        self.dead_pending.push(DeadLetter {
+        self.f.set_aside(DeadLetter {
             consumer: consumer.to_owned(),
             seq,
             reason: r.reason,
@@ -1257,56 +1119,53 @@ impl Publisher {
     /// Queues the entries an operator marked for re-drive (a bounded batch, once
     /// a second while connected).
     async fn read_redrives(&mut self) {
-        let (cursors, reader, alarms) = (
-            self.cursors.clone(),
-            self.reader.clone(),
-            self.alarms.clone(),
-        );
+        let (cursors, reader, alarms) = (self.f.cursors(), self.f.reader(), self.alarms.clone());
         let skip: Vec<i64> = self.redriving.iter().copied().collect();
         let opts = self.s.plan.clone();
         let max_packet = self.s.max_packet;
-        let read = tokio::task::spawn_blocking(move || {
-            let c = cursors.lock().unwrap_or_else(|e| e.into_inner());
-            let mut rows: Vec<DeadLetterRow> = c.redrives(CURSOR, REDRIVE_BATCH)?;
-            rows.extend(c.redrives(ALARM_CURSOR, REDRIVE_BATCH)?);
-            drop(c);
-            let mut out = Vec::new();
-            for row in rows.into_iter().filter(|r| !skip.contains(&r.id)) {
-                let planned = if row.consumer == CURSOR {
-                    let rec = reader
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .reader()
-                        .get(row.seq)?;
-                    match rec.map(|r| plan::decide(&r, &opts, max_packet)) {
-                        Some(Decision::Publish(p)) => Ok(Some((p.topic, p.payload.clone()))),
-                        Some(Decision::Refuse(r)) => Err(r),
-                        Some(Decision::Skip) | None => Ok(None),
-                    }
-                } else {
-                    let ev = alarms
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .events_after(row.seq.saturating_sub(1), 1)?;
-                    Ok(ev.into_iter().find(|e| e.id == row.seq).map(|e| {
-                        (
-                            format!("{}/{}/alarm", opts.prefix, e.mn),
-                            e.payload.into_bytes(),
-                        )
-                    }))
-                };
-                out.push((row, planned));
-            }
-            Ok::<_, StoreError>(out)
-        })
-        .await;
+        let read = self
+            .f
+            .blocking(move || {
+                let c = cursors.lock().unwrap_or_else(|e| e.into_inner());
+                let mut rows: Vec<DeadLetterRow> = c.redrives(CURSOR, REDRIVE_BATCH)?;
+                rows.extend(c.redrives(ALARM_CURSOR, REDRIVE_BATCH)?);
+                drop(c);
+                let mut out = Vec::new();
+                for row in rows.into_iter().filter(|r| !skip.contains(&r.id)) {
+                    let planned = if row.consumer == CURSOR {
+                        let rec = reader
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .reader()
+                            .get(row.seq)?;
+                        match rec.map(|r| plan::decide(&r, &opts, max_packet)) {
+                            Some(Decision::Publish(p)) => Ok(Some((p.topic, p.payload.clone()))),
+                            Some(Decision::Refuse(r)) => Err(r),
+                            Some(Decision::Skip) | None => Ok(None),
+                        }
+                    } else {
+                        let ev = alarms
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .events_after(row.seq.saturating_sub(1), 1)?;
+                        Ok(ev.into_iter().find(|e| e.id == row.seq).map(|e| {
+                            (
+                                format!("{}/{}/alarm", opts.prefix, e.mn),
+                                e.payload.into_bytes(),
+                            )
+                        }))
+                    };
+                    out.push((row, planned));
+                }
+                Ok::<_, StoreError>(out)
+            })
+            .await;
         let rows = match read {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
+            Ok(r) => r,
+            Err(e) => {
                 error!(error = %e, "MQTT publisher cannot read dead letters to re-drive");
                 return;
             }
-            Err(_) => return,
         };
         for (row, planned) in rows {
             let consumer = if row.consumer == CURSOR {
@@ -1332,7 +1191,7 @@ impl Publisher {
                     });
                 }
                 // Nothing to publish any more (e.g. the device is quarantined now).
-                Ok(None) => self.resolved_pending.push(row.id),
+                Ok(None) => self.f.resolve(row.id),
                 Err(r) => self.give_up(tag, r),
             }
         }
@@ -1382,5 +1241,75 @@ async fn connect(el: &mut EventLoop) -> Result<(), ConnectionError> {
         if let Event::Incoming(Packet::ConnAck(_)) = el.poll().await? {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Exec, Store, StoreConfig, SyncMode};
+
+    /// A log of the previous schema (7) held the publisher's alarm-event cursor in
+    /// `cursors`. Opened by this build, the row moves to `event_cursors` with its
+    /// value and the publisher resumes after that event, not from the first one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_v7_alarm_cursor_moves_to_its_table_and_publishing_resumes_from_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v7.sqlite");
+        let conn = crate::store::file_at_version(&path, 7);
+        conn.execute_batch(
+            "INSERT INTO alarms (kind, severity, mn, factor, start_ms, seqs, message_zh, message_en) \
+             VALUES ('value.stuck', 'warning', 'MN1', 'a21026', 0, '[]', 'z', 'e'); \
+             INSERT INTO alarm_events (alarm_id, event, mn, payload) VALUES \
+             (1, 'raise', 'MN1', '{\"n\":1}'), (1, 'clear', 'MN1', '{\"n\":2}'), \
+             (1, 'raise', 'MN1', '{\"n\":3}'); \
+             INSERT INTO cursors (name, seq, updated_at) VALUES ('mqtt.alarms', 2, 7), ('mqtt', 0, 7);",
+        )
+        .unwrap();
+        drop(conn);
+        let mut cfg = StoreConfig::new(&path);
+        cfg.sync = SyncMode::Off;
+        let (h, j) = Store::open(cfg).unwrap();
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let moved: (i64, i64) = conn
+            .query_row(
+                "SELECT event_id, updated_at FROM event_cursors WHERE name = 'mqtt.alarms'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(moved, (2, 7));
+        let left: Vec<String> = conn
+            .prepare("SELECT name FROM cursors ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(left, ["mqtt"], "record cursors only");
+
+        let m = Mqtt {
+            settings: MqttSettings::from_config(&MqttSection::default(), Path::new("t")).unwrap(),
+            presence: Arc::default(),
+        };
+        let f = Follower::open(m.plan(), &path, h.feed(), Exec::Pool).unwrap();
+        let mut p = m.open(f).unwrap();
+        assert_eq!((p.alarm_acked, p.alarm_next), (2, 2));
+        p.read_alarms().await;
+        let queued: Vec<&[u8]> = p.ctrl.iter().map(|m| m.payload.as_slice()).collect();
+        assert_eq!(queued, [b"{\"n\":3}".as_slice()], "resumes after event 2");
+        // Acknowledged, the cursor is written to the new table.
+        p.settle(Tag::Alarm(3));
+        p.positions();
+        p.f.stop().await;
+        assert_eq!(
+            AlarmStore::open(&path)
+                .unwrap()
+                .event_cursor(ALARM_CURSOR)
+                .unwrap(),
+            Some(3)
+        );
+        drop(h);
+        j.join().unwrap();
     }
 }

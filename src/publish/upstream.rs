@@ -43,7 +43,7 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -64,9 +64,9 @@ use crate::downlink::{Action, Event, Refusal, Submit};
 use crate::ingest::decode_options;
 use crate::protocol::reply::Target;
 use crate::protocol::{self, DeviceLookup, Dialect, Frame, reply};
+use crate::store::follower::{self, Consumer, Follower, Plan, Rewind, Start};
 use crate::store::{
-    Cursors, DeadLetter, Direction, FeedReader, Kind, NewRecord, Reader, StoreError, StoredRecord,
-    Verdict,
+    Cursors, DeadLetter, Direction, Kind, NewRecord, Reader, StoreError, StoredRecord, Verdict,
 };
 
 /// Records read from the log per query.
@@ -127,8 +127,6 @@ impl Budget {
 const REDRIVE_EVERY: Duration = Duration::from_secs(2);
 /// Entries re-driven per look.
 const REDRIVE_BATCH: usize = 16;
-/// Most seqs of set-aside frames kept to skip after a restart.
-const DEAD_SEQS_MAX: usize = 100_000;
 
 /// The cursor name of upstream `name`.
 pub fn cursor_name(name: &str) -> String {
@@ -177,25 +175,78 @@ pub fn spawn(
     db: PathBuf,
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let name = entry.name.clone();
-        loop {
-            match Forwarder::open(entry.clone(), names.clone(), shared.clone(), &db).await {
-                Ok(f) => return f.run(shutdown).await,
-                Err(e) if e.is_damage() => {
-                    error!(upstream = %name, error = %e, "upstream forwarder cannot read the damaged frame log; stopped (see `verify`)");
-                    return;
-                }
-                Err(e) => {
-                    crate::log_repeated!(error, upstream = %name, error = %e, "upstream forwarder cannot open the frame log; retrying")
-                }
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(crate::store::OPEN_RETRY) => {}
-            }
+    let feed = shared.store.feed();
+    follower::spawn(
+        Upstream {
+            e: entry,
+            names,
+            shared,
+        },
+        db,
+        feed,
+        shutdown,
+    )
+}
+
+/// A forwarder as a consumer of the log (see [`crate::store::follower`]).
+#[derive(Clone)]
+struct Upstream {
+    e: UpstreamEntry,
+    names: Arc<Vec<String>>,
+    shared: Arc<Shared>,
+}
+
+impl Consumer for Upstream {
+    type Task = Forwarder;
+
+    fn plan(&self) -> Plan {
+        Plan {
+            name: cursor_name(&self.e.name),
+            what: "upstream forwarder",
+            start: match self.e.start {
+                UpstreamStart::Now => Start::Head,
+                UpstreamStart::Oldest => Start::Oldest,
+            },
+            // Stored at once, so a restart does not move a `now` start forward.
+            keep_start: true,
+            rewind: Rewind::None,
+            poll: IDLE_POLL,
+            save_every: PERSIST_EVERY,
+            crash_loop_starts: self.shared.cfg.store.crash_loop_starts,
         }
-    })
+    }
+
+    fn open(self, f: Follower) -> Result<Forwarder, StoreError> {
+        let last = f
+            .reader()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .reader()
+            .last_seq()?;
+        let (e, cursor) = (self.e, f.position());
+        info!(upstream = %e.name, addr = %e.addr, cursor, lag_frames = last.saturating_sub(cursor), "upstream forwarder resumes from its cursor");
+        let now = tokio::time::Instant::now();
+        Ok(Forwarder {
+            refusals: Budget::new(e.refusals_per_minute, now),
+            unanswered: (0, None),
+            metrics: crate::metrics::METRICS.upstream(&e.name),
+            e,
+            names: self.names,
+            shared: self.shared,
+            f,
+            pending: VecDeque::new(),
+            last_seq: last,
+            state: State::default(),
+            logged: (State::default(), now),
+            failing: None,
+            last_redrive: now,
+            last_no_ack: false,
+        })
+    }
+
+    async fn run(fw: Forwarder, shutdown: CancellationToken) -> Follower {
+        fw.run(shutdown).await
+    }
 }
 
 /// A connection to the platform: the write half, and frames read from it.
@@ -226,15 +277,9 @@ struct Forwarder {
     e: UpstreamEntry,
     names: Arc<Vec<String>>,
     shared: Arc<Shared>,
-    reader: Arc<Mutex<FeedReader>>,
-    /// The last committed seq: wakes a caught-up forwarder at once.
-    committed: tokio::sync::watch::Receiver<u64>,
-    cursors: Arc<Mutex<Cursors>>,
-    cursor_name: String,
-    /// Every record up to here is delivered or not for this upstream.
-    delivered: u64,
-    persisted: u64,
-    last_persist: tokio::time::Instant,
+    /// The log behind the cursor; its position: every record up to there is
+    /// delivered or not for this upstream.
+    f: Follower,
     pending: VecDeque<Arc<StoredRecord>>,
     last_seq: u64,
     state: State,
@@ -247,81 +292,18 @@ struct Forwarder {
     metrics: Arc<crate::metrics::UpstreamMetrics>,
     /// The frame that keeps failing, and its failed rounds.
     failing: Option<(u64, u32)>,
-    /// Set-aside frames after the cursor (skipped).
-    dead: std::collections::BTreeSet<u64>,
-    /// Crash-loop guard: frames up to here are marked before they are sent; 0 off.
-    careful_until: u64,
     last_redrive: tokio::time::Instant,
     /// The last delivery failed for want of an ack (or the platform closed).
     last_no_ack: bool,
 }
 
 impl Forwarder {
-    async fn open(
-        e: UpstreamEntry,
-        names: Arc<Vec<String>>,
-        shared: Arc<Shared>,
-        db: &Path,
-    ) -> Result<Forwarder, StoreError> {
-        let db = db.to_owned();
-        let cursor_name = cursor_name(&e.name);
-        let (cn, start) = (cursor_name.clone(), e.start);
-        let feed = shared.store.feed();
-        let committed = feed.subscribe();
-        let crash_loop_starts = shared.cfg.store.crash_loop_starts;
-        let (reader, cursors, cursor, last, dead, careful_until) = blocking(move || {
-            let reader = Reader::open(&db)?;
-            let cursors = Cursors::open(&db)?;
-            let cursor = init_cursor(&reader, &cursors, &cn, start)?;
-            let last = reader.last_seq()?;
-            let careful = cursors.guard_start(&cn, cursor, last, crash_loop_starts)?;
-            let dead = cursors.dead_seqs(&cn, cursor, DEAD_SEQS_MAX)?;
-            Ok((
-                FeedReader::new(feed, reader),
-                cursors,
-                cursor,
-                last,
-                dead.into_iter().collect(),
-                careful,
-            ))
-        })
-        .await?;
-        info!(upstream = %e.name, addr = %e.addr, cursor, lag_frames = last.saturating_sub(cursor), "upstream forwarder resumes from its cursor");
-        let now = tokio::time::Instant::now();
-        let refusals = Budget::new(e.refusals_per_minute, now);
-        let metrics = crate::metrics::METRICS.upstream(&e.name);
-        Ok(Forwarder {
-            refusals,
-            unanswered: (0, None),
-            metrics,
-            e,
-            names,
-            shared,
-            reader: Arc::new(Mutex::new(reader)),
-            committed,
-            cursors: Arc::new(Mutex::new(cursors)),
-            cursor_name,
-            delivered: cursor,
-            persisted: cursor,
-            last_persist: now,
-            pending: VecDeque::new(),
-            last_seq: last,
-            state: State::default(),
-            logged: (State::default(), now),
-            failing: None,
-            dead,
-            careful_until,
-            last_redrive: now,
-            last_no_ack: false,
-        })
-    }
-
-    async fn run(mut self, shutdown: CancellationToken) {
+    async fn run(mut self, shutdown: CancellationToken) -> Follower {
         let mut conn: Option<Conn> = None;
         let mut backoff = BACKOFF_MIN;
         while !shutdown.is_cancelled() {
             self.report();
-            self.persist(false).await;
+            self.f.persist(false).await;
             if self.pending.is_empty() {
                 if let Err(e) = self.fill().await {
                     crate::log_repeated!(error, upstream = %self.e.name, error = %e, "upstream forwarder cannot read the frame log; retrying");
@@ -365,8 +347,8 @@ impl Forwarder {
                 self.idle(&mut conn, &shutdown).await;
                 continue;
             };
-            if !self.selected(&front) || self.dead.contains(&front.seq) {
-                self.delivered = front.seq;
+            if !self.selected(&front) || self.f.is_dead(front.seq) {
+                self.f.advance(front.seq);
                 self.pending.pop_front();
                 continue;
             }
@@ -389,8 +371,8 @@ impl Forwarder {
                 }
             }
             let rec = probe.clone().unwrap_or(front);
-            if self.careful_until > 0 {
-                self.mark(rec.seq).await;
+            if let Err(e) = self.f.mark(rec.seq).await {
+                warn!(upstream = %self.e.name, error = %e, "crash marker not written");
             }
             let c = conn.as_mut().expect("connected above");
             let r = tokio::select! {
@@ -419,7 +401,7 @@ impl Forwarder {
                 Ok(()) => {
                     backoff = BACKOFF_MIN;
                     self.failing = None;
-                    self.delivered = rec.seq;
+                    self.f.advance(rec.seq);
                     self.pending.pop_front();
                     if self.e.mode == UpstreamMode::PerMessage {
                         // Close cleanly; whatever the platform still says is ignored.
@@ -444,24 +426,7 @@ impl Forwarder {
             }
         }
         drop(conn);
-        self.persist(true).await;
-        let (cursors, name, careful) = (
-            self.cursors.clone(),
-            self.cursor_name.clone(),
-            self.careful_until > 0,
-        );
-        let stopped = blocking(move || {
-            let c = cursors.lock().unwrap_or_else(|e| e.into_inner());
-            if careful {
-                c.set_probe(&name, None)?;
-            }
-            c.clean_stop(&name)
-        })
-        .await;
-        if let Err(e) = stopped {
-            warn!(upstream = %self.e.name, error = %e, "clean stop not recorded; the next start counts as after a crash");
-        }
-        info!(upstream = %self.e.name, cursor = self.delivered, "upstream forwarder stopped");
+        self.f
     }
 
     /// Whether `rec` goes to this upstream (see [`selects`]).
@@ -471,21 +436,14 @@ impl Forwarder {
 
     /// Up to one batch of records after `after`, read off the async threads.
     async fn read_after(&self, after: u64) -> Result<Vec<Arc<StoredRecord>>, StoreError> {
-        let reader = self.reader.clone();
-        blocking(move || {
-            reader
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .read_from(after, BATCH)
-        })
-        .await
+        self.f.read(after, BATCH).await
     }
 
     async fn fill(&mut self) -> Result<(), StoreError> {
-        let recs = self.read_after(self.delivered).await?;
+        let recs = self.read_after(self.f.position()).await?;
         // For the lag report only; asking SQLite would be one more reader per fill.
         let newest = recs.last().map_or(0, |r| r.seq);
-        self.last_seq = self.last_seq.max(newest).max(*self.committed.borrow());
+        self.last_seq = self.last_seq.max(newest).max(self.f.head());
         self.pending = recs.into();
         Ok(())
     }
@@ -496,7 +454,7 @@ impl Forwarder {
         self.pending
             .iter()
             .skip(1)
-            .find(|r| self.selected(r) && !self.dead.contains(&r.seq))
+            .find(|r| self.selected(r) && !self.f.is_dead(r.seq))
             .cloned()
     }
 
@@ -626,17 +584,14 @@ impl Forwarder {
     /// commit (a poll interval at most).
     async fn idle(&mut self, conn: &mut Option<Conn>, shutdown: &CancellationToken) {
         let Some(c) = conn.as_mut() else {
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = self.committed.changed() => {}
-                _ = tokio::time::sleep(IDLE_POLL) => {}
-            }
+            self.f.wait(shutdown).await;
             return;
         };
+        let poll = self.f.poll();
         let got = tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = self.committed.changed() => return,
-            _ = tokio::time::sleep(IDLE_POLL) => return,
+            _ = self.f.committed() => return,
+            _ = tokio::time::sleep(poll) => return,
             got = c.inbox.recv() => got,
             Some(ev) = c.relay_rx.recv() => {
                 let Some(b) = relay_bytes(ev) else { return };
@@ -781,15 +736,17 @@ impl Forwarder {
     }
 
     async fn last_dialect(&self, mn: &str) -> Option<Dialect> {
-        let (reader, mn) = (self.reader.clone(), mn.to_owned());
-        let text = blocking(move || {
-            reader
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .reader()
-                .last_device_dialect(&mn)
-        })
-        .await;
+        let (reader, mn) = (self.f.reader(), mn.to_owned());
+        let text = self
+            .f
+            .blocking(move || {
+                reader
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .reader()
+                    .last_device_dialect(&mn)
+            })
+            .await;
         match text {
             Ok(t) => t.and_then(|t| Dialect::parse(&t)),
             Err(e) => {
@@ -846,7 +803,7 @@ impl Forwarder {
             return;
         }
         self.logged = (self.state.clone(), now);
-        let lag_frames = self.last_seq.saturating_sub(self.delivered);
+        let lag_frames = self.last_seq.saturating_sub(self.f.position());
         let lag_s = self
             .pending
             .front()
@@ -854,9 +811,9 @@ impl Forwarder {
             .unwrap_or(0);
         let err = self.state.last_error.as_deref().unwrap_or("");
         if self.state.connected {
-            info!(upstream = %self.e.name, connected = true, cursor = self.delivered, lag_frames, lag_s, last_error = err, "upstream state");
+            info!(upstream = %self.e.name, connected = true, cursor = self.f.position(), lag_frames, lag_s, last_error = err, "upstream state");
         } else {
-            warn!(upstream = %self.e.name, connected = false, cursor = self.delivered, lag_frames, lag_s, last_error = err, "upstream state; ingest continues, forwarding resumes from the cursor");
+            warn!(upstream = %self.e.name, connected = false, cursor = self.f.position(), lag_frames, lag_s, last_error = err, "upstream state; ingest continues, forwarding resumes from the cursor");
         }
     }
 
@@ -865,7 +822,7 @@ impl Forwarder {
     /// both, in one transaction.
     async fn set_aside(&mut self, stuck: u64, next: &StoredRecord) {
         let dl = DeadLetter {
-            consumer: self.cursor_name.clone(),
+            consumer: self.f.name().to_owned(),
             seq: stuck,
             reason: "no_ack",
             detail: format!(
@@ -877,50 +834,16 @@ impl Forwarder {
                 next.seq
             ),
         };
-        let (cursors, name, seq) = (self.cursors.clone(), self.cursor_name.clone(), next.seq);
-        let r = blocking(move || {
-            cursors
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .save(&[(&name, seq)], &[dl], &[])
-        })
-        .await;
-        if let Err(e) = r {
+        if let Err(e) = self.f.save_now(Some(next.seq), vec![dl], Vec::new()).await {
             // Without its entry the frame must not be skipped: it stays stuck and
             // the next pass tries again.
             error!(upstream = %self.e.name, error = %e, "dead letter not written; the frame stays in line");
             return;
         }
-        crate::metrics::METRICS.dead_letter(&self.cursor_name, "no_ack");
         warn!(upstream = %self.e.name, seq = stuck, next = next.seq, "frame never acked by the platform while the next one was; set aside (dead letter), forwarding goes on");
         self.failing = None;
-        self.dead.insert(stuck);
         while self.pending.front().is_some_and(|r| r.seq <= next.seq) {
             self.pending.pop_front();
-        }
-        self.delivered = next.seq;
-        self.persisted = next.seq;
-        self.dead = self.dead.split_off(&(next.seq + 1));
-    }
-
-    /// Careful mode: marks `seq` in the cursor row before it is decoded and sent.
-    async fn mark(&mut self, seq: u64) {
-        let until = self.careful_until;
-        let probe = (seq <= until).then_some(seq);
-        let (cursors, name) = (self.cursors.clone(), self.cursor_name.clone());
-        let r = blocking(move || {
-            cursors
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .set_probe(&name, probe)
-        })
-        .await;
-        if let Err(e) = r {
-            warn!(upstream = %self.e.name, error = %e, "crash marker not written");
-        }
-        if probe.is_none() {
-            self.careful_until = 0;
-            info!(upstream = %self.e.name, "forwarder passed the stretch it crashed in");
         }
     }
 
@@ -928,23 +851,21 @@ impl Forwarder {
     /// acked one is resolved, a failed one set aside again (one more attempt).
     /// A connection error ends the pass (the caller reconnects).
     async fn redrive(&mut self, c: &mut Conn) -> Result<(), String> {
-        let (cursors, reader, name) = (
-            self.cursors.clone(),
-            self.reader.clone(),
-            self.cursor_name.clone(),
-        );
-        let rows = blocking(move || {
-            let rows = cursors
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .redrives(&name, REDRIVE_BATCH)?;
-            let r = reader.lock().unwrap_or_else(|e| e.into_inner());
-            rows.into_iter()
-                .map(|row| Ok((row.id, row.seq, r.reader().get(row.seq)?)))
-                .collect::<Result<Vec<_>, StoreError>>()
-        })
-        .await
-        .map_err(|e| format!("reading dead letters to re-drive: {e}"))?;
+        let (cursors, reader, name) = (self.f.cursors(), self.f.reader(), self.f.name().to_owned());
+        let rows = self
+            .f
+            .blocking(move || {
+                let rows = cursors
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .redrives(&name, REDRIVE_BATCH)?;
+                let r = reader.lock().unwrap_or_else(|e| e.into_inner());
+                rows.into_iter()
+                    .map(|row| Ok((row.id, row.seq, r.reader().get(row.seq)?)))
+                    .collect::<Result<Vec<_>, StoreError>>()
+            })
+            .await
+            .map_err(|e| format!("reading dead letters to re-drive: {e}"))?;
         for (id, seq, rec) in rows {
             let outcome = match &rec {
                 Some(rec) if self.selected(rec) => {
@@ -954,59 +875,18 @@ impl Forwarder {
                 // No longer for this upstream (filters changed): nothing to send.
                 _ => Ok(()),
             };
-            let (dead, resolved) = match &outcome {
-                Ok(()) => (Vec::new(), vec![id]),
-                Err(e) => (
-                    vec![DeadLetter {
-                        consumer: self.cursor_name.clone(),
-                        seq,
-                        reason: "no_ack",
-                        detail: format!("re-drive failed: {e}"),
-                    }],
-                    Vec::new(),
-                ),
-            };
-            let cursors = self.cursors.clone();
-            let w = blocking(move || {
-                cursors
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .save(&[], &dead, &resolved)
-            })
-            .await;
-            if let Err(e) = w {
+            let again = outcome.as_ref().err().map(|e| DeadLetter {
+                consumer: self.f.name().to_owned(),
+                seq,
+                reason: "no_ack",
+                detail: format!("re-drive failed: {e}"),
+            });
+            if let Err(e) = self.f.redriven(id, again).await {
                 error!(upstream = %self.e.name, error = %e, "re-drive outcome not written");
             }
             outcome?;
         }
         Ok(())
-    }
-
-    async fn persist(&mut self, force: bool) {
-        if self.delivered == self.persisted
-            || (!force && self.last_persist.elapsed() < PERSIST_EVERY)
-        {
-            return;
-        }
-        let (cursors, name, seq) = (
-            self.cursors.clone(),
-            self.cursor_name.clone(),
-            self.delivered,
-        );
-        let r = blocking(move || {
-            cursors
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .set_cursor(&name, seq)
-        })
-        .await;
-        self.last_persist = tokio::time::Instant::now();
-        match r {
-            Ok(()) => self.persisted = seq,
-            Err(e) => {
-                error!(upstream = %self.e.name, error = %e, "upstream cursor not saved; a restart repeats more frames")
-            }
-        }
     }
 }
 
@@ -1050,16 +930,6 @@ fn relay_bytes(ev: Event) -> Option<Bytes> {
         | Event::NotifyAck { raw } => Some(raw),
         Event::Sent { .. } | Event::Done(_) => None,
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| StoreError::Io {
-            source: std::io::Error::other(e.to_string()),
-        })?
 }
 
 #[cfg(test)]

@@ -218,12 +218,15 @@ impl AlarmStore {
     }
 
     /// The position of an alarm-event consumer (`mqtt.alarms`), `None` if never set.
-    /// Alarm-event cursors live in `cursors` too, but count `alarm_events.id`, not seqs.
+    /// Alarm-event cursors count `alarm_events.id`, not seqs: they have their own
+    /// table, `event_cursors`.
     pub fn event_cursor(&self, name: &str) -> Result<Option<u64>, StoreError> {
         self.conn
-            .query_row("SELECT seq FROM cursors WHERE name = ?1", [name], |r| {
-                r.get::<_, i64>(0)
-            })
+            .query_row(
+                "SELECT event_id FROM event_cursors WHERE name = ?1",
+                [name],
+                |r| r.get::<_, i64>(0),
+            )
             .optional()
             .map(|x| x.map(|v| v as u64))
             .map_err(StoreError::sqlite("read an alarm cursor"))
@@ -233,9 +236,7 @@ impl AlarmStore {
     pub fn set_event_cursor(&self, name: &str, id: u64) -> Result<(), StoreError> {
         self.conn
             .execute(
-                "INSERT INTO cursors (name, seq, updated_at) \
-                 SELECT ?1, ?2, ?3 WHERE ?2 <= (SELECT COALESCE(MAX(id), 0) FROM alarm_events) \
-                 ON CONFLICT (name) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at",
+                super::dead_letters::SET_EVENT_CURSOR_SQL,
                 params![name, id as i64, chrono::Utc::now().timestamp_millis()],
             )
             .map(|_| ())

@@ -18,8 +18,9 @@
 //! # The crash-loop guard
 //!
 //! A record that aborts the process (an allocation failure, a stack overflow) cannot
-//! be caught where it happens. Each consumer calls [`Cursors::begin_start`] when it
-//! starts and [`Cursors::clean_stop`] when it stops cleanly. The cursor row counts
+//! be caught where it happens. Each consumer's [`Follower`](super::Follower) calls
+//! [`Cursors::begin_start`] when it starts and [`Cursors::clean_stop`] when it
+//! stops cleanly. The cursor row counts
 //! starts that were not followed by a clean stop while the cursor stayed where it
 //! was. From a named number of such starts on (`[store] crash_loop_starts`), the
 //! consumer works in *careful mode* for a bounded stretch: before it hands a record
@@ -136,6 +137,11 @@ const SET_CURSOR_SQL: &str = "INSERT INTO cursors (name, seq, updated_at) \
      SELECT ?1, ?2, ?3 WHERE ?2 <= (SELECT last_seq FROM meta WHERE id = 1) \
      ON CONFLICT (name) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at";
 
+/// An alarm-event cursor counts `alarm_events.id`: never past the last event.
+pub(crate) const SET_EVENT_CURSOR_SQL: &str = "INSERT INTO event_cursors (name, event_id, updated_at) \
+     SELECT ?1, ?2, ?3 WHERE ?2 <= (SELECT COALESCE(MAX(id), 0) FROM alarm_events) \
+     ON CONFLICT (name) DO UPDATE SET event_id = excluded.event_id, updated_at = excluded.updated_at";
+
 /// A transaction that writes, holding the write lock from `BEGIN` on.
 ///
 /// A deferred transaction that reads before it writes holds a read snapshot when it
@@ -183,6 +189,19 @@ impl Cursors {
         dead: &[DeadLetter],
         resolved: &[i64],
     ) -> Result<(), StoreError> {
+        self.save_with_events(cursors, &[], dead, resolved)
+    }
+
+    /// [`save`](Self::save) with alarm-event cursors (`event_cursors`: name, event
+    /// id) in the same transaction. An event cursor past the last alarm event is
+    /// not written.
+    pub fn save_with_events(
+        &self,
+        cursors: &[(&str, u64)],
+        events: &[(&str, u64)],
+        dead: &[DeadLetter],
+        resolved: &[i64],
+    ) -> Result<(), StoreError> {
         let op = "write cursors and dead letters";
         let tx = write_tx(&self.conn).map_err(StoreError::sqlite(op))?;
         let now = chrono::Utc::now().timestamp_millis();
@@ -210,6 +229,11 @@ impl Cursors {
         for (name, seq) in cursors {
             tx.prepare_cached(SET_CURSOR_SQL)
                 .and_then(|mut st| st.execute(params![name, to_i64(*seq), now]))
+                .map_err(StoreError::sqlite(op))?;
+        }
+        for (name, id) in events {
+            tx.prepare_cached(SET_EVENT_CURSOR_SQL)
+                .and_then(|mut st| st.execute(params![name, to_i64(*id), now]))
                 .map_err(StoreError::sqlite(op))?;
         }
         tx.commit().map_err(StoreError::sqlite(op))

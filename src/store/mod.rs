@@ -80,7 +80,10 @@
 //! writer. Because `seq` is assigned by the single writer in commit order, a reader
 //! paging with `seq > last_seen` can never miss a record that commits later with a
 //! smaller `seq`. [`Cursors`] live in their own table, written through a separate small
-//! connection (never through the append queue) and are not part of the chain.
+//! connection (never through the append queue) and are not part of the chain; the
+//! cursors of alarm-event consumers (`alarm_events` ids, not seqs) have a table of
+//! their own, `event_cursors`. Every consumer follows the log through one
+//! [`Follower`] (cursor, wake-up, cursor writes, crash-loop guard, dead letters).
 //!
 //! WAL checkpoints run on a background connection every 250 ms (PASSIVE, concurrent
 //! with the writer) instead of inside an append's commit, so copying the WAL into the
@@ -101,6 +104,7 @@ mod error;
 mod exchanges;
 mod export;
 mod feed;
+pub mod follower;
 mod reader;
 mod schema;
 mod writer;
@@ -121,7 +125,11 @@ pub use exchanges::{
 };
 pub use export::{ExportDirection, ExportFormat, ExportOptions, export, export_record_json};
 pub use feed::{Feed, FeedReader};
+pub use follower::{Consumer, Exec, Follower, Plan};
 pub use reader::{Cursors, Reader, RecordFilter, Records};
+/// A log file as an earlier release left it (tests of migrations elsewhere in the crate).
+#[cfg(test)]
+pub(crate) use schema::file_at_version;
 pub use writer::{Store, StoreHandle, StoreStats, WriterJoin};
 
 /// Whether a record was received from a peer or sent to one.

@@ -203,7 +203,26 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ALTER TABLE cursors ADD COLUMN probe_seq INTEGER;
     "#,
     DEVICE_DIALECTS,
+    EVENT_CURSORS,
 ];
+
+/// Alarm-event cursors in a table of their own. They count `alarm_events.id`, not
+/// record seqs; kept in `cursors`, the one column held two kinds of number (the
+/// head a lag is measured against, the guard of a cursor write: `meta.last_seq`
+/// for one, the last event id for the other). The publisher's `mqtt.alarms` (the
+/// only alarm-event cursor so far) moves here with its value, in the same step.
+/// Idempotent, like [`DEVICE_DIALECTS`], so a file whose version was set back
+/// migrates again.
+pub(crate) const EVENT_CURSORS: &str = r#"
+    CREATE TABLE IF NOT EXISTS event_cursors (
+        name       TEXT    PRIMARY KEY,
+        event_id   INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    ) STRICT;
+    INSERT OR REPLACE INTO event_cursors (name, event_id, updated_at)
+        SELECT name, seq, updated_at FROM cursors WHERE name = 'mqtt.alarms';
+    DELETE FROM cursors WHERE name = 'mqtt.alarms';
+    "#;
 
 /// The dialect each MN last spoke from a device connection, for answering a
 /// platform's request for a device that is offline (`Reader::last_device_dialect`).
