@@ -168,12 +168,23 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
     };
     let presence = mqtt.as_ref().map(|_| Arc::new(Presence::default()));
     // Before devices can connect: `start = "now"` is the end of the log as it is now.
+    // The alarm detector starts at the head too: written here, the frames that
+    // arrive before its thread has opened the log are still ahead of it.
     let entries: Vec<_> = cfg.upstream.iter().filter(|u| u.enabled).cloned().collect();
+    let alarms = cfg.alarms.enabled;
     let db = store_path.clone();
     tokio::task::spawn_blocking(move || {
         entries
             .iter()
-            .try_for_each(|u| upstream::prepare_cursor(&db, u).map(drop))
+            .try_for_each(|u| upstream::prepare_cursor(&db, u).map(drop))?;
+        if alarms {
+            crate::store::follower::prepare(
+                &db,
+                crate::alarm::task::CURSOR,
+                crate::store::follower::Start::Head,
+            )?;
+        }
+        Ok::<(), crate::store::StoreError>(())
     })
     .await
     .map_err(|e| std::io::Error::other(e.to_string()))??;

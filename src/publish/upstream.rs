@@ -65,9 +65,7 @@ use crate::ingest::decode_options;
 use crate::protocol::reply::Target;
 use crate::protocol::{self, DeviceLookup, Dialect, Frame, reply};
 use crate::store::follower::{self, Consumer, Follower, Plan, Rewind, Start};
-use crate::store::{
-    Cursors, DeadLetter, Direction, Kind, NewRecord, Reader, StoreError, StoredRecord, Verdict,
-};
+use crate::store::{DeadLetter, Direction, Kind, NewRecord, StoreError, StoredRecord, Verdict};
 
 /// Records read from the log per query.
 const BATCH: usize = 256;
@@ -133,36 +131,19 @@ pub fn cursor_name(name: &str) -> String {
     format!("upstream.{name}")
 }
 
-/// The cursor of upstream `name`, created at `start` if it does not exist yet.
-///
-/// `daemon::start` calls this before devices can connect, so `now` means the
-/// end of the log when the upstream was first configured, not whenever its
-/// task happened to run. Blocking.
+/// The cursor of upstream `name`, created at `start` if it does not exist yet
+/// (see [`follower::prepare`]): `now` means the end of the log when the upstream
+/// was first configured, not whenever its task happened to run. Blocking.
 pub fn prepare_cursor(db: &Path, e: &UpstreamEntry) -> Result<u64, StoreError> {
-    init_cursor(
-        &Reader::open(db)?,
-        &Cursors::open(db)?,
-        &cursor_name(&e.name),
-        e.start,
-    )
+    follower::prepare(db, &cursor_name(&e.name), start_of(e.start))
 }
 
-fn init_cursor(
-    reader: &Reader,
-    cursors: &Cursors,
-    name: &str,
-    start: UpstreamStart,
-) -> Result<u64, StoreError> {
-    if let Some(c) = cursors.get_cursor(name)? {
-        return Ok(c);
+/// Where a new cursor of an upstream starts.
+fn start_of(s: UpstreamStart) -> Start {
+    match s {
+        UpstreamStart::Now => Start::Head,
+        UpstreamStart::Oldest => Start::Oldest,
     }
-    // Stored at once, so a restart does not move a `now` start forward.
-    let c = match start {
-        UpstreamStart::Now => reader.last_seq()?,
-        UpstreamStart::Oldest => 0,
-    };
-    cursors.set_cursor(name, c)?;
-    Ok(c)
 }
 
 /// Starts the forwarder for `entry` on the log at `db`; it runs until `shutdown`
@@ -203,10 +184,7 @@ impl Consumer for Upstream {
         Plan {
             name: cursor_name(&self.e.name),
             what: "upstream forwarder",
-            start: match self.e.start {
-                UpstreamStart::Now => Start::Head,
-                UpstreamStart::Oldest => Start::Oldest,
-            },
+            start: start_of(self.e.start),
             // Stored at once, so a restart does not move a `now` start forward.
             keep_start: true,
             rewind: Rewind::None,

@@ -55,6 +55,33 @@ pub enum Start {
     Head,
 }
 
+impl Start {
+    /// The cursor this start means on a log whose last record is `head`.
+    pub fn seq(self, head: u64) -> u64 {
+        match self {
+            Start::Oldest => 0,
+            Start::Head => head,
+        }
+    }
+}
+
+/// Writes cursor `name` at `start` unless it exists; returns the cursor.
+///
+/// `daemon::start` calls this before devices can connect, for every consumer
+/// that starts at the head: a consumer task opens the log a moment later (the
+/// alarm detector on a thread of its own, at a lower priority), and without
+/// the cursor written first the frames that arrived meanwhile would lie
+/// behind its start and never reach it. Blocking.
+pub fn prepare(db: &Path, name: &str, start: Start) -> Result<u64, StoreError> {
+    let cursors = Cursors::open(db)?;
+    if let Some(c) = cursors.get_cursor(name)? {
+        return Ok(c);
+    }
+    let c = start.seq(Reader::open(db)?.last_seq()?);
+    cursors.set_cursor(name, c)?;
+    Ok(c)
+}
+
 /// Where a start re-reads from, relative to the cursor: what the crash-loop guard
 /// watches and where set-aside records are looked up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -273,10 +300,7 @@ impl Follower {
         let cursor = match cursors.get_cursor(&plan.name)? {
             Some(c) => c,
             None => {
-                let c = match plan.start {
-                    Start::Oldest => 0,
-                    Start::Head => head,
-                };
+                let c = plan.start.seq(head);
                 if plan.keep_start {
                     cursors.set_cursor(&plan.name, c)?;
                 }
@@ -663,6 +687,28 @@ mod tests {
             h.append(junk(i)).await.unwrap();
         }
         (path, h, j)
+    }
+
+    /// A cursor prepared before a consumer opens pins its start: frames that
+    /// arrive before the consumer runs are still ahead of it, and an existing
+    /// cursor is left as it is.
+    #[tokio::test]
+    async fn a_prepared_cursor_pins_where_a_consumer_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, h, j) = store(dir.path(), 3).await;
+        assert_eq!(prepare(&db, "late", Start::Head).unwrap(), 3);
+        assert_eq!(prepare(&db, "all", Start::Oldest).unwrap(), 0);
+        for i in 3..5 {
+            h.append(junk(i)).await.unwrap();
+        }
+        assert_eq!(prepare(&db, "late", Start::Head).unwrap(), 3, "kept");
+        let mut p = plan("late");
+        p.start = Start::Head;
+        let f = Follower::open(p, &db, h.feed(), Exec::Inline).unwrap();
+        assert_eq!(f.position, 3, "the two records after it are still to read");
+        drop(f);
+        drop(h);
+        j.join().unwrap();
     }
 
     fn plan(name: &str) -> Plan {
