@@ -4,10 +4,10 @@
 //! the rest of the process. The gateway uses that for two threads:
 //!
 //! - the store writer runs `[store] writer_boost` steps *above* the rest: it is the
-//!   one serial stage every ack waits for, and at saturation it spent ~40 % of its
-//!   wall time runnable but waiting for a CPU behind session tasks (from
-//!   `/proc/<pid>/task/<tid>/schedstat` at 20,000 frames/s), until acks missed the
-//!   devices' timeout (see the README's Architecture);
+//!   one serial stage every ack waits for, and at saturation it otherwise spends
+//!   much of its wall time runnable but waiting for a CPU behind session tasks,
+//!   until acks miss the devices' timeout (benches/README.md, "Measurements
+//!   behind the code");
 //! - the alarm detector runs `[alarms] nice` steps *below* it, so it lags under
 //!   overload instead of delaying acks.
 //!

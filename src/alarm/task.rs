@@ -302,8 +302,9 @@ impl Detector {
         }
         self.report_tracked();
         // A tick walks every device (offline checks). Steps follow commits, up to
-        // `1 / MIN_STEP` a second, and ticking at each of them was ~20 % of the
-        // detector's CPU at 5,000 frames/s; `tick` is the resolution it promises.
+        // `1 / MIN_STEP` a second, and ticking at each of them cost a large share
+        // of the detector's CPU (benches/README.md, "Measurements behind the
+        // code"); `tick` is the resolution it promises.
         // (Half a tick: the idle loop sleeps exactly `tick`, and the wall clock
         // read after it must not just miss the gate.)
         if caught_up && now_ms.saturating_sub(self.wall_tick) >= self.tick_ms / 2 {

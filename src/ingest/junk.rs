@@ -1,6 +1,7 @@
 //! Junk coalescing (issue 18): a stream of `#` is cut into 1-2 byte junk items,
-//! and one ~380-byte record per item turned 3.2 MB of input into 1.25 GB of
-//! log. Bad input is still data (every junk byte is stored, byte-exact, in
+//! and one record (a few hundred bytes) per item grew the log by two orders of
+//! magnitude more than the input (benches/README.md, "Measurements behind the
+//! code"). Bad input is still data (every junk byte is stored, byte-exact, in
 //! order), but consecutive junk items of a session become one record: a *junk
 //! run* that ends when a frame arrives, when the connection ends, or when it
 //! holds `[server] junk_record_bytes`. Its document keeps one finding per

@@ -29,8 +29,8 @@ use rusqlite::types::{Value, ValueRef};
 use rusqlite::{Connection, ErrorCode};
 
 use super::StoreError;
+use super::chain::RECORD_COLUMNS;
 use super::chain::{HASHED_COLUMNS, record_hash, row_values};
-use super::schema::RECORD_COLUMNS;
 
 /// `PRAGMA application_id` of a frame log: "HJ21" in ASCII.
 pub(crate) const APPLICATION_ID: i32 = 0x484A_3231;

@@ -9,7 +9,7 @@
 //! record. Worse, with several consumers polling, some reader was nearly always
 //! inside a read transaction, so the WAL could never restart: it grew past the
 //! auto-checkpoint size and from then on every commit paid for a checkpoint on the
-//! ack path (profiled at 5,000 frames/s: ~6 % of the gateway's CPU, on the writer).
+//! ack path (benches/README.md, "Measurements behind the code").
 //!
 //! # What it is, and is not
 //!

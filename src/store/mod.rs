@@ -107,6 +107,7 @@ mod feed;
 pub mod follower;
 mod reader;
 mod schema;
+mod verify;
 mod writer;
 
 use std::path::PathBuf;
@@ -114,7 +115,7 @@ use std::time::Duration;
 
 pub use alarms::{AlarmEventRow, AlarmFilter, AlarmRow, AlarmStore};
 pub use audit::{DeviceStats, InboundFrame, device_stats, scan_inbound_frames};
-pub use chain::{BreakReason, ChainBreak, ChainHead, ChainReport, verify_chain};
+pub use chain::ChainHead;
 pub use dead_letters::{
     DeadLetter, DeadLetterFilter, DeadLetterRow, NOT_REDRIVABLE, REASONS as DEAD_LETTER_REASONS,
     STATES as DEAD_LETTER_STATES, StartCheck, list_dead_letters, mark_redrive,
@@ -130,6 +131,7 @@ pub use reader::{Cursors, Reader, RecordFilter, Records};
 /// A log file as an earlier release left it (tests of migrations elsewhere in the crate).
 #[cfg(test)]
 pub(crate) use schema::file_at_version;
+pub use verify::{BreakReason, ChainBreak, ChainReport, verify_chain};
 pub use writer::{Store, StoreHandle, StoreStats, WriterJoin};
 
 /// Whether a record was received from a peer or sent to one.

@@ -6,7 +6,8 @@ use std::path::Path;
 use rusqlite::{Connection, Row};
 
 use super::chain::ChainHead;
-use super::schema::{self, DATA_TIME_MS, RECORD_COLUMNS};
+use super::chain::RECORD_COLUMNS;
+use super::schema::{self, DATA_TIME_MS};
 use super::{Direction, Kind, StoreError, StoredRecord, Verdict};
 
 /// Records fetched per query by [`Records`].

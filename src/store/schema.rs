@@ -17,8 +17,8 @@ pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Page cache of the write connection (negative: KiB, SQLite's convention).
 ///
 /// Not larger: SQLite scans the cache's whole hash table at the end of every
-/// commit (`pcache1TruncateUnsafe`), which with 64 MiB cost ~6 % of the gateway's
-/// CPU under load. The hot pages are few: the tails of the table and of the
+/// commit (`pcache1TruncateUnsafe`), which at 64 MiB is a visible share of the
+/// gateway's CPU under load (benches/README.md, "Measurements behind the code"). The hot pages are few: the tails of the table and of the
 /// QN-ordered retransmission index.
 const WRITER_CACHE_KIB: i64 = -16 * 1024;
 
@@ -28,10 +28,6 @@ const WRITER_CACHE_KIB: i64 = -16 * 1024;
 /// again at the checkpoint; records are ~1.3 KB with their doc. Larger pages mean
 /// fewer writes per commit for the same bytes.
 const PAGE_SIZE: i64 = 16 * 1024;
-
-/// Column list of `records` in table order (the chain's field order, `hash` last).
-pub(crate) const RECORD_COLUMNS: &str = "seq, received_at_ms, peer, session, direction, kind, raw, \
-     dialect, st, cn, mn, qn, data_time, verdict, duplicate, findings, doc, hash";
 
 /// SQL expression: the stored `data_time` (RFC 3339 with the device's offset) as UTC
 /// unix milliseconds, NULL when absent. Compared as an instant, never as text, because
@@ -152,8 +148,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // 3 -> 4: the retransmission index ordered by QN first. Ordered by MN, each of
     // N devices inserts at the end of its own MN range, so a commit of k frames dirtied
     // ~k scattered index pages, each written to the WAL, fsynced and checkpointed: more
-    // pages than the records themselves (profiled at 5,000 frames/s from 1,000
-    // devices). QNs are timestamps, so new entries of all devices land on the last few
+    // pages than the records themselves (benches/README.md, "Measurements behind
+    // the code"). QNs are timestamps, so new entries of all devices land on the last few
     // pages. Equality on all three columns serves the probe just as well.
     r#"
     DROP INDEX records_retransmission;
@@ -163,12 +159,12 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // 4 -> 5: the `verdict` CHECK as comparisons instead of an IN list. SQLite
     // evaluates a constant IN list of three or more terms by building a temporary
     // B-tree, and a CHECK runs for every row: opening and closing that B-tree was
-    // ~5 % of the gateway's CPU at 15,000 frames/s. The two forms accept exactly the
-    // same values. SQLite cannot ALTER a column's CHECK, so the stored CREATE TABLE
-    // text is edited in place, the procedure SQLite documents for removing or
-    // changing CHECK constraints ("Making Other Kinds Of Table Schema Changes",
-    // lang_altertable.html): sound because every stored row already satisfies the
-    // new expression. RESET makes this connection re-read the schema; `migrate` bumps
+    // a visible share of the gateway's CPU (benches/README.md, "Measurements behind
+    // the code"). The two forms accept exactly the same values. SQLite cannot ALTER
+    // a column's CHECK, so the stored CREATE TABLE text is edited in place, the
+    // procedure SQLite documents for removing or changing CHECK constraints ("Making
+    // Other Kinds Of Table Schema Changes", lang_altertable.html): sound because
+    // every stored row already satisfies the new expression. RESET makes this connection re-read the schema; `migrate` bumps
     // the schema cookie so other connections do too. A file whose text differs is
     // left as it is.
     r#"
@@ -480,8 +476,8 @@ pub(crate) fn open_side(path: &Path) -> Result<Connection, StoreError> {
         .map_err(StoreError::sqlite("set busy_timeout"))?;
     check_version(&conn, path)?;
     // With SQLite's default (1000 pages) every cursor or alarm commit made while the
-    // WAL is over 4 MiB ran a whole checkpoint on the consumer's thread: profiled at
-    // 5,000 frames/s that was 4 % of the gateway's CPU. The background checkpointer
+    // WAL is over 4 MiB ran a whole checkpoint on the consumer's thread
+    // (benches/README.md, "Measurements behind the code"). The background checkpointer
     // and the writer's backstop own checkpointing.
     conn.pragma_update(None, "wal_autocheckpoint", 0)
         .map_err(StoreError::sqlite("set wal_autocheckpoint"))?;

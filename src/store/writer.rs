@@ -513,9 +513,8 @@ impl Writer {
             // the commit it was batching for. Batches fill far slower than
             // `batch_delay` at any rate this box reaches, so one sleep is enough.
             // Not when a quarter of a batch is already here: the previous commit took
-            // long enough to gather one, and under saturation the linger only idled
-            // the one thread every append queues behind (up to 2 ms of a ~13 ms cycle
-            // at 18,000 frames/s, with a full batch waiting).
+            // long enough to gather one, and under saturation the linger only idles
+            // the one thread every append queues behind while a full batch waits.
             let gathered = n >= self.cfg.batch_max.div_ceil(4);
             if !lone && !gathered && !self.cfg.batch_delay.is_zero() && !closing {
                 let deadline = started + self.cfg.batch_delay;
@@ -696,12 +695,12 @@ impl Writer {
     /// every frame already copied back ("walRestartLog" in wal.c). The background
     /// pass copies the frames that existed when it began; the writer commits every
     /// few milliseconds meanwhile, so a pass almost never ends with nothing left
-    /// over. The WAL grew at ~36 MB/s at 5,000 frames/s until the writer's
-    /// auto-checkpoint backstop (16,384 pages, 256 MiB) ran a checkpoint inside a
-    /// commit, every ~7 s. Right after the acks of a batch have gone out, copying the
-    /// few frames of the commits that overlapped the pass (tens of pages) is short,
-    /// and the next batch starts the WAL over: it stays at tens of MB, and commits
-    /// over 10 ms halved (0.11-0.16 % -> 0.03-0.09 % over five pairs of runs).
+    /// over: the WAL grows until the writer's auto-checkpoint backstop (16,384
+    /// pages, 256 MiB) runs a checkpoint inside a commit, stalling acks. Right after
+    /// the acks of a batch have gone out, copying the few frames of the commits that
+    /// overlapped the pass (tens of pages) is short, and the next batch starts the
+    /// WAL over, so it stays small and slow commits are rarer (benches/README.md,
+    /// "Measurements behind the code").
     fn finish_checkpoint(&mut self) {
         let passes = self.counters.complete_passes.load(Ordering::Acquire);
         if passes == self.finished_pass {
