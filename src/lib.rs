@@ -7,8 +7,9 @@
 //! is durable. Everything downstream reads that log from its own cursor.
 //!
 //! # Layout
-//! - [`protocol`]: sans-IO HJ 212 (framing, CRC, header, CP, dialects, SM4,
-//!   findings, replies, the frame JSON schema). No I/O, no clock reads.
+//! - [`protocol`]: the workspace crate `hj212` (`crates/hj212`), sans-IO HJ 212
+//!   (framing, CRC, header, CP, dialects, SM4, findings, replies, the frame JSON
+//!   schema). No I/O, no clock reads; Cargo keeps tokio, SQLite and tracing out.
 //! - [`codec`]: the tokio-util adapter around [`protocol::framing`].
 //! - [`config`], [`registry`]: strict TOML config and the device registry.
 //! - [`server`], [`session`]: listener with limits; one task per device.
@@ -51,7 +52,9 @@ pub mod fuzzing;
 pub mod health;
 pub mod metrics;
 pub mod priority;
-pub mod protocol;
+/// The sans-IO HJ 212 crate ([`hj212`], `crates/hj212`), under the path the
+/// gateway has always used for it.
+pub use hj212 as protocol;
 pub mod proxy;
 pub mod publish;
 pub mod recency;

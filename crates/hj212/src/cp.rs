@@ -15,7 +15,7 @@
 //! field and are tolerated.
 
 use super::finding::{Finding, Severity, code};
-use super::frame::Span;
+use super::span::Span;
 
 /// How a value will be rendered in JSON.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,7 +7,7 @@
 //! key, never by position; oddities become findings.
 
 use super::finding::{Finding, Severity, code};
-use super::frame::Span;
+use super::span::Span;
 
 /// Header field positions within the data segment.
 #[derive(Debug, Clone, Default)]
