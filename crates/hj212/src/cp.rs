@@ -14,6 +14,10 @@
 //! both separate pairs. Trailing separators, empty CPs and spaces occur in the
 //! field and are tolerated.
 
+use nom::bytes::complete::{tag, take_till, take_until, take_while};
+use nom::sequence::delimited;
+use nom::{IResult, Parser};
+
 use super::finding::{Finding, Severity, code};
 use super::span::Span;
 
@@ -83,78 +87,117 @@ pub fn classify_number(v: &[u8]) -> ValueKind {
     }
 }
 
+/// nom on a complete CP area: the error carries no information because each
+/// rule either cannot fail or fails in one way its caller turns into a finding.
+/// nom types stay inside this module.
+type Res<'a, O> = IResult<&'a [u8], O, ()>;
+
+/// The separators between pairs, with the spaces around them.
+///
+/// Rule (HJ 212-2017 §6.3.3; digest §4.1):
+/// `CP = "CP=&&" [ group *( ";" group ) ] "&&"` and `group = pair *( "," pair )`.
+/// "`,` vs `;` is not used consistently … Parse both as pair separators";
+/// "trailing `;` before `&&`, a space inside `&& &&`" occur and are tolerated.
+fn separators(i: &[u8]) -> Res<'_, &[u8]> {
+    take_while(|c| matches!(c, b' ' | b';' | b','))(i)
+}
+
+/// A key, up to its `=` (or up to a separator when the `=` is missing).
+///
+/// Rule (digest §4.1): `key = name | code "-" suffix`, e.g. `DataTime`,
+/// `w01018-Rtd`, `SB1-RS`, `i11001-Info`; values cannot contain `;` `,` `=`.
+fn key(i: &[u8]) -> Res<'_, &[u8]> {
+    take_till(|c| matches!(c, b'=' | b';' | b','))(i)
+}
+
+/// Rule (digest §4.1): `pair = key "=" value` ("`=` joins name and value").
+fn equals(i: &[u8]) -> Res<'_, &[u8]> {
+    tag("=")(i)
+}
+
+/// A plain value: up to the next separator.
+///
+/// Rule (digest §4.1): "There is no escaping mechanism. Values cannot contain
+/// `;` `,` `=` or `&&`."
+fn value(i: &[u8]) -> Res<'_, &[u8]> {
+    take_till(|c| c == b';' || c == b',')(i)
+}
+
+/// Log text: the one free-text value, which may contain `;` and `,`.
+///
+/// Rule (HJ 212-2017 C.40 note 3; digest §4.1): "The only free text is log
+/// info, which must be enclosed in `//…//` … after `=//` scan to the closing
+/// `//` before splitting on `;`/`,`."
+fn info(i: &[u8]) -> Res<'_, &[u8]> {
+    delimited(tag("//"), take_until("//"), tag("//")).parse(i)
+}
+
 /// Parses the pairs of `seg[start..end]` (the bytes between `CP=&&` and `&&`).
 ///
-/// One pass over the bytes: tokens are short (10-20 bytes), where a byte loop
-/// beats per-token `memchr` calls; only `//…//` info text uses a searcher.
+/// Tokens are short (10-20 bytes); the key rule's scan is the only pass over a
+/// key's bytes besides one loop that hashes it and finds its first `-`.
 pub fn parse(seg: &[u8], start: usize, end: usize, findings: &mut Vec<Finding>) -> Vec<Pair> {
     let mut pairs = Vec::with_capacity((end - start) / 12 + 1);
     // A 256-bit Bloom filter (two bits per key) keeps duplicate detection
     // linear: only a probable repeat pays for a scan of earlier keys.
     let mut seen = [0u64; 4];
-    let mut pos = start;
-    'tokens: while pos < end {
-        while pos < end && matches!(seg[pos], b' ' | b';' | b',') {
-            pos += 1;
-        }
-        if pos >= end {
+    let at = |rest: &[u8]| end - rest.len();
+    let mut input = &seg[start..end];
+    // `separators`, `key` and `value` take zero or more bytes: they cannot
+    // fail, hence the `else { break }` arms that never run.
+    while let Ok((i, _)) = separators(input) {
+        if i.is_empty() {
             break;
         }
-        let tok = pos;
+        let tok = at(i);
+        let Ok((after_key, raw_key)) = key(i) else {
+            break;
+        };
+        let Ok((v_in, _)) = equals(after_key) else {
+            findings.push(token_without_eq(raw_key));
+            match after_key.split_first() {
+                Some((_, next)) => input = next,
+                None => break,
+            }
+            continue;
+        };
+        let eq = tok + raw_key.len();
         let mut dash = None;
         let mut h = 0xcbf2_9ce4_8422_2325u64;
-        let eq = loop {
-            if pos >= end {
-                findings.push(token_without_eq(&seg[tok..end]));
-                break 'tokens;
+        for (k, &c) in raw_key.iter().enumerate() {
+            if c == b'-' && dash.is_none() {
+                dash = Some(tok + k);
             }
-            match seg[pos] {
-                b'=' => break pos,
-                b';' | b',' => {
-                    findings.push(token_without_eq(&seg[tok..pos]));
-                    pos += 1;
-                    continue 'tokens;
-                }
-                c => {
-                    if c == b'-' && dash.is_none() {
-                        dash = Some(pos);
-                    }
-                    // rotate-xor: one cycle per byte, off the multiply latency chain.
-                    h = h.rotate_left(5) ^ c as u64;
-                }
-            }
-            pos += 1;
-        };
+            // rotate-xor: one cycle per byte, off the multiply latency chain.
+            h = h.rotate_left(5) ^ c as u64;
+        }
         let mut key_end = eq;
         while key_end > tok && seg[key_end - 1] == b' ' {
             key_end -= 1;
         }
         let key = Span::new(tok, key_end);
-        let info = seg[eq + 1..end].starts_with(b"//");
-        let value = if info {
-            // Info text: may contain ';' and ','; ends at the closing "//".
+        let is_info = v_in.starts_with(b"//");
+        let value = if is_info {
             let body = eq + 3;
-            match memchr::memmem::find(&seg[body..end], b"//") {
-                Some(i) => {
-                    pos = body + i + 2;
-                    Span::new(body, body + i)
+            match info(v_in) {
+                Ok((next, text)) => {
+                    input = next;
+                    Span::new(body, body + text.len())
                 }
-                None => {
+                Err(_) => {
                     findings.push(Finding::new(
                         code::CP_SYNTAX,
                         Severity::Warning,
                         "info text '//' not closed",
                     ));
-                    pos = end;
+                    input = &[];
                     Span::new(body, end)
                 }
             }
         } else {
-            pos = eq + 1;
-            while pos < end && seg[pos] != b';' && seg[pos] != b',' {
-                pos += 1;
-            }
-            let mut v_end = pos;
+            let Ok((next, text)) = value(v_in) else { break };
+            input = next;
+            let mut v_end = eq + 1 + text.len();
             while v_end > eq + 1 && seg[v_end - 1] == b' ' {
                 v_end -= 1;
             }
@@ -194,7 +237,7 @@ pub fn parse(seg: &[u8], start: usize, end: usize, findings: &mut Vec<Finding>) 
             _ => (None, None),
         };
         let kind = match suffix {
-            Some(s) if !info && !text_suffix(&seg[s.range()]) => {
+            Some(s) if !is_info && !text_suffix(&seg[s.range()]) => {
                 classify_number(&seg[value.range()])
             }
             _ => ValueKind::Text,

@@ -6,6 +6,11 @@
 //! write `FLAG=`, repeat keys and leave stray separators, so parsing is by
 //! key, never by position; oddities become findings.
 
+use nom::bytes::complete::{tag, take_till, take_while};
+use nom::combinator::rest;
+use nom::sequence::separated_pair;
+use nom::{IResult, Parser};
+
 use super::finding::{Finding, Severity, code};
 use super::span::Span;
 
@@ -79,109 +84,178 @@ fn find_from(seg: &[u8], needle: &[u8]) -> Option<usize> {
     None
 }
 
+/// nom on a complete segment: nothing is streamed, and the error carries no
+/// information because every rule below either cannot fail or fails in one way
+/// that its caller turns into a finding. nom types stay inside this module.
+type Res<'a, O> = IResult<&'a [u8], O, ()>;
+
+/// The header's field separator.
+///
+/// Rule (HJ 212-2017 Table 3, digest §3.1): "Fields are separated by `;`".
+fn separator(i: &[u8]) -> Res<'_, &[u8]> {
+    tag(";")(i)
+}
+
+/// One header token: everything up to the next separator.
+///
+/// Rule (digest §3.1, §7): the data segment is
+/// `QN=…;ST=…;CN=…;PW=…;MN=…;Flag=…;[PNUM=…;PNO=…;]CP=&&…&&`; 2025 adds
+/// `[RF=1;]` before CP (HJ 212-2025 Fig. 4). Real devices reorder fields, so
+/// "parse the header as `key=value` tokens until `CP=`".
+fn token(i: &[u8]) -> Res<'_, &[u8]> {
+    take_till(|c| c == b';')(i)
+}
+
+/// Leading junk of a token: spaces, and the stray commas of `;,MN=` seen in the
+/// field (the standard's own C.22 writes `QN=…534,ST=`). Not in the standard.
+fn padding(i: &[u8]) -> Res<'_, &[u8]> {
+    take_while(|c| c == b' ' || c == b',')(i)
+}
+
+/// A field: `key "=" value`, split at the first `=`.
+///
+/// Rule (HJ 212-2017 Table 3): each field is written `name=value`, e.g.
+/// `QN=20160801085857223`, `Flag=5`; header values contain no `=`.
+fn field(i: &[u8]) -> Res<'_, (&[u8], &[u8])> {
+    separated_pair(take_till(|c| c == b'='), tag("="), rest).parse(i)
+}
+
 /// Parses header tokens in `seg[..end]`.
 pub fn parse(seg: &[u8], end: usize, findings: &mut Vec<Finding>) -> Header {
     let mut h = Header::default();
-    let mut pos = 0usize;
-    while pos < end {
-        let tok_end = memchr::memchr(b';', &seg[pos..end]).map_or(end, |i| pos + i);
-        let mut start = pos;
-        pos = tok_end + 1;
-        // Trim spaces and stray commas (`;,MN=` seen in the field).
-        while start < tok_end && matches!(seg[start], b' ' | b',') {
-            if seg[start] == b',' {
-                findings.push(Finding::new(
-                    code::HEADER_SYNTAX,
-                    Severity::Warning,
-                    "stray ',' in header",
-                ));
-            }
-            start += 1;
+    let mut input = &seg[..end];
+    loop {
+        let at = end - input.len();
+        // `token` takes zero or more bytes: it cannot fail.
+        let Ok((after, tok)) = token(input) else {
+            return h;
+        };
+        let terminated = separator(after).ok().map(|(next, _)| next);
+        parse_token(at, tok, terminated.is_some(), &mut h, findings);
+        match terminated {
+            Some(next) => input = next,
+            None => return h,
         }
-        let mut stop = tok_end;
-        while stop > start && seg[stop - 1] == b' ' {
-            stop -= 1;
-        }
-        if start == stop {
-            if tok_end < end {
-                findings.push(Finding::new(
-                    code::HEADER_SYNTAX,
-                    Severity::Info,
-                    "empty header token",
-                ));
-            }
-            continue;
-        }
-        let Some(eq) = memchr::memchr(b'=', &seg[start..stop]).map(|i| start + i) else {
+    }
+}
+
+/// Records one token found at offset `at` of the segment into `h`. `terminated`: a `;`
+/// follows it (an empty token is only worth a finding then).
+fn parse_token(
+    at: usize,
+    tok: &[u8],
+    terminated: bool,
+    h: &mut Header,
+    findings: &mut Vec<Finding>,
+) {
+    // `padding` takes zero or more bytes: it cannot fail.
+    let Ok((body, pad)) = padding(tok) else {
+        return;
+    };
+    for _ in pad.iter().filter(|&&c| c == b',') {
+        findings.push(Finding::new(
+            code::HEADER_SYNTAX,
+            Severity::Warning,
+            "stray ',' in header",
+        ));
+    }
+    let start = at + pad.len();
+    let body = trim_end_spaces(body);
+    if body.is_empty() {
+        if terminated {
             findings.push(Finding::new(
                 code::HEADER_SYNTAX,
-                Severity::Warning,
-                format!(
-                    "header token without '=': {:?}",
-                    String::from_utf8_lossy(&seg[start..stop])
-                ),
-            ));
-            continue;
-        };
-        let key = &seg[start..eq];
-        let value = Span::new(eq + 1, stop);
-        let slot = match key {
-            b"QN" => &mut h.qn,
-            b"ST" => &mut h.st,
-            b"CN" => &mut h.cn,
-            b"PW" => &mut h.pw,
-            b"MN" => &mut h.mn,
-            b"Flag" => &mut h.flag,
-            b"PNUM" => &mut h.pnum,
-            b"PNO" => &mut h.pno,
-            b"RF" => &mut h.rf,
-            other => {
-                let canon: Option<&mut Option<Span>> = match other.to_ascii_uppercase().as_slice() {
-                    b"QN" => Some(&mut h.qn),
-                    b"ST" => Some(&mut h.st),
-                    b"CN" => Some(&mut h.cn),
-                    b"PW" => Some(&mut h.pw),
-                    b"MN" => Some(&mut h.mn),
-                    b"FLAG" => Some(&mut h.flag),
-                    b"PNUM" => Some(&mut h.pnum),
-                    b"PNO" => Some(&mut h.pno),
-                    b"RF" => Some(&mut h.rf),
-                    _ => None,
-                };
-                let name = String::from_utf8_lossy(other).into_owned();
-                match canon {
-                    Some(slot) => {
-                        findings.push(Finding::new(
-                            code::FIELD_CASE,
-                            Severity::Info,
-                            format!("header key {name:?} in non-standard case"),
-                        ));
-                        slot
-                    }
-                    None => {
-                        findings.push(Finding::new(
-                            code::FIELD_UNKNOWN,
-                            Severity::Info,
-                            format!("unknown header key {name:?}"),
-                        ));
-                        continue;
-                    }
-                }
-            }
-        };
-        if slot.is_some() {
-            findings.push(Finding::new(
-                code::FIELD_DUPLICATE,
-                Severity::Warning,
-                format!(
-                    "header key {:?} repeated; the last value wins",
-                    String::from_utf8_lossy(key)
-                ),
+                Severity::Info,
+                "empty header token",
             ));
         }
-        *slot = Some(value);
+        return;
     }
-    h
+    let Ok((_, (key, value))) = field(body) else {
+        findings.push(Finding::new(
+            code::HEADER_SYNTAX,
+            Severity::Warning,
+            format!(
+                "header token without '=': {:?}",
+                String::from_utf8_lossy(body)
+            ),
+        ));
+        return;
+    };
+    let value_start = start + key.len() + 1;
+    let value = Span::new(value_start, value_start + value.len());
+    let Some(slot) = slot(h, key, findings) else {
+        return;
+    };
+    if slot.is_some() {
+        findings.push(Finding::new(
+            code::FIELD_DUPLICATE,
+            Severity::Warning,
+            format!(
+                "header key {:?} repeated; the last value wins",
+                String::from_utf8_lossy(key)
+            ),
+        ));
+    }
+    *slot = Some(value);
+}
+
+/// `b` without trailing spaces (only spaces: the standard knows no tabs).
+fn trim_end_spaces(b: &[u8]) -> &[u8] {
+    let keep = b.iter().rposition(|&c| c != b' ').map_or(0, |i| i + 1);
+    &b[..keep]
+}
+
+/// The field of `h` that `key` names, matched exactly first and then ignoring
+/// case (`FLAG=` is common) with a finding; `None` for an unknown key.
+fn slot<'h>(
+    h: &'h mut Header,
+    key: &[u8],
+    findings: &mut Vec<Finding>,
+) -> Option<&'h mut Option<Span>> {
+    match key {
+        b"QN" => return Some(&mut h.qn),
+        b"ST" => return Some(&mut h.st),
+        b"CN" => return Some(&mut h.cn),
+        b"PW" => return Some(&mut h.pw),
+        b"MN" => return Some(&mut h.mn),
+        b"Flag" => return Some(&mut h.flag),
+        b"PNUM" => return Some(&mut h.pnum),
+        b"PNO" => return Some(&mut h.pno),
+        b"RF" => return Some(&mut h.rf),
+        _ => {}
+    }
+    let canon = match key.to_ascii_uppercase().as_slice() {
+        b"QN" => Some(&mut h.qn),
+        b"ST" => Some(&mut h.st),
+        b"CN" => Some(&mut h.cn),
+        b"PW" => Some(&mut h.pw),
+        b"MN" => Some(&mut h.mn),
+        b"FLAG" => Some(&mut h.flag),
+        b"PNUM" => Some(&mut h.pnum),
+        b"PNO" => Some(&mut h.pno),
+        b"RF" => Some(&mut h.rf),
+        _ => None,
+    };
+    let name = String::from_utf8_lossy(key);
+    match canon {
+        Some(slot) => {
+            findings.push(Finding::new(
+                code::FIELD_CASE,
+                Severity::Info,
+                format!("header key {name:?} in non-standard case"),
+            ));
+            Some(slot)
+        }
+        None => {
+            findings.push(Finding::new(
+                code::FIELD_UNKNOWN,
+                Severity::Info,
+                format!("unknown header key {name:?}"),
+            ));
+            None
+        }
+    }
 }
 
 #[cfg(test)]
