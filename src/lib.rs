@@ -54,7 +54,23 @@ pub mod metrics;
 pub mod priority;
 /// The sans-IO HJ 212 crate ([`hj212`], `crates/hj212`), under the path the
 /// gateway has always used for it.
-pub use hj212 as protocol;
+pub mod protocol {
+    pub use hj212::*;
+
+    /// The raw bytes of every frame in `fixtures/frames.jsonl`, for the
+    /// gateway's unit tests that run a property over the real corpus.
+    #[cfg(test)]
+    pub(crate) fn fixture_frames() -> Vec<Vec<u8>> {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/frames.jsonl");
+        let text = std::fs::read_to_string(path).expect("fixtures/frames.jsonl");
+        text.lines()
+            .map(|line| {
+                let v: serde_json::Value = serde_json::from_str(line).expect("json line");
+                v["frame"].as_str().expect("frame").as_bytes().to_vec()
+            })
+            .collect()
+    }
+}
 pub mod proxy;
 pub mod publish;
 pub mod recency;

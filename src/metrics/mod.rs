@@ -958,7 +958,7 @@ mod tests {
 
     #[test]
     fn finding_table_covers_every_code_and_is_sorted() {
-        let mut all = consts(include_str!("../protocol/finding.rs"));
+        let mut all = consts(include_str!("../../crates/hj212/src/finding.rs"));
         let session = include_str!("../session.rs");
         let policy = &session[session.find("pub mod code").expect("session::code")..];
         all.extend(consts(&policy[..policy.find("\n}").expect("end of mod")]));
