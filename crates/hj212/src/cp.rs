@@ -134,9 +134,158 @@ fn info(i: &[u8]) -> Res<'_, &[u8]> {
 
 /// Parses the pairs of `seg[start..end]` (the bytes between `CP=&&` and `&&`).
 ///
-/// Tokens are short (10-20 bytes); the key rule's scan is the only pass over a
-/// key's bytes besides one loop that hashes it and finds its first `-`.
+/// The hot path of decoding, so it is not written with the nom rules above but
+/// walks the bytes once, doing in that walk what the rules do in turn: the
+/// `separators` skip, the `key` scan (hashing the key and finding its first
+/// `-` as it goes), `equals`, and the `value` or `info` rule. Built from the
+/// rules ([`parse_grammar`]) the same scan is measurably slower (a second pass
+/// over every key for the hash and the dash; see `benches/README.md`, issue
+/// 19), so the rules are the specification and this loop the implementation;
+/// a unit test holds the two to identical pairs and findings.
 pub fn parse(seg: &[u8], start: usize, end: usize, findings: &mut Vec<Finding>) -> Vec<Pair> {
+    let mut pairs = Vec::with_capacity((end - start) / 12 + 1);
+    // A 256-bit Bloom filter (two bits per key) keeps duplicate detection
+    // linear: only a probable repeat pays for a scan of earlier keys.
+    let mut seen = [0u64; 4];
+    let mut pos = start;
+    'tokens: while pos < end {
+        while pos < end && matches!(seg[pos], b' ' | b';' | b',') {
+            pos += 1;
+        }
+        if pos >= end {
+            break;
+        }
+        let tok = pos;
+        let mut dash = None;
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        let eq = loop {
+            if pos >= end {
+                findings.push(token_without_eq(&seg[tok..end]));
+                break 'tokens;
+            }
+            match seg[pos] {
+                b'=' => break pos,
+                b';' | b',' => {
+                    findings.push(token_without_eq(&seg[tok..pos]));
+                    pos += 1;
+                    continue 'tokens;
+                }
+                c => {
+                    if c == b'-' && dash.is_none() {
+                        dash = Some(pos);
+                    }
+                    // rotate-xor: one cycle per byte, off the multiply latency chain.
+                    h = h.rotate_left(5) ^ c as u64;
+                }
+            }
+            pos += 1;
+        };
+        let mut key_end = eq;
+        while key_end > tok && seg[key_end - 1] == b' ' {
+            key_end -= 1;
+        }
+        let key = Span::new(tok, key_end);
+        let info = seg[eq + 1..end].starts_with(b"//");
+        let value = if info {
+            // Info text: may contain ';' and ','; ends at the closing "//".
+            let body = eq + 3;
+            match memchr::memmem::find(&seg[body..end], b"//") {
+                Some(i) => {
+                    pos = body + i + 2;
+                    Span::new(body, body + i)
+                }
+                None => {
+                    findings.push(Finding::new(
+                        code::CP_SYNTAX,
+                        Severity::Warning,
+                        "info text '//' not closed",
+                    ));
+                    pos = end;
+                    Span::new(body, end)
+                }
+            }
+        } else {
+            pos = eq + 1;
+            while pos < end && seg[pos] != b';' && seg[pos] != b',' {
+                pos += 1;
+            }
+            let mut v_end = pos;
+            while v_end > eq + 1 && seg[v_end - 1] == b' ' {
+                v_end -= 1;
+            }
+            Span::new(eq + 1, v_end)
+        };
+        let kb = &seg[key.range()];
+        if kb.is_empty() {
+            findings.push(Finding::new(
+                code::CP_SYNTAX,
+                Severity::Warning,
+                "empty CP key",
+            ));
+            continue;
+        }
+        let h = h.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let (b1, b2) = ((h >> 56) as usize, ((h >> 48) & 255) as usize);
+        let probable =
+            seen[b1 >> 6] & (1 << (b1 & 63)) != 0 && seen[b2 >> 6] & (1 << (b2 & 63)) != 0;
+        if probable && pairs.iter().any(|p: &Pair| &seg[p.key.range()] == kb) {
+            findings.push(Finding::new(
+                code::CP_DUPLICATE,
+                Severity::Warning,
+                format!(
+                    "CP key {:?} repeated; the last value wins",
+                    String::from_utf8_lossy(kb)
+                ),
+            ));
+        }
+        seen[b1 >> 6] |= 1 << (b1 & 63);
+        seen[b2 >> 6] |= 1 << (b2 & 63);
+        // Split at the FIRST '-': standard suffixes never contain '-', and a
+        // key like `a21026-i22004-Info` is factor a21026, item `i22004-Info`.
+        let (code_span, suffix) = match dash {
+            Some(d) if d > tok && d + 1 < key_end => {
+                (Some(Span::new(tok, d)), Some(Span::new(d + 1, key_end)))
+            }
+            _ => (None, None),
+        };
+        let kind = match suffix {
+            Some(s) if !info && !text_suffix(&seg[s.range()]) => {
+                classify_number(&seg[value.range()])
+            }
+            _ => ValueKind::Text,
+        };
+        if kind == ValueKind::LooseNumber {
+            findings.push(Finding::new(
+                code::VALUE_FORMAT,
+                Severity::Info,
+                format!(
+                    "{}={} is not a plain decimal; normalised",
+                    String::from_utf8_lossy(kb),
+                    String::from_utf8_lossy(&seg[value.range()])
+                ),
+            ));
+        }
+        pairs.push(Pair {
+            key,
+            code: code_span,
+            suffix,
+            value,
+            kind,
+        });
+    }
+    pairs
+}
+
+/// [`parse`] written with the grammar rules: the same pairs and findings
+/// (unit-tested), slower. The executable form of the grammar, for tests and
+/// benches.
+#[doc(hidden)]
+pub fn parse_grammar(
+    seg: &[u8],
+    start: usize,
+    end: usize,
+    findings: &mut Vec<Finding>,
+) -> Vec<Pair> {
     let mut pairs = Vec::with_capacity((end - start) / 12 + 1);
     // A 256-bit Bloom filter (two bits per key) keeps duplicate detection
     // linear: only a probable repeat pays for a scan of earlier keys.
@@ -319,6 +468,49 @@ mod tests {
         assert_eq!(classify_number(b""), ValueKind::Text);
         assert_eq!(classify_number(b"-"), ValueKind::Text);
         assert_eq!(classify_number(b"1e5"), ValueKind::Text);
+    }
+
+    /// The fast path and the grammar agree on pairs and findings: on every
+    /// CP area of the fixtures, and on byte-mutated slices of them that hit the
+    /// grammar's corners (missing `=`, empty keys, unclosed `//`, repeats).
+    #[test]
+    fn fast_path_matches_grammar() {
+        fn both(seg: &[u8], start: usize, end: usize) {
+            let (mut f1, mut f2) = (Vec::new(), Vec::new());
+            let fast = parse(seg, start, end, &mut f1);
+            let spec = parse_grammar(seg, start, end, &mut f2);
+            assert_eq!(
+                (format!("{fast:?}"), format!("{f1:?}")),
+                (format!("{spec:?}"), format!("{f2:?}")),
+                "{:?}",
+                String::from_utf8_lossy(&seg[start..end])
+            );
+        }
+        let alphabet = b"==;;,, //-aA0.+&\xe6";
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut rng = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as usize
+        };
+        for frame in crate::fixture_frames() {
+            let Some(body) = memchr::memmem::find(&frame, b"CP=&&").map(|i| i + 5) else {
+                continue;
+            };
+            let end = memchr::memmem::rfind(&frame, b"&&").filter(|&e| e >= body);
+            both(&frame, body, end.unwrap_or(body));
+            for _ in 0..100 {
+                let mut seg = frame.clone();
+                for _ in 0..1 + rng() % 6 {
+                    let at = rng() % seg.len();
+                    seg[at] = alphabet[rng() % alphabet.len()];
+                }
+                let start = rng() % (seg.len() + 1);
+                let end = start + rng() % (seg.len() - start + 1);
+                both(&seg, start, end);
+            }
+        }
     }
 
     #[test]
