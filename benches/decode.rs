@@ -157,7 +157,7 @@ fn main() {
             out.push(t.elapsed().as_secs_f64() * 1e9 / (200 * areas.len()) as f64);
         }
     }
-    for (name, v) in [("fast path", &mut ns[0]), ("nom rules", &mut ns[1])] {
+    for (name, mut v) in ["fast path", "nom rules"].into_iter().zip(ns) {
         v.sort_by(f64::total_cmp);
         println!(
             "CP scan, {name}    {:8.0} ns per CP area (median of {})",
