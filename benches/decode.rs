@@ -1,7 +1,8 @@
 //! Full decode throughput on one core (framing, envelope, CRC, header, CP,
 //! dialect, field and timestamp validation) over realistic frames from the
 //! fixtures (2017 flue gas and waste water, 2005, long history records).
-//! Also measures the JSON document built per frame at ingest.
+//! Also measures the JSON document built per frame at ingest, and the CP scan
+//! against the same scan built from the nom grammar rules.
 //!
 //! Run: `cargo bench --bench decode`
 
@@ -9,7 +10,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use hj212_gateway::protocol::framing::{self, Cut, FramerConfig};
-use hj212_gateway::protocol::{self, Options, json};
+use hj212_gateway::protocol::{self, Options, cp, json};
 
 fn corpus() -> Vec<Vec<u8>> {
     let text = std::fs::read_to_string(concat!(
@@ -125,4 +126,43 @@ fn main() {
         bytes as f64 / dt / 1e6,
         n as f64 / dt
     );
+    // The CP scan alone: the hand-written fast path and the nom rules,
+    // interleaved so that machine load hits both alike.
+    let areas: Vec<(&[u8], usize, usize)> = frames
+        .iter()
+        .filter_map(|f| {
+            let body = f.windows(5).position(|w| w == b"CP=&&")? + 5;
+            let end = f
+                .windows(2)
+                .rposition(|w| w == b"&&")
+                .filter(|&e| e >= body)?;
+            Some((f.as_slice(), body, end))
+        })
+        .collect();
+    let mut ns = [Vec::new(), Vec::new()];
+    for _ in 0..15 {
+        for (which, out) in ns.iter_mut().enumerate() {
+            let t = Instant::now();
+            for _ in 0..200 {
+                for &(seg, start, end) in &areas {
+                    let mut findings = Vec::new();
+                    let pairs = if which == 0 {
+                        cp::parse(seg, start, end, &mut findings)
+                    } else {
+                        cp::parse_grammar(seg, start, end, &mut findings)
+                    };
+                    std::hint::black_box((pairs, findings));
+                }
+            }
+            out.push(t.elapsed().as_secs_f64() * 1e9 / (200 * areas.len()) as f64);
+        }
+    }
+    for (name, mut v) in ["fast path", "nom rules"].into_iter().zip(ns) {
+        v.sort_by(f64::total_cmp);
+        println!(
+            "CP scan, {name}    {:8.0} ns per CP area (median of {})",
+            v[v.len() / 2],
+            v.len()
+        );
+    }
 }

@@ -7,8 +7,9 @@
 //! is durable. Everything downstream reads that log from its own cursor.
 //!
 //! # Layout
-//! - [`protocol`]: sans-IO HJ 212 (framing, CRC, header, CP, dialects, SM4,
-//!   findings, replies, the frame JSON schema). No I/O, no clock reads.
+//! - [`protocol`]: the workspace crate `hj212` (`crates/hj212`), sans-IO HJ 212
+//!   (framing, CRC, header, CP, dialects, SM4, findings, replies, the frame JSON
+//!   schema). No I/O, no clock reads; Cargo keeps tokio, SQLite and tracing out.
 //! - [`codec`]: the tokio-util adapter around [`protocol::framing`].
 //! - [`config`], [`registry`]: strict TOML config and the device registry.
 //! - [`app`]: what every task shares (config, registry, store handle, MN
@@ -59,7 +60,25 @@ pub mod health;
 pub mod ingest;
 pub mod metrics;
 pub mod priority;
-pub mod protocol;
+/// The sans-IO HJ 212 crate ([`hj212`], `crates/hj212`), under the path the
+/// gateway has always used for it.
+pub mod protocol {
+    pub use hj212::*;
+
+    /// The raw bytes of every frame in `fixtures/frames.jsonl`, for the
+    /// gateway's unit tests that run a property over the real corpus.
+    #[cfg(test)]
+    pub(crate) fn fixture_frames() -> Vec<Vec<u8>> {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/frames.jsonl");
+        let text = std::fs::read_to_string(path).expect("fixtures/frames.jsonl");
+        text.lines()
+            .map(|line| {
+                let v: serde_json::Value = serde_json::from_str(line).expect("json line");
+                v["frame"].as_str().expect("frame").as_bytes().to_vec()
+            })
+            .collect()
+    }
+}
 pub mod proxy;
 pub mod publish;
 pub mod recency;

@@ -22,8 +22,9 @@ use super::crc;
 use super::crypt::{self, Key};
 use super::dialect::Dialect;
 use super::finding::{Finding, Severity, code as fcode};
-use super::frame::{CrcCheck, Ending, Frame, Options, Span, decode};
+use super::frame::{CrcCheck, Ending, Frame, Options, decode};
 use super::header::Header;
+use super::span::Span;
 
 /// Wraps a data segment in the envelope: `##`, 4-digit length, CRC, CR LF.
 pub fn envelope(segment: &[u8]) -> Bytes {
@@ -464,7 +465,7 @@ pub fn request_encrypted(t: Target<'_>, qn: &str, cn: u16, cp: &str, key: &Key) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::frame::{Options, decode};
+    use crate::frame::{Options, decode};
     use chrono::TimeZone;
 
     fn dec(b: &[u8]) -> Frame {
@@ -525,9 +526,12 @@ mod tests {
         let f = dec(&a);
         assert_eq!(f.cn(), Some("9014"));
         assert!(!f.has_error(), "{:?}", f.findings);
-        assert!(f.findings.iter().any(|x| x.code
-            == crate::protocol::finding::code::FIELD_MISSING_MN
-            && x.severity == crate::protocol::finding::Severity::Info));
+        assert!(
+            f.findings
+                .iter()
+                .any(|x| x.code == crate::finding::code::FIELD_MISSING_MN
+                    && x.severity == crate::finding::Severity::Info)
+        );
     }
 
     #[test]
@@ -652,14 +656,10 @@ mod tests {
             "CP must be encrypted"
         );
         let now = chrono::Utc.with_ymd_and_hms(2024, 6, 1, 1, 0, 0).unwrap();
-        let f = decode(
-            bytes,
-            &Options::new(now),
-            &crate::protocol::ExampleKeyLookup,
-        );
+        let f = decode(bytes, &Options::new(now), &crate::ExampleKeyLookup);
         assert!(!f.has_error(), "{:?}", f.findings);
         assert_eq!(f.param("NewSK"), Some("0123456789ABCDEF"));
-        let doc = crate::protocol::json::frame_doc(&f);
+        let doc = crate::json::frame_doc(&f);
         assert!(
             doc.contains(r#""NewSK":"<redacted>""#) && !doc.contains("0123456789ABCDEF"),
             "{doc}"

@@ -598,7 +598,7 @@ mod reference {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Options, decode};
+    use crate::{Options, decode};
     use bytes::Bytes;
     use chrono::TimeZone;
 
@@ -618,7 +618,7 @@ mod tests {
                 String::from_utf8_lossy(&f.raw)
             );
         };
-        let corpus = crate::protocol::fixture_frames();
+        let corpus = crate::fixture_frames();
         assert!(corpus.len() > 50, "{} fixtures", corpus.len());
         for raw in corpus {
             check(raw);
@@ -657,7 +657,7 @@ mod tests {
                 b"QN=20260601080000000;ST=22;CN=2011;PW=123456;MN=MN1;Flag=4;CP=&&".to_vec();
             body.extend_from_slice(&cp);
             body.extend_from_slice(b"&&");
-            let crc = crate::protocol::crc::format_hex4(crate::protocol::crc::hj212(&body));
+            let crc = crate::crc::format_hex4(crate::crc::hj212(&body));
             let mut raw = format!("##{:04}", body.len()).into_bytes();
             raw.extend_from_slice(&body);
             raw.extend_from_slice(&crc);

@@ -14,8 +14,12 @@
 //! both separate pairs. Trailing separators, empty CPs and spaces occur in the
 //! field and are tolerated.
 
+use nom::bytes::complete::{tag, take_till, take_until, take_while};
+use nom::sequence::delimited;
+use nom::{IResult, Parser};
+
 use super::finding::{Finding, Severity, code};
-use super::frame::Span;
+use super::span::Span;
 
 /// How a value will be rendered in JSON.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,10 +87,61 @@ pub fn classify_number(v: &[u8]) -> ValueKind {
     }
 }
 
+/// nom on a complete CP area: the error carries no information because each
+/// rule either cannot fail or fails in one way its caller turns into a finding.
+/// nom types stay inside this module.
+type Res<'a, O> = IResult<&'a [u8], O, ()>;
+
+/// The separators between pairs, with the spaces around them.
+///
+/// Rule (HJ 212-2017 §6.3.3; digest §4.1):
+/// `CP = "CP=&&" [ group *( ";" group ) ] "&&"` and `group = pair *( "," pair )`.
+/// "`,` vs `;` is not used consistently … Parse both as pair separators";
+/// "trailing `;` before `&&`, a space inside `&& &&`" occur and are tolerated.
+fn separators(i: &[u8]) -> Res<'_, &[u8]> {
+    take_while(|c| matches!(c, b' ' | b';' | b','))(i)
+}
+
+/// A key, up to its `=` (or up to a separator when the `=` is missing).
+///
+/// Rule (digest §4.1): `key = name | code "-" suffix`, e.g. `DataTime`,
+/// `w01018-Rtd`, `SB1-RS`, `i11001-Info`; values cannot contain `;` `,` `=`.
+fn key(i: &[u8]) -> Res<'_, &[u8]> {
+    take_till(|c| matches!(c, b'=' | b';' | b','))(i)
+}
+
+/// Rule (digest §4.1): `pair = key "=" value` ("`=` joins name and value").
+fn equals(i: &[u8]) -> Res<'_, &[u8]> {
+    tag("=")(i)
+}
+
+/// A plain value: up to the next separator.
+///
+/// Rule (digest §4.1): "There is no escaping mechanism. Values cannot contain
+/// `;` `,` `=` or `&&`."
+fn value(i: &[u8]) -> Res<'_, &[u8]> {
+    take_till(|c| c == b';' || c == b',')(i)
+}
+
+/// Log text: the one free-text value, which may contain `;` and `,`.
+///
+/// Rule (HJ 212-2017 C.40 note 3; digest §4.1): "The only free text is log
+/// info, which must be enclosed in `//…//` … after `=//` scan to the closing
+/// `//` before splitting on `;`/`,`."
+fn info(i: &[u8]) -> Res<'_, &[u8]> {
+    delimited(tag("//"), take_until("//"), tag("//")).parse(i)
+}
+
 /// Parses the pairs of `seg[start..end]` (the bytes between `CP=&&` and `&&`).
 ///
-/// One pass over the bytes: tokens are short (10-20 bytes), where a byte loop
-/// beats per-token `memchr` calls; only `//…//` info text uses a searcher.
+/// The hot path of decoding, so it is not written with the nom rules above but
+/// walks the bytes once, doing in that walk what the rules do in turn: the
+/// `separators` skip, the `key` scan (hashing the key and finding its first
+/// `-` as it goes), `equals`, and the `value` or `info` rule. Built from the
+/// rules ([`parse_grammar`]) the same scan is measurably slower (a second pass
+/// over every key for the hash and the dash; see `benches/README.md`, issue
+/// 19), so the rules are the specification and this loop the implementation;
+/// a unit test holds the two to identical pairs and findings.
 pub fn parse(seg: &[u8], start: usize, end: usize, findings: &mut Vec<Finding>) -> Vec<Pair> {
     let mut pairs = Vec::with_capacity((end - start) / 12 + 1);
     // A 256-bit Bloom filter (two bits per key) keeps duplicate detection
@@ -221,6 +276,143 @@ pub fn parse(seg: &[u8], start: usize, end: usize, findings: &mut Vec<Finding>) 
     pairs
 }
 
+/// [`parse`] written with the grammar rules: the same pairs and findings
+/// (unit-tested), slower. The executable form of the grammar, for tests and
+/// benches.
+#[doc(hidden)]
+pub fn parse_grammar(
+    seg: &[u8],
+    start: usize,
+    end: usize,
+    findings: &mut Vec<Finding>,
+) -> Vec<Pair> {
+    let mut pairs = Vec::with_capacity((end - start) / 12 + 1);
+    // A 256-bit Bloom filter (two bits per key) keeps duplicate detection
+    // linear: only a probable repeat pays for a scan of earlier keys.
+    let mut seen = [0u64; 4];
+    let at = |rest: &[u8]| end - rest.len();
+    let mut input = &seg[start..end];
+    // `separators`, `key` and `value` take zero or more bytes: they cannot
+    // fail, hence the `else { break }` arms that never run.
+    while let Ok((i, _)) = separators(input) {
+        if i.is_empty() {
+            break;
+        }
+        let tok = at(i);
+        let Ok((after_key, raw_key)) = key(i) else {
+            break;
+        };
+        let Ok((v_in, _)) = equals(after_key) else {
+            findings.push(token_without_eq(raw_key));
+            match after_key.split_first() {
+                Some((_, next)) => input = next,
+                None => break,
+            }
+            continue;
+        };
+        let eq = tok + raw_key.len();
+        let mut dash = None;
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for (k, &c) in raw_key.iter().enumerate() {
+            if c == b'-' && dash.is_none() {
+                dash = Some(tok + k);
+            }
+            // rotate-xor: one cycle per byte, off the multiply latency chain.
+            h = h.rotate_left(5) ^ c as u64;
+        }
+        let mut key_end = eq;
+        while key_end > tok && seg[key_end - 1] == b' ' {
+            key_end -= 1;
+        }
+        let key = Span::new(tok, key_end);
+        let is_info = v_in.starts_with(b"//");
+        let value = if is_info {
+            let body = eq + 3;
+            match info(v_in) {
+                Ok((next, text)) => {
+                    input = next;
+                    Span::new(body, body + text.len())
+                }
+                Err(_) => {
+                    findings.push(Finding::new(
+                        code::CP_SYNTAX,
+                        Severity::Warning,
+                        "info text '//' not closed",
+                    ));
+                    input = &[];
+                    Span::new(body, end)
+                }
+            }
+        } else {
+            let Ok((next, text)) = value(v_in) else { break };
+            input = next;
+            let mut v_end = eq + 1 + text.len();
+            while v_end > eq + 1 && seg[v_end - 1] == b' ' {
+                v_end -= 1;
+            }
+            Span::new(eq + 1, v_end)
+        };
+        let kb = &seg[key.range()];
+        if kb.is_empty() {
+            findings.push(Finding::new(
+                code::CP_SYNTAX,
+                Severity::Warning,
+                "empty CP key",
+            ));
+            continue;
+        }
+        let h = h.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let (b1, b2) = ((h >> 56) as usize, ((h >> 48) & 255) as usize);
+        let probable =
+            seen[b1 >> 6] & (1 << (b1 & 63)) != 0 && seen[b2 >> 6] & (1 << (b2 & 63)) != 0;
+        if probable && pairs.iter().any(|p: &Pair| &seg[p.key.range()] == kb) {
+            findings.push(Finding::new(
+                code::CP_DUPLICATE,
+                Severity::Warning,
+                format!(
+                    "CP key {:?} repeated; the last value wins",
+                    String::from_utf8_lossy(kb)
+                ),
+            ));
+        }
+        seen[b1 >> 6] |= 1 << (b1 & 63);
+        seen[b2 >> 6] |= 1 << (b2 & 63);
+        // Split at the FIRST '-': standard suffixes never contain '-', and a
+        // key like `a21026-i22004-Info` is factor a21026, item `i22004-Info`.
+        let (code_span, suffix) = match dash {
+            Some(d) if d > tok && d + 1 < key_end => {
+                (Some(Span::new(tok, d)), Some(Span::new(d + 1, key_end)))
+            }
+            _ => (None, None),
+        };
+        let kind = match suffix {
+            Some(s) if !is_info && !text_suffix(&seg[s.range()]) => {
+                classify_number(&seg[value.range()])
+            }
+            _ => ValueKind::Text,
+        };
+        if kind == ValueKind::LooseNumber {
+            findings.push(Finding::new(
+                code::VALUE_FORMAT,
+                Severity::Info,
+                format!(
+                    "{}={} is not a plain decimal; normalised",
+                    String::from_utf8_lossy(kb),
+                    String::from_utf8_lossy(&seg[value.range()])
+                ),
+            ));
+        }
+        pairs.push(Pair {
+            key,
+            code: code_span,
+            suffix,
+            value,
+            kind,
+        });
+    }
+    pairs
+}
+
 fn token_without_eq(tok: &[u8]) -> Finding {
     Finding::new(
         code::CP_SYNTAX,
@@ -276,6 +468,49 @@ mod tests {
         assert_eq!(classify_number(b""), ValueKind::Text);
         assert_eq!(classify_number(b"-"), ValueKind::Text);
         assert_eq!(classify_number(b"1e5"), ValueKind::Text);
+    }
+
+    /// The fast path and the grammar agree on pairs and findings: on every
+    /// CP area of the fixtures, and on byte-mutated slices of them that hit the
+    /// grammar's corners (missing `=`, empty keys, unclosed `//`, repeats).
+    #[test]
+    fn fast_path_matches_grammar() {
+        fn both(seg: &[u8], start: usize, end: usize) {
+            let (mut f1, mut f2) = (Vec::new(), Vec::new());
+            let fast = parse(seg, start, end, &mut f1);
+            let spec = parse_grammar(seg, start, end, &mut f2);
+            assert_eq!(
+                (format!("{fast:?}"), format!("{f1:?}")),
+                (format!("{spec:?}"), format!("{f2:?}")),
+                "{:?}",
+                String::from_utf8_lossy(&seg[start..end])
+            );
+        }
+        let alphabet = b"==;;,, //-aA0.+&\xe6";
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut rng = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as usize
+        };
+        for frame in crate::fixture_frames() {
+            let Some(body) = memchr::memmem::find(&frame, b"CP=&&").map(|i| i + 5) else {
+                continue;
+            };
+            let end = memchr::memmem::rfind(&frame, b"&&").filter(|&e| e >= body);
+            both(&frame, body, end.unwrap_or(body));
+            for _ in 0..100 {
+                let mut seg = frame.clone();
+                for _ in 0..1 + rng() % 6 {
+                    let at = rng() % seg.len();
+                    seg[at] = alphabet[rng() % alphabet.len()];
+                }
+                let start = rng() % (seg.len() + 1);
+                let end = start + rng() % (seg.len() - start + 1);
+                both(&seg, start, end);
+            }
+        }
     }
 
     #[test]

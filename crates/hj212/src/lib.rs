@@ -1,7 +1,19 @@
 //! Sans-IO HJ 212: bytes and `now` in; typed frames, findings and reply bytes out.
 //!
-//! Nothing in this module performs I/O, spawns tasks or reads a clock. It is the
-//! only place in the crate that knows HJ 212 syntax.
+//! Nothing in this crate performs I/O, spawns tasks or reads a clock; its
+//! dependencies (no tokio, no SQLite, no tracing) keep it that way. In the
+//! hj212-gateway it is the only place that knows HJ 212 syntax.
+//!
+//! # Layout
+//! - [`framing`]: finds frame boundaries in a hostile byte stream, with caps.
+//! - [`frame`]: one frame: envelope, [`header`] and [`cp`] grammar, [`crc`],
+//!   [`dialect`], field and timestamp checks ([`time`]); [`decode`] never fails,
+//!   everything it notices is a [`Finding`].
+//! - [`crypt`]: the 2025 SM4 data segment; [`codes`]: the command table.
+//! - [`reply`], [`build`]: replies (9014/9013, ...) and frames built from scratch.
+//! - [`json`]: the frame document; [`span`]: byte ranges into a data segment.
+#![doc = ""]
+#![doc = include_str!("../README.md")]
 
 pub mod build;
 pub mod codes;
@@ -15,6 +27,7 @@ pub mod framing;
 pub mod header;
 pub mod json;
 pub mod reply;
+pub mod span;
 pub mod time;
 
 pub use dialect::Dialect;
@@ -36,11 +49,17 @@ impl DeviceLookup for ExampleKeyLookup {
     }
 }
 
+/// The repository's `fixtures/frames.jsonl` (real frames, one JSON line each),
+/// read in place: the fixtures belong to the whole workspace.
+#[cfg(test)]
+pub(crate) const FIXTURE_FRAMES: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/frames.jsonl");
+
 /// The raw bytes of every frame in `fixtures/frames.jsonl`, for unit tests that
 /// run a property over the real corpus.
 #[cfg(test)]
 pub(crate) fn fixture_frames() -> Vec<Vec<u8>> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/frames.jsonl");
+    let path = FIXTURE_FRAMES;
     let text = std::fs::read_to_string(path).expect("fixtures/frames.jsonl");
     text.lines()
         .map(|line| {

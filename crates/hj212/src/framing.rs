@@ -632,7 +632,7 @@ mod tests {
     }
 
     fn fixtures() -> Vec<Fixture> {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/frames.jsonl");
+        let path = crate::FIXTURE_FRAMES;
         let text = std::fs::read_to_string(path).expect("fixtures/frames.jsonl");
         text.lines()
             .map(|line| {

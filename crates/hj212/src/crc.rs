@@ -13,9 +13,11 @@
 //! This is *not* CRC-16/MODBUS (`crc ^= b`), although many loggers send MODBUS,
 //! printed either high byte first or byte-swapped. When the declared CRC does
 //! not match, [`identify`] tells which variant the sender used so the finding
-//! can say so and a per-device policy can accept it.
+//! can say so and a per-device policy can accept it. MODBUS comes from the `crc`
+//! crate's catalogue; the HJ 212 CRC is computed here (see [`hj212`] for why).
 
-/// The reflected 0xA001 table shared by HJ 212 and CRC-16/MODBUS.
+/// The reflected 0xA001 table (the CRC-16/MODBUS table, which the HJ 212
+/// procedure indexes differently).
 const TABLE: [u16; 256] = build_table();
 
 const fn build_table() -> [u16; 256] {
@@ -62,6 +64,15 @@ const fn build_slices() -> [[u8; 256]; 16] {
 }
 
 /// HJ 212 CRC of a data segment (the bytes between the length field and the CRC).
+///
+/// Hand-written because no entry of the `crc` catalogue (the Rocksoft model:
+/// width, poly, init, refin, refout, xorout) expresses it. In every catalogue
+/// CRC-16 the register update for a given input byte is a bijection on the
+/// 65,536 register states (the polynomials all have the x^0 term), so all 16
+/// bits carry on. The standard's procedure replaces the register with
+/// `(crc >> 8) ^ b` before shifting: the old low byte is lost, 8 bits of state
+/// survive, and the result is always one of the 256 table entries. The tests
+/// check both facts and that no catalogue CRC-16 gives the HJ 212 check value.
 ///
 /// Only the high byte of the register survives each step, so the state is one
 /// byte: `h' = H[h ^ b]` with `H[x] = T[x] >> 8`, and the result is
@@ -116,14 +127,17 @@ pub fn hj212_bytewise(data: &[u8]) -> u16 {
     crc
 }
 
-/// CRC-16/MODBUS (init 0xFFFF, reflected 0xA001, `crc ^= b`), as a 16-bit value.
+/// CRC-16/MODBUS from the `crc` catalogue (init 0xFFFF, reflected 0xA001,
+/// `crc ^= b`), sliced by 16: a logger that always sends MODBUS makes every
+/// one of its frames pay for this second pass.
+const MODBUS: ::crc::Crc<u16, ::crc::Table<16>> =
+    ::crc::Crc::<u16, ::crc::Table<16>>::new(&::crc::CRC_16_MODBUS);
+
+/// CRC-16/MODBUS as a 16-bit value (what a MODBUS-sending logger prints high
+/// byte first).
 #[inline]
 pub fn modbus(data: &[u8]) -> u16 {
-    let mut crc: u16 = 0xFFFF;
-    for &b in data {
-        crc = (crc >> 8) ^ TABLE[((crc ^ b as u16) & 0xFF) as usize];
-    }
-    crc
+    MODBUS.checksum(data)
 }
 
 /// Which CRC algorithm and byte order a declared CRC corresponds to.
@@ -267,6 +281,61 @@ mod tests {
             let lo = hj212(&[x, x.wrapping_mul(7)]) & 0xFF;
             assert!([0x00, 0x01, 0x40, 0x41, 0x80, 0x81, 0xC0, 0xC1].contains(&lo));
         }
+    }
+
+    /// The claim in [`hj212`]'s doc: no `crc` catalogue CRC-16 is the HJ 212 CRC.
+    #[test]
+    fn no_catalogue_crc16_is_hj212() {
+        use ::crc::*;
+        let catalogue: [&'static Algorithm<u16>; 31] = [
+            &CRC_16_ARC,
+            &CRC_16_CDMA2000,
+            &CRC_16_CMS,
+            &CRC_16_DDS_110,
+            &CRC_16_DECT_R,
+            &CRC_16_DECT_X,
+            &CRC_16_DNP,
+            &CRC_16_EN_13757,
+            &CRC_16_GENIBUS,
+            &CRC_16_GSM,
+            &CRC_16_IBM_3740,
+            &CRC_16_IBM_SDLC,
+            &CRC_16_ISO_IEC_14443_3_A,
+            &CRC_16_KERMIT,
+            &CRC_16_LJ1200,
+            &CRC_16_M17,
+            &CRC_16_MAXIM_DOW,
+            &CRC_16_MCRF4XX,
+            &CRC_16_MODBUS,
+            &CRC_16_NRSC_5,
+            &CRC_16_OPENSAFETY_A,
+            &CRC_16_OPENSAFETY_B,
+            &CRC_16_PROFIBUS,
+            &CRC_16_RIELLO,
+            &CRC_16_SPI_FUJITSU,
+            &CRC_16_T10_DIF,
+            &CRC_16_TELEDISK,
+            &CRC_16_TMS37157,
+            &CRC_16_UMTS,
+            &CRC_16_USB,
+            &CRC_16_XMODEM,
+        ];
+        let check = hj212(b"123456789");
+        assert_eq!(check, 0x2F80);
+        for alg in catalogue {
+            assert_ne!(alg.check, check, "{alg:?}");
+            assert_eq!(Crc::<u16>::new(alg).checksum(b"123456789"), alg.check);
+        }
+        // Over all two-byte inputs a catalogue CRC-16 reaches every value; the
+        // HJ 212 CRC reaches only the 256 table entries.
+        let mut hj = std::collections::HashSet::new();
+        let mut mb = std::collections::HashSet::new();
+        for x in 0..=u16::MAX {
+            hj.insert(hj212(&x.to_be_bytes()));
+            mb.insert(modbus(&x.to_be_bytes()));
+        }
+        assert_eq!(hj.len(), 256);
+        assert_eq!(mb.len(), 65536);
     }
 
     #[test]

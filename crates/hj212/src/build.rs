@@ -251,7 +251,7 @@ pub fn parse_n14(text: &[u8], offset_s: i32) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::frame::{Options, decode};
+    use crate::frame::{Options, decode};
     use bytes::Bytes;
     use chrono::TimeZone;
 
@@ -344,7 +344,7 @@ mod tests {
         let f = decode(
             Bytes::from(out),
             &Options::new(now),
-            &crate::protocol::ExampleKeyLookup,
+            &crate::ExampleKeyLookup,
         );
         assert!(!f.has_error(), "{:?}", f.findings);
         assert_eq!(f.encryption, Some(crypt::WireForm::Raw));
