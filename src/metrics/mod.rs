@@ -214,58 +214,8 @@ pub enum FrameVerdict {
 /// Verdict label values, indexed by [`FrameVerdict`].
 pub const VERDICTS: [&str; 3] = ["accepted", "rejected", "junk"];
 
-/// The protocol's finding codes (`protocol::finding::code`). The protocol
-/// crate is to list them itself (`code::ALL`); until then they are named here
-/// by their constants, so a renamed code fails to compile instead of being
-/// counted as `other`.
-const PROTOCOL_FINDING_CODES: &[&str] = {
-    use crate::protocol::finding::code::*;
-    &[
-        LENGTH_MISMATCH,
-        LENGTH_MALFORMED,
-        FRAME_OVERSIZE,
-        FRAME_EXTENSION,
-        FRAME_HEADER,
-        CRC_MISMATCH,
-        CRC_VARIANT_MODBUS,
-        CRC_VARIANT_MODBUS_SWAPPED,
-        CRC_MISSING,
-        CRC_LOWERCASE,
-        TERMINATOR_NONSTANDARD,
-        TERMINATOR_MISSING,
-        FIELD_MISSING_QN,
-        FIELD_MISSING_ST,
-        FIELD_MISSING_CN,
-        FIELD_MISSING_PW,
-        FIELD_MISSING_MN,
-        FIELD_MISSING_FLAG,
-        FIELD_MALFORMED_QN,
-        FIELD_MALFORMED_ST,
-        FIELD_MALFORMED_CN,
-        FIELD_MALFORMED_MN,
-        FIELD_MALFORMED_PW,
-        FIELD_MALFORMED_FLAG,
-        FIELD_MALFORMED_PACKET,
-        FIELD_DUPLICATE,
-        FIELD_UNKNOWN,
-        FIELD_CASE,
-        HEADER_SYNTAX,
-        CP_MISSING,
-        CP_SYNTAX,
-        CP_TRAILING,
-        CP_DUPLICATE,
-        CP_OVERSIZE,
-        VALUE_FORMAT,
-        TIME_MALFORMED,
-        TIME_FUTURE,
-        TIME_STALE,
-        TIME_PRECISION,
-        DECRYPT_NOKEY,
-        DECRYPT_FAILED,
-        FLAG_VERSION_UNKNOWN,
-        DIALECT_GUESSED,
-    ]
-};
+/// The protocol's finding codes, as the protocol crate lists them.
+const PROTOCOL_FINDING_CODES: &[&str] = crate::protocol::finding::code::ALL;
 
 /// Byte order of two strings, usable in a constant.
 const fn str_less(a: &str, b: &str) -> bool {

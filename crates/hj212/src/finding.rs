@@ -53,92 +53,147 @@ pub fn has_error(findings: &[Finding]) -> bool {
     findings.iter().any(|f| f.severity == Severity::Error)
 }
 
-/// The stable finding codes. Metrics use them as the low-cardinality `reason` label.
-pub mod code {
+/// Declares every finding code once: the `&str` constant in [`code`] that
+/// findings carry, the [`Code`] variant, its string and the list of all of them
+/// come from one row each, so nothing is kept in sync by hand.
+macro_rules! finding_codes {
+    ($($(#[doc = $doc:expr])* $konst:ident $variant:ident = $s:literal;)*) => {
+        /// The stable finding codes. Metrics use them as the low-cardinality
+        /// `reason` label; [`Finding::code`] carries one of these strings.
+        pub mod code {
+            $($(#[doc = $doc])* pub const $konst: &str = $s;)*
+            /// Every code, in declaration order.
+            pub const ALL: &[&str] = &[$($konst),*];
+        }
+
+        /// The finding codes as a type: one variant per [`code`] constant.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Code {
+            $($(#[doc = $doc])* $variant,)*
+        }
+
+        impl Code {
+            /// Every code, in declaration order.
+            pub const ALL: &[Code] = &[$(Code::$variant),*];
+
+            /// The stable string (stored in findings and used as a metric label).
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(Code::$variant => code::$konst,)*
+                }
+            }
+
+            /// The code whose string is `s`.
+            pub fn from_name(s: &str) -> Option<Code> {
+                Code::ALL.iter().copied().find(|c| c.as_str() == s)
+            }
+        }
+    };
+}
+
+finding_codes! {
     /// Declared length differs from the data segment's byte count.
-    pub const LENGTH_MISMATCH: &str = "length.mismatch";
+    LENGTH_MISMATCH LengthMismatch = "length.mismatch";
     /// The length field is not 4 decimal digits.
-    pub const LENGTH_MALFORMED: &str = "length.malformed";
+    LENGTH_MALFORMED LengthMalformed = "length.malformed";
     /// Data segment longer than the standard's 1024 bytes.
-    pub const FRAME_OVERSIZE: &str = "frame.oversize";
+    FRAME_OVERSIZE FrameOversize = "frame.oversize";
     /// Vendor bytes between the data segment and the CRC, outside the declared length.
-    pub const FRAME_EXTENSION: &str = "frame.extension";
+    FRAME_EXTENSION FrameExtension = "frame.extension";
     /// Frame does not start with `##`.
-    pub const FRAME_HEADER: &str = "frame.header";
+    FRAME_HEADER FrameHeader = "frame.header";
     /// Declared CRC differs from the HJ 212 CRC.
-    pub const CRC_MISMATCH: &str = "crc.mismatch";
+    CRC_MISMATCH CrcMismatch = "crc.mismatch";
     /// Declared CRC is CRC-16/MODBUS printed high byte first.
-    pub const CRC_VARIANT_MODBUS: &str = "crc.variant.modbus";
+    CRC_VARIANT_MODBUS CrcVariantModbus = "crc.variant.modbus";
     /// Declared CRC is CRC-16/MODBUS printed low byte first.
-    pub const CRC_VARIANT_MODBUS_SWAPPED: &str = "crc.variant.modbus_swapped";
+    CRC_VARIANT_MODBUS_SWAPPED CrcVariantModbusSwapped = "crc.variant.modbus_swapped";
     /// No 4-hex-digit CRC after the data segment.
-    pub const CRC_MISSING: &str = "crc.missing";
+    CRC_MISSING CrcMissing = "crc.missing";
     /// CRC printed in lower case (the standard prints upper case).
-    pub const CRC_LOWERCASE: &str = "crc.lowercase";
+    CRC_LOWERCASE CrcLowercase = "crc.lowercase";
     /// Terminator is LF or CR alone.
-    pub const TERMINATOR_NONSTANDARD: &str = "terminator.nonstandard";
+    TERMINATOR_NONSTANDARD TerminatorNonstandard = "terminator.nonstandard";
     /// No terminator at all.
-    pub const TERMINATOR_MISSING: &str = "terminator.missing";
+    TERMINATOR_MISSING TerminatorMissing = "terminator.missing";
     /// QN absent.
-    pub const FIELD_MISSING_QN: &str = "field.missing.qn";
+    FIELD_MISSING_QN FieldMissingQn = "field.missing.qn";
     /// ST absent.
-    pub const FIELD_MISSING_ST: &str = "field.missing.st";
+    FIELD_MISSING_ST FieldMissingSt = "field.missing.st";
     /// CN absent.
-    pub const FIELD_MISSING_CN: &str = "field.missing.cn";
+    FIELD_MISSING_CN FieldMissingCn = "field.missing.cn";
     /// PW absent.
-    pub const FIELD_MISSING_PW: &str = "field.missing.pw";
+    FIELD_MISSING_PW FieldMissingPw = "field.missing.pw";
     /// MN absent.
-    pub const FIELD_MISSING_MN: &str = "field.missing.mn";
+    FIELD_MISSING_MN FieldMissingMn = "field.missing.mn";
     /// Flag absent.
-    pub const FIELD_MISSING_FLAG: &str = "field.missing.flag";
+    FIELD_MISSING_FLAG FieldMissingFlag = "field.missing.flag";
     /// QN is not 17 digits `YYYYMMDDhhmmsszzz`.
-    pub const FIELD_MALFORMED_QN: &str = "field.malformed.qn";
+    FIELD_MALFORMED_QN FieldMalformedQn = "field.malformed.qn";
     /// ST is not 1..3 characters of `0-9A-Z`.
-    pub const FIELD_MALFORMED_ST: &str = "field.malformed.st";
+    FIELD_MALFORMED_ST FieldMalformedSt = "field.malformed.st";
     /// CN is not 4 digits.
-    pub const FIELD_MALFORMED_CN: &str = "field.malformed.cn";
+    FIELD_MALFORMED_CN FieldMalformedCn = "field.malformed.cn";
     /// MN has an unusual length or characters.
-    pub const FIELD_MALFORMED_MN: &str = "field.malformed.mn";
+    FIELD_MALFORMED_MN FieldMalformedMn = "field.malformed.mn";
     /// PW has an unusual length or characters.
-    pub const FIELD_MALFORMED_PW: &str = "field.malformed.pw";
+    FIELD_MALFORMED_PW FieldMalformedPw = "field.malformed.pw";
     /// Flag is not an integer 0..255.
-    pub const FIELD_MALFORMED_FLAG: &str = "field.malformed.flag";
+    FIELD_MALFORMED_FLAG FieldMalformedFlag = "field.malformed.flag";
     /// PNUM/PNO malformed or inconsistent.
-    pub const FIELD_MALFORMED_PACKET: &str = "field.malformed.packet";
+    FIELD_MALFORMED_PACKET FieldMalformedPacket = "field.malformed.packet";
     /// A header key appears twice (the last one wins).
-    pub const FIELD_DUPLICATE: &str = "field.duplicate";
+    FIELD_DUPLICATE FieldDuplicate = "field.duplicate";
     /// A header key the standard does not define.
-    pub const FIELD_UNKNOWN: &str = "field.unknown";
+    FIELD_UNKNOWN FieldUnknown = "field.unknown";
     /// A header key in the wrong case (`FLAG=`).
-    pub const FIELD_CASE: &str = "field.case";
+    FIELD_CASE FieldCase = "field.case";
     /// Stray separators or tokens without `=` in the header.
-    pub const HEADER_SYNTAX: &str = "header.syntax";
+    HEADER_SYNTAX HeaderSyntax = "header.syntax";
     /// No `CP=&&` in the data segment.
-    pub const CP_MISSING: &str = "cp.missing";
+    CP_MISSING CpMissing = "cp.missing";
     /// CP tokens without `=`, unterminated `//` text, empty keys.
-    pub const CP_SYNTAX: &str = "cp.syntax";
+    CP_SYNTAX CpSyntax = "cp.syntax";
     /// Bytes after the closing `&&` inside the data segment (vendor extension).
-    pub const CP_TRAILING: &str = "cp.trailing";
+    CP_TRAILING CpTrailing = "cp.trailing";
     /// The same CP key twice (the last one wins).
-    pub const CP_DUPLICATE: &str = "cp.duplicate";
+    CP_DUPLICATE CpDuplicate = "cp.duplicate";
     /// CP area longer than the standard's 950 bytes.
-    pub const CP_OVERSIZE: &str = "cp.oversize";
+    CP_OVERSIZE CpOversize = "cp.oversize";
     /// A numeric value not in plain decimal form (`+1`, `.5`, `007`); normalised in JSON.
-    pub const VALUE_FORMAT: &str = "value.format";
+    VALUE_FORMAT ValueFormat = "value.format";
     /// DataTime or QN time not a valid `YYYYMMDDhhmmss[zzz]`.
-    pub const TIME_MALFORMED: &str = "time.malformed";
+    TIME_MALFORMED TimeMalformed = "time.malformed";
     /// DataTime ahead of the receive time beyond the tolerance.
-    pub const TIME_FUTURE: &str = "time.future";
+    TIME_FUTURE TimeFuture = "time.future";
     /// DataTime older than the staleness threshold (and not marked RF=1).
-    pub const TIME_STALE: &str = "time.stale";
+    TIME_STALE TimeStale = "time.stale";
     /// DataTime carries milliseconds (17 digits) where the standard has 14.
-    pub const TIME_PRECISION: &str = "time.precision";
+    TIME_PRECISION TimePrecision = "time.precision";
     /// Encrypted CP but no key configured for the device.
-    pub const DECRYPT_NOKEY: &str = "decrypt.nokey";
+    DECRYPT_NOKEY DecryptNokey = "decrypt.nokey";
     /// No configured key yields a plaintext with a matching CRC.
-    pub const DECRYPT_FAILED: &str = "decrypt.failed";
+    DECRYPT_FAILED DecryptFailed = "decrypt.failed";
     /// Flag version bits name no known edition.
-    pub const FLAG_VERSION_UNKNOWN: &str = "flag.version.unknown";
+    FLAG_VERSION_UNKNOWN FlagVersionUnknown = "flag.version.unknown";
     /// The dialect was inferred without Flag version bits.
-    pub const DIALECT_GUESSED: &str = "dialect.guessed";
+    DIALECT_GUESSED DialectGuessed = "dialect.guessed";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_is_unique_and_round_trips() {
+        assert_eq!(Code::ALL.len(), code::ALL.len());
+        for (c, s) in Code::ALL.iter().zip(code::ALL) {
+            assert_eq!(c.as_str(), *s);
+            assert_eq!(Code::from_name(s), Some(*c));
+        }
+        let mut sorted = code::ALL.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), code::ALL.len(), "a code string used twice");
+    }
 }
