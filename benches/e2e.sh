@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# End-to-end benchmarks of the gateway against `hj212-gateway simulate` (README "Numbers").
+# End-to-end benchmarks of the gateway against `hj212-gateway simulate` (benches/README.md).
 #
 #   benches/e2e.sh sustained   # RATE=20000 DURATION=300: throughput, zero loss, CPU/frame
 #   benches/e2e.sh latency     # RATE=5000 DURATION=60: ack latency percentiles

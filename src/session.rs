@@ -803,7 +803,7 @@ mod idle_size {
     /// session and its waits (~1 KB in a debug build, less in release). A
     /// bigger future means a larger allocation for each of 100,000 sessions:
     /// inline work, a second timer or wait, or arguments kept twice would
-    /// break this budget (see README, "End-to-end targets").
+    /// break this budget (see benches/README.md, "End-to-end targets").
     #[test]
     fn the_session_future_stays_small() {
         let size = output(run::<()>);
