@@ -96,12 +96,8 @@ pub fn run(args: &AlarmsArgs, out: &mut dyn Write) -> Result<usize, CmdError> {
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct AlarmsFlags {
-    /// Data directory (default: $STATE_DIRECTORY, else ./data).
-    #[arg(long, conflicts_with = "db")]
-    data: Option<PathBuf>,
-    /// The SQLite file itself.
-    #[arg(long)]
-    db: Option<PathBuf>,
+    #[command(flatten)]
+    log: super::LogFlags,
     /// Only alarms that are still active.
     #[arg(long)]
     active: bool,
@@ -119,7 +115,7 @@ pub struct AlarmsFlags {
 /// Runs `alarms` from the command line: the listing on stdout, the exit code back.
 pub fn main(flags: AlarmsFlags) -> ExitCode {
     let args = AlarmsArgs {
-        db: super::resolve_db(flags.data.as_deref(), flags.db.as_deref(), None),
+        db: flags.log.db(None),
         active: flags.active,
         mn: flags.mn,
         since: flags.since,

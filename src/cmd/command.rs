@@ -23,6 +23,36 @@ pub use crate::exit::{
     NO as EXIT_REFUSED, TIMEOUT as EXIT_TIMEOUT, UNAVAILABLE as EXIT_UNAVAILABLE,
 };
 
+/// Where a control-socket client finds the running gateway (flattened into the
+/// flags of `command` and `sessions`).
+// The doc comments are `--help` text, written for a terminal: rustdoc would
+// read `<data>` as markup.
+#[allow(rustdoc::invalid_html_tags)]
+#[derive(Debug, clap::Args)]
+pub struct ControlFlags {
+    /// Control socket (default: from --config, $RUNTIME_DIRECTORY, else <data>/control.sock).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Data directory (default: $STATE_DIRECTORY, else ./data).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Gateway config ([downlink] control_socket).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+impl ControlFlags {
+    /// The socket these flags name, reading `--config` if given (see [`socket_path`]).
+    pub fn socket(&self) -> Result<PathBuf, CmdError> {
+        let cfg = super::load_config(self.config.as_deref())?;
+        Ok(socket_path(
+            self.socket.as_deref(),
+            self.data.as_deref(),
+            cfg.as_ref(),
+        ))
+    }
+}
+
 /// Where the control socket is: `--socket`, else `[downlink] control_socket`
 /// of `--config`, else `$RUNTIME_DIRECTORY/control.sock`, else
 /// `<data>/control.sock` (data: `--data`, `$STATE_DIRECTORY`, `./data`).
@@ -182,24 +212,14 @@ pub fn run_sessions(path: &Path, json: bool, out: &mut dyn Write) -> Result<(), 
 /// Exit 0 success; 1 the device refused (QnRtn) or failed (ExeRtn); 2 usage error or
 /// control socket unreachable; 3 no answer in time; 4 device offline, busy, or its
 /// session ended; 78 bad --config.
-// This doc comment is the `--help` text, written for a terminal: rustdoc would
-// read its `<data>` as markup.
-#[allow(rustdoc::invalid_html_tags)]
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct CommandFlags {
     /// The device's MN.
     #[arg(long)]
     mn: String,
-    /// Control socket (default: from --config, $RUNTIME_DIRECTORY, else <data>/control.sock).
-    #[arg(long)]
-    socket: Option<PathBuf>,
-    /// Data directory (default: $STATE_DIRECTORY, else ./data).
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Gateway config ([downlink] control_socket).
-    #[arg(long, short)]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    control: ControlFlags,
     /// Print the gateway's JSON lines instead of text.
     #[arg(long)]
     json: bool,
@@ -277,8 +297,7 @@ pub fn main(flags: CommandFlags) -> ExitCode {
         Action::Sample { pol } => ActionSpec::Sample { pol },
         Action::Raw { cn, cp } => ActionSpec::Raw { cn, cp },
     };
-    let result = super::load_config(flags.config.as_deref()).and_then(|cfg| {
-        let path = socket_path(flags.socket.as_deref(), flags.data.as_deref(), cfg.as_ref());
+    let result = flags.control.socket().and_then(|path| {
         run_command(
             &path,
             &flags.mn,

@@ -93,12 +93,8 @@ pub fn run(args: &ExchangesArgs, out: &mut dyn Write) -> Result<usize, CmdError>
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct ExchangesFlags {
-    /// Data directory (default: $STATE_DIRECTORY, else ./data).
-    #[arg(long, conflicts_with = "db")]
-    data: Option<PathBuf>,
-    /// The SQLite file itself.
-    #[arg(long)]
-    db: Option<PathBuf>,
+    #[command(flatten)]
+    log: super::LogFlags,
     /// Only this device.
     #[arg(long)]
     mn: Option<String>,
@@ -113,7 +109,7 @@ pub struct ExchangesFlags {
 /// Runs `exchanges` from the command line: the listing on stdout, the exit code back.
 pub fn main(flags: ExchangesFlags) -> ExitCode {
     let args = ExchangesArgs {
-        db: super::resolve_db(flags.data.as_deref(), flags.db.as_deref(), None),
+        db: flags.log.db(None),
         mn: flags.mn,
         since: flags.since,
         json: flags.json,

@@ -251,12 +251,8 @@ fn write_csv_rows(rec: &StoredRecord, out: &mut dyn Write) -> std::io::Result<()
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct ExportFlags {
-    /// Data directory (default: $STATE_DIRECTORY, else ./data).
-    #[arg(long, conflicts_with = "db")]
-    data: Option<PathBuf>,
-    /// The SQLite file itself.
-    #[arg(long)]
-    db: Option<PathBuf>,
+    #[command(flatten)]
+    log: super::LogFlags,
     /// raw: the exact stored bytes back to back; jsonl: one object per record;
     /// csv: one row per reading (seq,received_at,mn,cn,data_time,factor,suffix,value,flag).
     #[arg(long, value_enum, default_value = "jsonl")]
@@ -353,7 +349,7 @@ pub fn main(flags: ExportFlags) -> ExitCode {
     )
     .and_then(|filter| {
         let args = ExportArgs {
-            db: super::resolve_db(flags.data.as_deref(), flags.db.as_deref(), None),
+            db: flags.log.db(None),
             format: match flags.format {
                 FormatArg::Raw => Format::Raw,
                 FormatArg::Jsonl => Format::Jsonl,

@@ -80,6 +80,25 @@ pub(crate) fn fail(e: &CmdError) -> ExitCode {
     ExitCode::from(e.exit_code())
 }
 
+/// Where a read command finds the frame log: `--data` or `--db` (flattened into
+/// each command's flags, so every command words and checks them alike).
+#[derive(Debug, clap::Args)]
+pub struct LogFlags {
+    /// Data directory (default: $STATE_DIRECTORY, else ./data).
+    #[arg(long, conflicts_with = "db")]
+    data: Option<PathBuf>,
+    /// The SQLite file itself.
+    #[arg(long)]
+    db: Option<PathBuf>,
+}
+
+impl LogFlags {
+    /// The log file these flags name (see [`resolve_db`]).
+    pub fn db(&self, cfg: Option<&Config>) -> PathBuf {
+        resolve_db(self.data.as_deref(), self.db.as_deref(), cfg)
+    }
+}
+
 /// Where a command finds the log: `--db` as given, else the store path of the config
 /// (or the defaults) inside `--data` (default: `$STATE_DIRECTORY`, else `./data`).
 pub fn resolve_db(data: Option<&Path>, db: Option<&Path>, cfg: Option<&Config>) -> PathBuf {

@@ -106,12 +106,8 @@ fn write(args: &StatsArgs, devices: &[DeviceStats], out: &mut dyn Write) -> std:
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct StatsFlags {
-    /// Data directory (default: $STATE_DIRECTORY, else ./data).
-    #[arg(long, conflicts_with = "db")]
-    data: Option<PathBuf>,
-    /// The SQLite file itself.
-    #[arg(long)]
-    db: Option<PathBuf>,
+    #[command(flatten)]
+    log: super::LogFlags,
     /// One JSON array instead of the table.
     #[arg(long)]
     json: bool,
@@ -120,7 +116,7 @@ pub struct StatsFlags {
 /// Runs `stats` from the command line: the table on stdout, the exit code back.
 pub fn main(flags: StatsFlags) -> ExitCode {
     let args = StatsArgs {
-        db: super::resolve_db(flags.data.as_deref(), flags.db.as_deref(), None),
+        db: flags.log.db(None),
         json: flags.json,
     };
     match run(&args, &mut std::io::stdout().lock()) {

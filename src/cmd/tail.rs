@@ -202,12 +202,8 @@ pub fn line(rec: &StoredRecord, colour: bool) -> String {
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct TailFlags {
-    /// Data directory (default: $STATE_DIRECTORY, else ./data).
-    #[arg(long, conflicts_with = "db")]
-    data: Option<PathBuf>,
-    /// The SQLite file itself.
-    #[arg(long)]
-    db: Option<PathBuf>,
+    #[command(flatten)]
+    log: super::LogFlags,
     /// Only this MN.
     #[arg(long)]
     mn: Option<String>,
@@ -228,7 +224,7 @@ pub struct TailFlags {
 /// Runs `tail` from the command line until interrupted; returns the exit code.
 pub fn main(flags: TailFlags) -> ExitCode {
     let args = TailArgs {
-        db: super::resolve_db(flags.data.as_deref(), flags.db.as_deref(), None),
+        db: flags.log.db(None),
         mn: flags.mn,
         cn: flags.cn,
         format: if flags.raw {

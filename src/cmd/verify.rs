@@ -235,12 +235,8 @@ pub fn print(
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct VerifyFlags {
-    /// Data directory (default: $STATE_DIRECTORY, else ./data).
-    #[arg(long, conflicts_with = "db")]
-    data: Option<PathBuf>,
-    /// The SQLite file itself.
-    #[arg(long)]
-    db: Option<PathBuf>,
+    #[command(flatten)]
+    log: super::LogFlags,
     /// Gateway config: device registry, keys and CRC policies for the re-check.
     #[arg(long, short)]
     config: Option<PathBuf>,
@@ -251,7 +247,7 @@ pub fn main(flags: VerifyFlags) -> std::process::ExitCode {
     use std::process::ExitCode;
     let result = super::load_config(flags.config.as_deref()).and_then(|cfg| {
         let args = VerifyArgs {
-            db: super::resolve_db(flags.data.as_deref(), flags.db.as_deref(), cfg.as_ref()),
+            db: flags.log.db(cfg.as_ref()),
             config: cfg,
         };
         run(&args).map(|r| (args.db, r))
