@@ -529,20 +529,6 @@ fn junk_record<T, H: Hooks>(b: &mut Batch<T>, hooks: &mut H, rec: NewRecord, end
     b.records.push(rec);
 }
 
-/// The raw bytes of every frame in `fixtures/frames.jsonl`, for unit tests
-/// of this crate that run a property over the real corpus.
-#[cfg(test)]
-pub(crate) fn fixture_frames() -> Vec<Vec<u8>> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/frames.jsonl");
-    let text = std::fs::read_to_string(path).expect("fixtures/frames.jsonl");
-    text.lines()
-        .map(|line| {
-            let v: serde_json::Value = serde_json::from_str(line).expect("json line");
-            v["frame"].as_str().expect("frame").as_bytes().to_vec()
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -824,7 +810,7 @@ mod tests {
     fn every_fixture_byte_is_stored_once_in_order() {
         let cfg = config("");
         let mut all = Vec::new();
-        for f in fixture_frames() {
+        for f in crate::protocol::fixture_frames() {
             all.extend_from_slice(&f);
         }
         let (mut conn, mut seen) = (Conn::default(), Seen::default());
@@ -920,7 +906,7 @@ mod tests {
     fn ack_records_match_the_decode_path_over_the_fixtures() {
         let opts = live_opts();
         let (mut acked, mut direct) = (0, 0);
-        for raw in fixture_frames() {
+        for raw in crate::protocol::fixture_frames() {
             let f = protocol::decode(Bytes::from(raw), &opts, &());
             let mut frames = vec![f.clone()];
             // The same frame asking for an ack (most fixtures do not).

@@ -875,7 +875,7 @@ mod tests {
         let registry = crate::registry::Registry::default();
         let opts = crate::protocol::Options::new(chrono::Utc::now());
         let mut seen = 0;
-        for raw in crate::ingest::fixture_frames() {
+        for raw in crate::protocol::fixture_frames() {
             let mut f = crate::protocol::decode(bytes::Bytes::from(raw), &opts, &());
             crate::ingest::apply_policy(
                 &mut f,
