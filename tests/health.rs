@@ -7,19 +7,16 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{expected_ack, mn, qn, upload};
 use hj212_gateway::store::{Direction, Kind, NewRecord, Store, StoreConfig, SyncMode, Verdict};
 
-const BIN: &str = env!("CARGO_BIN_EXE_hj212-gateway");
 const PATIENCE: Duration = Duration::from_secs(20);
 
 /// Every test daemon: ephemeral ports, no MQTT broker, no automatic downlink;
@@ -29,65 +26,14 @@ const BASE: &str = "[server]\nlisten = [\"127.0.0.1:0\"]\n\
     [downlink]\ntime_sync_skew = false\nbackfill = false\n\
     [metrics]\nlisten = \"127.0.0.1:0\"\n";
 
-/// `hj212-gateway serve` with its stderr collected line by line.
-struct Daemon {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
+type Daemon = common::Serve;
 
 impl Daemon {
     /// Starts `serve --config <BASE + extra> --data <data>`.
     fn spawn(data: &Path, extra: &str) -> (Daemon, tempfile::NamedTempFile) {
         let config = tempfile::NamedTempFile::new().expect("config file");
         std::fs::write(config.path(), format!("{BASE}{extra}")).expect("config");
-        let mut child = Command::new(BIN)
-            .arg("serve")
-            .arg("--config")
-            .arg(config.path())
-            .arg("--data")
-            .arg(data)
-            .env("RUST_LOG", "info")
-            .env_remove("STATE_DIRECTORY")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn hj212-gateway serve");
-        let stderr = child.stderr.take().expect("stderr");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        (Daemon { child, lines }, config)
-    }
-
-    /// Waits for a log line containing `needle` and returns it.
-    fn wait_for(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(l) = self
-                .lines
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| l.contains(needle))
-            {
-                return l.clone();
-            }
-            if let Ok(Some(st)) = self.child.try_wait() {
-                // Let the reader thread catch the last lines.
-                std::thread::sleep(Duration::from_millis(200));
-                panic!(
-                    "daemon exited ({st}) before logging {needle:?}: {:#?}",
-                    self.lines.lock().unwrap()
-                );
-            }
-            assert!(Instant::now() < deadline, "no log line with {needle:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        (Daemon::run(config.path(), data), config)
     }
 
     /// The device and metrics addresses from the start-up lines.
@@ -121,10 +67,6 @@ impl Daemon {
         }
     }
 
-    fn log(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
-    }
-
     fn warn_or_error_lines(&self) -> usize {
         self.lines
             .lock()
@@ -137,13 +79,6 @@ impl Daemon {
                     || l.starts_with("ERROR")
             })
             .count()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -5,9 +5,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,63 +16,9 @@ use common::{expected_ack, mn, qn, upload};
 const BIN: &str = env!("CARGO_BIN_EXE_hj212-gateway");
 const PATIENCE: Duration = Duration::from_secs(30);
 
-/// `hj212-gateway serve` with its stderr collected line by line; killed on drop.
-struct Daemon {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
+type Daemon = common::Serve;
 
 impl Daemon {
-    fn spawn(config: &std::path::Path, data: &std::path::Path) -> Daemon {
-        let mut child = Command::new(BIN)
-            .arg("serve")
-            .arg("--config")
-            .arg(config)
-            .arg("--data")
-            .arg(data)
-            .env("RUST_LOG", "info")
-            .env_remove("STATE_DIRECTORY")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn hj212-gateway serve");
-        let stderr = child.stderr.take().expect("stderr");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Daemon { child, lines }
-    }
-
-    /// Waits for a log line containing `needle` and returns it.
-    fn wait_for(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(l) = self
-                .lines
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| l.contains(needle))
-            {
-                return l.clone();
-            }
-            if let Ok(Some(st)) = self.child.try_wait() {
-                std::thread::sleep(Duration::from_millis(200));
-                panic!(
-                    "daemon exited ({st}) before logging {needle:?}: {:#?}",
-                    self.lines.lock().unwrap()
-                );
-            }
-            assert!(Instant::now() < deadline, "no log line with {needle:?}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
     /// Sends SIGTERM; returns how long the process took to exit and its exit code.
     fn terminate(&mut self) -> (Duration, Option<i32>) {
         let sent = Instant::now();
@@ -94,17 +40,6 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-    }
-
-    fn log(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -172,7 +107,7 @@ fn sigterm_exits_within_the_grace_and_names_what_was_cut_short() {
     )
     .expect("config");
     let data = dir.path().join("data");
-    let mut d = Daemon::spawn(&config, &data);
+    let mut d = Daemon::run(&config, &data);
     let line = d.wait_for("listen=[");
     let rest = &line[line.find("listen=[").unwrap() + 8..];
     let addr: std::net::SocketAddr = rest[..rest.find(']').unwrap()].parse().expect("addr");

@@ -124,6 +124,90 @@ impl Drop for Bin {
     }
 }
 
+/// `hj212-gateway serve` with its stderr collected line by line, for tests
+/// that read what the daemon logs. Killed on drop.
+#[allow(dead_code)]
+pub struct Serve {
+    /// The daemon process.
+    pub child: std::process::Child,
+    /// Every stderr line so far.
+    pub lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+#[allow(dead_code)]
+impl Serve {
+    /// Starts `serve --config <config> --data <data>` at log level info.
+    pub fn run(config: &std::path::Path, data: &std::path::Path) -> Serve {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hj212-gateway"))
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .arg("--data")
+            .arg(data)
+            .env("RUST_LOG", "info")
+            .env_remove("STATE_DIRECTORY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn hj212-gateway serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Serve { child, lines }
+    }
+
+    /// Waits (up to 20 s) for a log line containing `needle` and returns it;
+    /// fails with the whole log if the daemon exits first.
+    pub fn wait_for(&mut self, needle: &str) -> String {
+        use std::time::{Duration, Instant};
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(l) = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return l.clone();
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                // Let the reader thread catch the last lines.
+                std::thread::sleep(Duration::from_millis(200));
+                panic!(
+                    "daemon exited ({st}) before logging {needle:?}: {:#?}",
+                    self.lines.lock().unwrap()
+                );
+            }
+            assert!(Instant::now() < deadline, "no log line with {needle:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The log so far, one string.
+    pub fn log(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A gateway started inside the test process (`daemon::start`) on a temporary
 /// data directory, so a test can reach its `Running` handle directly.
 #[allow(dead_code)]
