@@ -215,63 +215,21 @@ pub fn parse(seg: &[u8], start: usize, end: usize, findings: &mut Vec<Finding>) 
             }
             Span::new(eq + 1, v_end)
         };
-        let kb = &seg[key.range()];
-        if kb.is_empty() {
-            findings.push(Finding::new(
-                code::CP_SYNTAX,
-                Severity::Warning,
-                "empty CP key",
-            ));
-            continue;
-        }
-        let h = h.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let (b1, b2) = ((h >> 56) as usize, ((h >> 48) & 255) as usize);
-        let probable =
-            seen[b1 >> 6] & (1 << (b1 & 63)) != 0 && seen[b2 >> 6] & (1 << (b2 & 63)) != 0;
-        if probable && pairs.iter().any(|p: &Pair| &seg[p.key.range()] == kb) {
-            findings.push(Finding::new(
-                code::CP_DUPLICATE,
-                Severity::Warning,
-                format!(
-                    "CP key {:?} repeated; the last value wins",
-                    String::from_utf8_lossy(kb)
-                ),
-            ));
-        }
-        seen[b1 >> 6] |= 1 << (b1 & 63);
-        seen[b2 >> 6] |= 1 << (b2 & 63);
-        // Split at the FIRST '-': standard suffixes never contain '-', and a
-        // key like `a21026-i22004-Info` is factor a21026, item `i22004-Info`.
-        let (code_span, suffix) = match dash {
-            Some(d) if d > tok && d + 1 < key_end => {
-                (Some(Span::new(tok, d)), Some(Span::new(d + 1, key_end)))
-            }
-            _ => (None, None),
-        };
-        let kind = match suffix {
-            Some(s) if !info && !text_suffix(&seg[s.range()]) => {
-                classify_number(&seg[value.range()])
-            }
-            _ => ValueKind::Text,
-        };
-        if kind == ValueKind::LooseNumber {
-            findings.push(Finding::new(
-                code::VALUE_FORMAT,
-                Severity::Info,
-                format!(
-                    "{}={} is not a plain decimal; normalised",
-                    String::from_utf8_lossy(kb),
-                    String::from_utf8_lossy(&seg[value.range()])
-                ),
-            ));
-        }
-        pairs.push(Pair {
-            key,
-            code: code_span,
-            suffix,
-            value,
-            kind,
-        });
+        push_pair(
+            seg,
+            Scanned {
+                tok,
+                key,
+                key_end,
+                dash,
+                h,
+                value,
+                info,
+            },
+            &mut seen,
+            &mut pairs,
+            findings,
+        );
     }
     pairs
 }
@@ -352,65 +310,112 @@ pub fn parse_grammar(
             }
             Span::new(eq + 1, v_end)
         };
-        let kb = &seg[key.range()];
-        if kb.is_empty() {
-            findings.push(Finding::new(
-                code::CP_SYNTAX,
-                Severity::Warning,
-                "empty CP key",
-            ));
-            continue;
-        }
-        let h = h.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let (b1, b2) = ((h >> 56) as usize, ((h >> 48) & 255) as usize);
-        let probable =
-            seen[b1 >> 6] & (1 << (b1 & 63)) != 0 && seen[b2 >> 6] & (1 << (b2 & 63)) != 0;
-        if probable && pairs.iter().any(|p: &Pair| &seg[p.key.range()] == kb) {
-            findings.push(Finding::new(
-                code::CP_DUPLICATE,
-                Severity::Warning,
-                format!(
-                    "CP key {:?} repeated; the last value wins",
-                    String::from_utf8_lossy(kb)
-                ),
-            ));
-        }
-        seen[b1 >> 6] |= 1 << (b1 & 63);
-        seen[b2 >> 6] |= 1 << (b2 & 63);
-        // Split at the FIRST '-': standard suffixes never contain '-', and a
-        // key like `a21026-i22004-Info` is factor a21026, item `i22004-Info`.
-        let (code_span, suffix) = match dash {
-            Some(d) if d > tok && d + 1 < key_end => {
-                (Some(Span::new(tok, d)), Some(Span::new(d + 1, key_end)))
-            }
-            _ => (None, None),
-        };
-        let kind = match suffix {
-            Some(s) if !is_info && !text_suffix(&seg[s.range()]) => {
-                classify_number(&seg[value.range()])
-            }
-            _ => ValueKind::Text,
-        };
-        if kind == ValueKind::LooseNumber {
-            findings.push(Finding::new(
-                code::VALUE_FORMAT,
-                Severity::Info,
-                format!(
-                    "{}={} is not a plain decimal; normalised",
-                    String::from_utf8_lossy(kb),
-                    String::from_utf8_lossy(&seg[value.range()])
-                ),
-            ));
-        }
-        pairs.push(Pair {
-            key,
-            code: code_span,
-            suffix,
-            value,
-            kind,
-        });
+        push_pair(
+            seg,
+            Scanned {
+                tok,
+                key,
+                key_end,
+                dash,
+                h,
+                value,
+                info: is_info,
+            },
+            &mut seen,
+            &mut pairs,
+            findings,
+        );
     }
     pairs
+}
+
+/// One key/value token as a scan found it: where the key starts and ends, its
+/// first `-`, its hash, the value's span and whether it is `//` text.
+struct Scanned {
+    tok: usize,
+    key: Span,
+    key_end: usize,
+    dash: Option<usize>,
+    h: u64,
+    value: Span,
+    info: bool,
+}
+
+/// What [`parse`] and [`parse_grammar`] do with each token once scanned: the
+/// empty-key and duplicate-key findings, the factor code and suffix split, the
+/// number classification. One body for both, so the grammar and the fast path
+/// cannot drift apart here; inlined, as it sits in the hottest loop.
+#[inline(always)]
+fn push_pair(
+    seg: &[u8],
+    t: Scanned,
+    seen: &mut [u64; 4],
+    pairs: &mut Vec<Pair>,
+    findings: &mut Vec<Finding>,
+) {
+    let Scanned {
+        tok,
+        key,
+        key_end,
+        dash,
+        h,
+        value,
+        info,
+    } = t;
+    let kb = &seg[key.range()];
+    if kb.is_empty() {
+        findings.push(Finding::new(
+            code::CP_SYNTAX,
+            Severity::Warning,
+            "empty CP key",
+        ));
+        return;
+    }
+    let h = h.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let (b1, b2) = ((h >> 56) as usize, ((h >> 48) & 255) as usize);
+    let probable = seen[b1 >> 6] & (1 << (b1 & 63)) != 0 && seen[b2 >> 6] & (1 << (b2 & 63)) != 0;
+    if probable && pairs.iter().any(|p: &Pair| &seg[p.key.range()] == kb) {
+        findings.push(Finding::new(
+            code::CP_DUPLICATE,
+            Severity::Warning,
+            format!(
+                "CP key {:?} repeated; the last value wins",
+                String::from_utf8_lossy(kb)
+            ),
+        ));
+    }
+    seen[b1 >> 6] |= 1 << (b1 & 63);
+    seen[b2 >> 6] |= 1 << (b2 & 63);
+    // Split at the FIRST '-': standard suffixes never contain '-', and a
+    // key like `a21026-i22004-Info` is factor a21026, item `i22004-Info`.
+    let (code_span, suffix) = match dash {
+        Some(d) if d > tok && d + 1 < key_end => {
+            (Some(Span::new(tok, d)), Some(Span::new(d + 1, key_end)))
+        }
+        _ => (None, None),
+    };
+    let kind = match suffix {
+        Some(s) if !info && !text_suffix(&seg[s.range()]) => classify_number(&seg[value.range()]),
+        _ => ValueKind::Text,
+    };
+    if kind == ValueKind::LooseNumber {
+        findings.push(Finding::new(
+            code::VALUE_FORMAT,
+            Severity::Info,
+            format!(
+                "{}={} is not a plain decimal; normalised",
+                String::from_utf8_lossy(kb),
+                String::from_utf8_lossy(&seg[value.range()])
+            ),
+        ));
+    }
+    pairs.push(Pair {
+        key,
+        code: code_span,
+        suffix,
+        value,
+        kind,
+    });
 }
 
 fn token_without_eq(tok: &[u8]) -> Finding {
