@@ -237,67 +237,126 @@ impl Frame {
 /// Decodes one frame as cut by the framer. Never fails; problems are findings.
 pub fn decode(raw: Bytes, opts: &Options, devices: &dyn DeviceLookup) -> Frame {
     let mut findings = Vec::new();
-    let b = &raw[..];
-
-    let (body_end, ending) = if b.ends_with(b"\r\n") {
-        (b.len() - 2, Ending::CrLf)
-    } else if b.ends_with(b"\n") {
-        (b.len() - 1, Ending::Lf)
-    } else if b.ends_with(b"\r") {
-        (b.len() - 1, Ending::Cr)
+    let env = envelope(&raw, opts, &mut findings);
+    let wire_seg = raw.slice(env.seg_start..env.seg_end);
+    let seg = &wire_seg[..];
+    let cp_start = header::find_cp(seg, &mut findings);
+    let header_end = cp_start.map_or(seg.len(), |c| c.key);
+    let hdr = header::parse(seg, header_end, &mut findings);
+    let mn_text = hdr
+        .mn
+        .and_then(|s| std::str::from_utf8(&seg[s.range()]).ok())
+        .unwrap_or("");
+    let profile = if mn_text.is_empty() {
+        None
     } else {
-        (b.len(), Ending::None)
+        devices.profile(mn_text)
     };
-    match ending {
-        Ending::CrLf => {}
-        Ending::Lf | Ending::Cr => findings.push(Finding::new(
-            code::TERMINATOR_NONSTANDARD,
-            Severity::Info,
-            if ending == Ending::Lf {
-                "frame ends with LF only"
-            } else {
-                "frame ends with CR only"
-            },
-        )),
-        Ending::None => findings.push(Finding::new(
-            code::TERMINATOR_MISSING,
-            Severity::Info,
-            "frame has no CR LF terminator",
-        )),
-    }
+    let policy = profile.as_ref().and_then(|p| p.crc).unwrap_or(opts.crc);
 
-    // "##" then up to 4 length digits.
-    let mut seg_start = 0;
-    let mut declared_len = None;
-    if b.starts_with(b"##") {
-        let digits = b[2..body_end.max(2)]
-            .iter()
-            .take(4)
-            .take_while(|c| c.is_ascii_digit())
-            .count();
-        if digits > 0 {
-            declared_len = Some(
-                b[2..2 + digits]
-                    .iter()
-                    .fold(0usize, |a, &d| a * 10 + (d - b'0') as usize),
-            );
+    let mut segment = wire_seg.clone();
+    let mut encryption = None;
+    let mut cp_span = None;
+    let mut crc_check = None;
+    if let Some(cps) = cp_start {
+        encryption = crypt::sniff(&seg[cps.body..]);
+        match encryption {
+            None => cp_span = Some(plain_cp(seg, cps, &mut findings)),
+            Some(form) => {
+                let keys: &[Key] = profile.as_ref().map_or(&[], |p| &p.keys);
+                match encrypted_cp(
+                    seg,
+                    cps,
+                    form,
+                    keys,
+                    env.declared_crc,
+                    policy,
+                    &mut findings,
+                ) {
+                    Some((plain, cp)) => {
+                        segment = Bytes::from(plain);
+                        cp_span = Some(cp);
+                    }
+                    // The CRC is over plaintext we do not have: it cannot be judged.
+                    None => {
+                        crc_check = Some(CrcCheck {
+                            declared: env.declared_crc.map(|d| d.1),
+                            computed: crc::hj212(seg),
+                            variant: CrcVariant::Unknown,
+                        })
+                    }
+                }
+            }
         }
-        if digits != 4 {
-            findings.push(Finding::new(
-                code::LENGTH_MALFORMED,
-                Severity::Warning,
-                format!("length field has {digits} digits, the standard requires 4"),
-            ));
-        }
-        seg_start = 2 + digits;
     } else {
         findings.push(Finding::new(
-            code::FRAME_HEADER,
+            code::CP_MISSING,
             Severity::Error,
-            "frame does not start with ##",
+            "no CP= in the data segment",
         ));
     }
 
+    let crc_check =
+        crc_check.unwrap_or_else(|| check_crc(&segment, env.declared_crc, policy, &mut findings));
+
+    if let Some(cp) = cp_span {
+        if cp.end() - cp.start() > 950 {
+            findings.push(Finding::new(
+                code::CP_OVERSIZE,
+                Severity::Info,
+                format!(
+                    "CP area of {} bytes exceeds the standard's 950",
+                    cp.end() - cp.start()
+                ),
+            ));
+        }
+    }
+    let pairs = cp_span.map_or_else(Vec::new, |cp| {
+        cp::parse(&segment, cp.start(), cp.end(), &mut findings)
+    });
+
+    let mut frame = Frame {
+        raw,
+        segment,
+        declared_len: env.declared_len,
+        ending: env.ending,
+        header: hdr,
+        cp: cp_span,
+        pairs,
+        flag: None,
+        dialect: None,
+        encryption,
+        crc: crc_check,
+        data_time: None,
+        data_time_ms: false,
+        cp_qn: None,
+        findings,
+    };
+    validate(&mut frame, opts, profile.as_ref().and_then(|p| p.dialect));
+    frame
+}
+
+/// Where the data segment of a frame lies, and what its envelope declared.
+struct Envelope {
+    ending: Ending,
+    declared_len: Option<usize>,
+    /// The CRC field's value and its four characters as sent.
+    declared_crc: Option<(u16, [u8; 4])>,
+    seg_start: usize,
+    seg_end: usize,
+}
+
+/// The envelope around the data segment: `##`, the length field, the CRC field
+/// and the terminator, with their findings.
+///
+/// Rule (HJ 212-2017 Table 2; digest §1): `"##" | LLLL | <data segment, LLLL
+/// bytes> | CCCC | CR LF`: the length is "4 ASCII decimal digits", the CRC "4
+/// hex digits of the CRC-16 of the data segment only (not
+/// header/length/trailer)", and "the length does not include `##`, itself, the
+/// CRC or CRLF".
+fn envelope(b: &[u8], opts: &Options, findings: &mut Vec<Finding>) -> Envelope {
+    let (body_end, ending) = terminator(b, findings);
+    let (seg_start, declared_len) = length_field(b, body_end, findings);
     let tail = &b[body_end.saturating_sub(4).max(seg_start)..body_end];
     let (seg_end, declared_crc) = match (tail.len() == 4).then(|| crc::parse_hex4(tail)).flatten() {
         Some(v) => (
@@ -358,156 +417,169 @@ pub fn decode(raw: Bytes, opts: &Options, devices: &dyn DeviceLookup) -> Frame {
             ),
         ));
     }
+    Envelope {
+        ending,
+        declared_len,
+        declared_crc,
+        seg_start,
+        seg_end,
+    }
+}
 
-    let wire_seg = raw.slice(seg_start..seg_end);
-    let seg = &wire_seg[..];
-    let cp_start = header::find_cp(seg, &mut findings);
-    let header_end = cp_start.map_or(seg.len(), |c| c.key);
-    let hdr = header::parse(seg, header_end, &mut findings);
-    let mn_text = hdr
-        .mn
-        .and_then(|s| std::str::from_utf8(&seg[s.range()]).ok())
-        .unwrap_or("");
-    let profile = if mn_text.is_empty() {
-        None
+/// The terminator: where the frame's body ends, and how it was terminated.
+fn terminator(b: &[u8], findings: &mut Vec<Finding>) -> (usize, Ending) {
+    let (body_end, ending) = if b.ends_with(b"\r\n") {
+        (b.len() - 2, Ending::CrLf)
+    } else if b.ends_with(b"\n") {
+        (b.len() - 1, Ending::Lf)
+    } else if b.ends_with(b"\r") {
+        (b.len() - 1, Ending::Cr)
     } else {
-        devices.profile(mn_text)
+        (b.len(), Ending::None)
     };
-    let policy = profile.as_ref().and_then(|p| p.crc).unwrap_or(opts.crc);
+    match ending {
+        Ending::CrLf => {}
+        Ending::Lf | Ending::Cr => findings.push(Finding::new(
+            code::TERMINATOR_NONSTANDARD,
+            Severity::Info,
+            if ending == Ending::Lf {
+                "frame ends with LF only"
+            } else {
+                "frame ends with CR only"
+            },
+        )),
+        Ending::None => findings.push(Finding::new(
+            code::TERMINATOR_MISSING,
+            Severity::Info,
+            "frame has no CR LF terminator",
+        )),
+    }
+    (body_end, ending)
+}
 
-    let mut segment = wire_seg.clone();
-    let mut encryption = None;
-    let mut cp_span = None;
-    let mut crc_check = None;
-    if let Some(cps) = cp_start {
-        let body = &seg[cps.body..];
-        encryption = crypt::sniff(body);
-        match encryption {
-            None => {
-                // Plain CP: it ends at the LAST "&&" of the segment; bytes after it
-                // are a vendor extension (seen: `&&#G1010…&` before the CRC).
-                let close = if body.ends_with(b"&&") {
-                    Some(seg.len() - 2)
-                } else {
-                    memchr::memmem::rfind(body, b"&&").map(|i| cps.body + i)
-                };
-                match close {
-                    Some(c) if cps.opened => {
-                        if c + 2 < seg.len() {
-                            findings.push(Finding::new(
-                                code::CP_TRAILING,
-                                Severity::Warning,
-                                format!(
-                                    "{} bytes after the closing && of CP: {:?}",
-                                    seg.len() - c - 2,
-                                    String::from_utf8_lossy(&seg[c + 2..])
-                                ),
-                            ));
-                        }
-                        cp_span = Some(Span::new(cps.body, c));
-                    }
-                    _ => {
-                        findings.push(Finding::new(
-                            code::CP_SYNTAX,
-                            Severity::Warning,
-                            "CP area is not closed by &&",
-                        ));
-                        cp_span = Some(Span::new(cps.body, seg.len()));
-                    }
-                }
-            }
-            Some(form) => {
-                let keys: &[Key] = profile.as_ref().map_or(&[], |p| &p.keys);
-                if keys.is_empty() {
-                    findings.push(Finding::new(
-                        code::DECRYPT_NOKEY,
-                        Severity::Error,
-                        format!(
-                            "CP is SM4-encrypted ({}) and no key is configured for this MN",
-                            form.as_str()
-                        ),
-                    ));
-                } else {
-                    match decrypt(seg, cps.body, form, keys, declared_crc.map(|d| d.0), policy) {
-                        Some((plain, close)) => {
-                            segment = Bytes::from(plain);
-                            cp_span = Some(Span::new(cps.body, close));
-                        }
-                        None => findings.push(Finding::new(
-                            code::DECRYPT_FAILED,
-                            Severity::Error,
-                            format!("no configured key ({}) decrypts the CP to a frame matching its CRC", keys.len()),
-                        )),
-                    }
-                }
-                if cp_span.is_none() {
-                    // The CRC is over plaintext we do not have: it cannot be judged.
-                    crc_check = Some(CrcCheck {
-                        declared: declared_crc.map(|d| d.1),
-                        computed: crc::hj212(seg),
-                        variant: CrcVariant::Unknown,
-                    });
-                }
-            }
-        }
-    } else {
+/// `##` then up to 4 length digits: where the data segment starts, and the
+/// declared length if any digits were there.
+fn length_field(b: &[u8], body_end: usize, findings: &mut Vec<Finding>) -> (usize, Option<usize>) {
+    if !b.starts_with(b"##") {
         findings.push(Finding::new(
-            code::CP_MISSING,
+            code::FRAME_HEADER,
             Severity::Error,
-            "no CP= in the data segment",
+            "frame does not start with ##",
+        ));
+        return (0, None);
+    }
+    let digits = b[2..body_end.max(2)]
+        .iter()
+        .take(4)
+        .take_while(|c| c.is_ascii_digit())
+        .count();
+    let declared_len = (digits > 0).then(|| {
+        b[2..2 + digits]
+            .iter()
+            .fold(0usize, |a, &d| a * 10 + (d - b'0') as usize)
+    });
+    if digits != 4 {
+        findings.push(Finding::new(
+            code::LENGTH_MALFORMED,
+            Severity::Warning,
+            format!("length field has {digits} digits, the standard requires 4"),
         ));
     }
+    (2 + digits, declared_len)
+}
 
-    let crc_check = crc_check.unwrap_or_else(|| {
-        let (computed, variant) = match declared_crc {
-            Some((d, _)) => crc::identify(&segment, d),
-            None => (crc::hj212(&segment), CrcVariant::Unknown),
-        };
-        if let Some((d, text)) = declared_crc {
-            judge_crc(d, text, computed, variant, policy, &mut findings);
+/// A plain CP: it ends at the LAST `&&` of the segment; bytes after it are a
+/// vendor extension (seen: `&&#G1010…&` before the CRC).
+fn plain_cp(seg: &[u8], cps: header::CpStart, findings: &mut Vec<Finding>) -> Span {
+    let body = &seg[cps.body..];
+    let close = if body.ends_with(b"&&") {
+        Some(seg.len() - 2)
+    } else {
+        memchr::memmem::rfind(body, b"&&").map(|i| cps.body + i)
+    };
+    match close {
+        Some(c) if cps.opened => {
+            if c + 2 < seg.len() {
+                findings.push(Finding::new(
+                    code::CP_TRAILING,
+                    Severity::Warning,
+                    format!(
+                        "{} bytes after the closing && of CP: {:?}",
+                        seg.len() - c - 2,
+                        String::from_utf8_lossy(&seg[c + 2..])
+                    ),
+                ));
+            }
+            Span::new(cps.body, c)
         }
-        CrcCheck {
-            declared: declared_crc.map(|d| d.1),
-            computed,
-            variant,
-        }
-    });
-
-    if let Some(cp) = cp_span {
-        if cp.end() - cp.start() > 950 {
+        _ => {
             findings.push(Finding::new(
-                code::CP_OVERSIZE,
-                Severity::Info,
-                format!(
-                    "CP area of {} bytes exceeds the standard's 950",
-                    cp.end() - cp.start()
-                ),
+                code::CP_SYNTAX,
+                Severity::Warning,
+                "CP area is not closed by &&",
             ));
+            Span::new(cps.body, seg.len())
         }
     }
-    let pairs = cp_span.map_or_else(Vec::new, |cp| {
-        cp::parse(&segment, cp.start(), cp.end(), &mut findings)
-    });
+}
 
-    let mut frame = Frame {
-        raw,
-        segment,
-        declared_len,
-        ending,
-        header: hdr,
-        cp: cp_span,
-        pairs,
-        flag: None,
-        dialect: None,
-        encryption,
-        crc: crc_check,
-        data_time: None,
-        data_time_ms: false,
-        cp_qn: None,
-        findings,
+/// An SM4-encrypted CP (HJ 212-2025): the plaintext segment and its CP span,
+/// or `None` (with the finding) when no configured key opens it.
+fn encrypted_cp(
+    seg: &[u8],
+    cps: header::CpStart,
+    form: crypt::WireForm,
+    keys: &[Key],
+    declared_crc: Option<(u16, [u8; 4])>,
+    policy: CrcPolicy,
+    findings: &mut Vec<Finding>,
+) -> Option<(Vec<u8>, Span)> {
+    if keys.is_empty() {
+        findings.push(Finding::new(
+            code::DECRYPT_NOKEY,
+            Severity::Error,
+            format!(
+                "CP is SM4-encrypted ({}) and no key is configured for this MN",
+                form.as_str()
+            ),
+        ));
+        return None;
+    }
+    match decrypt(seg, cps.body, form, keys, declared_crc.map(|d| d.0), policy) {
+        Some((plain, close)) => Some((plain, Span::new(cps.body, close))),
+        None => {
+            findings.push(Finding::new(
+                code::DECRYPT_FAILED,
+                Severity::Error,
+                format!(
+                    "no configured key ({}) decrypts the CP to a frame matching its CRC",
+                    keys.len()
+                ),
+            ));
+            None
+        }
+    }
+}
+
+/// The CRC of the (plaintext) segment against the declared one, judged by policy.
+fn check_crc(
+    segment: &[u8],
+    declared_crc: Option<(u16, [u8; 4])>,
+    policy: CrcPolicy,
+    findings: &mut Vec<Finding>,
+) -> CrcCheck {
+    let (computed, variant) = match declared_crc {
+        Some((d, _)) => crc::identify(segment, d),
+        None => (crc::hj212(segment), CrcVariant::Unknown),
     };
-    validate(&mut frame, opts, profile.as_ref().and_then(|p| p.dialect));
-    frame
+    if let Some((d, text)) = declared_crc {
+        judge_crc(d, text, computed, variant, policy, findings);
+    }
+    CrcCheck {
+        declared: declared_crc.map(|d| d.1),
+        computed,
+        variant,
+    }
 }
 
 fn judge_crc(
@@ -630,12 +702,39 @@ fn decrypt(
     None
 }
 
-/// Field, dialect and timestamp checks (HJ 212-2017 Table 3 and Table 4).
+/// Field, dialect and timestamp checks (HJ 212-2017 Table 3 and Table 4) after
+/// the frame is cut into its parts: each a finding on the frame, none of them
+/// changing a byte.
 fn validate(f: &mut Frame, opts: &Options, dialect_override: Option<Dialect>) {
     let mut out = std::mem::take(&mut f.findings);
     let seg = f.segment.clone();
-    let get = |s: Option<Span>| s.map(|s| &seg[s.range()]);
+    flag_and_dialect(f, &seg, dialect_override, &mut out);
+    let is_2005 = f.dialect == Some(Dialect::V2005);
+    check_qn(f, &seg, is_2005, &mut out);
+    check_st(f, &seg, &mut out);
+    check_cn(f, &seg, &mut out);
+    check_mn(f, &seg, is_2005, &mut out);
+    check_pw(f, &seg, &mut out);
+    check_packet_and_rf(f, &seg, &mut out);
+    device_time(f, &seg, opts, &mut out);
+    f.findings = out;
+}
 
+/// The bytes of a header field, if the frame has it.
+fn field(seg: &[u8], s: Option<Span>) -> Option<&[u8]> {
+    s.map(|s| &seg[s.range()])
+}
+
+/// Flag (an integer 0..255), the QN a 2005 reply carries in CP, and the
+/// dialect: from Flag's version bits, else inferred (HJ 212-2017 Table 3;
+/// digest §3.2).
+fn flag_and_dialect(
+    f: &mut Frame,
+    seg: &[u8],
+    dialect_override: Option<Dialect>,
+    out: &mut Vec<Finding>,
+) {
+    let get = |s: Option<Span>| field(seg, s);
     // Flag: integer 0..255.
     if let Some(v) = get(f.header.flag) {
         match std::str::from_utf8(v)
@@ -706,7 +805,11 @@ fn validate(f: &mut Frame, opts: &Options, dialect_override: Option<Dialect>) {
             ),
         ));
     }
+}
 
+/// QN: 17 digits `YYYYMMDDhhmmsszzz` (HJ 212-2017 Table 3); optional in 2005.
+fn check_qn(f: &Frame, seg: &[u8], is_2005: bool, out: &mut Vec<Finding>) {
+    let get = |s: Option<Span>| field(seg, s);
     match get(f.header.qn) {
         None if f.cp_qn.is_none() => out.push(Finding::new(
             code::FIELD_MISSING_QN,
@@ -727,6 +830,11 @@ fn validate(f: &mut Frame, opts: &Options, dialect_override: Option<Dialect>) {
         )),
         _ => {}
     }
+}
+
+/// ST: the system code, 1..3 characters of `0-9A-Z` (HJ 212-2017 §6.6.1).
+fn check_st(f: &Frame, seg: &[u8], out: &mut Vec<Finding>) {
+    let get = |s: Option<Span>| field(seg, s);
     match get(f.header.st) {
         None => out.push(Finding::new(
             code::FIELD_MISSING_ST,
@@ -751,6 +859,11 @@ fn validate(f: &mut Frame, opts: &Options, dialect_override: Option<Dialect>) {
         }
         _ => {}
     }
+}
+
+/// CN: the command code, 4 digits (HJ 212-2017 Table 3).
+fn check_cn(f: &Frame, seg: &[u8], out: &mut Vec<Finding>) {
+    let get = |s: Option<Span>| field(seg, s);
     match get(f.header.cn) {
         None => out.push(Finding::new(
             code::FIELD_MISSING_CN,
@@ -764,6 +877,12 @@ fn validate(f: &mut Frame, opts: &Options, dialect_override: Option<Dialect>) {
         )),
         _ => {}
     }
+}
+
+/// MN: the device's identity; 14 characters in 2005, 24 hex digits later
+/// (digest §3.4).
+fn check_mn(f: &Frame, seg: &[u8], is_2005: bool, out: &mut Vec<Finding>) {
+    let get = |s: Option<Span>| field(seg, s);
     // HJ/T 212-2005 App. C: the platform's data ack is
     // `ST=91;CN=9014;CP=&&QN=<qn>;CN=<cn>&&`, with no PW, MN or Flag, so a
     // missing MN there is the standard form, not an error.
@@ -819,6 +938,11 @@ fn validate(f: &mut Frame, opts: &Options, dialect_override: Option<Dialect>) {
             }
         }
     }
+}
+
+/// PW: 6 characters (HJ 212-2017 Table 3).
+fn check_pw(f: &Frame, seg: &[u8], out: &mut Vec<Finding>) {
+    let get = |s: Option<Span>| field(seg, s);
     match get(f.header.pw) {
         None => out.push(Finding::new(
             code::FIELD_MISSING_PW,
@@ -833,6 +957,12 @@ fn validate(f: &mut Frame, opts: &Options, dialect_override: Option<Dialect>) {
         )),
         _ => {}
     }
+}
+
+/// PNUM/PNO: both present with 1 <= PNO <= PNUM (digest §3.5); RF, which the
+/// 2025 edition defines only as `RF=1`.
+fn check_packet_and_rf(f: &Frame, seg: &[u8], out: &mut Vec<Finding>) {
+    let get = |s: Option<Span>| field(seg, s);
     let pnum = get(f.header.pnum);
     let pno = get(f.header.pno);
     if pnum.is_some() || pno.is_some() {
@@ -859,8 +989,11 @@ fn validate(f: &mut Frame, opts: &Options, dialect_override: Option<Dialect>) {
             ));
         }
     }
+}
 
-    // DataTime (uploads) or SystemTime (1011 replies): device-local time.
+/// DataTime (uploads) or SystemTime (1011 replies), device-local time against
+/// the receive time.
+fn device_time(f: &mut Frame, seg: &[u8], opts: &Options, out: &mut Vec<Finding>) {
     let time_pair = f
         .pairs
         .iter()
@@ -918,5 +1051,4 @@ fn validate(f: &mut Frame, opts: &Options, dialect_override: Option<Dialect>) {
             }
         }
     }
-    f.findings = out;
 }
