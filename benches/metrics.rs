@@ -1,41 +1,44 @@
 //! Cost of the metrics. Run: `cargo bench --bench metrics`.
 //!
-//! 1. The per-frame instrumentation a session adds: `METRICS.frame` (verdict,
+//! 1. The per-frame instrumentation a session adds: `Metrics::frame` (verdict,
 //!    bytes, findings), the ack-latency observation and the sent-bytes add, on
 //!    one thread and on two threads hammering the same counters (the worst case
-//!    for cache-line contention on this 2-core machine).
-//! 2. Rendering the process-wide registry (no I/O).
+//!    for cache-line contention on this 2-core machine). The registry is reached
+//!    through an `Arc`, as a session reaches its gateway's.
+//! 2. Rendering one gateway's registry (no I/O).
 //! 3. A whole scrape over HTTP (`GET /metrics`: store head, cursors and active
 //!    alarms read from a real SQLite log of 100 k records, render, response)
 //!    against an in-process gateway, as percentiles.
 
 use std::hint::black_box;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use hj212_gateway::config::Config;
 use hj212_gateway::daemon::{self, Overrides};
-use hj212_gateway::metrics::{Exposition, METRICS, render_process};
+use hj212_gateway::metrics::{Exposition, Metrics, render_process};
 use hj212_gateway::protocol::{Finding, Severity};
 use hj212_gateway::store::{Direction, Kind, NewRecord, Verdict};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn per_frame(findings: &[Finding]) {
+fn per_frame(m: &Arc<Metrics>, findings: &[Finding]) {
     let t = Instant::now();
-    METRICS.frame(true, black_box(512), findings);
-    METRICS.bytes_out.add(black_box(87));
-    METRICS.ack_seconds.observe_duration(t.elapsed(), 1);
+    m.frame(true, black_box(512), findings);
+    m.bytes_out.add(black_box(87));
+    m.ack_seconds.observe_duration(t.elapsed(), 1);
 }
 
 fn bench_counters() {
+    let m = Arc::new(Metrics::new());
     let none: Vec<Finding> = Vec::new();
     let one = vec![Finding::new("time.stale", Severity::Warning, "x")];
     for (label, f) in [("no findings", &none), ("one finding", &one)] {
         let n = 20_000_000u64;
         let start = Instant::now();
         for _ in 0..n {
-            per_frame(black_box(f));
+            per_frame(black_box(&m), black_box(f));
         }
         let ns = start.elapsed().as_nanos() as f64 / n as f64;
         println!("per-frame instrumentation, 1 thread, {label}: {ns:.1} ns/frame");
@@ -46,7 +49,7 @@ fn bench_counters() {
         for _ in 0..2 {
             s.spawn(|| {
                 for _ in 0..n {
-                    per_frame(black_box(&none));
+                    per_frame(black_box(&m), black_box(&none));
                 }
             });
         }
@@ -56,16 +59,17 @@ fn bench_counters() {
 }
 
 fn bench_render() {
+    let m = Metrics::new();
     let n = 2_000;
     let start = Instant::now();
     let mut len = 0;
     for _ in 0..n {
         let mut e = Exposition::new();
-        METRICS.render(&mut e);
+        m.render(&mut e);
         len = e.finish().len();
     }
     let us = start.elapsed().as_secs_f64() * 1e6 / n as f64;
-    println!("render process-wide registry ({len} bytes): {us:.1} us");
+    println!("render one gateway's registry ({len} bytes): {us:.1} us");
     let start = Instant::now();
     for _ in 0..n {
         let mut e = Exposition::new();

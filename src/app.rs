@@ -1,5 +1,6 @@
 //! What every task of the daemon shares: the configuration, the device
-//! registry, the frame log's handle, MN ownership and device presence.
+//! registry, the frame log's handle, MN ownership, device presence and the
+//! metrics registry.
 //!
 //! Sessions, the upstream forwarders, the control socket and `/metrics` all
 //! hold one `Arc<App>`; none of them reaches into another's module for it.
@@ -8,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::publish::presence::Presence;
 use crate::registry::SharedRegistry;
 use crate::store::StoreHandle;
@@ -31,6 +33,10 @@ pub struct App {
     pub next_id: AtomicU64,
     /// Device presence for the MQTT publisher (`None` when it is disabled).
     pub presence: Option<Arc<Presence>>,
+    /// This gateway's metrics: what `/metrics` renders. The store writer, the
+    /// commit feed and the log's consumers count in the same registry (the daemon
+    /// hands it to each at start), so two gateways in one process count apart.
+    pub metrics: Arc<Metrics>,
 }
 
 /// The name the daemon's modules have always used for [`App`].

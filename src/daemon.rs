@@ -35,6 +35,7 @@ use tracing::{error, info, warn};
 use crate::app::{SessionMap, Shared};
 use crate::config::{self, Config, ConfigError};
 use crate::health::{self, Health};
+use crate::metrics::Metrics;
 use crate::metrics::http::{MetricsServer, Probe};
 use crate::publish::mqtt::{self, MqttSettings};
 use crate::publish::presence::Presence;
@@ -125,6 +126,8 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
     let data = data_dir(o.data.as_deref());
     let registry = Registry::from_config(&cfg)?;
     let store_path = cfg.store_path(&data);
+    // One registry per gateway, handed to everything that counts (see `App::metrics`).
+    let metrics = Arc::new(Metrics::new());
     let store_cfg = StoreConfig {
         path: store_path.clone(),
         sync: match cfg.store.sync {
@@ -138,6 +141,7 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
         feed_records: cfg.store.feed_records,
         writer_boost: cfg.store.writer_boost,
         check_tail: cfg.store.check_tail,
+        metrics: Arc::clone(&metrics),
     };
     let (store, writer): (StoreHandle, WriterJoin) =
         tokio::task::spawn_blocking(move || Store::open(store_cfg))
@@ -201,6 +205,7 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
         sessions,
         next_id: AtomicU64::new(1),
         presence: presence.clone(),
+        metrics,
     });
     let server = Server::bind(shared.clone(), &listen).await?;
     let control =
@@ -218,7 +223,7 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let health = Arc::new(Health::default());
-    crate::metrics::METRICS.mark_start();
+    shared.metrics.mark_start();
     info!(listen = ?addrs, data = %data.display(), store = %store_path.display(), devices, "listening");
     let (t, s) = (tracker.clone(), shutdown.clone());
     // /healthz reports unhealthy once the accept loop has ended, whatever the cause.

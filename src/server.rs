@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::app::Shared;
-use crate::metrics::{METRICS, Refusal};
+use crate::metrics::{Metrics, Refusal};
 use crate::proxy::{self, Accept, Cidr, Parsed};
 use crate::session;
 
@@ -141,7 +141,7 @@ impl AcceptCtx {
                 r = listener.accept() => match r {
                     Ok(x) => { backoff = Duration::from_millis(10); x }
                     Err(e) => {
-                        METRICS.accept_errors.inc();
+                        self.shared.metrics.accept_errors.inc();
                         crate::log_repeated!(error, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -157,11 +157,11 @@ impl AcceptCtx {
             if !admit(&self.per_ip, &self.shared, peer) {
                 continue;
             }
-            METRICS.accepted.inc();
+            self.shared.metrics.accepted.inc();
             configure(&stream, &self.shared);
             // Spawned as is, not inside an `async` block: a block would keep its
             // own copy of everything it hands the session (see `session::run`).
-            let held = Held::new(permit, self.per_ip.clone(), ip);
+            let held = Held::new(permit, self.per_ip.clone(), ip, &self.shared.metrics);
             self.tracker.spawn(session::run(
                 self.shared.clone(),
                 stream,
@@ -187,7 +187,7 @@ impl AcceptCtx {
             // Refused before a byte is read: an untrusted source must not be able
             // to claim an address, and serving it as a direct device would make
             // the log's peer depend on which path a device took.
-            let refused = METRICS.refused(Refusal::ProxyUntrusted);
+            let refused = self.shared.metrics.refused(Refusal::ProxyUntrusted);
             if refused.is_power_of_two() {
                 warn!(peer = %sock_peer, refused_total = refused, "connection refused: source not in proxy_trusted");
             }
@@ -212,7 +212,7 @@ impl AcceptCtx {
                         Ok(Err(HeaderFailure::Io(e))) => ("io", e.to_string()),
                         _ => ("timeout", format!("no complete header within {:?}", policy.timeout)),
                     };
-                    let refused = METRICS.refused(Refusal::ProxyHeader);
+                    let refused = shared.metrics.refused(Refusal::ProxyHeader);
                     // Nothing was acked, so the device still holds its data and
                     // retransmits once the path is fixed; storing bytes whose
                     // sender is unknown would put a wrong peer in the log.
@@ -226,10 +226,10 @@ impl AcceptCtx {
             if !admit(&per_ip, &shared, peer) {
                 return;
             }
-            METRICS.accepted.inc();
+            shared.metrics.accepted.inc();
             debug!(%peer, via = %sock_peer, version = ?header.version, "PROXY header accepted");
             configure(&stream, &shared);
-            let held = Held::new(permit, per_ip, peer.ip());
+            let held = Held::new(permit, per_ip, peer.ip(), &shared.metrics);
             session::run(shared, stream, peer, shutdown, held).await;
         });
     }
@@ -242,6 +242,8 @@ struct Held {
     _permit: OwnedSemaphorePermit,
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
     ip: IpAddr,
+    /// Where the session counts as open.
+    metrics: Arc<Metrics>,
 }
 
 impl Held {
@@ -250,19 +252,21 @@ impl Held {
         permit: OwnedSemaphorePermit,
         per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
         ip: IpAddr,
+        metrics: &Arc<Metrics>,
     ) -> Held {
-        METRICS.sessions_open.inc();
+        metrics.sessions_open.inc();
         Held {
             _permit: permit,
             per_ip,
             ip,
+            metrics: Arc::clone(metrics),
         }
     }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        METRICS.sessions_open.dec();
+        self.metrics.sessions_open.dec();
         release(&self.per_ip, self.ip);
     }
 }
@@ -273,7 +277,7 @@ fn admit(per_ip: &Mutex<HashMap<IpAddr, usize>>, shared: &Shared, peer: SocketAd
     let mut m = per_ip.lock().unwrap_or_else(|e| e.into_inner());
     let n = m.entry(peer.ip()).or_insert(0);
     if *n >= max {
-        let refused = METRICS.refused(Refusal::PerIp);
+        let refused = shared.metrics.refused(Refusal::PerIp);
         // Rate-limit: a flood from one address logs at powers of two.
         if refused.is_power_of_two() {
             warn!(%peer, refused_total = refused, max_per_ip = max, "connection refused: per-IP limit");

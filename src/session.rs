@@ -227,7 +227,7 @@ impl Session {
         if s.core.junk.pending() > 0 {
             let _ = Box::pin(s.process(io, Vec::new(), true, false)).await;
         }
-        crate::metrics::METRICS.session_closed(reason);
+        s.shared.metrics.session_closed(reason);
         s.dl_close();
         for (i, mn) in s.mns.iter().enumerate() {
             let released = s.shared.sessions.release(mn, id);
@@ -557,7 +557,7 @@ impl Session {
             // The holder appeared between the frame's check and the
             // commit: counted, not flagged (the frame is stored).
             Claimed::Conflict(holder) => {
-                crate::metrics::METRICS.session_conflicts.inc();
+                self.shared.metrics.session_conflicts.inc();
                 slog!(
                     debug,
                     self,
@@ -596,8 +596,9 @@ impl Session {
             }
             return Err(reason);
         }
-        crate::metrics::METRICS.bytes_out.add(bytes as u64);
-        crate::metrics::METRICS
+        self.shared.metrics.bytes_out.add(bytes as u64);
+        self.shared
+            .metrics
             .ack_seconds
             .observe_duration(read_at.elapsed(), acks);
         // After the 9013 to a 1013 or 1014 went out, as the standard's flows expect.
@@ -684,7 +685,7 @@ impl Hooks for Shell<'_> {
             .shared
             .sessions
             .conflicting(mn, self.id, self.ip, now_ms, idle_ms)?;
-        crate::metrics::METRICS.session_conflicts.inc();
+        self.shared.metrics.session_conflicts.inc();
         if let Some(unlogged) = holder.conflict_log_due(now_ms) {
             slog!(
                 warn,
@@ -699,11 +700,11 @@ impl Hooks for Shell<'_> {
     }
 
     fn junk(&mut self, len: usize) {
-        crate::metrics::METRICS.junk(len);
+        self.shared.metrics.junk(len);
     }
 
     fn junk_record(&mut self, rec: &NewRecord, end: RunEnd) {
-        crate::metrics::METRICS.junk_record(end.as_str());
+        self.shared.metrics.junk_record(end.as_str());
         if self.warn_allowed() {
             slog!(
                 warn,
@@ -716,7 +717,9 @@ impl Hooks for Shell<'_> {
     }
 
     fn frame(&mut self, frame: &Frame, accepted: bool) {
-        crate::metrics::METRICS.frame(accepted, frame.raw.len(), &frame.findings);
+        self.shared
+            .metrics
+            .frame(accepted, frame.raw.len(), &frame.findings);
         if !accepted && self.warn_allowed() {
             let codes: Vec<&str> = frame
                 .findings

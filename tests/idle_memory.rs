@@ -6,8 +6,7 @@
 //! process's RSS, so the number is what the kernel charges, size classes and
 //! all. The clients are blocking std sockets, which allocate nothing in this
 //! process; socket buffers are the kernel's, not in RSS. It is not a timing
-//! test. Only one test lives in this file: RSS and the session gauge are
-//! process-wide.
+//! test. Only one test lives in this file: RSS is process-wide.
 //!
 //! mimalloc asks for transparent huge pages, so RSS grows in 2 MiB steps:
 //! ~1 KiB per session at this N. The budget is therefore the issue's 4 KiB,
@@ -22,7 +21,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use hj212_gateway::metrics::METRICS;
+use hj212_gateway::metrics::Metrics;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -44,13 +43,13 @@ fn rss_bytes() -> i64 {
     kib * 1024
 }
 
-fn wait_sessions(n: i64) {
+fn wait_sessions(m: &Metrics, n: i64) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    while METRICS.sessions_open.get() != n {
+    while m.sessions_open.get() != n {
         assert!(
             Instant::now() < deadline,
             "{} sessions open, want {n}",
-            METRICS.sessions_open.get()
+            m.sessions_open.get()
         );
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -105,6 +104,7 @@ fn an_idle_session_costs_at_most_4_kib_of_rss() {
          [store]\nsync = \"off\"\n[metrics]\nenabled = false\n",
     ));
     let addr = g.addr;
+    let m = &g.running.shared.metrics;
 
     // Warm-up, kept small so that little freed memory is left for the
     // measured sessions to reuse: lazily made state (the store's first
@@ -116,15 +116,15 @@ fn an_idle_session_costs_at_most_4_kib_of_rss() {
         for (i, s) in warm.iter_mut().enumerate() {
             upload_and_ack(s, 900_000 + i as u32);
         }
-        wait_sessions(50);
+        wait_sessions(m, 50);
     }
-    wait_sessions(0);
+    wait_sessions(m, 0);
 
     let before = rss_bytes();
     let mut idle: Vec<TcpStream> = (0..N)
         .map(|_| TcpStream::connect(addr).expect("connect"))
         .collect();
-    wait_sessions(N as i64);
+    wait_sessions(m, N as i64);
     let after_idle = rss_bytes();
     let idle_per = (after_idle - before) / N as i64;
 
@@ -146,7 +146,7 @@ fn an_idle_session_costs_at_most_4_kib_of_rss() {
     );
 
     drop(idle);
-    wait_sessions(0);
+    wait_sessions(m, 0);
     rt.block_on(g.running.stop()).expect("stop");
 
     assert!(

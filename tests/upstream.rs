@@ -772,7 +772,6 @@ async fn a_request_flood_for_unknown_mns_is_refused_cheaply_and_forwarding_goes_
     const BUDGET: u32 = 10;
     let started = Instant::now();
     let p = Platform::start("127.0.0.1:0", Duration::ZERO).await;
-    // Its own upstream name: the per-upstream counters are process-wide.
     let gw = start(&config(
         &upstream(
             "flood",
@@ -842,7 +841,7 @@ async fn a_request_flood_for_unknown_mns_is_refused_cheaply_and_forwarding_goes_
         (BUDGET as usize..=BUDGET as usize + refill).contains(&answers),
         "{answers} answers, budget {BUDGET} + {refill}"
     );
-    let m_flood = hj212_gateway::metrics::METRICS.upstream("flood");
+    let m_flood = gw.running.shared.metrics.upstream("flood");
     assert_eq!(m_flood.refused_offline.get(), answers as u64);
     assert_eq!(m_flood.refused_rate_limited.get(), unanswered as u64);
     // One record per request; answer records only for the answers sent.

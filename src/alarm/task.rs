@@ -33,6 +33,7 @@ use tracing::{error, info, warn};
 use super::engine::Engine;
 use super::{AlarmEvent, Obs};
 use crate::config::{AlarmsSection, DeviceKind};
+use crate::metrics::Metrics;
 use crate::registry::SharedRegistry;
 use crate::store::follower::{self, Consumer, Exec, Follower, Plan, Rewind, Start};
 use crate::store::{AlarmRow, AlarmStore, Feed, StoreError, StoredRecord};
@@ -199,6 +200,8 @@ struct Detector {
     /// Failed commits of `pending` in a row.
     failures: u32,
     max_failures: u32,
+    /// The gateway's registry (the follower's), for the tracked-device gauges.
+    metrics: Arc<Metrics>,
 }
 
 impl Detector {
@@ -223,6 +226,7 @@ impl Detector {
             pending: None,
             failures: 0,
             max_failures,
+            metrics: Arc::clone(f.metrics()),
         };
         let (reader, marker) = (f.reader(), f.marker().clone());
         let reader = reader.lock().unwrap_or_else(|e| e.into_inner());
@@ -269,7 +273,7 @@ impl Detector {
     /// Publishes the engine's device counts (`hj212_alarm_tracked_devices`,
     /// `hj212_tracked_devices_evicted_total`).
     fn report_tracked(&self) {
-        let m = &crate::metrics::METRICS;
+        let m = &self.metrics;
         let (known, unregistered) = self.feeder.engine.tracked();
         m.alarm_tracked_registered.set(known as i64);
         m.alarm_tracked_unregistered.set(unregistered as i64);

@@ -94,9 +94,10 @@ pub fn detail(o: &Outcome) -> String {
 
 /// Counts the outcome and queues the row on the store's writer without
 /// waiting (the session never stalls on it). A row that cannot be queued is
-/// logged and counted (`hj212_downlink_exchanges_unrecorded_total`).
+/// logged and counted (`hj212_downlink_exchanges_unrecorded_total`). Counted
+/// in the store's registry, which in the daemon is the gateway's.
 pub fn record(store: &StoreHandle, row: NewExchange) {
-    let m = &crate::metrics::METRICS;
+    let m = store.metrics();
     m.downlink_exchange(row.outcome);
     let (mn, qn, outcome) = (row.mn.clone(), row.qn.clone(), row.outcome);
     if let Err(e) = store.record_exchange(row) {

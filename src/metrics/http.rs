@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::{Exposition, METRICS, render_process};
+use super::{Exposition, render_process};
 use crate::app::Shared;
 use crate::health::Health;
 use crate::store::Reader;
@@ -37,7 +37,7 @@ const LINGER_BYTES: usize = 64 * 1024;
 /// without store figures (and says so in `hj212_scrape_store_ok`).
 const STORE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// What a scrape reads besides the process-wide counters: the gateway's own
+/// What a scrape reads besides the gateway's counters: the gateway's own
 /// state (store handle, registry, config) and the frame log.
 #[derive(Debug)]
 pub struct Probe {
@@ -174,7 +174,7 @@ impl Probe {
             }
         };
         let mut e = Exposition::new();
-        METRICS.render(&mut e);
+        self.shared.metrics.render(&mut e);
         self.render_state(&mut e, view.as_ref());
         render_process(&mut e);
         e.family(
@@ -247,8 +247,8 @@ impl Probe {
             "Devices the alarm detectors keep state for; registered=\"false\" (outside the registry and [alarms.device]) is capped by [alarms] max_unregistered_devices.",
         );
         for (registered, g) in [
-            ("true", &METRICS.alarm_tracked_registered),
-            ("false", &METRICS.alarm_tracked_unregistered),
+            ("true", &self.shared.metrics.alarm_tracked_registered),
+            ("false", &self.shared.metrics.alarm_tracked_unregistered),
         ] {
             e.sample(
                 "hj212_alarm_tracked_devices",
@@ -264,7 +264,7 @@ impl Probe {
         e.sample(
             "hj212_tracked_devices_evicted_total",
             &[("state", "alarms")],
-            METRICS.alarm_evicted.get(),
+            self.shared.metrics.alarm_evicted.get(),
         );
         e.sample(
             "hj212_tracked_devices_evicted_total",
@@ -431,7 +431,7 @@ impl MetricsServer {
                     let victim = lock(&waiting).queue.pop_front();
                     if let Some((_, token)) = victim {
                         token.cancel();
-                        METRICS.metrics_connections_evicted.inc();
+                        probe.shared.metrics.metrics_connections_evicted.inc();
                     }
                     // The evicted task gives its slot back at once; without one
                     // (every slot is answering) wait at most a head timeout.

@@ -1,7 +1,7 @@
 //! Live metrics: a fixed, lock-free registry and its Prometheus text exposition.
 //!
 //! The hot path (one session frame) costs a handful of relaxed atomic adds: every
-//! series is a field of the process-wide [`METRICS`], label values are fixed
+//! series is a field of one [`Metrics`] registry, label values are fixed
 //! tables indexed at compile time (verdicts, finding codes, refusal reasons),
 //! and histograms have fixed buckets. Nothing allocates per frame and no label
 //! has unbounded cardinality (no per-MN or per-peer series).
@@ -9,8 +9,12 @@
 //! Values that live in the store (cursor lags, active alarms, queue depth) are
 //! read when `/metrics` is scraped, by [`http`], from the gateway's own state.
 //!
-//! One gateway per process is the production shape: the counters here are
-//! process-wide, so two gateways started in one process (tests) share them.
+//! Each gateway has its own registry, created by `daemon::start` and held in
+//! [`App::metrics`](crate::app::App::metrics); everything that counts is handed
+//! it (the store writer through `StoreConfig::metrics`, the log's consumers
+//! through the commit feed), so two gateways in one process (tests) count apart.
+//! The process series ([`render_process`]: CPU, memory, descriptors) are the
+//! process's own and so shared.
 
 pub mod http;
 mod render;
@@ -301,7 +305,8 @@ pub struct UpstreamMetrics {
     pub refused_rate_limited: Counter,
 }
 
-/// Every process-wide series. See the README "Metrics" section for meanings.
+/// One gateway's series (see [`App::metrics`](crate::app::App::metrics)). See the
+/// README "Metrics" section for meanings.
 #[derive(Debug)]
 pub struct Metrics {
     /// Device sessions currently open.
@@ -311,8 +316,6 @@ pub struct Metrics {
     refused: [Counter; Refusal::ALL.len()],
     /// `accept()` failures (EMFILE, ...).
     pub accept_errors: Counter,
-    /// Repeated log lines not written (see [`crate::telemetry::Repeats`]).
-    pub log_lines_suppressed: Counter,
     /// Metrics connections closed before their request head to make room for a
     /// new one (`[metrics] max_connections` reached).
     pub metrics_connections_evicted: Counter,
@@ -370,9 +373,6 @@ pub struct Metrics {
     start_time_ms: AtomicI64,
 }
 
-/// The process-wide registry.
-pub static METRICS: Metrics = Metrics::new();
-
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
@@ -387,7 +387,6 @@ impl Metrics {
             accepted: Counter::new(),
             refused: [const { Counter::new() }; Refusal::ALL.len()],
             accept_errors: Counter::new(),
-            log_lines_suppressed: Counter::new(),
             metrics_connections_evicted: Counter::new(),
             closed: [const { Counter::new() }; CloseReason::ALL.len()],
             items: [const { Counter::new() }; 3],
@@ -533,7 +532,8 @@ impl Metrics {
             .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
     }
 
-    /// Writes every process-wide series.
+    /// Writes every series of this registry (and the process-wide count of
+    /// suppressed log lines, see [`crate::telemetry::lines_suppressed`]).
     pub fn render(&self, e: &mut Exposition) {
         e.family(
             "hj212_gateway_build_info",
@@ -596,7 +596,8 @@ impl Metrics {
         e.sample(
             "hj212_log_lines_suppressed_total",
             &[],
-            self.log_lines_suppressed.get(),
+            // Per process, not per registry: see `telemetry::lines_suppressed`.
+            crate::telemetry::lines_suppressed(),
         );
         e.family(
             "hj212_metrics_connections_evicted_total",

@@ -281,7 +281,7 @@ fn split_labels(s: &str) -> Result<Vec<(String, String)>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::{METRICS, Metrics, Refusal};
+    use crate::metrics::{Metrics, Refusal};
 
     #[test]
     fn exposition_parses_and_histograms_are_consistent() {
@@ -298,7 +298,7 @@ mod tests {
         m.downlink_exchange("not an outcome");
         let mut e = Exposition::new();
         m.render(&mut e);
-        METRICS.render(&mut e);
+        Metrics::new().render(&mut e);
         let text = e.finish();
         // Rendering the same registry twice must be caught as duplicate families...
         assert!(parse_exposition(&text).unwrap_err().contains("twice"));

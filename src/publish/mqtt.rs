@@ -539,7 +539,7 @@ impl Publisher {
             };
             match connected {
                 Ok(()) => {
-                    crate::metrics::METRICS.mqtt_connected.set(1);
+                    self.f.metrics().mqtt_connected.set(1);
                     info!(host = %self.s.host, port = self.s.port, client_id = %self.s.client_id, "MQTT connected");
                     backoff = BACKOFF_MIN;
                     attempt = 0;
@@ -558,7 +558,7 @@ impl Publisher {
             }
             self.rewind().await;
             let ended = self.session(&client, &mut el, &shutdown).await;
-            crate::metrics::METRICS.mqtt_connected.set(0);
+            self.f.metrics().mqtt_connected.set(0);
             match ended {
                 Ended::Shutdown => break,
                 Ended::Lost(e) => {
@@ -847,7 +847,7 @@ impl Publisher {
     }
 
     fn enqueue_merged(&mut self, groups: Vec<Merged>) {
-        let m = &crate::metrics::METRICS;
+        let m = self.f.metrics();
         for (l, n) in Limit::ALL.into_iter().zip(self.merger.take_limited()) {
             m.mqtt_merge_limited(l.as_str(), n);
         }
@@ -879,7 +879,7 @@ impl Publisher {
     fn on_event(&mut self, ev: Event) {
         match ev {
             Event::Outgoing(Outgoing::Publish(pkid)) => {
-                crate::metrics::METRICS.mqtt_publishes.inc();
+                self.f.metrics().mqtt_publishes.inc();
                 let Some(tag) = self.sent_fifo.pop_front() else {
                     return;
                 };
@@ -904,7 +904,7 @@ impl Publisher {
     }
 
     fn complete(&mut self, tag: Tag) {
-        crate::metrics::METRICS.mqtt_acks.inc();
+        self.f.metrics().mqtt_acks.inc();
         self.in_client = self.in_client.saturating_sub(1);
         if !self.suspects.is_empty() || !self.refusals.is_empty() {
             let k = tag.key();
@@ -1090,7 +1090,7 @@ impl Publisher {
                 return;
             }
             Tag::Presence(..) | Tag::Status => {
-                crate::metrics::METRICS.dead_letter("mqtt.status", r.reason);
+                self.f.metrics().dead_letter("mqtt.status", r.reason);
                 warn!(reason = r.reason, detail = %r.detail, "MQTT status message given up");
             }
         }

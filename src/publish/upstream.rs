@@ -207,7 +207,7 @@ impl Consumer for Upstream {
         Ok(Forwarder {
             refusals: Budget::new(e.refusals_per_minute, now),
             unanswered: (0, None),
-            metrics: crate::metrics::METRICS.upstream(&e.name),
+            metrics: self.shared.metrics.upstream(&e.name),
             e,
             names: self.names,
             shared: self.shared,
@@ -764,10 +764,7 @@ impl Forwarder {
 
     fn set_state(&mut self, connected: bool, last_error: Option<String>) {
         self.state.connected = connected;
-        crate::metrics::METRICS
-            .upstream(&self.e.name)
-            .connected
-            .set(i64::from(connected));
+        self.metrics.connected.set(i64::from(connected));
         if last_error.is_some() {
             self.state.last_error = last_error;
         }

@@ -149,7 +149,7 @@ impl Session {
                         }
                         io.write_request(&bytes, self.shared.cfg.server.write_timeout.0)
                             .await?;
-                        crate::metrics::METRICS.bytes_out.add(bytes.len() as u64);
+                        self.shared.metrics.bytes_out.add(bytes.len() as u64);
                         slog!(info, self, origin = %origin, cn = frame.cn().unwrap_or(""), qn = frame.qn().unwrap_or(""), "downlink request sent");
                     }
                 }
@@ -197,7 +197,7 @@ impl Session {
             match self.dl.as_mut().and_then(|d| d.audit.take()) {
                 Some(a) => dl::audit::record(&self.shared.store, a.finish(o, now_ms())),
                 None => {
-                    crate::metrics::METRICS.downlink_unrecorded.inc();
+                    self.shared.metrics.downlink_unrecorded.inc();
                     slog!(
                         warn,
                         self,

@@ -39,6 +39,7 @@ use rusqlite::{OptionalExtension, params};
 
 use super::reader::Cursors;
 use super::{StoreError, schema};
+use crate::metrics::Metrics;
 
 /// Reasons a record is set aside, in metrics order.
 pub const REASONS: [&str; 7] = [
@@ -323,20 +324,22 @@ impl Cursors {
         })
     }
 
-    /// The crash-loop guard at a consumer's start: counts the start at `cursor`; if the previous run died on a record in careful mode, sets it aside
-    /// (reason `crash`) and says so; returns the end of the stretch to read carefully
-    /// (0: none). Shared by the log's consumers.
+    /// The crash-loop guard at a consumer's start: counts the start at `cursor`; if
+    /// the previous run died on a record in careful mode, sets it aside (reason
+    /// `crash`), counts it in `metrics` and says so; returns the end of the stretch
+    /// to read carefully (0: none). Shared by the log's consumers.
     pub fn guard_start(
         &self,
         name: &str,
         cursor: u64,
         head: u64,
         crash_loop_starts: u32,
+        metrics: &Metrics,
     ) -> Result<u64, StoreError> {
         let check = self.begin_start(name, cursor)?;
         if let Some(seq) = check.died_on {
-            crate::metrics::METRICS.consumer_crashes.inc();
-            crate::metrics::METRICS.dead_letter(name, "crash");
+            metrics.consumer_crashes.inc();
+            metrics.dead_letter(name, "crash");
             tracing::error!(
                 consumer = name,
                 seq,

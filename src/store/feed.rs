@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 use super::{Reader, StoreError, StoredRecord};
+use crate::metrics::Metrics;
 
 /// Bounded in-memory tail of the log (see the module documentation).
 #[derive(Debug)]
@@ -36,16 +37,31 @@ pub struct Feed {
     ring: Mutex<VecDeque<Arc<StoredRecord>>>,
     cap: usize,
     last: watch::Sender<u64>,
+    /// The gateway's registry: consumers count their reads here, and those that
+    /// are handed only the feed find the registry through it.
+    metrics: Arc<Metrics>,
 }
 
 impl Feed {
     /// A feed holding at most `cap` records; 0 keeps none (every read goes to SQLite).
+    /// Reads are counted in a registry of its own (see [`Feed::with_metrics`]).
     pub fn new(cap: usize) -> Feed {
+        Feed::with_metrics(cap, Arc::default())
+    }
+
+    /// Like [`Feed::new`], counting in `metrics`.
+    pub fn with_metrics(cap: usize, metrics: Arc<Metrics>) -> Feed {
         Feed {
             ring: Mutex::new(VecDeque::with_capacity(cap.min(1024))),
             cap,
             last: watch::Sender::new(0),
+            metrics,
         }
+    }
+
+    /// The registry this feed's readers, and the consumers reading it, count in.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Most records held.
@@ -118,11 +134,11 @@ impl FeedReader {
         limit: usize,
     ) -> Result<Vec<Arc<StoredRecord>>, StoreError> {
         if let Some(recs) = self.feed.read_after(after, limit) {
-            crate::metrics::METRICS.feed_reads.add(recs.len() as u64);
+            self.feed.metrics.feed_reads.add(recs.len() as u64);
             return Ok(recs);
         }
         let recs = self.reader.read_from(after, limit)?;
-        crate::metrics::METRICS.feed_misses.add(recs.len() as u64);
+        self.feed.metrics.feed_misses.add(recs.len() as u64);
         Ok(recs.into_iter().map(Arc::new).collect())
     }
 
@@ -138,12 +154,12 @@ impl FeedReader {
         limit: usize,
     ) -> Result<(Vec<Arc<StoredRecord>>, u64), StoreError> {
         if let Some(recs) = self.feed.read_after(after, limit) {
-            crate::metrics::METRICS.feed_reads.add(recs.len() as u64);
+            self.feed.metrics.feed_reads.add(recs.len() as u64);
             let through = recs.last().map_or(after, |r| r.seq);
             return Ok((recs, through));
         }
         let (recs, through) = self.reader.read_inbound_frames(after, limit)?;
-        crate::metrics::METRICS.feed_misses.add(recs.len() as u64);
+        self.feed.metrics.feed_misses.add(recs.len() as u64);
         Ok((recs.into_iter().map(Arc::new).collect(), through))
     }
 

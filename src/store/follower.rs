@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::{Cursors, DeadLetter, Feed, FeedReader, Reader, StoreError};
+use crate::metrics::Metrics;
 
 /// Most seqs of set-aside records kept to skip on re-reads.
 const DEAD_SEQS_MAX: usize = 100_000;
@@ -275,6 +276,8 @@ pub struct Follower {
     save_task: Option<JoinHandle<Option<Unsaved>>>,
     dead_pending: Vec<DeadLetter>,
     resolved_pending: Vec<i64>,
+    /// The gateway's registry (the feed's), where set-asides are counted.
+    metrics: Arc<Metrics>,
 }
 
 type Saved = (u64, Vec<(&'static str, u64)>, Vec<(&'static str, u64)>);
@@ -294,6 +297,7 @@ impl Follower {
         exec: Exec,
     ) -> Result<Follower, StoreError> {
         let committed = feed.subscribe();
+        let metrics = Arc::clone(feed.metrics());
         let reader = FeedReader::new(feed, Reader::open(db)?);
         let cursors = Cursors::open(db)?;
         let head = reader.reader().last_seq()?;
@@ -312,7 +316,8 @@ impl Follower {
             Rewind::Lookback(n) => cursor.saturating_sub(n),
             Rewind::Cursor(other) => cursors.get_cursor(other)?.unwrap_or(cursor).min(cursor),
         };
-        let careful = cursors.guard_start(&plan.name, from, head, plan.crash_loop_starts)?;
+        let careful =
+            cursors.guard_start(&plan.name, from, head, plan.crash_loop_starts, &metrics)?;
         let dead = cursors
             .dead_seqs(&plan.name, from, DEAD_SEQS_MAX)?
             .into_iter()
@@ -340,6 +345,7 @@ impl Follower {
             save_task: None,
             dead_pending: Vec::new(),
             resolved_pending: Vec::new(),
+            metrics,
             plan,
         })
     }
@@ -406,6 +412,11 @@ impl Follower {
             _ = self.committed.changed() => true,
             _ = tokio::time::sleep(self.plan.poll) => true,
         }
+    }
+
+    /// The registry the consumer counts in (the gateway's, handed over with the feed).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The reader (the feed, else SQLite), for blocking calls.
@@ -486,7 +497,7 @@ impl Follower {
     /// cursor without its entry. A record of the follower's own cursor is skipped
     /// from now on.
     pub fn set_aside(&mut self, d: DeadLetter) {
-        crate::metrics::METRICS.dead_letter(&d.consumer, d.reason);
+        self.metrics.dead_letter(&d.consumer, d.reason);
         if d.consumer == self.plan.name {
             self.dead.insert(d.seq);
         }
@@ -515,7 +526,7 @@ impl Follower {
         })
         .await?;
         for d in &dead {
-            crate::metrics::METRICS.dead_letter(&d.consumer, d.reason);
+            self.metrics.dead_letter(&d.consumer, d.reason);
             if d.consumer == self.plan.name {
                 self.dead.insert(d.seq);
             }
@@ -816,9 +827,8 @@ mod tests {
         assert!(f.admit(2).await.unwrap());
         // It dies on 2: the next start sets 2 aside (reason crash) and skips it.
         drop(f);
-        let crashes = crate::metrics::METRICS.consumer_crashes.get();
         let f = Follower::open(plan("c"), &path, h.feed(), Exec::Inline).unwrap();
-        assert!(crate::metrics::METRICS.consumer_crashes.get() > crashes);
+        assert_eq!(h.metrics().consumer_crashes.get(), 1);
         assert!(!f.marker().on(), "the culprit is known");
         assert!(f.is_dead(2));
         assert!(!f.admit(2).await.unwrap());

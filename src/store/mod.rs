@@ -111,7 +111,10 @@ mod verify;
 mod writer;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::metrics::Metrics;
 
 pub use alarms::{AlarmEventRow, AlarmFilter, AlarmRow, AlarmStore};
 pub use audit::{DeviceStats, InboundFrame, device_stats, scan_inbound_frames};
@@ -339,7 +342,7 @@ pub const DEFAULT_CHECK_TAIL: usize = 1000;
 pub const OPEN_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Configuration of [`Store::open`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct StoreConfig {
     /// The SQLite file; its directory is created if missing.
     pub path: PathBuf,
@@ -364,6 +367,10 @@ pub struct StoreConfig {
     /// Records (and entries of each index on them) read from the end of an existing
     /// log by the start-up check (see the `check` module). Default 1000.
     pub check_tail: usize,
+    /// Where the writer and the commit feed count (commit latency, batch sizes,
+    /// duplicates, feed hits and misses). Default: a registry of its own, which
+    /// nobody scrapes (library users and tests); the daemon passes the gateway's.
+    pub metrics: Arc<Metrics>,
 }
 
 impl StoreConfig {
@@ -387,6 +394,7 @@ impl Default for StoreConfig {
             feed_records: 8192,
             writer_boost: 0,
             check_tail: DEFAULT_CHECK_TAIL,
+            metrics: Arc::default(),
         }
     }
 }

@@ -15,6 +15,7 @@ use super::schema;
 use super::{
     Appended, Direction, Kind, NewExchange, NewRecord, StoreConfig, StoreError, StoredRecord,
 };
+use crate::metrics::Metrics;
 
 /// Longest `raw` accepted. Frames are capped far lower by the codec; this only keeps a
 /// caller bug from writing a huge blob into the permanent log.
@@ -62,7 +63,10 @@ impl Store {
             .build()
             .map_err(|source| StoreError::Spawn { source })?;
         let (tx, rx) = mpsc::channel(cfg.queue);
-        let feed = Arc::new(Feed::new(cfg.feed_records));
+        let feed = Arc::new(Feed::with_metrics(
+            cfg.feed_records,
+            Arc::clone(&cfg.metrics),
+        ));
         let writer = Writer {
             feed: Arc::clone(&feed),
             conn,
@@ -366,6 +370,11 @@ impl StoreHandle {
         Arc::clone(&self.feed)
     }
 
+    /// The registry the writer counts in ([`StoreConfig::metrics`]).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        self.feed.metrics()
+    }
+
     /// Why the log is not taking records right now, `None` while commits succeed:
     /// the last commit failed (disk full, read-only file system, I/O error; cleared
     /// by the next commit that succeeds) or SQLite found the file damaged (the
@@ -568,7 +577,7 @@ impl Writer {
                     self.counters.set_condition(HEALTHY, String::new());
                     tracing::info!("frame log commits succeed again");
                 }
-                let m = &crate::metrics::METRICS;
+                let m = &*self.cfg.metrics;
                 m.commit_seconds.observe_duration(started.elapsed(), 1);
                 if n > 0 {
                     m.commit_batch_records.observe(n as u64);
@@ -615,7 +624,7 @@ impl Writer {
                         exchanges = lost,
                         "downlink exchange outcomes not recorded"
                     );
-                    crate::metrics::METRICS.downlink_unrecorded.add(lost as u64);
+                    self.cfg.metrics.downlink_unrecorded.add(lost as u64);
                 }
                 let source = Arc::new(err);
                 for job in batch.drain(..) {
