@@ -1,8 +1,8 @@
 //! `/metrics` and `/healthz` over real sockets against a real gateway and its
 //! SQLite log: counters are checked against what was sent and what was stored.
 //!
-//! The counters are process-wide, so only one test in this file sends device
-//! traffic; the others start gateways that never see a frame.
+//! Each gateway counts in its own registry, so the tests here run in parallel
+//! and each reads only its own gateway's traffic.
 
 mod common;
 
@@ -300,6 +300,47 @@ async fn counters_match_the_traffic_and_the_log() {
         TcpStream::connect(m).await.is_err(),
         "metrics listener closed after stop"
     );
+}
+
+/// Two gateways in one process count apart: traffic to one leaves the other's
+/// scrape at zero, and the first's counts only what it was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_in_one_process_have_their_own_counters() {
+    let text = "[server]\nlisten = [\"127.0.0.1:0\"]\n[store]\nsync = \"off\"\n\
+                [metrics]\nlisten = \"127.0.0.1:0\"\n";
+    let (busy, _db1, _dir1) = start(text).await;
+    let (quiet, _db2, _dir2) = start(text).await;
+    let (busy_m, quiet_m) = (
+        busy.metrics_addr.expect("metrics bound"),
+        quiet.metrics_addr.expect("metrics bound"),
+    );
+    let good = upload(&mn(7), &qn(1), "123456");
+    let mut a = TcpStream::connect(busy.addrs[0]).await.expect("connect");
+    let mut buf = Vec::new();
+    a.write_all(&good).await.expect("send");
+    assert_eq!(read_reply(&mut a, &mut buf).await, expected_ack(&good));
+    let s = scrape_until(busy_m, "the frame counted", |s| {
+        value(s, "hj212_frames_total{verdict=\"accepted\"}") >= 1.0
+    })
+    .await;
+    assert_eq!(value(&s, "hj212_frames_total{verdict=\"accepted\"}"), 1.0);
+    assert_eq!(value(&s, "hj212_connections_accepted_total"), 1.0);
+    assert_eq!(value(&s, "hj212_sessions_open"), 1.0);
+    let q = scrape(quiet_m).await;
+    for series in [
+        "hj212_frames_total{verdict=\"accepted\"}",
+        "hj212_connections_accepted_total",
+        "hj212_sessions_open",
+        "hj212_received_bytes_total",
+        "hj212_sent_bytes_total",
+        "hj212_ack_latency_seconds_count",
+    ] {
+        assert_eq!(value(&q, series), 0.0, "{series} of the quiet gateway");
+    }
+    assert_eq!(quiet.shared.metrics.accepted.get(), 0);
+    drop(a);
+    busy.stop().await.expect("stop");
+    quiet.stop().await.expect("stop");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

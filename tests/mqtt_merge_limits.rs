@@ -1,9 +1,6 @@
 //! Hostile split uploads (issue 18 rows 1 and 3) through a real gateway and a
 //! real broker (embedded rumqttd): PNUM/PNO are numbers off the wire, and the
 //! publisher's merger must stay bounded whatever they say.
-//!
-//! Metrics are process-wide, hence a test file of its own whose tests take
-//! turns (`SERIAL`), so the merger gauges read are this test's gateway's.
 
 #[allow(dead_code)]
 mod common;
@@ -27,9 +24,6 @@ fn split(m: &str, q: &str, data_time: &str, pnum: u32, pno: u32) -> Vec<u8> {
     )
     .to_vec()
 }
-
-/// One gateway at a time in this process: the merge gauges are process-wide.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn config(port: u16, mqtt: &str) -> String {
     format!(
@@ -58,7 +52,6 @@ fn merged(got: &[Got]) -> Vec<serde_json::Value> {
 /// publisher's cursor, so every restart aborted again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pnum_of_u32_max_is_published_packet_by_packet_and_survives_a_restart() {
-    let _serial = SERIAL.lock().await;
     let port = rumqttd();
     let sub = Subscriber::start(port, "hj212/#", false).await;
     let text = config(port, "");
@@ -116,7 +109,6 @@ async fn a_pnum_of_u32_max_is_published_packet_by_packet_and_survives_a_restart(
 /// (the oldest go out early) and every merged message within `max_packet_size`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn never_completing_split_uploads_stay_within_the_merge_budget() {
-    let _serial = SERIAL.lock().await;
     const BUDGET: f64 = 32_768.0;
     const MAX_PACKET: usize = 16_384;
     let port = rumqttd();

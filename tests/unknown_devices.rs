@@ -2,8 +2,6 @@
 //! sender inventing MNs (one frame each) must not grow the alarm engine or the
 //! downlink state beyond their caps, nor raise one `device.offline` per MN,
 //! while a registered device keeps its state and its offline alarm.
-//!
-//! The alarm gauges are process-wide, so this file runs one gateway.
 
 mod common;
 
