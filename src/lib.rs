@@ -33,6 +33,9 @@
 //!   calibration, gap backfill, 2025 key rotation, relayed platform requests), a
 //!   sans-IO engine per session and the operator control socket.
 //! - [`health`]: consumers that stopped, for `/healthz`.
+//! - [`vocab`]: the closed vocabularies (close reasons, the gateway's finding
+//!   codes, exchange outcomes, dead-letter reasons), below everything that
+//!   names or counts them.
 //! - [`daemon`], [`systemd`], [`telemetry`], [`cli`], [`cmd`], [`exit`]: process wiring.
 //!
 //! # Data flow
@@ -88,3 +91,4 @@ pub mod session;
 pub mod store;
 pub mod systemd;
 pub mod telemetry;
+pub mod vocab;

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::ingest::{CloseReason, FindingCode};
+use crate::vocab::{CloseReason, DEAD_LETTER_REASONS, ExchangeOutcome, FindingCode};
 
 #[doc(hidden)]
 pub use render::parse_exposition;
@@ -287,7 +287,7 @@ pub const DEAD_LETTER_CONSUMERS: [&str; 6] = [
     "mqtt.status",
     "upstream",
 ];
-const DL_REASONS: usize = crate::store::DEAD_LETTER_REASONS.len();
+const DL_REASONS: usize = DEAD_LETTER_REASONS.len();
 
 /// Per-upstream series, registered once per forwarder (names come from the config).
 #[derive(Debug, Default)]
@@ -337,7 +337,7 @@ pub struct Metrics {
     pub feed_reads: Counter,
     /// Records consumers had to read back from SQLite (behind the feed).
     pub feed_misses: Counter,
-    downlink_exchanges: [Counter; crate::store::ExchangeOutcome::ALL.len()],
+    downlink_exchanges: [Counter; ExchangeOutcome::ALL.len()],
     /// Exchange outcomes that could not be written to the store.
     pub downlink_unrecorded: Counter,
     /// Wall time of one store transaction (begin .. commit), nanoseconds.
@@ -399,8 +399,7 @@ impl Metrics {
             duplicates: Counter::new(),
             feed_reads: Counter::new(),
             feed_misses: Counter::new(),
-            downlink_exchanges: [const { Counter::new() };
-                crate::store::ExchangeOutcome::ALL.len()],
+            downlink_exchanges: [const { Counter::new() }; ExchangeOutcome::ALL.len()],
             downlink_unrecorded: Counter::new(),
             commit_seconds: Histogram::new(LATENCY_NS, 1e-9),
             commit_batch_records: Histogram::new(BATCH_RECORDS, 1.0),
@@ -458,9 +457,9 @@ impl Metrics {
     }
 
     /// Counts a downlink exchange that ended with `outcome` (the name of one of
-    /// [`crate::store::ExchangeOutcome::ALL`]; anything else is not counted).
+    /// [`ExchangeOutcome::ALL`]; anything else is not counted).
     pub fn downlink_exchange(&self, outcome: &str) {
-        if let Some(o) = crate::store::ExchangeOutcome::from_name(outcome) {
+        if let Some(o) = ExchangeOutcome::from_name(outcome) {
             self.downlink_exchanges[o as usize].inc();
         }
     }
@@ -474,7 +473,7 @@ impl Metrics {
     }
 
     /// Counts a record (or message) `consumer` set aside for `reason` (one of
-    /// [`crate::store::DEAD_LETTER_REASONS`]). `upstream.<name>` counts as `upstream`.
+    /// [`DEAD_LETTER_REASONS`]). `upstream.<name>` counts as `upstream`.
     pub fn dead_letter(&self, consumer: &str, reason: &str) {
         let c = if consumer.starts_with("upstream.") {
             "upstream"
@@ -483,9 +482,7 @@ impl Metrics {
         };
         let (Ok(i), Some(j)) = (
             DEAD_LETTER_CONSUMERS.binary_search(&c),
-            crate::store::DEAD_LETTER_REASONS
-                .iter()
-                .position(|r| *r == reason),
+            DEAD_LETTER_REASONS.iter().position(|r| *r == reason),
         ) else {
             return;
         };
@@ -495,9 +492,7 @@ impl Metrics {
     /// The count of [`dead_letter`](Self::dead_letter) for one pair (tests, health).
     pub fn dead_letters(&self, consumer: &str, reason: &str) -> u64 {
         let i = DEAD_LETTER_CONSUMERS.binary_search(&consumer).ok();
-        let j = crate::store::DEAD_LETTER_REASONS
-            .iter()
-            .position(|r| *r == reason);
+        let j = DEAD_LETTER_REASONS.iter().position(|r| *r == reason);
         match (i, j) {
             (Some(i), Some(j)) => self.dead_letters[i][j].get(),
             _ => 0,
@@ -707,7 +702,7 @@ impl Metrics {
             "counter",
             "Downlink exchanges ended, by outcome.",
         );
-        for o in crate::store::ExchangeOutcome::ALL {
+        for o in ExchangeOutcome::ALL {
             e.sample(
                 "hj212_downlink_exchanges_total",
                 &[("outcome", o.as_str())],
@@ -787,7 +782,7 @@ impl Metrics {
             "Records (or messages) a log consumer could not deliver and set aside, by consumer and reason.",
         );
         for (i, c) in DEAD_LETTER_CONSUMERS.iter().enumerate() {
-            for (j, r) in crate::store::DEAD_LETTER_REASONS.iter().enumerate() {
+            for (j, r) in DEAD_LETTER_REASONS.iter().enumerate() {
                 e.sample(
                     "hj212_dead_letters_total",
                     &[("consumer", c), ("reason", r)],

@@ -41,16 +41,7 @@ use super::reader::Cursors;
 use super::{StoreError, schema};
 use crate::metrics::Metrics;
 
-/// Reasons a record is set aside, in metrics order.
-pub const REASONS: [&str; 7] = [
-    "oversize",
-    "invalid_topic",
-    "broker_refused",
-    "no_ack",
-    "crash",
-    "store_refused",
-    "panic",
-];
+pub use crate::vocab::DEAD_LETTER_REASONS as REASONS;
 
 /// States of an entry: `dead` (set aside), `redrive` (an operator asked for
 /// another try), `resolved` (the re-drive went through).

@@ -16,68 +16,7 @@ use rusqlite::{Connection, params};
 use super::StoreError;
 use super::schema;
 
-/// How a downlink exchange ended: the vocabulary of the table's `outcome` column
-/// (its CHECK constraint), of `hj212_downlink_exchanges_total{outcome}` and of the
-/// control socket's `done` lines. `downlink::Outcome` carries the details (codes,
-/// sends); this is its name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ExchangeOutcome {
-    /// `success`: 9012 ExeRtn=1, a 9013 to a notify, or QnRtn=1 and the data.
-    Success,
-    /// `refused`: 9011 with QnRtn other than 1.
-    Refused,
-    /// `failed`: 9012 with ExeRtn other than 1.
-    Failed,
-    /// `no_reply`: no 9011 after `1 + re_count` sends.
-    NoReply,
-    /// `exec_timeout`: accepted, then nothing within `exec_timeout`.
-    ExecTimeout,
-    /// `offline`: no live session when submitted.
-    Offline,
-    /// `busy`: the device's queue was full when submitted.
-    Busy,
-    /// `closed`: the session ended first.
-    Closed,
-    /// `invalid`: the request could not be built or logged.
-    Invalid,
-}
-
-impl ExchangeOutcome {
-    /// Every outcome, in metrics order (and the README table's).
-    pub const ALL: [ExchangeOutcome; 9] = [
-        ExchangeOutcome::Success,
-        ExchangeOutcome::Refused,
-        ExchangeOutcome::Failed,
-        ExchangeOutcome::NoReply,
-        ExchangeOutcome::ExecTimeout,
-        ExchangeOutcome::Offline,
-        ExchangeOutcome::Busy,
-        ExchangeOutcome::Closed,
-        ExchangeOutcome::Invalid,
-    ];
-
-    /// The stored and exported name, e.g. `no_reply`.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            ExchangeOutcome::Success => "success",
-            ExchangeOutcome::Refused => "refused",
-            ExchangeOutcome::Failed => "failed",
-            ExchangeOutcome::NoReply => "no_reply",
-            ExchangeOutcome::ExecTimeout => "exec_timeout",
-            ExchangeOutcome::Offline => "offline",
-            ExchangeOutcome::Busy => "busy",
-            ExchangeOutcome::Closed => "closed",
-            ExchangeOutcome::Invalid => "invalid",
-        }
-    }
-
-    /// The outcome named `name` (an [`as_str`](ExchangeOutcome::as_str)), if any.
-    pub fn from_name(name: &str) -> Option<ExchangeOutcome> {
-        ExchangeOutcome::ALL
-            .into_iter()
-            .find(|o| o.as_str() == name)
-    }
-}
+pub use crate::vocab::ExchangeOutcome;
 
 impl std::fmt::Display for ExchangeOutcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
