@@ -628,6 +628,22 @@ impl Publisher {
                     self.goodbye(client, el).await;
                     return Ended::Shutdown;
                 }
+                // Before the event loop: while a backlog drains the broker's
+                // acknowledgements keep `el.poll()` ready, and a tick behind it
+                // would never run: no cursor written, no alarms or re-drives read.
+                _ = tick.tick() => {
+                    ticks = ticks.wrapping_add(1);
+                    if self.caught_up {
+                        self.caught_up = false;
+                        let due = self.merger.expire(chrono::Utc::now().timestamp_millis());
+                        self.enqueue_merged(due);
+                    }
+                    self.read_alarms().await;
+                    if ticks % REDRIVE_EVERY == 0 {
+                        self.read_redrives().await;
+                    }
+                    self.persist().await;
+                }
                 ev = el.poll() => match ev {
                     Ok(ev) => self.on_event(ev),
                     Err(e) => return Ended::Lost(e.to_string()),
@@ -663,19 +679,6 @@ impl Publisher {
                             tag: Tag::Presence(mn, st),
                         });
                     }
-                }
-                _ = tick.tick() => {
-                    ticks = ticks.wrapping_add(1);
-                    if self.caught_up {
-                        self.caught_up = false;
-                        let due = self.merger.expire(chrono::Utc::now().timestamp_millis());
-                        self.enqueue_merged(due);
-                    }
-                    self.read_alarms().await;
-                    if ticks % REDRIVE_EVERY == 0 {
-                        self.read_redrives().await;
-                    }
-                    self.persist().await;
                 }
             }
         }
@@ -810,7 +813,9 @@ impl Publisher {
         if after != self.next_read {
             return; // read before a rewind
         }
-        if through - after < self.s.batch as u64 {
+        // Short of the page this read asked for (one record while careful):
+        // the log is read to its end, wait for the next commit or tick.
+        if through - after < self.f.page(after, self.s.batch) as u64 {
             self.caught_up = true;
         }
         for it in items {
