@@ -159,16 +159,19 @@ struct DeviceState {
 }
 
 impl DeviceState {
-    fn factor(&mut self, f: &str) -> &mut FactorState {
+    /// The state of factor `f`; `None` when it is new and the device already
+    /// has `cap` factors (`[alarms] max_factors_per_device`).
+    fn factor(&mut self, f: &str, cap: usize) -> Option<&mut FactorState> {
         let i = match self.factors.binary_search_by(|(c, _)| c.as_str().cmp(f)) {
             Ok(i) => i,
+            Err(_) if self.factors.len() >= cap => return None,
             Err(i) => {
                 self.factors
                     .insert(i, (f.to_owned(), FactorState::default()));
                 i
             }
         };
-        &mut self.factors[i].1
+        Some(&mut self.factors[i].1)
     }
 }
 
@@ -272,6 +275,9 @@ pub struct Engine {
     unregistered: Recency,
     /// Unregistered devices forgotten to stay within the cap, since start.
     evicted: u64,
+    /// Values of factors not judged because their device had
+    /// `max_factors_per_device` factors already, since start.
+    untracked_factors: u64,
 }
 
 /// What the per-value detectors of one observation share.
@@ -306,6 +312,7 @@ impl Engine {
             active: Active::default(),
             unregistered: Recency::default(),
             evicted: 0,
+            untracked_factors: 0,
         }
     }
 
@@ -329,6 +336,12 @@ impl Engine {
     /// Unregistered devices forgotten to stay within the cap, since the engine started.
     pub fn evicted(&self) -> u64 {
         self.evicted
+    }
+
+    /// Values not judged since start because their device had
+    /// `[alarms] max_factors_per_device` other factors already.
+    pub fn untracked_factors(&self) -> u64 {
+        self.untracked_factors
     }
 
     /// Takes `mn` into the unregistered slots (or moves it to the back) and, past
@@ -498,6 +511,7 @@ impl Engine {
             decimals,
             devices,
             active,
+            untracked_factors,
             ..
         } = self;
         let d = devices.get_mut(&o.mn).expect("inserted above");
@@ -547,7 +561,10 @@ impl Engine {
         let reference_o2 = d.reference_o2;
         for vals in o.values.iter() {
             let f = vals.code();
-            let st = d.factor(f);
+            let Some(st) = d.factor(f, cx.cfg.max_factors_per_device) else {
+                *untracked_factors += 1;
+                continue;
+            };
             let flag = vals.text("Flag");
             let Some(v) = vals.num(suffix) else {
                 // A flag without a value still counts for flag.abnormal.
@@ -1172,6 +1189,43 @@ mod tests {
     /// registered, a few repeating) never leave more unregistered state than the
     /// cap, never evict a registered device, and never raise `device.offline`
     /// for an unregistered one.
+    /// A device inventing a new factor code in every frame keeps at most
+    /// `max_factors_per_device` factors' state; the factors it has are still
+    /// judged, the rest counted.
+    #[test]
+    fn factors_per_device_stay_within_the_cap() {
+        let mut c = cfg();
+        c.max_factors_per_device = 3;
+        let mut e = Engine::new(c);
+        e.observe(&registered(obs(
+            1,
+            MN,
+            "2011",
+            T0,
+            &[("w01001", "Rtd", "7")],
+        )));
+        for i in 0..50u64 {
+            let code = format!("x{i:05}");
+            e.observe(&registered(obs(
+                2 + i,
+                MN,
+                "2011",
+                T0 + i as i64 * 1000,
+                &[(code.as_str(), "Rtd", "1")],
+            )));
+        }
+        assert_eq!(e.devices[MN].factors.len(), 3);
+        assert_eq!(e.untracked_factors(), 48);
+        let ev = e.observe(&registered(obs(
+            100,
+            MN,
+            "2011",
+            T0 + 60_000,
+            &[("w01001", "Rtd", "15")],
+        )));
+        assert!(has(&ev, "raise", "value.range"), "{ev:?}");
+    }
+
     #[test]
     fn state_for_random_mns_stays_within_the_cap() {
         const CAP: usize = 50;

@@ -278,6 +278,8 @@ impl Detector {
         m.alarm_tracked_registered.set(known as i64);
         m.alarm_tracked_unregistered.set(unregistered as i64);
         m.alarm_evicted.set(self.feeder.engine.evicted() as i64);
+        m.alarm_untracked_factors
+            .set(self.feeder.engine.untracked_factors() as i64);
     }
 
     /// One step; returns true when caught up. Runs in place on the detector's

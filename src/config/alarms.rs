@@ -85,6 +85,11 @@ pub struct AlarmsSection {
     /// Devices outside the registry (and `[alarms.device]`) the detectors keep state
     /// for; past it the one heard from longest ago is forgotten and its alarms end.
     pub max_unregistered_devices: usize,
+    /// Distinct factor codes the detectors keep state for per device (1..=10000):
+    /// a device inventing a new code in every frame must not grow the engine
+    /// without bound. Values of further codes are not judged (counted in
+    /// `hj212_alarm_factors_untracked_total`).
+    pub max_factors_per_device: usize,
     /// Failed commits of one step's alarm events after which they are set aside
     /// (dead letter `alarms`, reason `store_refused`) and the cursor moves on.
     /// 1..=1000.
@@ -121,6 +126,7 @@ impl Default for AlarmsSection {
             reference_o2: None,
             nice: 10,
             max_unregistered_devices: 5000,
+            max_factors_per_device: 256,
             max_store_failures: 10,
             disabled: Vec::new(),
             factor: Default::default(),
@@ -191,6 +197,10 @@ impl AlarmsSection {
             (
                 "max_unregistered_devices",
                 a.max_unregistered_devices == 0 || a.max_unregistered_devices > MAX_TRACKED,
+            ),
+            (
+                "max_factors_per_device",
+                !(1..=10_000).contains(&a.max_factors_per_device),
             ),
         ];
         for (k, wrong) in positive {
@@ -298,6 +308,10 @@ mod tests {
         assert!(err("[alarms]\ndisabled = [\"value.stuk\"]").contains("`alarms.disabled`"));
         assert!(err("[alarms]\nreference_o2 = 21").contains("`alarms.reference_o2`"));
         assert_eq!(c.alarms.max_unregistered_devices, 5000);
+        assert_eq!(c.alarms.max_factors_per_device, 256);
+        assert!(
+            err("[alarms]\nmax_factors_per_device = 0").contains("`alarms.max_factors_per_device`")
+        );
         assert!(
             err("[alarms]\nmax_unregistered_devices = 0")
                 .contains("`alarms.max_unregistered_devices`")

@@ -271,6 +271,16 @@ impl Probe {
             &[("state", "downlink")],
             dl.evicted,
         );
+        e.family(
+            "hj212_alarm_factors_untracked_total",
+            "counter",
+            "Values the alarm detectors did not judge because their device already had [alarms] max_factors_per_device factors.",
+        );
+        e.sample(
+            "hj212_alarm_factors_untracked_total",
+            &[],
+            self.shared.metrics.alarm_untracked_factors.get(),
+        );
         let stats = self.shared.store.stats();
         e.family(
             "hj212_store_queue_depth",

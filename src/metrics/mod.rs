@@ -360,6 +360,9 @@ pub struct Metrics {
     /// Unregistered devices the alarm engine forgot to stay within its cap (the
     /// engine's own count, so set rather than added to).
     pub alarm_evicted: Gauge,
+    /// Values the alarm engine did not judge because their device had
+    /// `[alarms] max_factors_per_device` other factors (the engine's count).
+    pub alarm_untracked_factors: Gauge,
     /// Bytes held by open split-upload groups (as accounted against `merge_max_bytes`).
     pub mqtt_merge_bytes: Gauge,
     /// Open split-upload groups.
@@ -410,6 +413,7 @@ impl Metrics {
             alarm_tracked_registered: Gauge::new(),
             alarm_tracked_unregistered: Gauge::new(),
             alarm_evicted: Gauge::new(),
+            alarm_untracked_factors: Gauge::new(),
             mqtt_merge_bytes: Gauge::new(),
             mqtt_merge_groups: Gauge::new(),
             merge_limited: [const { Counter::new() }; MERGE_LIMITS.len()],
