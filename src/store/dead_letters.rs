@@ -477,7 +477,7 @@ pub fn mark_redrive(path: &Path, consumer: Option<&str>, ids: &[i64]) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Direction, Kind, NewRecord, Store, StoreConfig, SyncMode, Verdict};
+    use crate::store::{Store, StoreConfig, SyncMode};
 
     async fn store_with(n: usize) -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
@@ -487,23 +487,7 @@ mod tests {
         let (store, join) = Store::open(cfg).unwrap();
         for i in 0..n {
             store
-                .append(NewRecord {
-                    received_at_ms: 0,
-                    peer: "p".into(),
-                    session: 1,
-                    direction: Direction::In,
-                    kind: Kind::Junk,
-                    raw: bytes::Bytes::from(vec![b'x'; i + 1]),
-                    dialect: None,
-                    st: None,
-                    cn: None,
-                    mn: None,
-                    qn: None,
-                    data_time: None,
-                    verdict: Verdict::Junk,
-                    findings: "[]".into(),
-                    doc: String::new(),
-                })
+                .append(crate::store::junk_record(vec![b'x'; i + 1]))
                 .await
                 .unwrap();
         }

@@ -665,28 +665,11 @@ fn set(v: &mut Vec<(&'static str, u64)>, name: &'static str, seq: u64) {
 mod tests {
     use super::*;
     use crate::store::{
-        Direction, Kind, NewRecord, Store, StoreConfig, StoreHandle, SyncMode, Verdict, WriterJoin,
-        list_dead_letters,
+        NewRecord, Store, StoreConfig, StoreHandle, SyncMode, WriterJoin, list_dead_letters,
     };
 
     fn junk(i: u64) -> NewRecord {
-        NewRecord {
-            received_at_ms: 0,
-            peer: "p".into(),
-            session: 1,
-            direction: Direction::In,
-            kind: Kind::Junk,
-            raw: bytes::Bytes::from(format!("x{i}")),
-            dialect: None,
-            st: None,
-            cn: None,
-            mn: None,
-            qn: None,
-            data_time: None,
-            verdict: Verdict::Junk,
-            findings: "[]".into(),
-            doc: String::new(),
-        }
+        crate::store::junk_record(format!("x{i}"))
     }
 
     async fn store(dir: &Path, n: u64) -> (PathBuf, StoreHandle, WriterJoin) {

@@ -261,6 +261,28 @@ pub struct NewRecord {
     pub doc: String,
 }
 
+/// A junk record holding `raw`, for unit tests that only need records in a log.
+#[cfg(test)]
+pub(crate) fn junk_record(raw: impl Into<bytes::Bytes>) -> NewRecord {
+    NewRecord {
+        received_at_ms: 0,
+        peer: "p".into(),
+        session: 1,
+        direction: Direction::In,
+        kind: Kind::Junk,
+        raw: raw.into(),
+        dialect: None,
+        st: None,
+        cn: None,
+        mn: None,
+        qn: None,
+        data_time: None,
+        verdict: Verdict::Junk,
+        findings: "[]".into(),
+        doc: String::new(),
+    }
+}
+
 /// The store's answer to an append, given after the record has committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {

@@ -180,10 +180,7 @@ pub fn parse(seg: &[u8], start: usize, end: usize, findings: &mut Vec<Finding>) 
             }
             pos += 1;
         };
-        let mut key_end = eq;
-        while key_end > tok && seg[key_end - 1] == b' ' {
-            key_end -= 1;
-        }
+        let key_end = trim_spaces(seg, tok, eq);
         let key = Span::new(tok, key_end);
         let info = seg[eq + 1..end].starts_with(b"//");
         let value = if info {
@@ -209,11 +206,7 @@ pub fn parse(seg: &[u8], start: usize, end: usize, findings: &mut Vec<Finding>) 
             while pos < end && seg[pos] != b';' && seg[pos] != b',' {
                 pos += 1;
             }
-            let mut v_end = pos;
-            while v_end > eq + 1 && seg[v_end - 1] == b' ' {
-                v_end -= 1;
-            }
-            Span::new(eq + 1, v_end)
+            Span::new(eq + 1, trim_spaces(seg, eq + 1, pos))
         };
         push_pair(
             seg,
@@ -278,10 +271,7 @@ pub fn parse_grammar(
             // rotate-xor: one cycle per byte, off the multiply latency chain.
             h = h.rotate_left(5) ^ c as u64;
         }
-        let mut key_end = eq;
-        while key_end > tok && seg[key_end - 1] == b' ' {
-            key_end -= 1;
-        }
+        let key_end = trim_spaces(seg, tok, eq);
         let key = Span::new(tok, key_end);
         let is_info = v_in.starts_with(b"//");
         let value = if is_info {
@@ -304,11 +294,7 @@ pub fn parse_grammar(
         } else {
             let Ok((next, text)) = value(v_in) else { break };
             input = next;
-            let mut v_end = eq + 1 + text.len();
-            while v_end > eq + 1 && seg[v_end - 1] == b' ' {
-                v_end -= 1;
-            }
-            Span::new(eq + 1, v_end)
+            Span::new(eq + 1, trim_spaces(seg, eq + 1, eq + 1 + text.len()))
         };
         push_pair(
             seg,
@@ -327,6 +313,16 @@ pub fn parse_grammar(
         );
     }
     pairs
+}
+
+/// `end` moved back over trailing spaces, not before `start`: keys and values
+/// are stored without the padding some loggers put before `=`, `;` or `,`.
+#[inline(always)]
+fn trim_spaces(seg: &[u8], start: usize, mut end: usize) -> usize {
+    while end > start && seg[end - 1] == b' ' {
+        end -= 1;
+    }
+    end
 }
 
 /// One key/value token as a scan found it: where the key starts and ends, its
