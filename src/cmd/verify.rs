@@ -190,6 +190,9 @@ pub fn print(
             r.chain.records_checked
         )?,
     }
+    for g in &r.chain.deliberate_gaps {
+        writeln!(out, "{p}: deliberate gap (not a break): {g}")?;
+    }
     let skipped = if r.not_judged > 0 {
         format!(
             "; {} encrypted frame(s) not judged (no configured key decrypts them)",
