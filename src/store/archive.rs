@@ -938,10 +938,12 @@ fn lock(dir: &Path) -> Result<File, StoreError> {
         .write(true)
         .open(&path)
         .map_err(io_err("open the lock file", &path))?;
-    match f.try_lock() {
+    // flock: released by the kernel when the process dies, so a SIGKILLed run never
+    // leaves the next one locked out.
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(ArchiveError::Busy { lock: path }.into()),
-        Err(std::fs::TryLockError::Error(e)) => Err(io_err("lock", &path)(e)),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(ArchiveError::Busy { lock: path }.into()),
+        Err(e) => Err(io_err("lock", &path)(e.into())),
     }
 }
 

@@ -214,9 +214,11 @@ pub(crate) const MIGRATIONS: &[&str] = &[
 /// Rows are never deleted; the only update is retention retiring an archive
 /// (`sealed` -> `deleted`) with its signed tombstone, which is what `verify`
 /// reports the gap with. Like the other guards, these stop accidents, not an
-/// attacker: the evidence is the chain and the tombstone's signature.
+/// attacker: the evidence is the chain and the tombstone's signature. Idempotent,
+/// like [`DEVICE_DIALECTS`], so a file whose version was set back migrates again;
+/// kept as a named step so renumbering it against another branch is moving a line.
 pub(crate) const ARCHIVES: &str = r#"
-    CREATE TABLE archives (
+    CREATE TABLE IF NOT EXISTS archives (
         first_seq       INTEGER PRIMARY KEY CHECK (first_seq >= 1),
         last_seq        INTEGER NOT NULL CHECK (last_seq >= first_seq),
         records         INTEGER NOT NULL CHECK (records = last_seq - first_seq + 1),
@@ -233,9 +235,9 @@ pub(crate) const ARCHIVES: &str = r#"
         deleted_at_ms   INTEGER,
         CHECK (state = 'sealed' OR (tombstone IS NOT NULL AND deleted_at_ms IS NOT NULL))
     ) STRICT;
-    CREATE TRIGGER archives_no_delete BEFORE DELETE ON archives
+    CREATE TRIGGER IF NOT EXISTS archives_no_delete BEFORE DELETE ON archives
     BEGIN SELECT RAISE(ABORT, 'archives are never forgotten: DELETE refused'); END;
-    CREATE TRIGGER archives_retire_only BEFORE UPDATE ON archives
+    CREATE TRIGGER IF NOT EXISTS archives_retire_only BEFORE UPDATE ON archives
         WHEN NOT (OLD.state = 'sealed' AND NEW.state = 'deleted'
               AND NEW.first_seq = OLD.first_seq AND NEW.last_seq = OLD.last_seq
               AND NEW.records = OLD.records AND NEW.prev_hash = OLD.prev_hash
@@ -245,7 +247,7 @@ pub(crate) const ARCHIVES: &str = r#"
               AND NEW.period_end_ms = OLD.period_end_ms
               AND NEW.sealed_at_ms = OLD.sealed_at_ms)
     BEGIN SELECT RAISE(ABORT, 'an archive row only changes from sealed to deleted'); END;
-    DROP TRIGGER records_append_only_delete;
+    DROP TRIGGER IF EXISTS records_append_only_delete;
     CREATE TRIGGER records_append_only_delete BEFORE DELETE ON records
         WHEN NOT EXISTS (SELECT 1 FROM archives
                           WHERE first_seq = (SELECT max(first_seq) FROM archives
