@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::cmd::{
-    alarms, check_config, command, dead_letters, decode, exchanges, export, replay, serve,
+    alarms, check_config, command, dead_letters, decode, exchanges, export, prove, replay, serve,
     sessions, simulate, stats, tail, verify,
 };
 use crate::telemetry::{self, LogFormat};
@@ -44,6 +44,7 @@ enum Command {
     Ask(command::CommandFlags),
     Sessions(sessions::SessionsFlags),
     Stats(stats::StatsFlags),
+    Prove(prove::ProveFlags),
 }
 
 /// Parses the command line and runs it.
@@ -69,5 +70,6 @@ pub fn main() -> ExitCode {
         Command::Ask(flags) => command::main(flags),
         Command::Sessions(flags) => sessions::main(flags),
         Command::Stats(flags) => stats::main(flags),
+        Command::Prove(flags) => prove::main(flags),
     }
 }

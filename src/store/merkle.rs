@@ -505,6 +505,199 @@ impl LogTree {
     }
 }
 
+/// A tree head someone holds (from a checkpoint) to hold the log against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    /// Tree size.
+    pub size: u64,
+    /// Root hash.
+    pub root: [u8; 32],
+}
+
+/// What [`check_log`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeReport {
+    /// Records hashed into the recomputed tree.
+    pub records: u64,
+    /// The recomputed root differs from the stored tree's at the same size: a record
+    /// was changed (and perhaps re-chained) without rebuilding the tree, or the
+    /// reverse. `None` when they agree (or the stored tree is empty).
+    pub stored_tree_differs: Option<String>,
+    /// Per head given, in the order given: `None` when the log is consistent with it,
+    /// else where it first differs.
+    pub heads: Vec<(Head, Option<Difference>)>,
+}
+
+impl TreeReport {
+    /// True when the stored tree matches the records and every head is consistent.
+    pub fn is_ok(&self) -> bool {
+        self.stored_tree_differs.is_none() && self.heads.iter().all(|(_, d)| d.is_none())
+    }
+}
+
+/// Where the log stops matching a signed head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Difference {
+    /// The log has fewer records than the head covers: it ends at `last`.
+    Shorter {
+        /// The log's last record.
+        last: u64,
+    },
+    /// A record is missing from the log (a gap in `seq`).
+    Missing {
+        /// The first missing seq.
+        seq: u64,
+    },
+    /// This is the first record that is not what the head signed.
+    Record {
+        /// Its seq.
+        seq: u64,
+    },
+    /// Some record in `after + 1 ..= through` is not what the head signed; the
+    /// tree stored in the file was rebuilt too, so it cannot say which.
+    Range {
+        /// Last seq known good (the largest consistent head given, or 0).
+        after: u64,
+        /// The head's size.
+        through: u64,
+    },
+}
+
+impl std::fmt::Display for Difference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Difference::Shorter { last } => write!(
+                f,
+                "the log ends at seq {last}, before the checkpoint's size: first seq that differs is {}",
+                last + 1
+            ),
+            Difference::Missing { seq } => {
+                write!(f, "record {seq} is missing: first seq that differs is {seq}")
+            }
+            Difference::Record { seq } => write!(
+                f,
+                "first seq that differs is {seq} (its record is not the one the checkpoint signed)"
+            ),
+            Difference::Range { after, through } => write!(
+                f,
+                "a record in seq {}..={through} differs (the file's own tree was rebuilt as well, so the first one cannot be named)",
+                after + 1
+            ),
+        }
+    }
+}
+
+/// Recomputes the tree from the records themselves (never from the stored
+/// hashes, which whoever changed the records may have rebuilt) and holds it against
+/// the stored tree and against every head given.
+///
+/// One pass over the log in seq order; a second pass, up to the failing size,
+/// only when a head does not match and the stored tree still reproduces that head
+/// (then the stored leaf hashes are the signed ones and name the first record that
+/// differs).
+pub fn check_log(path: &std::path::Path, heads: &[Head]) -> Result<TreeReport, StoreError> {
+    let reader = super::Reader::open(path)?;
+    let tree_conn = super::schema::open_read_only(path)?;
+    let stored = Tree::new(&tree_conn)?;
+    let mut wanted: Vec<u64> = heads.iter().map(|h| h.size).collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    let mut roots = std::collections::HashMap::new();
+    let mut f = Frontier::default();
+    let mut gap = None;
+    let mut next = wanted.iter().peekable();
+    let mut stored_root_at = None;
+    for rec in reader.records(super::RecordFilter::default())? {
+        let rec = rec?;
+        if rec.seq != f.size() + 1 {
+            gap = Some(f.size() + 1);
+            break;
+        }
+        f.push(leaf_hash_of(&rec), |_, _| {});
+        while next.peek().is_some_and(|&&s| s == f.size()) {
+            roots.insert(f.size(), f.root());
+            next.next();
+        }
+        if f.size() == stored.size() {
+            stored_root_at = Some(f.root());
+        }
+    }
+    let records = f.size();
+    let stored_tree_differs = if stored.size() == 0 {
+        None
+    } else {
+        match stored_root_at {
+            Some(mine) if mine == stored.root(stored.size())? => None,
+            Some(_) => Some(format!(
+                "the tree stored in the file does not match the records (size {})",
+                stored.size()
+            )),
+            None => Some(format!(
+                "the tree stored in the file covers {} records, the log has {records}",
+                stored.size()
+            )),
+        }
+    };
+    let consistent_below = |size: u64| {
+        heads
+            .iter()
+            .filter(|h| h.size < size && roots.get(&h.size) == Some(&h.root))
+            .map(|h| h.size)
+            .max()
+            .unwrap_or(0)
+    };
+    let mut out = Vec::with_capacity(heads.len());
+    for h in heads {
+        let diff = match roots.get(&h.size) {
+            Some(r) if *r == h.root => None,
+            Some(_) => Some(first_difference(&reader, &stored, h, consistent_below(h.size))?),
+            None => Some(match gap {
+                Some(seq) => Difference::Missing { seq },
+                None => Difference::Shorter { last: records },
+            }),
+        };
+        out.push((*h, diff));
+    }
+    Ok(TreeReport {
+        records,
+        stored_tree_differs,
+        heads: out,
+    })
+}
+
+fn first_difference(
+    reader: &super::Reader,
+    stored: &Tree<'_>,
+    head: &Head,
+    good: u64,
+) -> Result<Difference, StoreError> {
+    let signed_tree_kept = head.size <= stored.size()
+        && stored.root(head.size).is_ok_and(|r| r == head.root);
+    if !signed_tree_kept {
+        return Ok(Difference::Range {
+            after: good,
+            through: head.size,
+        });
+    }
+    let filter = super::RecordFilter {
+        after_seq: good,
+        until_seq: Some(head.size),
+        ..Default::default()
+    };
+    for rec in reader.records(filter)? {
+        let rec = rec?;
+        if leaf_hash_of(&rec) != stored.leaf_hash(rec.seq - 1)? {
+            return Ok(Difference::Record { seq: rec.seq });
+        }
+    }
+    // Every leaf matches yet the root did not: only an interior hash can differ,
+    // which the records cannot cause.
+    Ok(Difference::Range {
+        after: good,
+        through: head.size,
+    })
+}
+
 /// Checks an RFC 6962 audit path: leaf `index` with hash `leaf` is in the tree of
 /// `size` leaves whose head is `root`.
 pub fn check_inclusion(
