@@ -56,6 +56,7 @@ pub mod codec;
 pub mod config;
 pub mod daemon;
 pub mod downlink;
+pub mod evidence;
 pub mod exit;
 #[doc(hidden)]
 pub mod fuzzing;
