@@ -44,6 +44,7 @@ enum Command {
     Ask(command::CommandFlags),
     Sessions(sessions::SessionsFlags),
     Stats(stats::StatsFlags),
+    Keygen(crate::cmd::keygen::KeygenFlags),
 }
 
 /// Parses the command line and runs it.
@@ -69,5 +70,6 @@ pub fn main() -> ExitCode {
         Command::Ask(flags) => command::main(flags),
         Command::Sessions(flags) => sessions::main(flags),
         Command::Stats(flags) => stats::main(flags),
+        Command::Keygen(flags) => crate::cmd::keygen::main(flags),
     }
 }
