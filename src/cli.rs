@@ -45,6 +45,7 @@ enum Command {
     Sessions(sessions::SessionsFlags),
     Stats(stats::StatsFlags),
     Prove(prove::ProveFlags),
+    Keygen(crate::cmd::keygen::KeygenFlags),
 }
 
 /// Parses the command line and runs it.
@@ -71,5 +72,6 @@ pub fn main() -> ExitCode {
         Command::Sessions(flags) => sessions::main(flags),
         Command::Stats(flags) => stats::main(flags),
         Command::Prove(flags) => prove::main(flags),
+        Command::Keygen(flags) => crate::cmd::keygen::main(flags),
     }
 }

@@ -16,6 +16,7 @@ pub mod dead_letters;
 pub mod decode;
 pub mod exchanges;
 pub mod export;
+pub mod keygen;
 pub mod prove;
 pub mod replay;
 pub mod serve;
