@@ -766,6 +766,61 @@ pub(crate) fn record_values(
     ]
 }
 
+/// One value read back out of a leaf (the canonical encoding).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeafValue {
+    /// SQL NULL.
+    Null,
+    /// An INTEGER column.
+    Integer(i64),
+    /// A TEXT or BLOB column's bytes.
+    Bytes(Vec<u8>),
+}
+
+/// Reads the 17 values back out of a leaf, in chain order (`seq`,
+/// `received_at_ms`, `peer`, `session`, `direction`, `kind`, `raw`, `dialect`,
+/// `st`, `cn`, `mn`, `qn`, `data_time`, `verdict`, `duplicate`, `findings`,
+/// `doc`), so a proof's record can be held against what its leaf says.
+///
+/// The grammar is the chain's (store module documentation): each value is
+/// `FF FF FF FF` (NULL) or a 32-bit big-endian length and that many bytes; the
+/// four integer columns are always 8 bytes. Anything left over, a length past the
+/// end, or a wrong-sized integer is refused.
+pub fn decode_leaf(leaf: &[u8]) -> Result<Vec<LeafValue>, String> {
+    const INTEGERS: [usize; 4] = [0, 1, 3, 14];
+    let mut out = Vec::with_capacity(HASHED_COLUMNS);
+    let mut rest = leaf;
+    for i in 0..HASHED_COLUMNS {
+        let (len, tail) = rest
+            .split_first_chunk::<4>()
+            .ok_or_else(|| format!("value {i}: the leaf ends inside its length"))?;
+        let len = u32::from_be_bytes(*len);
+        if len == u32::MAX {
+            out.push(LeafValue::Null);
+            rest = tail;
+            continue;
+        }
+        let len = len as usize;
+        if len > tail.len() {
+            return Err(format!("value {i}: length {len} runs past the leaf's end"));
+        }
+        let (bytes, tail) = tail.split_at(len);
+        rest = tail;
+        if INTEGERS.contains(&i) {
+            let b: [u8; 8] = bytes
+                .try_into()
+                .map_err(|_| format!("value {i}: an integer of {len} bytes, not 8"))?;
+            out.push(LeafValue::Integer(i64::from_be_bytes(b)));
+        } else {
+            out.push(LeafValue::Bytes(bytes.to_vec()));
+        }
+    }
+    if !rest.is_empty() {
+        return Err(format!("{} bytes after the last value", rest.len()));
+    }
+    Ok(out)
+}
+
 /// A stored record's Merkle leaf: its canonical encoding.
 pub fn leaf_of(rec: &super::StoredRecord) -> Vec<u8> {
     super::chain::leaf_bytes(&record_values(rec)).unwrap_or_default()
@@ -903,6 +958,41 @@ mod tests {
             10,
             "the tree did not grow past its old leaves"
         );
+    }
+
+    #[test]
+    fn a_leaf_reads_back_into_its_values_and_garbage_is_refused() {
+        let mut rec = crate::store::StoredRecord {
+            seq: 42,
+            received_at_ms: 1_795_870_701_123,
+            peer: "1.2.3.4:5".into(),
+            session: 7,
+            direction: crate::store::Direction::In,
+            kind: crate::store::Kind::Frame,
+            raw: b"##\x00\xff".to_vec(),
+            dialect: Some("2017".into()),
+            st: None,
+            cn: Some("2011".into()),
+            mn: Some("MN1".into()),
+            qn: None,
+            data_time: None,
+            verdict: crate::store::Verdict::Accepted,
+            duplicate: false,
+            findings: "[]".into(),
+            doc: "{}".into(),
+            hash: [0; 32],
+        };
+        let v = decode_leaf(&leaf_of(&rec)).unwrap();
+        assert_eq!(v[0], LeafValue::Integer(42));
+        assert_eq!(v[6], LeafValue::Bytes(rec.raw.clone()));
+        assert_eq!(v[8], LeafValue::Null);
+        assert_eq!(v[14], LeafValue::Integer(0));
+        rec.seq = 43;
+        let mut leaf = leaf_of(&rec);
+        leaf.push(0);
+        assert!(decode_leaf(&leaf).unwrap_err().contains("after the last value"));
+        assert!(decode_leaf(&leaf[..10]).is_err());
+        assert!(decode_leaf(&[0xff; 3]).is_err());
     }
 
     #[test]
