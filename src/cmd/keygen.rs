@@ -27,10 +27,10 @@ use crate::evidence::key::{self, KeyError, SigningKey};
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct KeygenFlags {
-    /// Key name, also the checkpoint origin (default: hj212-gateway/<hostname>).
+    /// Key name, also the checkpoint origin (default: hj212-gateway/HOSTNAME).
     #[arg(long)]
     name: Option<String>,
-    /// Key file (default: <data dir>/checkpoint.key).
+    /// Key file (default: checkpoint.key in the data directory).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Data directory (default: $STATE_DIRECTORY, else ./data).
