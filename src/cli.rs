@@ -45,6 +45,7 @@ enum Command {
     Sessions(sessions::SessionsFlags),
     Stats(stats::StatsFlags),
     Prove(prove::ProveFlags),
+    CheckProof(crate::cmd::check_proof::CheckProofFlags),
     Keygen(crate::cmd::keygen::KeygenFlags),
 }
 
@@ -72,6 +73,7 @@ pub fn main() -> ExitCode {
         Command::Sessions(flags) => sessions::main(flags),
         Command::Stats(flags) => stats::main(flags),
         Command::Prove(flags) => prove::main(flags),
+        Command::CheckProof(flags) => crate::cmd::check_proof::main(flags),
         Command::Keygen(flags) => crate::cmd::keygen::main(flags),
     }
 }

@@ -11,6 +11,7 @@
 pub mod alarms;
 pub mod capture;
 pub mod check_config;
+pub mod check_proof;
 pub mod command;
 pub mod dead_letters;
 pub mod decode;

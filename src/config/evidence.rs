@@ -110,7 +110,10 @@ impl EvidenceSection {
             if host.is_none_or(|h| h.is_empty() || h.starts_with('/')) {
                 return Err(bad(
                     key("url"),
-                    format!("{:?}: expected http://HOST[:PORT][/PATH] or https://...", w.url),
+                    format!(
+                        "{:?}: expected http://HOST[:PORT][/PATH] or https://...",
+                        w.url
+                    ),
                 ));
             }
             if let Some(v) = &w.vkey {
@@ -144,9 +147,15 @@ mod tests {
             Path::new("/var/lib/x/checkpoint.key")
         );
         for (text, key) in [
-            ("[evidence]\ncheckpoint_interval = \"0s\"", "evidence.checkpoint_interval"),
+            (
+                "[evidence]\ncheckpoint_interval = \"0s\"",
+                "evidence.checkpoint_interval",
+            ),
             ("[evidence]\norigin = \"a b\"", "evidence.origin"),
-            ("[[evidence.witness]]\nurl = \"ftp://x\"", "evidence.witness[0].url"),
+            (
+                "[[evidence.witness]]\nurl = \"ftp://x\"",
+                "evidence.witness[0].url",
+            ),
             (
                 "[[evidence.witness]]\nurl = \"http://x\"\nvkey = \"nope\"",
                 "evidence.witness[0].vkey",

@@ -298,7 +298,10 @@ impl Probe {
             "Seconds since the latest signed checkpoint was cut (absent before the first); grows past [evidence] checkpoint_interval only while the log is idle or signing fails.",
         );
         if let Some(c) = &latest {
-            let age = chrono::Utc::now().timestamp_millis().saturating_sub(c.cut_at_ms) / 1000;
+            let age = chrono::Utc::now()
+                .timestamp_millis()
+                .saturating_sub(c.cut_at_ms)
+                / 1000;
             e.sample("hj212_checkpoint_age_seconds", &[], age.max(0) as u64);
         }
         e.family(
@@ -611,7 +614,12 @@ async fn respond(
                 // The latest signed checkpoint, exactly as signed (C2SP
                 // tlog-checkpoint note): what a monitor polls and keeps.
                 ("GET", "/checkpoint") => match probe.shared.checkpoint.get() {
-                    Some(cp) => ("200 OK", "text/plain; charset=utf-8", cp.note.clone(), false),
+                    Some(cp) => (
+                        "200 OK",
+                        "text/plain; charset=utf-8",
+                        cp.note.clone(),
+                        false,
+                    ),
                     None => (
                         "404 Not Found",
                         "text/plain; charset=utf-8",

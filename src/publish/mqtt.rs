@@ -82,8 +82,8 @@ use super::plan::{self, Decision, PlanOptions, Refusal};
 use super::presence::{DeviceStatus, Presence};
 use crate::config::{ConfigError, MqttSection, parse_broker_url};
 use crate::store::follower::{self, Consumer, Follower, Plan, Rewind, Start};
-use crate::store::{AlarmStore, DeadLetter, DeadLetterRow, Feed, StoreError};
 use crate::store::merkle::LogTree;
+use crate::store::{AlarmStore, DeadLetter, DeadLetterRow, Feed, StoreError};
 
 /// Cursor of published (and acknowledged) records.
 pub const CURSOR: &str = "mqtt";

@@ -572,7 +572,10 @@ impl std::fmt::Display for Difference {
                 last + 1
             ),
             Difference::Missing { seq } => {
-                write!(f, "record {seq} is missing: first seq that differs is {seq}")
+                write!(
+                    f,
+                    "record {seq} is missing: first seq that differs is {seq}"
+                )
             }
             Difference::Record { seq } => write!(
                 f,
@@ -650,7 +653,12 @@ pub fn check_log(path: &std::path::Path, heads: &[Head]) -> Result<TreeReport, S
     for h in heads {
         let diff = match roots.get(&h.size) {
             Some(r) if *r == h.root => None,
-            Some(_) => Some(first_difference(&reader, &stored, h, consistent_below(h.size))?),
+            Some(_) => Some(first_difference(
+                &reader,
+                &stored,
+                h,
+                consistent_below(h.size),
+            )?),
             None => Some(match gap {
                 Some(seq) => Difference::Missing { seq },
                 None => Difference::Shorter { last: records },
@@ -671,8 +679,8 @@ fn first_difference(
     head: &Head,
     good: u64,
 ) -> Result<Difference, StoreError> {
-    let signed_tree_kept = head.size <= stored.size()
-        && stored.root(head.size).is_ok_and(|r| r == head.root);
+    let signed_tree_kept =
+        head.size <= stored.size() && stored.root(head.size).is_ok_and(|r| r == head.root);
     if !signed_tree_kept {
         return Ok(Difference::Range {
             after: good,
@@ -990,7 +998,11 @@ mod tests {
         rec.seq = 43;
         let mut leaf = leaf_of(&rec);
         leaf.push(0);
-        assert!(decode_leaf(&leaf).unwrap_err().contains("after the last value"));
+        assert!(
+            decode_leaf(&leaf)
+                .unwrap_err()
+                .contains("after the last value")
+        );
         assert!(decode_leaf(&leaf[..10]).is_err());
         assert!(decode_leaf(&[0xff; 3]).is_err());
     }
