@@ -37,6 +37,8 @@ pub struct App {
     /// commit feed and the log's consumers count in the same registry (the daemon
     /// hands it to each at start), so two gateways in one process count apart.
     pub metrics: Arc<Metrics>,
+    /// The latest signed checkpoint (`/checkpoint`) and the notary's counters.
+    pub checkpoint: Arc<crate::notary::Latest>,
 }
 
 /// The name the daemon's modules have always used for [`App`].

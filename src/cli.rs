@@ -8,8 +8,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::cmd::{
-    alarms, archive, check_config, command, dead_letters, decode, exchanges, export, replay, serve,
-    sessions, simulate, stats, tail, verify,
+    alarms, archive, check_config, command, dead_letters, decode, exchanges, export, prove, replay,
+    serve, sessions, simulate, stats, tail, verify,
 };
 use crate::telemetry::{self, LogFormat};
 
@@ -44,6 +44,9 @@ enum Command {
     Ask(command::CommandFlags),
     Sessions(sessions::SessionsFlags),
     Stats(stats::StatsFlags),
+    Prove(prove::ProveFlags),
+    CheckProof(crate::cmd::check_proof::CheckProofFlags),
+    Keygen(crate::cmd::keygen::KeygenFlags),
     Archive(archive::ArchiveFlags),
 }
 
@@ -70,6 +73,9 @@ pub fn main() -> ExitCode {
         Command::Ask(flags) => command::main(flags),
         Command::Sessions(flags) => sessions::main(flags),
         Command::Stats(flags) => stats::main(flags),
+        Command::Prove(flags) => prove::main(flags),
+        Command::CheckProof(flags) => crate::cmd::check_proof::main(flags),
+        Command::Keygen(flags) => crate::cmd::keygen::main(flags),
         Command::Archive(flags) => archive::main(flags),
     }
 }

@@ -57,6 +57,10 @@ pub enum ServeError {
     /// Binding or another I/O failure.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The checkpoint signing key could not be read or written, or `[evidence]
+    /// origin` is unusable.
+    #[error("evidence: {0}")]
+    Notary(#[from] crate::notary::NotaryError),
 }
 
 /// Command-line overrides of `serve`.
@@ -117,6 +121,8 @@ pub struct Running {
     /// The operator control socket (`command`, `sessions`).
     pub control_path: PathBuf,
     writer: WriterJoin,
+    /// Signs the last checkpoint once the log has drained.
+    notary: Arc<Mutex<crate::notary::Notary>>,
     config_path: Option<PathBuf>,
 }
 
@@ -192,6 +198,21 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
     })
     .await
     .map_err(|e| std::io::Error::other(e.to_string()))??;
+    // After the store opened (and so migrated) the log; before devices connect,
+    // so a key that cannot be read or written stops the start with its path named.
+    let checkpoint = Arc::new(crate::notary::Latest::default());
+    let notary = {
+        let (cfg, data, db, latest) = (
+            cfg.clone(),
+            data.clone(),
+            store_path.clone(),
+            Arc::clone(&checkpoint),
+        );
+        tokio::task::spawn_blocking(move || crate::notary::Notary::open(&cfg, &data, &db, latest))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??
+    };
+    let notary = Arc::new(Mutex::new(notary));
     let registry = Arc::new(SharedRegistry::new(registry));
     let mut sessions = SessionMap::default();
     sessions.devices = crate::downlink::Devices::new(
@@ -206,6 +227,7 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
         next_id: AtomicU64::new(1),
         presence: presence.clone(),
         metrics,
+        checkpoint,
     });
     let server = Server::bind(shared.clone(), &listen).await?;
     let control =
@@ -301,6 +323,29 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
             &health,
         );
     }
+    // Checkpoints are read from the log by whoever publishes them (the MQTT
+    // publisher, /checkpoint); the notary only signs and keeps them. Its last cut
+    // waits for the log to drain (`Running::stop`).
+    let witnesses = shared
+        .cfg
+        .evidence
+        .witness
+        .iter()
+        .map(|w| crate::evidence::witness::WitnessEntry {
+            url: w.url.clone(),
+            vkey: w.vkey.clone(),
+            timeout: w.timeout.0,
+        })
+        .collect();
+    consumers.track(
+        "notary".into(),
+        tokio::spawn(crate::notary::run(
+            Arc::clone(&notary),
+            shared.cfg.evidence.checkpoint_interval.0,
+            witnesses,
+            shutdown.child_token(),
+        )),
+    );
     // Operators reach devices through their sessions; stops (and removes the
     // socket) on the same token.
     consumers.track(
@@ -317,6 +362,7 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
         tracker,
         consumers,
         writer,
+        notary,
         config_path: o.config.clone(),
     })
 }
@@ -382,6 +428,9 @@ impl Running {
             let _ = tokio::time::timeout_at(deadline.end, task).await;
         }
         let stats = joined.map_err(|e| std::io::Error::other(e.to_string()))??;
+        // Everything is committed now: the last checkpoint covers every record.
+        let notary = self.notary;
+        let _ = tokio::task::spawn_blocking(move || crate::notary::final_cut(&notary)).await;
         info!(
             records = stats.records_committed,
             commits = stats.commits,

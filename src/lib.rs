@@ -56,12 +56,14 @@ pub mod codec;
 pub mod config;
 pub mod daemon;
 pub mod downlink;
+pub mod evidence;
 pub mod exit;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod health;
 pub mod ingest;
 pub mod metrics;
+pub mod notary;
 pub mod priority;
 /// The sans-IO HJ 212 crate ([`hj212`], `crates/hj212`), under the path the
 /// gateway has always used for it.

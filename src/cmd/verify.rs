@@ -31,6 +31,68 @@ pub struct VerifyArgs {
     pub db: PathBuf,
     /// Device registry, keys and CRC policy (defaults when `None`).
     pub config: Option<Config>,
+    /// Signed checkpoints (note files, or `checkpoints.log`) to hold the log against.
+    pub checkpoints: Vec<PathBuf>,
+    /// Verifier keys the checkpoints must be signed with; empty: signatures are
+    /// not checked (said in the report), consistency still is.
+    pub vkeys: Vec<String>,
+}
+
+/// The largest checkpoint file read (a `checkpoints.log` of decades at one a minute).
+const MAX_CHECKPOINT_FILE: u64 = 256 << 20;
+
+/// A checkpoint given to `verify`, and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GivenCheckpoint {
+    /// The file.
+    pub file: PathBuf,
+    /// Its size and root.
+    pub head: store::merkle::Head,
+    /// Whether its signature was checked against a `--vkey`.
+    pub signature_checked: bool,
+}
+
+/// Reads every note of every file; signatures are checked when keys are given.
+pub fn read_checkpoints(
+    files: &[PathBuf],
+    vkeys: &[String],
+) -> Result<Vec<GivenCheckpoint>, CmdError> {
+    use std::io::Read as _;
+    let keys: Vec<&str> = vkeys.iter().map(String::as_str).collect();
+    let mut out: Vec<GivenCheckpoint> = Vec::new();
+    for file in files {
+        let mut text = String::new();
+        std::fs::File::open(file)
+            .and_then(|f| f.take(MAX_CHECKPOINT_FILE).read_to_string(&mut text))
+            .map_err(CmdError::io(format!("read {}", file.display())))?;
+        let notes = crate::notary::split_notes(&text);
+        if notes.is_empty() {
+            return Err(CmdError::Usage(format!(
+                "{}: no checkpoint note in it",
+                file.display()
+            )));
+        }
+        for note in notes {
+            let parsed = if keys.is_empty() {
+                crate::evidence::checkpoint::parse_unverified(note.as_bytes())
+            } else {
+                crate::evidence::checkpoint::open(note.as_bytes(), &keys)
+            }
+            .map_err(|e| CmdError::Usage(format!("{}: {e}", file.display())))?;
+            let head = store::merkle::Head {
+                size: parsed.size,
+                root: parsed.root,
+            };
+            if !out.iter().any(|g| g.head == head) {
+                out.push(GivenCheckpoint {
+                    file: file.clone(),
+                    head,
+                    signature_checked: !keys.is_empty(),
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// What `verify` found.
@@ -46,12 +108,17 @@ pub struct VerifyReport {
     pub inconsistent: u64,
     /// The first of them.
     pub first_inconsistent: Option<Inconsistency>,
+    /// The Merkle tree recomputed from the records, against the stored tree and
+    /// the checkpoints given.
+    pub tree: store::merkle::TreeReport,
+    /// The checkpoints given, in the order of `tree.heads`.
+    pub checkpoints: Vec<GivenCheckpoint>,
 }
 
 impl VerifyReport {
     /// True when the chain is intact and every verdict agrees with its CRC.
     pub fn is_ok(&self) -> bool {
-        self.chain.is_intact() && self.inconsistent == 0
+        self.chain.is_intact() && self.inconsistent == 0 && self.tree.is_ok()
     }
 }
 
@@ -83,6 +150,13 @@ const CRC_CODES: [&str; 2] = [code::CRC_MISMATCH, code::CRC_MISSING];
 /// Runs both checks.
 pub fn run(args: &VerifyArgs) -> Result<VerifyReport, CmdError> {
     require_db(&args.db)?;
+    let checkpoints = read_checkpoints(&args.checkpoints, &args.vkeys)?;
+    let heads: Vec<_> = checkpoints.iter().map(|c| c.head).collect();
+    let db = args.db.clone();
+    let tree = std::thread::Builder::new()
+        .name("verify-tree".into())
+        .spawn(move || store::merkle::check_log(&db, &heads))
+        .map_err(CmdError::io("start the tree walk"))?;
     let db = args.db.clone();
     let chain = std::thread::Builder::new()
         .name("verify-chain".into())
@@ -147,12 +221,17 @@ pub fn run(args: &VerifyArgs) -> Result<VerifyReport, CmdError> {
         .join()
         .map_err(|_| CmdError::Usage("the chain walk panicked".into()))??;
     scan?;
+    let tree = tree
+        .join()
+        .map_err(|_| CmdError::Usage("the tree walk panicked".into()))??;
     Ok(VerifyReport {
         chain,
         frames_checked,
         not_judged,
         inconsistent,
         first_inconsistent: first,
+        tree,
+        checkpoints,
     })
 }
 
@@ -213,6 +292,35 @@ pub fn print(
             r.frames_checked, r.inconsistent
         )?,
     }
+    match &r.tree.stored_tree_differs {
+        None => writeln!(
+            out,
+            "{p}: Merkle tree recomputed from {} records, matches the stored tree",
+            r.tree.records
+        )?,
+        Some(why) => writeln!(out, "{p}: Merkle tree: {why}")?,
+    }
+    for (given, (head, diff)) in r.checkpoints.iter().zip(&r.tree.heads) {
+        let signed = if given.signature_checked {
+            "signature valid"
+        } else {
+            "signature not checked (give --vkey)"
+        };
+        match diff {
+            None => writeln!(
+                out,
+                "{}: checkpoint of size {} ({signed}): the log is consistent with it",
+                given.file.display(),
+                head.size
+            )?,
+            Some(d) => writeln!(
+                out,
+                "{}: checkpoint of size {} ({signed}): the log is NOT consistent with it: {d}",
+                given.file.display(),
+                head.size
+            )?,
+        }
+    }
     writeln!(
         out,
         "{}",
@@ -224,8 +332,9 @@ pub fn print(
     )
 }
 
-/// Prove the log is intact: walk the hash chain and re-check every inbound frame's CRC
-/// against its stored verdict.
+/// Prove the log is intact: walk the hash chain, recompute the Merkle tree from the
+/// records, re-check every inbound frame's CRC against its stored verdict, and hold
+/// the log against signed checkpoints published before (--checkpoint).
 ///
 /// Prints the records checked and, on failure, the first broken seq and why. Works
 /// while serve is running (records committed after it starts are not checked).
@@ -233,6 +342,7 @@ pub fn print(
 /// Examples:
 ///   hj212-gateway verify --data /var/lib/hj212-gateway
 ///   hj212-gateway verify --db frames.sqlite --config /etc/hj212-gateway/gateway.toml
+///   hj212-gateway verify --data /var/lib/hj212-gateway --checkpoint saved/checkpoints.log --vkey "$VKEY"
 ///
 /// Exit 0 intact, 1 tampered or inconsistent, 2 unreadable, 78 bad --config.
 #[derive(Debug, clap::Args)]
@@ -243,6 +353,15 @@ pub struct VerifyFlags {
     /// Gateway config: device registry, keys and CRC policies for the re-check.
     #[arg(long, short)]
     config: Option<PathBuf>,
+    /// Signed checkpoints to hold the log against: note files (from MQTT,
+    /// /checkpoint or a witness) or a copy of checkpoints.log. A cut tail or a
+    /// re-chained record after publication is reported with the first seq that
+    /// differs. Repeatable.
+    #[arg(long, num_args = 1..)]
+    checkpoint: Vec<PathBuf>,
+    /// The gateway's verifier key: the checkpoints' signatures must hold under it.
+    #[arg(long)]
+    vkey: Vec<String>,
 }
 
 /// Runs `verify` from the command line: the report on stdout, the exit code back.
@@ -252,6 +371,8 @@ pub fn main(flags: VerifyFlags) -> std::process::ExitCode {
         let args = VerifyArgs {
             db: flags.log.db(cfg.as_ref()),
             config: cfg,
+            checkpoints: flags.checkpoint,
+            vkeys: flags.vkey,
         };
         run(&args).map(|r| (args.db, r))
     });

@@ -13,6 +13,7 @@
 
 mod alarms;
 mod downlink;
+mod evidence;
 mod log;
 mod metrics;
 mod mqtt;
@@ -30,6 +31,7 @@ use serde::Deserialize;
 
 pub use alarms::{AlarmsSection, DETECTORS, DeviceAlarms, FactorAlarms};
 pub use downlink::DownlinkSection;
+pub use evidence::{EvidenceSection, MAX_WITNESSES, WitnessSection};
 pub use log::{DEFAULT_REPEAT_INTERVAL, LogSection};
 pub use metrics::MetricsConfig;
 pub use mqtt::{BrokerUrl, MAX_MERGE_PACKETS, MqttSection, parse_broker_url};
@@ -139,6 +141,8 @@ pub struct Config {
     pub downlink: DownlinkSection,
     /// `[log]`.
     pub log: LogSection,
+    /// `[evidence]`.
+    pub evidence: EvidenceSection,
 }
 
 impl Config {
@@ -175,6 +179,7 @@ impl Config {
         upstream::check_upstreams(&self.upstream, path)?;
         self.downlink.check(path)?;
         self.metrics.check(path)?;
+        self.evidence.check(path)?;
         Ok(())
     }
 

@@ -281,6 +281,56 @@ impl Probe {
             &[],
             self.shared.metrics.alarm_untracked_factors.get(),
         );
+        let latest = self.shared.checkpoint.get();
+        e.family(
+            "hj212_checkpoint_size",
+            "gauge",
+            "Tree size (records) of the latest signed checkpoint; 0 before the first.",
+        );
+        e.sample(
+            "hj212_checkpoint_size",
+            &[],
+            latest.as_ref().map_or(0, |c| c.size),
+        );
+        e.family(
+            "hj212_checkpoint_age_seconds",
+            "gauge",
+            "Seconds since the latest signed checkpoint was cut (absent before the first); grows past [evidence] checkpoint_interval only while the log is idle or signing fails.",
+        );
+        if let Some(c) = &latest {
+            let age = chrono::Utc::now()
+                .timestamp_millis()
+                .saturating_sub(c.cut_at_ms)
+                / 1000;
+            e.sample("hj212_checkpoint_age_seconds", &[], age.max(0) as u64);
+        }
+        e.family(
+            "hj212_checkpoint_failures_total",
+            "counter",
+            "Checkpoints that could not be signed, kept or appended to checkpoints.log.",
+        );
+        e.sample(
+            "hj212_checkpoint_failures_total",
+            &[],
+            self.shared.checkpoint.cut_failures.get(),
+        );
+        let witnesses = self.shared.checkpoint.witnesses();
+        e.family(
+            "hj212_witness_cosignatures_total",
+            "counter",
+            "Checkpoints a [[evidence.witness]] cosigned.",
+        );
+        for (url, ok, _) in &witnesses {
+            e.sample("hj212_witness_cosignatures_total", &[("witness", url)], *ok);
+        }
+        e.family(
+            "hj212_witness_failures_total",
+            "counter",
+            "Submissions a [[evidence.witness]] refused or did not answer.",
+        );
+        for (url, _, failed) in &witnesses {
+            e.sample("hj212_witness_failures_total", &[("witness", url)], *failed);
+        }
         let stats = self.shared.store.stats();
         e.family(
             "hj212_store_queue_depth",
@@ -561,7 +611,23 @@ async fn respond(
                         false,
                     ),
                 },
-                (_, "/metrics" | "/healthz") => (
+                // The latest signed checkpoint, exactly as signed (C2SP
+                // tlog-checkpoint note): what a monitor polls and keeps.
+                ("GET", "/checkpoint") => match probe.shared.checkpoint.get() {
+                    Some(cp) => (
+                        "200 OK",
+                        "text/plain; charset=utf-8",
+                        cp.note.clone(),
+                        false,
+                    ),
+                    None => (
+                        "404 Not Found",
+                        "text/plain; charset=utf-8",
+                        "no checkpoint signed yet\n".to_owned(),
+                        false,
+                    ),
+                },
+                (_, "/metrics" | "/healthz" | "/checkpoint") => (
                     "405 Method Not Allowed",
                     "text/plain; charset=utf-8",
                     "only GET\n".to_owned(),
@@ -570,7 +636,7 @@ async fn respond(
                 _ => (
                     "404 Not Found",
                     "text/plain; charset=utf-8",
-                    "not found; try /metrics or /healthz\n".to_owned(),
+                    "not found; try /metrics, /healthz or /checkpoint\n".to_owned(),
                     false,
                 ),
             }

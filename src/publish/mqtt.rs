@@ -82,6 +82,7 @@ use super::plan::{self, Decision, PlanOptions, Refusal};
 use super::presence::{DeviceStatus, Presence};
 use crate::config::{ConfigError, MqttSection, parse_broker_url};
 use crate::store::follower::{self, Consumer, Follower, Plan, Rewind, Start};
+use crate::store::merkle::LogTree;
 use crate::store::{AlarmStore, DeadLetter, DeadLetterRow, Feed, StoreError};
 
 /// Cursor of published (and acknowledged) records.
@@ -236,6 +237,10 @@ impl MqttSettings {
         plan::gateway_topic(&self.plan.prefix, &self.client_id)
     }
 
+    fn checkpoint_topic(&self) -> String {
+        plan::checkpoint_topic(&self.plan.prefix, &self.client_id)
+    }
+
     fn options(&self) -> MqttOptions {
         let mut o = MqttOptions::new(self.client_id.clone(), self.host.clone(), self.port);
         o.set_keep_alive(self.keep_alive)
@@ -386,6 +391,8 @@ enum Tag {
     Presence(String, DeviceStatus),
     Alarm(u64),
     Status,
+    /// The retained signed checkpoint of this tree size.
+    Checkpoint(u64),
     /// A dead letter re-driven: (entry id, consumer, seq).
     Redrive(i64, &'static str, u64),
 }
@@ -399,6 +406,7 @@ enum Key {
     Redrive(i64),
     Presence(String),
     Status,
+    Checkpoint,
 }
 
 impl Tag {
@@ -410,6 +418,7 @@ impl Tag {
             Tag::Redrive(id, ..) => Key::Redrive(*id),
             Tag::Presence(mn, _) => Key::Presence(mn.clone()),
             Tag::Status => Key::Status,
+            Tag::Checkpoint(_) => Key::Checkpoint,
         }
     }
 }
@@ -464,6 +473,12 @@ struct Publisher {
     /// Highest alarm event queued on this connection.
     alarm_next: u64,
     alarm_unacked: BTreeSet<u64>,
+    /// Where the notary keeps signed checkpoints (`None` until it opens).
+    checkpoints: Arc<Mutex<Option<LogTree>>>,
+    /// Size of the checkpoint the broker acknowledged on this connection.
+    checkpoint_acked: u64,
+    /// Size of the checkpoint queued and not yet acknowledged.
+    checkpoint_queued: Option<u64>,
     ctrl: VecDeque<Msg>,
     data: VecDeque<Msg>,
     /// Connection losses with one message alone in flight, per message.
@@ -516,6 +531,9 @@ impl Publisher {
             alarm_acked: alarm,
             alarm_next: alarm,
             alarm_unacked: BTreeSet::new(),
+            checkpoints: Arc::new(Mutex::new(None)),
+            checkpoint_acked: 0,
+            checkpoint_queued: None,
             ctrl: VecDeque::new(),
             data: VecDeque::new(),
             refusals: HashMap::new(),
@@ -595,6 +613,9 @@ impl Publisher {
         self.redriving.clear();
         self.alarm_next = self.alarm_acked;
         self.alarm_unacked.clear();
+        // A broker that lost its retained messages gets the latest again.
+        self.checkpoint_acked = 0;
+        self.checkpoint_queued = None;
         self.ctrl.push_back(Msg {
             topic: self.s.gateway_topic(),
             payload: ONLINE.into(),
@@ -641,6 +662,7 @@ impl Publisher {
                     self.read_alarms().await;
                     if ticks % REDRIVE_EVERY == 0 {
                         self.read_redrives().await;
+                        self.read_checkpoint().await;
                     }
                     self.persist().await;
                 }
@@ -950,6 +972,47 @@ impl Publisher {
                 };
             }
             Tag::Status => {}
+            Tag::Checkpoint(size) => {
+                self.checkpoint_acked = self.checkpoint_acked.max(size);
+                if self.checkpoint_queued == Some(size) {
+                    self.checkpoint_queued = None;
+                }
+            }
+        }
+    }
+
+    /// Queues the latest signed checkpoint, retained, when the notary has cut one
+    /// the broker has not acknowledged (once a second: checkpoints are minutes apart).
+    /// Read from the log, where the notary keeps them before anyone is told.
+    async fn read_checkpoint(&mut self) {
+        if self.checkpoint_queued.is_some() {
+            return;
+        }
+        let (log, db) = (Arc::clone(&self.checkpoints), self.f.db().to_owned());
+        let read = self
+            .f
+            .blocking(move || {
+                let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+                if log.is_none() {
+                    *log = Some(LogTree::open(&db)?);
+                }
+                log.as_ref().expect("opened above").latest_checkpoint()
+            })
+            .await;
+        match read {
+            Ok(Some(cp)) if cp.size > self.checkpoint_acked => {
+                self.checkpoint_queued = Some(cp.size);
+                self.ctrl.push_back(Msg {
+                    topic: self.s.checkpoint_topic(),
+                    payload: cp.note.into_bytes(),
+                    retain: true,
+                    tag: Tag::Checkpoint(cp.size),
+                });
+            }
+            Ok(_) => {}
+            Err(e) => {
+                crate::log_repeated!(warn, error = %e, "MQTT publisher cannot read the latest checkpoint; retrying");
+            }
         }
     }
 
@@ -1094,7 +1157,7 @@ impl Publisher {
                 self.set_aside(consumer, *seq, r);
                 return;
             }
-            Tag::Presence(..) | Tag::Status => {
+            Tag::Presence(..) | Tag::Status | Tag::Checkpoint(_) => {
                 self.f.metrics().dead_letter("mqtt.status", r.reason);
                 warn!(reason = r.reason, detail = %r.detail, "MQTT status message given up");
             }

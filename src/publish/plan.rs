@@ -310,6 +310,11 @@ pub fn gateway_topic(prefix: &str, client_id: &str) -> String {
     format!("{prefix}/_gateway/{client_id}/status")
 }
 
+/// `{prefix}/_gateway/{client_id}/checkpoint`: the latest signed checkpoint, retained.
+pub fn checkpoint_topic(prefix: &str, client_id: &str) -> String {
+    format!("{prefix}/_gateway/{client_id}/checkpoint")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

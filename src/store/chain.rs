@@ -26,22 +26,64 @@ pub(crate) fn record_hash(
 ) -> Option<[u8; 32]> {
     let mut h = Sha256::new();
     h.update(prev);
+    encode(cols, |b| h.update(b))?;
+    Some(h.finalize().into())
+}
+
+/// The record's Merkle leaf hash, RFC 6962 section 2.1: `SHA-256(0x00 || leaf)`, where
+/// the leaf is the canonical encoding `enc(c0) || ... || enc(c16)` (what the chain
+/// hashes after `prev`). `None` exactly when [`record_hash`] is `None`.
+pub(crate) fn leaf_hash(cols: &[ValueRef<'_>; HASHED_COLUMNS]) -> Option<[u8; 32]> {
+    let mut h = Sha256::new();
+    h.update([0x00]);
+    encode(cols, |b| h.update(b))?;
+    Some(h.finalize().into())
+}
+
+/// The chain hash and the leaf hash of one record in a single pass over its values
+/// (the writer's hot path: the values are read once, hashed twice).
+pub(crate) fn record_and_leaf_hash(
+    prev: &[u8; 32],
+    cols: &[ValueRef<'_>; HASHED_COLUMNS],
+) -> Option<([u8; 32], [u8; 32])> {
+    let mut chain = Sha256::new();
+    chain.update(prev);
+    let mut leaf = Sha256::new();
+    leaf.update([0x00]);
+    encode(cols, |b| {
+        chain.update(b);
+        leaf.update(b);
+    })?;
+    Some((chain.finalize().into(), leaf.finalize().into()))
+}
+
+/// The canonical encoding itself: the Merkle leaf that proofs carry, so that a
+/// verifier can hash it and read the record's values back out of it.
+pub(crate) fn leaf_bytes(cols: &[ValueRef<'_>; HASHED_COLUMNS]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    encode(cols, |b| out.extend_from_slice(b))?;
+    Some(out)
+}
+
+/// Feeds `enc(c0) || ... || enc(c16)` to `sink` piece by piece (format in the module
+/// documentation of [`super`]).
+fn encode(cols: &[ValueRef<'_>; HASHED_COLUMNS], mut sink: impl FnMut(&[u8])) -> Option<()> {
     for v in cols {
         match *v {
-            ValueRef::Null => h.update(u32::MAX.to_be_bytes()),
+            ValueRef::Null => sink(&u32::MAX.to_be_bytes()),
             ValueRef::Integer(i) => {
-                h.update(8u32.to_be_bytes());
-                h.update(i.to_be_bytes());
+                sink(&8u32.to_be_bytes());
+                sink(&i.to_be_bytes());
             }
             ValueRef::Text(b) | ValueRef::Blob(b) => {
                 let len = u32::try_from(b.len()).ok().filter(|&l| l != u32::MAX)?;
-                h.update(len.to_be_bytes());
-                h.update(b);
+                sink(&len.to_be_bytes());
+                sink(b);
             }
             ValueRef::Real(_) => return None,
         }
     }
-    Some(h.finalize().into())
+    Some(())
 }
 
 /// The chain head recorded in `meta`: the last committed `seq` and its hash.
@@ -106,6 +148,27 @@ mod tests {
         assert_ne!(record_hash(&GENESIS, &cols).unwrap(), with_null);
         cols[8] = ValueRef::Real(1.0);
         assert_eq!(record_hash(&GENESIS, &cols), None);
+    }
+
+    #[test]
+    fn the_leaf_is_the_chain_encoding_without_prev() {
+        let cols = [ValueRef::Integer(3), ValueRef::Text(b"x"), ValueRef::Null]
+            .into_iter()
+            .cycle()
+            .take(HASHED_COLUMNS)
+            .collect::<Vec<_>>()
+            .try_into()
+            .unwrap();
+        let leaf = leaf_bytes(&cols).unwrap();
+        let mut chained = GENESIS.to_vec();
+        chained.extend_from_slice(&leaf);
+        let (chain, leaf_h) = record_and_leaf_hash(&GENESIS, &cols).unwrap();
+        assert_eq!(chain, <[u8; 32]>::from(Sha256::digest(&chained)));
+        assert_eq!(chain, record_hash(&GENESIS, &cols).unwrap());
+        let mut prefixed = vec![0u8];
+        prefixed.extend_from_slice(&leaf);
+        assert_eq!(leaf_h, <[u8; 32]>::from(Sha256::digest(&prefixed)));
+        assert_eq!(leaf_h, leaf_hash(&cols).unwrap());
     }
 
     #[test]

@@ -141,6 +141,13 @@ pub enum StoreError {
         /// Last committed seq.
         head: u64,
     },
+    /// The Merkle tree cannot answer: a size or leaf outside it, or a stored hash
+    /// missing (an altered file).
+    #[error("Merkle tree: {reason}")]
+    Tree {
+        /// What is wrong, with the sizes or ids involved.
+        reason: String,
+    },
     /// Writing an export failed.
     #[error("cannot write the export")]
     Io {

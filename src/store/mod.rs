@@ -106,6 +106,7 @@ mod exchanges;
 mod export;
 mod feed;
 pub mod follower;
+pub mod merkle;
 mod reader;
 mod schema;
 mod verify;

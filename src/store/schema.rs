@@ -200,8 +200,43 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     "#,
     DEVICE_DIALECTS,
     EVENT_CURSORS,
+    MERKLE,
     ARCHIVES,
 ];
+
+/// The Merkle tree over the records (RFC 6962) and the signed checkpoints cut from
+/// it (see [`super::merkle`]).
+///
+/// `tree_hashes` holds every node of every complete subtree under its "stored hash
+/// index" (Crosby and Wallach, as Go's `sumdb/tlog` numbers them): the writer only
+/// ever appends, so ids arrive in increasing order, the cheapest insert a rowid
+/// table has. Leaf `n` is the record with `seq = n + 1`. Tree hashes of records
+/// that were already in the file are computed in Rust after this step
+/// (`merkle::backfill`): SQL has no SHA-256.
+///
+/// `checkpoints` keeps every signed tree head the gateway published, so `prove` can
+/// attach one and an archive can carry its own. Like the records, neither table is
+/// edited in place: guards against accidents, as for `records`.
+pub(crate) const MERKLE: &str = r#"
+    CREATE TABLE IF NOT EXISTS tree_hashes (
+        id   INTEGER PRIMARY KEY,
+        hash BLOB    NOT NULL CHECK (length(hash) = 32)
+    ) STRICT;
+    CREATE TABLE IF NOT EXISTS checkpoints (
+        size      INTEGER PRIMARY KEY,
+        root      BLOB    NOT NULL CHECK (length(root) = 32),
+        note      TEXT    NOT NULL,
+        cut_at_ms INTEGER NOT NULL
+    ) STRICT;
+    CREATE TRIGGER IF NOT EXISTS tree_hashes_append_only_update BEFORE UPDATE ON tree_hashes
+    BEGIN SELECT RAISE(ABORT, 'tree hashes are append-only: UPDATE refused'); END;
+    CREATE TRIGGER IF NOT EXISTS tree_hashes_append_only_delete BEFORE DELETE ON tree_hashes
+    BEGIN SELECT RAISE(ABORT, 'tree hashes are append-only: DELETE refused'); END;
+    CREATE TRIGGER IF NOT EXISTS checkpoints_append_only_update BEFORE UPDATE ON checkpoints
+    BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only: UPDATE refused'); END;
+    CREATE TRIGGER IF NOT EXISTS checkpoints_append_only_delete BEFORE DELETE ON checkpoints
+    BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only: DELETE refused'); END;
+    "#;
 
 /// Sealed archives of the log (see `archive.rs`) and the one change to the
 /// append-only guard they need.

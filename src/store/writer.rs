@@ -9,7 +9,7 @@ use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
-use super::chain::{GENESIS, HASHED_COLUMNS, record_hash};
+use super::chain::{GENESIS, HASHED_COLUMNS, record_and_leaf_hash};
 use super::feed::Feed;
 use super::schema;
 use super::{
@@ -54,8 +54,9 @@ impl Store {
                 reason: "must be at least 1",
             });
         }
-        let conn = schema::open_log(&cfg.path, cfg.sync, cfg.check_tail)?;
+        let mut conn = schema::open_log(&cfg.path, cfg.sync, cfg.check_tail)?;
         let (next_seq, prev_hash) = load_head(&conn)?;
+        let tree = super::merkle::backfill(&mut conn, next_seq - 1)?;
         let counters = Arc::new(Counters::default());
         let checkpointer = Checkpointer::spawn(&cfg, Arc::clone(&counters))?;
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -72,6 +73,7 @@ impl Store {
             conn,
             next_seq,
             prev_hash,
+            tree,
             cfg,
             counters: Arc::clone(&counters),
             checkpointer: Some(checkpointer),
@@ -472,6 +474,10 @@ struct Writer {
     conn: Connection,
     next_seq: u64,
     prev_hash: [u8; 32],
+    /// The Merkle tree's right edge at `next_seq - 1` leaves; `None` once the tree
+    /// and the records disagree (see [`super::merkle::backfill`]): records are still
+    /// logged, the tree no longer grows.
+    tree: Option<super::merkle::Frontier>,
     cfg: StoreConfig,
     counters: Arc<Counters>,
     checkpointer: Option<Checkpointer>,
@@ -734,6 +740,9 @@ impl Writer {
             .map_err(|e| ("begin the batch", e))?;
         let mut seq = self.next_seq;
         let mut prev = self.prev_hash;
+        // Advanced on a copy (at most 64 hashes): a rolled-back batch leaves the
+        // in-memory edge where the file's tree is.
+        let mut tree = self.tree.clone();
         let mut results = Vec::with_capacity(batch.len());
         let mut hashes = Vec::new();
         let keep = self.feed.capacity() > 0;
@@ -744,6 +753,9 @@ impl Writer {
             let mut insert = tx
                 .prepare_cached(INSERT_SQL)
                 .map_err(|e| ("prepare the insert", e))?;
+            let mut insert_hash = tx
+                .prepare_cached(super::merkle::INSERT_HASH_SQL)
+                .map_err(|e| ("prepare the tree insert", e))?;
             for job in batch {
                 let mut answers = Vec::with_capacity(job.recs.len());
                 for rec in &job.recs {
@@ -752,7 +764,7 @@ impl Writer {
                             .exists((rec.mn.as_deref(), rec.qn.as_deref(), rec.cn.as_deref()))
                             .map_err(|e| ("probe for a retransmission", e))?;
                     let cols = columns(rec, seq, duplicate);
-                    let hash = record_hash(&prev, &cols)
+                    let (hash, leaf) = record_and_leaf_hash(&prev, &cols)
                         .ok_or(("hash a record", rusqlite::Error::InvalidQuery))?;
                     insert
                         .execute(rusqlite::params_from_iter(
@@ -761,6 +773,17 @@ impl Writer {
                                 .map(ToSqlOutput::Borrowed),
                         ))
                         .map_err(|e| ("insert a record", e))?;
+                    if let Some(tree) = &mut tree {
+                        let mut failed = None;
+                        tree.push(leaf, |id, h| {
+                            if failed.is_none() {
+                                failed = insert_hash.execute((id as i64, &h[..])).err();
+                            }
+                        });
+                        if let Some(e) = failed {
+                            return Err(("store a tree hash", e));
+                        }
+                    }
                     answers.push(Appended { seq, duplicate });
                     if keep {
                         hashes.push(hash);
@@ -788,6 +811,7 @@ impl Writer {
         tx.commit().map_err(|e| ("commit", e))?;
         self.next_seq = seq;
         self.prev_hash = prev;
+        self.tree = tree;
         Ok((results, hashes))
     }
 }
