@@ -455,6 +455,12 @@ fn sigkill_mid_seal_leaves_every_record_exactly_once() {
 fn signer_key(dir: &Path) -> (String, String) {
     let (skey, vkey) = signed_note::generate_key(&mut rand_core::OsRng, "gw.example");
     std::fs::write(dir.join("checkpoint.key"), format!("{skey}\n")).unwrap();
+    // As `keygen` leaves it: a key others can read is refused.
+    std::fs::set_permissions(
+        dir.join("checkpoint.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     (skey, vkey)
 }
 
@@ -575,7 +581,7 @@ fn retention_leaves_a_signed_tombstone_and_verify_tells_it_from_a_lost_archive()
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
 }
 
-fn archive_signer(dir: &Path) -> signed_note::StandardSigner {
+fn archive_signer(dir: &Path) -> hj212_gateway::evidence::key::SigningKey {
     hj212_gateway::cmd::archive::load_signer(&dir.join("checkpoint.key"))
         .unwrap()
         .expect("a key")

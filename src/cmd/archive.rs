@@ -8,11 +8,8 @@ use std::process::ExitCode;
 use super::{CmdError, parse_instant, require_db, rfc3339_ms};
 use crate::config::Config;
 use crate::daemon;
+use crate::evidence::key::{KeyError, SigningKey};
 use crate::store::archive::{self, ArchiveRow, MaintainReport};
-
-/// File name of the checkpoint signing key in the data directory (written by
-/// `hj212-gateway keygen`); tombstones are signed with it.
-pub const KEY_FILE: &str = "checkpoint.key";
 
 /// Options of `archive`.
 #[derive(Debug, Clone)]
@@ -44,28 +41,14 @@ pub fn run(args: &ArchiveArgs) -> Result<MaintainReport, CmdError> {
 }
 
 /// The tombstone signer from `path`: `None` when there is no key file (retention
-/// then refuses to delete; sealing works), an error when the file is unreadable or
-/// is not a signer key.
-pub fn load_signer(path: &Path) -> Result<Option<signed_note::StandardSigner>, CmdError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(CmdError::io(format!(
-                "read the key file {}",
-                path.display()
-            ))(e));
-        }
-    };
-    let line = text.lines().next().unwrap_or("").trim();
-    signed_note::StandardSigner::new(line)
-        .map(Some)
-        .map_err(|e| {
-            CmdError::Usage(format!(
-                "{}: not a note signer key ({e}); expected one line PRIVATE+KEY+<name>+<id>+<key> as `hj212-gateway keygen` writes",
-                path.display()
-            ))
-        })
+/// then refuses to delete; sealing works), an error when the file is unreadable,
+/// readable by others, or not a signer key.
+pub fn load_signer(path: &Path) -> Result<Option<SigningKey>, CmdError> {
+    match SigningKey::load(path) {
+        Ok(k) => Ok(Some(k)),
+        Err(KeyError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(CmdError::Usage(e.to_string())),
+    }
 }
 
 fn line(verb: &str, a: &ArchiveRow, out: &mut dyn Write) -> std::io::Result<()> {
@@ -152,6 +135,8 @@ pub fn main(flags: ArchiveFlags) -> ExitCode {
             .map(|t| parse_instant("--before", t))
             .transpose()?;
         let db = super::resolve_db(flags.data.as_deref(), flags.db.as_deref(), cfg.as_ref());
+        // `[evidence] key` is relative to the data directory; with only --db,
+        // the log's own directory stands in for it.
         let key_dir = match (&flags.data, &flags.db) {
             (None, Some(db)) => db
                 .parent()
@@ -159,11 +144,13 @@ pub fn main(flags: ArchiveFlags) -> ExitCode {
                 .map_or_else(|| PathBuf::from("."), Path::to_owned),
             _ => daemon::data_dir(flags.data.as_deref()),
         };
+        let cfg = cfg.unwrap_or_default();
+        let key = cfg.evidence.key_path(&key_dir);
         let args = ArchiveArgs {
             db,
-            config: cfg.unwrap_or_default(),
+            config: cfg,
             before_ms,
-            key: key_dir.join(KEY_FILE),
+            key,
             now_ms: chrono::Utc::now().timestamp_millis(),
         };
         run(&args)
