@@ -366,26 +366,6 @@ const BLOB_COLUMN: usize = 6;
 /// `dialect` .. `data_time`: the only columns that may be NULL.
 const NULLABLE: std::ops::RangeInclusive<usize> = 7..=12;
 
-/// Appends `enc(v)` as the chain defines it (see the [store docs](super)).
-fn put_value(buf: &mut Vec<u8>, v: ValueRef<'_>) -> bool {
-    match v {
-        ValueRef::Null => buf.extend_from_slice(&u32::MAX.to_be_bytes()),
-        ValueRef::Integer(i) => {
-            buf.extend_from_slice(&8u32.to_be_bytes());
-            buf.extend_from_slice(&i.to_be_bytes());
-        }
-        ValueRef::Text(b) | ValueRef::Blob(b) => {
-            let Some(len) = u32::try_from(b.len()).ok().filter(|&l| l != u32::MAX) else {
-                return false;
-            };
-            buf.extend_from_slice(&len.to_be_bytes());
-            buf.extend_from_slice(b);
-        }
-        ValueRef::Real(_) => return false,
-    }
-    true
-}
-
 #[derive(Debug, Clone, Copy)]
 enum Cell {
     Null,
@@ -1252,7 +1232,7 @@ fn write_archive(
                         }
                         .into());
                     }
-                    if !vals.iter().all(|v| put_value(&mut buf, *v)) {
+                    if super::chain::encode(&vals, |b| buf.extend_from_slice(b)).is_none() {
                         return Err(ArchiveError::ChainBroken {
                             seq: next,
                             reason: "a value cannot be encoded",

@@ -67,7 +67,10 @@ pub(crate) fn leaf_bytes(cols: &[ValueRef<'_>; HASHED_COLUMNS]) -> Option<Vec<u8
 
 /// Feeds `enc(c0) || ... || enc(c16)` to `sink` piece by piece (format in the module
 /// documentation of [`super`]).
-fn encode(cols: &[ValueRef<'_>; HASHED_COLUMNS], mut sink: impl FnMut(&[u8])) -> Option<()> {
+pub(crate) fn encode(
+    cols: &[ValueRef<'_>; HASHED_COLUMNS],
+    mut sink: impl FnMut(&[u8]),
+) -> Option<()> {
     for v in cols {
         match *v {
             ValueRef::Null => sink(&u32::MAX.to_be_bytes()),

@@ -71,8 +71,10 @@
 //! or a future bug. They are **not** a security boundary: anyone who can write the file
 //! can drop them. The evidence is the hash chain. Someone who rewrites the chain *and*
 //! the head from the point of tampering onward will pass [`verify_chain`]. Detecting
-//! that needs a head anchored off this machine, for example the `seq`/hash published
-//! through MQTT or written to an external log.
+//! that needs a head anchored off this machine: the [Merkle tree](merkle) over the
+//! records, whose signed checkpoints the notary publishes (MQTT, `checkpoints.log`,
+//! `/checkpoint`, witnesses). `verify --checkpoint` holds the log against any of
+//! them and names the first record that differs.
 //!
 //! # Readers and cursors
 //!
