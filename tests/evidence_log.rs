@@ -205,7 +205,11 @@ const LAST_ROUND: u32 = 5;
 fn finished() -> &'static Finished {
     static LOG: OnceLock<Finished> = OnceLock::new();
     LOG.get_or_init(|| {
-        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+        // Statics are never dropped: the log stays under target/tmp, named.
+        let dir = tempfile::Builder::new()
+            .prefix("evidence_log.")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .expect("tempdir");
         let data = dir.path().join("state");
         let db = data.join("frames.db");
         let evidence = |interval: &str| {
@@ -798,6 +802,30 @@ fn the_readme_python_verifier_accepts_proofs_and_rejects_alterations() {
     let p = write_bundle(dir.path(), "good.json", &good);
     let o = python(&p, &other_vkey(dir.path()));
     assert_ne!(o.status.code(), Some(0), "another key: {}", describe(&o));
+
+    // Base64 has '+' in its alphabet, and the verifier key separates its parts
+    // with '+': about half of all keys hold one. The same tree head signed by a
+    // key (fixed seed) whose verifier key does.
+    let key = (0u8..)
+        .map(|i| hj212_gateway::evidence::key::SigningKey::from_seed(KEY_NAME, &[i; 32]).unwrap())
+        .find(|k| k.verifier_key().matches('+').count() > 2)
+        .unwrap();
+    let cp = checkpoint::open(good["checkpoint"].as_str().unwrap().as_bytes(), &[&f.vkey]).unwrap();
+    let mut resigned = good.clone();
+    resigned["checkpoint"] = Value::from(
+        checkpoint::sign(key.signer(), &cp.origin, cp.size, &cp.root)
+            .unwrap()
+            .note,
+    );
+    let p = write_bundle(dir.path(), "plus.json", &resigned);
+    let o = python(&p, &key.verifier_key());
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}: {}",
+        key.verifier_key(),
+        describe(&o)
+    );
 }
 
 // -------------------------------------------------- 4. tampering after publication
