@@ -8,8 +8,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::cmd::{
-    alarms, check_config, command, dead_letters, decode, exchanges, export, prove, replay, serve,
-    sessions, simulate, stats, tail, verify,
+    alarms, archive, check_config, command, dead_letters, decode, exchanges, export, prove, replay,
+    serve, sessions, simulate, stats, tail, verify,
 };
 use crate::telemetry::{self, LogFormat};
 
@@ -47,6 +47,7 @@ enum Command {
     Prove(prove::ProveFlags),
     CheckProof(crate::cmd::check_proof::CheckProofFlags),
     Keygen(crate::cmd::keygen::KeygenFlags),
+    Archive(archive::ArchiveFlags),
 }
 
 /// Parses the command line and runs it.
@@ -75,5 +76,6 @@ pub fn main() -> ExitCode {
         Command::Prove(flags) => prove::main(flags),
         Command::CheckProof(flags) => crate::cmd::check_proof::main(flags),
         Command::Keygen(flags) => crate::cmd::keygen::main(flags),
+        Command::Archive(flags) => archive::main(flags),
     }
 }

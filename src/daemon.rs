@@ -337,6 +337,24 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
             timeout: w.timeout.0,
         })
         .collect();
+    // A second copy of the key for tombstones: a seal can take minutes, and the
+    // notary must not wait for it to sign the next checkpoint.
+    let tombstone_key = crate::evidence::key::SigningKey::load(
+        &shared.cfg.evidence.key_path(&data),
+    )
+    .map(Arc::new)
+    .map_err(|e| warn!(error = %e, "retention cannot sign tombstones; it will not delete archives"))
+    .ok();
+    consumers.track(
+        "archiver".into(),
+        tokio::spawn(crate::archiver::run(
+            store_path.clone(),
+            shared.cfg.store.archive_policy(),
+            tombstone_key,
+            Arc::clone(&shared.metrics),
+            shutdown.child_token(),
+        )),
+    );
     consumers.track(
         "notary".into(),
         tokio::spawn(crate::notary::run(

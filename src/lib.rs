@@ -50,6 +50,7 @@
 
 pub mod alarm;
 pub mod app;
+pub mod archiver;
 pub mod cli;
 pub mod cmd;
 pub mod codec;

@@ -9,6 +9,7 @@
 //! value, not an error.
 
 pub mod alarms;
+pub mod archive;
 pub mod capture;
 pub mod check_config;
 pub mod check_proof;

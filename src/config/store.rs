@@ -46,6 +46,13 @@ pub struct StoreSection {
     /// marks each record before working on it, so one more crash names the record,
     /// which the next start sets aside (dead letter, reason `crash`). 1..=100.
     pub crash_loop_starts: u32,
+    /// Length of the periods sealed into read-only archives (default `30d`);
+    /// periods are aligned to the Unix epoch (see `store::archive`).
+    pub seal_every: Dur,
+    /// Archives whose period ended longer ago than this are deleted, leaving a
+    /// signed tombstone; unset (default) keeps archives forever. At least
+    /// `seal_every`.
+    pub retain: Option<Dur>,
 }
 
 impl Default for StoreSection {
@@ -60,11 +67,21 @@ impl Default for StoreSection {
             writer_boost: 5,
             check_tail: crate::store::DEFAULT_CHECK_TAIL,
             crash_loop_starts: 2,
+            seal_every: Dur(Duration::from_secs(30 * 86_400)),
+            retain: None,
         }
     }
 }
 
 impl StoreSection {
+    /// The archive policy these keys describe.
+    pub fn archive_policy(&self) -> crate::store::archive::ArchivePolicy {
+        crate::store::archive::ArchivePolicy {
+            seal_every: self.seal_every.0,
+            retain: self.retain.map(|d| d.0),
+        }
+    }
+
     /// Range checks, naming the key.
     pub(super) fn check(&self, path: &Path) -> Result<(), ConfigError> {
         let bad = |key: &str, message: String| ConfigError::Invalid {
@@ -98,6 +115,23 @@ impl StoreSection {
                 "must be between 1 and 100".into(),
             ));
         }
+        if self.seal_every.0 < Duration::from_secs(60) {
+            return Err(bad(
+                "store.seal_every",
+                "must be at least 1m (periods are sealed whole)".into(),
+            ));
+        }
+        if let Some(retain) = self.retain {
+            if retain.0 < self.seal_every.0 {
+                return Err(bad(
+                    "store.retain",
+                    format!(
+                        "must be at least store.seal_every ({}s): an archive cannot be deleted before its period is sealed",
+                        self.seal_every.0.as_secs()
+                    ),
+                ));
+            }
+        }
         // Every ack waits for its batch's commit.
         check_bounds(
             path,
@@ -108,5 +142,49 @@ impl StoreSection {
                 Duration::from_secs(1),
             )],
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn section(text: &str) -> Result<StoreSection, ConfigError> {
+        let s: StoreSection = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+            path: "t.toml".into(),
+            key: "store".into(),
+            message: e.to_string(),
+        })?;
+        s.check(Path::new("t.toml"))?;
+        Ok(s)
+    }
+
+    #[test]
+    fn seal_every_takes_days_and_retain_defaults_to_forever() {
+        let s = section("").unwrap();
+        assert_eq!(s.seal_every.0, Duration::from_secs(30 * 86_400));
+        assert_eq!(s.retain, None);
+        let s = section("seal_every = \"7d\"\nretain = \"365d\"").unwrap();
+        assert_eq!(s.seal_every.0, Duration::from_secs(7 * 86_400));
+        assert_eq!(s.retain.unwrap().0, Duration::from_secs(365 * 86_400));
+        let p = s.archive_policy();
+        assert_eq!(p.seal_every, Duration::from_secs(7 * 86_400));
+    }
+
+    #[test]
+    fn retain_shorter_than_seal_every_is_refused_naming_the_key() {
+        let e = section("seal_every = \"30d\"\nretain = \"7d\"").unwrap_err();
+        match e {
+            ConfigError::Invalid { key, message, .. } => {
+                assert_eq!(key, "store.retain");
+                assert!(message.contains("seal_every"), "{message}");
+            }
+            e => panic!("{e:?}"),
+        }
+        let e = section("seal_every = \"1s\"").unwrap_err();
+        assert!(
+            matches!(e, ConfigError::Invalid { ref key, .. } if key == "store.seal_every"),
+            "{e:?}"
+        );
     }
 }

@@ -367,6 +367,14 @@ pub struct Metrics {
     pub mqtt_merge_bytes: Gauge,
     /// Open split-upload groups.
     pub mqtt_merge_groups: Gauge,
+    /// The live log file and its WAL, bytes (set by `store::archive::refresh_metrics`).
+    pub store_live_bytes: Gauge,
+    /// Sealed archive files of the log, bytes.
+    pub store_archive_bytes: Gauge,
+    /// Sealed archives (files present).
+    pub store_archives: Gauge,
+    /// Records held in sealed archives.
+    pub store_archived_records: Gauge,
     merge_limited: [Counter; MERGE_LIMITS.len()],
     dead_letters: [[Counter; DL_REASONS]; DEAD_LETTER_CONSUMERS.len()],
     /// Consumer starts that found the previous run had died on a record (crash-loop guard).
@@ -416,6 +424,10 @@ impl Metrics {
             alarm_untracked_factors: Gauge::new(),
             mqtt_merge_bytes: Gauge::new(),
             mqtt_merge_groups: Gauge::new(),
+            store_live_bytes: Gauge::new(),
+            store_archive_bytes: Gauge::new(),
+            store_archives: Gauge::new(),
+            store_archived_records: Gauge::new(),
             merge_limited: [const { Counter::new() }; MERGE_LIMITS.len()],
             dead_letters: [const { [const { Counter::new() }; DL_REASONS] };
                 DEAD_LETTER_CONSUMERS.len()],
@@ -768,6 +780,37 @@ impl Metrics {
             "Split-upload groups open in the MQTT publisher's merger.",
         );
         e.sample("hj212_mqtt_merge_groups", &[], self.mqtt_merge_groups.get());
+        e.family(
+            "hj212_store_size_bytes",
+            "gauge",
+            "Bytes the frame log takes on disk, by part: live (the SQLite file and its WAL; never shrinks, freed pages are reused) and archive (sealed archive files).",
+        );
+        e.sample(
+            "hj212_store_size_bytes",
+            &[("part", "live")],
+            self.store_live_bytes.get(),
+        );
+        e.sample(
+            "hj212_store_size_bytes",
+            &[("part", "archive")],
+            self.store_archive_bytes.get(),
+        );
+        e.family(
+            "hj212_store_archives",
+            "gauge",
+            "Sealed archive files of the frame log.",
+        );
+        e.sample("hj212_store_archives", &[], self.store_archives.get());
+        e.family(
+            "hj212_store_archived_records",
+            "gauge",
+            "Records held in sealed archive files.",
+        );
+        e.sample(
+            "hj212_store_archived_records",
+            &[],
+            self.store_archived_records.get(),
+        );
         e.family(
             "hj212_mqtt_merge_limited_total",
             "counter",

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::path::Path;
 
+use super::archive::{self, ArchiveCache, ArchiveError, ArchiveState};
 use super::schema::{self, DATA_TIME_MS};
 use super::{StoreError, Verdict};
 
@@ -40,16 +41,45 @@ pub fn scan_inbound_frames(
     let tx = conn
         .transaction()
         .map_err(StoreError::sqlite("begin the scan snapshot"))?;
+    let mut n = 0;
+    // Archived frames first, in seq order. A missing or unreadable archive is the
+    // chain walk's finding (`verify_chain`), not a reason to stop this scan.
+    let list = archive::list(&tx)?;
+    let dir = archive::archive_dir(path.as_ref());
+    let mut cache = ArchiveCache::default();
+    for a in list.iter().filter(|a| a.state == ArchiveState::Sealed) {
+        let flow = cache.scan(&dir, a, a.first_seq - 1, a.last_seq, |block, i| {
+            let (received_at_ms, inbound, verdict, raw, findings) = block.inbound_view(i)?;
+            if !inbound {
+                return Ok(ControlFlow::Continue(()));
+            }
+            n += 1;
+            Ok(f(InboundFrame {
+                seq: block.seq(i) as u64,
+                received_at_ms,
+                verdict,
+                raw,
+                findings,
+            }))
+        });
+        match flow {
+            Ok(ControlFlow::Break(())) => return Ok(n),
+            Ok(ControlFlow::Continue(())) => {}
+            Err(StoreError::Archive(
+                ArchiveError::Missing { .. } | ArchiveError::Corrupt { .. },
+            )) => {}
+            Err(e) => return Err(e),
+        }
+    }
     let mut stmt = tx
         .prepare(
             "SELECT seq, received_at_ms, verdict, raw, findings FROM records \
-             WHERE direction = 'in' AND kind = 'frame' ORDER BY seq",
+             WHERE direction = 'in' AND kind = 'frame' AND seq > ?1 ORDER BY seq",
         )
         .map_err(StoreError::sqlite("prepare the frame scan"))?;
     let mut rows = stmt
-        .query([])
+        .query([archive::archived_upto(&list) as i64])
         .map_err(StoreError::sqlite("scan inbound frames"))?;
-    let mut n = 0;
     while let Some(row) = rows
         .next()
         .map_err(StoreError::sqlite("scan inbound frames"))?
@@ -131,13 +161,14 @@ pub fn device_stats(path: impl AsRef<Path>, since_ms: i64) -> Result<Vec<DeviceS
         .map_err(StoreError::sqlite("begin the stats snapshot"))?;
     const INBOUND: &str = "direction = 'in' AND kind = 'frame' AND mn IS NOT NULL";
     let sq = StoreError::sqlite;
+    let records = stats_source(&tx, path.as_ref())?;
     let mut by_mn: BTreeMap<String, DeviceStats> = BTreeMap::new();
     {
         let mut stmt = tx
             .prepare(&format!(
                 "SELECT mn, MAX(received_at_ms), COUNT(*), SUM(received_at_ms >= ?1), \
                  SUM(verdict = 'accepted'), SUM(verdict = 'rejected') \
-                 FROM records WHERE {INBOUND} GROUP BY mn"
+                 FROM {records} WHERE {INBOUND} GROUP BY mn"
             ))
             .map_err(sq("prepare the device totals"))?;
         let mut rows = stmt.query([since_ms]).map_err(sq("count frames"))?;
@@ -179,7 +210,7 @@ pub fn device_stats(path: impl AsRef<Path>, since_ms: i64) -> Result<Vec<DeviceS
         format!(
             "SELECT r.mn, CASE WHEN json_valid(r.findings) \
                 THEN COALESCE(json_extract(f.value, '$.code'), '?') ELSE 'findings.invalid' END, \
-             COUNT(*) FROM records r, \
+             COUNT(*) FROM {records} r, \
              json_each(CASE WHEN json_valid(r.findings) THEN r.findings ELSE '[{{}}]' END) f \
              WHERE r.{} AND r.verdict = 'rejected' \
              AND (NOT json_valid(r.findings) OR json_extract(f.value, '$.severity') = 'error') \
@@ -191,7 +222,7 @@ pub fn device_stats(path: impl AsRef<Path>, since_ms: i64) -> Result<Vec<DeviceS
     )?;
     breakdown(
         format!(
-            "SELECT mn, COALESCE(dialect, '?'), COUNT(*) FROM records WHERE {INBOUND} \
+            "SELECT mn, COALESCE(dialect, '?'), COUNT(*) FROM {records} WHERE {INBOUND} \
              GROUP BY 1, 2 ORDER BY 1, 3 DESC, 2"
         ),
         "count dialects",
@@ -200,7 +231,7 @@ pub fn device_stats(path: impl AsRef<Path>, since_ms: i64) -> Result<Vec<DeviceS
     breakdown(
         format!(
             "SELECT mn, v, COUNT(*) FROM (SELECT mn, CASE WHEN json_valid(doc) \
-                THEN json_extract(doc, '$.crc.variant') END AS v FROM records WHERE {INBOUND}) \
+                THEN json_extract(doc, '$.crc.variant') END AS v FROM {records} WHERE {INBOUND}) \
              WHERE v IS NOT NULL GROUP BY 1, 2 ORDER BY 1, 3 DESC, 2"
         ),
         "count CRC variants",
@@ -211,7 +242,7 @@ pub fn device_stats(path: impl AsRef<Path>, since_ms: i64) -> Result<Vec<DeviceS
         let op = "find the last DataTime per CN";
         let mut stmt = tx
             .prepare(&format!(
-                "SELECT mn, cn, data_time, MAX({DATA_TIME_MS}) FROM records \
+                "SELECT mn, cn, data_time, MAX({DATA_TIME_MS}) FROM {records} \
                  WHERE {INBOUND} AND verdict = 'accepted' AND cn IS NOT NULL \
                  AND {DATA_TIME_MS} IS NOT NULL GROUP BY mn, cn ORDER BY mn, cn"
             ))
@@ -234,7 +265,7 @@ pub fn device_stats(path: impl AsRef<Path>, since_ms: i64) -> Result<Vec<DeviceS
         {
             let mut stmt = tx
                 .prepare(&format!(
-                    "SELECT mn, COUNT(*) FROM records WHERE {filter} GROUP BY mn"
+                    "SELECT mn, COUNT(*) FROM {records} WHERE {filter} GROUP BY mn"
                 ))
                 .map_err(sq(op))?;
             let mut rows = stmt.query([]).map_err(sq(op))?;
@@ -247,7 +278,7 @@ pub fn device_stats(path: impl AsRef<Path>, since_ms: i64) -> Result<Vec<DeviceS
         }
         let mut stmt = tx
             .prepare(&format!(
-                "SELECT mn, {skew} AS s FROM records WHERE {filter} ORDER BY mn, s"
+                "SELECT mn, {skew} AS s FROM {records} WHERE {filter} ORDER BY mn, s"
             ))
             .map_err(sq(op))?;
         let mut rows = stmt.query([]).map_err(sq(op))?;
@@ -269,4 +300,66 @@ pub fn device_stats(path: impl AsRef<Path>, since_ms: i64) -> Result<Vec<DeviceS
         }
     }
     Ok(by_mn.into_values().collect())
+}
+
+/// The relation `device_stats` aggregates: `records` itself, or, when the log has
+/// sealed archives, a temporary view over the archived inbound frames (copied into
+/// a temporary table, on disk: SQLite cannot aggregate compressed blocks) and the
+/// live records after them. Temporary objects live in this connection's own temp
+/// database, so the read-only log is not touched.
+fn stats_source(tx: &rusqlite::Transaction<'_>, path: &Path) -> Result<&'static str, StoreError> {
+    let list = archive::list(tx)?;
+    if list.is_empty() {
+        return Ok("records");
+    }
+    let sq = StoreError::sqlite;
+    const COLS: &str = "seq, received_at_ms, direction, kind, dialect, st, cn, mn, data_time, \
+                        verdict, findings, doc";
+    tx.execute_batch(&format!(
+        "PRAGMA temp_store = FILE;
+         DROP VIEW IF EXISTS temp.stats_records;
+         DROP TABLE IF EXISTS temp.archived_frames;
+         CREATE TEMP TABLE archived_frames (seq INTEGER PRIMARY KEY, received_at_ms INTEGER, \
+             direction TEXT, kind TEXT, dialect TEXT, st TEXT, cn TEXT, mn TEXT, data_time TEXT, \
+             verdict TEXT, findings TEXT, doc TEXT);
+         CREATE TEMP VIEW stats_records AS
+             SELECT {COLS} FROM temp.archived_frames
+             UNION ALL SELECT {COLS} FROM main.records WHERE seq > {};",
+        archive::archived_upto(&list)
+    ))
+    .map_err(sq("prepare the archived frames"))?;
+    let dir = archive::archive_dir(path);
+    let mut cache = ArchiveCache::default();
+    let mut ins = tx
+        .prepare(&format!(
+            "INSERT INTO temp.archived_frames ({COLS}) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+        ))
+        .map_err(sq("prepare the archived frames"))?;
+    for a in list.iter().filter(|a| a.state == ArchiveState::Sealed) {
+        // The closure never breaks: the whole archive is copied.
+        let _ = cache.scan(&dir, a, a.first_seq - 1, a.last_seq, |block, i| {
+            let r = block.record(i)?;
+            if r.direction == super::Direction::In && r.kind == super::Kind::Frame && r.mn.is_some()
+            {
+                ins.execute(rusqlite::params![
+                    r.seq as i64,
+                    r.received_at_ms,
+                    r.direction.as_str(),
+                    r.kind.as_str(),
+                    r.dialect,
+                    r.st,
+                    r.cn,
+                    r.mn,
+                    r.data_time,
+                    r.verdict.as_str(),
+                    r.findings,
+                    r.doc
+                ])
+                .map_err(sq("copy an archived frame"))?;
+            }
+            Ok(ControlFlow::Continue(()))
+        })?;
+    }
+    Ok("stats_records")
 }

@@ -26,6 +26,10 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    /// Sealing, reading or retiring an archive of the log failed (see
+    /// [`ArchiveError`](super::archive::ArchiveError)).
+    #[error(transparent)]
+    Archive(#[from] super::archive::ArchiveError),
     /// The transaction holding a batch failed and was rolled back. Nothing in the batch
     /// was committed, so nothing in it may be acknowledged. Every waiter in the batch
     /// receives this error, sharing the underlying SQLite error.

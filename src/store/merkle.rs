@@ -561,6 +561,12 @@ pub enum Difference {
         /// The head's size.
         through: u64,
     },
+    /// The log could not be read far enough to tell (an archive file missing or
+    /// unreadable): not consistent as far as anyone can show.
+    NotChecked {
+        /// Why.
+        reason: String,
+    },
 }
 
 impl std::fmt::Display for Difference {
@@ -586,8 +592,32 @@ impl std::fmt::Display for Difference {
                 "a record in seq {}..={through} differs (the file's own tree was rebuilt as well, so the first one cannot be named)",
                 after + 1
             ),
+            Difference::NotChecked { reason } => {
+                write!(f, "the log could not be read to check it: {reason}")
+            }
         }
     }
+}
+
+/// [`check_log`], but a log that cannot be read to its end (an archive file gone
+/// without a tombstone, a corrupt row) is a finding, not an error: `verify` has
+/// then shown that the log is not what was signed.
+pub fn check_log_or_report(path: &std::path::Path, heads: &[Head]) -> TreeReport {
+    check_log(path, heads).unwrap_or_else(|e| TreeReport {
+        records: 0,
+        stored_tree_differs: Some(format!("not recomputed: {e}")),
+        heads: heads
+            .iter()
+            .map(|h| {
+                (
+                    *h,
+                    Some(Difference::NotChecked {
+                        reason: e.to_string(),
+                    }),
+                )
+            })
+            .collect(),
+    })
 }
 
 /// Recomputes the tree from the records themselves (never from the stored
@@ -602,6 +632,17 @@ pub fn check_log(path: &std::path::Path, heads: &[Head]) -> Result<TreeReport, S
     let reader = super::Reader::open(path)?;
     let tree_conn = super::schema::open_read_only(path)?;
     let stored = Tree::new(&tree_conn)?;
+    // Ranges retention deleted (a signed tombstone each): their records are gone,
+    // so their leaves can only come from the stored tree.
+    let deleted: Vec<(u64, u64)> = super::archive::list(&tree_conn)?
+        .into_iter()
+        .filter(|a| a.state == super::archive::ArchiveState::Deleted)
+        .map(|a| (a.first_seq, a.last_seq))
+        .collect();
+    let head = LogTree {
+        conn: super::schema::open_read_only(path)?,
+    }
+    .head_seq()?;
     let mut wanted: Vec<u64> = heads.iter().map(|h| h.size).collect();
     wanted.sort_unstable();
     wanted.dedup();
@@ -610,13 +651,8 @@ pub fn check_log(path: &std::path::Path, heads: &[Head]) -> Result<TreeReport, S
     let mut gap = None;
     let mut next = wanted.iter().peekable();
     let mut stored_root_at = None;
-    for rec in reader.records(super::RecordFilter::default())? {
-        let rec = rec?;
-        if rec.seq != f.size() + 1 {
-            gap = Some(f.size() + 1);
-            break;
-        }
-        f.push(leaf_hash_of(&rec), |_, _| {});
+    let mut push = |f: &mut Frontier, leaf: [u8; 32]| {
+        f.push(leaf, |_, _| {});
         while next.peek().is_some_and(|&&s| s == f.size()) {
             roots.insert(f.size(), f.root());
             next.next();
@@ -624,6 +660,33 @@ pub fn check_log(path: &std::path::Path, heads: &[Head]) -> Result<TreeReport, S
         if f.size() == stored.size() {
             stored_root_at = Some(f.root());
         }
+    };
+    // Leaves of tombstoned seqs from `f.size() + 1` up to `before` (exclusive);
+    // false if a seq there is neither tombstoned nor in the stored tree.
+    let fill = |f: &mut Frontier, push: &mut dyn FnMut(&mut Frontier, [u8; 32]), before: u64| {
+        while f.size() + 1 < before {
+            let seq = f.size() + 1;
+            if !deleted.iter().any(|&(a, b)| (a..=b).contains(&seq)) {
+                return Ok(false);
+            }
+            match stored.leaf_hash(seq - 1) {
+                Ok(h) => push(f, h),
+                Err(_) => return Ok(false),
+            }
+        }
+        Ok::<bool, StoreError>(true)
+    };
+    for rec in reader.records(super::RecordFilter::default())? {
+        let rec = rec?;
+        if rec.seq != f.size() + 1 && !fill(&mut f, &mut push, rec.seq)? {
+            gap = Some(f.size() + 1);
+            break;
+        }
+        push(&mut f, leaf_hash_of(&rec));
+    }
+    if gap.is_none() {
+        // A tail retention deleted entirely (nothing live after it).
+        fill(&mut f, &mut push, head + 1)?;
     }
     let records = f.size();
     let stored_tree_differs = if stored.size() == 0 {

@@ -96,6 +96,7 @@
 //! last commits on power loss. [`SyncMode::Off`] is for tests and benchmarks only.
 
 mod alarms;
+pub mod archive;
 mod audit;
 mod chain;
 mod check;

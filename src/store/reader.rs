@@ -1,10 +1,13 @@
 //! Read side: read-only record access and consumer cursors.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::path::Path;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, Row};
 
+use super::archive::{self, ArchiveCache, ArchiveState};
 use super::chain::ChainHead;
 use super::chain::RECORD_COLUMNS;
 use super::schema::{self, DATA_TIME_MS};
@@ -20,9 +23,16 @@ pub(crate) const LAST_DIALECT_SQL: &str = "SELECT dialect FROM device_dialects W
 ///
 /// Each call is its own short read transaction, so a `Reader` never holds back WAL
 /// checkpoints. Blocking: from async code use `spawn_blocking`.
+///
+/// Sealed archives (see [`archive`]) are read transparently: every read takes the
+/// archive list and the live rows in one snapshot, serves the archived seqs from the
+/// archive files (one open file, one decompressed block at a time) and the rest from
+/// `records`. Seqs of an archive retention deleted are skipped, as if filtered out.
 #[derive(Debug)]
 pub struct Reader {
     conn: Connection,
+    archive_dir: PathBuf,
+    archives: RefCell<ArchiveCache>,
 }
 
 impl Reader {
@@ -30,16 +40,25 @@ impl Reader {
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         Ok(Reader {
             conn: schema::open_read_only(path.as_ref())?,
+            archive_dir: archive::archive_dir(path.as_ref()),
+            archives: RefCell::default(),
         })
     }
 
     /// The last committed seq, 0 for an empty log.
     pub fn last_seq(&self) -> Result<u64, StoreError> {
+        let sql = if archive::has_table(&self.conn)? {
+            // One statement, one snapshot: a seal committing in between cannot make
+            // the live maximum vanish before the archived one is seen.
+            "SELECT max(COALESCE((SELECT MAX(seq) FROM records), 0), \
+                        COALESCE((SELECT MAX(last_seq) FROM archives), 0))"
+        } else {
+            "SELECT COALESCE(MAX(seq), 0) FROM records"
+        };
         let max: i64 = self
             .conn
-            .query_row("SELECT COALESCE(MAX(seq), 0) FROM records", [], |r| {
-                r.get(0)
-            })
+            .prepare_cached(sql)
+            .and_then(|mut s| s.query_row([], |r| r.get(0)))
             .map_err(StoreError::sqlite("read the last seq"))?;
         Ok(max as u64)
     }
@@ -175,6 +194,96 @@ impl Reader {
         until: u64,
         limit: usize,
     ) -> Result<VecDeque<StoredRecord>, StoreError> {
+        if !archive::has_table(&self.conn)? {
+            let mut out = VecDeque::new();
+            self.live_page(filter, after, until, limit, &mut out)?;
+            return Ok(out);
+        }
+        // The archive list and the live rows come from one snapshot: a seal that
+        // commits meanwhile (and deletes the live copies) cannot hide a record.
+        let tx = self
+            .conn
+            .unchecked_transaction()
+            .map_err(StoreError::sqlite("begin a read"))?;
+        let list = archive::list(&tx)?;
+        let upto = archive::archived_upto(&list);
+        let mut out = VecDeque::new();
+        if after < upto && limit > 0 {
+            let mut cache = self.archives.borrow_mut();
+            for a in list
+                .iter()
+                .filter(|a| a.last_seq > after && a.first_seq <= until)
+            {
+                if a.state == ArchiveState::Deleted {
+                    continue;
+                }
+                let flow = cache.scan(&self.archive_dir, a, after, until, |block, i| {
+                    let rec = block.record(i)?;
+                    if self.matches(filter, &rec)? {
+                        out.push_back(rec);
+                    }
+                    Ok(if out.len() >= limit {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    })
+                })?;
+                if flow.is_break() {
+                    break;
+                }
+            }
+        }
+        if out.len() < limit && until > upto {
+            self.live_page(filter, after.max(upto), until, limit - out.len(), &mut out)?;
+        }
+        drop(tx);
+        Ok(out)
+    }
+
+    /// What the page query's `WHERE` decides, for an archived record. The DataTime
+    /// bounds use SQLite's own conversion ([`DATA_TIME_MS`]) so that both sides of
+    /// an archive boundary filter alike.
+    fn matches(&self, f: &RecordFilter, r: &StoredRecord) -> Result<bool, StoreError> {
+        let eq = |want: &Option<String>, have: &Option<String>| {
+            want.as_ref().is_none_or(|w| have.as_ref() == Some(w))
+        };
+        let plain = f.direction.is_none_or(|d| d == r.direction)
+            && f.kind.is_none_or(|k| k == r.kind)
+            && f.verdict.is_none_or(|v| v == r.verdict)
+            && eq(&f.mn, &r.mn)
+            && eq(&f.cn, &r.cn)
+            && eq(&f.st, &r.st)
+            && f.received_from_ms.is_none_or(|t| r.received_at_ms >= t)
+            && f.received_before_ms.is_none_or(|t| r.received_at_ms < t);
+        if !plain || (f.data_time_from_ms.is_none() && f.data_time_before_ms.is_none()) {
+            return Ok(plain);
+        }
+        let ms: Option<i64> = match &r.data_time {
+            None => None,
+            Some(t) => self
+                .conn
+                .prepare_cached(&format!(
+                    "SELECT {}",
+                    DATA_TIME_MS.replace("data_time", "?1")
+                ))
+                .and_then(|mut s| s.query_row([t], |row| row.get(0)))
+                .map_err(StoreError::sqlite("convert a DataTime"))?,
+        };
+        let Some(ms) = ms else {
+            return Ok(false);
+        };
+        Ok(f.data_time_from_ms.is_none_or(|t| ms >= t)
+            && f.data_time_before_ms.is_none_or(|t| ms < t))
+    }
+
+    fn live_page(
+        &self,
+        filter: &RecordFilter,
+        after: u64,
+        until: u64,
+        limit: usize,
+        out: &mut VecDeque<StoredRecord>,
+    ) -> Result<(), StoreError> {
         let mut stmt = self
             .conn
             .prepare_cached(&format!(
@@ -209,11 +318,10 @@ impl Reader {
                 filter.data_time_before_ms,
             ])
             .map_err(StoreError::sqlite("read records"))?;
-        let mut out = VecDeque::new();
         while let Some(row) = rows.next().map_err(StoreError::sqlite("read records"))? {
             out.push_back(record_from_row(row)?);
         }
-        Ok(out)
+        Ok(())
     }
 }
 

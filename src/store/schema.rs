@@ -201,6 +201,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     DEVICE_DIALECTS,
     EVENT_CURSORS,
     MERKLE,
+    ARCHIVES,
 ];
 
 /// The Merkle tree over the records (RFC 6962) and the signed checkpoints cut from
@@ -235,6 +236,59 @@ pub(crate) const MERKLE: &str = r#"
     BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only: UPDATE refused'); END;
     CREATE TRIGGER IF NOT EXISTS checkpoints_append_only_delete BEFORE DELETE ON checkpoints
     BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only: DELETE refused'); END;
+    "#;
+
+/// Sealed archives of the log (see `archive.rs`) and the one change to the
+/// append-only guard they need.
+///
+/// A row here is the commit point of a seal: once it exists, every reader takes
+/// seqs `first_seq..=last_seq` from the archive file and no longer from `records`,
+/// whose copies are then deleted in small transactions. The delete guard on
+/// `records` is replaced by one that still refuses every delete except of a seq
+/// inside a recorded archive, so an accidental `DELETE FROM records` still fails.
+/// Rows are never deleted; the only update is retention retiring an archive
+/// (`sealed` -> `deleted`) with its signed tombstone, which is what `verify`
+/// reports the gap with. Like the other guards, these stop accidents, not an
+/// attacker: the evidence is the chain and the tombstone's signature. Idempotent,
+/// like [`DEVICE_DIALECTS`], so a file whose version was set back migrates again;
+/// kept as a named step so renumbering it against another branch is moving a line.
+pub(crate) const ARCHIVES: &str = r#"
+    CREATE TABLE IF NOT EXISTS archives (
+        first_seq       INTEGER PRIMARY KEY CHECK (first_seq >= 1),
+        last_seq        INTEGER NOT NULL CHECK (last_seq >= first_seq),
+        records         INTEGER NOT NULL CHECK (records = last_seq - first_seq + 1),
+        period_start_ms INTEGER NOT NULL,
+        period_end_ms   INTEGER NOT NULL CHECK (period_end_ms > period_start_ms),
+        prev_hash       BLOB    NOT NULL CHECK (length(prev_hash) = 32),
+        last_hash       BLOB    NOT NULL CHECK (length(last_hash) = 32),
+        file            TEXT    NOT NULL UNIQUE,
+        bytes           INTEGER NOT NULL CHECK (bytes > 0),
+        sha256          BLOB    NOT NULL CHECK (length(sha256) = 32),
+        sealed_at_ms    INTEGER NOT NULL,
+        state           TEXT    NOT NULL CHECK (state = 'sealed' OR state = 'deleted'),
+        tombstone       TEXT,
+        deleted_at_ms   INTEGER,
+        CHECK (state = 'sealed' OR (tombstone IS NOT NULL AND deleted_at_ms IS NOT NULL))
+    ) STRICT;
+    CREATE TRIGGER IF NOT EXISTS archives_no_delete BEFORE DELETE ON archives
+    BEGIN SELECT RAISE(ABORT, 'archives are never forgotten: DELETE refused'); END;
+    CREATE TRIGGER IF NOT EXISTS archives_retire_only BEFORE UPDATE ON archives
+        WHEN NOT (OLD.state = 'sealed' AND NEW.state = 'deleted'
+              AND NEW.first_seq = OLD.first_seq AND NEW.last_seq = OLD.last_seq
+              AND NEW.records = OLD.records AND NEW.prev_hash = OLD.prev_hash
+              AND NEW.last_hash = OLD.last_hash AND NEW.sha256 = OLD.sha256
+              AND NEW.file = OLD.file AND NEW.bytes = OLD.bytes
+              AND NEW.period_start_ms = OLD.period_start_ms
+              AND NEW.period_end_ms = OLD.period_end_ms
+              AND NEW.sealed_at_ms = OLD.sealed_at_ms)
+    BEGIN SELECT RAISE(ABORT, 'an archive row only changes from sealed to deleted'); END;
+    DROP TRIGGER IF EXISTS records_append_only_delete;
+    CREATE TRIGGER records_append_only_delete BEFORE DELETE ON records
+        WHEN NOT EXISTS (SELECT 1 FROM archives
+                          WHERE first_seq = (SELECT max(first_seq) FROM archives
+                                              WHERE first_seq <= OLD.seq)
+                            AND last_seq >= OLD.seq)
+    BEGIN SELECT RAISE(ABORT, 'records are append-only: DELETE refused outside a sealed archive'); END;
     "#;
 
 /// Alarm-event cursors in a table of their own. They count `alarm_events.id`, not

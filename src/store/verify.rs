@@ -7,6 +7,7 @@ use rusqlite::OptionalExtension;
 use rusqlite::types::ValueRef;
 
 use super::StoreError;
+use super::archive::{self, ArchiveCache, ArchiveError, ArchiveRow, ArchiveState};
 use super::chain::{ChainHead, GENESIS, RECORD_COLUMNS, record_hash, row_values};
 use super::schema;
 
@@ -23,6 +24,52 @@ pub struct ChainReport {
     pub head: Option<ChainHead>,
     /// The first point where the log stops being the one that was written.
     pub first_break: Option<ChainBreak>,
+    /// Ranges retention deleted on purpose, each with its signed tombstone: the chain
+    /// is carried across them from the tombstone's hashes (not a break).
+    pub deliberate_gaps: Vec<DeliberateGap>,
+}
+
+/// A range of the log that retention deleted, leaving a signed tombstone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliberateGap {
+    /// First deleted seq.
+    pub first_seq: u64,
+    /// Last deleted seq.
+    pub last_seq: u64,
+    /// Start of the archived period, UTC unix ms.
+    pub period_start_ms: i64,
+    /// End of the archived period (exclusive), UTC unix ms.
+    pub period_end_ms: i64,
+    /// The signed tombstone note.
+    pub tombstone: String,
+}
+
+impl fmt::Display for DeliberateGap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = |ms: i64| {
+            chrono::DateTime::from_timestamp_millis(ms).map_or_else(
+                || ms.to_string(),
+                |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            )
+        };
+        let signer = self
+            .tombstone
+            .split_once("\n\n")
+            .and_then(|(_, sigs)| sigs.lines().next())
+            .and_then(|l| l.strip_prefix("\u{2014} "))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or("?");
+        write!(
+            f,
+            "seqs {}..={} ({} records received {} .. {}) deleted by retention; tombstone signed by {}",
+            self.first_seq,
+            self.last_seq,
+            self.last_seq - self.first_seq + 1,
+            t(self.period_start_ms),
+            t(self.period_end_ms),
+            signer
+        )
+    }
 }
 
 impl ChainReport {
@@ -76,6 +123,21 @@ pub enum BreakReason {
         /// The column.
         column: &'static str,
     },
+    /// A sealed archive's file is gone, and no tombstone says it was deleted.
+    ArchiveMissing {
+        /// The file.
+        file: String,
+    },
+    /// A sealed archive's file is not the one that was sealed (its SHA-256
+    /// differs), or cannot be read as an archive.
+    ArchiveAltered {
+        /// The file.
+        file: String,
+        /// What differs.
+        detail: String,
+    },
+    /// A tombstone does not name the range, hashes or file it stands for.
+    TombstoneMismatch,
 }
 
 impl fmt::Display for BreakReason {
@@ -100,6 +162,16 @@ impl fmt::Display for BreakReason {
             BreakReason::HeadMismatch => f.write_str("last record does not match the head"),
             BreakReason::HeadMissing => f.write_str("chain head row missing or malformed"),
             BreakReason::Malformed { column } => write!(f, "malformed {column}"),
+            BreakReason::ArchiveMissing { file } => write!(
+                f,
+                "archive {file} is missing and no tombstone records its deletion"
+            ),
+            BreakReason::ArchiveAltered { file, detail } => {
+                write!(f, "archive {file} is not as sealed ({detail})")
+            }
+            BreakReason::TombstoneMismatch => {
+                f.write_str("the tombstone does not match the archive it stands for")
+            }
         }
     }
 }
@@ -146,15 +218,28 @@ pub fn verify_chain(path: impl AsRef<Path>) -> Result<ChainReport, StoreError> {
         records_checked: 0,
         head,
         first_break: None,
+        deliberate_gaps: Vec::new(),
     };
-    let mut stmt = tx
-        .prepare(&format!(
-            "SELECT {RECORD_COLUMNS} FROM records ORDER BY seq"
-        ))
-        .map_err(StoreError::sqlite("prepare the verify scan"))?;
-    let mut rows = stmt.query([]).map_err(StoreError::sqlite("scan the log"))?;
     let mut prev = GENESIS;
     let mut expected: u64 = 1;
+    let list = archive::list(&tx)?;
+    let dir = archive::archive_dir(path.as_ref());
+    let mut cache = ArchiveCache::default();
+    for a in &list {
+        if let Some(b) = verify_archive(&dir, a, &mut cache, &mut report, &mut prev, &mut expected)?
+        {
+            report.first_break = Some(b);
+            return Ok(report);
+        }
+    }
+    let mut stmt = tx
+        .prepare(&format!(
+            "SELECT {RECORD_COLUMNS} FROM records WHERE seq > ?1 ORDER BY seq"
+        ))
+        .map_err(StoreError::sqlite("prepare the verify scan"))?;
+    let mut rows = stmt
+        .query([archive::archived_upto(&list) as i64])
+        .map_err(StoreError::sqlite("scan the log"))?;
     while let Some(row) = rows.next().map_err(StoreError::sqlite("scan the log"))? {
         let vals = row_values(row).map_err(StoreError::sqlite("read a record"))?;
         let brk = |seq, reason| Some(ChainBreak { seq, reason });
@@ -218,6 +303,115 @@ pub fn verify_chain(path: impl AsRef<Path>) -> Result<ChainReport, StoreError> {
         Some(_) => None,
     };
     Ok(report)
+}
+
+/// Checks one archive (or its tombstone) against the chain so far and moves `prev`
+/// and `expected` past it; `Some` is the first break found in it.
+fn verify_archive(
+    dir: &Path,
+    a: &ArchiveRow,
+    cache: &mut ArchiveCache,
+    report: &mut ChainReport,
+    prev: &mut [u8; 32],
+    expected: &mut u64,
+) -> Result<Option<ChainBreak>, StoreError> {
+    let brk = |seq, reason| Ok(Some(ChainBreak { seq, reason }));
+    if a.first_seq != *expected {
+        return brk(
+            *expected,
+            BreakReason::Missing {
+                next_present: a.first_seq,
+            },
+        );
+    }
+    if a.prev_hash != *prev {
+        return brk(a.first_seq, BreakReason::HashMismatch);
+    }
+    if a.state == ArchiveState::Deleted {
+        let Some(note) = a
+            .tombstone
+            .as_deref()
+            .filter(|n| archive::tombstone_matches(n, a))
+        else {
+            return brk(a.first_seq, BreakReason::TombstoneMismatch);
+        };
+        report.deliberate_gaps.push(DeliberateGap {
+            first_seq: a.first_seq,
+            last_seq: a.last_seq,
+            period_start_ms: a.period_start_ms,
+            period_end_ms: a.period_end_ms,
+            tombstone: note.to_owned(),
+        });
+        *prev = a.last_hash;
+        *expected = a.last_seq + 1;
+        return Ok(None);
+    }
+    let file = dir.join(&a.file);
+    let altered = |detail: String| {
+        brk(
+            a.first_seq,
+            BreakReason::ArchiveAltered {
+                file: a.file.clone(),
+                detail,
+            },
+        )
+    };
+    match archive::file_sha256(&file) {
+        Err(StoreError::Archive(ArchiveError::Io { source, .. }))
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            return brk(
+                a.first_seq,
+                BreakReason::ArchiveMissing {
+                    file: a.file.clone(),
+                },
+            );
+        }
+        Err(e) => return Err(e),
+        Ok((sha, _)) if sha != a.sha256 => {
+            return altered(format!(
+                "SHA-256 {}, sealed as {}",
+                hex::encode(sha),
+                hex::encode(a.sha256)
+            ));
+        }
+        Ok(_) => {}
+    }
+    let mut found: Option<ChainBreak> = None;
+    let scanned = cache.scan(dir, a, a.first_seq - 1, a.last_seq, |block, i| {
+        let seq = block.seq(i) as u64;
+        match record_hash(prev, &block.values(i)) {
+            Some(h) if h == block.hash(i) => {
+                *prev = h;
+                *expected = seq + 1;
+                report.records_checked += 1;
+                Ok(std::ops::ControlFlow::Continue(()))
+            }
+            _ => {
+                found = Some(ChainBreak {
+                    seq,
+                    reason: BreakReason::HashMismatch,
+                });
+                Ok(std::ops::ControlFlow::Break(()))
+            }
+        }
+    });
+    match scanned {
+        Ok(_) if found.is_some() => Ok(found),
+        Ok(_) if *expected != a.last_seq + 1 || *prev != a.last_hash => altered(format!(
+            "it ends at seq {} without its last record's hash",
+            *expected - 1
+        )),
+        Ok(_) => Ok(None),
+        Err(StoreError::Archive(e)) => altered(e.to_string()),
+        Err(StoreError::CorruptRow { seq, .. }) => brk(
+            seq,
+            BreakReason::Malformed {
+                column: "archived record",
+            },
+        ),
+        Err(e) => Err(e),
+    }
 }
 
 /// After a mismatch at `seq`: is the record that belongs at `seq` stored further on?
