@@ -199,11 +199,13 @@ impl Notary {
             note: cp.note.clone(),
             cut_at_ms: now_ms,
         };
+        // The file first: the table is what the MQTT publisher and `prove` read,
+        // so nothing is told before the note is on disk here.
+        self.append(&cp.note)
+            .map_err(|e| format!("append to {}: {e}", self.file.display()))?;
         self.log
             .record_checkpoint(&stored)
             .map_err(|e| e.to_string())?;
-        self.append(&cp.note)
-            .map_err(|e| format!("append to {}: {e}", self.file.display()))?;
         self.last = size;
         self.latest.set(stored);
         tracing::debug!(size, "checkpoint signed");

@@ -540,7 +540,7 @@ fn alterations(b: &Value) -> Vec<(&'static str, Value, &'static str)> {
     out.push((
         "one byte of raw_b64",
         raw,
-        "the record's raw bytes (raw_b64) are not the leaf's",
+        "the record's `raw_b64` is not what the leaf holds",
     ));
     let mut inc = b.clone();
     let h = inc["inclusion"][0].as_str().unwrap().to_owned();
@@ -581,7 +581,7 @@ fn alterations(b: &Value) -> Vec<(&'static str, Value, &'static str)> {
     ));
     let mut idx = b.clone();
     idx["leaf_index"] = Value::from(b["leaf_index"].as_u64().unwrap() + 1);
-    out.push(("leaf_index", idx, "do not agree"));
+    out.push(("leaf_index", idx, "the inclusion path does not lead from leaf"));
     out
 }
 
@@ -649,11 +649,8 @@ fn proofs_for_random_seqs_check_and_every_alteration_is_named() {
 }
 
 /// A bundle whose `record` says another reading than its leaf must not hold: an
-/// auditor reads `record.values`, not the leaf. `check-proof` compares only seq,
-/// raw bytes, peer, session, direction and verdict with the leaf, so it says
-/// "proof holds" for this bundle (the README's verifier refuses it).
+/// auditor reads `record.values`, not the leaf.
 #[test]
-#[ignore = "src/cmd/check_proof.rs record_matches: the record's other fields are not held against the leaf"]
 fn check_proof_refuses_a_record_whose_reading_is_not_the_leafs() {
     let f = finished();
     let dir = tempfile::tempdir().unwrap();

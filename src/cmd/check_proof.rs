@@ -5,9 +5,10 @@
 //! 1. the checkpoint note is signed by the verifier key (C2SP signed-note);
 //! 2. the bundle's `tree_size` is the checkpoint's size;
 //! 3. `leaf_hash` is `SHA-256(0x00 || leaf)` (RFC 6962 section 2.1);
-//! 4. the leaf's values are the record's: `seq` (and `leaf_index = seq - 1`),
-//!    `peer`, `session`, `direction`, `verdict` and the raw bytes (`raw_b64`);
-//! 5. the inclusion path leads from the leaf hash to the checkpoint's root.
+//! 4. the inclusion path leads from the leaf hash to the checkpoint's root;
+//! 5. the record is exactly the leaf's: the leaf decoded and exported as `export
+//!    --format jsonl` does is the bundle's `record`, field for field, and its seq
+//!    is `leaf_index + 1`.
 
 use std::io::Read as _;
 use std::path::PathBuf;
@@ -103,17 +104,17 @@ pub fn check(bundle: &[u8], vkeys: &[&str]) -> Result<Result<Proven, String>, Cm
     if <[u8; 32]>::from(h.finalize()) != leaf_hash {
         return Ok(Err("leaf_hash is not SHA-256(0x00 || leaf)".into()));
     }
+    if !merkle::check_inclusion(&path, tree_size, &cp.root, index, &leaf_hash) {
+        return Ok(Err(format!(
+            "the inclusion path does not lead from leaf {index} to the root of the checkpoint (size {tree_size})"
+        )));
+    }
     let values = match merkle::decode_leaf(&leaf) {
         Ok(v) => v,
         Err(e) => return Ok(Err(format!("the leaf is not a record's encoding: {e}"))),
     };
     if let Err(why) = record_matches(record, &values, index) {
         return Ok(Err(why));
-    }
-    if !merkle::check_inclusion(&path, tree_size, &cp.root, index, &leaf_hash) {
-        return Ok(Err(format!(
-            "the inclusion path does not lead from leaf {index} to the root of the checkpoint (size {tree_size})"
-        )));
     }
     Ok(Ok(Proven {
         seq: index + 1,
@@ -122,51 +123,39 @@ pub fn check(bundle: &[u8], vkeys: &[&str]) -> Result<Result<Proven, String>, Cm
     }))
 }
 
-/// The record's fields a reader relies on must be the leaf's.
+/// The record must be exactly what its leaf says: the leaf is decoded back into a
+/// stored record, exported as `export --format jsonl` exports it, and the two JSON
+/// objects compared whole, so no field (a reading, the MN, a time) can differ.
 fn record_matches(record: &Value, leaf: &[LeafValue], index: u64) -> Result<(), String> {
-    let text = |i: usize| match &leaf[i] {
-        LeafValue::Bytes(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        _ => None,
-    };
-    let int = |i: usize| match leaf[i] {
-        LeafValue::Integer(n) => Some(n),
-        _ => None,
-    };
-    let seq = record.get("seq").and_then(Value::as_u64);
-    if int(0).map(|s| s as u64) != seq || seq != Some(index + 1) {
+    let rec = merkle::record_from_leaf(leaf)?;
+    if rec.seq != index + 1 {
         return Err(format!(
-            "record seq {seq:?}, leaf seq {:?} and leaf_index {index} do not agree",
-            int(0)
+            "the leaf is record {} but leaf_index {index} is record {}",
+            rec.seq,
+            index + 1
         ));
     }
-    let raw = record
-        .get("raw_b64")
-        .and_then(Value::as_str)
-        .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok());
-    if raw.as_deref()
-        != match &leaf[6] {
-            LeafValue::Bytes(b) => Some(b.as_slice()),
-            _ => None,
-        }
-    {
-        return Err("the record's raw bytes (raw_b64) are not the leaf's".into());
+    let from_leaf = Value::Object(crate::store::export_record_json(&rec));
+    if &from_leaf == record {
+        return Ok(());
     }
-    for (name, i) in [("peer", 2), ("direction", 4), ("verdict", 13)] {
-        if record.get(name).and_then(Value::as_str) != text(i).as_deref() {
-            return Err(format!("the record's {name} is not the leaf's"));
-        }
-    }
-    if record.get("session").and_then(Value::as_u64) != int(3).map(|s| s as u64) {
-        return Err("the record's session is not the leaf's".into());
-    }
-    Ok(())
+    let (Value::Object(want), Value::Object(got)) = (&from_leaf, record) else {
+        return Err("`record` is not a JSON object".into());
+    };
+    let field = want
+        .iter()
+        .find(|(k, v)| got.get(*k) != Some(*v))
+        .map(|(k, _)| k.clone())
+        .or_else(|| got.keys().find(|k| !want.contains_key(*k)).cloned())
+        .unwrap_or_default();
+    Err(format!("the record's `{field}` is not what the leaf holds"))
 }
 
 /// Check a `prove` bundle offline: no log, no network, only the verifier key.
 ///
-/// Verifies the checkpoint's signature, that the leaf is the record (seq, peer,
-/// session, direction, verdict, raw bytes) and hashes to leaf_hash, and that the
-/// RFC 6962 inclusion path leads to the signed root.
+/// Verifies the checkpoint's signature, that the leaf hashes to leaf_hash, that the
+/// RFC 6962 inclusion path leads to the signed root, and that the record is
+/// exactly what the leaf holds (every field, readings included).
 ///
 /// Examples:
 ///   hj212-gateway check-proof proof-1234.json --vkey 'hj212-gateway/gw1+1a2b3c4d+AR...'

@@ -892,6 +892,52 @@ pub fn decode_leaf(leaf: &[u8]) -> Result<Vec<LeafValue>, String> {
     Ok(out)
 }
 
+/// The stored record a decoded leaf describes (its `hash` is not in the leaf
+/// and is left zero).
+pub fn record_from_leaf(v: &[LeafValue]) -> Result<super::StoredRecord, String> {
+    if v.len() != HASHED_COLUMNS {
+        return Err(format!("{} values, not {HASHED_COLUMNS}", v.len()));
+    }
+    let int = |i: usize| match v[i] {
+        LeafValue::Integer(n) => Ok(n),
+        _ => Err(format!("value {i} is not an integer")),
+    };
+    let text = |i: usize| match &v[i] {
+        LeafValue::Bytes(b) => String::from_utf8(b.clone())
+            .map_err(|_| format!("value {i} is not UTF-8 text")),
+        _ => Err(format!("value {i} is NULL")),
+    };
+    let opt = |i: usize| match &v[i] {
+        LeafValue::Null => Ok(None),
+        _ => text(i).map(Some),
+    };
+    let raw = match &v[6] {
+        LeafValue::Bytes(b) => b.clone(),
+        _ => return Err("value 6 (raw) is not bytes".into()),
+    };
+    let bad = |what: &str| format!("{what} is not one the log writes");
+    Ok(super::StoredRecord {
+        seq: int(0)? as u64,
+        received_at_ms: int(1)?,
+        peer: text(2)?,
+        session: int(3)? as u64,
+        direction: super::Direction::parse(&text(4)?).ok_or_else(|| bad("direction"))?,
+        kind: super::Kind::parse(&text(5)?).ok_or_else(|| bad("kind"))?,
+        raw,
+        dialect: opt(7)?,
+        st: opt(8)?,
+        cn: opt(9)?,
+        mn: opt(10)?,
+        qn: opt(11)?,
+        data_time: opt(12)?,
+        verdict: super::Verdict::parse(&text(13)?).ok_or_else(|| bad("verdict"))?,
+        duplicate: int(14)? != 0,
+        findings: text(15)?,
+        doc: text(16)?,
+        hash: [0; 32],
+    })
+}
+
 /// A stored record's Merkle leaf: its canonical encoding.
 pub fn leaf_of(rec: &super::StoredRecord) -> Vec<u8> {
     super::chain::leaf_bytes(&record_values(rec)).unwrap_or_default()
