@@ -581,7 +581,11 @@ fn alterations(b: &Value) -> Vec<(&'static str, Value, &'static str)> {
     ));
     let mut idx = b.clone();
     idx["leaf_index"] = Value::from(b["leaf_index"].as_u64().unwrap() + 1);
-    out.push(("leaf_index", idx, "the inclusion path does not lead from leaf"));
+    out.push((
+        "leaf_index",
+        idx,
+        "the inclusion path does not lead from leaf",
+    ));
     out
 }
 
@@ -916,7 +920,7 @@ fn rebuild_tree(c: &Connection) {
     for (_, leaf) in leaves(c) {
         f.push(leaf_hash(&leaf), |id, h| {
             c.execute(
-                "INSERT INTO tree_hashes (id, hash) VALUES (?1, ?2)",
+                "INSERT INTO tree_hashes (id, hashes) VALUES (?1, ?2)",
                 (id as i64, &h[..]),
             )
             .unwrap();

@@ -116,38 +116,88 @@ fn missing(id: u64) -> StoreError {
 }
 
 fn read_hash(conn: &Connection, id: u64) -> Result<Option<[u8; 32]>, StoreError> {
-    let blob: Option<Vec<u8>> = conn
-        .prepare_cached("SELECT hash FROM tree_hashes WHERE id = ?1")
-        .and_then(|mut s| s.query_row([id as i64], |r| r.get(0)).optional())
+    let run: Option<(i64, Vec<u8>)> = conn
+        .prepare_cached(
+            "SELECT id, hashes FROM tree_hashes WHERE id <= ?1 ORDER BY id DESC LIMIT 1",
+        )
+        .and_then(|mut s| {
+            s.query_row([id as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
         .map_err(StoreError::sqlite("read a tree hash"))?;
-    match blob {
-        None => Ok(None),
-        Some(b) => b
-            .try_into()
-            .map(Some)
-            .map_err(|b: Vec<u8>| StoreError::Tree {
-                reason: format!("tree hash {id} has {} bytes, not 32", b.len()),
-            }),
-    }
+    let Some((first, hashes)) = run else {
+        return Ok(None);
+    };
+    let at = (id - first as u64) as usize * 32;
+    Ok(hashes
+        .get(at..at + 32)
+        .map(|h| h.try_into().expect("32 bytes")))
 }
 
 /// Number of leaves `tree_hashes` covers: the last stored hash is the highest
 /// subtree the last leaf completed, which ends at that leaf.
 pub(crate) fn stored_size(conn: &Connection) -> Result<u64, StoreError> {
-    let last: Option<i64> = conn
-        .query_row("SELECT max(id) FROM tree_hashes", [], |r| r.get(0))
+    let last: Option<(i64, i64)> = conn
+        .query_row(
+            "SELECT id, length(hashes) FROM tree_hashes ORDER BY id DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
         .map_err(StoreError::sqlite("read the tree size"))?;
     Ok(match last {
         None => 0,
-        Some(id) => {
-            let (level, n) = tlog_tiles::split_stored_hash_index(id as u64);
+        Some((first, len)) => {
+            let id = first as u64 + (len as u64 / 32).saturating_sub(1);
+            let (level, n) = tlog_tiles::split_stored_hash_index(id);
             (n + 1) << level
         }
     })
 }
 
-/// Inserts one stored hash (the writer's and the backfill's statement).
-pub(crate) const INSERT_HASH_SQL: &str = "INSERT INTO tree_hashes (id, hash) VALUES (?1, ?2)";
+/// Inserts one run of consecutive stored hashes (the writer's and the backfill's
+/// statement).
+pub(crate) const INSERT_RUN_SQL: &str = "INSERT INTO tree_hashes (id, hashes) VALUES (?1, ?2)";
+
+/// Stored hashes waiting to be written as one row: they are consecutive, because
+/// appends store them in index order, so a commit's hashes are one run and cost
+/// one insert (benches/README.md, issue 20).
+#[derive(Debug, Default)]
+pub(crate) struct Run {
+    first: u64,
+    hashes: Vec<u8>,
+}
+
+impl Run {
+    /// Adds the hash stored at `id`, the index after the last one added.
+    pub(crate) fn push(&mut self, id: u64, hash: &[u8; 32]) {
+        if self.hashes.is_empty() {
+            self.first = id;
+        }
+        debug_assert_eq!(id, self.first + self.hashes.len() as u64 / 32);
+        self.hashes.extend_from_slice(hash);
+    }
+
+    /// Hashes held.
+    pub(crate) fn len(&self) -> usize {
+        self.hashes.len() / 32
+    }
+
+    /// Writes the run as one row (nothing when empty) and starts a new one.
+    pub(crate) fn write(
+        &mut self,
+        insert: &mut rusqlite::CachedStatement<'_>,
+    ) -> rusqlite::Result<()> {
+        if !self.hashes.is_empty() {
+            insert.execute((self.first as i64, &self.hashes[..]))?;
+            self.hashes.clear();
+        }
+        Ok(())
+    }
+}
+
+/// Most hashes the backfill puts in one row (32 KiB): a proof reads whole rows.
+const BACKFILL_RUN: usize = 1024;
 
 /// How many records one backfill transaction covers.
 const BACKFILL_BATCH: u64 = 20_000;
@@ -194,12 +244,12 @@ pub(crate) fn backfill(conn: &mut Connection, head: u64) -> Result<Option<Fronti
                 ))
                 .map_err(StoreError::sqlite("read records for the tree"))?;
             let mut insert = tx
-                .prepare_cached(INSERT_HASH_SQL)
+                .prepare_cached(INSERT_RUN_SQL)
                 .map_err(StoreError::sqlite("prepare the tree insert"))?;
+            let mut run = Run::default();
             let mut rows = read
                 .query([from as i64, to as i64])
                 .map_err(StoreError::sqlite("read records for the tree"))?;
-            let mut failed = None;
             while let Some(row) = rows
                 .next()
                 .map_err(StoreError::sqlite("read records for the tree"))?
@@ -224,20 +274,14 @@ pub(crate) fn backfill(conn: &mut Connection, head: u64) -> Result<Option<Fronti
                         value: "a value the canonical encoding cannot hold".into(),
                     });
                 };
-                frontier.push(leaf, |id, h| {
-                    if failed.is_none() {
-                        if let Err(e) = insert.execute((id as i64, &h[..])) {
-                            failed = Some(e);
-                        }
-                    }
-                });
-                if let Some(e) = failed.take() {
-                    return Err(StoreError::Sqlite {
-                        op: "store a tree hash",
-                        source: e,
-                    });
+                frontier.push(leaf, |id, h| run.push(id, h));
+                if run.len() >= BACKFILL_RUN {
+                    run.write(&mut insert)
+                        .map_err(StoreError::sqlite("store tree hashes"))?;
                 }
             }
+            run.write(&mut insert)
+                .map_err(StoreError::sqlite("store tree hashes"))?;
         }
         if frontier.size() < to {
             tracing::error!(
@@ -903,8 +947,9 @@ pub fn record_from_leaf(v: &[LeafValue]) -> Result<super::StoredRecord, String> 
         _ => Err(format!("value {i} is not an integer")),
     };
     let text = |i: usize| match &v[i] {
-        LeafValue::Bytes(b) => String::from_utf8(b.clone())
-            .map_err(|_| format!("value {i} is not UTF-8 text")),
+        LeafValue::Bytes(b) => {
+            String::from_utf8(b.clone()).map_err(|_| format!("value {i} is not UTF-8 text"))
+        }
         _ => Err(format!("value {i} is NULL")),
     };
     let opt = |i: usize| match &v[i] {
@@ -981,13 +1026,19 @@ mod tests {
         conn.execute_batch(crate::store::schema::MERKLE).unwrap();
         let mut f = Frontier::default();
         let mut roots = Vec::new();
-        for l in leaves {
+        let mut insert = conn.prepare_cached(INSERT_RUN_SQL).unwrap();
+        let mut run = Run::default();
+        for (i, l) in leaves.iter().enumerate() {
             let leaf = tlog_tiles::record_hash(l).0;
-            f.push(leaf, |id, h| {
-                conn.execute(INSERT_HASH_SQL, (id as i64, &h[..])).unwrap();
-            });
+            f.push(leaf, |id, h| run.push(id, h));
+            // Runs of every length, as commits of different sizes leave them.
+            if i % 7 < 3 {
+                run.write(&mut insert).unwrap();
+            }
             roots.push(f.root());
         }
+        run.write(&mut insert).unwrap();
+        drop(insert);
         (conn, roots)
     }
 
@@ -1153,9 +1204,12 @@ mod tests {
             }
         }
         assert_eq!(
-            conn.query_row("SELECT count(*) FROM tree_hashes", [], |r| r
-                .get::<_, i64>(0))
-                .unwrap() as u64,
+            conn.query_row(
+                "SELECT sum(length(hashes)) / 32 FROM tree_hashes",
+                [],
+                |r| r.get::<_, i64>(0)
+            )
+            .unwrap() as u64,
             tlog_tiles::stored_hash_count(300)
         );
         assert_eq!(stored_size(&conn).unwrap(), 300);

@@ -208,9 +208,10 @@ pub(crate) const MIGRATIONS: &[&str] = &[
 /// it (see [`super::merkle`]).
 ///
 /// `tree_hashes` holds every node of every complete subtree under its "stored hash
-/// index" (Crosby and Wallach, as Go's `sumdb/tlog` numbers them): the writer only
-/// ever appends, so ids arrive in increasing order, the cheapest insert a rowid
-/// table has. Leaf `n` is the record with `seq = n + 1`. Tree hashes of records
+/// index" (Crosby and Wallach, as Go's `sumdb/tlog` numbers them), in runs: row
+/// `id` holds the consecutive hashes `id, id + 1, ...` one commit stored, 32 bytes
+/// each. The writer only ever appends, so ids arrive in increasing order, the
+/// cheapest insert a rowid table has, and only once per commit. Leaf `n` is the record with `seq = n + 1`. Tree hashes of records
 /// that were already in the file are computed in Rust after this step
 /// (`merkle::backfill`): SQL has no SHA-256.
 ///
@@ -219,8 +220,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
 /// edited in place: guards against accidents, as for `records`.
 pub(crate) const MERKLE: &str = r#"
     CREATE TABLE IF NOT EXISTS tree_hashes (
-        id   INTEGER PRIMARY KEY,
-        hash BLOB    NOT NULL CHECK (length(hash) = 32)
+        id     INTEGER PRIMARY KEY,
+        hashes BLOB    NOT NULL CHECK (length(hashes) > 0 AND length(hashes) % 32 = 0)
     ) STRICT;
     CREATE TABLE IF NOT EXISTS checkpoints (
         size      INTEGER PRIMARY KEY,

@@ -758,9 +758,7 @@ impl Writer {
             let mut insert = tx
                 .prepare_cached(INSERT_SQL)
                 .map_err(|e| ("prepare the insert", e))?;
-            let mut insert_hash = tx
-                .prepare_cached(super::merkle::INSERT_HASH_SQL)
-                .map_err(|e| ("prepare the tree insert", e))?;
+            let mut run = super::merkle::Run::default();
             for job in batch {
                 let mut answers = Vec::with_capacity(job.recs.len());
                 for rec in &job.recs {
@@ -779,15 +777,7 @@ impl Writer {
                         ))
                         .map_err(|e| ("insert a record", e))?;
                     if let Some(tree) = &mut tree {
-                        let mut failed = None;
-                        tree.push(leaf, |id, h| {
-                            if failed.is_none() {
-                                failed = insert_hash.execute((id as i64, &h[..])).err();
-                            }
-                        });
-                        if let Some(e) = failed {
-                            return Err(("store a tree hash", e));
-                        }
+                        tree.push(leaf, |id, h| run.push(id, h));
                     }
                     answers.push(Appended { seq, duplicate });
                     if keep {
@@ -801,6 +791,9 @@ impl Writer {
                 }
                 results.push(answers);
             }
+            tx.prepare_cached(super::merkle::INSERT_RUN_SQL)
+                .and_then(|mut insert| run.write(&mut insert))
+                .map_err(|e| ("store the tree hashes", e))?;
         }
         tx.prepare_cached(
             "UPDATE meta SET last_seq = ?1, last_hash = ?2, updated_at_ms = ?3 WHERE id = 1",
