@@ -18,6 +18,40 @@ pub(crate) const GENESIS: [u8; 32] = [0; 32];
 /// Number of hashed columns (every column of `records` except `hash`).
 pub(crate) const HASHED_COLUMNS: usize = 17;
 
+/// The 17 hashed values of a record in table order, from any struct with the
+/// record's field names (`NewRecord` as the writer stores it, `StoredRecord` as
+/// read back): one list, so the writer and the Merkle leaf cannot disagree on it.
+macro_rules! hashed_values {
+    ($rec:expr, $seq:expr, $duplicate:expr) => {{
+        use rusqlite::types::ValueRef;
+        fn text(s: &Option<String>) -> ValueRef<'_> {
+            s.as_deref()
+                .map_or(ValueRef::Null, |s| ValueRef::Text(s.as_bytes()))
+        }
+        let rec = $rec;
+        [
+            ValueRef::Integer($seq as i64),
+            ValueRef::Integer(rec.received_at_ms),
+            ValueRef::Text(rec.peer.as_bytes()),
+            ValueRef::Integer(rec.session as i64),
+            ValueRef::Text(rec.direction.as_str().as_bytes()),
+            ValueRef::Text(rec.kind.as_str().as_bytes()),
+            ValueRef::Blob(&rec.raw[..]),
+            text(&rec.dialect),
+            text(&rec.st),
+            text(&rec.cn),
+            text(&rec.mn),
+            text(&rec.qn),
+            text(&rec.data_time),
+            ValueRef::Text(rec.verdict.as_str().as_bytes()),
+            ValueRef::Integer(i64::from($duplicate)),
+            ValueRef::Text(rec.findings.as_bytes()),
+            ValueRef::Text(rec.doc.as_bytes()),
+        ]
+    }};
+}
+pub(crate) use hashed_values;
+
 /// `SHA-256(prev || enc(c0) || ... || enc(c16))`; `None` if a value cannot be encoded
 /// (a REAL, or longer than 4 GiB: neither can occur in an unaltered file).
 pub(crate) fn record_hash(

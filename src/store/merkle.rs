@@ -855,30 +855,7 @@ pub fn check_consistency(
 pub(crate) fn record_values(
     rec: &super::StoredRecord,
 ) -> [rusqlite::types::ValueRef<'_>; HASHED_COLUMNS] {
-    use rusqlite::types::ValueRef;
-    fn text(s: &Option<String>) -> ValueRef<'_> {
-        s.as_deref()
-            .map_or(ValueRef::Null, |s| ValueRef::Text(s.as_bytes()))
-    }
-    [
-        ValueRef::Integer(rec.seq as i64),
-        ValueRef::Integer(rec.received_at_ms),
-        ValueRef::Text(rec.peer.as_bytes()),
-        ValueRef::Integer(rec.session as i64),
-        ValueRef::Text(rec.direction.as_str().as_bytes()),
-        ValueRef::Text(rec.kind.as_str().as_bytes()),
-        ValueRef::Blob(&rec.raw),
-        text(&rec.dialect),
-        text(&rec.st),
-        text(&rec.cn),
-        text(&rec.mn),
-        text(&rec.qn),
-        text(&rec.data_time),
-        ValueRef::Text(rec.verdict.as_str().as_bytes()),
-        ValueRef::Integer(i64::from(rec.duplicate)),
-        ValueRef::Text(rec.findings.as_bytes()),
-        ValueRef::Text(rec.doc.as_bytes()),
-    ]
+    super::chain::hashed_values!(rec, rec.seq, rec.duplicate)
 }
 
 /// One value read back out of a leaf (the canonical encoding).
