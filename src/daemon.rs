@@ -54,7 +54,18 @@ pub enum ServeError {
     /// The frame log could not be opened.
     #[error("frame log: {0}")]
     Store(#[from] crate::store::StoreError),
-    /// Binding or another I/O failure.
+    /// A directory, file or address `serve` needs cannot be used: the data
+    /// directory is a file or not writable, the listen address is taken
+    /// (exit 2). `what` names the path or the config key.
+    #[error("{what}: {source}")]
+    Unusable {
+        /// The path or key, and where it came from.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another I/O failure (a signal handler, a task that panicked).
     #[error("{0}")]
     Io(#[from] std::io::Error),
     /// The checkpoint signing key could not be read or written, or `[evidence]
@@ -74,6 +85,13 @@ pub struct Overrides {
     pub data: Option<PathBuf>,
 }
 
+/// The data directory of the packaged unit (`StateDirectory=hj212-gateway`).
+pub const PACKAGED_STATE_DIR: &str = "/var/lib/hj212-gateway";
+
+/// The runtime directory of the packaged unit (`RuntimeDirectory=hj212-gateway`),
+/// where its control socket is.
+pub const PACKAGED_RUNTIME_DIR: &str = "/run/hj212-gateway";
+
 /// Resolves the data directory: flag, then `$STATE_DIRECTORY` (systemd), then `./data`.
 pub fn data_dir(flag: Option<&Path>) -> PathBuf {
     if let Some(p) = flag {
@@ -91,6 +109,53 @@ pub fn data_dir(flag: Option<&Path>) -> PathBuf {
         }
     }
     PathBuf::from("data")
+}
+
+/// Where the data directory came from, for messages: an operator who did not
+/// pass `--data` needs to know which default was taken.
+fn data_dir_origin(flag: Option<&Path>) -> &'static str {
+    if flag.is_some() {
+        "--data"
+    } else if std::env::var_os("STATE_DIRECTORY").is_some_and(|s| !s.is_empty()) {
+        "$STATE_DIRECTORY"
+    } else {
+        "the default ./data"
+    }
+}
+
+/// Creates the data directory (0750) if missing and checks that this process can
+/// write in it and in the log file. SQLite reports the same problems as "unable to
+/// open database file" without the path or the OS error; checked here they name
+/// both, and `serve` exits 2 instead of 70.
+fn prepare_data_dir(data: &Path, origin: &str, store_path: &Path) -> Result<(), ServeError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let unusable = |what: String| move |source| ServeError::Unusable { what, source };
+    let what = format!("data directory {} ({origin})", data.display());
+    match std::fs::metadata(data) {
+        Ok(m) if !m.is_dir() => {
+            return Err(unusable(what)(rustix::io::Errno::NOTDIR.into()));
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(data)
+            .map_err(unusable(what.clone()))?,
+        Err(e) => return Err(unusable(what)(e)),
+    }
+    let rwx = rustix::fs::Access::READ_OK | rustix::fs::Access::WRITE_OK;
+    let search = rustix::fs::Access::EXEC_OK;
+    rustix::fs::access(data, rwx | search).map_err(|e| unusable(what)(e.into()))?;
+    if let Some(dir) = store_path.parent().filter(|d| *d != data && d.is_dir()) {
+        rustix::fs::access(dir, rwx | search).map_err(|e| {
+            unusable(format!("[store] path: directory {}", dir.display()))(e.into())
+        })?;
+    }
+    if store_path.exists() {
+        rustix::fs::access(store_path, rwx)
+            .map_err(|e| unusable(format!("frame log {}", store_path.display()))(e.into()))?;
+    }
+    Ok(())
 }
 
 /// Loads the config named by the overrides (or the defaults).
@@ -132,6 +197,7 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
     let data = data_dir(o.data.as_deref());
     let registry = Registry::from_config(&cfg)?;
     let store_path = cfg.store_path(&data);
+    prepare_data_dir(&data, data_dir_origin(o.data.as_deref()), &store_path)?;
     // One registry per gateway, handed to everything that counts (see `App::metrics`).
     let metrics = Arc::new(Metrics::new());
     let store_cfg = StoreConfig {
@@ -229,13 +295,37 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
         metrics,
         checkpoint,
     });
-    let server = Server::bind(shared.clone(), &listen).await?;
-    let control =
-        crate::downlink::control::Control::bind(&shared.cfg.downlink.socket_path(&data)).await?;
+    let listen_key = if o.listen.is_empty() {
+        match &o.config {
+            Some(p) => format!("[server] listen in {}", p.display()),
+            None => "[server] listen (default)".to_owned(),
+        }
+    } else {
+        "--listen".to_owned()
+    };
+    let server = Server::bind(shared.clone(), &listen)
+        .await
+        .map_err(|source| ServeError::Unusable {
+            what: listen_key,
+            source,
+        })?;
+    let control = crate::downlink::control::Control::bind(&shared.cfg.downlink.socket_path(&data))
+        .await
+        .map_err(|source| ServeError::Unusable {
+            what: "[downlink] control_socket".to_owned(),
+            source,
+        })?;
     let control_path = control.path().to_owned();
     let addrs = server.local_addrs();
     let metrics_server = match shared.cfg.metrics.addr() {
-        Some(_) => Some(MetricsServer::bind(&shared.cfg.metrics).await?),
+        Some(_) => Some(
+            MetricsServer::bind(&shared.cfg.metrics)
+                .await
+                .map_err(|source| ServeError::Unusable {
+                    what: "metrics endpoint".to_owned(),
+                    source,
+                })?,
+        ),
         None => None,
     };
     let metrics_addr = metrics_server

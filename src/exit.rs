@@ -13,8 +13,11 @@
 pub const NO: u8 = 1;
 
 /// A usage error (bad flag value, unreadable input, unreachable control
-/// socket), a failed read or write, or a frame log that `serve` or a reading
-/// command will not use (missing, empty, not a frame log, damaged, too new).
+/// socket), a failed read or write, a path or address `serve` cannot use (data
+/// directory not a directory or not writable, listen address in use, signing
+/// key unreadable), or a frame log that `serve` or a reading command will not
+/// use (missing, unreadable, empty, not a frame log, damaged, too new). The
+/// message names the path or the config key and the OS error.
 pub const USAGE: u8 = 2;
 
 /// `command`: the device did not answer in time (no 9011 after ReCount
@@ -24,7 +27,8 @@ pub const TIMEOUT: u8 = 3;
 /// `command`: the device is offline or busy, or its session ended mid-exchange.
 pub const UNAVAILABLE: u8 = 4;
 
-/// `EX_SOFTWARE`: an internal error (the runtime did not start, a task failed).
+/// `EX_SOFTWARE`: an internal error (the runtime did not start, a task failed);
+/// never a file or address an operator could fix.
 pub const EX_SOFTWARE: u8 = 70;
 
 /// `EX_CONFIG`: the config file is unreadable or invalid; the message names

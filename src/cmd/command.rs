@@ -30,7 +30,8 @@ pub use crate::exit::{
 #[allow(rustdoc::invalid_html_tags)]
 #[derive(Debug, clap::Args)]
 pub struct ControlFlags {
-    /// Control socket (default: from --config, $RUNTIME_DIRECTORY, else <data>/control.sock).
+    /// Control socket (default: from --config, $RUNTIME_DIRECTORY, else <data>/control.sock,
+    /// else /run/hj212-gateway/control.sock).
     #[arg(long)]
     socket: Option<PathBuf>,
     /// Data directory (default: $STATE_DIRECTORY, else ./data).
@@ -55,16 +56,28 @@ impl ControlFlags {
 
 /// Where the control socket is: `--socket`, else `[downlink] control_socket`
 /// of `--config`, else `$RUNTIME_DIRECTORY/control.sock`, else
-/// `<data>/control.sock` (data: `--data`, `$STATE_DIRECTORY`, `./data`).
+/// `<data>/control.sock` (data: `--data`, `$STATE_DIRECTORY`, `./data`); with
+/// none of those given or set and no `./data/control.sock`, the packaged
+/// gateway's `/run/hj212-gateway/control.sock` when it is there.
 pub fn socket_path(socket: Option<&Path>, data: Option<&Path>, cfg: Option<&Config>) -> PathBuf {
     if let Some(s) = socket {
         return s.to_owned();
     }
     let dir = daemon::data_dir(data);
-    match cfg {
-        Some(c) => c.downlink.socket_path(&dir),
-        None => Config::default().downlink.socket_path(&dir),
+    let default = Config::default();
+    let cfg = cfg.unwrap_or(&default);
+    let local = cfg.downlink.socket_path(&dir);
+    if data.is_some()
+        || cfg.downlink.control_socket.is_some()
+        || super::env_set("STATE_DIRECTORY")
+        || super::env_set("RUNTIME_DIRECTORY")
+    {
+        return local;
     }
+    super::local_or_packaged(
+        local,
+        Path::new(daemon::PACKAGED_RUNTIME_DIR).join("control.sock"),
+    )
 }
 
 fn connect(path: &Path, req: &ControlRequest) -> Result<BufReader<UnixStream>, CmdError> {

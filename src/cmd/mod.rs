@@ -88,7 +88,7 @@ pub(crate) fn fail(e: &CmdError) -> ExitCode {
 /// each command's flags, so every command words and checks them alike).
 #[derive(Debug, clap::Args)]
 pub struct LogFlags {
-    /// Data directory (default: $STATE_DIRECTORY, else ./data).
+    /// Data directory (default: $STATE_DIRECTORY, else ./data, else /var/lib/hj212-gateway).
     #[arg(long, conflicts_with = "db")]
     data: Option<PathBuf>,
     /// The SQLite file itself.
@@ -104,16 +104,41 @@ impl LogFlags {
 }
 
 /// Where a command finds the log: `--db` as given, else the store path of the config
-/// (or the defaults) inside `--data` (default: `$STATE_DIRECTORY`, else `./data`).
+/// (or the defaults) inside `--data` (default: `$STATE_DIRECTORY`, else `./data`,
+/// else the packaged gateway's `/var/lib/hj212-gateway`, see [`local_or_packaged`]).
 pub fn resolve_db(data: Option<&Path>, db: Option<&Path>, cfg: Option<&Config>) -> PathBuf {
     if let Some(db) = db {
         return db.to_owned();
     }
-    let dir = daemon::data_dir(data);
-    match cfg {
-        Some(c) => c.store_path(&dir),
-        None => Config::default().store_path(&dir),
+    let default = Config::default();
+    let cfg = cfg.unwrap_or(&default);
+    let local = cfg.store_path(&daemon::data_dir(data));
+    if data.is_some() || env_set("STATE_DIRECTORY") {
+        return local;
     }
+    local_or_packaged(local, cfg.store_path(Path::new(daemon::PACKAGED_STATE_DIR)))
+}
+
+/// For a client given no directory and not run by systemd: `local` (a gateway
+/// started in this directory) when it is there, else `packaged` (the installed
+/// unit's) when that is there or merely not readable by this user (so the
+/// error says "permission denied" about it rather than "nothing here"), else
+/// `local`, whose absence the caller reports.
+pub(crate) fn local_or_packaged(local: PathBuf, packaged: PathBuf) -> PathBuf {
+    let present = |p: &Path| match std::fs::symlink_metadata(p) {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::PermissionDenied,
+    };
+    if !present(&local) && present(&packaged) {
+        packaged
+    } else {
+        local
+    }
+}
+
+/// Whether the environment variable is set to something.
+pub(crate) fn env_set(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| !v.is_empty())
 }
 
 /// Loads `--config` if given.
@@ -121,17 +146,31 @@ pub fn load_config(path: Option<&Path>) -> Result<Option<Config>, CmdError> {
     path.map(Config::load).transpose().map_err(CmdError::from)
 }
 
-/// The log file must exist before a read-only open, or SQLite's error is cryptic.
+/// The log file must exist and be readable before a read-only open, or SQLite's
+/// error is cryptic. A log this user may not read is named as such, with who may:
+/// under the packaged unit, root and the members of the service's group.
 pub(crate) fn require_db(path: &Path) -> Result<(), CmdError> {
-    if path.is_file() {
-        Ok(())
-    } else {
-        Err(CmdError::Usage(format!(
+    let denied = |source: std::io::Error| {
+        CmdError::Usage(format!(
+            "{}: cannot read the frame log: {source}; it is readable by root and the members of the group {SERVICE_GROUP} (`usermod -aG {SERVICE_GROUP} $USER`, then log in again)",
+            path.display()
+        ))
+    };
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => {
+            rustix::fs::access(path, rustix::fs::Access::READ_OK).map_err(|e| denied(e.into()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(denied(e)),
+        _ => Err(CmdError::Usage(format!(
             "{}: no frame log there (give --data DIR or --db PATH)",
             path.display()
-        )))
+        ))),
     }
 }
+
+/// The group the packaged unit runs the gateway as (`Group=` in
+/// `deploy/hj212-gateway.service`): its members read the config and the log.
+pub const SERVICE_GROUP: &str = "hj212-gateway";
 
 /// Parses an RFC 3339 instant (`2024-06-01T08:00:00+08:00`, `...Z`) to UTC unix ms.
 pub fn parse_instant(flag: &str, text: &str) -> Result<i64, CmdError> {
@@ -156,4 +195,24 @@ pub(crate) fn rfc3339_ms(ms: i64) -> String {
         || ms.to_string(),
         |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_local_log_wins_over_the_packaged_one_and_either_must_be_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = dir.path().join("data/frames.db");
+        let packaged = dir.path().join("var/lib/hj212-gateway/frames.db");
+        // Neither there: the local path, so the error names what a developer expects.
+        assert_eq!(local_or_packaged(local.clone(), packaged.clone()), local);
+        std::fs::create_dir_all(packaged.parent().unwrap()).unwrap();
+        std::fs::write(&packaged, b"").unwrap();
+        assert_eq!(local_or_packaged(local.clone(), packaged.clone()), packaged);
+        std::fs::create_dir_all(local.parent().unwrap()).unwrap();
+        std::fs::write(&local, b"").unwrap();
+        assert_eq!(local_or_packaged(local.clone(), packaged), local);
+    }
 }
