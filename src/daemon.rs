@@ -353,7 +353,9 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
             shutdown.clone(),
             health.clone(),
         ));
-        info!(metrics = ?metrics_addr, "metrics listening");
+        if let Some(addr) = metrics_addr {
+            info!(metrics = %addr, "metrics listening");
+        }
         // Outside the tracker and on its own token: /healthz keeps answering 503
         // while sessions drain, so a load balancer stops sending devices here.
         let stop = CancellationToken::new();

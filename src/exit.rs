@@ -34,3 +34,8 @@ pub const EX_SOFTWARE: u8 = 70;
 /// `EX_CONFIG`: the config file is unreadable or invalid; the message names
 /// the key. Restarting cannot help, so the packaged unit does not.
 pub const EX_CONFIG: u8 = 78;
+
+/// `replay --to` and `simulate` were stopped by Ctrl-C (SIGINT) and printed the
+/// summary up to then: 128 + SIGINT, what a shell reports for a process SIGINT
+/// killed, so scripts see the same code as before, now with the partial result.
+pub const INTERRUPTED: u8 = 130;

@@ -227,7 +227,7 @@ impl AcceptCtx {
                 return;
             }
             shared.metrics.accepted.inc();
-            debug!(%peer, via = %sock_peer, version = ?header.version, "PROXY header accepted");
+            debug!(%peer, via = %sock_peer, version = match header.version { proxy::Version::V1 => "1", proxy::Version::V2 => "2" }, "PROXY header accepted");
             configure(&stream, &shared);
             let held = Held::new(permit, per_ip, peer.ip(), &shared.metrics);
             session::run(shared, stream, peer, shutdown, held).await;

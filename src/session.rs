@@ -727,7 +727,7 @@ impl Hooks for Shell<'_> {
                 .filter(|f| f.severity == Severity::Error)
                 .map(|f| f.code)
                 .collect();
-            slog!(warn, self, mn = frame.mn().or(self.mns.first().map(String::as_str)), cn = frame.cn().unwrap_or(""), reasons = ?codes, "frame rejected");
+            slog!(warn, self, mn = frame.mn().or(self.mns.first().map(String::as_str)), cn = frame.cn().unwrap_or(""), reasons = %codes.join(","), "frame rejected");
         }
     }
 

@@ -338,7 +338,15 @@ fn acked_frames_survive_sigkill_and_the_daemon_stops_cleanly_on_sigterm() {
         1,
         "the rejected frame is stored too"
     );
-    let all = run(&["export", "--data", data_s, "--format", "raw"]);
+    let all = run(&[
+        "export",
+        "--data",
+        data_s,
+        "--format",
+        "raw",
+        "--direction",
+        "all",
+    ]);
     for f in &acked {
         assert!(contains(&all.stdout, &expected_ack(f)) >= 1, "ack logged");
     }

@@ -44,8 +44,8 @@ impl Daemon {
             .parse()
             .expect("device addr");
         let line = self.wait_for("metrics listening");
-        let rest = &line[line.find("metrics=Some(").unwrap() + 13..];
-        let metrics = rest[..rest.find(')').unwrap()]
+        let rest = &line[line.find("metrics=").unwrap() + 8..];
+        let metrics = rest[..rest.find(' ').unwrap_or(rest.len())]
             .parse()
             .expect("metrics addr");
         (device, metrics)

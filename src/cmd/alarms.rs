@@ -24,16 +24,7 @@ pub struct AlarmsArgs {
 }
 
 pub(crate) fn parse_since(text: &str, now_ms: i64) -> Result<i64, CmdError> {
-    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
-        return Ok(t.timestamp_millis());
-    }
-    crate::config::parse_duration(text)
-        .map(|d| now_ms - d.as_millis() as i64)
-        .map_err(|_| {
-            CmdError::Usage(format!(
-                "--since {text:?}: expected RFC 3339 (2024-06-01T08:00:00+08:00) or a duration (24h)"
-            ))
-        })
+    super::parse_when("--since", text, now_ms)
 }
 
 /// Prints the alarms; returns how many.
@@ -139,5 +130,10 @@ mod tests {
         );
         assert_eq!(parse_since("1970-01-01T00:00:01Z", 0).unwrap(), 1000);
         assert!(parse_since("yesterday", 0).is_err());
+        assert_eq!(parse_since("7d", 7 * 86_400_000).unwrap(), 0);
+        assert_eq!(
+            crate::cmd::parse_when("--until", " 90s ", 100_000).unwrap(),
+            10_000
+        );
     }
 }

@@ -3,6 +3,14 @@
 //! Filtering is done by SQLite on a read-only connection (see
 //! [`RecordFilter`]); rows stream page by page, so an export of any size runs in
 //! bounded memory next to a live writer.
+//!
+//! Two defaults keep an export from misleading its reader. `--format raw` writes
+//! only what the devices sent unless `--direction` says otherwise: a raw file has
+//! no direction marks, so the gateway's own replies in it would be read back by
+//! `replay` as device frames (duplicates, frames without MN). And the JSON `raw`
+//! text shows credentials (`PW`, `NewPW`, `NewSK`) as `<redacted>`, like `params`,
+//! so a JSON export can be read or pasted without handing out device passwords;
+//! `raw_b64` keeps the exact bytes (the evidence, what `replay` reads).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -51,18 +59,20 @@ pub struct ExportArgs {
 pub const CSV_HEADER: &str = "seq,received_at,mn,cn,data_time,factor,suffix,value,flag";
 
 /// Builds the filter for `--since`/`--until` on the chosen clock (inclusive lower,
-/// exclusive upper bound, both RFC 3339).
+/// exclusive upper bound; RFC 3339, or a duration before `now_ms`, see
+/// [`parse_when`](super::parse_when)).
 pub fn time_filter(
     mut filter: RecordFilter,
     basis: TimeBasis,
     since: Option<&str>,
     until: Option<&str>,
+    now_ms: i64,
 ) -> Result<RecordFilter, CmdError> {
     let since = since
-        .map(|s| super::parse_instant("--since", s))
+        .map(|s| super::parse_when("--since", s, now_ms))
         .transpose()?;
     let until = until
-        .map(|s| super::parse_instant("--until", s))
+        .map(|s| super::parse_when("--until", s, now_ms))
         .transpose()?;
     if let (Some(a), Some(b)) = (since, until) {
         if a >= b {
@@ -103,7 +113,7 @@ pub fn run(args: &ExportArgs, out: &mut dyn Write) -> Result<u64, CmdError> {
                     .write_all(&rec.raw)
                     .map_err(CmdError::io("write the export"))?,
                 Format::Jsonl => {
-                    serde_json::to_writer(&mut out, &Value::Object(export_record_json(&rec)))
+                    serde_json::to_writer(&mut out, &Value::Object(export_json(&rec)))
                         .map_err(|e| CmdError::io("write the export")(e.into()))?;
                     out.write_all(b"\n")
                         .map_err(CmdError::io("write the export"))?;
@@ -121,6 +131,50 @@ pub fn run(args: &ExportArgs, out: &mut dyn Write) -> Result<u64, CmdError> {
         Err(e) => Err(e),
         Ok(()) => Ok(count),
     }
+}
+
+/// The JSON object of one record as `export` (and `tail --json`) print it: the
+/// store's export object with credentials in `raw` shown as `<redacted>`;
+/// `raw_b64` stays the exact stored bytes.
+pub fn export_json(rec: &StoredRecord) -> serde_json::Map<String, Value> {
+    let mut m = export_record_json(rec);
+    if let Some(Value::String(raw)) = m.get_mut("raw") {
+        if let Some(redacted) = redact_credentials(raw) {
+            *raw = redacted;
+        }
+    }
+    m
+}
+
+/// HJ 212 keys whose values are credentials: the header's `PW`, and `NewPW`
+/// (CN 1072, set password) and `NewSK` (a new SM4 key) in CP.
+const CREDENTIAL_KEYS: [&str; 3] = ["PW", "NewPW", "NewSK"];
+
+/// `text` with the value of every credential key replaced by `<redacted>`, or
+/// `None` when it has none. A key is the text between a field separator (`;`,
+/// `,`, `&`, or the start) and `=`, compared without case, as the decoder reads
+/// a `pw=` header too (finding `field.case`).
+pub fn redact_credentials(text: &str) -> Option<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut changed = false;
+    for field in text.split_inclusive([';', ',', '&']) {
+        let body = field.trim_end_matches([';', ',', '&']);
+        // The first field starts with `##dddd` (`##0295QN=`) and the CRC with CR LF
+        // ends the last (`&&4F40\r\n`): neither is a credential key.
+        match body.split_once('=') {
+            Some((key, value))
+                if !value.is_empty()
+                    && CREDENTIAL_KEYS.iter().any(|k| key.eq_ignore_ascii_case(k)) =>
+            {
+                out.push_str(key);
+                out.push_str("=<redacted>");
+                out.push_str(&field[body.len()..]);
+                changed = true;
+            }
+            _ => out.push_str(field),
+        }
+    }
+    changed.then_some(out)
 }
 
 /// One reading of a frame: factor code, suffix, the value's exact text, and the
@@ -239,11 +293,18 @@ fn write_csv_rows(rec: &StoredRecord, out: &mut dyn Write) -> std::io::Result<()
 /// Write stored records in seq order, optionally filtered (works while serve is running).
 ///
 /// Filters combine with AND and are exact matches. --since is inclusive, --until
-/// exclusive; both are RFC 3339 instants compared with the receive time, or with the
-/// device's DataTime under --time data (records without a DataTime then never match).
+/// exclusive; each is an RFC 3339 instant or a duration ago (90s, 15m, 24h, 7d),
+/// compared with the receive time, or with the device's DataTime under --time data
+/// (records without a DataTime then never match).
+///
+/// --format raw writes only the frames devices sent (--direction in) unless
+/// --direction is given: a raw file cannot mark the gateway's replies, and replay
+/// would count them as device frames. JSON shows PW, NewPW and NewSK in "raw" as
+/// <redacted>; "raw_b64" is the exact stored bytes, passwords included.
 ///
 /// Examples:
 ///   hj212-gateway export --data /var/lib/hj212-gateway --format raw -o capture.bin
+///   hj212-gateway export --data /var/lib/hj212-gateway --since 24h --format csv
 ///   hj212-gateway export --mn 010000A8900016F000169DC0 --cn 2011 --verdict accepted \
 ///       --time data --since 2024-06-01T00:00:00+08:00 --until 2024-06-02T00:00:00+08:00 --format csv
 ///
@@ -257,9 +318,9 @@ pub struct ExportFlags {
     /// csv: one row per reading (seq,received_at,mn,cn,data_time,factor,suffix,value,flag).
     #[arg(long, value_enum, default_value = "jsonl")]
     format: FormatArg,
-    /// Which records.
-    #[arg(long, value_enum, default_value = "all")]
-    direction: DirectionArg,
+    /// Which records [default: in with --format raw, else all].
+    #[arg(long, value_enum)]
+    direction: Option<DirectionArg>,
     /// Only this MN.
     #[arg(long)]
     mn: Option<String>,
@@ -269,10 +330,11 @@ pub struct ExportFlags {
     /// Only this ST (e.g. 31).
     #[arg(long)]
     st: Option<String>,
-    /// Only records at or after this instant (RFC 3339, e.g. 2024-06-01T00:00:00+08:00).
+    /// Only records at or after this: RFC 3339 (2024-06-01T00:00:00+08:00) or a
+    /// duration ago (24h).
     #[arg(long)]
     since: Option<String>,
-    /// Only records before this instant (RFC 3339, exclusive).
+    /// Only records before this (exclusive): RFC 3339 or a duration ago.
     #[arg(long)]
     until: Option<String>,
     /// Clock that --since/--until compare with.
@@ -323,9 +385,11 @@ enum DirectionArg {
 pub fn main(flags: ExportFlags) -> ExitCode {
     let filter = RecordFilter {
         direction: match flags.direction {
-            DirectionArg::In => Some(Direction::In),
-            DirectionArg::Out => Some(Direction::Out),
-            DirectionArg::All => None,
+            Some(DirectionArg::In) => Some(Direction::In),
+            Some(DirectionArg::Out) => Some(Direction::Out),
+            Some(DirectionArg::All) => None,
+            None if matches!(flags.format, FormatArg::Raw) => Some(Direction::In),
+            None => None,
         },
         mn: flags.mn,
         cn: flags.cn,
@@ -346,6 +410,7 @@ pub fn main(flags: ExportFlags) -> ExitCode {
         basis,
         flags.since.as_deref(),
         flags.until.as_deref(),
+        chrono::Utc::now().timestamp_millis(),
     )
     .and_then(|filter| {
         let args = ExportArgs {
@@ -374,5 +439,29 @@ pub fn main(flags: ExportFlags) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => super::fail(&e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_in_raw_text_are_redacted_and_nothing_else_changes() {
+        let frame = "##0120QN=20240601085857000;ST=31;CN=1072;PW=123456;MN=M1;Flag=5;\
+                     CP=&&NewPW=654321;newsk=00FF&&4F40\r\n";
+        assert_eq!(
+            redact_credentials(frame).unwrap(),
+            "##0120QN=20240601085857000;ST=31;CN=1072;PW=<redacted>;MN=M1;Flag=5;\
+             CP=&&NewPW=<redacted>;newsk=<redacted>&&4F40\r\n"
+        );
+        let lower = "##0050QN=1;pw=abc;MN=M1;CP=&&&&0000\r\n";
+        assert_eq!(
+            redact_credentials(lower).unwrap(),
+            "##0050QN=1;pw=<redacted>;MN=M1;CP=&&&&0000\r\n"
+        );
+        assert_eq!(redact_credentials("##0010QN=1;MN=M1;CP=&&&&"), None);
+        // A key that only ends in PW is not the password.
+        assert_eq!(redact_credentials("XPW=1;a-PW=2"), None);
     }
 }

@@ -183,6 +183,26 @@ pub fn parse_instant(flag: &str, text: &str) -> Result<i64, CmdError> {
         })
 }
 
+/// Parses what `--since`/`--until` take in every command that has them: an RFC
+/// 3339 instant, or a duration (`90s`, `15m`, `24h`, `7d`) meaning that long
+/// before `now_ms`. Returns UTC unix ms.
+pub fn parse_when(flag: &str, text: &str, now_ms: i64) -> Result<i64, CmdError> {
+    let text = text.trim();
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Ok(t.timestamp_millis());
+    }
+    crate::config::parse_duration(text)
+        .ok()
+        .and_then(|d| i64::try_from(d.as_millis()).ok())
+        .map(|ago| now_ms.saturating_sub(ago))
+        .ok_or_else(|| {
+            CmdError::Usage(format!(
+                "{flag} {text:?}: expected RFC 3339 with an offset (2024-06-01T08:00:00+08:00) \
+                 or a duration ago (90s, 15m, 24h, 7d)"
+            ))
+        })
+}
+
 /// True when the error means the reader of our output went away (`| head`): the
 /// command then stops quietly with exit 0.
 pub(crate) fn is_broken_pipe(e: &std::io::Error) -> bool {

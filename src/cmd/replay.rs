@@ -6,7 +6,8 @@
 //! ([`decode_options`], [`apply_policy`]) and the findings are summed per MN. With
 //! `--to`, each original connection (or each MN) gets its own TCP connection; a frame
 //! that asks for an ack is answered before the next is sent (as a device waits), and
-//! the time to its 9014/9013 is recorded in an HDR histogram.
+//! the time to its 9014/9013 is recorded in an HDR histogram. Ctrl-C stops the
+//! sending and reports what was sent and acked until then (marked `interrupted`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{IsTerminal, Write};
@@ -183,6 +184,8 @@ pub struct SendSummary {
     pub latency_us: BTreeMap<String, u64>,
     /// Wall time, seconds.
     pub elapsed_s: f64,
+    /// Stopped by Ctrl-C (SIGINT): the figures are those up to that moment.
+    pub interrupted: bool,
 }
 
 /// The whole report (`--report` writes it as JSON).
@@ -205,7 +208,9 @@ pub struct ReplayReport {
 }
 
 /// Loads the inputs, audits them, sends them if asked; prints the report to `out`.
-/// Returns the report (`send` set with `--to`).
+/// Returns the report (`send` set with `--to`). A reader of `out` that goes away
+/// (`replay x | head`) is not an error: the rest of the report is not printed,
+/// and `--report` is still written.
 pub fn run(args: &ReplayArgs, out: &mut dyn Write) -> Result<ReplayReport, CmdError> {
     if args.inputs.is_empty() {
         return Err(CmdError::Usage("replay needs at least one INPUT".into()));
@@ -237,7 +242,12 @@ pub fn run(args: &ReplayArgs, out: &mut dyn Write) -> Result<ReplayReport, CmdEr
             .map_err(CmdError::io("start the runtime"))?;
         report.send = Some(rt.block_on(send(&captures, to, args, &cfg))?);
     }
-    print(&report, out).map_err(CmdError::io("write the report"))?;
+    match print(&report, out).and_then(|()| out.flush()) {
+        Err(e) if !super::is_broken_pipe(&e) => {
+            return Err(CmdError::io("write the report")(e));
+        }
+        _ => {}
+    }
     if let Some(path) = &args.report {
         let text = serde_json::to_string_pretty(&report).expect("report serialises");
         std::fs::write(path, text + "\n").map_err(CmdError::io(path.display().to_string()))?;
@@ -577,6 +587,9 @@ fn print(r: &ReplayReport, out: &mut dyn Write) -> std::io::Result<()> {
             s.acked,
             s.timed_out
         )?;
+        if s.interrupted {
+            writeln!(out, "interrupted (Ctrl-C): figures up to then")?;
+        }
         if !s.latency_us.is_empty() {
             let l = |k: &str| s.latency_us.get(k).map_or(0.0, |v| *v as f64 / 1000.0);
             writeln!(
@@ -707,6 +720,10 @@ async fn send(
         max_frame: cfg.server.max_frame_bytes,
         ..FramerConfig::default()
     };
+    // Registered before the first frame goes out, so a Ctrl-C at any point
+    // reports rather than kills.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(CmdError::io("install the SIGINT handler"))?;
     let mut tasks = tokio::task::JoinSet::new();
     let connections = plans.len() as u64;
     for p in plans {
@@ -735,7 +752,17 @@ async fn send(
             }
         })
     });
-    while tasks.join_next().await.is_some() {}
+    let mut interrupted = false;
+    loop {
+        tokio::select! {
+            next = tasks.join_next() => if next.is_none() { break },
+            _ = interrupt.recv() => {
+                interrupted = true;
+                tasks.shutdown().await;
+                break;
+            }
+        }
+    }
     if let Some(p) = progress {
         p.abort();
         eprint!("\r\x1b[2K");
@@ -758,6 +785,7 @@ async fn send(
         timed_out: counters.timed_out.load(Ordering::Relaxed),
         latency_us: latency,
         elapsed_s: began.elapsed().as_secs_f64(),
+        interrupted,
     })
 }
 
@@ -872,8 +900,12 @@ async fn wait_ack(
 ///   hj212-gateway replay /var/lib/hj212-gateway --to 127.0.0.1:9000 --rate 200
 ///   hj212-gateway replay capture.bin --to gw.example:9000 --speed 10
 ///
-/// Exit 0 on success, 1 when --to left acks missing or connections failed,
-/// 2 on bad input or I/O errors, 78 bad --config.
+/// Ctrl-C during --to stops sending and still prints the summary (and writes
+/// --report, with "interrupted": true), then exits 130.
+///
+/// Exit 0 on success (also when the reader of stdout goes away: `replay x | head`),
+/// 1 when --to left acks missing or connections failed, 2 on bad input or I/O
+/// errors, 78 bad --config, 130 interrupted by Ctrl-C.
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct ReplayFlags {
@@ -954,6 +986,7 @@ pub fn main(flags: ReplayFlags) -> std::process::ExitCode {
     });
     match result {
         Ok(r) => match r.send {
+            Some(s) if s.interrupted => ExitCode::from(crate::exit::INTERRUPTED),
             Some(s) if s.timed_out > 0 || s.connection_errors > 0 => {
                 ExitCode::from(crate::exit::NO)
             }

@@ -2,8 +2,10 @@
 //!
 //! Polls a read-only connection every [`POLL`] for records after the last one shown
 //! (a cheap primary-key range query), so it never disturbs the writer. Ends with
-//! exit 0 on Ctrl-C / SIGTERM, and when the reader of its output goes away (EPIPE on
-//! the next write).
+//! exit 0 on Ctrl-C / SIGTERM, and when the reader of its output goes away: at
+//! once when stdout is a pipe or terminal (the kernel flags the fd), else with EPIPE
+//! on the next write. A filter that matches nothing writes nothing, so waiting for
+//! EPIPE alone left `tail --mn X | head` running forever.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -13,7 +15,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::{CmdError, is_broken_pipe, require_db, rfc3339_ms};
-use crate::store::{Direction, Reader, RecordFilter, StoredRecord, Verdict, export_record_json};
+use crate::store::{Direction, Reader, RecordFilter, StoredRecord, Verdict};
 
 /// How often the log is polled.
 pub const POLL: Duration = Duration::from_millis(200);
@@ -66,6 +68,9 @@ pub fn run(args: &TailArgs) -> Result<(), CmdError> {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(CmdError::io("install the SIGTERM handler"))?;
         loop {
+            if reader_gone() {
+                return Ok(());
+            }
             let top = reader.last_seq()?;
             if top > last {
                 let filter = RecordFilter {
@@ -95,6 +100,22 @@ pub fn run(args: &TailArgs) -> Result<(), CmdError> {
     })
 }
 
+/// True when the reader of stdout went away though nothing was written to it:
+/// poll(2) flags the write end of a pipe whose read end is closed (`POLLERR`) and
+/// a hung-up terminal (`POLLHUP`) whatever was asked for. Regular files and
+/// `/dev/null` have no reader to lose and are never flagged.
+fn reader_gone() -> bool {
+    use rustix::event::{PollFd, PollFlags, poll};
+    let stdout = std::io::stdout();
+    let mut fds = [PollFd::new(&stdout, PollFlags::empty())];
+    let now = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    poll(&mut fds, Some(&now)).is_ok()
+        && fds[0].revents().intersects(PollFlags::ERR | PollFlags::HUP)
+}
+
 fn done(e: std::io::Error) -> Result<(), CmdError> {
     if is_broken_pipe(&e) {
         Ok(())
@@ -112,7 +133,7 @@ fn show(
     match format {
         TailFormat::Raw => out.write_all(&rec.raw),
         TailFormat::Json => {
-            serde_json::to_writer(&mut *out, &Value::Object(export_record_json(rec)))?;
+            serde_json::to_writer(&mut *out, &Value::Object(super::export::export_json(rec)))?;
             out.write_all(b"\n")
         }
         TailFormat::Line => writeln!(out, "{}", line(rec, colour)),
@@ -213,7 +234,8 @@ pub struct TailFlags {
     /// Print the exact stored bytes.
     #[arg(long, conflicts_with = "json")]
     raw: bool,
-    /// Print one export JSON object per record.
+    /// Print one export JSON object per record (as `export`: credentials in "raw"
+    /// redacted, "raw_b64" exact).
     #[arg(long)]
     json: bool,
     /// Start after this seq (0: from the beginning).

@@ -102,7 +102,7 @@ pub fn record(store: &StoreHandle, row: NewExchange) {
     let (mn, qn, outcome) = (row.mn.clone(), row.qn.clone(), row.outcome);
     if let Err(e) = store.record_exchange(row) {
         m.downlink_unrecorded.inc();
-        tracing::warn!(error = %e, mn = %mn, qn = ?qn, outcome, "downlink exchange outcome not recorded");
+        tracing::warn!(error = %e, mn = %mn, qn = qn.as_deref().unwrap_or(""), outcome, "downlink exchange outcome not recorded");
     }
 }
 

@@ -549,6 +549,9 @@ impl Publisher {
     async fn run(mut self, shutdown: CancellationToken) -> Follower {
         let mut backoff = BACKOFF_MIN;
         let mut attempt: u32 = 0;
+        // The broker can stay away for days while the retry timer fires every
+        // few seconds: one line, then ever rarer ones with the count.
+        let mut unreachable = crate::telemetry::Streak::new();
         loop {
             let (client, mut el) = AsyncClient::new(self.s.options(), self.s.max_inflight + 16);
             let connected = tokio::select! {
@@ -558,14 +561,17 @@ impl Publisher {
             match connected {
                 Ok(()) => {
                     self.f.metrics().mqtt_connected.set(1);
-                    info!(host = %self.s.host, port = self.s.port, client_id = %self.s.client_id, "MQTT connected");
+                    let failed_attempts = unreachable.end();
+                    info!(host = %self.s.host, port = self.s.port, client_id = %self.s.client_id, failed_attempts, "MQTT connected");
                     backoff = BACKOFF_MIN;
                     attempt = 0;
                 }
                 Err(e) => {
                     attempt += 1;
-                    // One line per backoff step; the error never contains the password.
-                    crate::log_repeated!(warn, host = %self.s.host, port = self.s.port, attempt, retry_in_ms = backoff.as_millis() as u64, error = %e, "MQTT broker unreachable; ingest continues, publishing resumes from the cursor");
+                    // The error never contains the password.
+                    if let Some(suppressed) = unreachable.admit() {
+                        warn!(suppressed, host = %self.s.host, port = self.s.port, attempt, retry_in_ms = backoff.as_millis() as u64, error = %e, "MQTT broker unreachable; ingest continues, publishing resumes from the cursor");
+                    }
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(backoff) => {}

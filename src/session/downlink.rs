@@ -192,7 +192,26 @@ impl Session {
         if let Event::Done(o) = &ev {
             match o {
                 Outcome::Success => slog!(info, self, outcome = o.name(), "downlink exchange done"),
-                _ => slog!(warn, self, outcome = o.name(), detail = ?o, "downlink exchange failed"),
+                _ => {
+                    // Plain values, each under its protocol name, and only those that apply.
+                    let (qn_rtn, exe_rtn, sends, why) = match o {
+                        Outcome::Refused(c) => (Some(*c), None, None, None),
+                        Outcome::Failed(c) => (None, Some(*c), None, None),
+                        Outcome::NoReply { sends } => (None, None, Some(*sends), None),
+                        Outcome::Invalid(why) => (None, None, None, Some(why.as_str())),
+                        _ => (None, None, None, None),
+                    };
+                    slog!(
+                        warn,
+                        self,
+                        outcome = o.name(),
+                        qn_rtn,
+                        exe_rtn,
+                        sends,
+                        why,
+                        "downlink exchange failed"
+                    )
+                }
             }
             match self.dl.as_mut().and_then(|d| d.audit.take()) {
                 Some(a) => dl::audit::record(&self.shared.store, a.finish(o, now_ms())),

@@ -5,6 +5,9 @@
 //! it was actually written, so a stalled gateway (or a stalled simulator) shows
 //! up as latency instead of silently lowering the offered rate (coordinated
 //! omission).
+//!
+//! Ctrl-C ends the run early and still prints the summary (text or `--json`),
+//! computed over the time actually run and marked `interrupted`.
 
 mod device;
 pub mod fleet;
@@ -46,9 +49,13 @@ use fleet::{Edition, Kind};
 ///   hj212-gateway simulate --target 127.0.0.1:9000 --devices 500 --interval 5 \
 ///       --dialects 2017=2,2005=1,2025e=1 --reconnect-storm-at 20 --duration 60
 ///
+/// Ctrl-C stops the fleet and prints the summary so far (with --json the same
+/// object, "interrupted": true, rates over the time actually run), then exits 130.
+///
 /// Exit 0 when every frame was acked and nothing failed, 1 when frames went unacked
 /// or connections/replies failed (errors > 0), 2 on usage errors (e.g. --devices
-/// beyond RLIMIT_NOFILE or the ephemeral ports of the source addresses).
+/// beyond RLIMIT_NOFILE or the ephemeral ports of the source addresses), 130
+/// interrupted by Ctrl-C.
 //
 // The command line is also everything `simulate` was asked to do; `plan`
 // validates it.
@@ -234,7 +241,7 @@ pub struct Summary {
     pub errors: u64,
     /// Successful connections beyond each device's first.
     pub reconnects: u64,
-    /// Configured sending time in seconds.
+    /// Configured sending time in seconds; after Ctrl-C, the sending time until then.
     pub duration_s: f64,
     /// Ack latency from the scheduled send time; frames that timed out count
     /// with their latency at expiry.
@@ -267,6 +274,8 @@ pub struct Summary {
     pub storm_reconnect_s: Option<f64>,
     /// After the last reconnect storm: seconds until the last device had sent again.
     pub storm_resend_s: Option<f64>,
+    /// Stopped by Ctrl-C (SIGINT) before the end: figures up to that moment.
+    pub interrupted: bool,
 }
 
 /// Latency percentiles in milliseconds.
@@ -603,6 +612,10 @@ async fn fleet_main(p: Plan, progress: f64) -> Result<Summary, CmdError> {
         first_minute,
         first_hour,
     });
+    // Registered before the first connection, so a Ctrl-C at any point reports
+    // rather than kills.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(CmdError::io("install the SIGINT handler"))?;
     let mut tasks = tokio::task::JoinSet::new();
     for pos in 0..sh.plan.devices {
         let dev = device::Device::new(&sh, sh.plan.first_device + pos, pos);
@@ -635,11 +648,27 @@ async fn fleet_main(p: Plan, progress: f64) -> Result<Summary, CmdError> {
             }
         })
     });
-    while tasks.join_next().await.is_some() {}
+    let mut interrupted = false;
+    loop {
+        tokio::select! {
+            next = tasks.join_next() => if next.is_none() { break },
+            _ = interrupt.recv() => {
+                interrupted = true;
+                break;
+            }
+        }
+    }
+    // Devices still connected at the interrupt are those at "the end".
+    let connected_now = sh.stats.connected.load(Relaxed);
+    tasks.shutdown().await;
     if let Some(r) = reporter {
         r.abort();
     }
-    let devices_connected = sh.stats.connected_at_end.load(Relaxed);
+    let devices_connected = if interrupted {
+        connected_now
+    } else {
+        sh.stats.connected_at_end.load(Relaxed)
+    };
     let s = &sh.stats;
     let h = sh
         .hist
@@ -656,7 +685,15 @@ async fn fleet_main(p: Plan, progress: f64) -> Result<Summary, CmdError> {
     };
     let sent = s.sent.load(Relaxed);
     let acked = s.acked.load(Relaxed);
-    let duration_s = (sh.plan.duration).as_secs_f64();
+    let duration_s = if interrupted {
+        let sending_from = sh.start + sh.plan.ramp;
+        Instant::now()
+            .saturating_duration_since(sending_from)
+            .min(sh.plan.duration)
+            .as_secs_f64()
+    } else {
+        sh.plan.duration.as_secs_f64()
+    };
     let timeouts = s.timeouts.load(Relaxed);
     let connect_errors = s.connect_errors.load(Relaxed);
     let connection_errors = s.connection_errors.load(Relaxed);
@@ -704,6 +741,7 @@ async fn fleet_main(p: Plan, progress: f64) -> Result<Summary, CmdError> {
         storm_reconnect_s: storm.then(|| s.storm_connect_us.load(Relaxed) as f64 / 1e6),
         storm_resend_s: (storm && !sh.plan.idle)
             .then(|| s.storm_send_us.load(Relaxed) as f64 / 1e6),
+        interrupted,
     })
 }
 
@@ -737,6 +775,9 @@ pub fn print(s: &Summary, out: &mut dyn std::io::Write) -> std::io::Result<()> {
         "ack latency ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  (mean {:.3})",
         l.p50, l.p90, l.p99, l.p999, l.max, l.mean
     )?;
+    if s.interrupted {
+        writeln!(out, "interrupted (Ctrl-C): figures up to then")?;
+    }
     if let (Some(c), Some(r)) = (s.storm_reconnect_s, s.storm_resend_s) {
         writeln!(
             out,
@@ -775,7 +816,9 @@ pub fn main(args: SimulateArgs) -> ExitCode {
             } else {
                 print(&s, &mut out)
             };
-            if s.is_clean(!args.no_ack) {
+            if s.interrupted {
+                ExitCode::from(crate::exit::INTERRUPTED)
+            } else if s.is_clean(!args.no_ack) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(crate::exit::NO)
