@@ -335,7 +335,6 @@ pub async fn start(cfg: Config, o: &Overrides) -> Result<Running, ServeError> {
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let health = Arc::new(Health::default());
-    shared.metrics.mark_start();
     info!(listen = ?addrs, data = %data.display(), store = %store_path.display(), devices, "listening");
     let (t, s) = (tracker.clone(), shutdown.clone());
     // /healthz reports unhealthy once the accept loop has ended, whatever the cause.

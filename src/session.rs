@@ -733,6 +733,7 @@ impl Hooks for Shell<'_> {
 
     /// Remembers the session's device header (for requests and `sessions`).
     fn accepted(&mut self, f: &Frame, primary: Option<&str>, now_ms: i64) {
+        self.shared.metrics.frame_accepted_at(now_ms);
         if f.mn().is_none() || f.mn() != primary {
             return;
         }

@@ -95,20 +95,21 @@ impl CloseReason {
         CloseReason::WriteTimeout,
     ];
 
-    /// The reason as metrics and logs spell it.
+    /// The reason as metrics and logs spell it: snake_case, like every other
+    /// label value, so queries and log filters need no quoting of spaces.
     pub const fn as_str(self) -> &'static str {
         match self {
-            CloseReason::CodecError => "codec error",
-            CloseReason::IdleTimeout => "idle timeout",
-            CloseReason::JunkLimit => "junk limit",
-            CloseReason::PartialFrameTimeout => "partial frame timeout",
-            CloseReason::PeerClosed => "peer closed",
-            CloseReason::ReadError => "read error",
+            CloseReason::CodecError => "codec_error",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::JunkLimit => "junk_limit",
+            CloseReason::PartialFrameTimeout => "partial_frame_timeout",
+            CloseReason::PeerClosed => "peer_closed",
+            CloseReason::ReadError => "read_error",
             CloseReason::Shutdown => "shutdown",
-            CloseReason::StoreError => "store error",
+            CloseReason::StoreError => "store_error",
             CloseReason::Superseded => "superseded",
-            CloseReason::WriteError => "write error",
-            CloseReason::WriteTimeout => "write timeout",
+            CloseReason::WriteError => "write_error",
+            CloseReason::WriteTimeout => "write_timeout",
         }
     }
 }

@@ -219,7 +219,7 @@ fn session_log_lines_name_peer_session_and_mn() {
                 format!("peer={peer}"),
                 format!("mn=\"{m}\""),
                 "session=".to_owned(),
-                "reason=\"peer closed\"".to_owned(),
+                "reason=\"peer_closed\"".to_owned(),
             ] {
                 assert!(line.contains(&want), "{want} missing from {line}");
             }
@@ -229,7 +229,7 @@ fn session_log_lines_name_peer_session_and_mn() {
             assert_eq!(v["peer"], peer.as_str(), "{line}");
             assert_eq!(v["mn"], m.as_str(), "{line}");
             assert!(v["session"].is_u64(), "{line}");
-            assert_eq!(v["reason"], "peer closed", "{line}");
+            assert_eq!(v["reason"], "peer_closed", "{line}");
         }
     }
 }

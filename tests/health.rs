@@ -427,7 +427,7 @@ fn a_full_disk_makes_healthz_503_without_flooding_the_log_and_recovers() {
     let body = healthz_until(metrics, 503);
     assert!(body.contains("frame log commits failing"), "{body}");
     let lines = d.warn_or_error_lines() - before;
-    let closed = d.log().matches("reason=\"store error\"").count();
+    let closed = d.log().matches("reason=\"store_error\"").count();
     assert!(
         closed <= 4,
         "{closed} session close lines for {sent} failed frames"

@@ -134,7 +134,7 @@ async fn counters_match_the_traffic_and_the_log() {
         value(&before, "hj212_gateway_build_info{version=\"0.1.0\"}"),
         1.0
     );
-    assert!(value(&before, "hj212_process_start_time_seconds") > 1.7e9);
+    assert!(value(&before, "process_start_time_seconds") > 1.7e9);
 
     // One connection: junk, a good frame, a frame with a bad CRC, and the good
     // frame again (a retransmission: accepted, acked, marked duplicate).
@@ -283,7 +283,7 @@ async fn counters_match_the_traffic_and_the_log() {
     drop((a, b));
     scrape_until(m, "sessions to close", |s| {
         value(s, "hj212_sessions_open") == 0.0
-            && value(s, "hj212_sessions_closed_total{reason=\"peer closed\"}") == 2.0
+            && value(s, "hj212_sessions_closed_total{reason=\"peer_closed\"}") == 2.0
     })
     .await;
 

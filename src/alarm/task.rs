@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::engine::Engine;
-use super::{AlarmEvent, Obs};
+use super::{AlarmEvent, DetectorKind, Obs};
 use crate::config::{AlarmsSection, DeviceKind};
 use crate::metrics::Metrics;
 use crate::registry::SharedRegistry;
@@ -371,6 +371,12 @@ impl Detector {
                 f.saved_at(next);
                 for (a, e) in &written {
                     log_event(a, e);
+                    if *e == "raise" {
+                        if let Some(i) = DetectorKind::ALL.iter().position(|k| k.as_str() == a.kind)
+                        {
+                            self.metrics.alarm_raised(i);
+                        }
+                    }
                 }
                 Ok(())
             }

@@ -13,6 +13,7 @@
 
 mod alarms;
 mod downlink;
+pub mod env;
 mod evidence;
 mod log;
 mod metrics;
@@ -51,6 +52,16 @@ pub enum ConfigError {
         path: PathBuf,
         /// Underlying error.
         source: std::io::Error,
+    },
+    /// A `${VAR}` reference that cannot be expanded (unset, malformed).
+    #[error("{path}:{line}: {message}")]
+    Env {
+        /// File path.
+        path: PathBuf,
+        /// 1-based line of the reference.
+        line: usize,
+        /// What is wrong, naming the variable.
+        message: String,
     },
     /// TOML syntax error or unknown/mistyped key (the message names it).
     #[error("{path}: {message}")]
@@ -146,14 +157,37 @@ pub struct Config {
 }
 
 impl Config {
-    /// Reads and checks a config file.
+    /// Reads a config file, expands its `${VAR}` references from the process
+    /// environment ([`env`]) and checks it.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        let cfg = Config::parse(&text, path)?;
-        Ok(cfg)
+        Config::parse_env(&text, path, |name| std::env::var_os(name))
+    }
+
+    /// Expands `${VAR}` references in `text` with `lookup` ([`env::expand`]),
+    /// then parses and checks it (`path` is for messages).
+    pub fn parse_env(
+        text: &str,
+        path: &Path,
+        lookup: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<Config, ConfigError> {
+        let expanded = env::expand(text, lookup).map_err(|e| ConfigError::Env {
+            path: path.to_owned(),
+            line: e.line,
+            message: e.message,
+        })?;
+        match expanded {
+            std::borrow::Cow::Borrowed(_) => Config::parse(text, path),
+            std::borrow::Cow::Owned(expanded) => {
+                let cfg: Config = toml::from_str(&expanded)
+                    .map_err(|e| expanded_parse_error(text, &expanded, path, &e))?;
+                cfg.check(path)?;
+                Ok(cfg)
+            }
+        }
     }
 
     /// Parses and checks TOML text (`path` is for messages).
@@ -204,6 +238,36 @@ impl Config {
         } else {
             data_dir.join(&self.store.path)
         }
+    }
+}
+
+/// The TOML error `e` on `expanded` (the text after `${VAR}` expansion of
+/// `original`), quoting the line as written in the file: toml quotes the
+/// offending line, which after expansion holds the variables' values
+/// (passwords). Expanded values never hold line breaks, so line numbers agree.
+fn expanded_parse_error(
+    original: &str,
+    expanded: &str,
+    path: &Path,
+    e: &toml::de::Error,
+) -> ConfigError {
+    let message = match e.span() {
+        Some(span) => {
+            let line = expanded[..span.start.min(expanded.len())]
+                .matches('\n')
+                .count()
+                + 1;
+            let text = original.lines().nth(line - 1).unwrap_or("");
+            format!(
+                "TOML parse error at line {line} (after ${{VAR}} expansion)\n  |\n{line} | {text}\n  |\n{}",
+                e.message().trim_end()
+            )
+        }
+        None => e.message().trim_end().to_owned(),
+    };
+    ConfigError::Parse {
+        path: path.to_owned(),
+        message,
     }
 }
 
@@ -364,6 +428,66 @@ mod tests {
         assert!(err("[log]\nrepeat_interval = \"2h\"").contains("`log.repeat_interval`"));
         assert!(err("[metrics]\nmax_connections = 0").contains("`metrics.max_connections`"));
         assert!(err("[metrics]\nhead_timeout = \"2m\"").contains("`metrics.head_timeout`"));
+    }
+
+    /// `${VAR}` references expand before parsing; errors name the variable and
+    /// the line, and never show a value.
+    #[test]
+    fn environment_references() {
+        let env = |name: &str| match name {
+            "MQTT_PW" => Some("hunter2".into()),
+            "LISTEN" => Some("127.0.0.1:9300".into()),
+            "KEEP" => Some("ten seconds".into()),
+            _ => None,
+        };
+        let text = "[server]\nlisten = [\"${LISTEN}\"]\n[mqtt]\nusername = \"gw\"\n\
+                    password = \"${MQTT_PW}\"\nclient_id = \"${CLIENT:-gw-1}\"\n";
+        let c = Config::parse_env(text, Path::new("t.toml"), env).unwrap();
+        assert_eq!(c.server.listen, ["127.0.0.1:9300"]);
+        assert_eq!(c.mqtt.password.as_deref(), Some("hunter2"));
+        assert_eq!(c.mqtt.client_id.as_deref(), Some("gw-1"));
+
+        let e = Config::parse_env("[mqtt]\n\npassword = \"${NOPE}\"", Path::new("t.toml"), env)
+            .unwrap_err();
+        assert!(matches!(e, ConfigError::Env { line: 3, .. }), "{e:?}");
+        assert!(
+            e.to_string()
+                .starts_with("t.toml:3: environment variable `NOPE` is not set"),
+            "{e}"
+        );
+
+        // A value that makes the TOML invalid: the message quotes the line as
+        // written, not the password in it.
+        let e = Config::parse_env("[mqtt]\npassword = ${MQTT_PW}\n", Path::new("t.toml"), env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 2") && e.contains("password = ${MQTT_PW}"),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2"), "{e}");
+        // A value checked after parsing: the key is named as usual.
+        let e = Config::parse_env(
+            "[mqtt]\nkeep_alive = \"${KEEP}\"\n",
+            Path::new("t.toml"),
+            env,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("keep_alive"), "{e}");
+        // Plain text is parsed as before.
+        assert_eq!(
+            Config::parse_env(
+                "[mqtt]\nusername = \"u\"\npassword = \"a$b\"",
+                Path::new("t"),
+                env
+            )
+            .unwrap()
+            .mqtt
+            .password
+            .as_deref(),
+            Some("a$b")
+        );
     }
 
     #[test]

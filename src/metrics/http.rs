@@ -37,6 +37,8 @@ const LINGER_BYTES: usize = 64 * 1024;
 /// without store figures (and says so in `hj212_scrape_store_ok`).
 const STORE_TIMEOUT: Duration = Duration::from_secs(2);
 
+const _: () = assert!(crate::alarm::DetectorKind::ALL.len() == super::ALARM_KINDS);
+
 /// What a scrape reads besides the gateway's counters: the gateway's own
 /// state (store handle, registry, config) and the frame log.
 #[derive(Debug)]
@@ -305,6 +307,16 @@ impl Probe {
             e.sample("hj212_checkpoint_age_seconds", &[], age.max(0) as u64);
         }
         e.family(
+            "hj212_checkpoint_interval_seconds",
+            "gauge",
+            "[evidence] checkpoint_interval: alert on hj212_checkpoint_age_seconds against a multiple of it.",
+        );
+        e.sample(
+            "hj212_checkpoint_interval_seconds",
+            &[],
+            cfg.evidence.checkpoint_interval.0.as_secs(),
+        );
+        e.family(
             "hj212_checkpoint_failures_total",
             "counter",
             "Checkpoints that could not be signed, kept or appended to checkpoints.log.",
@@ -370,6 +382,18 @@ impl Probe {
             &[],
             stats.failed_batches,
         );
+        e.family(
+            "hj212_alarms_raised_total",
+            "counter",
+            "Alarms raised (stored) by the detectors since start, by detector.",
+        );
+        for (i, kind) in crate::alarm::DetectorKind::ALL.iter().enumerate() {
+            e.sample(
+                "hj212_alarms_raised_total",
+                &[("kind", kind.as_str())],
+                self.shared.metrics.alarms_raised(i),
+            );
+        }
         e.family(
             "hj212_scrape_store_ok",
             "gauge",

@@ -13,7 +13,8 @@
 //! [`App::metrics`](crate::app::App::metrics); everything that counts is handed
 //! it (the store writer through `StoreConfig::metrics`, the log's consumers
 //! through the commit feed), so two gateways in one process (tests) count apart.
-//! The process series ([`render_process`]: CPU, memory, descriptors) are the
+//! The process series ([`render_process`]: CPU, memory, descriptors, start
+//! time, under the client libraries' standard `process_*` names) are the
 //! process's own and so shared.
 
 pub mod http;
@@ -289,6 +290,10 @@ pub const DEAD_LETTER_CONSUMERS: [&str; 6] = [
 ];
 const DL_REASONS: usize = DEAD_LETTER_REASONS.len();
 
+/// Alarm detectors (`alarm::DetectorKind::ALL`, checked where that is in scope:
+/// `metrics::http`).
+pub const ALARM_KINDS: usize = 9;
+
 /// Per-upstream series, registered once per forwarder (names come from the config).
 #[derive(Debug, Default)]
 pub struct UpstreamMetrics {
@@ -380,8 +385,9 @@ pub struct Metrics {
     /// Consumer starts that found the previous run had died on a record (crash-loop guard).
     pub consumer_crashes: Counter,
     upstreams: Mutex<Vec<(String, Arc<UpstreamMetrics>)>>,
-    /// Process start, unix seconds (set by [`Metrics::mark_start`]).
-    start_time_ms: AtomicI64,
+    /// Receive time of the newest accepted inbound frame, unix ms; 0 before the first.
+    last_frame_ms: AtomicI64,
+    alarms_raised: [Counter; ALARM_KINDS],
 }
 
 impl Default for Metrics {
@@ -433,7 +439,8 @@ impl Metrics {
                 DEAD_LETTER_CONSUMERS.len()],
             consumer_crashes: Counter::new(),
             upstreams: Mutex::new(Vec::new()),
-            start_time_ms: AtomicI64::new(0),
+            last_frame_ms: AtomicI64::new(0),
+            alarms_raised: [const { Counter::new() }; ALARM_KINDS],
         }
     }
 
@@ -535,12 +542,32 @@ impl Metrics {
         m
     }
 
-    /// Records the process start time (first call wins).
-    pub fn mark_start(&self) {
-        let now = chrono::Utc::now().timestamp_millis();
-        let _ = self
-            .start_time_ms
-            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+    /// Notes an accepted inbound frame read at `received_at_ms` (unix ms), for
+    /// `hj212_last_frame_timestamp_seconds`. Sessions report concurrently, so
+    /// the newest time wins rather than the last call.
+    #[inline]
+    pub fn frame_accepted_at(&self, received_at_ms: i64) {
+        self.last_frame_ms
+            .fetch_max(received_at_ms, Ordering::Relaxed);
+    }
+
+    /// Receive time (unix ms) of the newest accepted inbound frame; 0 before the first.
+    pub fn last_frame_ms(&self) -> i64 {
+        self.last_frame_ms.load(Ordering::Relaxed)
+    }
+
+    /// Counts an alarm raised by detector `kind` (its index in
+    /// `alarm::DetectorKind::ALL`; anything beyond is not counted). The index,
+    /// not the enum, keeps this registry below the alarm module.
+    pub fn alarm_raised(&self, kind: usize) {
+        if let Some(c) = self.alarms_raised.get(kind) {
+            c.inc();
+        }
+    }
+
+    /// Alarms raised by the detector at `kind` (its index in `DetectorKind::ALL`).
+    pub fn alarms_raised(&self, kind: usize) -> u64 {
+        self.alarms_raised.get(kind).map_or(0, Counter::get)
     }
 
     /// Writes every series of this registry (and the process-wide count of
@@ -556,19 +583,16 @@ impl Metrics {
             &[("version", env!("CARGO_PKG_VERSION"))],
             1,
         );
-        let start = self.start_time_ms.load(Ordering::Relaxed);
-        if start > 0 {
-            e.family(
-                "hj212_process_start_time_seconds",
-                "gauge",
-                "Start of the gateway process, unix seconds.",
-            );
-            e.sample_f64(
-                "hj212_process_start_time_seconds",
-                &[],
-                start as f64 / 1000.0,
-            );
-        }
+        e.family(
+            "hj212_last_frame_timestamp_seconds",
+            "gauge",
+            "Receive time of the newest accepted inbound device frame, unix seconds; 0 before the first since start.",
+        );
+        e.sample_f64(
+            "hj212_last_frame_timestamp_seconds",
+            &[],
+            self.last_frame_ms() as f64 / 1000.0,
+        );
         e.family(
             "hj212_sessions_open",
             "gauge",

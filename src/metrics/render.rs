@@ -93,51 +93,103 @@ impl Exposition {
     }
 }
 
-/// Process figures from `/proc/self` (Linux): CPU seconds, resident memory,
-/// open file descriptors. Silently absent elsewhere.
+/// Clock ticks per second of `/proc` times (`USER_HZ`): 100 on every Linux ABI
+/// we build for (x86_64, aarch64); reading `sysconf` would need `unsafe`.
+const USER_HZ: f64 = 100.0;
+
+/// Process figures from `/proc` (Linux), under the names and with the meanings
+/// the Prometheus client libraries give them, so stock dashboards and alerts
+/// find them: `process_cpu_seconds_total`, `process_resident_memory_bytes`,
+/// `process_virtual_memory_bytes`, `process_open_fds`, `process_max_fds`,
+/// `process_start_time_seconds`. A figure that cannot be read is absent.
 pub fn render_process(e: &mut Exposition) {
-    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
-        // Fields after the parenthesised command name; utime/stime are 14/15 (1-based).
-        if let Some(rest) = stat.rsplit_once(") ").map(|x| x.1) {
-            let f: Vec<&str> = rest.split(' ').collect();
-            // USER_HZ: 100 on every Linux ABI we build for (x86_64, aarch64).
-            let tick = 100.0;
-            let utime: f64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0.0);
-            let stime: f64 = f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0.0);
-            e.family(
-                "hj212_process_cpu_seconds_total",
-                "counter",
-                "User and system CPU time of the gateway process.",
-            );
-            e.sample_f64(
-                "hj212_process_cpu_seconds_total",
-                &[],
-                (utime + stime) / tick,
-            );
-        }
+    let stat = std::fs::read_to_string("/proc/self/stat").ok();
+    // Fields after the parenthesised command name (which may hold spaces):
+    // index 0 is field 3 (state), so field N (1-based, proc(5)) is index N - 3.
+    let fields: Vec<&str> = stat
+        .as_deref()
+        .and_then(|s| s.rsplit_once(") "))
+        .map(|x| x.1.split(' ').collect())
+        .unwrap_or_default();
+    let field = |n: usize| fields.get(n - 3).and_then(|x| x.parse::<u64>().ok());
+    if let (Some(utime), Some(stime)) = (field(14), field(15)) {
+        e.family(
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+        );
+        e.sample_f64(
+            "process_cpu_seconds_total",
+            &[],
+            (utime + stime) as f64 / USER_HZ,
+        );
     }
-    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
-        if let Some(kb) = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        {
-            e.family(
-                "hj212_process_resident_memory_bytes",
-                "gauge",
-                "Resident memory of the gateway process.",
-            );
-            e.sample("hj212_process_resident_memory_bytes", &[], kb * 1024);
-        }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if let Some(kb) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    {
+        e.family(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+        );
+        e.sample("process_resident_memory_bytes", &[], kb * 1024);
+    }
+    if let Some(vsize) = field(23) {
+        e.family(
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+        );
+        e.sample("process_virtual_memory_bytes", &[], vsize);
     }
     if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
         e.family(
-            "hj212_process_open_fds",
+            "process_open_fds",
             "gauge",
-            "Open file descriptors (sessions, store, listeners).",
+            "Number of open file descriptors.",
         );
-        e.sample("hj212_process_open_fds", &[], fds.count() as u64);
+        e.sample("process_open_fds", &[], fds.count() as u64);
     }
+    if let Some(max) = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .as_deref()
+        .and_then(max_open_files)
+    {
+        e.family(
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+        );
+        e.sample("process_max_fds", &[], max);
+    }
+    let btime = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    });
+    if let (Some(btime), Some(start)) = (btime, field(22)) {
+        e.family(
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+        );
+        e.sample_f64(
+            "process_start_time_seconds",
+            &[],
+            btime as f64 + start as f64 / USER_HZ,
+        );
+    }
+}
+
+/// The soft limit on open files from `/proc/self/limits` (`None` when unlimited).
+fn max_open_files(limits: &str) -> Option<u64> {
+    let rest = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))?;
+    rest.split_whitespace().next()?.parse().ok()
 }
 
 /// Checks that `text` is well-formed exposition format: every line a comment or
@@ -356,7 +408,55 @@ mod tests {
             get("hj212_upstream_connected{upstream=\"plat\\\"form\\\\1\"}"),
             1.0
         );
-        assert!(get("hj212_process_resident_memory_bytes") > 0.0);
+        // The client libraries' names, so stock dashboards find them.
+        assert!(get("process_resident_memory_bytes") > 0.0);
+        assert!(get("process_virtual_memory_bytes") >= get("process_resident_memory_bytes"));
+        assert!(get("process_open_fds") >= 1.0);
+        assert!(get("process_max_fds") >= get("process_open_fds"));
+        assert!(get("process_cpu_seconds_total") >= 0.0);
+        let now = chrono::Utc::now().timestamp() as f64;
+        let start = get("process_start_time_seconds");
+        assert!(
+            start <= now + 1.0 && start > now - 86_400.0,
+            "{start} vs {now}"
+        );
+        assert!(!text.contains("hj212_process_"), "{text}");
+    }
+
+    /// Label values from the gateway's vocabularies are snake_case words,
+    /// dot-separated where the vocabulary itself namespaces them (finding codes
+    /// `crc.mismatch`, detectors `value.stuck`, consumers `mqtt.merge`): never
+    /// spaces or capitals. Free text from the config (upstream names, witness
+    /// URLs), the build version and bucket bounds are what they are.
+    #[test]
+    fn label_values_are_snake_case() {
+        let m = Metrics::new();
+        m.upstream("platform-1");
+        let mut e = Exposition::new();
+        m.render(&mut e);
+        let text = e.finish();
+        let word = |v: &str| {
+            v.split('.').all(|w| {
+                !w.is_empty()
+                    && w.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            })
+        };
+        let mut checked = 0;
+        for (series, _) in parse_exposition(&text).unwrap() {
+            let Some((_, labels)) = series.split_once('{') else {
+                continue;
+            };
+            for (k, v) in split_labels(labels.trim_end_matches('}')).unwrap() {
+                if ["le", "version", "upstream", "witness"].contains(&k.as_str()) {
+                    continue;
+                }
+                assert!(word(&v), "{series}: {k}={v:?} is not snake_case");
+                checked += 1;
+            }
+        }
+        assert!(checked > 100, "{checked}");
+        assert!(text.contains("hj212_sessions_closed_total{reason=\"peer_closed\"}"));
     }
 
     #[test]
