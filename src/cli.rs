@@ -8,8 +8,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::cmd::{
-    alarms, archive, check_config, command, dead_letters, decode, exchanges, export, prove, replay,
-    serve, sessions, simulate, stats, tail, verify,
+    alarms, archive, backup, check_config, command, dead_letters, decode, exchanges, export, prove,
+    replay, serve, sessions, simulate, stats, tail, verify,
 };
 use crate::telemetry::{self, LogFormat};
 
@@ -48,6 +48,7 @@ enum Command {
     CheckProof(crate::cmd::check_proof::CheckProofFlags),
     Keygen(crate::cmd::keygen::KeygenFlags),
     Archive(archive::ArchiveFlags),
+    Backup(backup::BackupFlags),
 }
 
 /// Parses the command line and runs it.
@@ -77,5 +78,6 @@ pub fn main() -> ExitCode {
         Command::CheckProof(flags) => crate::cmd::check_proof::main(flags),
         Command::Keygen(flags) => crate::cmd::keygen::main(flags),
         Command::Archive(flags) => archive::main(flags),
+        Command::Backup(flags) => backup::main(flags),
     }
 }

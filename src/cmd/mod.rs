@@ -10,6 +10,7 @@
 
 pub mod alarms;
 pub mod archive;
+pub mod backup;
 pub mod capture;
 pub mod check_config;
 pub mod check_proof;

@@ -101,7 +101,7 @@ pub fn run(args: &ProveArgs) -> Result<Value, CmdError> {
 ///
 /// Examples:
 ///   hj212-gateway prove --seq 1234 --data /var/lib/hj212-gateway > proof-1234.json
-///   hj212-gateway prove --seq 1234 --size 5000 --db frames.sqlite
+///   hj212-gateway prove --seq 1234 --size 5000 --db frames.db
 ///
 /// Exit 0 printed, 2 no such record, no checkpoint covering it yet, or an
 /// unreadable or altered log.

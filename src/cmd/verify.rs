@@ -341,7 +341,7 @@ pub fn print(
 ///
 /// Examples:
 ///   hj212-gateway verify --data /var/lib/hj212-gateway
-///   hj212-gateway verify --db frames.sqlite --config /etc/hj212-gateway/gateway.toml
+///   hj212-gateway verify --db frames.db --config /etc/hj212-gateway/gateway.toml
 ///   hj212-gateway verify --data /var/lib/hj212-gateway --checkpoint saved/checkpoints.log --vkey "$VKEY"
 ///
 /// Exit 0 intact, 1 tampered or inconsistent, 2 unreadable, 78 bad --config.

@@ -100,6 +100,7 @@
 mod alarms;
 pub mod archive;
 mod audit;
+pub mod backup;
 mod chain;
 mod check;
 mod dead_letters;

@@ -74,7 +74,7 @@ pub struct SimulateArgs {
     /// Index of the first device, to split one fleet over several processes.
     #[arg(long, default_value = "0", value_name = "N")]
     pub first_device: u64,
-    /// Seconds between 2011 uploads of one device.
+    /// Seconds between 2011 uploads of one device (default 30 without --rate).
     #[arg(long, value_name = "SECS", conflicts_with = "rate")]
     pub interval: Option<f64>,
     /// Total 2011 frames per second, spread evenly over the devices.
