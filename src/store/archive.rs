@@ -1051,8 +1051,10 @@ fn seal_one(
         None => return Ok(None),
     };
     let row = write_archive(conn, db_path, dir, a, last, prev, start, end, now_ms)?;
-    let tx = conn
-        .unchecked_transaction()
+    // IMMEDIATE: this transaction reads, then writes. A deferred one would be
+    // refused without waiting (SQLITE_BUSY, "database is locked") whenever the
+    // gateway's writer committed between the two, which under load is nearly always.
+    let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)
         .map_err(StoreError::sqlite("begin the seal commit"))?;
     // The lock file keeps other runs out; this re-check keeps the table sound even
     // if someone removed the lock file.
