@@ -216,6 +216,7 @@ impl Consumer for Upstream {
             last_seq: last,
             state: State::default(),
             logged: (State::default(), now),
+            repeats: crate::telemetry::Streak::new(),
             failing: None,
             last_redrive: now,
             last_no_ack: false,
@@ -262,6 +263,8 @@ struct Forwarder {
     last_seq: u64,
     state: State,
     logged: (State, tokio::time::Instant),
+    /// The current state's periodic lines.
+    repeats: crate::telemetry::Streak,
     /// Answers left for requests that cannot be relayed.
     refusals: Budget,
     /// Requests refused unanswered since the last summary line, and when it was
@@ -772,12 +775,27 @@ impl Forwarder {
     }
 
     /// Logs the state when it changed, and every [`STATE_EVERY`] anyway.
+    ///
+    /// An unchanged state is a streak: the periodic lines thin out the longer it
+    /// lasts (`telemetry::Streak`: gaps doubling up to 10 minutes, each with the
+    /// lines skipped), so a platform down for a day is ~150 lines, not 1,440.
     fn report(&mut self) {
         let now = tokio::time::Instant::now();
-        if self.state == self.logged.0 && now < self.logged.1 + STATE_EVERY {
+        let changed = self.state != self.logged.0;
+        if !changed && now < self.logged.1 + STATE_EVERY {
             return;
         }
         self.logged = (self.state.clone(), now);
+        let suppressed = if changed {
+            self.repeats.end();
+            self.repeats.admit();
+            0
+        } else {
+            match self.repeats.admit() {
+                Some(n) => n,
+                None => return,
+            }
+        };
         let lag_frames = self.last_seq.saturating_sub(self.f.position());
         let lag_s = self
             .pending
@@ -786,9 +804,9 @@ impl Forwarder {
             .unwrap_or(0);
         let err = self.state.last_error.as_deref().unwrap_or("");
         if self.state.connected {
-            info!(upstream = %self.e.name, connected = true, cursor = self.f.position(), lag_frames, lag_s, last_error = err, "upstream state");
+            info!(upstream = %self.e.name, connected = true, cursor = self.f.position(), lag_frames, lag_s, last_error = err, suppressed, "upstream state");
         } else {
-            warn!(upstream = %self.e.name, connected = false, cursor = self.f.position(), lag_frames, lag_s, last_error = err, "upstream state; ingest continues, forwarding resumes from the cursor");
+            warn!(upstream = %self.e.name, connected = false, cursor = self.f.position(), lag_frames, lag_s, last_error = err, suppressed, "upstream state; ingest continues, forwarding resumes from the cursor");
         }
     }
 
