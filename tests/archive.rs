@@ -172,7 +172,7 @@ fn config(dir: &Path, extra: &str) -> PathBuf {
     let p = dir.join("gw.toml");
     std::fs::write(
         &p,
-        format!("[store]\nsync = \"off\"\n{extra}\n[mqtt]\nenabled = false\n"),
+        format!("[store]\nsync = \"off\"\n{extra}\n[mqtt]\nenabled = false\n[metrics]\nenabled = false\n"),
     )
     .unwrap();
     p
@@ -596,7 +596,7 @@ fn archives_are_at_least_five_times_smaller_than_the_live_log() {
     let cfg = dir.path().join("gw.toml");
     std::fs::write(
         &cfg,
-        "[server]\nlisten = [\"127.0.0.1:0\"]\n[store]\nsync = \"off\"\n[mqtt]\nenabled = false\n",
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n[store]\nsync = \"off\"\n[mqtt]\nenabled = false\n[metrics]\nenabled = false\n",
     )
     .unwrap();
     let mut gw = common::Bin::spawn(&cfg, &data);
@@ -681,7 +681,7 @@ fn archive_runs_while_serve_ingests() {
     let cfg = dir.path().join("gw.toml");
     std::fs::write(
         &cfg,
-        "[server]\nlisten = [\"127.0.0.1:0\"]\n[mqtt]\nenabled = false\n",
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n[mqtt]\nenabled = false\n[metrics]\nenabled = false\n",
     )
     .unwrap();
     let gw = common::Bin::spawn(&cfg, &data);

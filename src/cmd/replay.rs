@@ -897,8 +897,8 @@ async fn wait_ack(
 ///
 /// Examples:
 ///   hj212-gateway replay site.pcapng --config gateway.toml --report audit.json
-///   hj212-gateway replay /var/lib/hj212-gateway --to 127.0.0.1:9000 --rate 200
-///   hj212-gateway replay capture.bin --to gw.example:9000 --speed 10
+///   hj212-gateway replay /var/lib/hj212-gateway --to 127.0.0.1:9212 --rate 200
+///   hj212-gateway replay capture.bin --to gw.example:9212 --speed 10
 ///
 /// Ctrl-C during --to stops sending and still prints the summary (and writes
 /// --report, with "interrupted": true), then exits 130.

@@ -42,11 +42,11 @@ use fleet::{Edition, Kind};
 /// duration_s and latency_ms {p50,p90,p99,p999,max}.
 ///
 /// Examples:
-///   hj212-gateway simulate --target 127.0.0.1:9000 --devices 1000 --rate 20000 \
+///   hj212-gateway simulate --target 127.0.0.1:9212 --devices 1000 --rate 20000 \
 ///       --duration 300 --frame-size 500 --json
-///   hj212-gateway simulate --target 127.0.0.1:9000 --devices 19000 --idle \
+///   hj212-gateway simulate --target 127.0.0.1:9212 --devices 19000 --idle \
 ///       --source-ips 127.0.0.2-127.0.0.20 --ramp 30 --duration 600
-///   hj212-gateway simulate --target 127.0.0.1:9000 --devices 500 --interval 5 \
+///   hj212-gateway simulate --target 127.0.0.1:9212 --devices 500 --interval 5 \
 ///       --dialects 2017=2,2005=1,2025e=1 --reconnect-storm-at 20 --duration 60
 ///
 /// Ctrl-C stops the fleet and prints the summary so far (with --json the same
