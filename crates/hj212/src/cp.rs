@@ -15,7 +15,8 @@
 //! field and are tolerated.
 
 use nom::bytes::complete::{tag, take_till, take_until, take_while};
-use nom::sequence::delimited;
+use nom::combinator::{not, verify};
+use nom::sequence::{delimited, preceded};
 use nom::{IResult, Parser};
 
 use super::finding::{Finding, Severity, code};
@@ -123,6 +124,55 @@ fn value(i: &[u8]) -> Res<'_, &[u8]> {
     take_till(|c| c == b';' || c == b',')(i)
 }
 
+/// One more item of a comma list inside a value: `,` then text up to the next
+/// separator that holds no `=` and is not blank (`PolId=a21026,a21002`).
+///
+/// Rule (digest §4.1): `group = pair *( "," pair )`; an item after `,` that
+/// is not a `pair` breaks the grammar, but devices send such lists (alarm
+/// uploads' `PolId`, `AlarmDesc` text), so it stays in the value it follows
+/// (exact bytes, commas included) and the break is reported, not dropped.
+fn list_item(i: &[u8]) -> Res<'_, &[u8]> {
+    let (rest, item) = preceded(
+        tag(","),
+        verify(
+            take_till(|c| matches!(c, b';' | b',' | b'=')),
+            |t: &[u8]| t.iter().any(|&c| c != b' '),
+        ),
+    )
+    .parse(i)?;
+    not(tag("=")).parse(rest)?;
+    Ok((rest, item))
+}
+
+/// Where the comma-list item starting at `seg[at]` (a `,`) ends, if there is
+/// one: [`list_item`] for the fast path.
+#[inline(always)]
+fn list_item_end(seg: &[u8], at: usize, end: usize) -> Option<usize> {
+    if at >= end || seg[at] != b',' {
+        return None;
+    }
+    let mut q = at + 1;
+    let mut blank = true;
+    while q < end && !matches!(seg[q], b';' | b',' | b'=') {
+        blank &= seg[q] == b' ';
+        q += 1;
+    }
+    (!blank && (q == end || seg[q] != b'=')).then_some(q)
+}
+
+/// The grammar finding for a comma-list item kept in the value before it.
+fn list_item_kept(key: &[u8], item: &[u8]) -> Finding {
+    Finding::new(
+        code::CP_SYNTAX,
+        Severity::Warning,
+        format!(
+            "CP token without '=': {:?}; kept in the value of {:?}",
+            String::from_utf8_lossy(item),
+            String::from_utf8_lossy(key)
+        ),
+    )
+}
+
 /// Log text: the one free-text value, which may contain `;` and `,`.
 ///
 /// Rule (HJ 212-2017 C.40 note 3; digest §4.1): "The only free text is log
@@ -205,6 +255,10 @@ pub fn parse(seg: &[u8], start: usize, end: usize, findings: &mut Vec<Finding>) 
             pos = eq + 1;
             while pos < end && seg[pos] != b';' && seg[pos] != b',' {
                 pos += 1;
+            }
+            while let Some(item_end) = list_item_end(seg, pos, end) {
+                findings.push(list_item_kept(&seg[key.range()], &seg[pos + 1..item_end]));
+                pos = item_end;
             }
             Span::new(eq + 1, trim_spaces(seg, eq + 1, pos))
         };
@@ -292,9 +346,15 @@ pub fn parse_grammar(
                 }
             }
         } else {
-            let Ok((next, text)) = value(v_in) else { break };
+            let Ok((mut next, _)) = value(v_in) else {
+                break;
+            };
+            while let Ok((rest, item)) = list_item(next) {
+                findings.push(list_item_kept(&seg[key.range()], item));
+                next = rest;
+            }
             input = next;
-            Span::new(eq + 1, trim_spaces(seg, eq + 1, eq + 1 + text.len()))
+            Span::new(eq + 1, trim_spaces(seg, eq + 1, at(next)))
         };
         push_pair(
             seg,
@@ -511,6 +571,56 @@ mod tests {
                 let end = start + rng() % (seg.len() - start + 1);
                 both(&seg, start, end);
             }
+        }
+    }
+
+    /// Comma lists inside a value (alarm uploads' `PolId`, Chinese `AlarmDesc`)
+    /// stay in that value byte for byte; each extra item is still reported.
+    #[test]
+    fn comma_list_items_stay_in_their_value() {
+        let seg = "DataTime=20240601085857;PolId=a21026,a21002, a21003;AlarmDesc=超标,浓度高,持续;a21026-Rtd=1,x,a21026-Flag=N;Q=1,;R=2,,s"
+            .as_bytes();
+        for parse in [parse, parse_grammar] {
+            let mut f = Vec::new();
+            let p = parse(seg, 0, seg.len(), &mut f);
+            let got = kv(seg, &p);
+            assert_eq!(got[1], ("PolId".into(), "a21026,a21002, a21003".into()));
+            assert_eq!(got[2], ("AlarmDesc".into(), "超标,浓度高,持续".into()));
+            assert_eq!(got[3], ("a21026-Rtd".into(), "1,x".into()));
+            assert_eq!(p[3].kind, ValueKind::Text);
+            assert_eq!(got[4], ("a21026-Flag".into(), "N".into()));
+            // A trailing comma is a separator; an item after an empty one is not
+            // part of a list and stays a bare token.
+            assert_eq!(got[5], ("Q".into(), "1".into()));
+            assert_eq!(got[6], ("R".into(), "2".into()));
+            assert_eq!(p.len(), 7);
+            let details: Vec<_> = f.iter().map(|f| (f.code, f.detail.as_str())).collect();
+            assert_eq!(
+                details,
+                [
+                    (
+                        code::CP_SYNTAX,
+                        "CP token without '=': \"a21002\"; kept in the value of \"PolId\""
+                    ),
+                    (
+                        code::CP_SYNTAX,
+                        "CP token without '=': \" a21003\"; kept in the value of \"PolId\""
+                    ),
+                    (
+                        code::CP_SYNTAX,
+                        "CP token without '=': \"浓度高\"; kept in the value of \"AlarmDesc\""
+                    ),
+                    (
+                        code::CP_SYNTAX,
+                        "CP token without '=': \"持续\"; kept in the value of \"AlarmDesc\""
+                    ),
+                    (
+                        code::CP_SYNTAX,
+                        "CP token without '=': \"x\"; kept in the value of \"a21026-Rtd\""
+                    ),
+                    (code::CP_SYNTAX, "CP token without '=': \"s\""),
+                ]
+            );
         }
     }
 

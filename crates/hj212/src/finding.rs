@@ -94,6 +94,8 @@ macro_rules! finding_codes {
 finding_codes! {
     /// Declared length differs from the data segment's byte count.
     LENGTH_MISMATCH LengthMismatch = "length.mismatch";
+    /// Declared length is the data segment's character count, not its UTF-8 byte count.
+    LENGTH_CHARACTERS LengthCharacters = "length.characters";
     /// The length field is not 4 decimal digits.
     LENGTH_MALFORMED LengthMalformed = "length.malformed";
     /// Data segment longer than the standard's 1024 bytes.

@@ -405,6 +405,16 @@ fn envelope(b: &[u8], opts: &Options, findings: &mut Vec<Finding>) -> Envelope {
                 Severity::Warning,
                 format!("declared length {d}, data segment has {wire_len} bytes"),
             ));
+            if let Some(chars) = counts_characters(&b[seg_start..seg_end], d) {
+                findings.push(Finding::new(
+                    code::LENGTH_CHARACTERS,
+                    Severity::Warning,
+                    format!(
+                        "length field {} counts characters; the data segment is {wire_len} bytes ({chars} characters)",
+                        String::from_utf8_lossy(&b[2.min(seg_start)..seg_start])
+                    ),
+                ));
+            }
         }
     }
     if wire_len > opts.max_segment {
@@ -424,6 +434,20 @@ fn envelope(b: &[u8], opts: &Options, findings: &mut Vec<Finding>) -> Envelope {
         seg_start,
         seg_end,
     }
+}
+
+/// The character count of a UTF-8 `segment` when the declared length `d` is
+/// that count (Unicode scalars, or UTF-16 units as .NET's `string.Length`
+/// gives) rather than the byte count the standard means (HJ 212-2017 §6.3:
+/// Chinese text is UTF-8 and the length counts its bytes). Some senders count
+/// characters (digest §2.4); naming that exactly tells the vendor what to fix.
+fn counts_characters(segment: &[u8], d: usize) -> Option<usize> {
+    let text = std::str::from_utf8(segment).ok()?;
+    let chars = text.chars().count();
+    if chars == segment.len() {
+        return None;
+    }
+    (chars == d || text.encode_utf16().count() == d).then_some(chars)
 }
 
 /// The terminator: where the frame's body ends, and how it was terminated.
@@ -1049,6 +1073,124 @@ fn device_time(f: &mut Frame, seg: &[u8], opts: &Options, out: &mut Vec<Finding>
                     ));
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use serde_json::Value;
+
+    use super::*;
+    use crate::build::{Head, device_frame};
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2024, 6, 1, 1, 0, 0).unwrap()
+    }
+
+    fn head(cn: u16) -> Head<'static> {
+        Head {
+            qn: Some(b"20240601085857223"),
+            st: "31",
+            cn,
+            pw: "123456",
+            mn: "010000A8900016F000169DC0",
+            flag: Some(5),
+            split: None,
+        }
+    }
+
+    fn built(cn: u16, cp: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        device_frame(&mut out, &head(cn), None, |o| {
+            o.extend_from_slice(cp.as_bytes())
+        });
+        out
+    }
+
+    fn codes(f: &Frame) -> Vec<&'static str> {
+        f.findings.iter().map(|f| f.code).collect()
+    }
+
+    /// A log upload whose length field counts the Chinese text's characters
+    /// (the CRC still over the bytes) is named as such, with both counts.
+    #[test]
+    fn length_counted_in_characters() {
+        let mut raw = built(
+            3020,
+            "DataTime=20240601085857;i11001-Info=//清洗管路,反吹完成//",
+        );
+        let seg = &raw[6..raw.len() - 6];
+        let bytes = seg.len();
+        let chars = std::str::from_utf8(seg).unwrap().chars().count();
+        assert!(chars < bytes);
+        let field = format!("{chars:04}");
+        raw[2..6].copy_from_slice(field.as_bytes());
+        let f = decode(Bytes::from(raw), &Options::new(now()), &());
+        assert_eq!(
+            codes(&f),
+            [code::LENGTH_MISMATCH, code::LENGTH_CHARACTERS],
+            "{:?}",
+            f.findings
+        );
+        assert_eq!(
+            f.findings[1].detail,
+            format!(
+                "length field {field} counts characters; the data segment is {bytes} bytes ({chars} characters)"
+            )
+        );
+        assert_eq!(f.findings[1].severity, f.findings[0].severity);
+
+        // Any other miscount of the same frame is only a mismatch.
+        let mut raw = built(
+            3020,
+            "DataTime=20240601085857;i11001-Info=//清洗管路,反吹完成//",
+        );
+        let other = format!("{:04}", chars + 1);
+        raw[2..6].copy_from_slice(other.as_bytes());
+        let f = decode(Bytes::from(raw), &Options::new(now()), &());
+        assert_eq!(codes(&f), [code::LENGTH_MISMATCH]);
+
+        // ASCII has as many characters as bytes: nothing to tell apart.
+        let mut raw = built(2011, "DataTime=20240601085857;a21026-Rtd=12.5");
+        raw[5] += 1;
+        let f = decode(Bytes::from(raw), &Options::new(now()), &());
+        assert_eq!(codes(&f), [code::LENGTH_MISMATCH]);
+    }
+
+    /// An alarm upload's comma list of factor ids and a Chinese description
+    /// with commas reach the JSON whole, with the grammar findings kept.
+    #[test]
+    fn comma_lists_reach_the_json_whole() {
+        let raw = built(
+            2072,
+            "DataTime=20240601085857;PolId=a21026,a21002,a21003;AlarmDesc=超标,持续10分钟;AlarmType=1",
+        );
+        let f = decode(Bytes::from(raw), &Options::new(now()), &());
+        let v = Value::Object(crate::json::frame_json(&f, false));
+        assert_eq!(v["params"]["PolId"], "a21026,a21002,a21003");
+        assert_eq!(v["params"]["AlarmDesc"], "超标,持续10分钟");
+        assert_eq!(v["params"]["AlarmType"], "1");
+        assert_eq!(
+            codes(&f),
+            [code::CP_SYNTAX, code::CP_SYNTAX, code::CP_SYNTAX],
+            "{:?}",
+            f.findings
+        );
+    }
+
+    /// The frame the framer now takes without CR LF (`issue-002`: Flag put
+    /// after CP, glued to the CRC) decodes with its length and CRC holding and
+    /// only the missing terminator and the bytes after CP reported.
+    #[test]
+    fn unclosed_frame_without_terminator() {
+        let issue = b"##0108QN=20201222115733219;ST=32;CN=1012;PW=123456;MN=ABCDEFG;CP=&&SystemTime=20201222115733;PolId=w01018&&;Flag=03740";
+        let f = decode(Bytes::from_static(issue), &Options::new(now()), &());
+        let c = codes(&f);
+        assert!(c.contains(&code::TERMINATOR_MISSING), "{c:?}");
+        for bad in [code::LENGTH_MISMATCH, code::CRC_MISMATCH, code::CRC_MISSING] {
+            assert!(!c.contains(&bad), "{c:?}");
         }
     }
 }

@@ -418,8 +418,30 @@ fn tail_by_length(buf: &[u8], start: usize, crc_at: usize, eof: bool, lim: &Limi
         Term::Ends(len, t) => Decision::Found(frame(len, t, true)),
         Term::NeedMore => Decision::NeedMore,
         Term::Other if closed => Decision::Found(frame(crc_at + 4, Terminator::None, true)),
+        Term::Other if unclosed_tail_holds(buf, start, crc_at) => {
+            Decision::Found(frame(crc_at + 4, Terminator::None, true))
+        }
         Term::Other | Term::TooLong => Decision::Absent,
     }
+}
+
+/// Whether a segment that does not end in `&&` (a sender that appends fields
+/// after CP, `…&&;Flag=0` then `3740`) and is followed by neither CR nor LF is
+/// still a frame: its CRC must match (HJ 212 or a MODBUS variant) and no frame
+/// start (`##` digit) may lie inside it.
+///
+/// Why both: without the `&&` and the terminator only the CRC vouches for
+/// the declared end, and the HJ 212 CRC takes 256 values, so a truncated frame
+/// whose declared length reaches into the next one would swallow that good
+/// frame about once in a thousand; a `##` digit inside rules that out. Raw
+/// SM4 ciphertext (which may hold `##`) always ends in `&&`, so it never
+/// needs this path.
+fn unclosed_tail_holds(buf: &[u8], start: usize, crc_at: usize) -> bool {
+    let Some(declared) = crc::parse_hex4(&buf[crc_at..crc_at + 4]) else {
+        return false;
+    };
+    next_frame_start(&buf[..crc_at], start).is_none()
+        && crc::identify(&buf[start..crc_at], declared).1 != crc::CrcVariant::Unknown
 }
 
 /// What follows a CRC that ends at `at`.
@@ -722,6 +744,127 @@ mod tests {
         assert_eq!(items, [none, none, none, f(825, Terminator::CrLf, true)]);
     }
 
+    /// A frame from the crate's builder, with `extra` appended to its data
+    /// segment after the CP (`;Flag=0`, as one serializer does), the length
+    /// and CRC recomputed over the longer segment, and no terminator.
+    fn built_unclosed(mn: &str, extra: &[u8]) -> Vec<u8> {
+        let head = crate::build::Head {
+            qn: Some(b"20201222115733219"),
+            st: "32",
+            cn: 2011,
+            pw: "123456",
+            mn,
+            flag: Some(5),
+            split: None,
+        };
+        let mut std = Vec::new();
+        crate::build::device_frame(&mut std, &head, None, |o| {
+            o.extend_from_slice(b"DataTime=20201222115700;w01018-Rtd=12.5,w01018-Flag=N")
+        });
+        let seg = [&std[6..std.len() - 6], extra].concat();
+        let mut out = b"##".to_vec();
+        crate::build::put_padded(&mut out, seg.len() as u64, 4);
+        out.extend_from_slice(&seg);
+        out.extend_from_slice(&crc::format_hex4(crc::hj212(&seg)));
+        out
+    }
+
+    /// Every way of chunking `stream`: each single split point, and one byte
+    /// per read.
+    fn every_split(stream: &[u8]) -> Vec<Vec<Norm>> {
+        let cfg = FramerConfig::default();
+        let mut all: Vec<_> = (0..=stream.len())
+            .map(|i| norm(&feed(stream, &[i], &cfg)))
+            .collect();
+        all.push(norm(&feed(stream, &vec![1; stream.len()], &cfg)));
+        all
+    }
+
+    /// Frames without CR LF glued to the next one, whose declared length and
+    /// CRC both hold, are frames (no terminator) however the stream is chunked,
+    /// also when the segment does not end in `&&` (issue 22, `issue-002`).
+    #[test]
+    fn glued_without_crlf_length_and_crc_hold() {
+        let unclosed = built_unclosed("ABCDEFG", b";Flag=0");
+        let closed = built_unclosed("ABCDEFG", b"");
+        assert!(closed[..closed.len() - 4].ends_with(b"&&"));
+        let mut good = Vec::new();
+        crate::build::device_frame(
+            &mut good,
+            &crate::build::Head {
+                qn: Some(b"20201222115800000"),
+                st: "32",
+                cn: 2011,
+                pw: "123456",
+                mn: "ABCDEFG",
+                flag: Some(5),
+                split: None,
+            },
+            None,
+            |o| o.extend_from_slice(b"DataTime=20201222115800;w01018-Rtd=13.0,w01018-Flag=N"),
+        );
+        let stream = [unclosed.as_slice(), &closed, &unclosed, &good].concat();
+        let (a, b) = (unclosed.len(), closed.len());
+        let none = FrameInfo {
+            terminator: Terminator::None,
+            by_length: true,
+        };
+        let want = vec![
+            Norm::Frame(0, a, none),
+            Norm::Frame(a, b, none),
+            Norm::Frame(a + b, a, none),
+            Norm::Frame(
+                2 * a + b,
+                good.len(),
+                FrameInfo {
+                    terminator: Terminator::CrLf,
+                    by_length: true,
+                },
+            ),
+        ];
+        for got in every_split(&stream) {
+            assert_eq!(got, want);
+        }
+        // Last in the stream, closed by the end of it.
+        assert_eq!(whole(&unclosed), [f(a, Terminator::None, true)]);
+        // The real example: a serializer that put Flag after CP.
+        let issue = fixture("issue-002");
+        assert_eq!(whole(&issue), [f(issue.len(), Terminator::None, true)]);
+    }
+
+    /// A near miss (the CRC does not hold, or the segment would contain the
+    /// next frame's start) stays junk, and the good frame after it is found
+    /// at every split.
+    #[test]
+    fn glued_without_crlf_near_miss_is_junk() {
+        let good = fixture("std-001");
+        let mut wrong = built_unclosed("ABCDEFG", b";Flag=0");
+        let n = wrong.len();
+        wrong[n - 1] = if wrong[n - 1] == b'0' { b'1' } else { b'0' };
+        let stream = [wrong.as_slice(), &good].concat();
+        let want = vec![
+            Norm::Junk(0, n, Some(JunkReason::Truncated)),
+            Norm::Frame(
+                n,
+                good.len(),
+                FrameInfo {
+                    terminator: Terminator::CrLf,
+                    by_length: true,
+                },
+            ),
+        ];
+        for got in every_split(&stream) {
+            assert_eq!(got, want);
+        }
+        assert_eq!(
+            whole(&wrong),
+            [Cut::Junk {
+                len: n,
+                reason: JunkReason::Truncated
+            }]
+        );
+    }
+
     /// D3: three CR LF frames in one read.
     #[test]
     fn d3_three_frames_one_read() {
@@ -946,9 +1089,11 @@ mod tests {
         );
     }
 
+    /// (`issue-002` used to be here: its length and CRC hold, so it is a frame;
+    /// see `glued_without_crlf_length_and_crc_hold`.)
     #[test]
     fn no_tail_is_truncated_at_eof() {
-        for (id, len) in [("scair-003", 129), ("issue-002", 118), ("fs-037", 186)] {
+        for (id, len) in [("scair-003", 129), ("fs-037", 186)] {
             assert_eq!(
                 whole(&fixture(id)),
                 [Cut::Junk {
