@@ -144,22 +144,6 @@ fn list_item(i: &[u8]) -> Res<'_, &[u8]> {
     Ok((rest, item))
 }
 
-/// Where the comma-list item starting at `seg[at]` (a `,`) ends, if there is
-/// one: [`list_item`] for the fast path.
-#[inline(always)]
-fn list_item_end(seg: &[u8], at: usize, end: usize) -> Option<usize> {
-    if at >= end || seg[at] != b',' {
-        return None;
-    }
-    let mut q = at + 1;
-    let mut blank = true;
-    while q < end && !matches!(seg[q], b';' | b',' | b'=') {
-        blank &= seg[q] == b' ';
-        q += 1;
-    }
-    (!blank && (q == end || seg[q] != b'=')).then_some(q)
-}
-
 /// The grammar finding for a comma-list item kept in the value before it.
 fn list_item_kept(key: &[u8], item: &[u8]) -> Finding {
     Finding::new(
@@ -187,7 +171,8 @@ fn info(i: &[u8]) -> Res<'_, &[u8]> {
 /// The hot path of decoding, so it is not written with the nom rules above but
 /// walks the bytes once, doing in that walk what the rules do in turn: the
 /// `separators` skip, the `key` scan (hashing the key and finding its first
-/// `-` as it goes), `equals`, and the `value` or `info` rule. Built from the
+/// `-` as it goes), `equals`, and the `value` (with its `list_item`s) or `info`
+/// rule. Built from the
 /// rules ([`parse_grammar`]) the same scan is measurably slower (a second pass
 /// over every key for the hash and the dash; see `benches/README.md`, issue
 /// 19), so the rules are the specification and this loop the implementation;
@@ -198,38 +183,33 @@ pub fn parse(seg: &[u8], start: usize, end: usize, findings: &mut Vec<Finding>) 
     // linear: only a probable repeat pays for a scan of earlier keys.
     let mut seen = [0u64; 4];
     let mut pos = start;
-    'tokens: while pos < end {
-        while pos < end && matches!(seg[pos], b' ' | b';' | b',') {
-            pos += 1;
-        }
-        if pos >= end {
-            break;
-        }
-        let tok = pos;
-        let mut dash = None;
-        let mut h = 0xcbf2_9ce4_8422_2325u64;
-        let eq = loop {
-            if pos >= end {
-                findings.push(token_without_eq(&seg[tok..end]));
-                break 'tokens;
-            }
-            match seg[pos] {
-                b'=' => break pos,
-                b';' | b',' => {
-                    findings.push(token_without_eq(&seg[tok..pos]));
+    // A key already scanned while looking past a value's `,` for a list item
+    // (`list_item`): it was a key after all, and is not scanned twice.
+    let mut pending: Option<KeyScan> = None;
+    loop {
+        let k = match pending.take() {
+            Some(k) => k,
+            None => {
+                while pos < end && matches!(seg[pos], b' ' | b';' | b',') {
                     pos += 1;
-                    continue 'tokens;
                 }
-                c => {
-                    if c == b'-' && dash.is_none() {
-                        dash = Some(pos);
-                    }
-                    // rotate-xor: one cycle per byte, off the multiply latency chain.
-                    h = h.rotate_left(5) ^ c as u64;
+                if pos >= end {
+                    break;
                 }
+                let k = scan_key(seg, pos, end);
+                if k.stop == end {
+                    findings.push(token_without_eq(&seg[k.tok..end]));
+                    break;
+                }
+                if seg[k.stop] != b'=' {
+                    findings.push(token_without_eq(&seg[k.tok..k.stop]));
+                    pos = k.stop + 1;
+                    continue;
+                }
+                k
             }
-            pos += 1;
         };
+        let (tok, eq) = (k.tok, k.stop);
         let key_end = trim_spaces(seg, tok, eq);
         let key = Span::new(tok, key_end);
         let info = seg[eq + 1..end].starts_with(b"//");
@@ -256,9 +236,22 @@ pub fn parse(seg: &[u8], start: usize, end: usize, findings: &mut Vec<Finding>) 
             while pos < end && seg[pos] != b';' && seg[pos] != b',' {
                 pos += 1;
             }
-            while let Some(item_end) = list_item_end(seg, pos, end) {
-                findings.push(list_item_kept(&seg[key.range()], &seg[pos + 1..item_end]));
-                pos = item_end;
+            // `list_item`, in the same pass as the next key's scan.
+            while pos < end && seg[pos] == b',' {
+                let mut t = pos + 1;
+                while t < end && seg[t] == b' ' {
+                    t += 1;
+                }
+                if t >= end || matches!(seg[t], b';' | b',') {
+                    break;
+                }
+                let next = scan_key(seg, t, end);
+                if next.stop < end && seg[next.stop] == b'=' {
+                    pending = Some(next);
+                    break;
+                }
+                findings.push(list_item_kept(&seg[key.range()], &seg[pos + 1..next.stop]));
+                pos = next.stop;
             }
             Span::new(eq + 1, trim_spaces(seg, eq + 1, pos))
         };
@@ -268,8 +261,8 @@ pub fn parse(seg: &[u8], start: usize, end: usize, findings: &mut Vec<Finding>) 
                 tok,
                 key,
                 key_end,
-                dash,
-                h,
+                dash: k.dash,
+                h: k.h,
                 value,
                 info,
             },
@@ -279,6 +272,42 @@ pub fn parse(seg: &[u8], start: usize, end: usize, findings: &mut Vec<Finding>) 
         );
     }
     pairs
+}
+
+/// A key scanned from `tok` up to `stop` (its `=`, a `;` or `,`, or the end),
+/// with its first `-` and its hash.
+#[derive(Clone, Copy)]
+struct KeyScan {
+    tok: usize,
+    stop: usize,
+    dash: Option<usize>,
+    h: u64,
+}
+
+/// The `key` rule with the hash and the first `-` taken in the same pass.
+#[inline(always)]
+fn scan_key(seg: &[u8], tok: usize, end: usize) -> KeyScan {
+    let mut dash = None;
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut pos = tok;
+    while pos < end {
+        let c = seg[pos];
+        if matches!(c, b'=' | b';' | b',') {
+            break;
+        }
+        if c == b'-' && dash.is_none() {
+            dash = Some(pos);
+        }
+        // rotate-xor: one cycle per byte, off the multiply latency chain.
+        h = h.rotate_left(5) ^ c as u64;
+        pos += 1;
+    }
+    KeyScan {
+        tok,
+        stop: pos,
+        dash,
+        h,
+    }
 }
 
 /// [`parse`] written with the grammar rules: the same pairs and findings
