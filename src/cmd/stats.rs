@@ -115,7 +115,9 @@ fn write(args: &StatsArgs, devices: &[DeviceStats], out: &mut dyn Write) -> std:
 }
 
 /// Per-device table: last seen, frames today/total, rejects by reason, dialect, CRC
-/// variant, median clock skew (CN 2011), last DataTime per CN.
+/// variant, median clock skew (CN 2011), last DataTime per CN, and CRC FIX: the
+/// `crc` policy to set while the device's latest frame is rejected for a CRC that
+/// is CRC-16/MODBUS (or byte-swapped MODBUS).
 ///
 /// "Today" starts at local midnight of this machine. Aggregated by SQLite, fast on
 /// big logs; works while serve is running.
