@@ -34,10 +34,12 @@ use crate::protocol::{self, Finding, Frame, Options, Severity, json, reply};
 use crate::registry::Registry;
 use crate::store::{Direction, Kind, NewRecord, Verdict};
 
+pub mod crc_hint;
 pub mod junk;
 pub mod owner;
 
 pub use crate::vocab::{CloseReason, FindingCode};
+pub use crc_hint::CrcHint;
 pub use junk::{JUNK_DOC_MAX, JUNK_PIECES_LISTED, JunkCoalescer, JunkRun, RunEnd};
 
 /// The decoder options a session uses for frames received at `now`: the config's

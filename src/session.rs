@@ -729,6 +729,30 @@ impl Hooks for Shell<'_> {
                 .collect();
             slog!(warn, self, mn = frame.mn().or(self.mns.first().map(String::as_str)), cn = frame.cn().unwrap_or(""), reasons = %codes.join(","), "frame rejected");
         }
+        // A device on the wrong CRC variant repeats this with every frame (it gets no
+        // ack and retransmits), so the fix is said once per interval, not per frame.
+        let hint = (!accepted)
+            .then(|| {
+                crate::ingest::CrcHint::from_findings(
+                    frame
+                        .findings
+                        .iter()
+                        .map(|f| (f.code, f.severity == Severity::Error)),
+                )
+            })
+            .flatten();
+        if let Some(h) = hint {
+            crate::log_repeated!(
+                warn,
+                peer = %self.peer_text,
+                session = self.id,
+                mn = frame.mn(),
+                variant = h.variant,
+                fix = %h.fix(),
+                "frame rejected for its CRC, which matches another known variant: device {}",
+                h.sends()
+            );
+        }
     }
 
     /// Remembers the session's device header (for requests and `sessions`).

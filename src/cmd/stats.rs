@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use chrono::TimeZone;
 
 use super::{CmdError, is_broken_pipe, require_db, rfc3339_ms};
+use crate::ingest::CrcHint;
 use crate::store::{self, DeviceStats};
 
 /// Options of `stats`.
@@ -42,6 +43,12 @@ fn join(items: &[(String, u64)]) -> String {
         .join(" ")
 }
 
+/// `sends MODBUS CRC: set crc = "modbus"` while the device's latest frame is a
+/// rejection its `crc` policy would accept by naming the variant.
+fn crc_hint(d: &DeviceStats) -> Option<String> {
+    CrcHint::from_variant(d.crc_rejected_variant.as_deref()?).map(|h| h.short())
+}
+
 fn skew(ms: Option<i64>) -> String {
     ms.map_or_else(|| "-".into(), |ms| format!("{:+.1}s", ms as f64 / 1000.0))
 }
@@ -58,18 +65,30 @@ pub fn run(args: &StatsArgs, out: &mut dyn Write) -> Result<usize, CmdError> {
 
 fn write(args: &StatsArgs, devices: &[DeviceStats], out: &mut dyn Write) -> std::io::Result<()> {
     if args.json {
-        serde_json::to_writer_pretty(&mut *out, devices)?;
+        let mut list = serde_json::to_value(devices)?;
+        for (d, v) in devices
+            .iter()
+            .zip(list.as_array_mut().into_iter().flatten())
+        {
+            if let Some(obj) = v.as_object_mut() {
+                obj.insert(
+                    "crc_hint".into(),
+                    crc_hint(d).map_or(serde_json::Value::Null, serde_json::Value::String),
+                );
+            }
+        }
+        serde_json::to_writer_pretty(&mut *out, &list)?;
         return writeln!(out);
     }
     writeln!(
         out,
-        "{:<24} {:<24} {:>8} {:>10} {:>8} {:>10}  {:<12} {:<8}",
+        "{:<24} {:<24} {:>8} {:>10} {:>8} {:>10}  {:<12} {:<16} CRC FIX",
         "MN", "LAST SEEN (UTC)", "TODAY", "TOTAL", "REJECTED", "SKEW(P50)", "DIALECT", "CRC"
     )?;
     for d in devices {
         writeln!(
             out,
-            "{:<24} {:<24} {:>8} {:>10} {:>8} {:>10}  {:<12} {:<8}",
+            "{:<24} {:<24} {:>8} {:>10} {:>8} {:>10}  {:<12} {:<16} {}",
             d.mn,
             rfc3339_ms(d.last_seen_ms),
             d.frames_since,
@@ -78,6 +97,7 @@ fn write(args: &StatsArgs, devices: &[DeviceStats], out: &mut dyn Write) -> std:
             skew(d.median_skew_ms),
             join(&d.dialects),
             join(&d.crc_variants),
+            crc_hint(d).unwrap_or_else(|| "-".into()),
         )?;
         if !d.rejects_by_reason.is_empty() {
             writeln!(out, "    rejects: {}", join(&d.rejects_by_reason))?;
@@ -95,7 +115,9 @@ fn write(args: &StatsArgs, devices: &[DeviceStats], out: &mut dyn Write) -> std:
 }
 
 /// Per-device table: last seen, frames today/total, rejects by reason, dialect, CRC
-/// variant, median clock skew (CN 2011), last DataTime per CN.
+/// variant, median clock skew (CN 2011), last DataTime per CN, and CRC FIX: the
+/// `crc` policy to set while the device's latest frame is rejected for a CRC that
+/// is CRC-16/MODBUS (or byte-swapped MODBUS).
 ///
 /// "Today" starts at local midnight of this machine. Aggregated by SQLite, fast on
 /// big logs; works while serve is running.

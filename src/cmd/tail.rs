@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::{CmdError, is_broken_pipe, require_db, rfc3339_ms};
+use crate::ingest::CrcHint;
 use crate::store::{Direction, Reader, RecordFilter, StoredRecord, Verdict};
 
 /// How often the log is polled.
@@ -133,11 +134,27 @@ fn show(
     match format {
         TailFormat::Raw => out.write_all(&rec.raw),
         TailFormat::Json => {
-            serde_json::to_writer(&mut *out, &Value::Object(super::export::export_json(rec)))?;
+            let mut obj = super::export::export_json(rec);
+            if let Some(h) = crc_hint(rec) {
+                obj.insert("hint".into(), Value::String(hint_text(&h)));
+            }
+            serde_json::to_writer(&mut *out, &Value::Object(obj))?;
             out.write_all(b"\n")
         }
         TailFormat::Line => writeln!(out, "{}", line(rec, colour)),
     }
+}
+
+/// The CRC hint of a rejected inbound frame (see [`CrcHint`]).
+fn crc_hint(rec: &StoredRecord) -> Option<CrcHint> {
+    (rec.direction == Direction::In && rec.verdict == Verdict::Rejected)
+        .then(|| CrcHint::from_json(&rec.findings))
+        .flatten()
+}
+
+/// `sends MODBUS CRC: set crc = "modbus" for this device ([[device]] crc = "modbus")`.
+fn hint_text(h: &CrcHint) -> String {
+    format!("{}: {}", h.sends(), h.fix())
 }
 
 /// The readable line for one record: time, peer, direction, MN, CN, verdict, the
@@ -202,6 +219,9 @@ pub fn line(rec: &StoredRecord, colour: bool) -> String {
             {
                 s.push_str(&format!(" [{}]", paint("31", code)));
             }
+        }
+        if let Some(h) = crc_hint(rec) {
+            s.push_str(&format!(" {}", hint_text(&h)));
         }
     }
     if rec.duplicate {

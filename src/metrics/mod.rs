@@ -235,6 +235,18 @@ const fn str_less(a: &str, b: &str) -> bool {
     a.len() < b.len()
 }
 
+/// The `variant` labels of `hj212_frames_crc_variant_total` and the finding code
+/// the decoder gives a frame whose CRC is that variant. Counted apart from
+/// `hj212_findings_total` because the verdict matters here: rejected ones are a
+/// device that gets no acks until its `crc` policy names the variant.
+pub const CRC_VARIANTS: [(&str, &str); 2] = [
+    ("modbus", crate::protocol::finding::code::CRC_VARIANT_MODBUS),
+    (
+        "modbus_swapped",
+        crate::protocol::finding::code::CRC_VARIANT_MODBUS_SWAPPED,
+    ),
+];
+
 /// Every finding code the gateway can produce: the protocol's and its own
 /// policy's ([`FindingCode`]), sorted (the `code` label order of
 /// `hj212_findings_total`, and binary-searched per finding).
@@ -327,6 +339,8 @@ pub struct Metrics {
     closed: [Counter; CloseReason::ALL.len()],
     items: [Counter; 3],
     findings: [Counter; FINDING_SLOTS],
+    /// `[variant][verdict]`: frames whose CRC matched a non-standard variant.
+    crc_variants: [[Counter; 2]; CRC_VARIANTS.len()],
     /// Bytes received from devices (every byte becomes a frame or junk record).
     pub bytes_in: Counter,
     /// Bytes written to devices (acks, relayed requests).
@@ -408,6 +422,7 @@ impl Metrics {
             closed: [const { Counter::new() }; CloseReason::ALL.len()],
             items: [const { Counter::new() }; 3],
             findings: [const { Counter::new() }; FINDING_SLOTS],
+            crc_variants: [const { [const { Counter::new() }; 2] }; CRC_VARIANTS.len()],
             bytes_in: Counter::new(),
             bytes_out: Counter::new(),
             junk_bytes: Counter::new(),
@@ -468,6 +483,9 @@ impl Metrics {
         self.bytes_in.add(len as u64);
         for f in findings {
             self.findings[finding_index(f.code)].inc();
+            if let Some(i) = CRC_VARIANTS.iter().position(|(_, c)| *c == f.code) {
+                self.crc_variants[i][usize::from(!accepted)].inc();
+            }
         }
     }
 
@@ -679,6 +697,20 @@ impl Metrics {
         let other = self.findings[FINDING_CODES.len()].get();
         if other > 0 {
             e.sample("hj212_findings_total", &[("code", "other")], other);
+        }
+        e.family(
+            "hj212_frames_crc_variant_total",
+            "counter",
+            "Device frames whose CRC is a non-standard variant (not the HJ 212 CRC), by variant and verdict.",
+        );
+        for (i, (v, _)) in CRC_VARIANTS.iter().enumerate() {
+            for (j, verdict) in ["accepted", "rejected"].iter().enumerate() {
+                e.sample(
+                    "hj212_frames_crc_variant_total",
+                    &[("variant", v), ("verdict", verdict)],
+                    self.crc_variants[i][j].get(),
+                );
+            }
         }
         e.family(
             "hj212_received_bytes_total",

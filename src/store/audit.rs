@@ -141,6 +141,11 @@ pub struct DeviceStats {
     /// Frames by CRC variant (`hj212`, `modbus`, `modbus-swapped`, `unknown`), most
     /// frequent first; frames without a declared CRC are not counted.
     pub crc_variants: Vec<(String, u64)>,
+    /// The CRC variant (`modbus`, `modbus-swapped`) of the device's latest frame when
+    /// that frame was rejected for its CRC (`crc.mismatch` error) and its CRC is
+    /// that known variant: a device that gets no acks until its `crc` policy
+    /// accepts the variant. `None` once its latest frame is no such rejection.
+    pub crc_rejected_variant: Option<String>,
     /// Median of `received_at - DataTime` over CN 2011 frames with a DataTime, in ms
     /// (positive: the data arrived after its timestamp). For an even count, the lower
     /// of the two middle values.
@@ -236,6 +241,22 @@ pub fn device_stats(path: impl AsRef<Path>, since_ms: i64) -> Result<Vec<DeviceS
         ),
         "count CRC variants",
         |s, k, n| s.crc_variants.push((k, n)),
+    )?;
+    // The latest frame, not a count: after the operator sets the policy the next
+    // accepted frame ends the hint, however many rejections came before.
+    breakdown(
+        format!(
+            "SELECT r.mn, json_extract(r.doc, '$.crc.variant'), 1 FROM {records} r \
+             JOIN (SELECT mn, MAX(seq) AS seq FROM {records} WHERE {INBOUND} GROUP BY mn) l \
+               ON r.seq = l.seq \
+             WHERE r.verdict = 'rejected' AND json_valid(r.doc) AND json_valid(r.findings) \
+             AND json_extract(r.doc, '$.crc.variant') IN ('modbus', 'modbus-swapped') \
+             AND EXISTS (SELECT 1 FROM json_each(r.findings) f \
+                 WHERE json_extract(f.value, '$.code') = 'crc.mismatch' \
+                 AND json_extract(f.value, '$.severity') = 'error')"
+        ),
+        "find CRC-variant rejections",
+        |s, k, _| s.crc_rejected_variant = Some(k),
     )?;
     {
         // SQLite returns the bare column `data_time` from the row holding the MAX.
