@@ -10,6 +10,10 @@
 //! Both wire forms are accepted here: [`WireForm::Raw`] and [`WireForm::Text`].
 
 use sm4::Sm4;
+
+use crate::crc::{self, CrcVariant};
+use crate::finding::{Finding, Severity, code};
+use crate::frame::{DeviceProfile, Span};
 use sm4::cipher::{Array, BlockCipherDecrypt, BlockCipherEncrypt, KeyInit};
 
 /// A 16-byte SM4 key.
@@ -215,9 +219,89 @@ pub fn open_wrapper(keys: &[Key], cipher: &[u8]) -> Option<Vec<u8>> {
     })
 }
 
+/// A wrapper CP opened with a device key.
+#[derive(Debug)]
+pub(crate) struct Opened {
+    /// The data segment with the plaintext CP in place of the wrapper.
+    pub plain: Vec<u8>,
+    /// The CP area inside `plain`.
+    pub cp: Span,
+    /// The declared CRC holds over the wire segment (the hex text), not over
+    /// the plaintext: the CRC check must be made on the wire bytes.
+    pub crc_over_wire: bool,
+}
+
+/// Judges the CP area `cp` of `seg` (not ciphertext by [`sniff`]) for a device
+/// with keys: readable text passes; the `EncryptedData=<hex>` wrapper is opened
+/// (`encryption.wrapper`); anything else is `encryption.expected`, an error
+/// only under [`Unencrypted::Reject`]. `accepts` is the device's CRC policy.
+pub(crate) fn judge_plain_cp(
+    seg: &[u8],
+    cp: Span,
+    profile: &DeviceProfile,
+    declared_crc: Option<u16>,
+    accepts: impl Fn(CrcVariant) -> bool,
+    findings: &mut Vec<Finding>,
+) -> Option<Opened> {
+    let (severity, policy) = match profile.unencrypted {
+        Unencrypted::Accept => (Severity::Warning, "accept"),
+        Unencrypted::Reject => (Severity::Error, "reject"),
+    };
+    let expected = |why: &str| {
+        Finding::new(
+            code::ENCRYPTION_EXPECTED,
+            severity,
+            format!(
+                "the device has a key but its CP {why} ({} bytes; `unencrypted = \"{policy}\"`)",
+                cp.end() - cp.start()
+            ),
+        )
+    };
+    let cipher = match classify_plain(&seg[cp.range()]) {
+        PlainCp::Readable => return None,
+        PlainCp::Unreadable => {
+            findings.push(expected(
+                "is neither SM4 ciphertext nor readable key=value text",
+            ));
+            return None;
+        }
+        PlainCp::Wrapper(cipher) => cipher,
+    };
+    let Some(text) = open_wrapper(&profile.keys, &cipher) else {
+        findings.push(expected(
+            "is an EncryptedData=<hex> wrapper that no configured key opens",
+        ));
+        return None;
+    };
+    let mut plain = seg[..cp.start()].to_vec();
+    plain.extend_from_slice(&text);
+    let close = plain.len();
+    plain.extend_from_slice(&seg[cp.end()..]);
+    // The simulator computes the CRC over what it sends (the hex); the
+    // standard computes it over the plaintext.
+    let crc_over_wire = declared_crc.is_some_and(|d| {
+        let holds = |s: &[u8]| accepts(crc::identify(s, d).1);
+        holds(seg) && !holds(&plain)
+    });
+    findings.push(Finding::new(
+        code::ENCRYPTION_WRAPPER,
+        Severity::Warning,
+        format!(
+            "CP sent as the non-standard EncryptedData=<hex> wrapper ({} cipher bytes, padded; CRC over the {}); decrypted with the device key",
+            cipher.len(),
+            if crc_over_wire { "hex text" } else { "plaintext" }
+        ),
+    ));
+    Some(Opened {
+        plain,
+        cp: Span::new(cp.start(), close),
+        crc_over_wire,
+    })
+}
+
 /// Builds the wrapper form `EncryptedData=<HEX>` of a plaintext CP: zero
-/// padding to whole blocks, then SM4-ECB (what the simulator sends; for tests
-/// and the simulator subcommand's peers, never sent by the gateway).
+/// padding to whole blocks, then SM4-ECB, as the simulator that uses the form
+/// sends it. For building test frames; the gateway never sends it.
 pub fn wrap(key: &Key, cp: &[u8]) -> Vec<u8> {
     let mut data = cp.to_vec();
     data.resize(cp.len().div_ceil(16).max(1) * 16, 0);

@@ -268,64 +268,18 @@ pub fn decode(raw: Bytes, opts: &Options, devices: &dyn DeviceLookup) -> Frame {
                 let cp = plain_cp(seg, cps, &mut findings);
                 cp_span = Some(cp);
                 if let Some(p) = profile.as_ref().filter(|p| !p.keys.is_empty()) {
-                    let expected = |why: &str| {
-                        Finding::new(
-                            code::ENCRYPTION_EXPECTED,
-                            match p.unencrypted {
-                                crypt::Unencrypted::Accept => Severity::Warning,
-                                crypt::Unencrypted::Reject => Severity::Error,
-                            },
-                            format!(
-                                "the device has a key but its CP {why} ({} bytes; `unencrypted = \"{}\"`)",
-                                cp.end() - cp.start(),
-                                match p.unencrypted {
-                                    crypt::Unencrypted::Accept => "accept",
-                                    crypt::Unencrypted::Reject => "reject",
-                                }
-                            ),
-                        )
-                    };
-                    match crypt::classify_plain(&seg[cp.range()]) {
-                        crypt::PlainCp::Readable => {}
-                        crypt::PlainCp::Unreadable => findings.push(expected(
-                            "is neither SM4 ciphertext nor readable key=value text",
-                        )),
-                        crypt::PlainCp::Wrapper(cipher) => {
-                            match crypt::open_wrapper(&p.keys, &cipher) {
-                                None => findings.push(expected(
-                                    "is an EncryptedData=<hex> wrapper that no configured key opens",
-                                )),
-                                Some(text) => {
-                                    let mut plain = seg[..cp.start()].to_vec();
-                                    plain.extend_from_slice(&text);
-                                    let close = plain.len();
-                                    plain.extend_from_slice(&seg[cp.end()..]);
-                                    // The simulator computes the CRC over what it
-                                    // sends (the hex); the standard over plaintext.
-                                    let over_wire = env.declared_crc.is_some_and(|(d, _)| {
-                                        let accepted =
-                                            |s: &[u8]| policy.accepts(crc::identify(s, d).1);
-                                        accepted(seg) && !accepted(&plain)
-                                    });
-                                    if over_wire {
-                                        crc_check =
-                                            Some(check_crc(seg, env.declared_crc, policy, &mut findings));
-                                    }
-                                    findings.push(Finding::new(
-                                        code::ENCRYPTION_WRAPPER,
-                                        Severity::Warning,
-                                        format!(
-                                            "CP sent as the non-standard EncryptedData=<hex> wrapper ({} cipher bytes, padded; CRC over the {}); decrypted with the device key",
-                                            cipher.len(),
-                                            if over_wire { "hex text" } else { "plaintext" }
-                                        ),
-                                    ));
-                                    segment = Bytes::from(plain);
-                                    cp_span = Some(Span::new(cp.start(), close));
-                                    encryption = Some(WireForm::Wrapper);
-                                }
-                            }
+                    let declared = env.declared_crc.map(|d| d.0);
+                    let accepts = |v| policy.accepts(v);
+                    if let Some(w) =
+                        crypt::judge_plain_cp(seg, cp, p, declared, accepts, &mut findings)
+                    {
+                        if w.crc_over_wire {
+                            crc_check =
+                                Some(check_crc(seg, env.declared_crc, policy, &mut findings));
                         }
+                        segment = Bytes::from(w.plain);
+                        cp_span = Some(w.cp);
+                        encryption = Some(WireForm::Wrapper);
                     }
                 }
             }
