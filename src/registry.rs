@@ -74,6 +74,7 @@ impl Registry {
                 dialect: e.dialect.as_deref().and_then(Dialect::parse),
                 crc: e.crc,
                 keys,
+                unencrypted: e.unencrypted.unwrap_or_default(),
             };
             let dev = Device {
                 mn: e.mn.clone(),

@@ -51,6 +51,13 @@ pub struct DownlinkSection {
     pub backfill_max_window: Dur,
     /// At most one backfill request per device in this interval.
     pub backfill_interval: Dur,
+    /// Encrypt the CP of the requests the gateway builds for a 2025 device that
+    /// has a key (1011, 1012, 1061, 1062, 2xxx fetches, 3011, 3012, `raw`).
+    /// Off by default: the 2025 text lists only device data (2000-2999), 1014
+    /// and 3020 as encrypted (digest §2.1, §6.4.4) and leaves platform requests
+    /// open; 1014 and 3020 are encrypted either way, relayed requests never
+    /// change.
+    pub encrypt_requests: bool,
     /// Devices outside the registry whose downlink state (QN clock, calibration
     /// and backfill rate limits, series) is kept; past it the one heard from
     /// longest ago is forgotten.
@@ -76,6 +83,7 @@ impl Default for DownlinkSection {
             backfill_max_window: Dur(Duration::from_secs(6 * 3600)),
             backfill_interval: Dur(Duration::from_secs(600)),
             max_unregistered_devices: 5000,
+            encrypt_requests: false,
         }
     }
 }
@@ -216,6 +224,10 @@ mod tests {
                 "[[device]]\nmn = \"A\"\nkey = \"30303030303030303030303030303030\"\nnext_key = \"xyz\"",
                 "device[0].next_key",
             ),
+            (
+                "[[device]]\nmn = \"A\"\nunencrypted = \"reject\"",
+                "device[0].unencrypted",
+            ),
         ] {
             let e = Config::parse(text, Path::new("t")).unwrap_err().to_string();
             assert!(e.contains(key), "{text}: {e}");
@@ -228,6 +240,25 @@ mod tests {
         let c = Config::parse("[[device]]\nmn = \"A\"\nbackfill = false", Path::new("t")).unwrap();
         assert!(c.downlink.backfill);
         assert_eq!(c.device[0].backfill, Some(false));
+        assert!(!d.downlink.encrypt_requests, "off by default");
+        // A type error is toml's: it quotes the line, which names the key.
+        let e = Config::parse("[downlink]\nencrypt_requests = 1", Path::new("t"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("encrypt_requests") && e.contains("boolean"),
+            "{e}"
+        );
+        let e = Config::parse(
+            "[[device]]\nmn = \"A\"\nkey = \"30303030303030303030303030303030\"\nunencrypted = \"drop\"",
+            Path::new("t"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("unencrypted") && e.contains("accept") && e.contains("reject"),
+            "{e}"
+        );
         assert!(Config::parse("[downlink]\nbogus = 1", Path::new("t")).is_err());
     }
 }

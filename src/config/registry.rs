@@ -41,6 +41,9 @@ pub struct DeviceEntry {
     pub crc: Option<CrcPolicy>,
     /// Current SM4 key, 32 hex digits (2025 encrypted devices).
     pub key: Option<String>,
+    /// With a key: accept (default, with a warning) or reject a frame whose CP
+    /// no key opens and that is not readable plaintext (`encryption.expected`).
+    pub unencrypted: Option<crypt::Unencrypted>,
     /// Previous keys still accepted during a key change.
     #[serde(default)]
     pub old_keys: Vec<String>,
@@ -130,6 +133,14 @@ pub(super) fn check_devices(devices: &[DeviceEntry], path: &Path) -> Result<(), 
                     "needs `key` (the push is encrypted with it)".into(),
                 ));
             }
+        }
+        // Without a key nothing is expected to be encrypted: the setting would
+        // silently do nothing.
+        if d.unencrypted.is_some() && d.key.is_none() {
+            return Err(bad(
+                "unencrypted",
+                "needs `key` (it judges CPs that the device's key does not open)".into(),
+            ));
         }
         for (j, k) in d.old_keys.iter().enumerate() {
             crypt::parse_key(k).ok_or_else(|| {

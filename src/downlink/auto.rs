@@ -43,7 +43,8 @@ pub enum Why {
         /// Last missing DataTime (N14, the device's time zone).
         to: String,
     },
-    /// The registry holds the device's next SM4 key and it asked (1014).
+    /// The registry holds the device's next SM4 key and it asked for one
+    /// (1014 with `SKCreateTime`).
     KeyPush,
 }
 
@@ -89,7 +90,14 @@ pub fn auto_requests(
                 Why::ClockNotify,
             ));
         }
-        1014 if f.dialect == Some(protocol::Dialect::V2025) => {
+        // Only the request the standard defines (2025 digest §2.2): the device's
+        // `SKCreateTime=…` alone. A 1014 carrying `NewSK` is a device echoing a
+        // push, and one without SKCreateTime asks for nothing; answering either
+        // with a push would rotate the key on every such frame.
+        1014 if f.dialect == Some(protocol::Dialect::V2025)
+            && f.param("SKCreateTime").is_some_and(|t| !t.is_empty())
+            && f.param("NewSK").is_none() =>
+        {
             if let Some(next) = dev.and_then(|d| d.next_key.clone()) {
                 out.push(auto(
                     Action::KeyPush { new_key: next },

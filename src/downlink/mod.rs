@@ -126,8 +126,37 @@ impl Action {
 
     /// Builds the request in the device's dialect. `now` and `tz` give
     /// SetTime's default and 1014's SKCreateTime; `key` is the device's
-    /// current SM4 key (2025).
+    /// current SM4 key (2025); `encrypt_requests` is `[downlink]
+    /// encrypt_requests` (the CP of every other request encrypted too).
     pub fn build(
+        &self,
+        t: Target<'_>,
+        qn: &str,
+        now: DateTime<Utc>,
+        tz: FixedOffset,
+        key: Option<&Key>,
+        encrypt_requests: bool,
+    ) -> Result<Bytes, String> {
+        let plain = self.build_plain(t, qn, now, tz, key)?;
+        Ok(match key {
+            Some(k)
+                if encrypt_requests
+                    && t.dialect == Dialect::V2025
+                    && !matches!(self, Action::Relay { .. })
+                    && !self.always_encrypted(t) =>
+            {
+                encrypt_request(&plain, k)
+            }
+            _ => plain,
+        })
+    }
+
+    /// 1014 and 3020 to a 2025 device travel encrypted whatever the setting.
+    fn always_encrypted(&self, t: Target<'_>) -> bool {
+        t.dialect == Dialect::V2025 && matches!(self.cn(), 1014 | 3020)
+    }
+
+    fn build_plain(
         &self,
         t: Target<'_>,
         qn: &str,
@@ -161,6 +190,25 @@ impl Action {
             Action::Relay { bytes, .. } => bytes.clone(),
         })
     }
+}
+
+/// Encrypts the CP area of a request the gateway built in plaintext, as a
+/// 2025 device encrypts its own (App. A.2): whole 16-byte groups, the tail
+/// in clear; length and CRC stay those of the plaintext segment. The CP of a
+/// gateway-built request is its own text, so `CP=&&` and the final `&&`
+/// bound it.
+fn encrypt_request(plain: &Bytes, key: &Key) -> Bytes {
+    let Some(open) = plain.windows(5).position(|w| w == b"CP=&&").map(|i| i + 5) else {
+        return plain.clone();
+    };
+    // `##LLLL … &&CCCC\r\n`: the closing `&&` sits 8 bytes before the end.
+    let close = plain.len().saturating_sub(8);
+    if close < open || &plain[close..close + 2] != b"&&" {
+        return plain.clone();
+    }
+    let mut wire = plain.to_vec();
+    protocol::crypt::encrypt_in_place(key, &mut wire[open..close]);
+    Bytes::from(wire)
 }
 
 /// A request for one device's session.

@@ -82,7 +82,14 @@ impl Session {
         if d.engine.is_idle() {
             d.audit = Some(dl::audit::Audit::start(&sub, &qn, now.timestamp_millis()));
         }
-        match sub.action.build(target, &qn, now, tz, key.as_ref()) {
+        match sub.action.build(
+            target,
+            &qn,
+            now,
+            tz,
+            key.as_ref(),
+            shared.cfg.downlink.encrypt_requests,
+        ) {
             Ok(bytes) => {
                 let b = Begin {
                     tag: sub.replies,

@@ -176,6 +176,11 @@ finding_codes! {
     DECRYPT_NOKEY DecryptNokey = "decrypt.nokey";
     /// No configured key yields a plaintext with a matching CRC.
     DECRYPT_FAILED DecryptFailed = "decrypt.failed";
+    /// A device with a key sent a CP that no key opens and that is not readable
+    /// plaintext; `[[device]] unencrypted` sets the severity.
+    ENCRYPTION_EXPECTED EncryptionExpected = "encryption.expected";
+    /// The CP came in the non-standard `EncryptedData=<hex>` wrapper and was decrypted.
+    ENCRYPTION_WRAPPER EncryptionWrapper = "encryption.wrapper";
     /// Flag version bits name no known edition.
     FLAG_VERSION_UNKNOWN FlagVersionUnknown = "flag.version.unknown";
     /// The dialect was inferred without Flag version bits.

@@ -63,6 +63,9 @@ pub struct DeviceProfile {
     pub crc: Option<CrcPolicy>,
     /// SM4 keys to try, current first (old and new during a key change).
     pub keys: Vec<Key>,
+    /// Verdict on a CP that no key opens and that is not readable plaintext
+    /// (only judged when `keys` is not empty).
+    pub unencrypted: crypt::Unencrypted,
 }
 
 /// Looks devices up by MN. Implemented by the gateway's registry; `()` knows no device.
@@ -261,7 +264,25 @@ pub fn decode(raw: Bytes, opts: &Options, devices: &dyn DeviceLookup) -> Frame {
     if let Some(cps) = cp_start {
         encryption = crypt::sniff(&seg[cps.body..]);
         match encryption {
-            None => cp_span = Some(plain_cp(seg, cps, &mut findings)),
+            None => {
+                let cp = plain_cp(seg, cps, &mut findings);
+                cp_span = Some(cp);
+                if let Some(p) = profile.as_ref().filter(|p| !p.keys.is_empty()) {
+                    let declared = env.declared_crc.map(|d| d.0);
+                    let accepts = |v| policy.accepts(v);
+                    if let Some(w) =
+                        crypt::judge_plain_cp(seg, cp, p, declared, accepts, &mut findings)
+                    {
+                        if w.crc_over_wire {
+                            crc_check =
+                                Some(check_crc(seg, env.declared_crc, policy, &mut findings));
+                        }
+                        segment = Bytes::from(w.plain);
+                        cp_span = Some(w.cp);
+                        encryption = Some(WireForm::Wrapper);
+                    }
+                }
+            }
             Some(form) => {
                 let keys: &[Key] = profile.as_ref().map_or(&[], |p| &p.keys);
                 match encrypted_cp(
@@ -693,7 +714,8 @@ fn decrypt(
             let full = cp.len() / 16 * 16;
             (cp[..full].to_vec(), &cp[full..], b"&&")
         }
-        WireForm::Text => {
+        // The wrapper is opened by `crypt::open_wrapper`, never here.
+        WireForm::Text | WireForm::Wrapper => {
             let rest = &seg[body..];
             let close = memchr::memmem::rfind(rest, b"&&")?;
             let (bytes, tail) = crypt::parse_text_form(&rest[..close])?;
