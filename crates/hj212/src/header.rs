@@ -121,7 +121,43 @@ fn field(i: &[u8]) -> Res<'_, (&[u8], &[u8])> {
 }
 
 /// Parses header tokens in `seg[..end]`.
+///
+/// Decoding runs this for every frame, so it does what the rules above do
+/// (`token`, `separator`, `padding`, `field`) with plain loops: nom's generic
+/// input calls cost about a tenth of a frame's decoding (`benches/README.md`,
+/// issue 23). [`parse_grammar`] is the same parser written with the rules; a
+/// unit test holds the two to identical headers and findings.
 pub fn parse(seg: &[u8], end: usize, findings: &mut Vec<Finding>) -> Header {
+    let mut h = Header::default();
+    let mut at = 0;
+    loop {
+        let input = &seg[at..end];
+        let (len, terminated) = match memchr::memchr(b';', input) {
+            Some(i) => (i, true),
+            None => (input.len(), false),
+        };
+        let tok = &input[..len];
+        let pad = tok
+            .iter()
+            .position(|&c| c != b' ' && c != b',')
+            .unwrap_or(len);
+        let body = trim_end_spaces(&tok[pad..]);
+        let kv = body
+            .iter()
+            .position(|&c| c == b'=')
+            .map(|e| (&body[..e], &body[e + 1..]));
+        record(at, &tok[..pad], body, kv, terminated, &mut h, findings);
+        if !terminated {
+            return h;
+        }
+        at += len + 1;
+    }
+}
+
+/// [`parse`] written with the grammar rules: the same header and findings
+/// (unit-tested), slower. The executable form of the grammar, for tests.
+#[doc(hidden)]
+pub fn parse_grammar(seg: &[u8], end: usize, findings: &mut Vec<Finding>) -> Header {
     let mut h = Header::default();
     let mut input = &seg[..end];
     loop {
@@ -131,7 +167,12 @@ pub fn parse(seg: &[u8], end: usize, findings: &mut Vec<Finding>) -> Header {
             return h;
         };
         let terminated = separator(after).ok().map(|(next, _)| next);
-        parse_token(at, tok, terminated.is_some(), &mut h, findings);
+        // `padding` takes zero or more bytes: it cannot fail.
+        if let Ok((body, pad)) = padding(tok) {
+            let body = trim_end_spaces(body);
+            let kv = field(body).ok().map(|(_, kv)| kv);
+            record(at, pad, body, kv, terminated.is_some(), &mut h, findings);
+        }
         match terminated {
             Some(next) => input = next,
             None => return h,
@@ -139,19 +180,21 @@ pub fn parse(seg: &[u8], end: usize, findings: &mut Vec<Finding>) -> Header {
     }
 }
 
-/// Records one token found at offset `at` of the segment into `h`. `terminated`: a `;`
-/// follows it (an empty token is only worth a finding then).
-fn parse_token(
+/// Records one token found at offset `at` of the segment into `h`: its
+/// leading `pad`, its `body` without the padding and trailing spaces, and that
+/// body split at its first `=` (`None`: no `=`). `terminated`: a `;` follows
+/// the token (an empty token is only worth a finding then). One body for
+/// [`parse`] and [`parse_grammar`], so they cannot drift apart here.
+#[inline(always)]
+fn record(
     at: usize,
-    tok: &[u8],
+    pad: &[u8],
+    body: &[u8],
+    kv: Option<(&[u8], &[u8])>,
     terminated: bool,
     h: &mut Header,
     findings: &mut Vec<Finding>,
 ) {
-    // `padding` takes zero or more bytes: it cannot fail.
-    let Ok((body, pad)) = padding(tok) else {
-        return;
-    };
     for _ in pad.iter().filter(|&&c| c == b',') {
         findings.push(Finding::new(
             code::HEADER_SYNTAX,
@@ -160,7 +203,6 @@ fn parse_token(
         ));
     }
     let start = at + pad.len();
-    let body = trim_end_spaces(body);
     if body.is_empty() {
         if terminated {
             findings.push(Finding::new(
@@ -171,7 +213,7 @@ fn parse_token(
         }
         return;
     }
-    let Ok((_, (key, value))) = field(body) else {
+    let Some((key, value)) = kv else {
         findings.push(Finding::new(
             code::HEADER_SYNTAX,
             Severity::Warning,
@@ -285,6 +327,55 @@ mod tests {
                 code::FIELD_UNKNOWN
             ]
         );
+    }
+
+    /// The loop and the grammar agree on headers and findings: on every
+    /// fixture's header, and on byte-mutated copies of them that hit the
+    /// corners (stray commas and spaces, empty tokens, missing `=`, odd case,
+    /// unknown and repeated keys).
+    #[test]
+    fn fast_path_matches_grammar() {
+        fn both(seg: &[u8], end: usize) {
+            let (mut f1, mut f2) = (Vec::new(), Vec::new());
+            let fast = parse(seg, end, &mut f1);
+            let spec = parse_grammar(seg, end, &mut f2);
+            assert_eq!(
+                (format!("{fast:?}"), format!("{f1:?}")),
+                (format!("{spec:?}"), format!("{f2:?}")),
+                "{:?}",
+                String::from_utf8_lossy(&seg[..end])
+            );
+        }
+        let alphabet = b";;,, ==QNfFlagPNO\xe6";
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut rng = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as usize
+        };
+        for frame in crate::fixture_frames() {
+            let seg = &frame[frame.len().min(6)..];
+            let end = memchr::memmem::find(seg, b"CP=").unwrap_or(seg.len());
+            both(seg, end);
+            for _ in 0..200 {
+                let mut m = seg[..end].to_vec();
+                for _ in 0..1 + rng() % 6 {
+                    let c = alphabet[rng() % alphabet.len()];
+                    match (rng() % 3, m.is_empty()) {
+                        (0, false) => {
+                            let at = rng() % m.len();
+                            m[at] = c;
+                        }
+                        (1, false) => {
+                            m.remove(rng() % m.len());
+                        }
+                        _ => m.insert(rng() % (m.len() + 1), c),
+                    }
+                }
+                both(&m, rng() % (m.len() + 1));
+            }
+        }
     }
 
     #[test]
