@@ -176,7 +176,8 @@ fn info(i: &[u8]) -> Res<'_, &[u8]> {
 /// rules ([`parse_grammar`]) the same scan is measurably slower (a second pass
 /// over every key for the hash and the dash; see `benches/README.md`, issue
 /// 19), so the rules are the specification and this loop the implementation;
-/// a unit test holds the two to identical pairs and findings.
+/// unit tests hold the two to identical pairs and findings (the fixtures,
+/// mutations of them, and random CP texts).
 pub fn parse(seg: &[u8], start: usize, end: usize, findings: &mut Vec<Finding>) -> Vec<Pair> {
     let mut pairs = Vec::with_capacity((end - start) / 12 + 1);
     // A 256-bit Bloom filter (two bits per key) keeps duplicate detection
@@ -284,6 +285,22 @@ struct KeyScan {
     h: u64,
 }
 
+/// [`KEY_CLASS`] of the bytes that end a key (`=`, `;`, `,`).
+const STOP: u8 = 1;
+/// [`KEY_CLASS`] of `-`.
+const DASH: u8 = 2;
+
+/// What each byte is to the key scan, looked up once per byte: as a `match`
+/// on the byte the scan compiled to a jump table, an indirect branch per byte.
+const KEY_CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    t[b'=' as usize] = STOP;
+    t[b';' as usize] = STOP;
+    t[b',' as usize] = STOP;
+    t[b'-' as usize] = DASH;
+    t
+};
+
 /// The `key` rule with the hash and the first `-` taken in the same pass.
 #[inline(always)]
 fn scan_key(seg: &[u8], tok: usize, end: usize) -> KeyScan {
@@ -292,10 +309,11 @@ fn scan_key(seg: &[u8], tok: usize, end: usize) -> KeyScan {
     let mut pos = tok;
     while pos < end {
         let c = seg[pos];
-        if matches!(c, b'=' | b';' | b',') {
+        let class = KEY_CLASS[usize::from(c)];
+        if class == STOP {
             break;
         }
-        if c == b'-' && dash.is_none() {
+        if class == DASH && dash.is_none() {
             dash = Some(pos);
         }
         // rotate-xor: one cycle per byte, off the multiply latency chain.
@@ -599,6 +617,143 @@ mod tests {
                 let start = rng() % (seg.len() + 1);
                 let end = start + rng() % (seg.len() - start + 1);
                 both(&seg, start, end);
+            }
+        }
+    }
+
+    /// A small xorshift generator: the property tests are deterministic.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 >> 11) as usize
+        }
+        fn pick<'a>(&mut self, from: &[&'a [u8]]) -> &'a [u8] {
+            from[self.next() % from.len()]
+        }
+    }
+
+    /// The fast scan and the grammar on `seg[start..end]`: identical pairs
+    /// (spans, code and suffix splits, kinds) and findings.
+    fn same_as_grammar(seg: &[u8], start: usize, end: usize) {
+        let (mut f1, mut f2) = (Vec::new(), Vec::new());
+        let fast = parse(seg, start, end, &mut f1);
+        let spec = parse_grammar(seg, start, end, &mut f2);
+        assert_eq!(
+            (format!("{fast:?}"), format!("{f1:?}")),
+            (format!("{spec:?}"), format!("{f2:?}")),
+            "{:?} [{start}..{end}]",
+            String::from_utf8_lossy(seg)
+        );
+    }
+
+    /// A random CP text built from the grammar's pieces and its corners: keys
+    /// plain and `code-suffix` (with second dashes, spaces, empty), values of
+    /// every kind, `//` info with separators inside (closed or not), comma
+    /// lists, missing `=`, runs of separators, repeats, multi-byte text;
+    /// up to a few hundred bytes.
+    fn random_cp(rng: &mut Rng) -> Vec<u8> {
+        let keys: &[&[u8]] = &[
+            b"DataTime",
+            b"a21026-Rtd",
+            b"a21026-Flag",
+            b"w01018-Avg",
+            b"a34004-ZsRtd",
+            b"SB1-RS",
+            b"i11001-Info",
+            b"a21026-i22004-Info",
+            b"-Rtd",
+            b"a21026-",
+            b"PolId",
+            b"Q",
+            b"",
+            b" ",
+            b"LA-Rtd ",
+            b"x-y-z",
+            "浓度-Rtd".as_bytes(),
+        ];
+        let values: &[&[u8]] = &[
+            b"20240601085857",
+            b"12.50",
+            b"-130.7116",
+            b"0",
+            b"+1",
+            b".5",
+            b"1.",
+            b"007",
+            b"N",
+            b"",
+            b" 3.2 ",
+            b"1e5",
+            b"//a;b,c//",
+            b"//open;",
+            b"////",
+            b"a21026,a21002",
+            b"1,x",
+            b"2,,s",
+            b"a=b",
+            "超标,浓度高".as_bytes(),
+        ];
+        let seps: &[&[u8]] = &[b";", b",", b";;", b" ; ", b", ", b"", b";,"];
+        let mut out = Vec::new();
+        for _ in 0..rng.next() % 24 {
+            out.extend_from_slice(rng.pick(keys));
+            match rng.next() % 12 {
+                0 => {}
+                1 => out.extend_from_slice(b" ="),
+                _ => out.push(b'='),
+            }
+            out.extend_from_slice(rng.pick(values));
+            out.extend_from_slice(rng.pick(seps));
+        }
+        out
+    }
+
+    /// Property test: on thousands of random CP texts at random offsets of
+    /// their segment, on byte-mutated (replaced, inserted, deleted) and
+    /// truncated copies of them, and on noise over the structural bytes, the
+    /// fast scan and the grammar agree.
+    #[test]
+    fn fast_path_matches_grammar_on_random_texts() {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let alphabet = b"==;;,, //-aA0.+&\xe6\x00\xff";
+        for round in 0..4000 {
+            let mut text = random_cp(&mut rng);
+            // A random prefix before `start`; bytes after `end` that would
+            // change the answer if the scan read them.
+            let pad = rng.next() % 70;
+            let mut seg: Vec<u8> = (0..pad)
+                .map(|_| alphabet[rng.next() % alphabet.len()])
+                .collect();
+            let start = seg.len();
+            seg.append(&mut text);
+            let end = seg.len();
+            seg.extend_from_slice(b"&&;,=-");
+            same_as_grammar(&seg, start, end);
+            // Mutations: replace, insert and delete bytes; cut anywhere.
+            let mut m = seg.clone();
+            for _ in 0..1 + rng.next() % 8 {
+                let at = rng.next() % m.len();
+                let c = alphabet[rng.next() % alphabet.len()];
+                match rng.next() % 3 {
+                    0 => m[at] = c,
+                    1 => m.insert(at, c),
+                    _ => {
+                        m.remove(at);
+                    }
+                }
+            }
+            let a = rng.next() % (m.len() + 1);
+            let b = a + rng.next() % (m.len() - a + 1);
+            same_as_grammar(&m, a, b);
+            // Pure noise over the structural alphabet, now and then.
+            if round % 4 == 0 {
+                let noise: Vec<u8> = (0..rng.next() % 300)
+                    .map(|_| alphabet[rng.next() % alphabet.len()])
+                    .collect();
+                same_as_grammar(&noise, 0, noise.len());
             }
         }
     }
