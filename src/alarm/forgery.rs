@@ -29,17 +29,23 @@
 //! of a later window arrives.
 //!
 //! **Digits** (`digits.biased`). Of 2011 `Rtd` values flagged `N`, the last digit at
-//! the factor's precision is counted over a rolling window, and a chi-square test with
-//! 9 degrees of freedom says whether the ten digits are used evenly. Instruments
-//! produce noise in the last digit; people prefer some digits and avoid others. The
-//! digit is taken at the most decimals the factor has sent (so `12.5` from a device
-//! that drops trailing zeros counts as a final `0`), and values with fewer than two
-//! significant digits are skipped (their last digit is also their first). The test
-//! is skipped, as structural, while the window's values span fewer than
+//! the factor's precision is counted over consecutive windows of `digits_window`
+//! values, and a chi-square test with 9 degrees of freedom says whether the ten
+//! digits are used evenly. Instruments produce noise in the last digit; people prefer
+//! some digits and avoid others. Each window is tested once (a test after every
+//! value would test each value hundreds of times over and multiply the false
+//! alarms), and only two failed windows in a row raise: one honest window in
+//! 1/significance fails, two in a row practically never, while made-up numbers fail
+//! every window. State per factor: ten counters, the window's value range and
+//! precision. The digit is taken at the most decimals the factor has sent (so `12.5`
+//! from a device that drops trailing zeros counts as a final `0`), and values with
+//! fewer than two significant digits are skipped (their last digit is also their
+//! first). A window is structural, and not judged, when its values span fewer than
 //! `digits_min_span` units of the last digit (too few distinct values for the digit
-//! to be noise), while every digit is even or every digit is 0 or 5 (the instrument's
-//! resolution), and while fewer than half of the window's values were sent with
-//! the full number of decimals (a stray extra decimal: the window restarts).
+//! to be noise), when every digit is even or every digit is 0 or 5 (the
+//! instrument's resolution), and when fewer than half of its values were sent with
+//! the full number of decimals (a stray extra decimal: the next window counts at
+//! the precision of the latest value).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -51,6 +57,9 @@ use crate::config::{AlarmsSection, FactorAlarms};
 /// Raise `digits.biased` again only after the test passes at this level (hysteresis:
 /// a biased series hovering around the raise threshold must not flap).
 const CLEAR_SIGNIFICANCE: f64 = 0.01;
+/// Consecutive windows that must fail the digit test to raise `digits.biased`: one
+/// honest window in 1/significance fails, two in a row almost never.
+const BIASED_WINDOWS: u32 = 2;
 /// Day windows start at Beijing midnight (UTC+8): DataTimes of HJ 212 are Beijing time.
 const DAY_OFFSET_MS: i64 = 8 * 3_600_000;
 const HOUR_MS: i64 = 3_600_000;
@@ -159,89 +168,41 @@ struct LevelState {
     past: VecDeque<Fp>,
 }
 
-/// The digits of one factor's rolling window.
-#[derive(Debug)]
+/// The last digits of one factor's current window of values.
+#[derive(Debug, Default)]
 struct Digits {
-    /// Each entry: the digit, plus 16 when the value had the full decimals.
-    ring: Box<[u8]>,
-    head: usize,
-    len: usize,
     counts: [u32; 10],
-    /// Sum of the squared counts: the chi-square in O(1) per value.
-    sum_sq: u64,
-    /// Entries sent with `prec` decimals.
-    full: usize,
+    n: u32,
+    /// Values of the window sent with `prec` decimals.
+    full: u32,
     /// Decimals the digit is taken at.
     prec: u32,
-    /// Value range of this epoch and the previous one (epochs of `ring.len()`
-    /// values), in units of the last digit: the span of the last one or two windows.
-    cur: Option<(i64, i64)>,
-    prev: Option<(i64, i64)>,
-    epoch_n: usize,
+    /// Value range of the window, in units of the last digit.
+    lo: i64,
+    hi: i64,
+    /// Consecutive windows that failed the test.
+    fails: u32,
 }
 
 impl Digits {
-    fn new(window: usize, prec: u32) -> Digits {
-        Digits {
-            ring: vec![0; window].into_boxed_slice(),
-            head: 0,
-            len: 0,
-            counts: [0; 10],
-            sum_sq: 0,
-            full: 0,
-            prec,
-            cur: None,
-            prev: None,
-            epoch_n: 0,
-        }
-    }
-
-    fn reset(&mut self, prec: u32) {
-        let window = self.ring.len();
+    /// Starts the next window at `prec` decimals.
+    fn next_window(&mut self, prec: u32) {
         *self = Digits {
-            ring: std::mem::take(&mut self.ring),
-            ..Digits::new(0, prec)
+            prec,
+            fails: self.fails,
+            ..Digits::default()
         };
-        debug_assert_eq!(self.ring.len(), window);
     }
 
     fn push(&mut self, digit: u8, full: bool, units: i64) {
-        let cap = self.ring.len();
-        if self.len == cap {
-            let old = self.ring[self.head];
-            let d = usize::from(old & 15);
-            self.sum_sq -= 2 * u64::from(self.counts[d]) - 1;
-            self.counts[d] -= 1;
-            if old & 16 != 0 {
-                self.full -= 1;
-            }
-        } else {
-            self.len += 1;
+        if self.n == 0 {
+            (self.lo, self.hi) = (units, units);
         }
-        let d = usize::from(digit);
-        self.sum_sq += 2 * u64::from(self.counts[d]) + 1;
-        self.counts[d] += 1;
-        if full {
-            self.full += 1;
-        }
-        self.ring[self.head] = digit | if full { 16 } else { 0 };
-        self.head = (self.head + 1) % cap;
-        let (lo, hi) = self.cur.unwrap_or((units, units));
-        self.cur = Some((lo.min(units), hi.max(units)));
-        self.epoch_n += 1;
-        if self.epoch_n == cap {
-            self.prev = self.cur.take();
-            self.epoch_n = 0;
-        }
-    }
-
-    /// Max minus min of the values of the current and the previous epoch.
-    fn span(&self) -> i64 {
-        match (self.cur, self.prev) {
-            (Some((a, b)), Some((c, d))) => b.max(d).saturating_sub(a.min(c)),
-            (Some((a, b)), None) | (None, Some((a, b))) => b.saturating_sub(a),
-            (None, None) => 0,
-        }
+        self.counts[usize::from(digit)] += 1;
+        self.n += 1;
+        self.full += u32::from(full);
+        self.lo = self.lo.min(units);
+        self.hi = self.hi.max(units);
     }
 
     /// The digits used look like the instrument's resolution: all even, or all 0/5.
@@ -253,8 +214,13 @@ impl Digits {
     }
 
     fn chi2(&self) -> f64 {
-        let n = self.len as f64;
-        10.0 * self.sum_sq as f64 / n - n
+        let n = f64::from(self.n);
+        let sum_sq: f64 = self
+            .counts
+            .iter()
+            .map(|&c| f64::from(c) * f64::from(c))
+            .sum();
+        10.0 * sum_sq / n - n
     }
 }
 
@@ -267,7 +233,8 @@ pub(super) struct FactorForgery {
     /// clears only when every level is fine again.
     copied: u8,
     cloned: u8,
-    digits: Option<Box<Digits>>,
+    /// `None` until the factor's first value (its precision).
+    digits: Option<Digits>,
     biased: bool,
 }
 
@@ -354,7 +321,7 @@ impl Forgery {
             .unwrap_or(cfg.digits_significance);
         Settings {
             copy_on: on(DetectorKind::SeriesCopied),
-            clone_on: on(DetectorKind::DeviceCloned),
+            clone_on: on(DetectorKind::DeviceCloned) && !d.shared.or(g.shared).unwrap_or(false),
             // `digits_window = 0` switches the test off for one factor.
             digits_on: on(DetectorKind::DigitsBiased) && window > 0,
             min_changes: d
@@ -554,11 +521,13 @@ fn digits(
     v: Decimal,
 ) {
     let scale = v.scale();
-    let dg = st
-        .digits
-        .get_or_insert_with(|| Box::new(Digits::new(s.window, scale)));
+    let dg = st.digits.get_or_insert_with(|| Digits {
+        prec: scale,
+        ..Digits::default()
+    });
     if scale > dg.prec {
-        dg.reset(scale);
+        dg.fails = 0;
+        dg.next_window(scale);
     }
     let Some(units) = 10i128
         .checked_pow(dg.prec - scale)
@@ -572,50 +541,58 @@ fn digits(
     }
     let digit = (units.unsigned_abs() % 10) as u8;
     dg.push(digit, scale == dg.prec, units);
-    if dg.len < dg.ring.len() {
+    if (dg.n as usize) < s.window {
         return;
     }
-    if dg.full * 2 < dg.len {
+    // A full window: judged once, then the next one starts.
+    let (chi2, counts, n, prec) = (dg.chi2(), dg.counts, dg.n, dg.prec);
+    let structural = dg.hi.saturating_sub(dg.lo) < s.min_span || dg.resolution();
+    if dg.full * 2 < dg.n {
         // Most values came with fewer decimals than one stray value had: count at
         // the precision the device actually uses.
-        dg.reset(scale);
+        dg.fails = 0;
+        dg.next_window(scale);
         return;
     }
-    if dg.span() < s.min_span || dg.resolution() {
-        return; // structural: not judged
+    dg.next_window(prec);
+    if structural {
+        dg.fails = 0;
+        return; // not judged
     }
-    let chi2 = dg.chi2();
-    if chi2 > s.raise_chi2 {
-        if st.biased {
-            return;
+    if chi2 <= s.raise_chi2 {
+        dg.fails = 0;
+        if chi2 <= s.clear_chi2 && st.biased {
+            st.biased = false;
+            sink.clear(DetectorKind::DigitsBiased, f, t);
         }
-        st.biased = true;
-        let n = dg.len;
-        let counts = dg
-            .counts
-            .iter()
-            .map(u32::to_string)
-            .collect::<Vec<_>>()
-            .join(" ");
-        let p = chi2_sf(chi2);
-        sink.raise(Raise {
-            key: key(DetectorKind::DigitsBiased, o, f),
-            severity: Severity::Warning,
-            start_ms: t,
-            seqs: vec![o.seq],
-            message_zh: format!(
-                "设备 {} 因子 {f} 最近 {n} 个数据的末位数字分布不均（0-9 次数 {counts}，卡方 {chi2:.1}，p = {p:.1e}），疑似人工编造",
-                o.mn
-            ),
-            message_en: format!(
-                "device {} factor {f}: last digits of the last {n} values are uneven (0-9 counts {counts}, chi-square {chi2:.1}, p = {p:.1e}): possibly made-up numbers",
-                o.mn
-            ),
-        });
-    } else if chi2 <= s.clear_chi2 && st.biased {
-        st.biased = false;
-        sink.clear(DetectorKind::DigitsBiased, f, t);
+        return;
     }
+    dg.fails += 1;
+    if dg.fails < BIASED_WINDOWS || st.biased {
+        return;
+    }
+    st.biased = true;
+    let counts = counts
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let p = chi2_sf(chi2);
+    let w = BIASED_WINDOWS;
+    sink.raise(Raise {
+        key: key(DetectorKind::DigitsBiased, o, f),
+        severity: Severity::Warning,
+        start_ms: t,
+        seqs: vec![o.seq],
+        message_zh: format!(
+            "设备 {} 因子 {f} 连续 {w} 个 {n} 值窗口的末位数字分布不均（最近窗口 0-9 次数 {counts}，卡方 {chi2:.1}，p = {p:.1e}），疑似人工编造",
+            o.mn
+        ),
+        message_en: format!(
+            "device {} factor {f}: last digits uneven in {w} consecutive windows of {n} values (latest 0-9 counts {counts}, chi-square {chi2:.1}, p = {p:.1e}): possibly made-up numbers",
+            o.mn
+        ),
+    });
 }
 
 const SEED: u64 = 0x243F_6A88_85A3_08D3;
@@ -940,6 +917,27 @@ mod tests {
         }
     }
 
+    /// A plant's shared ambient sensor reported by two stacks is not a clone.
+    #[test]
+    fn a_shared_factor_is_not_compared_across_devices() {
+        let mut c = only_copy();
+        c.factor.insert(
+            "a21026".into(),
+            FactorAlarms {
+                shared: Some(true),
+                ..FactorAlarms::default()
+            },
+        );
+        let mut e = Engine::new(c);
+        let mut seq = 0;
+        let a = noisy(11, 120);
+        let mut ev = feed(&mut e, &mut seq, "ORIG", T0, &a);
+        ev.extend(feed(&mut e, &mut seq, "COPY", T0, &a));
+        ev.extend(closer(&mut e, &mut seq, "ORIG", T0 + HOUR_MS));
+        ev.extend(closer(&mut e, &mut seq, "COPY", T0 + HOUR_MS));
+        assert!(raised(&ev, DetectorKind::DeviceCloned).is_empty(), "{ev:?}");
+    }
+
     #[test]
     fn the_clone_map_stays_within_its_cap() {
         let mut c = only_copy();
@@ -982,33 +980,59 @@ mod tests {
     }
 
     #[test]
-    fn avoided_digits_raise_and_even_ones_clear() {
+    fn avoided_digits_raise_in_two_windows_and_even_ones_clear() {
         let mut e = Engine::new(only_digits());
         let mut seq = 0;
-        // A person who never types 3 or 7: 300 values over the other eight digits.
-        let biased: Vec<u8> = (0..300).map(|i| [0, 1, 2, 4, 5, 6, 8, 9][i % 8]).collect();
-        let ev = feed(&mut e, &mut seq, "M1", T0, &digit_values(&biased, 1));
+        // A person who never types 3 or 7: values over the other eight digits.
+        let biased: Vec<u8> = (0..600).map(|i| [0, 1, 2, 4, 5, 6, 8, 9][i % 8]).collect();
+        let vals = digit_values(&biased, 1);
+        let ev = feed(&mut e, &mut seq, "M1", T0, &vals[..300]);
+        assert!(ev.is_empty(), "one failed window is not enough: {ev:?}");
+        let ev = feed(&mut e, &mut seq, "M1", T0 + HOUR_MS, &vals[300..]);
         let r = raised(&ev, DetectorKind::DigitsBiased);
         assert_eq!(r.len(), 1, "{ev:?}");
         assert!(
-            r[0].message_en.contains("0-9 counts"),
+            r[0].message_en
+                .contains("0-9 counts 37 37 37 0 37 38 38 0 38 38"),
             "{}",
             r[0].message_en
         );
-        // Evenly used digits again: clears once the window has turned over.
+        assert!(r[0].message_zh.contains("末位数字"));
+        // A window of evenly used digits clears it.
         let even: Vec<u8> = (0..300).map(|i| (i % 10) as u8).collect();
         let ev = feed(
             &mut e,
             &mut seq,
             "M1",
-            T0 + HOUR_MS,
+            T0 + 2 * HOUR_MS,
             &digit_values(&even, 2),
         );
         assert_eq!(cleared(&ev, DetectorKind::DigitsBiased), 1, "{ev:?}");
     }
 
-    /// Counts exactly at the edge: a chi-square just under the critical value does not
-    /// raise, one step over does.
+    /// A biased window between honest ones never raises.
+    #[test]
+    fn one_biased_window_among_honest_ones_does_not_raise() {
+        let mut e = Engine::new(only_digits());
+        let mut seq = 0;
+        let even: Vec<u8> = (0..300).map(|i| (i % 10) as u8).collect();
+        let biased: Vec<u8> = (0..300).map(|i| [0, 1, 2, 4, 5, 6, 8, 9][i % 8]).collect();
+        let mut ev = Vec::new();
+        for (k, ds) in [&biased, &even, &biased, &even].iter().enumerate() {
+            let start = T0 + k as i64 * HOUR_MS;
+            ev.extend(feed(
+                &mut e,
+                &mut seq,
+                "M1",
+                start,
+                &digit_values(ds, k as u64),
+            ));
+        }
+        assert!(ev.is_empty(), "{ev:?}");
+    }
+
+    /// Counts exactly at the edge: two windows with a chi-square just under the
+    /// critical value do not raise, one step over does.
     #[test]
     fn uniform_digits_at_the_significance_edge() {
         let mut c = only_digits();
@@ -1031,7 +1055,14 @@ mod tests {
             }
             let mut e = Engine::new(c.clone());
             let mut seq = 0;
-            let ev = feed(&mut e, &mut seq, "M1", T0, &digit_values(&ds, 3));
+            let mut ev = feed(&mut e, &mut seq, "M1", T0, &digit_values(&ds, 3));
+            ev.extend(feed(
+                &mut e,
+                &mut seq,
+                "M1",
+                T0 + HOUR_MS,
+                &digit_values(&ds, 4),
+            ));
             assert_eq!(
                 !raised(&ev, DetectorKind::DigitsBiased).is_empty(),
                 raises,
@@ -1046,28 +1077,28 @@ mod tests {
             // Resolution 0.5: every value ends in 0 or 5.
             (
                 "half steps",
-                (0..400)
+                (0..700)
                     .map(|i| format!("{}.{}", 20 + i % 37, [0, 5][i % 2]))
                     .collect(),
             ),
             // Resolution 0.02: even last digits only.
             (
                 "even steps",
-                (0..400)
+                (0..700)
                     .map(|i| format!("{}.{}{}", 20 + i % 37, i % 10, (i % 5) * 2))
                     .collect(),
             ),
             // A narrow range of one-decimal values (span < 50 units).
             (
                 "narrow",
-                (0..400)
+                (0..700)
                     .map(|i| format!("7.{}", [3, 4, 4, 5, 4][i % 5]))
                     .collect(),
             ),
             // Small integers (one or two significant digits).
             (
                 "small integers",
-                (0..400).map(|i| format!("{}", 3 + i % 9)).collect(),
+                (0..700).map(|i| format!("{}", 3 + i % 9)).collect(),
             ),
         ];
         for (name, vals) in cases {
@@ -1085,7 +1116,7 @@ mod tests {
     /// decimals; it is counted as one, and one stray extra decimal restarts the window.
     #[test]
     fn dropped_trailing_zeros_and_a_stray_decimal_do_not_raise() {
-        let even: Vec<u8> = (0..600).map(|i| (i % 10) as u8).collect();
+        let even: Vec<u8> = (0..900).map(|i| (i % 10) as u8).collect();
         let stripped: Vec<String> = digit_values(&even, 4)
             .into_iter()
             .map(|v| {
@@ -1098,7 +1129,7 @@ mod tests {
         let ev = feed(&mut e, &mut seq, "M1", T0, &stripped);
         assert!(raised(&ev, DetectorKind::DigitsBiased).is_empty(), "{ev:?}");
         // One decimal mostly, one value with two.
-        let mut one: Vec<String> = (0..700)
+        let mut one: Vec<String> = (0..1000)
             .map(|i| format!("{}.{}", 20 + (i * 7) % 53, i % 10))
             .collect();
         one[10] = "33.33".into();
@@ -1109,7 +1140,7 @@ mod tests {
 
     #[test]
     fn digits_can_be_switched_off_per_factor_and_device() {
-        let biased: Vec<u8> = (0..300).map(|i| [0, 5, 5, 1][i % 4]).collect();
+        let biased: Vec<u8> = (0..600).map(|i| [0, 5, 5, 1][i % 4]).collect();
         let vals = digit_values(&biased, 9);
         let mut c = only_digits();
         c.factor.insert(

@@ -28,6 +28,9 @@ pub struct FactorAlarms {
     pub digits_window: Option<usize>,
     /// Overrides `alarms.digits_significance` for this factor.
     pub digits_significance: Option<f64>,
+    /// The factor comes from an instrument several devices share (a plant's
+    /// ambient temperature or pressure): `device.cloned` does not compare it.
+    pub shared: Option<bool>,
 }
 
 /// `[alarms.device.<MN>]`: per-device settings.
@@ -113,9 +116,10 @@ pub struct AlarmsSection {
     /// `device.cloned`: window fingerprints of all devices kept, the oldest
     /// forgotten first (1000..=10000000).
     pub clone_max_fingerprints: usize,
-    /// `digits.biased`: 2011 values per factor in the rolling window (100..=10000).
+    /// `digits.biased`: 2011 values per factor in each tested window (100..=10000).
     pub digits_window: usize,
-    /// `digits.biased`: significance of the chi-square test (1e-12..=0.05).
+    /// `digits.biased`: significance of each window's chi-square test
+    /// (1e-12..=0.05); two failed windows in a row raise.
     pub digits_significance: f64,
     /// `digits.biased`: the window's values must span at least this many units of
     /// their last digit to be judged (10..=1000000).
@@ -159,7 +163,7 @@ impl Default for AlarmsSection {
             copy_lookback_days: 31,
             clone_max_fingerprints: 100_000,
             digits_window: 300,
-            digits_significance: 1e-6,
+            digits_significance: 1e-5,
             digits_min_span: 50,
             disabled: Vec::new(),
             factor: Default::default(),
