@@ -3,6 +3,7 @@
 //! real frames over TCP, alarms read back from the SQLite alarms table. Time is
 //! compressed through DataTime: a few hours of history are sent in a few seconds.
 
+#[allow(dead_code)]
 mod common;
 
 use std::io::{Read, Write};

@@ -146,7 +146,7 @@ struct Acc {
     window: i64,
     last_t: i64,
     prev: Decimal,
-    prev_step: Option<Decimal>,
+    prev_step: Option<Step>,
     hash: u64,
     n: u32,
     changes: u32,
@@ -399,7 +399,7 @@ impl Forgery {
             return; // late: not part of the window being built
         }
         if w == acc.window {
-            let step = (v - acc.prev).normalize();
+            let step = Step::between(acc.prev, v);
             if acc.prev_step.is_some_and(|p| p != step) {
                 acc.changes += 1;
             }
@@ -529,12 +529,12 @@ fn digits(
         dg.fails = 0;
         dg.next_window(scale);
     }
-    let Some(units) = 10i128
+    let Some(units) = 10i64
         .checked_pow(dg.prec - scale)
-        .and_then(|p| v.mantissa().checked_mul(p))
-        .and_then(|u| i64::try_from(u).ok())
+        .zip(i64::try_from(v.mantissa()).ok())
+        .and_then(|(p, m)| m.checked_mul(p))
     else {
-        return;
+        return; // beyond 18 digits: no instrument's
     };
     if units.unsigned_abs() < 10 {
         return; // one significant digit: the last digit is also the first
@@ -605,10 +605,50 @@ fn fmix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Folds one normalised step (mantissa and scale) into the window's hash.
-fn mix(h: u64, step: Decimal) -> u64 {
-    let m = step.mantissa();
-    let x = fmix(m as u64 ^ fmix((m >> 64) as u64 ^ u64::from(step.scale())));
+/// The exact difference between two consecutive values, normalised (no trailing
+/// zeros, zero with scale 0), so that `0.10` and `0.1` are the same step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Step {
+    mantissa: i128,
+    scale: u32,
+}
+
+impl Step {
+    /// `v - prev`. Values of one factor nearly always have the same scale: their
+    /// mantissas are subtracted directly (in 64 bits when they fit, as they do for
+    /// any measured value), else through `Decimal`.
+    fn between(prev: Decimal, v: Decimal) -> Step {
+        if prev.scale() == v.scale() {
+            let (a, b) = (prev.mantissa(), v.mantissa());
+            if let (Ok(a), Ok(b)) = (i64::try_from(a), i64::try_from(b)) {
+                if let Some(mut d) = b.checked_sub(a) {
+                    let mut scale = v.scale();
+                    if d == 0 {
+                        scale = 0;
+                    }
+                    while scale > 0 && d % 10 == 0 {
+                        d /= 10;
+                        scale -= 1;
+                    }
+                    return Step {
+                        mantissa: i128::from(d),
+                        scale,
+                    };
+                }
+            }
+        }
+        let d = (v - prev).normalize();
+        Step {
+            mantissa: d.mantissa(),
+            scale: d.scale(),
+        }
+    }
+}
+
+/// Folds one step into the window's hash.
+fn mix(h: u64, step: Step) -> u64 {
+    let m = step.mantissa;
+    let x = fmix(m as u64 ^ fmix((m >> 64) as u64 ^ u64::from(step.scale)));
     fmix(h.rotate_left(23) ^ x)
 }
 
@@ -737,6 +777,30 @@ mod tests {
         let mut c = cfg();
         c.disabled = vec!["value.spike".into(), "digits.biased".into()];
         c
+    }
+
+    /// The fast path of a step equals the decimal difference, normalised.
+    #[test]
+    fn steps_are_exact_normalised_differences() {
+        let d = |x: &str| x.parse::<Decimal>().unwrap();
+        for (a, b) in [
+            ("12.50", "12.60"),
+            ("12.50", "12.50"),
+            ("12.5", "12.60"),
+            ("-3.000", "4.000"),
+            ("100", "70"),
+            ("0.0001", "0.0011"),
+            ("79228162514264337593543950335", "1"),
+        ] {
+            let (a, b) = (d(a), d(b));
+            let n = (b - a).normalize();
+            let s = Step::between(a, b);
+            assert_eq!(
+                (s.mantissa, s.scale),
+                (n.mantissa(), n.scale()),
+                "{a} -> {b}"
+            );
+        }
     }
 
     #[test]
