@@ -12,6 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, FixedOffset, Timelike};
+use hj212_gateway::cmd::replay::{self, Pacing, ReplayArgs, Split};
 use hj212_gateway::config::Config;
 use hj212_gateway::protocol::reply;
 use hj212_gateway::store::{AlarmFilter, AlarmRow, AlarmStore};
@@ -236,6 +237,34 @@ fn copied_cloned_and_made_up_series_raise_through_serve() {
         .filter(|r| r.mn == HONEST || (r.mn == ORIG && forged.contains(&r.kind.as_str())))
         .collect();
     assert!(honest_rows.is_empty(), "{honest_rows:#?}");
+
+    // The audit replay of the same log (the daemon still running) finds the same.
+    let args = ReplayArgs {
+        inputs: vec![db.clone()],
+        to: None,
+        pacing: Pacing::Rate(1.0),
+        split: Split::Mn,
+        ack_timeout: Duration::from_secs(1),
+        server_port: None,
+        report: None,
+        config: Some(Config::parse(CONFIG, Path::new("t")).unwrap()),
+    };
+    let report = replay::run(&args, &mut Vec::new()).expect("replay");
+    let found = |mn: &str, kind: &str| {
+        report
+            .alarms
+            .iter()
+            .filter(|a| a["mn"] == mn && a["kind"] == kind)
+            .count()
+    };
+    assert_eq!(found(CLONE, "device.cloned"), 2, "replay");
+    assert_eq!(found(COPY, "series.copied"), 2, "replay");
+    assert_eq!(found(DIGITS, "digits.biased"), 2, "replay");
+    assert_eq!(
+        found(ORIG, "device.cloned") + found(HONEST, "series.copied"),
+        0
+    );
+    drop(gw);
 }
 
 /// False alarms on `simulate`'s clean traffic, replayed fast: its own value
