@@ -1002,6 +1002,14 @@ mod tests {
         assert!(raised(&ev, DetectorKind::DeviceCloned).is_empty(), "{ev:?}");
     }
 
+    /// The fixed part of a factor's state (README: "Cost").
+    #[test]
+    fn a_factor_state_is_small() {
+        let n = std::mem::size_of::<FactorForgery>();
+        println!("FactorForgery: {n} bytes");
+        assert!(n <= 800, "{n} bytes");
+    }
+
     #[test]
     fn the_clone_map_stays_within_its_cap() {
         let mut c = only_copy();
