@@ -154,11 +154,30 @@ struct Acc {
     last_seq: u64,
 }
 
-/// A judged window of the past.
+/// A judged window of the past in 8 bytes: the low 48 bits of its hash (an honest
+/// collision among a factor's few dozen windows: ~1e-12) and the window number
+/// modulo 2^16 (windows of one deque are never that far apart but for a DataTime
+/// jumping years, which at worst compares against a stale fingerprint).
 #[derive(Debug, Clone, Copy)]
-struct Fp {
-    hash: u64,
-    window: i64,
+struct Fp(u64);
+
+const HASH_BITS: u32 = 48;
+const HASH_MASK: u64 = (1 << HASH_BITS) - 1;
+
+impl Fp {
+    fn new(hash: u64, window: i64) -> Fp {
+        Fp((hash & HASH_MASK) | ((window as u64) << HASH_BITS))
+    }
+
+    fn same(self, hash: u64) -> bool {
+        self.0 & HASH_MASK == hash & HASH_MASK
+    }
+
+    /// Its window, given a window `now` not before it and less than 2^16 after.
+    fn window(self, now: i64) -> i64 {
+        let back = (now as u64).wrapping_sub(self.0 >> HASH_BITS) & 0xFFFF;
+        now - back as i64
+    }
 }
 
 #[derive(Debug, Default)]
@@ -420,9 +439,13 @@ impl Forgery {
             Level::HourDay => self.lookback_days,
             _ => self.lookback_hours,
         } as i64;
-        while ls.past.front().is_some_and(|p| {
-            done.window - p.window > lookback || ls.past.len() >= lookback as usize
-        }) {
+        // Every judged window of the last `lookback` is compared, then the deque
+        // keeps at most `lookback` of them.
+        while ls
+            .past
+            .front()
+            .is_some_and(|p| done.window - p.window(done.window) > lookback)
+        {
             ls.past.pop_front();
         }
         let bit = 1u8 << (level as u8);
@@ -437,10 +460,10 @@ impl Forgery {
                 .unwrap_or_default()
         };
         if s.copy_on {
-            let earlier = ls.past.iter().rev().find(|p| p.hash == done.hash).copied();
+            let earlier = ls.past.iter().rev().find(|p| p.same(done.hash)).copied();
             if let Some(p) = earlier {
                 st.copied |= bit;
-                let (this, that) = (when(done.window), when(p.window));
+                let (this, that) = (when(done.window), when(p.window(done.window)));
                 sink.raise(Raise {
                     key: key(DetectorKind::SeriesCopied, o, f),
                     severity: Severity::Critical,
@@ -465,10 +488,10 @@ impl Forgery {
                     sink.clear(DetectorKind::SeriesCopied, f, t);
                 }
             }
-            ls.past.push_back(Fp {
-                hash: done.hash,
-                window: done.window,
-            });
+            if ls.past.len() >= lookback as usize {
+                ls.past.pop_front();
+            }
+            ls.past.push_back(Fp::new(done.hash, done.window));
         }
         if s.clone_on {
             let k = clone_key(done.hash, f, level, done.window);
@@ -890,6 +913,29 @@ mod tests {
         assert!(raised(&ev, DetectorKind::SeriesCopied).is_empty(), "{ev:?}");
         let levels = &e_state(&e, "M1").levels[Level::RtdHour as usize];
         assert!(levels.past.len() <= 2, "bounded: {}", levels.past.len());
+        // A copy of the window two back is within the look-back.
+        let b = noisy(12, 120);
+        feed(&mut e, &mut seq, "M1", T0 + 5 * HOUR_MS, &b);
+        feed(&mut e, &mut seq, "M1", T0 + 6 * HOUR_MS, &noisy(13, 120));
+        let mut ev = feed(&mut e, &mut seq, "M1", T0 + 7 * HOUR_MS, &b);
+        ev.extend(closer(&mut e, &mut seq, "M1", T0 + 8 * HOUR_MS));
+        let r = raised(&ev, DetectorKind::SeriesCopied);
+        assert_eq!(r.len(), 1, "{ev:?}");
+        assert!(
+            r[0].message_en.contains("repeats the one from"),
+            "{}",
+            r[0].message_en
+        );
+    }
+
+    #[test]
+    fn fingerprints_recover_their_window() {
+        for (w, now) in [(5i64, 5i64), (491_000, 491_744), (65_535, 65_536), (-3, 10)] {
+            let p = Fp::new(0xDEAD_BEEF_1234_5678, w);
+            assert_eq!(p.window(now), w);
+            assert!(p.same(0x0000_BEEF_1234_5678));
+            assert!(!p.same(0x0000_BEEF_1234_5679));
+        }
     }
 
     fn e_state<'a>(e: &'a Engine, mn: &str) -> &'a FactorForgery {

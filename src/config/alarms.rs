@@ -159,7 +159,7 @@ impl Default for AlarmsSection {
             max_factors_per_device: 256,
             max_store_failures: 10,
             copy_min_changes: 10,
-            copy_lookback_hours: 48,
+            copy_lookback_hours: 24,
             copy_lookback_days: 31,
             clone_max_fingerprints: 100_000,
             digits_window: 300,
@@ -418,7 +418,7 @@ mod tests {
         );
         assert!(err("[alarms]\nstuck = 3").contains("stuck"));
         assert_eq!(c.alarms.digits_window, 300);
-        assert_eq!(c.alarms.copy_lookback_hours, 48);
+        assert_eq!(c.alarms.copy_lookback_hours, 24);
         for (text, key) in [
             (
                 "[alarms]\ncopy_min_changes = 2",
