@@ -28,6 +28,12 @@
 //! fingerprint of the window being built. A window is judged when the first sample
 //! of a later window arrives.
 //!
+//! `device.cloned` compares a window's fingerprint (with its factor, series and
+//! window) against those every other device sent for the same window, held in one map
+//! capped at `clone_max_fingerprints`. It is raised on the device whose window
+//! completed later only, naming the other MN: the later one is usually the copy, and
+//! an alarm on the original would accuse the victim.
+//!
 //! **Digits** (`digits.biased`). Of 2011 `Rtd` values flagged `N`, the last digit at
 //! the factor's precision is counted over consecutive windows of `digits_window`
 //! values, and a chi-square test with 9 degrees of freedom says whether the ten
@@ -43,7 +49,7 @@
 //! first). A window is structural, and not judged, when its values span fewer than
 //! `digits_min_span` units of the last digit (too few distinct values for the digit
 //! to be noise), when every digit is even or every digit is 0 or 5 (the
-//! instrument's resolution), and when fewer than half of its values were sent with
+//! instrument's resolution), or when fewer than half of its values were sent with
 //! the full number of decimals (a stray extra decimal: the next window counts at
 //! the precision of the latest value).
 
@@ -54,8 +60,8 @@ use rust_decimal::Decimal;
 use super::{AlarmKey, DetectorKind, Obs, Raise, Severity};
 use crate::config::{AlarmsSection, FactorAlarms};
 
-/// Raise `digits.biased` again only after the test passes at this level (hysteresis:
-/// a biased series hovering around the raise threshold must not flap).
+/// `digits.biased` clears only when a window passes the test at this level
+/// (hysteresis: a biased series hovering around the raise threshold must not flap).
 const CLEAR_SIGNIFICANCE: f64 = 0.01;
 /// Consecutive windows that must fail the digit test to raise `digits.biased`: one
 /// honest window in 1/significance fails, two in a row almost never.
