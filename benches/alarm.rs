@@ -7,7 +7,9 @@
 //! - `from_record`: `Obs::from_record` (stored doc and findings text -> observation);
 //! - `observe`: `Engine::observe` on a ready observation;
 //! - `feed`: `Feeder::feed`, what the detector task does per record (both of the above
-//!   plus the clock tick).
+//!   plus the clock tick);
+//! - `observe-new`: `Engine::observe` with the detectors of issue 24 ([`NEW_DETECTORS`])
+//!   off: `observe` minus this is what they cost per record.
 //!
 //! 1000 devices report round-robin, 30 s apart per device; values vary as
 //! `simulate`'s do, so no alarm fires and the detectors' quiet path is measured.
@@ -43,6 +45,8 @@ const WARMUP_ROUNDS: u64 = 70;
 const ROUNDS: u64 = 150;
 /// Beijing time, as `simulate` sends by default.
 const TZ_S: i32 = 8 * 3600;
+/// The detectors issue 24 added, measured together by switching them off.
+const NEW_DETECTORS: &[&str] = &["series.copied", "device.cloned", "digits.biased"];
 
 /// One round: one 2011 record per device at `round`, stored as a session stores it.
 fn round_records(round: u64, seq: &mut u64, rngs: &mut [u64]) -> Vec<StoredRecord> {
@@ -135,6 +139,9 @@ fn report(name: &str, h: &Histogram<u64>, total: Duration, n: u64) {
 fn main() {
     let cfg = Config::parse("", std::path::Path::new("bench")).expect("default config");
     let mut feeder = Feeder::new(Engine::new(cfg.alarms.clone()));
+    let mut without_new = cfg.alarms.clone();
+    without_new.disabled = NEW_DETECTORS.iter().map(|k| (*k).to_owned()).collect();
+    let mut engine_old = Engine::new(without_new);
     let mut engine = Engine::new(cfg.alarms);
     let mut rngs: Vec<u64> = (0..DEVICES).map(|i| SEED ^ (i * 0x9E37_79B9)).collect();
     let mut seq = 0;
@@ -161,6 +168,7 @@ fn main() {
 
     let (mut h_parse, mut h_obs, mut h_feed) = (hist(), hist(), hist());
     let (mut t_parse, mut t_obs, mut t_feed) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let (mut h_old, mut t_old) = (hist(), Duration::ZERO);
     let mut events: Vec<AlarmEvent> = Vec::new();
     let mut measured = 0u64;
     for round in 0..WARMUP_ROUNDS + ROUNDS {
@@ -190,6 +198,16 @@ fn main() {
         }
 
         let t = Instant::now();
+        for o in &obs {
+            std::hint::black_box(engine_old.observe(o));
+        }
+        let dt = t.elapsed();
+        if warm {
+            t_old += dt;
+            h_old.record(dt.as_nanos() as u64 / n).expect("in range");
+        }
+
+        let t = Instant::now();
         for r in &recs {
             events.extend(feeder.feed(r, false));
         }
@@ -211,4 +229,10 @@ fn main() {
     report("from_record", &h_parse, t_parse, measured);
     report("observe", &h_obs, t_obs, measured);
     report("feed", &h_feed, t_feed, measured);
+    report("observe-new", &h_old, t_old, measured);
+    println!(
+        "new detectors ({}): {:.0} ns/record (observe minus observe-new)",
+        NEW_DETECTORS.join(", "),
+        (t_obs.as_nanos() as f64 - t_old.as_nanos() as f64) / measured as f64
+    );
 }

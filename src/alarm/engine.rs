@@ -31,6 +31,7 @@ use std::str::FromStr;
 
 use rust_decimal::Decimal;
 
+use super::forgery::{FactorForgery, Forgery};
 use super::window::Window;
 use super::{
     AlarmEvent, AlarmKey, DetectorKind, Factor, Obs, Raise, Severity, ShortText, Val, Values,
@@ -113,6 +114,8 @@ struct FactorState {
     /// minute average cannot clear (and re-raise) a bad real-time value.
     range_bad: BTreeSet<String>,
     mismatch_bad: BTreeSet<String>,
+    /// series.copied, device.cloned, digits.biased ([`super::forgery`]).
+    forgery: FactorForgery,
 }
 
 #[derive(Debug, Default)]
@@ -278,6 +281,8 @@ pub struct Engine {
     /// Values of factors not judged because their device had
     /// `max_factors_per_device` factors already, since start.
     untracked_factors: u64,
+    /// The falsification detectors' engine-wide state (cross-device fingerprints).
+    forgery: Forgery,
 }
 
 /// What the per-value detectors of one observation share.
@@ -305,6 +310,7 @@ impl Engine {
             mismatch_tolerance: dec(cfg.mismatch_tolerance),
             mismatch_abs: dec(cfg.mismatch_abs),
         };
+        let forgery = Forgery::new(&cfg);
         Engine {
             cfg,
             decimals,
@@ -313,6 +319,7 @@ impl Engine {
             unregistered: Recency::default(),
             evicted: 0,
             untracked_factors: 0,
+            forgery,
         }
     }
 
@@ -512,6 +519,7 @@ impl Engine {
             devices,
             active,
             untracked_factors,
+            forgery,
             ..
         } = self;
         let d = devices.get_mut(&o.mn).expect("inserted above");
@@ -584,8 +592,46 @@ impl Engine {
                 cx.hugging(st, f, hv, &fs);
             }
             cx.mismatch(st, f, vals, v, suffix, reference_o2);
+            let (c, t, normal) = (cx.cfg, cx.t, flag.is_none_or(|x| x == "N"));
+            forgery.value(c, &mut st.forgery, &mut cx, o, t, f, v, normal);
         }
         out
+    }
+}
+
+impl super::forgery::Sink for Cx<'_> {
+    fn raise(&mut self, r: Raise) {
+        Cx::raise(self, r);
+    }
+
+    fn clear(&mut self, kind: DetectorKind, factor: &str, end_ms: i64) {
+        let mn = &self.o.mn;
+        self.clear_lazy(
+            || AlarmKey {
+                kind,
+                mn: mn.clone(),
+                factor: factor.to_owned(),
+            },
+            end_ms,
+        );
+    }
+}
+
+#[cfg(test)]
+impl Engine {
+    /// The falsification detectors' state of one factor (tests of bounds).
+    pub(super) fn forgery_state(&self, mn: &str, f: &str) -> Option<&FactorForgery> {
+        let d = self.devices.get(mn)?;
+        let i = d
+            .factors
+            .binary_search_by(|(c, _)| c.as_str().cmp(f))
+            .ok()?;
+        Some(&d.factors[i].1.forgery)
+    }
+
+    /// The falsification detectors' engine-wide state.
+    pub(super) fn forgery(&self) -> &Forgery {
+        &self.forgery
     }
 }
 

@@ -27,11 +27,17 @@ pub enum DetectorKind {
     LimitHugging,
     /// `converted.mismatch`: a converted (Zs) value inconsistent with O2.
     ConvertedMismatch,
+    /// `series.copied`: an hour or day of a factor repeats an earlier one of the device.
+    SeriesCopied,
+    /// `device.cloned`: a window of a factor is the one another MN sent.
+    DeviceCloned,
+    /// `digits.biased`: the last digits of a factor are not used evenly.
+    DigitsBiased,
 }
 
 impl DetectorKind {
     /// Every detector, in the order the README's table and the metrics list them.
-    pub const ALL: [DetectorKind; 9] = [
+    pub const ALL: [DetectorKind; 12] = [
         DetectorKind::DeviceOffline,
         DetectorKind::DataGap,
         DetectorKind::TimeSkew,
@@ -41,6 +47,9 @@ impl DetectorKind {
         DetectorKind::FlagAbnormal,
         DetectorKind::LimitHugging,
         DetectorKind::ConvertedMismatch,
+        DetectorKind::SeriesCopied,
+        DetectorKind::DeviceCloned,
+        DetectorKind::DigitsBiased,
     ];
 
     /// The stored and exported name, e.g. `value.stuck`.
@@ -55,6 +64,9 @@ impl DetectorKind {
             DetectorKind::FlagAbnormal => "flag.abnormal",
             DetectorKind::LimitHugging => "limit.hugging",
             DetectorKind::ConvertedMismatch => "converted.mismatch",
+            DetectorKind::SeriesCopied => "series.copied",
+            DetectorKind::DeviceCloned => "device.cloned",
+            DetectorKind::DigitsBiased => "digits.biased",
         }
     }
 

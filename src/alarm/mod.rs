@@ -8,6 +8,7 @@
 
 mod doc;
 pub mod engine;
+mod forgery;
 mod kind;
 pub mod task;
 mod values;

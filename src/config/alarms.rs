@@ -21,6 +21,16 @@ pub struct FactorAlarms {
     pub stuck_count: Option<u32>,
     /// Overrides `alarms.spike_k` for this factor.
     pub spike_k: Option<f64>,
+    /// Overrides `alarms.copy_min_changes` for this factor.
+    pub copy_min_changes: Option<u32>,
+    /// Overrides `alarms.digits_window` for this factor; 0 switches `digits.biased`
+    /// off for it (a factor whose last digit is structural in a way the rule misses).
+    pub digits_window: Option<usize>,
+    /// Overrides `alarms.digits_significance` for this factor.
+    pub digits_significance: Option<f64>,
+    /// The factor comes from an instrument several devices share (a plant's
+    /// ambient temperature or pressure): `device.cloned` does not compare it.
+    pub shared: Option<bool>,
 }
 
 /// `[alarms.device.<MN>]`: per-device settings.
@@ -94,6 +104,26 @@ pub struct AlarmsSection {
     /// (dead letter `alarms`, reason `store_refused`) and the cursor moves on.
     /// 1..=1000.
     pub max_store_failures: u32,
+    /// `series.copied`, `device.cloned`: an hour or day window of a factor is
+    /// fingerprinted only if the step between its consecutive values changes at
+    /// least this often (constant series and straight ramps repeat honestly).
+    pub copy_min_changes: u32,
+    /// `series.copied`: hour windows (2011 `Rtd`, 2051 `Avg`) looked back over, and
+    /// fingerprints kept per factor and series (1..=744).
+    pub copy_lookback_hours: usize,
+    /// `series.copied`: day windows (2061 `Avg`) looked back over (1..=366).
+    pub copy_lookback_days: usize,
+    /// `device.cloned`: window fingerprints of all devices kept, the oldest
+    /// forgotten first (1000..=10000000).
+    pub clone_max_fingerprints: usize,
+    /// `digits.biased`: 2011 values per factor in each tested window (100..=10000).
+    pub digits_window: usize,
+    /// `digits.biased`: significance of each window's chi-square test
+    /// (1e-12..=0.05); two failed windows in a row raise.
+    pub digits_significance: f64,
+    /// `digits.biased`: the window's values must span at least this many units of
+    /// their last digit to be judged (10..=1000000).
+    pub digits_min_span: u32,
     /// Detectors switched off everywhere, e.g. `["value.stuck"]`.
     pub disabled: Vec<String>,
     /// Per-factor settings.
@@ -128,6 +158,13 @@ impl Default for AlarmsSection {
             max_unregistered_devices: 5000,
             max_factors_per_device: 256,
             max_store_failures: 10,
+            copy_min_changes: 10,
+            copy_lookback_hours: 24,
+            copy_lookback_days: 31,
+            clone_max_fingerprints: 100_000,
+            digits_window: 300,
+            digits_significance: 1e-5,
+            digits_min_span: 50,
             disabled: Vec::new(),
             factor: Default::default(),
             device: Default::default(),
@@ -202,6 +239,31 @@ impl AlarmsSection {
                 "max_factors_per_device",
                 !(1..=10_000).contains(&a.max_factors_per_device),
             ),
+            (
+                "copy_min_changes",
+                !(3..=1000).contains(&a.copy_min_changes),
+            ),
+            (
+                "copy_lookback_hours",
+                !(1..=744).contains(&a.copy_lookback_hours),
+            ),
+            (
+                "copy_lookback_days",
+                !(1..=366).contains(&a.copy_lookback_days),
+            ),
+            (
+                "clone_max_fingerprints",
+                !(1000..=10_000_000).contains(&a.clone_max_fingerprints),
+            ),
+            ("digits_window", !(100..=10_000).contains(&a.digits_window)),
+            (
+                "digits_significance",
+                !(1e-12..=0.05).contains(&a.digits_significance),
+            ),
+            (
+                "digits_min_span",
+                !(10..=1_000_000).contains(&a.digits_min_span),
+            ),
         ];
         for (k, wrong) in positive {
             if wrong {
@@ -255,6 +317,30 @@ impl AlarmsSection {
                 if fa.spike_k.is_some_and(|x| x <= 0.0) {
                     return Err(bad(k("spike_k"), "must be positive".into()));
                 }
+                if fa
+                    .copy_min_changes
+                    .is_some_and(|n| !(3..=1000).contains(&n))
+                {
+                    return Err(bad(k("copy_min_changes"), "must be in 3..=1000".into()));
+                }
+                if fa
+                    .digits_window
+                    .is_some_and(|n| n != 0 && !(100..=10_000).contains(&n))
+                {
+                    return Err(bad(
+                        k("digits_window"),
+                        "must be 0 (off) or in 100..=10000".into(),
+                    ));
+                }
+                if fa
+                    .digits_significance
+                    .is_some_and(|x| !(1e-12..=0.05).contains(&x))
+                {
+                    return Err(bad(
+                        k("digits_significance"),
+                        "must be in 1e-12..=0.05".into(),
+                    ));
+                }
             }
             Ok(())
         };
@@ -283,6 +369,9 @@ pub const DETECTORS: &[&str] = &[
     "flag.abnormal",
     "limit.hugging",
     "converted.mismatch",
+    "series.copied",
+    "device.cloned",
+    "digits.biased",
 ];
 
 #[cfg(test)]
@@ -328,5 +417,51 @@ mod tests {
                 .contains("`alarms.device.M1.reference_o2`")
         );
         assert!(err("[alarms]\nstuck = 3").contains("stuck"));
+        assert_eq!(c.alarms.digits_window, 300);
+        assert_eq!(c.alarms.copy_lookback_hours, 24);
+        for (text, key) in [
+            (
+                "[alarms]\ncopy_min_changes = 2",
+                "`alarms.copy_min_changes`",
+            ),
+            (
+                "[alarms]\ncopy_lookback_hours = 0",
+                "`alarms.copy_lookback_hours`",
+            ),
+            (
+                "[alarms]\ncopy_lookback_days = 400",
+                "`alarms.copy_lookback_days`",
+            ),
+            (
+                "[alarms]\nclone_max_fingerprints = 10",
+                "`alarms.clone_max_fingerprints`",
+            ),
+            ("[alarms]\ndigits_window = 50", "`alarms.digits_window`"),
+            (
+                "[alarms]\ndigits_significance = 0.5",
+                "`alarms.digits_significance`",
+            ),
+            ("[alarms]\ndigits_min_span = 1", "`alarms.digits_min_span`"),
+            (
+                "[alarms.factor.a21026]\ndigits_window = 20",
+                "`alarms.factor.a21026.digits_window`",
+            ),
+            (
+                "[alarms.device.M1.factor.a21026]\ndigits_significance = 0",
+                "`alarms.device.M1.factor.a21026.digits_significance`",
+            ),
+            (
+                "[alarms.factor.a21026]\ncopy_min_changes = 1",
+                "`alarms.factor.a21026.copy_min_changes`",
+            ),
+        ] {
+            assert!(err(text).contains(key), "{text}: {}", err(text));
+        }
+        let c = Config::parse(
+            "[alarms]\ndisabled = [\"digits.biased\"]\n[alarms.factor.a21026]\ndigits_window = 0",
+            Path::new("t"),
+        )
+        .unwrap();
+        assert_eq!(c.alarms.factor["a21026"].digits_window, Some(0));
     }
 }

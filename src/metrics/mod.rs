@@ -302,9 +302,8 @@ pub const DEAD_LETTER_CONSUMERS: [&str; 6] = [
 ];
 const DL_REASONS: usize = DEAD_LETTER_REASONS.len();
 
-/// Alarm detectors (`alarm::DetectorKind::ALL`, checked where that is in scope:
-/// `metrics::http`).
-pub const ALARM_KINDS: usize = 9;
+/// Alarm detectors (the length of `alarm::DetectorKind::ALL`).
+pub const ALARM_KINDS: usize = crate::alarm::DetectorKind::ALL.len();
 
 /// Per-upstream series, registered once per forwarder (names come from the config).
 #[derive(Debug, Default)]
