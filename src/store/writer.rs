@@ -247,7 +247,45 @@ struct Job {
     recs: Vec<NewRecord>,
     /// Downlink exchange outcomes, inserted in the same transaction.
     exchanges: Vec<NewExchange>,
-    reply: oneshot::Sender<Result<Vec<Appended>, StoreError>>,
+    /// Bytes to write to a socket once the records are durable.
+    early: Option<Early>,
+    reply: oneshot::Sender<Result<Replied, StoreError>>,
+}
+
+/// A device's socket, written by the writer thread right after a commit.
+///
+/// Why: a commit used to wake each waiting session (some thirty per commit at
+/// 5,000 frames/s) to write its own ack, and on two busy cores those tasks
+/// waited for a CPU about as long as they ran: that wait was most of the ack
+/// latency's tail. The writer thread runs above the sessions
+/// (`[store] writer_boost`), so it writes each ack the moment it may go out;
+/// the session, woken as before, writes only what the socket did not take.
+pub trait ReplySink: Send + Sync {
+    /// Writes what the socket takes now, without waiting.
+    fn try_write(&self, buf: &[u8]) -> std::io::Result<usize>;
+}
+
+impl ReplySink for tokio::net::TcpStream {
+    fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
+        tokio::net::TcpStream::try_write(self, buf)
+    }
+}
+
+struct Early {
+    sink: Arc<dyn ReplySink>,
+    bytes: bytes::Bytes,
+}
+
+/// What [`StoreHandle::append_then_reply`] resolves to.
+#[derive(Debug)]
+pub struct Replied {
+    /// One per record, in order.
+    pub appended: Vec<Appended>,
+    /// How many leading bytes of the reply the writer wrote (0 after an error
+    /// or a full socket buffer: the caller writes the rest and meets the error).
+    pub written: usize,
+    /// When the writer's write returned.
+    pub at: Instant,
 }
 
 enum Msg {
@@ -299,7 +337,24 @@ impl StoreHandle {
             return Ok(Vec::new());
         }
         let (reply, answer) = oneshot::channel();
-        self.submit(recs, reply).await?;
+        self.submit(recs, None, reply).await?;
+        Ok(answer.await.map_err(|_| StoreError::Closed)??.appended)
+    }
+
+    /// Like [`append_many`](Self::append_many), and once the records are
+    /// committed the writer thread writes `reply` to `sink` itself, as far as
+    /// the socket takes it without waiting ([`ReplySink`] says why). Nothing is
+    /// written unless the commit succeeded. The caller writes
+    /// `reply[written..]`.
+    pub async fn append_then_reply(
+        &self,
+        recs: Vec<NewRecord>,
+        sink: Arc<dyn ReplySink>,
+        reply: bytes::Bytes,
+    ) -> Result<Replied, StoreError> {
+        let (tx, answer) = oneshot::channel();
+        let early = (!reply.is_empty()).then_some(Early { sink, bytes: reply });
+        self.submit(recs, early, tx).await?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -314,7 +369,7 @@ impl StoreHandle {
         }
         // Nobody waits for the answer.
         let (reply, _) = oneshot::channel();
-        self.submit(recs, reply).await
+        self.submit(recs, None, reply).await
     }
 
     /// Validates `recs` and hands them to the writer as one job (waits only
@@ -322,7 +377,8 @@ impl StoreHandle {
     async fn submit(
         &self,
         recs: Vec<NewRecord>,
-        reply: oneshot::Sender<Result<Vec<Appended>, StoreError>>,
+        early: Option<Early>,
+        reply: oneshot::Sender<Result<Replied, StoreError>>,
     ) -> Result<(), StoreError> {
         if self.counters.closing.load(Ordering::Acquire) {
             return Err(StoreError::Closed);
@@ -334,6 +390,7 @@ impl StoreHandle {
             .send(Msg::Append(Job {
                 recs,
                 exchanges: Vec::new(),
+                early,
                 reply,
             }))
             .await
@@ -354,6 +411,7 @@ impl StoreHandle {
             .try_send(Msg::Append(Job {
                 recs: Vec::new(),
                 exchanges: vec![e],
+                early: None,
                 reply,
             }))
             .map_err(|e| match e {
@@ -612,12 +670,25 @@ impl Writer {
                             committed.push(stored(rec, *a, hash));
                         }
                     }
-                    answers.push((job.reply, res));
+                    answers.push((job.reply, res, job.early));
                 }
                 self.feed.publish(committed, self.next_seq - 1);
-                for (reply, res) in answers {
+                // Every ack first, then the wakeups: an ack waits for no session.
+                let mut written = Vec::with_capacity(answers.len());
+                for (_, _, early) in &answers {
+                    written.push(early.as_ref().map_or(0, |e| {
+                        // An error is the session's to meet on its own write.
+                        e.sink.try_write(&e.bytes).unwrap_or(0)
+                    }));
+                }
+                let at = Instant::now();
+                for ((reply, appended, _), written) in answers.into_iter().zip(written) {
                     // The waiter may have given up; the record is committed regardless.
-                    let _ = reply.send(Ok(res));
+                    let _ = reply.send(Ok(Replied {
+                        appended,
+                        written,
+                        at,
+                    }));
                 }
                 self.finish_checkpoint();
             }
@@ -959,6 +1030,84 @@ mod tests {
             findings: "[]".into(),
             doc: "{}".into(),
         }
+    }
+
+    /// A sink that hands every write to a channel, so the test sees which
+    /// thread wrote and when.
+    struct Tap(std::sync::mpsc::Sender<(Vec<u8>, std::thread::ThreadId)>);
+
+    impl ReplySink for Tap {
+        fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
+            let _ = self.0.send((buf.to_vec(), std::thread::current().id()));
+            Ok(buf.len())
+        }
+    }
+
+    /// The ack of a committed append goes out from the writer thread, before
+    /// (and without) the waiting task running again: the task here is polled
+    /// once to submit and then left alone until the bytes have arrived.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_writer_writes_the_reply_without_waking_the_waiter() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StoreConfig {
+            sync: super::super::SyncMode::Off,
+            ..StoreConfig::new(dir.path().join("f.sqlite"))
+        };
+        let (h, _join) = Store::open(cfg).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink: Arc<dyn ReplySink> = Arc::new(Tap(tx));
+        let reply = bytes::Bytes::from_static(b"##0000ack\r\n");
+        let mut fut = Box::pin(h.append_then_reply(
+            vec![inbound(b"##a", "20261207120000001")],
+            sink,
+            reply.clone(),
+        ));
+        assert!(futures::poll!(fut.as_mut()).is_pending());
+        // This (only) runtime thread blocks: the waiter cannot run meanwhile.
+        let (bytes, thread) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the writer wrote the reply");
+        assert_eq!(bytes, reply);
+        assert_ne!(thread, std::thread::current().id());
+        let r = fut.await.unwrap();
+        assert_eq!(r.written, reply.len());
+        assert_eq!(r.appended.len(), 1);
+        assert_eq!(r.appended[0].seq, 1);
+    }
+
+    /// Nothing is written for a batch whose commit failed: the reply would ack
+    /// a frame the log does not hold.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_refused_append_writes_no_reply() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StoreConfig {
+            sync: super::super::SyncMode::Off,
+            ..StoreConfig::new(dir.path().join("f.sqlite"))
+        };
+        let (h, _join) = Store::open(cfg).unwrap();
+        // Fails the commit: the table's CHECK refuses an inbound frame with
+        // this verdict, inside the writer's transaction.
+        let conn = Connection::open(dir.path().join("f.sqlite")).unwrap();
+        conn.execute_batch(
+            "CREATE TRIGGER refuse BEFORE INSERT ON records \
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+        )
+        .unwrap();
+        drop(conn);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink: Arc<dyn ReplySink> = Arc::new(Tap(tx));
+        let res = h
+            .append_then_reply(
+                vec![inbound(b"##a", "20261207120000002")],
+                sink,
+                bytes::Bytes::from_static(b"ack"),
+            )
+            .await;
+        assert!(res.is_err(), "{res:?}");
+        assert!(
+            rx.try_recv().is_err(),
+            "a reply went out for a failed commit"
+        );
     }
 
     /// A v3 log (retransmission index by MN) moves to the QN-ordered index, and a
