@@ -68,6 +68,7 @@ impl Store {
             cfg.feed_records,
             Arc::clone(&cfg.metrics),
         ));
+        let cfg_boost = cfg.writer_boost;
         let writer = Writer {
             feed: Arc::clone(&feed),
             conn,
@@ -78,6 +79,7 @@ impl Store {
             counters: Arc::clone(&counters),
             checkpointer: Some(checkpointer),
             finished_pass: 0,
+            acker: Acker::spawn(cfg_boost)?,
         };
         let boost = writer.cfg.writer_boost;
         let thread = std::thread::Builder::new()
@@ -252,14 +254,15 @@ struct Job {
     reply: oneshot::Sender<Result<Replied, StoreError>>,
 }
 
-/// A device's socket, written by the writer thread right after a commit.
+/// A device's socket, written right after a commit by the store's acker thread.
 ///
 /// Why: a commit used to wake each waiting session (some thirty per commit at
 /// 5,000 frames/s) to write its own ack, and on two busy cores those tasks
 /// waited for a CPU about as long as they ran: that wait was most of the ack
-/// latency's tail. The writer thread runs above the sessions
-/// (`[store] writer_boost`), so it writes each ack the moment it may go out;
-/// the session, woken as before, writes only what the socket did not take.
+/// latency's tail. The store's acker thread runs above the sessions like the
+/// writer (`[store] writer_boost`) and writes every ack of a commit in one pass
+/// the moment they may go out; the session, woken as before, writes only what
+/// the socket did not take.
 pub trait ReplySink: Send + Sync {
     /// Writes what the socket takes now, without waiting.
     fn try_write(&self, buf: &[u8]) -> std::io::Result<usize>;
@@ -281,10 +284,10 @@ struct Early {
 pub struct Replied {
     /// One per record, in order.
     pub appended: Vec<Appended>,
-    /// How many leading bytes of the reply the writer wrote (0 after an error
+    /// How many leading bytes of the reply the acker wrote (0 after an error
     /// or a full socket buffer: the caller writes the rest and meets the error).
     pub written: usize,
-    /// When the writer's write returned.
+    /// When the acker's writes of this commit had returned.
     pub at: Instant,
 }
 
@@ -342,7 +345,7 @@ impl StoreHandle {
     }
 
     /// Like [`append_many`](Self::append_many), and once the records are
-    /// committed the writer thread writes `reply` to `sink` itself, as far as
+    /// committed the store's acker thread writes `reply` to `sink`, as far as
     /// the socket takes it without waiting ([`ReplySink`] says why). Nothing is
     /// written unless the commit succeeded. The caller writes
     /// `reply[written..]`.
@@ -546,6 +549,88 @@ struct Writer {
     checkpointer: Option<Checkpointer>,
     /// The last of `Counters::complete_passes` this writer finished.
     finished_pass: u64,
+    acker: Acker,
+}
+
+/// One committed job's answer: its waiter, its results, its reply bytes.
+type Answer = (
+    oneshot::Sender<Result<Replied, StoreError>>,
+    Vec<Appended>,
+    Option<Early>,
+);
+
+/// The thread that writes each commit's acks and then wakes the waiting
+/// sessions, one pass per commit (see [`ReplySink`]). Not the writer thread
+/// itself: at saturation that thread is what every append queues behind, and
+/// some hundred `send`s per commit (each delivering an ack on loopback) would
+/// lengthen its cycle; handing a commit over costs one wakeup.
+///
+/// Unbounded by type, bounded by construction: every answer has a session
+/// waiting for it, and a session waits for one append at a time.
+struct Acker {
+    tx: Option<std::sync::mpsc::Sender<Vec<Answer>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Acker {
+    fn spawn(boost: u8) -> Result<Acker, StoreError> {
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<Answer>>();
+        let thread = std::thread::Builder::new()
+            .name("hj212-store-acker".into())
+            .spawn(move || {
+                // As urgent as the writer: an ack waits for this thread.
+                raise_priority(boost);
+                while let Ok(answers) = rx.recv() {
+                    answer_all(answers);
+                }
+            })
+            .map_err(|source| StoreError::Spawn { source })?;
+        Ok(Acker {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands a commit's answers over; answers them here if the thread is gone.
+    fn hand(&self, answers: Vec<Answer>) {
+        let Some(tx) = &self.tx else {
+            return answer_all(answers);
+        };
+        if let Err(std::sync::mpsc::SendError(answers)) = tx.send(answers) {
+            answer_all(answers);
+        }
+    }
+}
+
+impl Drop for Acker {
+    /// Every answer handed over is delivered before the writer is done.
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Writes every ack of one commit, then wakes the waiters: an ack waits for
+/// no session.
+fn answer_all(answers: Vec<Answer>) {
+    let mut written = Vec::with_capacity(answers.len());
+    for (_, _, early) in &answers {
+        written.push(early.as_ref().map_or(0, |e| {
+            // An error is the session's to meet on its own write.
+            e.sink.try_write(&e.bytes).unwrap_or(0)
+        }));
+    }
+    let at = Instant::now();
+    for ((reply, appended, _), written) in answers.into_iter().zip(written) {
+        // The waiter may have given up; the record is committed regardless.
+        let _ = reply.send(Ok(Replied {
+            appended,
+            written,
+            at,
+        }));
+    }
 }
 
 impl Writer {
@@ -673,23 +758,7 @@ impl Writer {
                     answers.push((job.reply, res, job.early));
                 }
                 self.feed.publish(committed, self.next_seq - 1);
-                // Every ack first, then the wakeups: an ack waits for no session.
-                let mut written = Vec::with_capacity(answers.len());
-                for (_, _, early) in &answers {
-                    written.push(early.as_ref().map_or(0, |e| {
-                        // An error is the session's to meet on its own write.
-                        e.sink.try_write(&e.bytes).unwrap_or(0)
-                    }));
-                }
-                let at = Instant::now();
-                for ((reply, appended, _), written) in answers.into_iter().zip(written) {
-                    // The waiter may have given up; the record is committed regardless.
-                    let _ = reply.send(Ok(Replied {
-                        appended,
-                        written,
-                        at,
-                    }));
-                }
+                self.acker.hand(answers);
                 self.finish_checkpoint();
             }
             Err((op, err)) => {
@@ -1066,7 +1135,7 @@ mod tests {
         // This (only) runtime thread blocks: the waiter cannot run meanwhile.
         let (bytes, thread) = rx
             .recv_timeout(Duration::from_secs(10))
-            .expect("the writer wrote the reply");
+            .expect("the acker wrote the reply");
         assert_eq!(bytes, reply);
         assert_ne!(thread, std::thread::current().id());
         let r = fut.await.unwrap();
