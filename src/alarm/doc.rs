@@ -356,7 +356,7 @@ fn raw_leaf(raw: &str) -> Result<Leaf, serde_json::Error> {
 /// A JSON number's text as serde_json (`arbitrary_precision`) hands it to
 /// [`LeafVisitor`]: integers that fit `u64` (non-negative) or `i64` (negative,
 /// but not `-0`) as integers, everything else as text.
-pub(super) fn number(t: &str) -> Option<Decimal> {
+fn number(t: &str) -> Option<Decimal> {
     if !t.starts_with('-') {
         if let Ok(u) = t.parse::<u64>() {
             return Some(Decimal::from(u));
@@ -466,7 +466,7 @@ impl Fields for &mut Code {
     }
 }
 
-pub(super) fn rfc3339_ms(t: &str) -> Option<i64> {
+fn rfc3339_ms(t: &str) -> Option<i64> {
     chrono::DateTime::parse_from_rfc3339(t)
         .ok()
         .map(|t| t.timestamp_millis())

@@ -15,24 +15,7 @@ mod window;
 
 use rust_decimal::Decimal;
 
-use hj212::cp::ValueKind;
-use hj212::{DeviceLookup, DeviceProfile, Dialect, Frame, Options};
-
 use crate::store::{Direction, Kind, StoredRecord, Verdict};
-
-/// Decodes a stored frame as it was first decoded: with its stored dialect,
-/// which a device's registry entry may have imposed.
-struct StoredDialect(Option<Dialect>);
-
-impl DeviceLookup for StoredDialect {
-    fn profile(&self, _mn: &str) -> Option<std::sync::Arc<DeviceProfile>> {
-        let d = self.0?;
-        Some(std::sync::Arc::new(DeviceProfile {
-            dialect: Some(d),
-            ..DeviceProfile::default()
-        }))
-    }
-}
 
 pub use kind::DetectorKind;
 pub use values::{Factor, ShortText, Values};
@@ -108,18 +91,9 @@ impl Obs {
     /// Builds the observation of a stored record; `None` for anything that is not an
     /// accepted inbound frame with an MN (replies, junk, rejected frames carry no
     /// trustworthy data).
-    ///
-    /// The values come from decoding the raw bytes again rather than from the
-    /// stored document: decoding is about half the cost of reading the
-    /// document's JSON (benches/README.md, issue 23), and a unit test holds
-    /// both to the same observation over the fixtures. An encrypted frame's
-    /// plaintext needs the device's key, so its document is read instead.
     pub fn from_record(r: &StoredRecord, video: bool) -> Option<Obs> {
         if r.direction != Direction::In || r.kind != Kind::Frame || r.verdict != Verdict::Accepted {
             return None;
-        }
-        if let Some(o) = Obs::from_raw(r, video) {
-            return Some(o);
         }
         Obs::from_doc(
             r.seq,
@@ -129,80 +103,6 @@ impl Obs {
             r.duplicate,
             video,
         )
-    }
-
-    /// The observation of a plain (unencrypted) accepted frame, decoded from
-    /// its raw bytes; `None` when the CP is encrypted or the frame names no MN
-    /// (then the document decides).
-    fn from_raw(r: &StoredRecord, video: bool) -> Option<Obs> {
-        let lookup = StoredDialect(r.dialect.as_deref().and_then(Dialect::parse));
-        let opts = Options::new(chrono::DateTime::from_timestamp_millis(r.received_at_ms)?);
-        let f = hj212::decode(bytes::Bytes::copy_from_slice(&r.raw), &opts, &lookup);
-        if f.encryption.is_some() {
-            return None;
-        }
-        let mut o = Obs::from_frame(r.seq, r.received_at_ms, &f, &r.findings, r.duplicate, video)?;
-        // The stored column is the document's `data_time`, in the device's zone.
-        o.data_time_ms = r.data_time.as_deref().and_then(doc::rfc3339_ms);
-        Some(o)
-    }
-
-    /// The observation of a decoded frame: the fields [`Obs::from_doc`] reads
-    /// from the frame's document (`hj212.frame.v1`), taken from the frame
-    /// itself. `data_time_ms` is the frame's DataTime as decoded.
-    pub fn from_frame(
-        seq: u64,
-        received_ms: i64,
-        f: &Frame,
-        findings: &str,
-        duplicate: bool,
-        video: bool,
-    ) -> Option<Obs> {
-        let mn = f.mn().filter(|m| !m.is_empty())?.to_owned();
-        let mut values = Values::default();
-        let mut loose = String::new();
-        for p in &f.pairs {
-            let (Some(c), Some(s)) = (p.code, p.suffix) else {
-                continue;
-            };
-            let code = String::from_utf8_lossy(f.bytes(c));
-            let suffix = String::from_utf8_lossy(f.bytes(s));
-            let text = String::from_utf8_lossy(f.bytes(p.value));
-            // As the document renders each kind (hj212::json).
-            let val = match p.kind {
-                ValueKind::Number => doc::number(&text).map(Val::Num),
-                ValueKind::LooseNumber => {
-                    loose.clear();
-                    hj212::json::normalise_number(&mut loose, &text);
-                    doc::number(&loose).map(Val::Num)
-                }
-                ValueKind::Text => Some(Val::Text(ShortText::new(&text))),
-            };
-            // Of a repeated suffix the document keeps the last, in its place.
-            values.remove(&code, &suffix);
-            if let Some(v) = val {
-                values.insert(&code, &suffix, v);
-            }
-        }
-        Some(Obs {
-            seq,
-            received_ms,
-            mn,
-            cn: f.cn().unwrap_or_default().to_owned(),
-            data_time_ms: f.data_time.map(|t| {
-                if f.data_time_ms {
-                    t.timestamp_millis()
-                } else {
-                    t.timestamp() * 1000
-                }
-            }),
-            rf: f.rf(),
-            duplicate,
-            findings: doc::finding_codes(findings),
-            values,
-            video,
-            registered: false,
-        })
     }
 
     /// Builds an observation from a frame document (`hj212.frame.v1` text, as stored
@@ -286,98 +186,5 @@ impl AlarmEvent {
             AlarmEvent::Raise(r) => &r.key,
             AlarmEvent::Clear { key, .. } => key,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::NewRecord;
-
-    fn stored(rec: NewRecord) -> StoredRecord {
-        StoredRecord {
-            seq: 7,
-            received_at_ms: rec.received_at_ms,
-            peer: rec.peer,
-            session: rec.session,
-            direction: rec.direction,
-            kind: rec.kind,
-            raw: rec.raw.to_vec(),
-            dialect: rec.dialect,
-            st: rec.st,
-            cn: rec.cn,
-            mn: rec.mn,
-            qn: rec.qn,
-            data_time: rec.data_time,
-            verdict: rec.verdict,
-            duplicate: false,
-            findings: rec.findings,
-            doc: rec.doc,
-            hash: [0; 32],
-        }
-    }
-
-    /// What the engine sees of an observation.
-    fn seen(o: &Obs) -> String {
-        format!(
-            "{} {} {:?} {} {:?} {:?}",
-            o.mn, o.cn, o.data_time_ms, o.rf, o.findings, o.values
-        )
-    }
-
-    /// `from_record` decodes the raw bytes; the observation must be the one
-    /// the stored document gives, for every fixture frame and for values the
-    /// fixtures lack (loose numbers, repeated suffixes and codes, numbers no
-    /// decimal holds, text with JSON escapes).
-    #[test]
-    fn the_raw_bytes_and_the_document_give_the_same_observation() {
-        let now = chrono::DateTime::parse_from_rfc3339("2026-12-07T04:00:00Z")
-            .unwrap()
-            .to_utc();
-        let odd: &[&str] = &[
-            "QN=20261207120000001;ST=22;CN=2011;PW=123456;MN=010000A8900016F000169DC0;Flag=4;CP=&&DataTime=20261207115959;a01012-Rtd=+007.50,a01012-Flag=N;a01011-Rtd=1e3,a01012-Rtd=12.0,a01012-Flag=D;a34013-Rtd=99999999999999999999999999999999999,a34013-Rtd=5;w01018-Info=a\"b\\c;a21026-Rtd=-0,a21026-Min=-0.00&&",
-            "QN=20261207120000002;ST=22;CN=2051;PW=123456;MN=010000A8900016F000169DC0;Flag=4;CP=&&DataTime=20261207115900;a34013-Avg=5,a34013-Avg=99999999999999999999999999999999999;a01012-Avg=00012&&",
-        ];
-        let mut frames: Vec<Vec<u8>> = crate::protocol::fixture_frames();
-        for seg in odd {
-            frames.push(hj212::reply::envelope(seg.as_bytes()).to_vec());
-        }
-        let mut compared = 0;
-        for raw in frames {
-            let f = hj212::decode(bytes::Bytes::from(raw), &Options::new(now), &());
-            let rec = stored(crate::ingest::frame_record(
-                &f,
-                "10.0.0.1:1",
-                1,
-                Direction::In,
-                now.timestamp_millis(),
-                true,
-            ));
-            let by_doc = Obs::from_doc(
-                rec.seq,
-                rec.received_at_ms,
-                &rec.doc,
-                &rec.findings,
-                false,
-                false,
-            );
-            let Some(by_raw) = Obs::from_raw(&rec, false) else {
-                assert!(
-                    f.encryption.is_some() || by_doc.is_none(),
-                    "no observation from {:?}",
-                    String::from_utf8_lossy(&rec.raw)
-                );
-                continue;
-            };
-            let by_doc = by_doc.expect("a document where the raw bytes give an observation");
-            assert_eq!(
-                seen(&by_raw),
-                seen(&by_doc),
-                "{}",
-                String::from_utf8_lossy(&rec.raw)
-            );
-            compared += 1;
-        }
-        assert!(compared > 100, "only {compared} frames compared");
     }
 }

@@ -271,30 +271,6 @@ impl Values {
         }
     }
 
-    /// Removes `suffix` of `code` (the factor stays, perhaps empty): a repeated
-    /// suffix whose last value is unusable.
-    pub(super) fn remove(&mut self, code: &str, suffix: &str) {
-        let Ok(i) = self
-            .factors
-            .binary_search_by(|s| s.code.as_bytes().cmp(code.as_bytes()))
-        else {
-            return;
-        };
-        let (start, end) = (self.factors[i].start, self.factors[i].end);
-        let Some(k) = self.vals[start..end].iter().position(|(s, _)| s.is(suffix)) else {
-            return;
-        };
-        self.vals.remove(start + k);
-        for (j, s) in self.factors.iter_mut().enumerate() {
-            if j == i {
-                s.end -= 1;
-            } else if s.start > start + k {
-                s.start -= 1;
-                s.end -= 1;
-            }
-        }
-    }
-
     // Building while reading a document (doc.rs): factors in document order,
     // each factor's values appended after the earlier factors', then `sort`.
 

@@ -248,13 +248,6 @@ fn push_u32(out: &mut String, v: u32) {
 
 /// Normalises a loose decimal (`+1`, `.5`, `1.`, `007`) to JSON number syntax,
 /// written straight into `out`.
-/// Appends a loose number's text (`+5`, `007.50`) as the document renders it:
-/// no `+`, no leading zeros (`5`, `7.50`). For consumers that rebuild a value
-/// from the frame instead of the document.
-pub fn normalise_number(out: &mut String, v: &str) {
-    push_normalised(out, v);
-}
-
 fn push_normalised(out: &mut String, v: &str) {
     let (sign, body) = match v.as_bytes().first() {
         Some(b'-') => ("-", &v[1..]),
