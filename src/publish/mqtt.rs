@@ -2,6 +2,18 @@
 //!
 //! This is the only module that touches the MQTT client crate (rumqttc).
 //!
+//! # Two connections at QoS 1
+//!
+//! rumqttc writes every publish with a system call of its own. At QoS 1 the data
+//! path (records, merged groups, alarms, re-drives) therefore goes over a second
+//! connection, [`wire`], client id `{client_id}-data`, that writes every publish
+//! ready at once in one buffer; rumqttc keeps the retained gateway status with
+//! its last will, device presence and checkpoints. The two are one unit: either
+//! failing drops both, and the next connection of both starts at the cursors.
+//! While publishes are in flight the data connection is refilled once an eighth
+//! of its window is free, so a backlog leaves in large writes rather than one
+//! publish per acknowledgement. QoS 0 and 2 use rumqttc for everything.
+//!
 //! # Why it does not trust the client's queue
 //!
 //! rumqttc keeps un-acknowledged QoS 1 publishes in memory and clears them when
@@ -15,13 +27,15 @@
 //!   `try_publish` (the request channel is larger than that, so it never fills).
 //! - Each publish is matched to its log seq through the order of the client's
 //!   `Outgoing::Publish(pkid)` events (the client sends requests in order), then
-//!   to its PUBACK (QoS 1) or PUBCOMP (QoS 2) by packet id.
+//!   to its PUBACK (QoS 1) or PUBCOMP (QoS 2) by packet id. The data connection
+//!   assigns packet ids itself and keeps the tag with each.
 //! - The cursor `mqtt` advances only to the highest seq whose own
 //!   acknowledgement and all earlier ones have arrived; records that are not
 //!   published count as done at once.
 //! - Any connection error drops the client and its event loop entirely; the
 //!   next connection is a fresh client (clean session) that starts again at the
-//!   cursor. Duplicates are bounded by what was in flight.
+//!   cursor. Duplicates are bounded by what was in flight; a record or alarm
+//!   sent again on a later data connection carries the DUP flag.
 //! - Ingest never waits: sessions only append to the log; presence changes go
 //!   through [`Presence`], which never blocks.
 //!
