@@ -10,7 +10,8 @@
 //! The broker's pid is printed for tracing its system calls apart.
 //!
 //! Environment: `MQTT_BENCH_N` records (default 1000000), `MQTT_BENCH_INFLIGHT`
-//! (default: the config default), `MQTT_BENCH_DIR` where to put the files.
+//! (default: the config default), `MQTT_BENCH_DIR` where to put the files,
+//! `MQTT_BENCH_BROKER_CONF` extra mosquitto config lines.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -132,7 +133,10 @@ fn main() {
     let conf = dir.join("mosquitto.conf");
     std::fs::write(
         &conf,
-        format!("user root\nallow_anonymous true\nlog_dest none\nlistener {port} 127.0.0.1\n"),
+        format!(
+            "user root\nallow_anonymous true\nlog_dest none\nlistener {port} 127.0.0.1\n{}\n",
+            std::env::var("MQTT_BENCH_BROKER_CONF").unwrap_or_default()
+        ),
     )
     .unwrap();
     let mut broker = Command::new("/usr/sbin/mosquitto")
@@ -143,7 +147,7 @@ fn main() {
         .spawn()
         .expect("mosquitto (apt-get install mosquitto)");
     let broker_pid = broker.id().to_string();
-    println!("mosquitto pid {broker_pid}");
+    println!("mosquitto pid {broker_pid} port {port}");
     let up = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(

@@ -246,11 +246,7 @@ fn writes_to_port(trace: &str, port: u16) -> (u64, usize) {
     let mut writes = 0;
     let fd_of = |call: &str| -> Option<u32> {
         let args = call.split_once('(')?.1;
-        args.split(|c: char| c == ',' || c == ')')
-            .next()?
-            .trim()
-            .parse()
-            .ok()
+        args.split([',', ')']).next()?.trim().parse().ok()
     };
     for line in trace.lines() {
         // "PID name(fd, ...) = ret", or "PID <... name resumed> ...".
@@ -271,10 +267,10 @@ fn writes_to_port(trace: &str, port: u16) -> (u64, usize) {
                     fds.remove(&fd);
                 }
             }
-            "write" | "writev" | "sendto" | "sendmsg" => {
-                if fd_of(call).is_some_and(|fd| fds.contains(&fd)) {
-                    writes += 1;
-                }
+            "write" | "writev" | "sendto" | "sendmsg"
+                if fd_of(call).is_some_and(|fd| fds.contains(&fd)) =>
+            {
+                writes += 1;
             }
             _ => {}
         }

@@ -10,9 +10,7 @@
 //! ready at once in one buffer; rumqttc keeps the retained gateway status with
 //! its last will, device presence and checkpoints. The two are one unit: either
 //! failing drops both, and the next connection of both starts at the cursors.
-//! While publishes are in flight the data connection is refilled once an eighth
-//! of its window is free, so a backlog leaves in large writes rather than one
-//! publish per acknowledgement. QoS 0 and 2 use rumqttc for everything.
+//! QoS 0 and 2 use rumqttc for everything.
 //!
 //! # Why it does not trust the client's queue
 //!
@@ -889,10 +887,12 @@ impl Publisher {
     }
 
     /// Hands the data connection merged groups, alarms and re-drives, then data
-    /// records, up to the window. While publishes are in flight it waits until
-    /// an eighth of the window is free, so each write carries many publishes
-    /// instead of one per acknowledgement; below that (live traffic) every
-    /// message goes out at once. All of it leaves in the connection's next write.
+    /// records, up to the window; all of it leaves in the connection's next write.
+    /// It refills on every batch of acknowledgements, not once a share of the
+    /// window is free: holding writes back also holds back the TCP ACKs they
+    /// carry, and a broker with Nagle's algorithm on (mosquitto's default) then
+    /// holds its PUBACKs for the 40 ms delayed-ACK timer (a 1 M backlog drained
+    /// at 22,000 frames/s that way, against 52,000 with rumqttc).
     fn pump_wire(&mut self, w: &mut Wire<Tag>) {
         let (window, busy) = if self.suspects.is_empty() {
             (self.s.max_inflight, w.len())
@@ -900,7 +900,7 @@ impl Publisher {
             (1, w.len() + self.in_client)
         };
         let free = window.saturating_sub(busy);
-        if free == 0 || (busy > 0 && free < (window / 8).max(1)) {
+        if free == 0 {
             return;
         }
         let metrics = self.f.metrics().clone();
@@ -1569,7 +1569,8 @@ mod tests {
         let mut p = m.open(f).unwrap();
         assert_eq!((p.alarm_acked, p.alarm_next), (2, 2));
         p.read_alarms().await;
-        let queued: Vec<&[u8]> = p.ctrl.iter().map(|m| m.payload.as_slice()).collect();
+        // At QoS 1 (the default) alarms go to the data connection's queue.
+        let queued: Vec<&[u8]> = p.side.iter().map(|m| m.payload.as_slice()).collect();
         assert_eq!(queued, [b"{\"n\":3}".as_slice()], "resumes after event 2");
         // Acknowledged, the cursor is written to the new table.
         p.settle(Tag::Alarm(3));

@@ -36,6 +36,8 @@ use tokio::time::{Instant, Sleep};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest packet accepted from the broker: it only ever sends small acks.
 const MAX_INCOMING: usize = 64 << 10;
+/// Written bytes at the front of the write buffer that are dropped at once.
+const COMPACT_AT: usize = 256 << 10;
 /// Read buffer reserved before each read (PUBACKs are 4 bytes each).
 const READ_CHUNK: usize = 16 << 10;
 
@@ -204,10 +206,7 @@ impl<T> Wire<T> {
             pkid = pkid.wrapping_add(1);
         }
         self.next_pkid = pkid.wrapping_add(1);
-        if self.written == self.out.len() {
-            self.out.clear();
-            self.written = 0;
-        }
+        self.compact();
         encode_publish(&mut self.out, topic, payload, retain, dup, pkid);
         self.inflight.insert(pkid, tag);
     }
@@ -268,11 +267,20 @@ impl<T> Wire<T> {
     }
 
     fn queue(&mut self, bytes: &[u8]) {
+        self.compact();
+        self.out.extend_from_slice(bytes);
+    }
+
+    /// Drops what the socket took from the front of the buffer, so a socket
+    /// that is always a little behind does not let it grow with the backlog.
+    fn compact(&mut self) {
         if self.written == self.out.len() {
             self.out.clear();
             self.written = 0;
+        } else if self.written >= COMPACT_AT {
+            self.out.drain(..self.written);
+            self.written = 0;
         }
-        self.out.extend_from_slice(bytes);
     }
 
     async fn fill(&mut self) -> Result<(), WireError> {
