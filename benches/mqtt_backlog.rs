@@ -4,10 +4,14 @@
 //! real-time frames (decoded by the protocol layer, as ingest stores them),
 //! starts a local Debian `mosquitto` on a free loopback port, runs the publisher
 //! from cursor 0 and times until its persisted cursor reaches the last record
-//! (every frame PUBACKed, QoS 1). Prints frames/s.
+//! (every frame PUBACKed, QoS 1). Prints frames/s, and the CPU time per frame
+//! of this process (the publisher: log reads, planning, payloads, MQTT I/O) and
+//! of mosquitto over the drain, from `/proc/<pid>/stat` (clock ticks of 10 ms).
+//! The broker's pid is printed for tracing its system calls apart.
 //!
 //! Environment: `MQTT_BENCH_N` records (default 1000000), `MQTT_BENCH_INFLIGHT`
-//! (default: the config default), `MQTT_BENCH_DIR` where to put the files.
+//! (default: the config default), `MQTT_BENCH_DIR` where to put the files,
+//! `MQTT_BENCH_BROKER_CONF` extra mosquitto config lines.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -59,6 +63,19 @@ fn record(opts: &Options, n: u64) -> NewRecord {
         findings: serde_json::to_string(&f.findings).unwrap(),
         doc: json::frame_doc(&f),
     }
+}
+
+/// CPU time (user + system) of process `pid` ("self" for this one), in seconds.
+fn cpu_s(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // USER_HZ is 100 on Linux.
+    (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) as f64 / 100.0
 }
 
 fn build_log(path: &Path, n: u64) {
@@ -116,7 +133,10 @@ fn main() {
     let conf = dir.join("mosquitto.conf");
     std::fs::write(
         &conf,
-        format!("user root\nallow_anonymous true\nlog_dest none\nlistener {port} 127.0.0.1\n"),
+        format!(
+            "user root\nallow_anonymous true\nlog_dest none\nlistener {port} 127.0.0.1\n{}\n",
+            std::env::var("MQTT_BENCH_BROKER_CONF").unwrap_or_default()
+        ),
     )
     .unwrap();
     let mut broker = Command::new("/usr/sbin/mosquitto")
@@ -126,6 +146,8 @@ fn main() {
         .stderr(Stdio::null())
         .spawn()
         .expect("mosquitto (apt-get install mosquitto)");
+    let broker_pid = broker.id().to_string();
+    println!("mosquitto pid {broker_pid} port {port}");
     let up = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(
@@ -150,6 +172,7 @@ fn main() {
     let cursors = Cursors::open(&db).unwrap();
     let token = CancellationToken::new();
     let t1 = Instant::now();
+    let (cpu0, broker0) = (cpu_s("self"), cpu_s(&broker_pid));
     let task = {
         let _guard = rt.enter();
         mqtt::spawn(
@@ -172,6 +195,7 @@ fn main() {
         );
     }
     let took = t1.elapsed();
+    let (cpu, broker_cpu) = (cpu_s("self") - cpu0, cpu_s(&broker_pid) - broker0);
     token.cancel();
     let _ = rt.block_on(task);
     let _ = broker.kill();
@@ -180,5 +204,10 @@ fn main() {
         "mqtt backlog: {last} frames published (QoS 1, max_inflight {inflight}) and PUBACKed in {:.2} s = {:.0} frames/s",
         took.as_secs_f64(),
         last as f64 / took.as_secs_f64()
+    );
+    println!(
+        "cpu per frame: publisher {:.2} us, mosquitto {:.2} us",
+        cpu * 1e6 / last as f64,
+        broker_cpu * 1e6 / last as f64
     );
 }
