@@ -27,11 +27,16 @@ pub enum DetectorKind {
     LimitHugging,
     /// `converted.mismatch`: a converted (Zs) value inconsistent with O2.
     ConvertedMismatch,
+    /// `aggregate.mismatch`: a 2051/2061/2031 Avg/Min/Max the samples beneath it
+    /// do not allow.
+    AggregateMismatch,
+    /// `emission.mismatch`: a Cou inconsistent with concentration x flow x interval.
+    EmissionMismatch,
 }
 
 impl DetectorKind {
     /// Every detector, in the order the README's table and the metrics list them.
-    pub const ALL: [DetectorKind; 9] = [
+    pub const ALL: [DetectorKind; 11] = [
         DetectorKind::DeviceOffline,
         DetectorKind::DataGap,
         DetectorKind::TimeSkew,
@@ -41,6 +46,8 @@ impl DetectorKind {
         DetectorKind::FlagAbnormal,
         DetectorKind::LimitHugging,
         DetectorKind::ConvertedMismatch,
+        DetectorKind::AggregateMismatch,
+        DetectorKind::EmissionMismatch,
     ];
 
     /// The stored and exported name, e.g. `value.stuck`.
@@ -55,6 +62,8 @@ impl DetectorKind {
             DetectorKind::FlagAbnormal => "flag.abnormal",
             DetectorKind::LimitHugging => "limit.hugging",
             DetectorKind::ConvertedMismatch => "converted.mismatch",
+            DetectorKind::AggregateMismatch => "aggregate.mismatch",
+            DetectorKind::EmissionMismatch => "emission.mismatch",
         }
     }
 

@@ -304,7 +304,7 @@ const DL_REASONS: usize = DEAD_LETTER_REASONS.len();
 
 /// Alarm detectors (`alarm::DetectorKind::ALL`, checked where that is in scope:
 /// `metrics::http`).
-pub const ALARM_KINDS: usize = 9;
+pub const ALARM_KINDS: usize = crate::alarm::DetectorKind::ALL.len();
 
 /// Per-upstream series, registered once per forwarder (names come from the config).
 #[derive(Debug, Default)]
