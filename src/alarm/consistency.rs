@@ -738,7 +738,7 @@ fn emission_raise(
 ) -> Raise {
     let (lz, _, le, _) = NAMES[level];
     let (mn, at) = (&o.mn, time_text(dt));
-    let ev = e.value.round_dp(cou.scale().max(3).min(28));
+    let ev = e.value.round_dp(cou.scale().clamp(3, 28));
     let (zh, en) = match &e.flow {
         Some((code, q)) => (
             format!(
