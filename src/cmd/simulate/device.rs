@@ -108,9 +108,10 @@ impl Device {
         let edition = fleet::pick(&p.editions, index);
         let kind = fleet::pick(&p.kinds, index / fleet::weight(&p.editions));
         let n = p.devices.max(1);
-        // Real-time sends are spread evenly over one interval, after the ramp.
-        let phase = p.interval.mul_f64(pos as f64 / n as f64);
-        let first = sh.start + p.ramp + phase;
+        // Real-time sends are spread evenly over one interval after the ramp,
+        // in simulated time (with --speedup an interval passes faster).
+        let phase = p.interval.mul_f64(pos as f64 / n as f64).as_nanos() as i64;
+        let first = sh.sim_ns(sh.start + p.ramp) + phase;
         Device {
             index,
             edition,
@@ -124,7 +125,7 @@ impl Device {
             last_qn_ms: 0,
             last_qn: [b'0'; 17],
             interval: p.interval,
-            next_rt: sh.sim_ns(first),
+            next_rt: first,
             next_min: sh.first_minute_ms,
             next_hour: sh.first_hour_ms,
             next_day: sh.first_day_ms,
