@@ -35,8 +35,9 @@
 use std::str::FromStr;
 
 use rust_decimal::Decimal;
+use rust_decimal::prelude::ToPrimitive;
 
-use super::{DetectorKind, Obs, Raise, Severity, ShortText};
+use super::{DetectorKind, Obs, Raise, Severity, ShortText, Val};
 use crate::config::{AggregateStamp, AlarmsSection, FactorAlarms, FlowUnit, MINUTE_INTERVALS};
 
 /// Factors per device whose consistency is tracked (real stacks and outfalls have
@@ -135,7 +136,8 @@ impl DevSet {
     }
 }
 
-/// Per-factor tolerances as decimals (fractions, not percent).
+/// Per-factor tolerances as decimals (fractions, not percent), and as f64 for
+/// the quiet path's first look ([`clearly_within`]).
 #[derive(Debug, Clone, Copy)]
 struct FSet {
     agg_tol: Decimal,
@@ -143,6 +145,24 @@ struct FSet {
     em_tol: Decimal,
     em_abs: Decimal,
     cou_scale: Decimal,
+    agg_tol_f: f64,
+    agg_abs_f: f64,
+    em_tol_f: f64,
+    em_abs_f: f64,
+    cou_scale_f: f64,
+}
+
+fn f64_of(d: Decimal) -> f64 {
+    d.to_f64().unwrap_or(f64::NAN)
+}
+
+/// A first look in f64 that only ever says "fine": `|x - y|` within half of the
+/// larger of `tol x |y|` and `abs`. Decimal arithmetic is several times dearer
+/// and every aggregate of every factor is checked; a value anywhere near the
+/// limit (or one f64 cannot hold) goes on to the exact decimal comparison,
+/// which alone decides a raise.
+fn clearly_within(x: f64, y: f64, tol: f64, abs: f64) -> bool {
+    x.is_finite() && y.is_finite() && (x - y).abs() <= 0.5 * (y.abs() * tol).max(abs)
 }
 
 fn dec(x: f64) -> Decimal {
@@ -178,7 +198,22 @@ impl FSet {
                 .or(g.emission_abs)
                 .unwrap_or(cfg.emission_abs)),
             cou_scale: dec(d.cou_scale.or(g.cou_scale).unwrap_or(1e-6)),
+            agg_tol_f: 0.0,
+            agg_abs_f: 0.0,
+            em_tol_f: 0.0,
+            em_abs_f: 0.0,
+            cou_scale_f: 0.0,
         }
+        .with_floats()
+    }
+
+    fn with_floats(mut self) -> FSet {
+        self.agg_tol_f = f64_of(self.agg_tol);
+        self.agg_abs_f = f64_of(self.agg_abs);
+        self.em_tol_f = f64_of(self.em_tol);
+        self.em_abs_f = f64_of(self.em_abs);
+        self.cou_scale_f = f64_of(self.cou_scale);
+        self
     }
 }
 
@@ -350,6 +385,12 @@ impl DeviceCons {
     /// The factor's state; `None` when it is new and [`MAX_FACTORS`] (or
     /// `max_factors_per_device`) are tracked already.
     fn factor(&mut self, code: &str, cap: usize) -> Option<&mut FactorCons> {
+        let i = self.index(code, cap)?;
+        Some(&mut self.factors[i].1)
+    }
+
+    /// [`Self::factor`]'s index.
+    fn index(&mut self, code: &str, cap: usize) -> Option<usize> {
         let i = match self
             .factors
             .binary_search_by(|(c, _)| c.as_bytes().cmp(code.as_bytes()))
@@ -362,7 +403,7 @@ impl DeviceCons {
                 i
             }
         };
-        Some(&mut self.factors[i].1)
+        Some(i)
     }
 
     /// The device's minute interval: configured, else learned.
@@ -374,8 +415,15 @@ impl DeviceCons {
         self.align[level].unwrap_or(if level == 2 { BEIJING_MIDNIGHT } else { 0 })
     }
 
-    /// One observation (an accepted, non-duplicate inbound frame).
-    pub(super) fn observe(&mut self, cfg: &AlarmsSection, o: &Obs, out: &mut Vec<Verdict>) {
+    /// One observation (an accepted, non-duplicate inbound frame). Clears are
+    /// only proposed when `active` (the device has an active alarm at all).
+    pub(super) fn observe(
+        &mut self,
+        cfg: &AlarmsSection,
+        o: &Obs,
+        active: bool,
+        out: &mut Vec<Verdict>,
+    ) {
         let set = *self.set.get_or_insert_with(|| DevSet::new(cfg, &o.mn));
         if !set.aggregate && !set.emission {
             return;
@@ -384,9 +432,9 @@ impl DeviceCons {
         let cap = MAX_FACTORS.min(cfg.max_factors_per_device);
         match o.cn.as_str() {
             "2011" if set.aggregate => self.sample(&set, o, dt, cap),
-            "2051" => self.aggregate(cfg, &set, o, dt, 0, cap, out),
-            "2061" => self.aggregate(cfg, &set, o, dt, 1, cap, out),
-            "2031" => self.aggregate(cfg, &set, o, dt, 2, cap, out),
+            "2051" => self.aggregate(cfg, &set, o, dt, 0, cap, active, out),
+            "2061" => self.aggregate(cfg, &set, o, dt, 1, cap, active, out),
+            "2031" => self.aggregate(cfg, &set, o, dt, 2, cap, active, out),
             _ => {}
         }
     }
@@ -400,14 +448,31 @@ impl DeviceCons {
         self.last_rt_ms = Some(self.last_rt_ms.map_or(dt, |p| p.max(dt)));
         let width = self.minute(set).unwrap_or(MINUTE);
         let start = floor_to(dt, width, self.align(0));
+        // Both lists are sorted by code and a device sends the same factors
+        // every time: the factor is usually the one after the previous.
+        let mut hint = 0;
         for f in o.values.iter() {
-            let Some(v) = f.num("Rtd") else { continue };
-            if f.text("Flag").is_some_and(|x| x != "N") {
-                continue;
+            let (mut rtd, mut normal) = (None, true);
+            for (suffix, v) in f.iter() {
+                match (suffix, v) {
+                    ("Rtd", Val::Num(d)) => rtd = Some(*d),
+                    ("Flag", Val::Text(t)) => normal = t.is("N"),
+                    _ => {}
+                }
             }
-            let Some(st) = self.factor(f.code(), cap) else {
+            let (Some(v), true) = (rtd, normal) else {
                 continue;
             };
+            let code = f.code();
+            let i = match self.factors.get(hint) {
+                Some((c, _)) if c.is(code) => hint,
+                _ => match self.index(code, cap) {
+                    Some(i) => i,
+                    None => continue,
+                },
+            };
+            hint = i + 1;
+            let st = &mut self.factors[i].1;
             // Strictly increasing DataTimes: a re-sent sample counts once.
             if st.last_sample_ms.is_some_and(|l| dt <= l) {
                 continue;
@@ -438,6 +503,7 @@ impl DeviceCons {
         dt: i64,
         level: usize,
         cap: usize,
+        active: bool,
         out: &mut Vec<Verdict>,
     ) {
         if level == 0 {
@@ -474,12 +540,19 @@ impl DeviceCons {
         });
         let flows = Flows::of(o, set.flow);
         for f in o.values.iter() {
-            let avg = f.num("Avg");
-            let (min, max, cou) = (f.num("Min"), f.num("Max"), f.num("Cou"));
-            if avg.is_none() && min.is_none() && max.is_none() {
-                continue;
+            let (mut avg, mut min, mut max, mut cou) = (None, None, None, None);
+            let mut normal = true;
+            for (suffix, v) in f.iter() {
+                match (suffix, v) {
+                    ("Avg", Val::Num(d)) => avg = Some(*d),
+                    ("Min", Val::Num(d)) => min = Some(*d),
+                    ("Max", Val::Num(d)) => max = Some(*d),
+                    ("Cou", Val::Num(d)) => cou = Some(*d),
+                    ("Flag", Val::Text(t)) => normal = t.is("N"),
+                    _ => {}
+                }
             }
-            if f.text("Flag").is_some_and(|x| x != "N") {
+            if (avg.is_none() && min.is_none() && max.is_none()) || !normal {
                 continue;
             }
             let code = f.code();
@@ -499,7 +572,7 @@ impl DeviceCons {
                     }
                     Some(Ok(())) => {
                         st.agg_bad &= !(1 << level);
-                        if st.agg_bad == 0 {
+                        if st.agg_bad == 0 && active {
                             out.push(Verdict::Clear {
                                 kind: key,
                                 factor: ShortText::new(code),
@@ -531,23 +604,24 @@ impl DeviceCons {
                 let (Some(a), Some(c), Some(secs)) = (avg, cou, secs) else {
                     continue;
                 };
-                let Some(e) = flows.expected(code, a, secs, fs.cou_scale) else {
-                    continue;
-                };
-                let allowed = (e.value.abs() * fs.em_tol).max(fs.em_abs) + e.slack + ulp(c);
-                if (c - e.value).abs() > allowed {
-                    st.em_bad |= 1 << level;
-                    out.push(Verdict::Raise(emission_raise(
-                        o, code, level, dt, c, a, secs, &e,
-                    )));
-                } else {
-                    st.em_bad &= !(1 << level);
-                    if st.em_bad == 0 {
-                        out.push(Verdict::Clear {
-                            kind: DetectorKind::EmissionMismatch,
-                            factor: ShortText::new(code),
-                        });
+                if !flows.clearly_fine(code, a, c, secs, &fs) {
+                    let Some(e) = flows.expected(code, a, secs, fs.cou_scale) else {
+                        continue;
+                    };
+                    let allowed = (e.value.abs() * fs.em_tol).max(fs.em_abs) + e.slack + ulp(c);
+                    if (c - e.value).abs() > allowed {
+                        st.em_bad |= 1 << level;
+                        let r = emission_raise(o, code, level, dt, c, a, secs, &e);
+                        out.push(Verdict::Raise(r));
+                        continue;
                     }
+                }
+                st.em_bad &= !(1 << level);
+                if st.em_bad == 0 && active {
+                    out.push(Verdict::Clear {
+                        kind: DetectorKind::EmissionMismatch,
+                        factor: ShortText::new(code),
+                    });
                 }
             }
         }
@@ -645,9 +719,17 @@ fn judge(
         }
     }
     if let (Some(a), true) = (avg, avg_ok) {
-        let mean = sum.checked_div(Decimal::from(n))?;
-        let allowed = (mean.abs() * fs.agg_tol).max(fs.agg_abs) + ulp(a) + sample_ulp;
-        if (a - mean).abs() > allowed {
+        let mean_f = f64_of(sum) / f64::from(n);
+        if clearly_within(f64_of(a), mean_f, fs.agg_tol_f, fs.agg_abs_f) {
+            return Some(Ok(()));
+        }
+        // |a - sum/n| > tol |sum/n| + slack, multiplied out by n.
+        let dn = Decimal::from(n);
+        let slack = ulp(a) + sample_ulp;
+        let diff = (a.checked_mul(dn)? - sum).abs();
+        let allowed = (sum.abs() * fs.agg_tol).max(fs.agg_abs * dn) + slack * dn;
+        if diff > allowed {
+            let mean = sum.checked_div(dn)?;
             let p = Problem::Avg {
                 avg: a,
                 mean: mean.round_dp(a.scale().max(coarse).min(28) + 1),
@@ -828,8 +910,32 @@ impl<'a> Flows<'a> {
             (false, Some(FlowUnit::CubicMetresPerSecond)) => Decimal::from(1000),
             (false, Some(FlowUnit::CubicMetresPerHour)) => d(5, 18),
         };
-        let table_to_m3 = if air { Decimal::ONE } else { d(1, 1000) };
+        let table_to_m3 = if air {
+            Decimal::ONE
+        } else {
+            Decimal::new(1, 3)
+        };
         (to_table, table_to_m3)
+    }
+
+    /// [`clearly_within`] for a `Cou`: false when the record lacks the flow or
+    /// the value is anywhere near the limit (the exact check decides then).
+    fn clearly_fine(&self, code: &str, avg: Decimal, cou: Decimal, secs: i64, fs: &FSet) -> bool {
+        let air_flow = AIR_FLOW.contains(&code);
+        let expected = if air_flow || WATER_FLOW.contains(&code) {
+            let (to_table, to_m3) = self.factors(air_flow);
+            f64_of(avg) * f64_of(to_table) * f64_of(to_m3) * secs as f64
+        } else {
+            let Some(air) = Flows::is_air(code) else {
+                return false;
+            };
+            let Some((_, q)) = (if air { self.air } else { self.water }) else {
+                return false;
+            };
+            let (to_table, _) = self.factors(air);
+            f64_of(avg) * f64_of(q) * f64_of(to_table) * secs as f64 * fs.cou_scale_f
+        };
+        clearly_within(f64_of(cou), expected, fs.em_tol_f, fs.em_abs_f)
     }
 
     /// The `Cou` that `avg` of `code` over `secs` implies, if the record has the flow.
@@ -1262,10 +1368,10 @@ mod tests {
                 t,
                 &[(code.as_str(), "Rtd", "1.5")],
             );
-            st.observe(&c, &rt, &mut out);
+            st.observe(&c, &rt, true, &mut out);
             let agg = [(code.as_str(), "Avg", "1.5"), ("a21026", "Avg", "1")];
             for cn in ["2051", "2061", "2031"] {
-                st.observe(&c, &obs(2 * i as u64 + 1, MN, cn, t, &agg), &mut out);
+                st.observe(&c, &obs(2 * i as u64 + 1, MN, cn, t, &agg), true, &mut out);
             }
         }
         assert_eq!(st.factors.len(), MAX_FACTORS);

@@ -590,7 +590,8 @@ impl Engine {
         }
         // aggregate.mismatch / emission.mismatch (src/alarm/consistency.rs).
         let mut verdicts = Vec::new();
-        d.consistency.observe(cx.cfg, o, &mut verdicts);
+        d.consistency
+            .observe(cx.cfg, o, cx.mn_active, &mut verdicts);
         for v in verdicts {
             match v {
                 Verdict::Raise(r) => cx.raise(r),
