@@ -13,6 +13,11 @@
 //!
 //! 1000 devices report round-robin, 30 s apart per device; values vary as
 //! `simulate`'s do, so no alarm fires and the detectors' quiet path is measured.
+//! Like `simulate`'s loggers, each device also sends the 2051 of every minute
+//! (and the 2061 of the hour) aggregated from its own samples, so the
+//! consistency detectors (`aggregate.mismatch`, `emission.mismatch`) judge real
+//! aggregates; `observe-cons` is `observe` minus the same engine with those two
+//! disabled: what they cost per record.
 //!
 //! Run: `cargo bench --bench alarm`
 
@@ -23,7 +28,7 @@ use hdrhistogram::Histogram;
 use hj212_gateway::alarm::engine::Engine;
 use hj212_gateway::alarm::task::Feeder;
 use hj212_gateway::alarm::{AlarmEvent, Obs, Val};
-use hj212_gateway::cmd::simulate::fleet::{self, Edition, Kind, Series};
+use hj212_gateway::cmd::simulate::fleet::{self, Edition, Kind, Logger};
 use hj212_gateway::config::Config;
 use hj212_gateway::protocol::build::{self, Civil, Head};
 use hj212_gateway::protocol::{self, Options, json};
@@ -46,16 +51,50 @@ const ROUNDS: u64 = 150;
 /// Beijing time, as `simulate` sends by default.
 const TZ_S: i32 = 8 * 3600;
 /// The detectors issue 24 added, measured together by switching them off.
-const NEW_DETECTORS: &[&str] = &["series.copied", "device.cloned", "digits.biased"];
+const NEW_DETECTORS: &[&str] = &[
+    "aggregate.mismatch",
+    "emission.mismatch",
+    "series.copied",
+    "device.cloned",
+    "digits.biased",
+];
 
-/// One round: one 2011 record per device at `round`, stored as a session stores it.
-fn round_records(round: u64, seq: &mut u64, rngs: &mut [u64]) -> Vec<StoredRecord> {
-    let t0 = 1_780_000_000_000i64;
+/// What one record of a round is.
+#[derive(Clone, Copy)]
+enum What {
+    Realtime,
+    /// The logger's minute (0) or hour (1) closing, stamped with its start.
+    Close(usize, i64),
+}
+
+/// One round: one 2011 record per device at `round` (and after every second
+/// round the minute's 2051, after the 120th the hour's 2061), stored as a
+/// session stores it.
+fn round_records(
+    round: u64,
+    seq: &mut u64,
+    rngs: &mut [u64],
+    loggers: &mut [Logger],
+) -> Vec<StoredRecord> {
+    // A full hour: every minute of the measured rounds is whole.
+    let t0 = 1_779_998_400_000i64;
     let mut out = Vec::with_capacity(DEVICES as usize);
     let mut buf = Vec::with_capacity(1024);
+    let mut jobs = Vec::with_capacity(DEVICES as usize * 2);
     for index in 0..DEVICES {
         // Devices spread over the cadence, as a real fleet's phases are.
         let at = t0 + round as i64 * CADENCE_MS + (index as i64 * CADENCE_MS) / DEVICES as i64;
+        jobs.push((index, at, What::Realtime));
+        if round % 2 == 1 {
+            let minute = t0 + (round as i64 - 1) * CADENCE_MS;
+            jobs.push((index, at + 1, What::Close(0, minute)));
+        }
+        if round % 120 == 119 {
+            let hour = t0 + (round as i64 - 119) * CADENCE_MS;
+            jobs.push((index, at + 2, What::Close(1, hour)));
+        }
+    }
+    for (index, at, what) in jobs {
         let kind = if index % 2 == 0 {
             Kind::Air
         } else {
@@ -63,32 +102,36 @@ fn round_records(round: u64, seq: &mut u64, rngs: &mut [u64]) -> Vec<StoredRecor
         };
         let mn = fleet::mn("SIM", Edition::V2017, index);
         let qn = Civil::from_unix_ms(at, TZ_S).qn();
+        let (cn, data_at) = match what {
+            What::Realtime => (2011, at),
+            What::Close(0, t) => (2051, t),
+            What::Close(_, t) => (2061, t),
+        };
         let head = Head {
             qn: Some(&qn[..]),
             st: kind.st(),
-            cn: 2011,
+            cn,
             pw: "123456",
             mn: &mn,
             flag: Some(5),
             split: None,
         };
         buf.clear();
-        let civil = Civil::from_unix_ms(at, TZ_S);
+        let civil = Civil::from_unix_ms(data_at, TZ_S);
         let rng = &mut rngs[index as usize];
-        build::device_frame(&mut buf, &head, None, |b| {
-            b.extend_from_slice(b"DataTime=");
-            civil.put_n14(b);
-            fleet::put_factors(
-                b,
-                kind,
-                Edition::V2017,
-                Series::Realtime,
-                SEED,
-                index,
-                rng,
-                0,
-                Some(FRAME_SIZE),
-            );
+        let logger = &mut loggers[index as usize];
+        build::device_frame(&mut buf, &head, None, |b| match what {
+            What::Realtime => {
+                b.extend_from_slice(b"DataTime=");
+                civil.put_n14(b);
+                logger.realtime(b, true, SEED, index, rng, 0, Some(FRAME_SIZE));
+            }
+            What::Close(level, _) => {
+                b.extend_from_slice(b"DataTime=");
+                civil.put_n14(b);
+                let secs = if level == 0 { 60 } else { 3600 };
+                logger.close(b, true, level, secs, SEED, index, rng, 0, Some(FRAME_SIZE));
+            }
         });
         let now = chrono::DateTime::from_timestamp_millis(at + 40).expect("in range");
         let f = protocol::decode(Bytes::copy_from_slice(&buf), &Options::new(now), &());
@@ -142,10 +185,27 @@ fn main() {
     let mut without_new = cfg.alarms.clone();
     without_new.disabled = NEW_DETECTORS.iter().map(|k| (*k).to_owned()).collect();
     let mut engine_old = Engine::new(without_new);
+    let mut without = cfg.alarms.clone();
+    without.disabled = vec!["aggregate.mismatch".into(), "emission.mismatch".into()];
+    let mut engine_without = Engine::new(without);
     let mut engine = Engine::new(cfg.alarms);
     let mut rngs: Vec<u64> = (0..DEVICES).map(|i| SEED ^ (i * 0x9E37_79B9)).collect();
+    let logger = |index: u64| {
+        let kind = if index % 2 == 0 {
+            Kind::Air
+        } else {
+            Kind::Water
+        };
+        Logger::new(kind, Edition::V2017)
+    };
+    let mut loggers: Vec<Logger> = (0..DEVICES).map(logger).collect();
     let mut seq = 0;
-    let sample = round_records(0, &mut 0, &mut rngs.clone());
+    let sample = round_records(
+        0,
+        &mut 0,
+        &mut rngs.clone(),
+        &mut (0..DEVICES).map(logger).collect::<Vec<_>>(),
+    );
     let (mut factors, mut numbers) = (0, 0);
     for o in sample.iter().filter_map(|r| Obs::from_record(r, false)) {
         factors += o.values.len();
@@ -169,10 +229,11 @@ fn main() {
     let (mut h_parse, mut h_obs, mut h_feed) = (hist(), hist(), hist());
     let (mut t_parse, mut t_obs, mut t_feed) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     let (mut h_old, mut t_old) = (hist(), Duration::ZERO);
+    let (mut h_without, mut t_without) = (hist(), Duration::ZERO);
     let mut events: Vec<AlarmEvent> = Vec::new();
     let mut measured = 0u64;
     for round in 0..WARMUP_ROUNDS + ROUNDS {
-        let recs = round_records(round, &mut seq, &mut rngs);
+        let recs = round_records(round, &mut seq, &mut rngs, &mut loggers);
         let n = recs.len() as u64;
         let warm = round >= WARMUP_ROUNDS;
 
@@ -187,14 +248,23 @@ fn main() {
             h_parse.record(dt.as_nanos() as u64 / n).expect("in range");
         }
 
-        let t = Instant::now();
-        for o in &obs {
-            std::hint::black_box(engine.observe(o));
-        }
-        let dt = t.elapsed();
-        if warm {
-            t_obs += dt;
-            h_obs.record(dt.as_nanos() as u64 / n).expect("in range");
+        // Both engines in turn, the first of them alternating by round: the
+        // one that runs first reads the observations into the cache.
+        for with in [round % 2 == 0, round % 2 == 1] {
+            let (e, t_sum, h) = if with {
+                (&mut engine, &mut t_obs, &mut h_obs)
+            } else {
+                (&mut engine_without, &mut t_without, &mut h_without)
+            };
+            let t = Instant::now();
+            for o in &obs {
+                std::hint::black_box(e.observe(o));
+            }
+            let dt = t.elapsed();
+            if warm {
+                *t_sum += dt;
+                h.record(dt.as_nanos() as u64 / n).expect("in range");
+            }
         }
 
         let t = Instant::now();
@@ -223,11 +293,26 @@ fn main() {
         WARMUP_ROUNDS * DEVICES,
         events.len()
     );
+    let consistency = events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.key().kind.as_str(),
+                "aggregate.mismatch" | "emission.mismatch"
+            )
+        })
+        .count();
+    println!("  of them aggregate.mismatch / emission.mismatch: {consistency}");
     for e in events.iter().take(5) {
         println!("  event: {:?}", e.key());
     }
     report("from_record", &h_parse, t_parse, measured);
     report("observe", &h_obs, t_obs, measured);
+    report("observe-w/o", &h_without, t_without, measured);
+    println!(
+        "observe-cons {:8.0} ns/record (mean): aggregate.mismatch + emission.mismatch",
+        (t_obs.as_nanos() as f64 - t_without.as_nanos() as f64) / measured as f64
+    );
     report("feed", &h_feed, t_feed, measured);
     report("observe-new", &h_old, t_old, measured);
     println!(

@@ -528,6 +528,7 @@ limit = 20
     };
     let mut n = Noise(212);
     let zs = |c: f64, o2: f64| c * 12.0 / (21.0 - o2);
+    let mut prev = (0.0, 0.0);
     for i in 0..(8 * 120) {
         let o2 = ((10.0 + 0.4 * n.normal()) * 10.0).round() / 10.0;
         let so2 = ((35.0 + 3.0 * n.normal()) * 100.0).round() / 100.0;
@@ -547,13 +548,20 @@ limit = 20
         );
         s.send(MN, "2011", i * 30, &cp).await;
         if i % 2 == 1 {
+            // The minute's two samples aggregated as a logger does (checked by
+            // aggregate.mismatch), its ZsAvg from the averages (converted.mismatch).
+            let (p_so2, p_o2) = prev;
+            let (avg, o2a) = ((p_so2 + so2) / 2.0, (p_o2 + o2) / 2.0);
             let cp = format!(
-                "a21026-Min={so2:.2},a21026-Avg={so2:.2},a21026-Max={so2:.2},a21026-ZsAvg={:.2},a21026-Flag=N;\
-                 a19001-Avg={o2:.1},a19001-Flag=N",
-                zs(so2, o2)
+                "a21026-Min={:.2},a21026-Avg={avg:.3},a21026-Max={:.2},a21026-ZsAvg={:.2},a21026-Flag=N;\
+                 a19001-Avg={o2a:.2},a19001-Flag=N",
+                p_so2.min(so2),
+                p_so2.max(so2),
+                zs(avg, o2a)
             );
             s.send(MN, "2051", (i - 1) * 30, &cp).await;
         }
+        prev = (so2, o2);
         if i % 120 == 119 {
             s.send(MN, "2061", (i - 119) * 30, "a21026-Avg=35.00,a21026-Flag=N")
                 .await;
@@ -580,4 +588,111 @@ limit = 20
     let rows = all(&db);
     assert!(rows.is_empty(), "false positives: {rows:#?}");
     gw.stop().await.expect("stop");
+}
+
+/// The consistency detectors through `serve` as an operator runs it (the built
+/// binary, real sockets, a real SQLite file): 2011 samples then a 2051 whose Max
+/// is below the largest of them raise `aggregate.mismatch`, a consistent minute
+/// clears it; an hour whose SO2 Cou does not follow from Avg x flow x 3600 s
+/// raises `emission.mismatch`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregate_and_emission_mismatch_through_serve() {
+    const AGG: &str = "CONSAGG0000000000000001";
+    const EMIS: &str = "CONSEMIS000000000000001";
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &cfg_path,
+        r#"
+[metrics]
+enabled = false
+[server]
+listen = ["127.0.0.1:0"]
+[store]
+sync = "off"
+[downlink]
+time_sync_skew = false
+backfill = false
+[mqtt]
+enabled = false
+[alarms]
+tick = "100ms"
+skew_threshold = "1d"
+"#,
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let gw = common::Bin::spawn(&cfg_path, &data);
+    let db = Config::load(&cfg_path).unwrap().store_path(&data);
+    // A minute boundary an hour ago, device time (+08:00).
+    let base = now8() - chrono::Duration::hours(1);
+    let base = base - chrono::Duration::seconds(i64::from(chrono::Timelike::second(&base)));
+    let mut s = Sender {
+        dev: Device::connect(gw.addr).await,
+        n: 0,
+        base,
+    };
+    // Samples every 30 s: minute 0 has 10.0 and 14.0, minute 1 has 11.0 and 12.0.
+    for (i, v) in ["10.0", "14.0", "11.0", "12.0", "11.5"].iter().enumerate() {
+        s.send(
+            AGG,
+            "2011",
+            30 * i as i64,
+            &format!("a21026-Rtd={v},a21026-Flag=N"),
+        )
+        .await;
+    }
+    s.send(
+        AGG,
+        "2051",
+        0,
+        "a21026-Min=10.0,a21026-Avg=12.0,a21026-Max=13.0,a21026-Flag=N",
+    )
+    .await;
+    let rows = wait_rows(&db, "aggregate.mismatch raised", |r| {
+        of(r, AGG, "aggregate.mismatch").len() == 1
+    })
+    .await;
+    let a = of(&rows, AGG, "aggregate.mismatch")[0];
+    assert_eq!(a.factor, "a21026");
+    assert_eq!(a.severity, "critical");
+    assert!(a.end_ms.is_none());
+    assert_eq!(a.seqs.len(), 2, "the sample of 14.0 and the 2051: {a:?}");
+    assert!(a.message_en.contains("Max 13.0, below 14.0"), "{a:?}");
+    assert!(a.message_zh.contains("最大值 13.0"), "{a:?}");
+    s.send(
+        AGG,
+        "2051",
+        60,
+        "a21026-Min=11.0,a21026-Avg=11.5,a21026-Max=12.0,a21026-Flag=N",
+    )
+    .await;
+    // An hour of flue gas: 25 mg/m3 x 85 m3/s x 3600 s = 7.65 kg, sent as 9.90.
+    s.send(
+        EMIS,
+        "2061",
+        0,
+        "a21026-Avg=25.00,a21026-Cou=9.90,a21026-Flag=N;a00000-Avg=85.00,a00000-Cou=306000.0,a00000-Flag=N",
+    )
+    .await;
+    let rows = wait_rows(&db, "cleared and emission raised", |r| {
+        raised_and_cleared(r, AGG, "aggregate.mismatch")
+            && of(r, EMIS, "emission.mismatch").len() == 1
+    })
+    .await;
+    let e = of(&rows, EMIS, "emission.mismatch")[0];
+    assert_eq!(e.factor, "a21026", "the flow's own volume holds: {rows:#?}");
+    assert!(e.message_en.contains("gives 7.650"), "{e:?}");
+    assert_eq!(rows.len(), 2, "nothing else: {rows:#?}");
+    drop(gw);
+    // The listing as an operator reads it.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hj212-gateway"))
+        .args(["alarms", "--db"])
+        .arg(&db)
+        .args(["--mn", EMIS, "--json"])
+        .output()
+        .expect("run alarms");
+    assert!(out.status.success());
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["kind"], "emission.mismatch");
 }

@@ -385,3 +385,85 @@ fn devices_answer_platform_requests() {
     assert_eq!(s["acked"], s["sent"], "{s}");
     assert!(out.status.success(), "{s}");
 }
+
+/// `--speedup`: a day and a half of device time in a few seconds, every level
+/// (2011, 2051, 2061 and the 2031 of a Beijing midnight) sent with DataTimes in
+/// the past, and the gateway's consistency detectors find the levels agree.
+#[test]
+fn speedup_sends_consistent_levels_of_simulated_days() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = [
+        "--devices",
+        "4",
+        "--dialects",
+        "2017=1,2005=1",
+        "--seed",
+        "9",
+    ];
+    let cfg_path = dir.path().join("gw.toml");
+    std::fs::write(
+        &cfg_path,
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n[mqtt]\nenabled = false\n[metrics]\nenabled = false\n\
+         [store]\nsync = \"off\"\n[downlink]\ntime_sync_skew = false\nbackfill = false\n\
+         [alarms]\ntick = \"100ms\"\nskew_threshold = \"3d\"\n[validation]\nstale_after = \"3d\"\n",
+    )
+    .unwrap();
+    let cfg = Config::load(&cfg_path).unwrap();
+    let mut gw = common::Bin::spawn(&cfg_path, &dir.path().join("data"));
+    let target = gw.addr.to_string();
+    let mut args = vec!["simulate", "--target", &target];
+    args.extend_from_slice(&fleet);
+    let started = chrono::Utc::now();
+    args.extend_from_slice(&[
+        "--cn",
+        "2011,2051,2061,2031",
+        "--interval",
+        "600",
+        "--speedup",
+        "30000",
+        "--duration",
+        "4",
+        "--progress",
+        "0",
+        "--json",
+    ]);
+    let out = run(&args);
+    let s = json(&out);
+    assert!(out.status.success(), "{s}");
+    // The detector reads behind the log.
+    std::thread::sleep(Duration::from_secs(2));
+    gw.sigkill();
+    let frames = logged_frames(dir.path(), &cfg);
+    let ended = chrono::Utc::now();
+    let mut per_cn = std::collections::BTreeMap::new();
+    let (mut first, mut last) = (i64::MAX, i64::MIN);
+    for f in &frames {
+        let t = f.data_time.expect("DataTime").timestamp();
+        first = first.min(t);
+        last = last.max(t);
+        *per_cn.entry(f.cn().unwrap().to_owned()).or_insert(0) += 1;
+        if f.cn() == Some("2031") {
+            assert!(f.param("DataTime").unwrap().ends_with("000000"), "midnight");
+        }
+    }
+    assert!(last <= ended.timestamp() + 1, "no DataTime in the future");
+    assert!(
+        last - first >= 30 * 3600,
+        "over a day of device time: {}",
+        last - first
+    );
+    assert!(first >= started.timestamp() - 40 * 3600, "{first}");
+    for cn in ["2011", "2051", "2061", "2031"] {
+        assert!(per_cn.get(cn).copied().unwrap_or(0) >= 4, "{per_cn:?}");
+    }
+    let db = cfg.store_path(&dir.path().join("data"));
+    let rows = hj212_gateway::store::AlarmStore::open_read_only(&db)
+        .unwrap()
+        .list(&Default::default())
+        .unwrap();
+    let consistency: Vec<_> = rows
+        .iter()
+        .filter(|r| r.kind.ends_with(".mismatch"))
+        .collect();
+    assert!(consistency.is_empty(), "{consistency:#?}");
+}

@@ -31,6 +31,7 @@ use std::str::FromStr;
 
 use rust_decimal::Decimal;
 
+use super::consistency::Verdict;
 use super::forgery::{FactorForgery, Forgery};
 use super::window::Window;
 use super::{
@@ -159,6 +160,8 @@ struct DeviceState {
     on: Enabled,
     /// `reference_o2` of the device, else the global one.
     reference_o2: Option<Decimal>,
+    /// aggregate.mismatch / emission.mismatch.
+    consistency: super::consistency::DeviceCons,
 }
 
 impl DeviceState {
@@ -594,6 +597,24 @@ impl Engine {
             cx.mismatch(st, f, vals, v, suffix, reference_o2);
             let (c, t, normal) = (cx.cfg, cx.t, flag.is_none_or(|x| x == "N"));
             forgery.value(c, &mut st.forgery, &mut cx, o, t, f, v, normal);
+        }
+        // aggregate.mismatch / emission.mismatch (src/alarm/consistency.rs).
+        let mut verdicts = Vec::new();
+        d.consistency
+            .observe(cx.cfg, o, cx.mn_active, &mut verdicts);
+        for v in verdicts {
+            match v {
+                Verdict::Raise(r) => cx.raise(r),
+                Verdict::Clear { kind, factor } => {
+                    let mn = &o.mn;
+                    let key = || AlarmKey {
+                        kind,
+                        mn: mn.clone(),
+                        factor: factor.as_str().to_owned(),
+                    };
+                    cx.clear_lazy(key, cx.t);
+                }
+            }
         }
         out
     }
@@ -1585,6 +1606,7 @@ mod tests {
         let mut n = Noise::new(212);
         let mut events = Vec::new();
         let mut seq = 0u64;
+        let mut prev: [String; 9] = Default::default();
         // 8 h: 2011 every 30 s, 2051 per minute, 2061 per hour.
         for i in 0..(8 * 120) {
             let t = T0 + i * 30_000;
@@ -1631,6 +1653,17 @@ mod tests {
             events.extend(e.tick(t));
             events.extend(e.observe(&o));
             if i % 2 == 1 {
+                // The minute's averages of its two samples, as a logger computes
+                // them (aggregate.mismatch checks them against the samples).
+                let avg = |a: &str, b: &str| {
+                    (a.parse::<f64>().unwrap() + b.parse::<f64>().unwrap()) / 2.0
+                };
+                let (so2a, o2a) = (avg(&prev[0], &s[0]), avg(&prev[6], &s[6]));
+                let (so2a, o2a) = (format!("{so2a:.3}"), format!("{o2a:.2}"));
+                let zsa = format!(
+                    "{:.2}",
+                    so2a.parse::<f64>().unwrap() * 12.0 / (21.0 - o2a.parse::<f64>().unwrap())
+                );
                 seq += 1;
                 let m = T0 + (i - 1) * 30_000;
                 events.extend(e.observe(&obs(
@@ -1639,12 +1672,13 @@ mod tests {
                     "2051",
                     m,
                     &[
-                        ("a21026", "Avg", &s[0]),
-                        ("a21026", "ZsAvg", &s[1]),
-                        ("a19001", "Avg", &s[6]),
+                        ("a21026", "Avg", &so2a),
+                        ("a21026", "ZsAvg", &zsa),
+                        ("a19001", "Avg", &o2a),
                     ],
                 )));
             }
+            prev = s;
             if i % 120 == 119 {
                 seq += 1;
                 let h = T0 + (i - 119) * 30_000;

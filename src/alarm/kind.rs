@@ -27,6 +27,11 @@ pub enum DetectorKind {
     LimitHugging,
     /// `converted.mismatch`: a converted (Zs) value inconsistent with O2.
     ConvertedMismatch,
+    /// `aggregate.mismatch`: a 2051/2061/2031 Avg/Min/Max the samples beneath it
+    /// do not allow.
+    AggregateMismatch,
+    /// `emission.mismatch`: a Cou inconsistent with concentration x flow x interval.
+    EmissionMismatch,
     /// `series.copied`: an hour or day of a factor repeats an earlier one of the device.
     SeriesCopied,
     /// `device.cloned`: a window of a factor is the one another MN sent.
@@ -37,7 +42,7 @@ pub enum DetectorKind {
 
 impl DetectorKind {
     /// Every detector, in the order the README's table and the metrics list them.
-    pub const ALL: [DetectorKind; 12] = [
+    pub const ALL: [DetectorKind; 14] = [
         DetectorKind::DeviceOffline,
         DetectorKind::DataGap,
         DetectorKind::TimeSkew,
@@ -47,6 +52,8 @@ impl DetectorKind {
         DetectorKind::FlagAbnormal,
         DetectorKind::LimitHugging,
         DetectorKind::ConvertedMismatch,
+        DetectorKind::AggregateMismatch,
+        DetectorKind::EmissionMismatch,
         DetectorKind::SeriesCopied,
         DetectorKind::DeviceCloned,
         DetectorKind::DigitsBiased,
@@ -64,6 +71,8 @@ impl DetectorKind {
             DetectorKind::FlagAbnormal => "flag.abnormal",
             DetectorKind::LimitHugging => "limit.hugging",
             DetectorKind::ConvertedMismatch => "converted.mismatch",
+            DetectorKind::AggregateMismatch => "aggregate.mismatch",
+            DetectorKind::EmissionMismatch => "emission.mismatch",
             DetectorKind::SeriesCopied => "series.copied",
             DetectorKind::DeviceCloned => "device.cloned",
             DetectorKind::DigitsBiased => "digits.biased",

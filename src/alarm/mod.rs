@@ -6,6 +6,7 @@
 //! batch of events together with the cursor in one transaction, so a crash can neither
 //! lose nor duplicate an alarm. The same engine runs in `replay` (audit) over history.
 
+mod consistency;
 mod doc;
 pub mod engine;
 mod forgery;

@@ -31,6 +31,44 @@ pub struct FactorAlarms {
     /// The factor comes from an instrument several devices share (a plant's
     /// ambient temperature or pressure): `device.cloned` does not compare it.
     pub shared: Option<bool>,
+    // aggregate.mismatch / emission.mismatch (src/alarm/consistency.rs).
+    /// Overrides `alarms.aggregate_tolerance` for this factor.
+    pub aggregate_tolerance: Option<f64>,
+    /// Overrides `alarms.aggregate_abs` for this factor (in the factor's unit).
+    pub aggregate_abs: Option<f64>,
+    /// Overrides `alarms.emission_tolerance` for this factor.
+    pub emission_tolerance: Option<f64>,
+    /// Overrides `alarms.emission_abs` for this factor (in the unit of its `Cou`).
+    pub emission_abs: Option<f64>,
+    /// `emission.mismatch`: Cou = Avg x flow x seconds x this (default 1e-6: mg/m3
+    /// x m3/s -> kg, mg/L x L/s -> kg, ug/L x L/s -> g; README "Detectors").
+    pub cou_scale: Option<f64>,
+}
+
+/// `[alarms.device.<MN>] aggregate_stamp`: which end of its interval a
+/// 2051/2061/2031 DataTime names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AggregateStamp {
+    /// The start, as HJ 212-2017 Table 4 defines it: `[DataTime, DataTime + interval)`.
+    Start,
+    /// The end: `[DataTime - interval, DataTime)` (some loggers).
+    End,
+}
+
+/// `[alarms.device.<MN>] flow_unit`: the unit the device's flow factor
+/// (a00000 / w00000, 2005 B02 / B01) is sent in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum FlowUnit {
+    /// m3/s (the code table's unit of a00000).
+    #[serde(rename = "m3/s")]
+    CubicMetresPerSecond,
+    /// m3/h.
+    #[serde(rename = "m3/h")]
+    CubicMetresPerHour,
+    /// L/s (the code table's unit of w00000).
+    #[serde(rename = "L/s")]
+    LitresPerSecond,
 }
 
 /// `[alarms.device.<MN>]`: per-device settings.
@@ -45,6 +83,19 @@ pub struct DeviceAlarms {
     pub disabled: Vec<String>,
     /// Per-factor settings for this device (override `[alarms.factor]`).
     pub factor: std::collections::BTreeMap<String, FactorAlarms>,
+    // aggregate.mismatch / emission.mismatch (src/alarm/consistency.rs).
+    /// Overrides `alarms.aggregate_tolerance` for this device.
+    pub aggregate_tolerance: Option<f64>,
+    /// Overrides `alarms.aggregate_coverage` for this device.
+    pub aggregate_coverage: Option<f64>,
+    /// Overrides `alarms.emission_tolerance` for this device.
+    pub emission_tolerance: Option<f64>,
+    /// The device's 2051 interval (MinInterval); unset: learned from its 2051 DataTimes.
+    pub minute_interval: Option<Dur>,
+    /// Which end of the interval a 2051/2061/2031 DataTime names (default start).
+    pub aggregate_stamp: Option<AggregateStamp>,
+    /// The unit of the device's flow factor (default: the code table's).
+    pub flow_unit: Option<FlowUnit>,
 }
 
 /// `[alarms]`: abnormal-data detection (see README "Alarms").
@@ -104,6 +155,19 @@ pub struct AlarmsSection {
     /// (dead letter `alarms`, reason `store_refused`) and the cursor moves on.
     /// 1..=1000.
     pub max_store_failures: u32,
+    /// `aggregate.mismatch`: allowed difference of an Avg from the mean beneath
+    /// it, percent of that mean.
+    pub aggregate_tolerance: f64,
+    /// `aggregate.mismatch`: allowed absolute difference (Avg, Min and Max).
+    pub aggregate_abs: f64,
+    /// `aggregate.mismatch`: percent of an interval's samples that must have been
+    /// received before it is judged against them.
+    pub aggregate_coverage: f64,
+    /// `emission.mismatch`: allowed difference of a Cou from Avg x flow x
+    /// interval, percent.
+    pub emission_tolerance: f64,
+    /// `emission.mismatch`: allowed absolute difference (unit of the Cou).
+    pub emission_abs: f64,
     /// `series.copied`, `device.cloned`: an hour or day window of a factor is
     /// fingerprinted only if the step between its consecutive values changes at
     /// least this often (constant series and straight ramps repeat honestly).
@@ -158,6 +222,11 @@ impl Default for AlarmsSection {
             max_unregistered_devices: 5000,
             max_factors_per_device: 256,
             max_store_failures: 10,
+            aggregate_tolerance: 10.0,
+            aggregate_abs: 0.0,
+            aggregate_coverage: 75.0,
+            emission_tolerance: 10.0,
+            emission_abs: 0.0,
             copy_min_changes: 10,
             copy_lookback_hours: 24,
             copy_lookback_days: 31,
@@ -182,6 +251,8 @@ impl AlarmsSection {
         };
         let a = self;
         const S: fn(u64) -> Duration = Duration::from_secs;
+        let non_negative = |x: f64| x.is_finite() && x >= 0.0;
+        let percent = |x: f64| non_negative(x) && x <= 1000.0;
         check_bounds(
             path,
             &[
@@ -239,6 +310,14 @@ impl AlarmsSection {
                 "max_factors_per_device",
                 !(1..=10_000).contains(&a.max_factors_per_device),
             ),
+            ("aggregate_tolerance", !percent(a.aggregate_tolerance)),
+            ("aggregate_abs", !non_negative(a.aggregate_abs)),
+            (
+                "aggregate_coverage",
+                !(a.aggregate_coverage > 0.0 && a.aggregate_coverage <= 100.0),
+            ),
+            ("emission_tolerance", !percent(a.emission_tolerance)),
+            ("emission_abs", !non_negative(a.emission_abs)),
             (
                 "copy_min_changes",
                 !(3..=1000).contains(&a.copy_min_changes),
@@ -317,6 +396,24 @@ impl AlarmsSection {
                 if fa.spike_k.is_some_and(|x| x <= 0.0) {
                     return Err(bad(k("spike_k"), "must be positive".into()));
                 }
+                for (name, v) in [
+                    ("aggregate_tolerance", fa.aggregate_tolerance),
+                    ("emission_tolerance", fa.emission_tolerance),
+                ] {
+                    if v.is_some_and(|x| !percent(x)) {
+                        return Err(bad(k(name), "must be a percentage in 0..1000".into()));
+                    }
+                }
+                for (name, v) in [
+                    ("aggregate_abs", fa.aggregate_abs),
+                    ("emission_abs", fa.emission_abs),
+                ] {
+                    if v.is_some_and(|x| !non_negative(x)) {
+                        return Err(bad(k(name), "must be a number >= 0".into()));
+                    }
+                }
+                if fa.cou_scale.is_some_and(|x| !(x.is_finite() && x > 0.0)) {
+                    return Err(bad(k("cou_scale"), "must be a positive number".into()));
                 if fa
                     .copy_min_changes
                     .is_some_and(|n| !(3..=1000).contains(&n))
@@ -353,10 +450,40 @@ impl AlarmsSection {
                 return Err(bad(format!("{p}.offline_after"), "must be positive".into()));
             }
             factors(format!("{p}.factor"), &d.factor)?;
+            for (name, v) in [
+                ("aggregate_tolerance", d.aggregate_tolerance),
+                ("emission_tolerance", d.emission_tolerance),
+            ] {
+                if v.is_some_and(|x| !percent(x)) {
+                    return Err(bad(
+                        format!("{p}.{name}"),
+                        "must be a percentage in 0..1000".into(),
+                    ));
+                }
+            }
+            if d.aggregate_coverage
+                .is_some_and(|x| !(x > 0.0 && x <= 100.0))
+            {
+                return Err(bad(
+                    format!("{p}.aggregate_coverage"),
+                    "must be in (0, 100] (%)".into(),
+                ));
+            }
+            if let Some(m) = d.minute_interval {
+                if !MINUTE_INTERVALS.contains(&m.0.as_secs()) || m.0.subsec_nanos() != 0 {
+                    return Err(bad(
+                        format!("{p}.minute_interval"),
+                        "must be one of the MinInterval values 1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30 minutes".into(),
+                    ));
+                }
+            }
         }
         Ok(())
     }
 }
+
+/// The minute-data intervals HJ 212-2017 allows (`MinInterval`, Table 4), in seconds.
+pub const MINUTE_INTERVALS: [u64; 11] = [60, 120, 180, 240, 300, 360, 600, 720, 900, 1200, 1800];
 
 /// Detector names accepted in `disabled`.
 pub const DETECTORS: &[&str] = &[
@@ -372,6 +499,9 @@ pub const DETECTORS: &[&str] = &[
     "series.copied",
     "device.cloned",
     "digits.biased",
+                }
+    "aggregate.mismatch",
+    "emission.mismatch",
 ];
 
 #[cfg(test)]

@@ -30,7 +30,10 @@ use std::time::Duration;
 use chrono::FixedOffset;
 use serde::Deserialize;
 
-pub use alarms::{AlarmsSection, DETECTORS, DeviceAlarms, FactorAlarms};
+pub use alarms::{
+    AggregateStamp, AlarmsSection, DETECTORS, DeviceAlarms, FactorAlarms, FlowUnit,
+    MINUTE_INTERVALS,
+};
 pub use downlink::DownlinkSection;
 pub use evidence::{EvidenceSection, MAX_WITNESSES, WitnessSection};
 pub use log::{DEFAULT_REPEAT_INTERVAL, LogSection};

@@ -17,7 +17,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{Instant, sleep_until};
 
 use super::Shared;
-use super::fleet::{self, Edition, Kind, Series};
+use super::fleet::{self, Edition, Kind, Logger, Series};
 use crate::protocol::build::{self, Civil, Head};
 use crate::protocol::crc::CrcVariant;
 use crate::protocol::crypt::{self, Key};
@@ -31,6 +31,19 @@ const OUT_CAP: usize = 256 * 1024;
 const IN_CAP: usize = 16 * 1024;
 /// Most frames one history request is answered with.
 const HISTORY_CAP: i64 = 288;
+const HOUR_MS: i64 = 3_600_000;
+const DAY_MS: i64 = 86_400_000;
+
+/// What a data upload carries.
+#[derive(Clone, Copy)]
+enum Content {
+    /// A 2011 measurement (`upload`: sent; otherwise only into the logger).
+    Realtime,
+    /// The logger's minute (0), hour (1) or day (2) closing.
+    Close(usize),
+    /// A record drawn for a history request or a burst (consistent in itself).
+    Drawn,
+}
 
 /// A frame waiting for its ack.
 struct Pending {
@@ -66,10 +79,19 @@ pub struct Device {
     /// The newest QN sent: an ack for an older QN that is no longer pending
     /// came after its timeout.
     last_qn: [u8; 17],
+    /// Real-time interval, simulated time.
     interval: Duration,
-    next_rt: Instant,
-    next_min: Instant,
-    next_hour: Instant,
+    /// Next real-time tick, simulated unix ns.
+    next_rt: i64,
+    /// Next minute / hour / day boundary of the simulated clock, unix ms.
+    next_min: i64,
+    next_hour: i64,
+    next_day: i64,
+    /// The data logger's running aggregates.
+    logger: Logger,
+    /// The last hour closed (DataTime ms and its CP factor groups), resent by
+    /// a burst for that hour; only kept when bursts are planned.
+    last_hour: Option<(i64, Vec<u8>)>,
     next_hb: Instant,
     burst_idx: usize,
     storm_idx: usize,
@@ -86,9 +108,10 @@ impl Device {
         let edition = fleet::pick(&p.editions, index);
         let kind = fleet::pick(&p.kinds, index / fleet::weight(&p.editions));
         let n = p.devices.max(1);
-        // Real-time sends are spread evenly over one interval, after the ramp.
-        let phase = p.interval.mul_f64(pos as f64 / n as f64);
-        let first = sh.start + p.ramp + phase;
+        // Real-time sends are spread evenly over one interval after the ramp,
+        // in simulated time (with --speedup an interval passes faster).
+        let phase = p.interval.mul_f64(pos as f64 / n as f64).as_nanos() as i64;
+        let first = sh.sim_ns(sh.start + p.ramp) + phase;
         Device {
             index,
             edition,
@@ -103,8 +126,11 @@ impl Device {
             last_qn: [b'0'; 17],
             interval: p.interval,
             next_rt: first,
-            next_min: sh.first_minute,
-            next_hour: sh.first_hour,
+            next_min: sh.first_minute_ms,
+            next_hour: sh.first_hour_ms,
+            next_day: sh.first_day_ms,
+            logger: Logger::new(kind, edition),
+            last_hour: None,
             // Heartbeats are spread over their own period.
             next_hb: sh.start
                 + p.ramp
@@ -277,14 +303,18 @@ impl Device {
             return w;
         }
         if !p.idle {
-            if p.realtime {
-                at(self.next_rt);
+            let aggregates = p.minute || p.hour || p.day;
+            if p.realtime || aggregates {
+                at(sh.at_sim_ns(self.next_rt));
             }
-            if p.minute {
-                at(self.next_min);
+            if aggregates {
+                at(sh.at_sim(self.next_min));
             }
-            if p.hour {
-                at(self.next_hour);
+            if p.hour || p.day {
+                at(sh.at_sim(self.next_hour));
+            }
+            if p.day {
+                at(sh.at_sim(self.next_day));
             }
             if let Some(&b) = p.bursts.get(self.burst_idx) {
                 at(sh.start + b);
@@ -296,35 +326,64 @@ impl Device {
         w
     }
 
-    /// Queues every frame that is due.
+    /// Queues every frame that is due, in the order of the device clock. At
+    /// a boundary the minute closes before the hour and the hour before the
+    /// day (each is made of the one below), and all of them before the sample
+    /// stamped on the boundary, which belongs to the next interval.
     fn produce(&mut self, sh: &Shared, now: Instant) {
         let p = &sh.plan;
         if !p.idle {
-            if p.realtime {
-                while self.next_rt <= now && self.out.len() < OUT_CAP {
-                    let due = self.next_rt;
-                    let dt = sh.wall_ms(due) / 1000 * 1000;
-                    self.data(sh, 2011, due, dt);
-                    self.next_rt += self.interval;
+            let aggregates = p.minute || p.hour || p.day;
+            let now_ns = sh.sim_ns(now);
+            let now_ms = now_ns.div_euclid(1_000_000);
+            let me = p.minute_every.as_millis() as i64;
+            while self.out.len() < OUT_CAP {
+                let mut due: Option<(i64, u8)> = None;
+                let mut consider = |ns: i64, what: u8, on: bool| {
+                    if on && ns <= now_ns && due.is_none_or(|d| (ns, what) < d) {
+                        due = Some((ns, what));
+                    }
+                };
+                let ms = 1_000_000;
+                consider(self.next_min * ms, 0, aggregates && self.next_min <= now_ms);
+                consider(
+                    self.next_hour * ms,
+                    1,
+                    (p.hour || p.day) && self.next_hour <= now_ms,
+                );
+                consider(self.next_day * ms, 2, p.day && self.next_day <= now_ms);
+                consider(self.next_rt, 3, p.realtime || aggregates);
+                let Some((at_ns, what)) = due else { break };
+                let at = sh.at_sim_ns(at_ns);
+                match what {
+                    0 => {
+                        let dt = self.next_min - me;
+                        self.upload(sh, 2051, at, dt, Content::Close(0), p.minute);
+                        self.next_min += me;
+                    }
+                    1 => {
+                        let dt = self.next_hour - HOUR_MS;
+                        self.upload(sh, 2061, at, dt, Content::Close(1), p.hour);
+                        self.next_hour += HOUR_MS;
+                    }
+                    2 => {
+                        let dt = self.next_day - DAY_MS;
+                        self.upload(sh, 2031, at, dt, Content::Close(2), p.day);
+                        self.next_day += DAY_MS;
+                    }
+                    _ => {
+                        let dt = round_s(at_ns.div_euclid(1_000_000));
+                        self.upload(sh, 2011, at, dt, Content::Realtime, p.realtime);
+                        self.next_rt += (self.interval.as_nanos() as i64).max(1);
+                    }
                 }
-            }
-            if p.minute && self.next_min <= now && self.out.len() < OUT_CAP {
-                let due = self.next_min;
-                let dt = sh.wall_ms(due) - p.minute_every.as_millis() as i64;
-                self.data(sh, 2051, due, round_s(dt));
-                self.next_min += p.minute_every;
-            }
-            if p.hour && self.next_hour <= now && self.out.len() < OUT_CAP {
-                let due = self.next_hour;
-                self.data(sh, 2061, due, round_s(sh.wall_ms(due) - 3_600_000));
-                self.next_hour += Duration::from_secs(3600);
             }
             if let Some(&b) = p.bursts.get(self.burst_idx) {
                 let due = sh.start + b;
                 if due <= now && self.out.len() < OUT_CAP {
                     // An artificial top of the hour: last full hour's data, all devices at once.
-                    let hour = sh.wall_ms(due).div_euclid(3_600_000) * 3_600_000;
-                    self.data(sh, 2061, due, hour - 3_600_000);
+                    let hour = sh.wall_ms(due).div_euclid(HOUR_MS) * HOUR_MS;
+                    self.data(sh, 2061, due, hour - HOUR_MS, Content::Drawn);
                     self.burst_idx += 1;
                 }
             }
@@ -335,6 +394,48 @@ impl Device {
                 self.heartbeat(sh, due);
                 self.next_hb = (due + hb).max(now);
             }
+        }
+    }
+
+    /// A measurement or a closing: sent as a data upload when `upload`, else
+    /// only kept by the logger.
+    fn upload(
+        &mut self,
+        sh: &Shared,
+        cn: u16,
+        due: Instant,
+        data_ms: i64,
+        c: Content,
+        upload: bool,
+    ) {
+        if upload {
+            self.data(sh, cn, due, data_ms, c);
+            return;
+        }
+        let p = &sh.plan;
+        let mut scratch = Vec::new();
+        match c {
+            Content::Realtime => self.logger.realtime(
+                &mut scratch,
+                false,
+                p.seed,
+                self.index,
+                &mut self.rng,
+                0,
+                p.frame_size,
+            ),
+            Content::Close(lv) => self.logger.close(
+                &mut scratch,
+                false,
+                lv,
+                close_secs(p, lv),
+                p.seed,
+                self.index,
+                &mut self.rng,
+                0,
+                p.frame_size,
+            ),
+            Content::Drawn => {}
         }
     }
 
@@ -357,7 +458,7 @@ impl Device {
     }
 
     /// Queues a data upload (`cn` 2011/2051/2061/2031) for DataTime `data_ms`.
-    fn data(&mut self, sh: &Shared, cn: u16, due: Instant, data_ms: i64) {
+    fn data(&mut self, sh: &Shared, cn: u16, due: Instant, data_ms: i64, content: Content) {
         let p = &sh.plan;
         let qn = self.next_qn(sh);
         let head = Head {
@@ -369,30 +470,57 @@ impl Device {
             flag: self.flag(p.ack),
             split: None,
         };
-        let series = if cn == 2011 {
-            Series::Realtime
-        } else {
-            Series::Aggregate
-        };
         let data_civil = Civil::from_unix_ms(data_ms + self.clock_offset_ms, p.tz_offset_s);
         let start = self.out.len();
         let (edition, kind, index) = (self.edition, self.kind, self.index);
+        // A burst resends the hour closed last if it is the one it names.
+        let resend = match (content, &self.last_hour) {
+            (Content::Drawn, Some((t, groups))) if cn == 2061 && *t == data_ms => {
+                Some(groups.clone())
+            }
+            _ => None,
+        };
+        // Encrypted frames may be drawn again (below): the logger as it was.
+        let saved = self.key.is_some().then(|| self.logger.clone());
+        let mut groups_at = 0..0;
         for attempt in 0..8 {
             let rng = &mut self.rng;
+            let logger = &mut self.logger;
             let cp = build::device_frame(&mut self.out, &head, self.key.as_ref(), |b| {
                 b.extend_from_slice(b"DataTime=");
                 data_civil.put_n14(b);
-                fleet::put_factors(
-                    b,
-                    kind,
-                    edition,
-                    series,
-                    p.seed,
-                    index,
-                    rng,
-                    start,
-                    p.frame_size,
-                );
+                let from = b.len();
+                match (content, &resend) {
+                    (_, Some(groups)) => b.extend_from_slice(groups),
+                    (Content::Realtime, _) => {
+                        logger.realtime(b, true, p.seed, index, rng, start, p.frame_size)
+                    }
+                    (Content::Close(lv), _) => logger.close(
+                        b,
+                        true,
+                        lv,
+                        close_secs(p, lv),
+                        p.seed,
+                        index,
+                        rng,
+                        start,
+                        p.frame_size,
+                    ),
+                    (Content::Drawn, _) => fleet::put_factors(
+                        b,
+                        kind,
+                        edition,
+                        Series::Aggregate {
+                            secs: close_secs(p, history_level(cn)),
+                        },
+                        p.seed,
+                        index,
+                        rng,
+                        start,
+                        p.frame_size,
+                    ),
+                }
+                groups_at = from - start..b.len() - start;
             });
             // Ciphertext that happens to look like text would be read as
             // plaintext (p ~ 1e-7); draw other values instead.
@@ -400,6 +528,17 @@ impl Device {
                 break;
             }
             self.out.truncate(start);
+            if let Some(l) = &saved {
+                self.logger = l.clone();
+            }
+        }
+        if matches!(content, Content::Close(1)) && !p.bursts.is_empty() {
+            // The plaintext groups: encrypted frames carry ciphertext in `out`,
+            // so they are rebuilt from the logger only for clear devices.
+            if self.key.is_none() {
+                let g = self.out[start + groups_at.start..start + groups_at.end].to_vec();
+                self.last_hour = Some((data_ms, g));
+            }
         }
         sh.stats.sent.fetch_add(1, Relaxed);
         sh.stats
@@ -656,7 +795,7 @@ impl Device {
                 match secs {
                     Some(s) => {
                         self.interval = Duration::from_secs(s);
-                        self.next_rt = Instant::now() + self.interval;
+                        self.next_rt = sh.sim_ns(Instant::now()) + self.interval.as_nanos() as i64;
                         self.out.extend_from_slice(&reply::exe_rtn(t, &qn, 1));
                     }
                     None => self.out.extend_from_slice(&reply::exe_rtn(t, &qn, 2)),
@@ -687,7 +826,13 @@ impl Device {
                 let mut ts = first;
                 let mut n = 0;
                 while ts <= end && n < HISTORY_CAP {
-                    self.data(sh, cn, now, ts * 1000 - self.clock_offset_ms);
+                    self.data(
+                        sh,
+                        cn,
+                        now,
+                        ts * 1000 - self.clock_offset_ms,
+                        Content::Drawn,
+                    );
                     ts += step;
                     n += 1;
                 }
@@ -700,6 +845,24 @@ impl Device {
 
 fn round_s(ms: i64) -> i64 {
     ms.div_euclid(1000) * 1000
+}
+
+/// Seconds of a minute (--minute-every), an hour or a day.
+fn close_secs(p: &super::Plan, lv: usize) -> u32 {
+    match lv {
+        0 => p.minute_every.as_secs() as u32,
+        1 => 3600,
+        _ => 86_400,
+    }
+}
+
+/// The level of a history CN: 2051 minutes, 2061 hours, 2031 days.
+fn history_level(cn: u16) -> usize {
+    match cn {
+        2051 => 0,
+        2061 => 1,
+        _ => 2,
+    }
 }
 
 async fn connect(target: SocketAddr, src: Option<Ipv4Addr>) -> io::Result<TcpStream> {

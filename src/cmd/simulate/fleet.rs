@@ -240,60 +240,348 @@ pub static WATER_EXTRA: &[Factor] = &[
 pub enum Series {
     /// 2011: `-Rtd`, `-Flag`.
     Realtime,
-    /// 2051 / 2061 / 2031: `-Cou`, `-Min`, `-Avg`, `-Max`, `-Flag`.
-    Aggregate,
+    /// 2051 / 2061 / 2031 over `secs` seconds: `-Cou`, `-Min`, `-Avg`, `-Max`,
+    /// `-Flag`, drawn at random but consistent in themselves (Min <= Avg <= Max,
+    /// Cou = Avg x flow x secs); a [`Logger`]'s are derived from its samples.
+    Aggregate {
+        /// The interval.
+        secs: u32,
+    },
 }
 
-/// Writes one factor group (no leading separator).
-fn put_factor(
+/// The flow factor of a kind (a00000 / w00000), whose `Avg` the `Cou` of the
+/// others follows from.
+fn is_flow(f: &Factor) -> bool {
+    matches!(f.code, "a00000" | "w00000")
+}
+
+/// `Cou` of an interval of `secs` seconds, in the code table's units (HJ212.md
+/// §6.2; README "Detectors"): a pollutant's mass `avg x flow x secs x 1e-6`
+/// (mg/m3 x m3/s -> kg, mg/L x L/s -> kg, ug/L x L/s -> g); a flow's own volume
+/// in m3 (flue gas m3/s x s; waste water L/s x s / 1000).
+fn cou(f: &Factor, kind: Kind, avg: f64, flow: f64, secs: f64) -> f64 {
+    if is_flow(f) {
+        match kind {
+            Kind::Air => avg * secs,
+            Kind::Water => avg * secs / 1000.0,
+        }
+    } else {
+        avg * flow * secs * 1e-6
+    }
+}
+
+/// Fraction digits of a `Cou`: masses in kg need six, volumes in m3 two.
+fn cou_decimals(f: &Factor) -> u8 {
+    if is_flow(f) { 2 } else { 6 }
+}
+
+/// Fraction digits of an aggregate's `Avg`: one more than its samples'.
+fn avg_decimals(f: &Factor) -> u8 {
+    (f.decimals + 1).min(6)
+}
+
+/// `x` as it reads printed with `d` fraction digits (what `put_fixed` writes).
+fn printed(x: f64, d: u8) -> f64 {
+    let s = 10f64.powi(i32::from(d.min(6)));
+    (x * s).round() / s
+}
+
+/// Writes an aggregate group (no leading separator).
+fn put_aggregate(
     out: &mut Vec<u8>,
     f: &Factor,
     code: &str,
-    series: Series,
-    level: f64,
-    rng: &mut u64,
+    (min, avg, max): (f64, f64, f64),
+    cou: Option<f64>,
 ) {
-    let mut v = || f.base * level * (1.0 + f.spread * (2.0 * unit(rng) - 1.0));
     let key = |out: &mut Vec<u8>, suffix: &[u8]| {
         out.extend_from_slice(code.as_bytes());
         out.push(b'-');
         out.extend_from_slice(suffix);
         out.push(b'=');
     };
-    match series {
-        Series::Realtime => {
-            let x = v();
-            key(out, b"Rtd");
-            put_fixed(out, x, f.decimals);
-            if f.converted {
-                out.push(b',');
-                key(out, b"ZsRtd");
-                put_fixed(out, x * 1.21, f.decimals);
+    if let Some(c) = cou {
+        key(out, b"Cou");
+        put_fixed(out, c, cou_decimals(f));
+        out.push(b',');
+    }
+    key(out, b"Min");
+    put_fixed(out, min, f.decimals);
+    out.push(b',');
+    key(out, b"Avg");
+    put_fixed(out, avg, avg_decimals(f));
+    out.push(b',');
+    key(out, b"Max");
+    put_fixed(out, max, f.decimals);
+    out.extend_from_slice(b",");
+    key(out, b"Flag");
+    out.push(b'N');
+}
+
+/// One level of a logger's running aggregate of a factor.
+#[derive(Debug, Clone, Copy)]
+struct Acc {
+    n: u32,
+    sum: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Default for Acc {
+    fn default() -> Acc {
+        Acc {
+            n: 0,
+            sum: 0.0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+        }
+    }
+}
+
+impl Acc {
+    fn add(&mut self, avg: f64, min: f64, max: f64) {
+        self.n += 1;
+        self.sum += avg;
+        self.min = self.min.min(min);
+        self.max = self.max.max(max);
+    }
+}
+
+/// A simulated data logger's memory: per factor (the kind's standard ones,
+/// then its extras) the running minute, hour and day aggregates. Minutes are
+/// made of the samples the logger uploaded (or measured, when 2011 is not
+/// sent), hours of the minutes, days of the hours, each from the values as
+/// printed, so the levels agree the way `aggregate.mismatch` checks them.
+#[derive(Debug, Clone)]
+pub struct Logger {
+    kind: Kind,
+    edition: Edition,
+    acc: Vec<[Acc; 3]>,
+}
+
+impl Logger {
+    /// A logger with nothing measured yet (and nothing allocated: an idle
+    /// fleet's devices never measure).
+    pub fn new(kind: Kind, edition: Edition) -> Logger {
+        Logger {
+            kind,
+            edition,
+            acc: Vec::new(),
+        }
+    }
+
+    fn ensure(&mut self) {
+        if self.acc.is_empty() {
+            let (main, extra) = tables(self.kind);
+            self.acc = vec![[Acc::default(); 3]; main.len() + extra.len()];
+        }
+    }
+
+    fn code(&self, f: &'static Factor) -> Option<&'static str> {
+        if self.edition == Edition::V2005 {
+            f.code_2005
+        } else {
+            Some(f.code)
+        }
+    }
+
+    /// One measurement of every factor at a real-time tick, written as the
+    /// factor groups of a 2011 CP when `upload` (within `frame_size`, as
+    /// [`put_factors`] does); what was written (all of it without `upload`)
+    /// goes into the minute.
+    #[allow(clippy::too_many_arguments)]
+    pub fn realtime(
+        &mut self,
+        out: &mut Vec<u8>,
+        upload: bool,
+        seed: u64,
+        index: u64,
+        rng: &mut u64,
+        frame_start: usize,
+        frame_size: Option<usize>,
+    ) {
+        self.ensure();
+        let (main, extra) = tables(self.kind);
+        let n = if frame_size.is_some() || !upload {
+            main.len() + extra.len()
+        } else {
+            main.len()
+        };
+        for k in 0..n {
+            let f = if k < main.len() {
+                &main[k]
+            } else {
+                &extra[k - main.len()]
+            };
+            let Some(code) = self.code(f) else { continue };
+            let lvl = level(seed, index, k);
+            let x = printed(
+                f.base * lvl * (1.0 + f.spread * (2.0 * unit(rng) - 1.0)),
+                f.decimals,
+            );
+            if upload {
+                let before = out.len();
+                out.push(b';');
+                put_factor_value(out, f, code, x);
+                if k >= main.len()
+                    && frame_size.is_some_and(|limit| out.len() - frame_start + 8 > limit)
+                {
+                    out.truncate(before);
+                    continue;
+                }
+            }
+            self.acc[k][0].add(x, x, x);
+        }
+    }
+
+    /// Closes the current minute (`lv` 0), hour (1) or day (2) of `secs`
+    /// seconds: writes the factor groups of its 2051/2061/2031 CP when `upload`
+    /// and passes what was written (everything without `upload`) on to the next
+    /// level. A factor with nothing measured in the interval (the run began in
+    /// it) gets values drawn at random, consistent in themselves.
+    #[allow(clippy::too_many_arguments)]
+    pub fn close(
+        &mut self,
+        out: &mut Vec<u8>,
+        upload: bool,
+        lv: usize,
+        secs: u32,
+        seed: u64,
+        index: u64,
+        rng: &mut u64,
+        frame_start: usize,
+        frame_size: Option<usize>,
+    ) {
+        self.ensure();
+        let (main, extra) = tables(self.kind);
+        let n = if frame_size.is_some() || !upload {
+            main.len() + extra.len()
+        } else {
+            main.len()
+        };
+        let factor = |k: usize| {
+            if k < main.len() {
+                &main[k]
+            } else {
+                &extra[k - main.len()]
+            }
+        };
+        let mut values = [(0.0, 0.0, 0.0); 32];
+        for (k, v) in values.iter_mut().enumerate().take(n) {
+            let f = factor(k);
+            let a = self.acc[k][lv];
+            *v = if a.n > 0 {
+                (
+                    a.min,
+                    printed(a.sum / f64::from(a.n), avg_decimals(f)),
+                    a.max,
+                )
+            } else {
+                drawn(f, level(seed, index, k), rng)
+            };
+        }
+        let flow = (0..n)
+            .find(|&k| is_flow(factor(k)))
+            .map_or(0.0, |k| values[k].1);
+        for (k, &(min, avg, max)) in values.iter().enumerate().take(n) {
+            let f = factor(k);
+            self.acc[k][lv] = Acc::default();
+            let Some(code) = self.code(f) else { continue };
+            if upload {
+                let before = out.len();
+                out.push(b';');
+                let c = f
+                    .cumulative
+                    .then(|| cou(f, self.kind, avg, flow, f64::from(secs)));
+                put_aggregate(out, f, code, (min, avg, max), c);
+                if k >= main.len()
+                    && frame_size.is_some_and(|limit| out.len() - frame_start + 8 > limit)
+                {
+                    out.truncate(before);
+                    continue;
+                }
+            }
+            if lv < 2 {
+                self.acc[k][lv + 1].add(avg, min, max);
             }
         }
-        Series::Aggregate => {
-            let (a, b, c) = (v(), v(), v());
-            let min = a.min(b).min(c);
-            let max = a.max(b).max(c);
-            let avg = (a + b + c) / 3.0;
-            if f.cumulative {
-                key(out, b"Cou");
-                put_fixed(out, avg * 0.36, f.decimals.max(2));
-                out.push(b',');
-            }
-            key(out, b"Min");
-            put_fixed(out, min, f.decimals);
-            out.push(b',');
-            key(out, b"Avg");
-            put_fixed(out, avg, f.decimals);
-            out.push(b',');
-            key(out, b"Max");
-            put_fixed(out, max, f.decimals);
-        }
+    }
+}
+
+/// Three random values of a factor as (min, avg, max), printed.
+fn drawn(f: &Factor, level: f64, rng: &mut u64) -> (f64, f64, f64) {
+    let mut v = || {
+        printed(
+            f.base * level * (1.0 + f.spread * (2.0 * unit(rng) - 1.0)),
+            f.decimals,
+        )
+    };
+    let (a, b, c) = (v(), v(), v());
+    (
+        a.min(b).min(c),
+        printed((a + b + c) / 3.0, avg_decimals(f)),
+        a.max(b).max(c),
+    )
+}
+
+/// Writes a real-time group (no leading separator).
+fn put_factor_value(out: &mut Vec<u8>, f: &Factor, code: &str, x: f64) {
+    let key = |out: &mut Vec<u8>, suffix: &[u8]| {
+        out.extend_from_slice(code.as_bytes());
+        out.push(b'-');
+        out.extend_from_slice(suffix);
+        out.push(b'=');
+    };
+    key(out, b"Rtd");
+    put_fixed(out, x, f.decimals);
+    if f.converted {
+        out.push(b',');
+        key(out, b"ZsRtd");
+        put_fixed(out, x * 1.21, f.decimals);
     }
     out.extend_from_slice(b",");
     key(out, b"Flag");
     out.push(b'N');
+}
+
+/// The standard and extra factors of a kind.
+fn tables(kind: Kind) -> (&'static [Factor], &'static [Factor]) {
+    match kind {
+        Kind::Air => (AIR, AIR_EXTRA),
+        Kind::Water => (WATER, WATER_EXTRA),
+    }
+}
+
+/// Writes one factor group (no leading separator); `flow` is the record's flow
+/// (min, avg, max), drawn first because every `Cou` follows from its `Avg`.
+#[allow(clippy::too_many_arguments)]
+fn put_factor(
+    out: &mut Vec<u8>,
+    f: &Factor,
+    code: &str,
+    kind: Kind,
+    series: Series,
+    level: f64,
+    flow: (f64, f64, f64),
+    rng: &mut u64,
+) {
+    match series {
+        Series::Realtime => {
+            let x = f.base * level * (1.0 + f.spread * (2.0 * unit(rng) - 1.0));
+            put_factor_value(out, f, code, x);
+        }
+        Series::Aggregate { secs } => {
+            let (min, avg, max) = if is_flow(f) {
+                flow
+            } else {
+                drawn(f, level, rng)
+            };
+            let c = f
+                .cumulative
+                .then(|| cou(f, kind, avg, flow.1, f64::from(secs)));
+            put_aggregate(out, f, code, (min, avg, max), c);
+        }
+    }
 }
 
 /// A device's per-factor level (stacks differ), stable for a seed and index.
@@ -318,9 +606,16 @@ pub fn put_factors(
     frame_start: usize,
     frame_size: Option<usize>,
 ) {
-    let (main, extra) = match kind {
-        Kind::Air => (AIR, AIR_EXTRA),
-        Kind::Water => (WATER, WATER_EXTRA),
+    let (main, extra) = tables(kind);
+    let flow = match series {
+        Series::Aggregate { .. } => main
+            .iter()
+            .enumerate()
+            .find(|(_, f)| is_flow(f))
+            .map_or((0.0, 0.0, 0.0), |(k, f)| {
+                drawn(f, level(seed, index, k), rng)
+            }),
+        Series::Realtime => (0.0, 0.0, 0.0),
     };
     let code_of = |f: &'static Factor| {
         if edition == Edition::V2005 {
@@ -332,7 +627,7 @@ pub fn put_factors(
     for (k, f) in main.iter().enumerate() {
         if let Some(code) = code_of(f) {
             out.push(b';');
-            put_factor(out, f, code, series, level(seed, index, k), rng);
+            put_factor(out, f, code, kind, series, level(seed, index, k), flow, rng);
         }
     }
     let Some(limit) = frame_size else { return };
@@ -344,13 +639,188 @@ pub fn put_factors(
             out,
             f,
             code,
+            kind,
             series,
             level(seed, index, k + main.len()),
+            flow,
             rng,
         );
         // A group that does not fit is dropped and a smaller one tried.
         if out.len() - frame_start + 8 > limit {
             out.truncate(before);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::alarm::engine::Engine;
+    use crate::alarm::{AlarmEvent, Obs};
+    use crate::protocol::build::{self, Civil, Head};
+    use crate::protocol::{self, Options, json};
+
+    /// 2026-05-28T16:00:00Z, midnight in Beijing: a whole day ahead.
+    const T0: i64 = 1_779_984_000_000;
+    const TZ: i32 = 8 * 3600;
+
+    struct Gateway {
+        engine: Engine,
+        seq: u64,
+        events: Vec<AlarmEvent>,
+    }
+
+    impl Gateway {
+        /// What the detector makes of a frame with this CP (after DataTime).
+        fn feed(&mut self, mn: &str, cn: u16, at: i64, groups: &[u8]) {
+            let qn = Civil::from_unix_ms(at, TZ).qn();
+            let head = Head {
+                qn: Some(&qn[..]),
+                st: "31",
+                cn,
+                pw: "123456",
+                mn,
+                flag: Some(5),
+                split: None,
+            };
+            let mut frame = Vec::new();
+            build::device_frame(&mut frame, &head, None, |b| {
+                b.extend_from_slice(b"DataTime=");
+                Civil::from_unix_ms(at, TZ).put_n14(b);
+                b.extend_from_slice(groups);
+            });
+            let now = chrono::DateTime::from_timestamp_millis(at).expect("in range");
+            let f = protocol::decode(Bytes::from(frame), &Options::new(now), &());
+            assert!(!f.has_error(), "{:?}", f.findings);
+            self.seq += 1;
+            let findings = serde_json::to_string(&f.findings).expect("findings");
+            let mut o = Obs::from_doc(self.seq, at, &json::frame_doc(&f), &findings, false, false)
+                .expect("an observation");
+            o.registered = true;
+            self.events.extend(self.engine.observe(&o));
+        }
+
+        fn mine(&self) -> Vec<String> {
+            self.events
+                .iter()
+                .map(|e| e.key())
+                .filter(|k| matches!(k.kind.as_str(), "aggregate.mismatch" | "emission.mismatch"))
+                .map(|k| format!("{} {}", k.kind, k.factor))
+                .collect()
+        }
+    }
+
+    /// A simulated logger's 2011, 2051 (every minute), 2061 and 2031 over a day,
+    /// through the decoder and the detector: no aggregate.mismatch and no
+    /// emission.mismatch. Then the same logger's next records, edited (a minute's
+    /// Max lowered to its Avg, an hour's SO2 Cou raised by half), raise both: the
+    /// clean day was judged, not skipped.
+    #[test]
+    fn a_simulated_logger_is_consistent_across_levels_and_edits_are_caught() {
+        let cfg = crate::config::Config::parse("", std::path::Path::new("t"))
+            .expect("config")
+            .alarms;
+        let mut gw = Gateway {
+            engine: Engine::new(cfg),
+            seq: 0,
+            events: Vec::new(),
+        };
+        let mn = "99000700000000000000000003";
+        let mut logger = Logger::new(Kind::Air, Edition::V2017);
+        let mut rng = 7u64;
+        let mut b = Vec::new();
+        // Samples every 20 s; minutes, hours and the day close on their boundaries.
+        let step = 20_000;
+        let mut t = T0;
+        while t < T0 + 86_400_000 {
+            b.clear();
+            logger.realtime(&mut b, true, 7, 3, &mut rng, 0, Some(1000));
+            gw.feed(mn, 2011, t, &b);
+            t += step;
+            if t % 60_000 == 0 {
+                b.clear();
+                logger.close(&mut b, true, 0, 60, 7, 3, &mut rng, 0, Some(1000));
+                gw.feed(mn, 2051, t - 60_000, &b);
+            }
+            if t % 3_600_000 == 0 {
+                b.clear();
+                logger.close(&mut b, true, 1, 3600, 7, 3, &mut rng, 0, Some(1000));
+                gw.feed(mn, 2061, t - 3_600_000, &b);
+            }
+        }
+        b.clear();
+        logger.close(&mut b, true, 2, 86_400, 7, 3, &mut rng, 0, Some(1000));
+        gw.feed(mn, 2031, T0, &b);
+        assert!(gw.mine().is_empty(), "{:?}", gw.mine());
+
+        // The next minute, its SO2 Max replaced by its Avg.
+        for i in 0..3 {
+            b.clear();
+            logger.realtime(&mut b, true, 7, 3, &mut rng, 0, Some(1000));
+            gw.feed(mn, 2011, t + i * step, &b);
+        }
+        b.clear();
+        logger.close(&mut b, true, 0, 60, 7, 3, &mut rng, 0, Some(1000));
+        let text = String::from_utf8(b.clone()).expect("ascii");
+        let (avg_at, avg_end) = field_in(&text, "a21026-Avg=");
+        let avg = text[avg_at..avg_end].to_owned();
+        let (max_at, max_end) = field_in(&text, "a21026-Max=");
+        let edited = format!("{}{avg}{}", &text[..max_at], &text[max_end..]);
+        gw.feed(mn, 2051, t, edited.as_bytes());
+        assert_eq!(gw.mine(), ["aggregate.mismatch a21026"]);
+
+        // An hour whose SO2 Cou was raised by half.
+        b.clear();
+        logger.close(&mut b, true, 1, 3600, 7, 3, &mut rng, 0, Some(1000));
+        let text = String::from_utf8(b.clone()).expect("ascii");
+        let (cou_at, cou_end) = field_in(&text, "a21026-Cou=");
+        let cou: f64 = text[cou_at..cou_end].parse().expect("a number");
+        let edited = format!("{}{:.6}{}", &text[..cou_at], cou * 1.5, &text[cou_end..]);
+        gw.feed(mn, 2061, t, edited.as_bytes());
+        assert_eq!(
+            gw.mine(),
+            ["aggregate.mismatch a21026", "emission.mismatch a21026"]
+        );
+    }
+
+    fn field_in(text: &str, name: &str) -> (usize, usize) {
+        let at = text.find(name).expect(name) + name.len();
+        let end = text[at..].find([',', ';']).map_or(text.len(), |e| at + e);
+        (at, end)
+    }
+
+    /// Drawn aggregates (history answers, bursts) hold together by themselves:
+    /// Min <= Avg <= Max and Cou = Avg x flow x interval.
+    #[test]
+    fn drawn_aggregates_are_consistent_in_themselves() {
+        let cfg = crate::config::Config::parse("", std::path::Path::new("t"))
+            .expect("config")
+            .alarms;
+        let mut gw = Gateway {
+            engine: Engine::new(cfg),
+            seq: 0,
+            events: Vec::new(),
+        };
+        for kind in [Kind::Air, Kind::Water] {
+            for i in 0..200u64 {
+                let mut rng = i;
+                let mut b = Vec::new();
+                put_factors(
+                    &mut b,
+                    kind,
+                    Edition::V2017,
+                    Series::Aggregate { secs: 3600 },
+                    1,
+                    i,
+                    &mut rng,
+                    0,
+                    Some(1000),
+                );
+                gw.feed(&format!("D{i}"), 2061, T0 + i as i64 * 3_600_000, &b);
+            }
+        }
+        assert!(gw.mine().is_empty(), "{:?}", gw.mine());
     }
 }

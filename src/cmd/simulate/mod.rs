@@ -29,7 +29,12 @@ use fleet::{Edition, Kind};
 ///
 /// Each device is one connection sending 2011 real-time data every --interval (or
 /// the fleet sending --rate frames/s in total), 2051 at every --minute-every minute
-/// and 2061 at every full hour of the wall clock, acked per frame. Devices answer
+/// and 2061 at every full hour of its clock (2031 at midnight, +08:00, with --cn
+/// 2031), acked per frame. Like a real data logger, a device derives its 2051 from
+/// its own 2011 samples of that interval, its 2061 from its minutes and its 2031
+/// from its hours; Cou = Avg x flow Avg x interval (HJ 212 code-table units:
+/// mg/m3 x m3/s or mg/L x L/s -> kg). --speedup N runs the device clocks N times
+/// as fast as the wall clock, ending at the end of the run. Devices answer
 /// platform requests (1011/1012/1061/1062, 2031/2051/2061 history) with 9011,
 /// data and 9012. MN of device i: --mn-prefix (default 99 + 4 hex digits of the
 /// seed) then i zero-padded to 24 characters (14 for 2005). Device i's dialect is
@@ -89,9 +94,14 @@ pub struct SimulateArgs {
     /// Device kinds with weights: air (flue gas, ST=31), water (waste water, ST=32).
     #[arg(long, default_value = "air=1,water=1", value_name = "K=W,...")]
     pub kinds: String,
-    /// Which uploads: 2011 real-time, 2051 minute, 2061 hour data.
+    /// Which uploads: 2011 real-time, 2051 minute, 2061 hour, 2031 day data.
     #[arg(long = "cn", default_value = "2011,2051,2061", value_name = "CN,...")]
     pub cns: String,
+    /// Device clocks run this many times as fast as the wall clock (DataTimes,
+    /// --interval, minutes, hours, days); the simulated time ends at the end of
+    /// the run, so DataTimes are never in the future.
+    #[arg(long, default_value = "1", value_name = "N")]
+    pub speedup: f64,
     /// Minutes between 2051 uploads (must divide 60).
     #[arg(long, default_value = "10", value_name = "MIN")]
     pub minute_every: u64,
@@ -157,7 +167,9 @@ pub struct Plan {
     realtime: bool,
     minute: bool,
     hour: bool,
+    day: bool,
     minute_every: Duration,
+    speedup: f64,
     ack: bool,
     frame_size: Option<usize>,
     bursts: Vec<Duration>,
@@ -200,20 +212,43 @@ pub struct Shared {
     stats: Stats,
     hist: Mutex<Histogram<u64>>,
     base: Instant,
-    base_wall_ms: i64,
+    /// The simulated clock (unix ms) at `base`: the wall clock without
+    /// --speedup, earlier with it.
+    sim_base_ms: i64,
     start: Instant,
     end: Instant,
-    first_minute: Instant,
-    first_hour: Instant,
+    /// The first minute (--minute-every), hour and day (+08:00 midnight)
+    /// boundaries of the simulated clock after the start, unix ms.
+    first_minute_ms: i64,
+    first_hour_ms: i64,
+    first_day_ms: i64,
 }
 
 impl Shared {
-    /// Wall-clock unix ms of a monotonic instant.
+    /// Simulated unix ms of a monotonic instant (the wall clock without --speedup).
     fn wall_ms(&self, t: Instant) -> i64 {
+        self.sim_ns(t).div_euclid(1_000_000)
+    }
+
+    /// Simulated unix ns of a monotonic instant.
+    fn sim_ns(&self, t: Instant) -> i64 {
+        let k = self.plan.speedup;
+        let base = self.sim_base_ms * 1_000_000;
         match t.checked_duration_since(self.base) {
-            Some(d) => self.base_wall_ms + d.as_millis() as i64,
-            None => self.base_wall_ms - self.base.duration_since(t).as_millis() as i64,
+            Some(d) => base + (d.as_nanos() as f64 * k) as i64,
+            None => base - (self.base.duration_since(t).as_nanos() as f64 * k) as i64,
         }
+    }
+
+    /// The instant the simulated clock reads `ns` (unix ns); the base if earlier.
+    fn at_sim_ns(&self, ns: i64) -> Instant {
+        let real = (ns - self.sim_base_ms * 1_000_000) as f64 / self.plan.speedup;
+        self.base + Duration::from_nanos(real.max(0.0) as u64)
+    }
+
+    /// [`Self::at_sim_ns`] for unix ms.
+    fn at_sim(&self, ms: i64) -> Instant {
+        self.at_sim_ns(ms.saturating_mul(1_000_000))
     }
 
     fn record_latency(&self, us: u64) {
@@ -390,13 +425,25 @@ pub fn plan(a: &SimulateArgs) -> Result<Plan, CmdError> {
     let mut realtime = false;
     let mut minute = false;
     let mut hour = false;
+    let mut day = false;
     for cn in a.cns.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         match cn {
             "2011" => realtime = true,
             "2051" => minute = true,
             "2061" => hour = true,
-            _ => return Err(usage(format!("--cn {cn:?}: expected 2011, 2051 or 2061"))),
+            "2031" => day = true,
+            _ => {
+                return Err(usage(format!(
+                    "--cn {cn:?}: expected 2011, 2051, 2061 or 2031"
+                )));
+            }
         }
+    }
+    if !(a.speedup.is_finite() && (1.0..=100_000.0).contains(&a.speedup)) {
+        return Err(usage(format!(
+            "--speedup {}: must be between 1 and 100000",
+            a.speedup
+        )));
     }
     if let Some(s) = a.frame_size {
         if !(100..=1000).contains(&s) {
@@ -463,7 +510,9 @@ pub fn plan(a: &SimulateArgs) -> Result<Plan, CmdError> {
         realtime,
         minute,
         hour,
+        day,
         minute_every: Duration::from_secs(a.minute_every * 60),
+        speedup: a.speedup,
         ack: !a.no_ack,
         frame_size: a.frame_size,
         bursts,
@@ -594,11 +643,16 @@ async fn fleet_main(p: Plan, progress: f64) -> Result<Summary, CmdError> {
     let base_wall_ms = chrono::Utc::now().timestamp_millis();
     let start = base + Duration::from_millis(50);
     let end = start + p.ramp + p.duration;
-    let at_wall = |ms: i64| base + Duration::from_millis((ms - base_wall_ms).max(0) as u64);
-    let start_ms = base_wall_ms + 50;
+    // With --speedup the simulated clock is set back so that it reaches the
+    // wall clock at the end of the run: every DataTime is in the past.
+    let run_ms = (end - base).as_millis() as i64;
+    let sim_base_ms = base_wall_ms - (run_ms as f64 * (p.speedup - 1.0)) as i64;
+    let start_ms = sim_base_ms + (50.0 * p.speedup) as i64;
     let me = p.minute_every.as_millis() as i64;
-    let first_minute = at_wall((start_ms / me + 1) * me);
-    let first_hour = at_wall((start_ms / 3_600_000 + 1) * 3_600_000);
+    let (hour, day, tz) = (3_600_000i64, 86_400_000i64, i64::from(p.tz_offset_s) * 1000);
+    let first_minute_ms = (start_ms.div_euclid(me) + 1) * me;
+    let first_hour_ms = (start_ms.div_euclid(hour) + 1) * hour;
+    let first_day_ms = ((start_ms + tz).div_euclid(day) + 1) * day - tz;
     let hist = Histogram::new_with_bounds(1, 3_600_000_000, 3)
         .map_err(|e| usage(format!("histogram: {e}")))?;
     let sh = Arc::new(Shared {
@@ -606,11 +660,12 @@ async fn fleet_main(p: Plan, progress: f64) -> Result<Summary, CmdError> {
         stats: Stats::default(),
         hist: Mutex::new(hist),
         base,
-        base_wall_ms,
+        sim_base_ms,
         start,
         end,
-        first_minute,
-        first_hour,
+        first_minute_ms,
+        first_hour_ms,
+        first_day_ms,
     });
     // Registered before the first connection, so a Ctrl-C at any point reports
     // rather than kills.
