@@ -334,7 +334,13 @@ fn simulated_clean_fleet_raises_no_forgery_alarm() {
         let series = if cn == 2011 {
             Series::Realtime
         } else {
-            Series::Aggregate
+            Series::Aggregate {
+                secs: match cn {
+                    2051 => 60,
+                    2061 => 3600,
+                    _ => 86_400,
+                },
+            }
         };
         build::device_frame(&mut buf, &head, None, |b| {
             b.extend_from_slice(b"DataTime=");

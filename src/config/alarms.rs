@@ -414,6 +414,7 @@ impl AlarmsSection {
                 }
                 if fa.cou_scale.is_some_and(|x| !(x.is_finite() && x > 0.0)) {
                     return Err(bad(k("cou_scale"), "must be a positive number".into()));
+                }
                 if fa
                     .copy_min_changes
                     .is_some_and(|n| !(3..=1000).contains(&n))
@@ -496,12 +497,11 @@ pub const DETECTORS: &[&str] = &[
     "flag.abnormal",
     "limit.hugging",
     "converted.mismatch",
+    "aggregate.mismatch",
+    "emission.mismatch",
     "series.copied",
     "device.cloned",
     "digits.biased",
-                }
-    "aggregate.mismatch",
-    "emission.mismatch",
 ];
 
 #[cfg(test)]
