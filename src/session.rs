@@ -29,7 +29,7 @@ use crate::downlink::inbox::{Inbox, Next};
 use crate::downlink::{Event, Submit};
 use crate::ingest::{self, Batch, CloseReason, Hooks, Input, Now, Policy, RunEnd, decode_options};
 use crate::protocol::{Frame, Options, Severity};
-use crate::store::{NewRecord, Replied, ReplySink};
+use crate::store::NewRecord;
 
 /// Emits a session event with the session's `peer`, `session` (id) and, once
 /// known, `mn` as fields. There is no per-session span: a span lives as long as
@@ -396,7 +396,7 @@ impl Session {
             return;
         }
         let cfg = &self.shared.cfg.server;
-        io.shutdown_write();
+        io.shutdown_write(cfg.write_timeout.0).await;
         let drain = (cfg.shutdown_grace.0 / 2).min(Duration::from_secs(2));
         let deadline = tokio::time::Instant::now() + drain;
         while let Some(items) = io.drain_until(deadline).await {
@@ -493,42 +493,12 @@ impl Session {
             // Only junk held back for its run: nothing to store or answer yet.
             return Ok(close);
         }
-        // The steady state (an MN this session already holds, nothing for the
-        // downlink): the writer writes the acks itself right after the commit.
-        // A batch that claims an MN, delivers or queues a downlink step keeps
-        // the order the rest of the gateway sees: claim first, then the ack.
-        let early = ack && claims.is_empty() && downlink.is_empty() && autos.is_empty();
-        let acks = replies.len() as u64;
-        let (early, replies) = if early {
-            (Some(conn::joined(replies)), Vec::new())
-        } else {
-            (None, replies)
-        };
-        let done = if let Some(out) = early {
-            let sink: Arc<dyn ReplySink> = io.sink();
-            self.shared
-                .store
-                .append_then_reply(records, sink, out.clone())
-                .await
-                .map(|r| Some((out, r)))
-        } else {
-            self.shared.store.append_many(records).await.map(|_| None)
-        };
-        let replied = match done {
-            Ok(r) => r,
-            Err(e) => {
-                // Nothing of this batch is durable: no ack may go out.
-                // Every session meets the same failure (a full disk): one line per
-                // interval for all of them, not one per batch per session.
-                crate::log_repeated!(warn, peer = %self.peer_text, session = self.id, error = %e, "frame log append failed; replies withheld");
-                return Err(CloseReason::StoreError);
-            }
-        };
-        if let Some((out, r)) = replied {
-            return self
-                .finish_early(io, &out, acks, r, read_at)
-                .await
-                .map(|()| close);
+        if let Err(e) = self.shared.store.append_many(records).await {
+            // Nothing of this batch is durable: no ack may go out.
+            // Every session meets the same failure (a full disk): one line per
+            // interval for all of them, not one per batch per session.
+            crate::log_repeated!(warn, peer = %self.peer_text, session = self.id, error = %e, "frame log append failed; replies withheld");
+            return Err(CloseReason::StoreError);
         }
         // No sends come from device frames, only steps for requesters.
         self.dl_deliver(downlink);
@@ -551,42 +521,6 @@ impl Session {
             self.answer(io, replies, autos, read_at).await?;
         }
         Ok(close)
-    }
-
-    /// After the writer wrote (some of) the acks of a committed batch: writes
-    /// the rest and counts them.
-    async fn finish_early(
-        &mut self,
-        io: &mut DeviceConn,
-        out: &Bytes,
-        acks: u64,
-        r: Replied,
-        read_at: Instant,
-    ) -> Result<(), CloseReason> {
-        let sent_at = if r.written >= out.len() {
-            r.at
-        } else {
-            if let Err((reason, e)) = io
-                .write_rest(out, r.written, self.shared.cfg.server.write_timeout.0)
-                .await
-            {
-                if let Some(e) = e {
-                    slog!(debug, self, error = %e, "reply write failed");
-                }
-                return Err(reason);
-            }
-            Instant::now()
-        };
-        self.shared.metrics.bytes_out.add(out.len() as u64);
-        self.shared
-            .metrics
-            .ack_seconds
-            .observe_duration(sent_at.saturating_duration_since(read_at), acks);
-        // An exchange in progress may be waiting for the line to be free.
-        if self.dl.is_some() {
-            self.dl_run(Vec::new(), io).await?;
-        }
-        Ok(())
     }
 
     /// Takes `mn` after a commit; false when another session keeps it.

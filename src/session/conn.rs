@@ -7,11 +7,12 @@
 //! has been cut, so 100,000 quiet devices hold no read buffers. The cutting
 //! itself is the codec's ([`Hj212Codec`]), the one path from bytes to items.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::codec::Decoder;
 
 use crate::codec::{Hj212Codec, Item};
@@ -35,13 +36,9 @@ pub(super) enum Read {
 }
 
 /// One device connection's socket, buffer and codec.
-///
-/// The socket is shared, not split into halves: the store writer writes a
-/// committed batch's acks straight to it (`StoreHandle::append_then_reply`)
-/// while the session waits for that commit, and the session writes whatever
-/// the writer could not.
 pub(super) struct DeviceConn {
-    sock: Arc<TcpStream>,
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
     buf: BytesMut,
     codec: Hj212Codec,
     /// Since when the buffer has held an incomplete frame.
@@ -54,8 +51,10 @@ pub(super) struct DeviceConn {
 impl DeviceConn {
     /// Wraps an accepted stream; frames are capped at `max_frame` bytes.
     pub(super) fn new(stream: TcpStream, max_frame: usize) -> DeviceConn {
+        let (rd, wr) = stream.into_split();
         DeviceConn {
-            sock: Arc::new(stream),
+            rd,
+            wr,
             buf: BytesMut::new(),
             codec: Hj212Codec::new(FramerConfig {
                 max_frame,
@@ -88,12 +87,7 @@ impl DeviceConn {
 
     /// Waits until the socket may be read.
     pub(super) async fn readable(&self) -> std::io::Result<()> {
-        self.sock.readable().await
-    }
-
-    /// The socket, for the store writer to write acks to after its commit.
-    pub(super) fn sink(&self) -> Arc<TcpStream> {
-        Arc::clone(&self.sock)
+        self.rd.readable().await
     }
 
     /// Reads what the socket holds into the buffer, without waiting.
@@ -101,7 +95,7 @@ impl DeviceConn {
         if self.buf.capacity() - self.buf.len() < 1024 {
             self.buf.reserve(4096);
         }
-        match self.sock.try_read_buf(&mut self.buf) {
+        match self.rd.try_read_buf(&mut self.buf) {
             Ok(0) => Read::Closed,
             Ok(_) => {
                 self.last_activity = Instant::now();
@@ -177,47 +171,30 @@ impl DeviceConn {
         replies: Vec<Bytes>,
         timeout: Duration,
     ) -> Result<(), (CloseReason, Option<std::io::Error>)> {
-        self.write_rest(&joined(replies), 0, timeout).await
-    }
-
-    /// Writes `out[done..]` (the first `done` bytes already went out, e.g.
-    /// from the store writer): tried at once, and only a short or blocked
-    /// write is finished under `timeout`.
-    pub(super) async fn write_rest(
-        &self,
-        out: &[u8],
-        mut done: usize,
-        timeout: Duration,
-    ) -> Result<(), (CloseReason, Option<std::io::Error>)> {
-        if done < out.len() {
-            match self.sock.try_write(&out[done..]) {
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err((CloseReason::WriteError, Some(e))),
+        let out: Bytes = match replies.len() {
+            0 => return Ok(()),
+            1 => replies.into_iter().next().unwrap_or_default(),
+            _ => {
+                let mut all = BytesMut::with_capacity(replies.iter().map(Bytes::len).sum());
+                for r in &replies {
+                    all.extend_from_slice(r);
+                }
+                all.freeze()
             }
-        }
-        if done >= out.len() {
+        };
+        let done = match self.wr.try_write(&out) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err((CloseReason::WriteError, Some(e))),
+        };
+        if done == out.len() {
             return Ok(());
         }
-        match tokio::time::timeout(timeout, self.write_all(&out[done..])).await {
+        match tokio::time::timeout(timeout, self.wr.write_all(&out[done..])).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err((CloseReason::WriteError, Some(e))),
             Err(_) => Err((CloseReason::WriteTimeout, None)),
         }
-    }
-
-    /// Writes all of `bytes`, waiting for room as needed.
-    async fn write_all(&self, mut bytes: &[u8]) -> std::io::Result<()> {
-        while !bytes.is_empty() {
-            self.sock.writable().await?;
-            match self.sock.try_write(bytes) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => bytes = &bytes[n..],
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
     }
 
     /// Writes a downlink request within `timeout`.
@@ -226,18 +203,16 @@ impl DeviceConn {
         bytes: &[u8],
         timeout: Duration,
     ) -> Result<(), CloseReason> {
-        match tokio::time::timeout(timeout, self.write_all(bytes)).await {
+        match tokio::time::timeout(timeout, self.wr.write_all(bytes)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(CloseReason::WriteError),
             Err(_) => Err(CloseReason::WriteTimeout),
         }
     }
 
-    /// Sends FIN after what was already written. Everything written went
-    /// whole into the kernel's buffer (writes above finish or fail), so the
-    /// FIN queues behind it without waiting.
-    pub(super) fn shutdown_write(&self) {
-        let _ = socket2::SockRef::from(&*self.sock).shutdown(std::net::Shutdown::Write);
+    /// Sends FIN after what was already written, within `timeout`.
+    pub(super) async fn shutdown_write(&mut self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.wr.shutdown()).await;
     }
 
     /// Shutdown's drain: waits for bytes until `deadline` and returns the
@@ -248,7 +223,7 @@ impl DeviceConn {
         deadline: tokio::time::Instant,
     ) -> Option<Vec<Item>> {
         loop {
-            match tokio::time::timeout_at(deadline, self.sock.readable()).await {
+            match tokio::time::timeout_at(deadline, self.rd.readable()).await {
                 Ok(Ok(())) => {}
                 _ => return None,
             }
@@ -273,21 +248,6 @@ impl DeviceConn {
             items.push(item);
         }
         items
-    }
-}
-
-/// The replies of one commit as one buffer, so they go out in one write.
-pub(super) fn joined(replies: Vec<Bytes>) -> Bytes {
-    match replies.len() {
-        0 => Bytes::new(),
-        1 => replies.into_iter().next().unwrap_or_default(),
-        _ => {
-            let mut all = BytesMut::with_capacity(replies.iter().map(Bytes::len).sum());
-            for r in &replies {
-                all.extend_from_slice(r);
-            }
-            all.freeze()
-        }
     }
 }
 

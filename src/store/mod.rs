@@ -140,7 +140,7 @@ pub use reader::{Cursors, Reader, RecordFilter, Records};
 #[cfg(test)]
 pub(crate) use schema::file_at_version;
 pub use verify::{BreakReason, ChainBreak, ChainReport, verify_chain};
-pub use writer::{Replied, ReplySink, Store, StoreHandle, StoreStats, WriterJoin};
+pub use writer::{Store, StoreHandle, StoreStats, WriterJoin};
 
 /// Whether a record was received from a peer or sent to one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

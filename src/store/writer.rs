@@ -68,7 +68,6 @@ impl Store {
             cfg.feed_records,
             Arc::clone(&cfg.metrics),
         ));
-        let cfg_boost = cfg.writer_boost;
         let writer = Writer {
             feed: Arc::clone(&feed),
             conn,
@@ -79,7 +78,6 @@ impl Store {
             counters: Arc::clone(&counters),
             checkpointer: Some(checkpointer),
             finished_pass: 0,
-            acker: Acker::spawn(cfg_boost)?,
         };
         let boost = writer.cfg.writer_boost;
         let thread = std::thread::Builder::new()
@@ -249,46 +247,7 @@ struct Job {
     recs: Vec<NewRecord>,
     /// Downlink exchange outcomes, inserted in the same transaction.
     exchanges: Vec<NewExchange>,
-    /// Bytes to write to a socket once the records are durable.
-    early: Option<Early>,
-    reply: oneshot::Sender<Result<Replied, StoreError>>,
-}
-
-/// A device's socket, written right after a commit by the store's acker thread.
-///
-/// Why: a commit used to wake each waiting session (some thirty per commit at
-/// 5,000 frames/s) to write its own ack, and on two busy cores those tasks
-/// waited for a CPU about as long as they ran: that wait was most of the ack
-/// latency's tail. The store's acker thread runs above the sessions like the
-/// writer (`[store] writer_boost`) and writes every ack of a commit in one pass
-/// the moment they may go out; the session, woken as before, writes only what
-/// the socket did not take.
-pub trait ReplySink: Send + Sync {
-    /// Writes what the socket takes now, without waiting.
-    fn try_write(&self, buf: &[u8]) -> std::io::Result<usize>;
-}
-
-impl ReplySink for tokio::net::TcpStream {
-    fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
-        tokio::net::TcpStream::try_write(self, buf)
-    }
-}
-
-struct Early {
-    sink: Arc<dyn ReplySink>,
-    bytes: bytes::Bytes,
-}
-
-/// What [`StoreHandle::append_then_reply`] resolves to.
-#[derive(Debug)]
-pub struct Replied {
-    /// One per record, in order.
-    pub appended: Vec<Appended>,
-    /// How many leading bytes of the reply the acker wrote (0 after an error
-    /// or a full socket buffer: the caller writes the rest and meets the error).
-    pub written: usize,
-    /// When the acker's writes of this commit had returned.
-    pub at: Instant,
+    reply: oneshot::Sender<Result<Vec<Appended>, StoreError>>,
 }
 
 enum Msg {
@@ -340,24 +299,7 @@ impl StoreHandle {
             return Ok(Vec::new());
         }
         let (reply, answer) = oneshot::channel();
-        self.submit(recs, None, reply).await?;
-        Ok(answer.await.map_err(|_| StoreError::Closed)??.appended)
-    }
-
-    /// Like [`append_many`](Self::append_many), and once the records are
-    /// committed the store's acker thread writes `reply` to `sink`, as far as
-    /// the socket takes it without waiting ([`ReplySink`] says why). Nothing is
-    /// written unless the commit succeeded. The caller writes
-    /// `reply[written..]`.
-    pub async fn append_then_reply(
-        &self,
-        recs: Vec<NewRecord>,
-        sink: Arc<dyn ReplySink>,
-        reply: bytes::Bytes,
-    ) -> Result<Replied, StoreError> {
-        let (tx, answer) = oneshot::channel();
-        let early = (!reply.is_empty()).then_some(Early { sink, bytes: reply });
-        self.submit(recs, early, tx).await?;
+        self.submit(recs, reply).await?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -372,7 +314,7 @@ impl StoreHandle {
         }
         // Nobody waits for the answer.
         let (reply, _) = oneshot::channel();
-        self.submit(recs, None, reply).await
+        self.submit(recs, reply).await
     }
 
     /// Validates `recs` and hands them to the writer as one job (waits only
@@ -380,8 +322,7 @@ impl StoreHandle {
     async fn submit(
         &self,
         recs: Vec<NewRecord>,
-        early: Option<Early>,
-        reply: oneshot::Sender<Result<Replied, StoreError>>,
+        reply: oneshot::Sender<Result<Vec<Appended>, StoreError>>,
     ) -> Result<(), StoreError> {
         if self.counters.closing.load(Ordering::Acquire) {
             return Err(StoreError::Closed);
@@ -393,7 +334,6 @@ impl StoreHandle {
             .send(Msg::Append(Job {
                 recs,
                 exchanges: Vec::new(),
-                early,
                 reply,
             }))
             .await
@@ -414,7 +354,6 @@ impl StoreHandle {
             .try_send(Msg::Append(Job {
                 recs: Vec::new(),
                 exchanges: vec![e],
-                early: None,
                 reply,
             }))
             .map_err(|e| match e {
@@ -549,88 +488,6 @@ struct Writer {
     checkpointer: Option<Checkpointer>,
     /// The last of `Counters::complete_passes` this writer finished.
     finished_pass: u64,
-    acker: Acker,
-}
-
-/// One committed job's answer: its waiter, its results, its reply bytes.
-type Answer = (
-    oneshot::Sender<Result<Replied, StoreError>>,
-    Vec<Appended>,
-    Option<Early>,
-);
-
-/// The thread that writes each commit's acks and then wakes the waiting
-/// sessions, one pass per commit (see [`ReplySink`]). Not the writer thread
-/// itself: at saturation that thread is what every append queues behind, and
-/// some hundred `send`s per commit (each delivering an ack on loopback) would
-/// lengthen its cycle; handing a commit over costs one wakeup.
-///
-/// Unbounded by type, bounded by construction: every answer has a session
-/// waiting for it, and a session waits for one append at a time.
-struct Acker {
-    tx: Option<std::sync::mpsc::Sender<Vec<Answer>>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Acker {
-    fn spawn(boost: u8) -> Result<Acker, StoreError> {
-        let (tx, rx) = std::sync::mpsc::channel::<Vec<Answer>>();
-        let thread = std::thread::Builder::new()
-            .name("hj212-store-acker".into())
-            .spawn(move || {
-                // As urgent as the writer: an ack waits for this thread.
-                raise_priority(boost);
-                while let Ok(answers) = rx.recv() {
-                    answer_all(answers);
-                }
-            })
-            .map_err(|source| StoreError::Spawn { source })?;
-        Ok(Acker {
-            tx: Some(tx),
-            thread: Some(thread),
-        })
-    }
-
-    /// Hands a commit's answers over; answers them here if the thread is gone.
-    fn hand(&self, answers: Vec<Answer>) {
-        let Some(tx) = &self.tx else {
-            return answer_all(answers);
-        };
-        if let Err(std::sync::mpsc::SendError(answers)) = tx.send(answers) {
-            answer_all(answers);
-        }
-    }
-}
-
-impl Drop for Acker {
-    /// Every answer handed over is delivered before the writer is done.
-    fn drop(&mut self) {
-        self.tx = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Writes every ack of one commit, then wakes the waiters: an ack waits for
-/// no session.
-fn answer_all(answers: Vec<Answer>) {
-    let mut written = Vec::with_capacity(answers.len());
-    for (_, _, early) in &answers {
-        written.push(early.as_ref().map_or(0, |e| {
-            // An error is the session's to meet on its own write.
-            e.sink.try_write(&e.bytes).unwrap_or(0)
-        }));
-    }
-    let at = Instant::now();
-    for ((reply, appended, _), written) in answers.into_iter().zip(written) {
-        // The waiter may have given up; the record is committed regardless.
-        let _ = reply.send(Ok(Replied {
-            appended,
-            written,
-            at,
-        }));
-    }
 }
 
 impl Writer {
@@ -755,10 +612,13 @@ impl Writer {
                             committed.push(stored(rec, *a, hash));
                         }
                     }
-                    answers.push((job.reply, res, job.early));
+                    answers.push((job.reply, res));
                 }
                 self.feed.publish(committed, self.next_seq - 1);
-                self.acker.hand(answers);
+                for (reply, res) in answers {
+                    // The waiter may have given up; the record is committed regardless.
+                    let _ = reply.send(Ok(res));
+                }
                 self.finish_checkpoint();
             }
             Err((op, err)) => {
@@ -1099,84 +959,6 @@ mod tests {
             findings: "[]".into(),
             doc: "{}".into(),
         }
-    }
-
-    /// A sink that hands every write to a channel, so the test sees which
-    /// thread wrote and when.
-    struct Tap(std::sync::mpsc::Sender<(Vec<u8>, std::thread::ThreadId)>);
-
-    impl ReplySink for Tap {
-        fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
-            let _ = self.0.send((buf.to_vec(), std::thread::current().id()));
-            Ok(buf.len())
-        }
-    }
-
-    /// The ack of a committed append goes out from the writer thread, before
-    /// (and without) the waiting task running again: the task here is polled
-    /// once to submit and then left alone until the bytes have arrived.
-    #[tokio::test(flavor = "current_thread")]
-    async fn the_writer_writes_the_reply_without_waking_the_waiter() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = StoreConfig {
-            sync: super::super::SyncMode::Off,
-            ..StoreConfig::new(dir.path().join("f.sqlite"))
-        };
-        let (h, _join) = Store::open(cfg).unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink: Arc<dyn ReplySink> = Arc::new(Tap(tx));
-        let reply = bytes::Bytes::from_static(b"##0000ack\r\n");
-        let mut fut = Box::pin(h.append_then_reply(
-            vec![inbound(b"##a", "20261207120000001")],
-            sink,
-            reply.clone(),
-        ));
-        assert!(futures::poll!(fut.as_mut()).is_pending());
-        // This (only) runtime thread blocks: the waiter cannot run meanwhile.
-        let (bytes, thread) = rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the acker wrote the reply");
-        assert_eq!(bytes, reply);
-        assert_ne!(thread, std::thread::current().id());
-        let r = fut.await.unwrap();
-        assert_eq!(r.written, reply.len());
-        assert_eq!(r.appended.len(), 1);
-        assert_eq!(r.appended[0].seq, 1);
-    }
-
-    /// Nothing is written for a batch whose commit failed: the reply would ack
-    /// a frame the log does not hold.
-    #[tokio::test(flavor = "current_thread")]
-    async fn a_refused_append_writes_no_reply() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = StoreConfig {
-            sync: super::super::SyncMode::Off,
-            ..StoreConfig::new(dir.path().join("f.sqlite"))
-        };
-        let (h, _join) = Store::open(cfg).unwrap();
-        // Fails the commit: the table's CHECK refuses an inbound frame with
-        // this verdict, inside the writer's transaction.
-        let conn = Connection::open(dir.path().join("f.sqlite")).unwrap();
-        conn.execute_batch(
-            "CREATE TRIGGER refuse BEFORE INSERT ON records \
-             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
-        )
-        .unwrap();
-        drop(conn);
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink: Arc<dyn ReplySink> = Arc::new(Tap(tx));
-        let res = h
-            .append_then_reply(
-                vec![inbound(b"##a", "20261207120000002")],
-                sink,
-                bytes::Bytes::from_static(b"ack"),
-            )
-            .await;
-        assert!(res.is_err(), "{res:?}");
-        assert!(
-            rx.try_recv().is_err(),
-            "a reply went out for a failed commit"
-        );
     }
 
     /// A v3 log (retransmission index by MN) moves to the QN-ordered index, and a
