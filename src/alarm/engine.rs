@@ -748,8 +748,12 @@ impl Cx<'_> {
         if !self.on.gap {
             return;
         }
+        // The longest step a series may have: minute data come every
+        // `MinInterval` minutes, 1 to 30 (HJ 212-2017 Table 4); capped at one
+        // minute, a logger on the common 10-minute interval raised a gap (and
+        // a backfill request) for nine "missing" minutes at every record.
         let nominal: i64 = match o.cn.as_str() {
-            "2051" => 60_000,
+            "2051" => 1_800_000,
             "2061" => 3_600_000,
             _ => 86_400_000,
         };
@@ -1383,6 +1387,22 @@ mod tests {
         e.observe(&h(6, 0));
         e.observe(&h(7, 1));
         assert!(has(&e.observe(&h(8, 3)), "raise", "data.gap"));
+    }
+
+    /// Minute data every 10 minutes (a common `MinInterval`) is a series
+    /// with a 10-minute step, not one with nine missing minutes per record;
+    /// a skipped 10-minute record is still a gap.
+    #[test]
+    fn minute_data_on_a_ten_minute_interval_has_no_gap_until_one_is_skipped() {
+        let mut e = Engine::new(cfg());
+        let m = |seq: u64, minute: i64| obs(seq, MN, "2051", T0 + minute * 60_000, &[]);
+        for (seq, minute) in [(1, 0), (2, 10), (3, 20), (4, 30), (5, 40)] {
+            let ev = e.observe(&m(seq, minute));
+            assert!(!has(&ev, "raise", "data.gap"), "minute {minute}: {ev:?}");
+        }
+        let ev = e.observe(&m(6, 60));
+        assert!(has(&ev, "raise", "data.gap"), "{ev:?}");
+        assert!(has(&e.observe(&m(7, 50)), "clear", "data.gap"));
     }
 
     #[test]
