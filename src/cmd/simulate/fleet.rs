@@ -401,18 +401,12 @@ impl Logger {
         frame_size: Option<usize>,
     ) {
         self.ensure();
-        let (main, extra) = tables(self.kind);
-        let n = if frame_size.is_some() || !upload {
-            main.len() + extra.len()
-        } else {
-            main.len()
-        };
+        let (main, n) = (
+            tables(self.kind).0,
+            factor_count(self.kind, upload, frame_size),
+        );
         for k in 0..n {
-            let f = if k < main.len() {
-                &main[k]
-            } else {
-                &extra[k - main.len()]
-            };
+            let f = factor_at(self.kind, k);
             let Some(code) = self.code(f) else { continue };
             let lvl = level(seed, index, k);
             let x = printed(
@@ -453,19 +447,11 @@ impl Logger {
         frame_size: Option<usize>,
     ) {
         self.ensure();
-        let (main, extra) = tables(self.kind);
-        let n = if frame_size.is_some() || !upload {
-            main.len() + extra.len()
-        } else {
-            main.len()
-        };
-        let factor = |k: usize| {
-            if k < main.len() {
-                &main[k]
-            } else {
-                &extra[k - main.len()]
-            }
-        };
+        let (main, n) = (
+            tables(self.kind).0,
+            factor_count(self.kind, upload, frame_size),
+        );
+        let factor = |k: usize| factor_at(self.kind, k);
         let mut values = [(0.0, 0.0, 0.0); 32];
         for (k, v) in values.iter_mut().enumerate().take(n) {
             let f = factor(k);
@@ -542,6 +528,28 @@ fn put_factor_value(out: &mut Vec<u8>, f: &Factor, code: &str, x: f64) {
     out.extend_from_slice(b",");
     key(out, b"Flag");
     out.push(b'N');
+}
+
+/// How many of a kind's factors a record carries: the standard ones, and the
+/// extra ones too when a frame size is to be filled or nothing is uploaded
+/// (the accumulators still take every factor).
+fn factor_count(kind: Kind, upload: bool, frame_size: Option<usize>) -> usize {
+    let (main, extra) = tables(kind);
+    if frame_size.is_some() || !upload {
+        main.len() + extra.len()
+    } else {
+        main.len()
+    }
+}
+
+/// Factor `k` of a kind, counting the standard factors first, then the extra.
+fn factor_at(kind: Kind, k: usize) -> &'static Factor {
+    let (main, extra) = tables(kind);
+    if k < main.len() {
+        &main[k]
+    } else {
+        &extra[k - main.len()]
+    }
 }
 
 /// The standard and extra factors of a kind.
