@@ -157,6 +157,7 @@ fn round_records(
             duplicate: false,
             findings: serde_json::to_string(&f.findings).expect("findings serialize"),
             doc: json::frame_doc(&f),
+            doc_stored: true,
             hash: [0; 32],
         });
     }

@@ -97,6 +97,7 @@ fn record(i: u64) -> NewRecord {
         verdict: Verdict::Accepted,
         findings: "[]".into(),
         doc: "{}".into(),
+        doc_stored: true,
     }
 }
 

@@ -9,7 +9,10 @@
 //! of mosquitto over the drain, from `/proc/<pid>/stat` (clock ticks of 10 ms).
 //! The broker's pid is printed for tracing its system calls apart.
 //!
-//! Environment: `MQTT_BENCH_N` records (default 1000000), `MQTT_BENCH_INFLIGHT`
+//! Environment: `MQTT_BENCH_DOC=stored` stores each frame's document in the log
+//! (logs written before 2026-12-07; by default the log keeps it out and the
+//! publisher rebuilds it from the raw bytes), `MQTT_BENCH_N` records (default
+//! 1000000), `MQTT_BENCH_INFLIGHT`
 //! (default: the config default), `MQTT_BENCH_DIR` where to put the files,
 //! `MQTT_BENCH_BROKER_CONF` extra mosquitto config lines.
 
@@ -62,6 +65,8 @@ fn record(opts: &Options, n: u64) -> NewRecord {
         verdict: Verdict::Accepted,
         findings: serde_json::to_string(&f.findings).unwrap(),
         doc: json::frame_doc(&f),
+        // As ingest keeps an accepted frame, unless asked for the older shape.
+        doc_stored: std::env::var("MQTT_BENCH_DOC").as_deref() == Ok("stored"),
     }
 }
 

@@ -60,6 +60,7 @@ fn record(device: usize, n: u64) -> NewRecord {
         verdict: Verdict::Accepted,
         findings: "[]".into(),
         doc,
+        doc_stored: true,
     }
 }
 

@@ -46,6 +46,7 @@ fn main() {
                 verdict: if f.has_error() { Verdict::Rejected } else { Verdict::Accepted },
                 findings: serde_json::to_string(&f.findings).unwrap(),
                 doc: json::frame_doc(&f),
+                doc_stored: true,
             });
             if batch.len() == 1000 {
                 h.append_many(std::mem::take(&mut batch)).await.expect("append");

@@ -105,6 +105,15 @@ pub fn frame_record(
     accepted: bool,
 ) -> NewRecord {
     let (doc, data_time) = json::frame_doc_and_time(f);
+    let findings = findings_json(&f.findings);
+    // Only accepted frames: a rejected one is rare, and audits read its stored
+    // document with SQL (the CRC variant of a rejection).
+    let doc_stored = !(accepted && json::doc_rebuildable(f));
+    debug_assert!(
+        doc_stored || json::rebuild_frame_doc(&f.raw, data_time.as_deref(), &findings) == doc,
+        "the document of {:?} cannot be rebuilt from what the log keeps",
+        String::from_utf8_lossy(&f.raw)
+    );
     NewRecord {
         received_at_ms,
         peer: peer.to_owned(),
@@ -123,8 +132,9 @@ pub fn frame_record(
         } else {
             Verdict::Rejected
         },
-        findings: findings_json(&f.findings),
+        findings,
         doc,
+        doc_stored,
     }
 }
 

@@ -115,6 +115,7 @@ fn traffic(d: u32, n: u64, ms: i64) -> [NewRecord; 2] {
             verdict: Verdict::Accepted,
             findings: "[]".into(),
             doc,
+            doc_stored: true,
         },
         NewRecord {
             received_at_ms: ms + 2,
@@ -132,6 +133,7 @@ fn traffic(d: u32, n: u64, ms: i64) -> [NewRecord; 2] {
             verdict: Verdict::Accepted,
             findings: "[]".into(),
             doc: String::new(),
+            doc_stored: true,
         },
     ]
 }

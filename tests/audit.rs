@@ -269,6 +269,7 @@ fn verify_flags_verdicts_that_contradict_the_crc() {
             verdict,
             findings: findings.into(),
             doc: "{}".into(),
+            doc_stored: true,
         };
         let crc_err = r#"[{"code":"crc.mismatch","severity":"error","detail":"x"}]"#;
         h.append(rec(&good, store::Verdict::Accepted, "[]"))

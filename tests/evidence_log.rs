@@ -725,7 +725,9 @@ fn python_ready() -> bool {
 fn the_readme_python_verifier_accepts_proofs_and_rejects_alterations() {
     let script = readme_verifier();
     assert!(
-        script.lines().count() <= 90,
+        // 90 until frames were kept without their document; checking their
+        // readings against the raw CP added 30.
+        script.lines().count() <= 125,
         "the verifier stays short enough to audit: {} lines",
         script.lines().count()
     );
@@ -1058,10 +1060,12 @@ fn a_value_changed_and_rechained_is_caught_by_a_published_checkpoint() {
         let seg = std::str::from_utf8(&raw[6..raw.len() - 6]).unwrap();
         assert!(seg.contains("a21026-Rtd=12.5"), "{seg}");
         let forged = reply::envelope(seg.replace("a21026-Rtd=12.5", "a21026-Rtd=1.25").as_bytes());
-        assert!(doc.contains("12.5"), "{doc}");
+        // The log keeps an accepted frame without its document: the raw bytes
+        // are the whole reading.
+        assert!(doc.is_empty(), "{doc}");
         conn.execute(
-            "UPDATE records SET raw = ?1, doc = ?2 WHERE seq = ?3",
-            (&forged[..], doc.replacen("12.5", "1.25", 1), j as i64),
+            "UPDATE records SET raw = ?1 WHERE seq = ?2",
+            (&forged[..], j as i64),
         )
         .unwrap();
         rechain(&conn, j);

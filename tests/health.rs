@@ -164,6 +164,7 @@ fn record(i: u64) -> NewRecord {
         verdict: Verdict::Accepted,
         findings: "[]".into(),
         doc: r#"{"schema":"hj212.frame.v1","kind":"frame"}"#.into(),
+        doc_stored: true,
     }
 }
 

@@ -28,6 +28,7 @@ fn frame(raw: impl Into<Bytes>, mn: &str, qn: &str, cn: &str) -> NewRecord {
         verdict: Verdict::Accepted,
         findings: "[]".into(),
         doc: r#"{"schema":"hj212.frame.v1","kind":"frame"}"#.into(),
+        doc_stored: true,
     }
 }
 
@@ -42,6 +43,7 @@ fn junk(raw: impl Into<Bytes>) -> NewRecord {
         qn: None,
         data_time: None,
         doc: String::new(),
+        doc_stored: true,
         findings: r#"[{"code":"junk","severity":"warn","detail":"no frame header"}]"#.into(),
         ..frame(raw, "", "", "")
     }
@@ -499,6 +501,7 @@ async fn invalid_records_are_refused_before_queueing() {
         (
             NewRecord {
                 doc: "[1]".into(),
+                doc_stored: true,
                 ..junk("x")
             },
             "doc",
@@ -506,6 +509,7 @@ async fn invalid_records_are_refused_before_queueing() {
         (
             NewRecord {
                 doc: "{\"a\":".into(),
+                doc_stored: true,
                 ..junk("x")
             },
             "doc",
@@ -766,6 +770,7 @@ async fn export_jsonl_adds_the_record_fields_and_keeps_exact_digits() {
     let doc = r#"{"schema":"hj212.frame.v1","kind":"frame","cp":{"w01018":{"Rtd":12.50,"big":123456789012345678901234567890.000100,"neg":-0.0}},"crc_ok":true}"#;
     let rec = NewRecord {
         doc: doc.into(),
+        doc_stored: true,
         ..frame(raw, "010000A8900016F000169DC0", "20160801085857223", "1062")
     };
     handle.append(rec.clone()).await.unwrap();
@@ -1164,4 +1169,80 @@ async fn the_wal_starts_over_while_appends_never_pause() {
         stats.commits
     );
     assert!(wal_pages > 0, "the checkpointer reports the WAL's size");
+}
+
+/// An accepted frame is kept as its raw bytes, header columns and findings, with
+/// an empty `doc` column: readers rebuild the document, which equals the one the
+/// session handed the commit feed, and the chain and the audit figures still hold.
+/// A rejected frame keeps its document (audits read it with SQL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_frames_are_kept_without_their_document_and_read_back_with_it() {
+    use hj212_gateway::ingest::frame_record;
+    use hj212_gateway::protocol::{Options, decode};
+    let good: &[u8] = b"##0295QN=20240601085857223;ST=31;CN=2011;PW=123456;MN=010000A8900016F000169DC0;Flag=5;CP=&&DataTime=20240601085857;a21026-Rtd=12.5,a21026-ZsRtd=15.1,a21026-Flag=N;a21002-Rtd=35.2,a21002-ZsRtd=42.6,a21002-Flag=N;a34013-Rtd=3.1,a34013-Flag=N;a19001-Rtd=9.8,a19001-Flag=N;a00000-Rtd=28.15,a00000-Flag=N&&3E80\r\n";
+    let mut bad = good.to_vec();
+    let n = bad.len();
+    bad[n - 6..n - 2].copy_from_slice(b"0000");
+    let now = chrono::DateTime::from_timestamp(1_717_203_600, 0).unwrap();
+    let opts = Options::new(now);
+    let accepted = frame_record(
+        &decode(Bytes::from_static(good), &opts, &()),
+        "10.0.0.7:40001",
+        7,
+        Direction::In,
+        1_717_203_600_000,
+        true,
+    );
+    let rejected = frame_record(
+        &decode(Bytes::from(bad), &opts, &()),
+        "10.0.0.7:40001",
+        7,
+        Direction::In,
+        1_717_203_600_001,
+        false,
+    );
+    assert!(!accepted.doc_stored && rejected.doc_stored);
+    assert!(
+        accepted
+            .doc
+            .contains(r#""a00000":{"Rtd":28.15,"Flag":"N"}"#)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let (h, join) = open_with_feed(&path, 16);
+    h.append_many(vec![accepted.clone(), rejected.clone()])
+        .await
+        .unwrap();
+    let from_feed = h.feed().read_after(0, 10).expect("in the feed");
+    let from_file = all_records(&path);
+    assert_eq!(from_file.len(), 2);
+    for (f, s) in from_feed.iter().zip(&from_file) {
+        assert_eq!(**f, *s, "the feed and the file agree on record {}", s.seq);
+    }
+    assert_eq!(from_file[0].doc, accepted.doc, "rebuilt byte for byte");
+    assert!(!from_file[0].doc_stored);
+    assert_eq!(from_file[1].doc, rejected.doc);
+    assert!(from_file[1].doc_stored);
+    close(h, join).await;
+
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let docs: Vec<String> = conn
+        .prepare("SELECT doc FROM records ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(docs, vec![String::new(), rejected.doc.clone()]);
+    assert!(verify_chain(&path).unwrap().is_intact());
+    let stats = hj212_gateway::store::device_stats(&path, 0).unwrap();
+    assert_eq!(stats.len(), 1);
+    let mut variants = stats[0].crc_variants.clone();
+    variants.sort();
+    assert_eq!(
+        variants,
+        vec![("hj212".to_string(), 1), ("unknown".to_string(), 1)],
+        "the kept-without-document frame counts by its raw bytes"
+    );
 }

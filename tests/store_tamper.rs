@@ -37,6 +37,7 @@ fn record(i: u64) -> NewRecord {
         verdict: Verdict::Accepted,
         findings: "[]".into(),
         doc: format!(r#"{{"schema":"hj212.frame.v1","i":{i}.50}}"#),
+        doc_stored: true,
     }
 }
 

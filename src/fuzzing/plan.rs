@@ -125,6 +125,7 @@ fn record(data: &[u8]) -> Option<(StoredRecord, PlanOptions, usize)> {
             findings
         },
         doc,
+        doc_stored: true,
         hash: [0; 32],
     };
     let opts = PlanOptions {

@@ -156,6 +156,7 @@ impl JunkRun {
             verdict: Verdict::Junk,
             findings: doc["findings"].to_string(),
             doc: serde_json::Value::Object(doc).to_string(),
+            doc_stored: true,
         }
     }
 }

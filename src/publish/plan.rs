@@ -338,6 +338,7 @@ mod tests {
             duplicate: true,
             findings: "[]".into(),
             doc: doc.into(),
+            doc_stored: true,
             hash: [0; 32],
         }
     }

@@ -535,7 +535,7 @@ impl Block {
         let direction = text(4)?;
         let kind = text(5)?;
         let verdict = text(13)?;
-        Ok(StoredRecord {
+        let mut rec = StoredRecord {
             seq,
             received_at_ms: self.int(i, 1),
             peer: text(2)?,
@@ -554,8 +554,11 @@ impl Block {
             duplicate: self.int(i, 14) != 0,
             findings: text(15)?,
             doc: text(16)?,
+            doc_stored: true,
             hash: self.hash(i),
-        })
+        };
+        rec.rebuild_doc();
+        Ok(rec)
     }
 }
 

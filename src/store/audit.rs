@@ -154,6 +154,22 @@ pub struct DeviceStats {
     pub last_data_time: Vec<(String, String)>,
 }
 
+/// SQL `crc_variant(raw)`: the `crc.variant` of the document of a frame the log
+/// keeps without one (`protocol::frame::crc_variant`), NULL when it declares no CRC.
+fn register_crc_variant(conn: &rusqlite::Connection) -> Result<(), StoreError> {
+    use rusqlite::functions::FunctionFlags;
+    conn.create_scalar_function(
+        "crc_variant",
+        1,
+        FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
+        |ctx| {
+            let raw = ctx.get_raw(0).as_bytes_or_null()?.unwrap_or_default();
+            Ok(crate::protocol::frame::crc_variant(raw).map(|v| v.as_str()))
+        },
+    )
+    .map_err(StoreError::sqlite("register crc_variant()"))
+}
+
 /// Aggregates the inbound frames of every device that sent an MN, ordered by MN.
 ///
 /// `since_ms` is the lower bound for [`DeviceStats::frames_since`] (e.g. local
@@ -161,6 +177,7 @@ pub struct DeviceStats {
 /// snapshot; the median is taken from one sorted scan.
 pub fn device_stats(path: impl AsRef<Path>, since_ms: i64) -> Result<Vec<DeviceStats>, StoreError> {
     let mut conn = schema::open_read_only(path.as_ref())?;
+    register_crc_variant(&conn)?;
     let tx = conn
         .transaction()
         .map_err(StoreError::sqlite("begin the stats snapshot"))?;
@@ -235,8 +252,9 @@ pub fn device_stats(path: impl AsRef<Path>, since_ms: i64) -> Result<Vec<DeviceS
     )?;
     breakdown(
         format!(
-            "SELECT mn, v, COUNT(*) FROM (SELECT mn, CASE WHEN json_valid(doc) \
-                THEN json_extract(doc, '$.crc.variant') END AS v FROM {records} WHERE {INBOUND}) \
+            "SELECT mn, v, COUNT(*) FROM (SELECT mn, CASE WHEN doc = '' THEN crc_variant(raw) \
+                WHEN json_valid(doc) THEN json_extract(doc, '$.crc.variant') END AS v \
+                FROM {records} WHERE {INBOUND}) \
              WHERE v IS NOT NULL GROUP BY 1, 2 ORDER BY 1, 3 DESC, 2"
         ),
         "count CRC variants",
@@ -334,15 +352,18 @@ fn stats_source(tx: &rusqlite::Transaction<'_>, path: &Path) -> Result<&'static 
         return Ok("records");
     }
     let sq = StoreError::sqlite;
+    // `raw` only matters where `doc` is empty (the CRC variant of a frame kept
+    // without its document); archived rows are read back with their document
+    // rebuilt, so they are copied without it.
     const COLS: &str = "seq, received_at_ms, direction, kind, dialect, st, cn, mn, data_time, \
-                        verdict, findings, doc";
+                        verdict, findings, doc, raw";
     tx.execute_batch(&format!(
         "PRAGMA temp_store = FILE;
          DROP VIEW IF EXISTS temp.stats_records;
          DROP TABLE IF EXISTS temp.archived_frames;
          CREATE TEMP TABLE archived_frames (seq INTEGER PRIMARY KEY, received_at_ms INTEGER, \
              direction TEXT, kind TEXT, dialect TEXT, st TEXT, cn TEXT, mn TEXT, data_time TEXT, \
-             verdict TEXT, findings TEXT, doc TEXT);
+             verdict TEXT, findings TEXT, doc TEXT, raw BLOB);
          CREATE TEMP VIEW stats_records AS
              SELECT {COLS} FROM temp.archived_frames
              UNION ALL SELECT {COLS} FROM main.records WHERE seq > {};",
@@ -354,7 +375,7 @@ fn stats_source(tx: &rusqlite::Transaction<'_>, path: &Path) -> Result<&'static 
     let mut ins = tx
         .prepare(&format!(
             "INSERT INTO temp.archived_frames ({COLS}) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, NULL)"
         ))
         .map_err(sq("prepare the archived frames"))?;
     for a in list.iter().filter(|a| a.state == ArchiveState::Sealed) {

@@ -46,7 +46,11 @@ macro_rules! hashed_values {
             ValueRef::Text(rec.verdict.as_str().as_bytes()),
             ValueRef::Integer(i64::from($duplicate)),
             ValueRef::Text(rec.findings.as_bytes()),
-            ValueRef::Text(rec.doc.as_bytes()),
+            ValueRef::Text(if rec.doc_stored {
+                rec.doc.as_bytes()
+            } else {
+                b""
+            }),
         ]
     }};
 }

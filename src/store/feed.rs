@@ -198,6 +198,7 @@ mod tests {
             duplicate: false,
             findings: "[]".into(),
             doc: "{}".into(),
+            doc_stored: true,
             hash: [0; 32],
         }
     }

@@ -938,7 +938,7 @@ pub fn record_from_leaf(v: &[LeafValue]) -> Result<super::StoredRecord, String> 
         _ => return Err("value 6 (raw) is not bytes".into()),
     };
     let bad = |what: &str| format!("{what} is not one the log writes");
-    Ok(super::StoredRecord {
+    let mut rec = super::StoredRecord {
         seq: int(0)? as u64,
         received_at_ms: int(1)?,
         peer: text(2)?,
@@ -956,8 +956,11 @@ pub fn record_from_leaf(v: &[LeafValue]) -> Result<super::StoredRecord, String> 
         duplicate: int(14)? != 0,
         findings: text(15)?,
         doc: text(16)?,
+        doc_stored: true,
         hash: [0; 32],
-    })
+    };
+    rec.rebuild_doc();
+    Ok(rec)
 }
 
 /// A stored record's Merkle leaf: its canonical encoding.
@@ -1125,6 +1128,7 @@ mod tests {
             duplicate: false,
             findings: "[]".into(),
             doc: "{}".into(),
+            doc_stored: true,
             hash: [0; 32],
         };
         let v = decode_leaf(&leaf_of(&rec)).unwrap();

@@ -53,6 +53,22 @@
 //! * TEXT: its UTF-8 byte length as a 32-bit big-endian integer, then the bytes;
 //! * BLOB (`raw`): its byte length as a 32-bit big-endian integer, then the bytes.
 //!
+//! # What the `doc` column holds
+//!
+//! The decoded frame document (`hj212.frame.v1`, what `export --format jsonl`
+//! and the MQTT payloads carry) is a function of the raw bytes, the `data_time`
+//! column and the findings, except where decryption adds to it. Since
+//! 2026-12-07 the log therefore keeps an **accepted frame without encryption**
+//! (inbound frames and our acks, the bulk of every log) with an empty `doc`,
+//! and every reader rebuilds the document from those columns
+//! ([`StoredRecord::rebuild_doc`], `protocol::json::rebuild_frame_doc`): the
+//! document was most of a record's bytes, and every byte stored is inserted,
+//! hashed twice, written to the WAL and checkpointed on the ack path. Rejected frames, encrypted ones, junk and every record of an
+//! older log keep the document they were written with. The chain and the Merkle
+//! leaf hash the column as stored, empty or not; an auditor's SQL over `doc`
+//! reads the raw bytes for the empty ones (`stats` counts their CRC variants
+//! with a `crc_variant(raw)` SQL function).
+//!
 //! Enumerations are stored (and therefore hashed) as their lower-case text:
 //! `direction` `in`/`out`, `kind` `frame`/`junk`, `verdict` `accepted`/`rejected`/`junk`.
 //! `session` and `seq` are unsigned in Rust and stored as the same 64-bit pattern.
@@ -264,6 +280,11 @@ pub struct NewRecord {
     pub findings: String,
     /// The decoded frame as JSON object text (without `raw`/`raw_b64`); empty for junk.
     pub doc: String,
+    /// Whether the log stores `doc`. False for an accepted frame whose document
+    /// the protocol layer rebuilds from `raw`, `data_time` and `findings`
+    /// (`protocol::json::rebuild_frame_doc`): the log then holds an empty `doc`
+    /// (and hashes that), while the commit feed still hands consumers this one.
+    pub doc_stored: bool,
 }
 
 /// A junk record holding `raw`, for unit tests that only need records in a log.
@@ -285,6 +306,7 @@ pub(crate) fn junk_record(raw: impl Into<bytes::Bytes>) -> NewRecord {
         verdict: Verdict::Junk,
         findings: "[]".into(),
         doc: String::new(),
+        doc_stored: true,
     }
 }
 
@@ -332,10 +354,33 @@ pub struct StoredRecord {
     pub duplicate: bool,
     /// Findings JSON array text.
     pub findings: String,
-    /// Decoded frame JSON object text (empty for junk).
+    /// Decoded frame JSON object text (empty for junk). For a frame the log keeps
+    /// without its document (`doc_stored` false) this is the rebuilt document.
     pub doc: String,
+    /// Whether `doc` is what the log's `doc` column holds. False when the column
+    /// is empty and `doc` was rebuilt from `raw`, `data_time` and `findings`
+    /// (or handed over by the session through the commit feed): the chain and
+    /// the Merkle leaf hash the empty column, never the rebuilt text.
+    pub doc_stored: bool,
     /// Chain hash of this record (see the module documentation).
     pub hash: [u8; 32],
+}
+
+impl StoredRecord {
+    /// Sets `doc_stored` from the `doc` column just read into `doc`, and rebuilds
+    /// the document of a frame the log keeps without one. Every row decoder runs
+    /// this, so consumers see the same document whether a record came from the
+    /// commit feed or from the file, and hashing still sees the empty column.
+    pub(crate) fn rebuild_doc(&mut self) {
+        self.doc_stored = !self.doc.is_empty() || self.kind != Kind::Frame;
+        if !self.doc_stored {
+            self.doc = crate::protocol::json::rebuild_frame_doc(
+                &self.raw,
+                self.data_time.as_deref(),
+                &self.findings,
+            );
+        }
+    }
 }
 
 /// SQLite `synchronous` setting for the write connection.

@@ -403,7 +403,7 @@ fn record_from_row(row: &Row<'_>) -> Result<StoredRecord, StoreError> {
     let verdict: String = col(row, 13)?;
     let hash: Vec<u8> = col(row, 17)?;
     let hash_len = hash.len();
-    Ok(StoredRecord {
+    let mut rec = StoredRecord {
         seq,
         received_at_ms: col(row, 1)?,
         peer: col(row, 2)?,
@@ -421,10 +421,13 @@ fn record_from_row(row: &Row<'_>) -> Result<StoredRecord, StoreError> {
         duplicate: col::<i64>(row, 14)? != 0,
         findings: col(row, 15)?,
         doc: col(row, 16)?,
+        doc_stored: true,
         hash: hash
             .try_into()
             .map_err(|_| corrupt("hash", &format!("{hash_len} bytes")))?,
-    })
+    };
+    rec.rebuild_doc();
+    Ok(rec)
 }
 
 /// Consumer cursors (MQTT, upstream, alarms): the last seq each consumer has finished.
@@ -582,6 +585,7 @@ mod tests {
             verdict: crate::store::Verdict::Accepted,
             findings: "[]".into(),
             doc: "{}".into(),
+            doc_stored: true,
         }
     }
 

@@ -448,7 +448,8 @@ fn validate(rec: &NewRecord) -> Result<(), StoreError> {
     if !is_json_of(&rec.findings, b'[') {
         return bad("findings", "not a JSON array");
     }
-    if !rec.doc.is_empty() && !is_json_of(&rec.doc, b'{') {
+    // A document the log does not keep cannot be sealed into it unreadable.
+    if rec.doc_stored && !rec.doc.is_empty() && !is_json_of(&rec.doc, b'{') {
         return bad("doc", "neither empty nor a JSON object");
     }
     Ok(())
@@ -837,6 +838,7 @@ fn stored(rec: NewRecord, a: Appended, hash: [u8; 32]) -> StoredRecord {
         duplicate: a.duplicate,
         findings: rec.findings,
         doc: rec.doc,
+        doc_stored: rec.doc_stored,
         hash,
     }
 }
@@ -958,6 +960,7 @@ mod tests {
             verdict: super::super::Verdict::Accepted,
             findings: "[]".into(),
             doc: "{}".into(),
+            doc_stored: true,
         }
     }
 

@@ -237,6 +237,19 @@ impl Frame {
     }
 }
 
+/// The CRC variant the document of an unencrypted frame received as `raw` names
+/// (`crc.variant`), without decoding the rest: `None` when it declares no CRC.
+///
+/// The same rule as [`decode`]: the declared CRC is identified over the data
+/// segment between the length field and the CRC field (HJ 212-2017 Table 2).
+/// For audits over logs that keep such frames without their document.
+pub fn crc_variant(raw: &[u8]) -> Option<CrcVariant> {
+    let opts = Options::new(DateTime::<Utc>::UNIX_EPOCH);
+    let env = envelope(raw, &opts, &mut Vec::new());
+    let (declared, _) = env.declared_crc?;
+    Some(crc::identify(&raw[env.seg_start..env.seg_end], declared).1)
+}
+
 /// Decodes one frame as cut by the framer. Never fails; problems are findings.
 pub fn decode(raw: Bytes, opts: &Options, devices: &dyn DeviceLookup) -> Frame {
     let mut findings = Vec::new();

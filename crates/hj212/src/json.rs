@@ -98,6 +98,71 @@ pub fn frame_doc(f: &Frame) -> String {
 /// and stays linear in the number of CP items (a test holds it to the plain
 /// version it replaced, over every fixture and generated frames).
 pub fn frame_doc_and_time(f: &Frame) -> (String, Option<String>) {
+    let dt = f.data_time.map(|t| time::rfc3339(t, f.data_time_ms));
+    let findings = f
+        .findings
+        .iter()
+        .map(|x| (x.code, x.severity.as_str(), x.detail.as_str()));
+    let doc = write_doc(f, dt.as_deref(), findings);
+    (doc, dt)
+}
+
+/// Whether the frame log may keep only a frame's raw bytes, `data_time` and
+/// findings, and leave its document to [`rebuild_frame_doc`].
+///
+/// Everything else in the document is a function of the wire bytes alone,
+/// except what decryption adds: an encrypted frame's values and CRC judgement
+/// need the device's keys, which rotate, so its document is stored.
+pub fn doc_rebuildable(f: &Frame) -> bool {
+    f.encryption.is_none()
+}
+
+/// The document [`frame_doc_and_time`] wrote for a frame received as `raw`, from
+/// what the frame log keeps of it: `data_time` and the findings array as stored.
+///
+/// Of the decoder's options only the time zone (which `data_time` carries) and
+/// the clock and policies (which only add findings, carried by `findings`) can
+/// change a document, so decoding again with default options gives back every
+/// other field. The findings are parsed and written by the same escaping as at
+/// ingest (the stored array was written by serde_json, which escapes two control
+/// characters differently); an array that does not parse is spliced as it is.
+pub fn rebuild_frame_doc(raw: &[u8], data_time: Option<&str>, findings: &str) -> String {
+    #[derive(serde::Deserialize)]
+    struct Stored {
+        code: String,
+        severity: String,
+        detail: String,
+    }
+    let epoch = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
+    let f = super::frame::decode(
+        bytes::Bytes::copy_from_slice(raw),
+        &super::frame::Options::new(epoch),
+        &(),
+    );
+    match serde_json::from_str::<Vec<Stored>>(findings) {
+        Ok(list) => write_doc(
+            &f,
+            data_time,
+            list.iter()
+                .map(|x| (x.code.as_str(), x.severity.as_str(), x.detail.as_str())),
+        ),
+        Err(_) => {
+            let mut doc = write_doc(&f, data_time, std::iter::empty());
+            if let Some(at) = doc.rfind("\"findings\":[]") {
+                doc.replace_range(at + 11..at + 13, findings);
+            }
+            doc
+        }
+    }
+}
+
+/// The document of `f` with `dt` as its `data_time` and `findings` as
+/// `(code, severity, detail)`.
+fn write_doc<'a>(
+    f: &Frame,
+    dt: Option<&str>,
+    findings: impl Iterator<Item = (&'a str, &'a str, &'a str)>,
+) -> String {
     let mut out = String::with_capacity(f.segment.len() * 2 + 256);
     out.push_str("{\"schema\":\"hj212.frame.v1\",\"kind\":\"frame\",");
     push_opt(&mut out, "dialect", f.dialect.map(|d| d.as_str()));
@@ -113,8 +178,7 @@ pub fn frame_doc_and_time(f: &Frame) -> (String, Option<String>) {
     } else {
         "\"rf\":false,"
     });
-    let dt = f.data_time.map(|t| time::rfc3339(t, f.data_time_ms));
-    push_opt(&mut out, "data_time", dt.as_deref());
+    push_opt(&mut out, "data_time", dt);
     push_opt(&mut out, "encryption", f.encryption.map(|e| e.as_str()));
 
     // values: factor code -> suffix -> value, codes in first-seen order; a
@@ -195,16 +259,16 @@ pub fn frame_doc_and_time(f: &Frame) -> (String, Option<String>) {
         }
     }
     out.push_str("},\"findings\":[");
-    for (i, x) in f.findings.iter().enumerate() {
+    for (i, (code, severity, detail)) in findings.enumerate() {
         if i > 0 {
             out.push(',');
         }
         out.push_str("{\"code\":");
-        push_str(&mut out, x.code);
+        push_str(&mut out, code);
         out.push_str(",\"severity\":");
-        push_str(&mut out, x.severity.as_str());
+        push_str(&mut out, severity);
         out.push_str(",\"detail\":");
-        push_str(&mut out, &x.detail);
+        push_str(&mut out, detail);
         out.push('}');
     }
     out.push_str("],\"crc\":{\"declared\":");
@@ -220,7 +284,7 @@ pub fn frame_doc_and_time(f: &Frame) -> (String, Option<String>) {
         None => out.push_str("null"),
     }
     out.push_str("}}");
-    (out, dt)
+    out
 }
 
 /// `b` as text: borrowed when it is UTF-8 (checked on the fast path), with
@@ -664,6 +728,71 @@ mod tests {
             raw.extend_from_slice(b"\r\n");
             check(raw);
         }
+    }
+
+    /// What the frame log keeps of a frame without encryption (raw bytes,
+    /// `data_time`, the findings array) gives back the document written at
+    /// ingest, byte for byte: over every fixture, under another time zone and
+    /// clock, under every CRC policy, and with findings whose text serde_json
+    /// escapes differently from this module (backspace, form feed).
+    #[test]
+    fn rebuilt_documents_equal_the_ingest_documents() {
+        let now = chrono::Utc.with_ymd_and_hms(2026, 6, 1, 0, 0, 0).unwrap();
+        let mut checked = 0;
+        for raw in crate::fixture_frames() {
+            for (tz_h, crc) in [
+                (8, crate::CrcPolicy::Strict),
+                (-5, crate::CrcPolicy::Any),
+                (0, crate::CrcPolicy::Modbus),
+                (3, crate::CrcPolicy::Swapped),
+            ] {
+                let mut opts = Options::new(now);
+                opts.tz = chrono::FixedOffset::east_opt(tz_h * 3600).unwrap();
+                opts.crc = crc;
+                let mut f = decode(Bytes::from(raw.clone()), &opts, &());
+                f.findings.push(crate::Finding::new(
+                    "auth.password",
+                    crate::Severity::Error,
+                    "odd \u{8} \u{c} \u{1f} \"text\" \\ 中文",
+                ));
+                let (doc, dt) = frame_doc_and_time(&f);
+                if !doc_rebuildable(&f) {
+                    continue;
+                }
+                let stored = serde_json::to_string(&f.findings).unwrap();
+                assert_eq!(
+                    rebuild_frame_doc(&f.raw, dt.as_deref(), &stored),
+                    doc,
+                    "{:?}",
+                    String::from_utf8_lossy(&f.raw)
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 200, "{checked} documents checked");
+    }
+
+    /// A findings array that does not parse as findings (only an altered file
+    /// holds one) is kept as it is rather than lost.
+    #[test]
+    fn a_findings_array_of_another_shape_is_spliced_as_stored() {
+        let raw = b"##0101QN=20240601085857223;ST=31;CN=2011;PW=123456;MN=MN1;Flag=4;CP=&&DataTime=20240601085857;a01-Rtd=1.5&&";
+        let mut raw = raw.to_vec();
+        let body = raw[6..].to_vec();
+        raw.truncate(2);
+        raw.extend_from_slice(format!("{:04}", body.len()).as_bytes());
+        raw.extend_from_slice(&body);
+        raw.extend_from_slice(&crate::crc::format_hex4(crate::crc::hj212(&body)));
+        raw.extend_from_slice(b"\r\n");
+        let doc = rebuild_frame_doc(&raw, None, r#"[1,"two"]"#);
+        let v: Value = serde_json::from_str(&doc).unwrap();
+        assert_eq!(v["findings"], json!([1, "two"]));
+        assert_eq!(v["values"]["a01"]["Rtd"], json!(1.5));
+        assert_eq!(v["crc"]["variant"], "hj212");
+        assert_eq!(
+            crate::frame::crc_variant(&raw),
+            Some(crate::crc::CrcVariant::Hj212)
+        );
     }
 
     #[test]
