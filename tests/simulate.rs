@@ -452,7 +452,18 @@ fn speedup_sends_consistent_levels_of_simulated_days() {
         "over a day of device time: {}",
         last - first
     );
-    assert!(first >= started.timestamp() - 40 * 3600, "{first}");
+    // The simulated clock starts about 4 s x 30,000 = 34 h back, and the
+    // first 2031 carries the day its midnight closes: up to 24 h before that.
+    // A bound of 40 h failed whenever the run started within 6 h after a
+    // Beijing midnight.
+    assert!(first >= started.timestamp() - (34 + 24 + 1) * 3600, "{first}");
+    let non_day = frames
+        .iter()
+        .filter(|f| f.cn() != Some("2031"))
+        .map(|f| f.data_time.unwrap().timestamp())
+        .min()
+        .unwrap();
+    assert!(non_day >= started.timestamp() - 36 * 3600, "{non_day}");
     for cn in ["2011", "2051", "2061", "2031"] {
         assert!(per_cn.get(cn).copied().unwrap_or(0) >= 4, "{per_cn:?}");
     }
