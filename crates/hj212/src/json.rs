@@ -139,6 +139,9 @@ pub fn rebuild_frame_doc(raw: &[u8], data_time: Option<&str>, findings: &str) ->
         &super::frame::Options::new(epoch),
         &(),
     );
+    if findings == "[]" {
+        return write_doc(&f, data_time, std::iter::empty());
+    }
     match serde_json::from_str::<Vec<Stored>>(findings) {
         Ok(list) => write_doc(
             &f,
