@@ -456,7 +456,10 @@ fn speedup_sends_consistent_levels_of_simulated_days() {
     // first 2031 carries the day its midnight closes: up to 24 h before that.
     // A bound of 40 h failed whenever the run started within 6 h after a
     // Beijing midnight.
-    assert!(first >= started.timestamp() - (34 + 24 + 1) * 3600, "{first}");
+    assert!(
+        first >= started.timestamp() - (34 + 24 + 1) * 3600,
+        "{first}"
+    );
     let non_day = frames
         .iter()
         .filter(|f| f.cn() != Some("2031"))
