@@ -31,8 +31,8 @@ use hj212_gateway::alarm::{AlarmEvent, Obs, Val};
 use hj212_gateway::cmd::simulate::fleet::{self, Edition, Kind, Logger};
 use hj212_gateway::config::Config;
 use hj212_gateway::protocol::build::{self, Civil, Head};
-use hj212_gateway::protocol::{self, Options, json};
-use hj212_gateway::store::{Direction, StoredRecord, Verdict};
+use hj212_gateway::protocol::{self, Options};
+use hj212_gateway::store::{Appended, Direction, StoredRecord};
 
 // The gateway's allocator (src/main.rs): allocation cost is part of the detector's.
 #[global_allocator]
@@ -137,29 +137,24 @@ fn round_records(
         let f = protocol::decode(Bytes::copy_from_slice(&buf), &Options::new(now), &());
         assert!(!f.has_error(), "simulated frame decodes cleanly");
         *seq += 1;
-        out.push(StoredRecord {
-            seq: *seq,
-            received_at_ms: at + 40,
-            peer: "127.0.0.1:40000".into(),
-            session: index,
-            direction: Direction::In,
-            kind: hj212_gateway::store::Kind::Frame,
-            raw: f.raw.to_vec(),
-            dialect: f.dialect.map(|d| d.as_str().to_owned()),
-            st: f.st().map(str::to_owned),
-            cn: f.cn().map(str::to_owned),
-            mn: f.mn().map(str::to_owned),
-            qn: f.qn().map(str::to_owned),
-            data_time: f
-                .data_time
-                .map(|t| protocol::time::rfc3339(t, f.data_time_ms)),
-            verdict: Verdict::Accepted,
-            duplicate: false,
-            findings: serde_json::to_string(&f.findings).expect("findings serialize"),
-            doc: json::frame_doc(&f),
-            doc_stored: true,
-            hash: [0; 32],
-        });
+        // As ingest records it (an accepted frame keeps its document in the
+        // commit feed, which is where the detector reads it from).
+        let rec = hj212_gateway::ingest::frame_record(
+            &f,
+            "127.0.0.1:40000",
+            index,
+            Direction::In,
+            at + 40,
+            true,
+        );
+        out.push(StoredRecord::committed(
+            rec,
+            Appended {
+                seq: *seq,
+                duplicate: false,
+            },
+            [0; 32],
+        ));
     }
     out
 }
@@ -222,7 +217,7 @@ fn main() {
     println!(
         "{DEVICES} devices, 2017 CN=2011, mean frame {:.0} bytes, mean doc {:.0} bytes, {:.1} factors and {:.1} numbers per record",
         sample.iter().map(|r| r.raw.len()).sum::<usize>() as f64 / sample.len() as f64,
-        sample.iter().map(|r| r.doc.len()).sum::<usize>() as f64 / sample.len() as f64,
+        sample.iter().map(|r| r.document().len()).sum::<usize>() as f64 / sample.len() as f64,
         factors as f64 / sample.len() as f64,
         numbers as f64 / sample.len() as f64,
     );

@@ -1,34 +1,34 @@
 //! Catching up an MQTT backlog: how fast the publisher drains the frame log.
 //!
 //! `cargo bench --bench mqtt_backlog` builds a log of 1 million accepted 2017
-//! real-time frames (decoded by the protocol layer, as ingest stores them),
-//! starts a local Debian `mosquitto` on a free loopback port, runs the publisher
-//! from cursor 0 and times until its persisted cursor reaches the last record
-//! (every frame PUBACKed, QoS 1). Prints frames/s, and the CPU time per frame
-//! of this process (the publisher: log reads, planning, payloads, MQTT I/O) and
-//! of mosquitto over the drain, from `/proc/<pid>/stat` (clock ticks of 10 ms).
-//! The broker's pid is printed for tracing its system calls apart.
+//! real-time frames, each followed by our ack, recorded by ingest's own
+//! `frame_record` (as a session logs them), starts a local Debian `mosquitto` on
+//! a free loopback port, runs the publisher from cursor 0 and times until its
+//! persisted cursor reaches the last record (every frame PUBACKed, QoS 1).
+//! Prints frames/s, and the CPU time per frame of this process (the publisher:
+//! log reads, planning, payloads, MQTT I/O) and of mosquitto over the drain,
+//! from `/proc/<pid>/stat` (clock ticks of 10 ms). The broker's pid is printed
+//! for tracing its system calls apart.
 //!
-//! Environment: `MQTT_BENCH_DOC=stored` stores each frame's document in the log
-//! (logs written before 2026-12-07; by default the log keeps it out and the
-//! publisher rebuilds it from the raw bytes), `MQTT_BENCH_N` records (default
-//! 1000000), `MQTT_BENCH_INFLIGHT`
-//! (default: the config default), `MQTT_BENCH_DIR` where to put the files,
-//! `MQTT_BENCH_BROKER_CONF` extra mosquitto config lines.
+//! Environment: `MQTT_BENCH_DOC=stored` stores every record's document in the
+//! log (logs written before 2026-12-07; by default the log keeps it out and the
+//! publisher rebuilds it from the raw bytes), `MQTT_BENCH_ACKS=0` leaves the
+//! acks out (the shape of this bench before 2026-12-07), `MQTT_BENCH_N` frames
+//! (default 1000000), `MQTT_BENCH_INFLIGHT` (default: the config default),
+//! `MQTT_BENCH_DIR` where to put the files, `MQTT_BENCH_BROKER_CONF` extra
+//! mosquitto config lines.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use hj212_gateway::config::MqttSection;
+use hj212_gateway::ingest::frame_record;
 use hj212_gateway::protocol::{self, Options, json, reply};
 use hj212_gateway::publish::mqtt::{self, MqttSettings};
 use hj212_gateway::publish::presence::Presence;
-use hj212_gateway::store::{
-    Cursors, Direction, Kind, NewRecord, Reader, Store, StoreConfig, SyncMode, Verdict,
-};
+use hj212_gateway::store::{Cursors, Direction, NewRecord, Reader, Store, StoreConfig, SyncMode};
 use tokio_util::sync::CancellationToken;
 
 fn env_num(name: &str, default: u64) -> u64 {
@@ -38,8 +38,9 @@ fn env_num(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// An accepted inbound 2017 upload as the session would store it.
-fn record(opts: &Options, n: u64) -> NewRecord {
+/// An accepted inbound 2017 upload and our ack of it, as the session records
+/// them (`MQTT_BENCH_ACKS=0`: the upload alone).
+fn records(opts: &Options, n: u64) -> Vec<NewRecord> {
     let mn = format!("010000A8900016F0{:08}", n % 500);
     let qn = format!("20261128{:09}", n % 1_000_000_000);
     let seg = format!(
@@ -47,27 +48,23 @@ fn record(opts: &Options, n: u64) -> NewRecord {
          a01012-Rtd=12.50,a01012-Flag=N;a01011-Rtd=3.201,a01011-Flag=N;a34013-Rtd=21.7,\
          a34013-Flag=N;a21026-Rtd=35.100,a21026-Flag=N;a21002-Rtd=88.2,a21002-Flag=N&&"
     );
-    let raw: Bytes = reply::envelope(seg.as_bytes());
-    let f = protocol::decode(raw.clone(), opts, &());
-    NewRecord {
-        received_at_ms: 1_795_870_701_000 + n as i64,
-        peer: "10.1.0.7:40001".into(),
-        session: n % 500,
-        direction: Direction::In,
-        kind: Kind::Frame,
-        raw,
-        dialect: Some("2017".into()),
-        st: Some("32".into()),
-        cn: Some("2011".into()),
-        mn: Some(mn),
-        qn: Some(qn),
-        data_time: Some("2026-11-28T13:05:01+08:00".into()),
-        verdict: Verdict::Accepted,
-        findings: serde_json::to_string(&f.findings).unwrap(),
-        doc: json::frame_doc(&f),
-        // As ingest keeps an accepted frame, unless asked for the older shape.
-        doc_stored: std::env::var("MQTT_BENCH_DOC").as_deref() == Ok("stored"),
+    let f = protocol::decode(reply::envelope(seg.as_bytes()), opts, &());
+    let at = 1_795_870_701_000 + n as i64;
+    let peer = "10.1.0.7:40001";
+    let mut out = vec![frame_record(&f, peer, n % 500, Direction::In, at, true)];
+    if env_num("MQTT_BENCH_ACKS", 1) != 0 {
+        let ack = reply::ack_frame(&f, opts).expect("Flag=5 asks for an ack");
+        out.push(frame_record(&ack, peer, n % 500, Direction::Out, at, true));
     }
+    // The shape of logs written before 2026-12-07: every document stored.
+    if std::env::var("MQTT_BENCH_DOC").as_deref() == Ok("stored") {
+        for r in &mut out {
+            let f = protocol::decode(r.raw.clone(), opts, &());
+            r.doc = json::frame_doc(&f);
+            r.doc_stored = true;
+        }
+    }
+    out
 }
 
 /// CPU time (user + system) of process `pid` ("self" for this one), in seconds.
@@ -100,7 +97,9 @@ fn build_log(path: &Path, n: u64) {
     rt.block_on(async {
         let mut i = 0;
         while i < n {
-            let recs = (i..(i + 2000).min(n)).map(|k| record(&opts, k)).collect();
+            let recs = (i..(i + 2000).min(n))
+                .flat_map(|k| records(&opts, k))
+                .collect();
             handle.append_many(recs).await.unwrap();
             i += 2000;
         }
@@ -206,13 +205,13 @@ fn main() {
     let _ = broker.kill();
     let _ = broker.wait();
     println!(
-        "mqtt backlog: {last} frames published (QoS 1, max_inflight {inflight}) and PUBACKed in {:.2} s = {:.0} frames/s",
+        "mqtt backlog: {n} frames ({last} records) published (QoS 1, max_inflight {inflight}) and PUBACKed in {:.2} s = {:.0} frames/s",
         took.as_secs_f64(),
-        last as f64 / took.as_secs_f64()
+        n as f64 / took.as_secs_f64()
     );
     println!(
         "cpu per frame: publisher {:.2} us, mosquitto {:.2} us",
-        cpu * 1e6 / last as f64,
-        broker_cpu * 1e6 / last as f64
+        cpu * 1e6 / n as f64,
+        broker_cpu * 1e6 / n as f64
     );
 }

@@ -197,7 +197,7 @@ async fn the_encrypted_data_wrapper_is_decrypted_with_a_finding() {
     let r = gw.inbound(qn).await;
     assert_eq!(r.verdict, Verdict::Accepted);
     assert!(r.findings.contains("encryption.wrapper"), "{}", r.findings);
-    let doc: serde_json::Value = serde_json::from_str(&r.doc).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&r.document()).unwrap();
     assert_eq!(doc["encryption"], "sm4-wrapper");
     assert!(
         r.findings.contains("hex text"),

@@ -226,7 +226,11 @@ async fn junk_floods_are_stored_exactly_in_few_records() {
         }
         // The doc keeps the pieces in bounded form.
         for r in &junk {
-            assert!(r.doc.len() <= 2048, "junk doc of {} bytes", r.doc.len());
+            assert!(
+                r.stored_doc().len() <= 2048,
+                "junk doc of {} bytes",
+                r.stored_doc().len()
+            );
         }
     }
     let after = used_bytes(&gw.db);

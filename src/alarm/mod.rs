@@ -100,7 +100,7 @@ impl Obs {
         Obs::from_doc(
             r.seq,
             r.received_at_ms,
-            &r.doc,
+            &r.document(),
             &r.findings,
             r.duplicate,
             video,

@@ -199,7 +199,7 @@ pub struct Reading {
 /// digits (`+1.50`, `.5`). An encrypted frame cannot be re-read without its key, so
 /// its readings come from the document stored at ingest (decrypted then).
 pub fn readings(rec: &StoredRecord) -> Vec<Reading> {
-    if rec.direction != Direction::In || rec.doc.is_empty() {
+    if rec.direction != Direction::In || rec.stored_doc().is_empty() && rec.doc_stored {
         return Vec::new();
     }
     let frame = protocol::decode(
@@ -218,7 +218,7 @@ pub fn readings(rec: &StoredRecord) -> Vec<Reading> {
                 ));
             }
         }
-    } else if let Ok(Value::Object(doc)) = serde_json::from_str::<Value>(&rec.doc) {
+    } else if let Ok(Value::Object(doc)) = serde_json::from_str::<Value>(&rec.document()) {
         if let Some(Value::Object(values)) = doc.get("values") {
             for (code, sfx) in values {
                 if let Value::Object(sfx) = sfx {

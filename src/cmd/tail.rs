@@ -190,7 +190,7 @@ pub fn line(rec: &StoredRecord, colour: bool) -> String {
     if rec.verdict == Verdict::Junk {
         s.push_str(&format!(" {} bytes", rec.raw.len()));
     }
-    let doc: Option<serde_json::Map<String, Value>> = serde_json::from_str(&rec.doc).ok();
+    let doc: Option<serde_json::Map<String, Value>> = serde_json::from_str(&rec.document()).ok();
     if let Some(Value::Object(values)) = doc.as_ref().and_then(|d| d.get("values")) {
         for (code, v) in values.iter().take(VALUES_SHOWN) {
             let Value::Object(sfx) = v else { continue };

@@ -110,9 +110,10 @@ fn planned(rec: &StoredRecord, o: &PlanOptions, topic: String) -> Option<Planned
     // The common case (no raw bytes, a plain stored doc) splices text instead of
     // rebuilding the object: the drain of a backlog is bound by this JSON work.
     if !o.include_raw {
-        if let Some(payload) = spliced_payload(rec) {
-            let object = (rec.verdict == Verdict::Accepted && is_split(&rec.doc))
-                .then(|| match serde_json::from_str(&rec.doc) {
+        let doc = rec.document();
+        if let Some(payload) = spliced_payload(rec, &doc) {
+            let object = (rec.verdict == Verdict::Accepted && is_split(&doc))
+                .then(|| match serde_json::from_str(&doc) {
                     Ok(Value::Object(m)) => Some(m),
                     _ => None,
                 })
@@ -156,15 +157,19 @@ const ADDED: [&str; 9] = [
 /// appending the record's fields to the stored doc text. `None` (use the general
 /// path) unless the doc is a valid JSON object none of whose text names an added
 /// field, so the result can neither differ from the export nor repeat a key.
-fn spliced_payload(rec: &StoredRecord) -> Option<Vec<u8>> {
-    let doc = rec.doc.as_str();
+/// `doc` is the record's document: only one read from the file's `doc` column
+/// is parsed to prove it valid (one this process wrote is valid by
+/// construction, and the proof was a full JSON parse of every record drained).
+fn spliced_payload(rec: &StoredRecord, doc: &str) -> Option<Vec<u8>> {
     if doc.len() < 2 || !doc.starts_with('{') || !doc.ends_with('}') {
         return None;
     }
     if ADDED.iter().any(|k| doc.contains(k)) {
         return None;
     }
-    serde_json::from_str::<serde::de::IgnoredAny>(doc).ok()?;
+    if !rec.document_is_ours() {
+        serde_json::from_str::<serde::de::IgnoredAny>(doc).ok()?;
+    }
     let mut out = Vec::with_capacity(doc.len() + 192);
     out.extend_from_slice(&doc.as_bytes()[..doc.len() - 1]);
     if doc[1..doc.len() - 1].trim().is_empty() {
@@ -374,6 +379,30 @@ mod tests {
         let p = plan(&rec(r#"{"a":1}"#), &opts(true)).unwrap();
         let got: Value = serde_json::from_slice(&p.payload).unwrap();
         assert!(got.get("raw_b64").is_some() && got.get("raw").is_some());
+    }
+
+    /// A frame read back without its document (rebuilt, not parsed to prove it
+    /// valid) plans the very payload of the same frame with its document stored.
+    #[test]
+    fn a_rebuilt_document_plans_the_stored_documents_payload() {
+        let raw = crate::protocol::reply::envelope(
+            b"QN=20261128130501001;ST=32;CN=2011;PW=123456;MN=M1;Flag=5;\
+              CP=&&DataTime=20261128130501;a01012-Rtd=12.50,a01012-Flag=N&&",
+        );
+        let dt = Some("2026-11-28T13:05:01+08:00");
+        let doc = crate::protocol::json::rebuild_frame_doc(&raw, dt, "[]");
+        let mut stored = rec(&doc);
+        stored.raw = raw.to_vec();
+        stored.data_time = dt.map(str::to_owned);
+        let mut kept = stored.clone();
+        kept.doc = String::new();
+        kept.doc_stored = false;
+        assert!(kept.document_is_ours() && !stored.document_is_ours());
+        assert_eq!(kept.document(), doc);
+        let (a, b) = (plan(&stored, &opts(false)), plan(&kept, &opts(false)));
+        assert_eq!(a, b);
+        let got: Value = serde_json::from_slice(&a.unwrap().payload).unwrap();
+        assert_eq!(got["values"]["a01012"]["Rtd"].to_string(), "12.50");
     }
 
     #[test]

@@ -557,7 +557,7 @@ impl Block {
             doc_stored: true,
             hash: self.hash(i),
         };
-        rec.rebuild_doc();
+        rec.read_doc_column();
         Ok(rec)
     }
 }

@@ -396,7 +396,7 @@ fn stats_source(tx: &rusqlite::Transaction<'_>, path: &Path) -> Result<&'static 
                     r.data_time,
                     r.verdict.as_str(),
                     r.findings,
-                    r.doc
+                    r.document()
                 ])
                 .map_err(sq("copy an archived frame"))?;
             }

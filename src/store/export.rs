@@ -92,10 +92,11 @@ pub fn export_record_json(rec: &StoredRecord) -> Map<String, Value> {
         m.insert("kind".into(), Value::from(kind));
         m
     };
-    let mut m = if rec.doc.is_empty() {
+    let doc = rec.document();
+    let mut m = if doc.is_empty() {
         base("junk")
     } else {
-        match serde_json::from_str::<Value>(&rec.doc) {
+        match serde_json::from_str::<Value>(&doc) {
             Ok(Value::Object(m)) => m,
             _ => {
                 let mut m = base(rec.kind.as_str());

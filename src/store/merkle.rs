@@ -959,7 +959,7 @@ pub fn record_from_leaf(v: &[LeafValue]) -> Result<super::StoredRecord, String> 
         doc_stored: true,
         hash: [0; 32],
     };
-    rec.rebuild_doc();
+    rec.read_doc_column();
     Ok(rec)
 }
 

@@ -60,10 +60,12 @@
 //! column and the findings, except where decryption adds to it. Since
 //! 2026-12-07 the log therefore keeps an **accepted frame without encryption**
 //! (inbound frames and our acks, the bulk of every log) with an empty `doc`,
-//! and every reader rebuilds the document from those columns
-//! ([`StoredRecord::rebuild_doc`], `protocol::json::rebuild_frame_doc`): the
+//! and a reader that wants the document rebuilds it from those columns
+//! ([`StoredRecord::document`], `protocol::json::rebuild_frame_doc`): the
 //! document was most of a record's bytes, and every byte stored is inserted,
-//! hashed twice, written to the WAL and checkpointed on the ack path. Rejected frames, encrypted ones, junk and every record of an
+//! hashed twice, written to the WAL and checkpointed on the ack path. Our acks
+//! leave the session without a document at all: nothing on the hot path reads
+//! one. Rejected frames, encrypted ones, junk and every record of an
 //! older log keep the document they were written with. The chain and the Merkle
 //! leaf hash the column as stored, empty or not; an auditor's SQL over `doc`
 //! reads the raw bytes for the empty ones (`stats` counts their CRC variants
@@ -278,7 +280,9 @@ pub struct NewRecord {
     pub verdict: Verdict,
     /// JSON array text of `{code, severity, detail}` objects.
     pub findings: String,
-    /// The decoded frame as JSON object text (without `raw`/`raw_b64`); empty for junk.
+    /// The decoded frame as JSON object text (without `raw`/`raw_b64`); for junk,
+    /// the junk description. May be empty when `doc_stored` is false (ingest
+    /// leaves out the document of what we send).
     pub doc: String,
     /// Whether the log stores `doc`. False for an accepted frame whose document
     /// the protocol layer rebuilds from `raw`, `data_time` and `findings`
@@ -319,8 +323,11 @@ pub struct Appended {
     pub duplicate: bool,
 }
 
-/// A record as stored in the log.
-#[derive(Debug, Clone, PartialEq)]
+/// A record as stored in the log. Two are equal when every column is and their
+/// documents ([`StoredRecord::document`]) are: a record from the commit feed
+/// equals the same record read from the file, whichever of them carries its
+/// document as text.
+#[derive(Debug, Clone)]
 pub struct StoredRecord {
     /// Position in the log (1-based, dense).
     pub seq: u64,
@@ -354,32 +361,145 @@ pub struct StoredRecord {
     pub duplicate: bool,
     /// Findings JSON array text.
     pub findings: String,
-    /// Decoded frame JSON object text (empty for junk). For a frame the log keeps
-    /// without its document (`doc_stored` false) this is the rebuilt document.
-    pub doc: String,
-    /// Whether `doc` is what the log's `doc` column holds. False when the column
-    /// is empty and `doc` was rebuilt from `raw`, `data_time` and `findings`
-    /// (or handed over by the session through the commit feed): the chain and
-    /// the Merkle leaf hash the empty column, never the rebuilt text.
+    /// The `doc` column's text, or for a frame the log keeps without its document
+    /// (`doc_stored` false) either the session's document (a record from the
+    /// commit feed) or nothing: read the document with [`StoredRecord::document`].
+    pub(crate) doc: String,
+    /// Whether the log's `doc` column holds the document. False when the column
+    /// is empty and the document is rebuilt from `raw`, `data_time` and
+    /// `findings` when asked for (or was handed over by the session through the
+    /// commit feed): the chain and the Merkle leaf hash the empty column, never
+    /// the rebuilt text.
     pub doc_stored: bool,
     /// Chain hash of this record (see the module documentation).
     pub hash: [u8; 32],
 }
 
+impl PartialEq for StoredRecord {
+    fn eq(&self, o: &StoredRecord) -> bool {
+        // Destructured so that a new field cannot be left out of the comparison.
+        let StoredRecord {
+            seq,
+            received_at_ms,
+            peer,
+            session,
+            direction,
+            kind,
+            raw,
+            dialect,
+            st,
+            cn,
+            mn,
+            qn,
+            data_time,
+            verdict,
+            duplicate,
+            findings,
+            doc: _,
+            doc_stored,
+            hash,
+        } = self;
+        (
+            seq,
+            received_at_ms,
+            peer,
+            session,
+            direction,
+            kind,
+            raw,
+            dialect,
+            st,
+            cn,
+            mn,
+        ) == (
+            &o.seq,
+            &o.received_at_ms,
+            &o.peer,
+            &o.session,
+            &o.direction,
+            &o.kind,
+            &o.raw,
+            &o.dialect,
+            &o.st,
+            &o.cn,
+            &o.mn,
+        ) && (
+            qn, data_time, verdict, duplicate, findings, doc_stored, hash,
+        ) == (
+            &o.qn,
+            &o.data_time,
+            &o.verdict,
+            &o.duplicate,
+            &o.findings,
+            &o.doc_stored,
+            &o.hash,
+        ) && self.document() == o.document()
+    }
+}
+
 impl StoredRecord {
-    /// Sets `doc_stored` from the `doc` column just read into `doc`, and rebuilds
-    /// the document of a frame the log keeps without one. Every row decoder runs
-    /// this, so consumers see the same document whether a record came from the
-    /// commit feed or from the file, and hashing still sees the empty column.
-    pub(crate) fn rebuild_doc(&mut self) {
+    /// `rec` as the log holds it once appended as `a` with chain hash `hash` (what
+    /// the commit feed carries). Moves the strings, copies `raw`.
+    pub fn committed(rec: NewRecord, a: Appended, hash: [u8; 32]) -> StoredRecord {
+        StoredRecord {
+            seq: a.seq,
+            received_at_ms: rec.received_at_ms,
+            peer: rec.peer,
+            session: rec.session,
+            direction: rec.direction,
+            kind: rec.kind,
+            raw: rec.raw.to_vec(),
+            dialect: rec.dialect,
+            st: rec.st,
+            cn: rec.cn,
+            mn: rec.mn,
+            qn: rec.qn,
+            data_time: rec.data_time,
+            verdict: rec.verdict,
+            duplicate: a.duplicate,
+            findings: rec.findings,
+            doc: rec.doc,
+            doc_stored: rec.doc_stored,
+            hash,
+        }
+    }
+
+    /// Sets `doc_stored` from the `doc` column just read. Every row decoder runs
+    /// this; the document of a frame kept without one is rebuilt only when a
+    /// consumer asks for it ([`StoredRecord::document`]): most consumers skip most
+    /// records (our replies, other kinds) and would rebuild them for nothing.
+    pub(crate) fn read_doc_column(&mut self) {
         self.doc_stored = !self.doc.is_empty() || self.kind != Kind::Frame;
-        if !self.doc_stored {
-            self.doc = crate::protocol::json::rebuild_frame_doc(
+    }
+
+    /// The decoded frame document (`hj212.frame.v1` JSON object text; for junk,
+    /// the junk description or nothing), the same whether the record came from
+    /// the commit feed or from the file. For a frame the log keeps without its
+    /// document and that did not come through the feed, it is rebuilt from the
+    /// raw bytes here, at each call: callers take it once per record.
+    pub fn document(&self) -> std::borrow::Cow<'_, str> {
+        if self.doc_stored || !self.doc.is_empty() {
+            std::borrow::Cow::Borrowed(&self.doc)
+        } else {
+            std::borrow::Cow::Owned(crate::protocol::json::rebuild_frame_doc(
                 &self.raw,
                 self.data_time.as_deref(),
                 &self.findings,
-            );
+            ))
         }
+    }
+
+    /// What the log's `doc` column holds: the document, or empty for a frame kept
+    /// without it.
+    pub fn stored_doc(&self) -> &str {
+        if self.doc_stored { &self.doc } else { "" }
+    }
+
+    /// Whether [`StoredRecord::document`] is text this process wrote (rebuilt from
+    /// the raw bytes, or the session's): then it is a well-formed JSON object by
+    /// construction. A stored column may have been altered in the file.
+    pub fn document_is_ours(&self) -> bool {
+        !self.doc_stored
     }
 }
 

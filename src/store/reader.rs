@@ -426,7 +426,7 @@ fn record_from_row(row: &Row<'_>) -> Result<StoredRecord, StoreError> {
             .try_into()
             .map_err(|_| corrupt("hash", &format!("{hash_len} bytes")))?,
     };
-    rec.rebuild_doc();
+    rec.read_doc_column();
     Ok(rec)
 }
 

@@ -610,7 +610,7 @@ impl Writer {
                     if keep {
                         for (rec, a) in job.recs.into_iter().zip(&res) {
                             let hash = hashes.next().unwrap_or_default();
-                            committed.push(stored(rec, *a, hash));
+                            committed.push(StoredRecord::committed(rec, *a, hash));
                         }
                     }
                     answers.push((job.reply, res));
@@ -817,31 +817,6 @@ impl Writer {
 
 /// Per job its answers, and (when the feed keeps records) every record's hash in order.
 type Committed = (Vec<Vec<Appended>>, Vec<[u8; 32]>);
-
-/// The record as the log now holds it, for the feed. Moves the strings, copies `raw`.
-fn stored(rec: NewRecord, a: Appended, hash: [u8; 32]) -> StoredRecord {
-    StoredRecord {
-        seq: a.seq,
-        received_at_ms: rec.received_at_ms,
-        peer: rec.peer,
-        session: rec.session,
-        direction: rec.direction,
-        kind: rec.kind,
-        raw: rec.raw.to_vec(),
-        dialect: rec.dialect,
-        st: rec.st,
-        cn: rec.cn,
-        mn: rec.mn,
-        qn: rec.qn,
-        data_time: rec.data_time,
-        verdict: rec.verdict,
-        duplicate: a.duplicate,
-        findings: rec.findings,
-        doc: rec.doc,
-        doc_stored: rec.doc_stored,
-        hash,
-    }
-}
 
 /// How often the background checkpointer copies the WAL into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);

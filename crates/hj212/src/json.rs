@@ -98,13 +98,19 @@ pub fn frame_doc(f: &Frame) -> String {
 /// and stays linear in the number of CP items (a test holds it to the plain
 /// version it replaced, over every fixture and generated frames).
 pub fn frame_doc_and_time(f: &Frame) -> (String, Option<String>) {
-    let dt = f.data_time.map(|t| time::rfc3339(t, f.data_time_ms));
+    let dt = data_time_text(f);
     let findings = f
         .findings
         .iter()
         .map(|x| (x.code, x.severity.as_str(), x.detail.as_str()));
     let doc = write_doc(f, dt.as_deref(), findings);
     (doc, dt)
+}
+
+/// The frame's `DataTime` as the document's `data_time` (RFC 3339 with the
+/// decoder's time zone), without the rest of the document.
+pub fn data_time_text(f: &Frame) -> Option<String> {
+    f.data_time.map(|t| time::rfc3339(t, f.data_time_ms))
 }
 
 /// Whether the frame log may keep only a frame's raw bytes, `data_time` and
