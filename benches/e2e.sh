@@ -305,9 +305,28 @@ outage)
     sleep "$OUTAGE"
     backlog=$(progress)
     start_broker
-    echo "broker back; backlog: $backlog" >&2
-    # Live traffic keeps coming: drained = the cursor reached the head of one poll earlier.
     t0=$(date +%s.%N)
+    echo "broker back; backlog: $backlog" >&2
+    # How much of the drain is the publisher's reconnect backoff ([mqtt] reconnect_max).
+    reconnected=$(python3 - "$METRICS_PORT" "$t0" <<'PY'
+import sys, time, urllib.request
+url = f"http://127.0.0.1:{sys.argv[1]}/metrics"
+t0 = float(sys.argv[2])
+while time.time() - t0 < 300:
+    try:
+        text = urllib.request.urlopen(url, timeout=1).read().decode()
+        if any(l.split()[-1] == "1" for l in text.splitlines() if l.startswith("hj212_mqtt_connected")):
+            print(round(time.time() - t0, 2))
+            break
+    except OSError:
+        pass
+    time.sleep(0.05)
+else:
+    print("timeout")
+PY
+)
+    echo "publisher reconnected after ${reconnected}s" >&2
+    # Live traffic keeps coming: drained = the cursor reached the head of one poll earlier.
     prev=$(field "$(progress)" head)
     drain=timeout
     while python3 -c "import sys; sys.exit(0 if float(sys.argv[2]) - float(sys.argv[1]) < 300 else 1)" "$t0" "$(date +%s.%N)"; do
@@ -326,7 +345,7 @@ outage)
     tail_drain=$(wait_published 300)
     c2=$(cpu_ticks)
     c=$(counts)
-    extra=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d.update(backlog_at_return=json.loads(sys.argv[2]), backlog_drained_s=sys.argv[3], rss_kib=int(sys.argv[4]), store=json.loads(sys.argv[5])); print(json.dumps(d))' "$c" "$backlog" "$drain" "$(rss_kib)" "$(commit_stats)")
+    extra=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d.update(backlog_at_return=json.loads(sys.argv[2]), backlog_drained_s=sys.argv[3], rss_kib=int(sys.argv[4]), store=json.loads(sys.argv[5]), reconnected_s=sys.argv[6]); print(json.dumps(d))' "$c" "$backlog" "$drain" "$(rss_kib)" "$(commit_stats)" "$reconnected")
     report "outage rate=$RATE outage=${OUTAGE}s devices=$DEVICES" "$sim" $((c1 - c0)) $((c2 - c0)) "$extra"
     zero_loss "$sim" "$c"
     ;;

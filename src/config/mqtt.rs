@@ -60,7 +60,10 @@ pub struct MqttSection {
     /// Most bytes all open split-upload groups hold together; beyond it the oldest
     /// group is published incomplete (memory bound).
     pub merge_max_bytes: usize,
-    /// Cap of the exponential reconnect backoff.
+    /// Cap of the exponential reconnect backoff, and so the longest a broker that
+    /// is back waits for the publisher. Default 2 s: after a long outage the
+    /// backoff sits at its cap, and at 10 s the wait was half of draining a
+    /// minute's backlog (benches/README.md, issue 23).
     pub reconnect_max: Dur,
     /// Largest MQTT packet the publisher sends (set it to the broker's limit). A
     /// message that would exceed it is not sent: its record is set aside (dead
@@ -97,7 +100,7 @@ impl Default for MqttSection {
             merge_max_packets: 256,
             merge_max_bytes: 64 << 20,
             max_packet_size: 1 << 20,
-            reconnect_max: Dur(Duration::from_secs(10)),
+            reconnect_max: Dur(Duration::from_secs(2)),
             max_refusals: 3,
         }
     }
@@ -282,6 +285,18 @@ mod tests {
     use crate::config::Config;
     use crate::config::tests::err;
     use std::path::Path;
+
+    /// A broker back after an outage gets the publisher within 2 s, and the
+    /// shipped config says so.
+    #[test]
+    fn reconnect_max_defaults_to_two_seconds_as_shipped() {
+        let c = Config::parse("", Path::new("t.toml")).unwrap();
+        assert_eq!(c.mqtt.reconnect_max.0, Duration::from_secs(2));
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/gateway.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let shipped = Config::parse(&text, Path::new(path)).unwrap();
+        assert_eq!(shipped.mqtt.reconnect_max, c.mqtt.reconnect_max);
+    }
 
     #[test]
     fn mqtt_keys() {
