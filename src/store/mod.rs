@@ -377,6 +377,32 @@ pub struct StoredRecord {
 
 impl PartialEq for StoredRecord {
     fn eq(&self, o: &StoredRecord) -> bool {
+        self.columns() == o.columns() && self.document() == o.document()
+    }
+}
+
+/// A record's values other than its document, for comparing (see [`StoredRecord`]).
+type Columns<'a> = (
+    (
+        &'a u64,
+        &'a i64,
+        &'a String,
+        &'a u64,
+        &'a Direction,
+        &'a Kind,
+    ),
+    (
+        &'a Vec<u8>,
+        [&'a Option<String>; 6],
+        &'a Verdict,
+        &'a bool,
+        &'a String,
+    ),
+    (&'a bool, &'a [u8; 32]),
+);
+
+impl StoredRecord {
+    fn columns(&self) -> Columns<'_> {
         // Destructured so that a new field cannot be left out of the comparison.
         let StoredRecord {
             seq,
@@ -400,40 +426,16 @@ impl PartialEq for StoredRecord {
             hash,
         } = self;
         (
-            seq,
-            received_at_ms,
-            peer,
-            session,
-            direction,
-            kind,
-            raw,
-            dialect,
-            st,
-            cn,
-            mn,
-        ) == (
-            &o.seq,
-            &o.received_at_ms,
-            &o.peer,
-            &o.session,
-            &o.direction,
-            &o.kind,
-            &o.raw,
-            &o.dialect,
-            &o.st,
-            &o.cn,
-            &o.mn,
-        ) && (
-            qn, data_time, verdict, duplicate, findings, doc_stored, hash,
-        ) == (
-            &o.qn,
-            &o.data_time,
-            &o.verdict,
-            &o.duplicate,
-            &o.findings,
-            &o.doc_stored,
-            &o.hash,
-        ) && self.document() == o.document()
+            (seq, received_at_ms, peer, session, direction, kind),
+            (
+                raw,
+                [dialect, st, cn, mn, qn, data_time],
+                verdict,
+                duplicate,
+                findings,
+            ),
+            (doc_stored, hash),
+        )
     }
 }
 
