@@ -58,6 +58,15 @@ fn hostile_records_are_published_validly_or_refused_with_a_reason() {
         b"[]",
         b"",
     ];
+    let findings: &[&[u8]] = &[
+        b"[]",
+        b"[{\"code\":\"x.y\",\"severity\":\"info\",\"detail\":\"d\\u0001\"}]",
+        b"[{\"code\":",
+        b"not json",
+        b"[1,2]",
+    ];
+    const FRAME: &[u8] = b"##0101QN=20261128130501001;ST=32;CN=2011;PW=123456;MN=M1;Flag=5;\
+CP=&&DataTime=20261128130501;a01012-Rtd=12.50,a01012-Flag=N&&ABCD\r\n";
     let mut rng = Rng(0x5EED_0F18);
     for i in 0..5000u32 {
         let mut data = vec![
@@ -78,10 +87,16 @@ fn hostile_records_are_published_validly_or_refused_with_a_reason() {
             data.extend(std::iter::repeat_n(b' ', (rng.next() % 70_000) as usize));
         }
         data.push(0xFF);
-        data.extend_from_slice(b"[]");
+        // Findings as written, and as an altered file may hold them (an empty
+        // doc is rebuilt from the raw bytes and these).
+        data.extend_from_slice(rng.pick(findings));
         data.push(0xFF);
-        for _ in 0..rng.next() % 64 {
-            data.push(rng.next() as u8);
+        if rng.next() % 2 == 0 {
+            data.extend_from_slice(FRAME);
+        } else {
+            for _ in 0..rng.next() % 64 {
+                data.push(rng.next() as u8);
+            }
         }
         plan_record(&data);
     }

@@ -40,6 +40,12 @@ pub fn plan_record(data: &[u8]) {
                 "packet over {max_packet}"
             );
             assert!(p.topic.starts_with(&opts.prefix));
+            assert!(
+                serde_json::from_slice::<serde_json::Value>(&p.payload)
+                    .is_ok_and(|v| v.is_object()),
+                "payload {:?}",
+                String::from_utf8_lossy(&p.payload)
+            );
         }
         Decision::Refuse(r) => {
             assert!(DEAD_LETTER_REASONS.contains(&r.reason), "{r:?}");
@@ -91,7 +97,7 @@ fn record(data: &[u8]) -> Option<(StoredRecord, PlanOptions, usize)> {
     let mut text = || String::from_utf8_lossy(fields.next().unwrap_or_default()).into_owned();
     let (mn, cn, doc, findings) = (text(), text(), text(), text());
     let raw = fields.next().unwrap_or_default().to_vec();
-    let rec = StoredRecord {
+    let mut rec = StoredRecord {
         seq: u64::from(data[3]) + 1,
         received_at_ms: 1_795_870_701_123,
         peer: "10.0.0.1:4000".into(),
@@ -128,6 +134,8 @@ fn record(data: &[u8]) -> Option<(StoredRecord, PlanOptions, usize)> {
         doc_stored: true,
         hash: [0; 32],
     };
+    // As the log's readers set it: an empty document is rebuilt from `raw`.
+    rec.read_doc_column();
     let opts = PlanOptions {
         prefix: "hj212".into(),
         publish_rejected: flags & 0x10 != 0,

@@ -405,6 +405,25 @@ mod tests {
         assert_eq!(got["values"]["a01012"]["Rtd"].to_string(), "12.50");
     }
 
+    /// A findings column altered in the file into text that is not JSON, on a frame
+    /// kept without its document: the rebuild splices it in as it is, so the
+    /// document is not taken as valid, and the payload is still JSON.
+    #[test]
+    fn an_altered_findings_column_still_gives_a_json_payload() {
+        let raw = crate::protocol::reply::envelope(
+            b"QN=20261128130501001;ST=32;CN=2011;PW=123456;MN=M1;Flag=5;\
+              CP=&&DataTime=20261128130501;a01012-Rtd=12.50,a01012-Flag=N&&",
+        );
+        let mut r = rec("");
+        r.raw = raw.to_vec();
+        r.doc_stored = false;
+        r.findings = "[{\"code\":".into();
+        assert!(!r.document_is_ours());
+        let p = plan(&r, &opts(false)).unwrap();
+        let got: Value = serde_json::from_slice(&p.payload).expect("a JSON payload");
+        assert_eq!(got["doc_invalid"], true, "{got}");
+    }
+
     #[test]
     fn not_published() {
         let mut r = rec("{}");

@@ -497,11 +497,16 @@ impl StoredRecord {
         if self.doc_stored { &self.doc } else { "" }
     }
 
-    /// Whether [`StoredRecord::document`] is text this process wrote (rebuilt from
-    /// the raw bytes, or the session's): then it is a well-formed JSON object by
-    /// construction. A stored column may have been altered in the file.
+    /// Whether [`StoredRecord::document`] is a JSON object by construction: the
+    /// session's own text, or rebuilt from the raw bytes with a findings column
+    /// that is JSON. A stored `doc` column, or a findings column that is not JSON
+    /// (which the rebuild splices in as it is), can only have been altered in the
+    /// file, and is not.
     pub fn document_is_ours(&self) -> bool {
         !self.doc_stored
+            && (!self.doc.is_empty()
+                || self.findings == "[]"
+                || serde_json::from_str::<serde::de::IgnoredAny>(&self.findings).is_ok())
     }
 }
 
