@@ -199,7 +199,7 @@ pub struct Reading {
 /// digits (`+1.50`, `.5`). An encrypted frame cannot be re-read without its key, so
 /// its readings come from the document stored at ingest (decrypted then).
 pub fn readings(rec: &StoredRecord) -> Vec<Reading> {
-    if rec.direction != Direction::In || rec.stored_doc().is_empty() && rec.doc_stored {
+    if rec.direction != Direction::In || !rec.has_document() {
         return Vec::new();
     }
     let frame = protocol::decode(

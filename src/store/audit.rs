@@ -352,9 +352,8 @@ fn stats_source(tx: &rusqlite::Transaction<'_>, path: &Path) -> Result<&'static 
         return Ok("records");
     }
     let sq = StoreError::sqlite;
-    // `raw` only matters where `doc` is empty (the CRC variant of a frame kept
-    // without its document); archived rows are read back with their document
-    // rebuilt, so they are copied without it.
+    // As in the live log: the `doc` column as stored, and `raw` only where it is
+    // empty (the queries read the CRC variant of such a frame off its bytes).
     const COLS: &str = "seq, received_at_ms, direction, kind, dialect, st, cn, mn, data_time, \
                         verdict, findings, doc, raw";
     tx.execute_batch(&format!(
@@ -375,7 +374,7 @@ fn stats_source(tx: &rusqlite::Transaction<'_>, path: &Path) -> Result<&'static 
     let mut ins = tx
         .prepare(&format!(
             "INSERT INTO temp.archived_frames ({COLS}) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, NULL)"
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
         ))
         .map_err(sq("prepare the archived frames"))?;
     for a in list.iter().filter(|a| a.state == ArchiveState::Sealed) {
@@ -396,7 +395,8 @@ fn stats_source(tx: &rusqlite::Transaction<'_>, path: &Path) -> Result<&'static 
                     r.data_time,
                     r.verdict.as_str(),
                     r.findings,
-                    r.document()
+                    r.stored_doc(),
+                    r.stored_doc().is_empty().then_some(&r.raw)
                 ])
                 .map_err(sq("copy an archived frame"))?;
             }

@@ -491,6 +491,13 @@ impl StoredRecord {
         }
     }
 
+    /// Whether the record has a document: false only for one stored with an empty
+    /// `doc` column that is not a frame's (a frame kept without its document has
+    /// one, rebuilt). Answers without rebuilding it.
+    pub fn has_document(&self) -> bool {
+        !(self.doc_stored && self.doc.is_empty())
+    }
+
     /// What the log's `doc` column holds: the document, or empty for a frame kept
     /// without it.
     pub fn stored_doc(&self) -> &str {
