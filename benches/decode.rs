@@ -4,7 +4,9 @@
 //! Also measures the JSON document built per frame at ingest, and the CP scan
 //! against the same scan built from the nom grammar rules.
 //!
-//! Run: `cargo bench --bench decode`
+//! Run: `cargo bench --bench decode`. For a profiler, one phase alone:
+//! `DECODE_ONLY=<seconds>` runs the decode loop only, `DECODE_BENCH=cp` the CP
+//! scan comparison only.
 
 use std::time::Instant;
 
@@ -47,6 +49,19 @@ fn main() {
     opts.stale_after_s = i64::MAX / 4;
     opts.future_tolerance_s = i64::MAX / 4;
     let cfg = FramerConfig::default();
+    // `DECODE_BENCH=cp`: the CP scan alone.
+    if std::env::var("DECODE_BENCH").as_deref() == Ok("cp") {
+        cp_scan(&frames);
+        return;
+    }
+    // `DECODE_ONLY=<seconds>`: nothing but the decode loop, for a profiler.
+    if let Some(secs) = std::env::var("DECODE_ONLY")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        decode_only(&frames, &opts, secs);
+        return;
+    }
     println!(
         "corpus: {} valid fixture frames, mean {:.0} bytes; stream {} MiB",
         frames.len(),
@@ -94,19 +109,8 @@ fn main() {
         stream.len() as f64 / dt / 1e6
     );
     // decode alone (frames pre-cut)
+    decode_only(&frames, &opts, 2.0);
     let sample: Vec<Bytes> = frames.iter().map(|f| Bytes::from(f.clone())).collect();
-    let t = Instant::now();
-    let mut bytes = 0usize;
-    while t.elapsed().as_secs_f64() < 2.0 {
-        for f in &sample {
-            std::hint::black_box(protocol::decode(f.clone(), &opts, &()));
-            bytes += f.len();
-        }
-    }
-    println!(
-        "decode only            {:8.1} MB/s",
-        bytes as f64 / t.elapsed().as_secs_f64() / 1e6
-    );
     // decode + JSON document (what a session does per frame besides I/O)
     let t = Instant::now();
     let mut bytes = 0usize;
@@ -126,8 +130,29 @@ fn main() {
         bytes as f64 / dt / 1e6,
         n as f64 / dt
     );
-    // The CP scan alone: the hand-written fast path and the nom rules,
-    // interleaved so that machine load hits both alike.
+    cp_scan(&frames);
+}
+
+/// Decoding alone, frames already cut, for `secs` seconds.
+fn decode_only(frames: &[Vec<u8>], opts: &Options, secs: f64) {
+    let sample: Vec<Bytes> = frames.iter().map(|f| Bytes::from(f.clone())).collect();
+    let t = Instant::now();
+    let mut bytes = 0usize;
+    while t.elapsed().as_secs_f64() < secs {
+        for f in &sample {
+            std::hint::black_box(protocol::decode(f.clone(), opts, &()));
+            bytes += f.len();
+        }
+    }
+    println!(
+        "decode only            {:8.1} MB/s",
+        bytes as f64 / t.elapsed().as_secs_f64() / 1e6
+    );
+}
+
+/// The CP scan alone: the hand-written fast path and the nom rules,
+/// interleaved so that machine load hits both alike.
+fn cp_scan(frames: &[Vec<u8>]) {
     let areas: Vec<(&[u8], usize, usize)> = frames
         .iter()
         .filter_map(|f| {

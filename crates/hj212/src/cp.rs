@@ -49,18 +49,19 @@ pub struct Pair {
 }
 
 /// Suffixes whose values are text even when they look numeric (times, ids, flags).
+///
+/// Dispatched on the length first: the common suffixes (`Rtd`, `Avg`, `Min`,
+/// `Max`, `Cou`, `ZsRtd`...) then cost one comparison of the length, and the
+/// candidates of a length are compared as fixed-size arrays, not by `memcmp`.
 fn text_suffix(s: &[u8]) -> bool {
-    matches!(
-        s,
-        b"Flag"
-            | b"EFlag"
-            | b"Info"
-            | b"SN"
-            | b"SampleTime"
-            | b"CompleteTime"
-            | b"SampleType"
-            | b"ResultType"
-    )
+    match s.len() {
+        2 => s == b"SN",
+        4 => s == b"Flag" || s == b"Info",
+        5 => s == b"EFlag",
+        10 => s == b"SampleTime" || s == b"SampleType" || s == b"ResultType",
+        12 => s == b"CompleteTime",
+        _ => false,
+    }
 }
 
 /// Classifies numeric syntax: `-?(0|[1-9][0-9]*)(\.[0-9]+)?` is JSON-safe;
@@ -778,7 +779,7 @@ mod tests {
             assert_eq!(got[5], ("Q".into(), "1".into()));
             assert_eq!(got[6], ("R".into(), "2".into()));
             assert_eq!(p.len(), 7);
-            let details: Vec<_> = f.iter().map(|f| (f.code, f.detail.as_str())).collect();
+            let details: Vec<_> = f.iter().map(|f| (f.code, &*f.detail)).collect();
             assert_eq!(
                 details,
                 [

@@ -1,6 +1,8 @@
 //! Findings: what validation noticed about a frame. They are data, not errors:
 //! a frame with findings is still stored verbatim with its verdict.
 
+use std::borrow::Cow;
+
 use serde::Serialize;
 
 /// How much a finding matters for the verdict.
@@ -34,12 +36,19 @@ pub struct Finding {
     /// Effect on the verdict.
     pub severity: Severity,
     /// Human-readable specifics (declared vs computed values, offending field).
-    pub detail: String,
+    /// Borrowed when the text is fixed: most findings of real traffic (a 2005
+    /// frame's missing Flag and QN, a 17-digit DataTime) say the same words
+    /// every time, and decoding should not allocate to say them.
+    pub detail: Cow<'static, str>,
 }
 
 impl Finding {
     /// Builds a finding.
-    pub fn new(code: &'static str, severity: Severity, detail: impl Into<String>) -> Self {
+    pub fn new(
+        code: &'static str,
+        severity: Severity,
+        detail: impl Into<Cow<'static, str>>,
+    ) -> Self {
         Finding {
             code,
             severity,

@@ -102,7 +102,7 @@ pub fn frame_doc_and_time(f: &Frame) -> (String, Option<String>) {
     let findings = f
         .findings
         .iter()
-        .map(|x| (x.code, x.severity.as_str(), x.detail.as_str()));
+        .map(|x| (x.code, x.severity.as_str(), &*x.detail));
     let doc = write_doc(f, dt.as_deref(), findings);
     (doc, dt)
 }
@@ -153,7 +153,7 @@ pub fn rebuild_frame_doc(raw: &[u8], data_time: Option<&str>, findings: &str) ->
             &f,
             data_time,
             list.iter()
-                .map(|x| (x.code.as_str(), x.severity.as_str(), x.detail.as_str())),
+                .map(|x| (x.code.as_str(), x.severity.as_str(), &*x.detail)),
         ),
         Err(_) => {
             let mut doc = write_doc(&f, data_time, std::iter::empty());
