@@ -610,6 +610,21 @@ mod tests {
         let r = Reader::open(&path).unwrap();
         assert_eq!(r.last_device_dialect("A").unwrap().as_deref(), Some("2017"));
         assert_eq!(r.last_device_dialect("Z").unwrap(), None);
+        // Later batches: a device back on a dialect the writer wrote before, one
+        // that keeps its dialect, and a new one.
+        h.append(device_frame("10.0.0.1:1", "A", "2005"))
+            .await
+            .unwrap();
+        assert_eq!(r.last_device_dialect("A").unwrap().as_deref(), Some("2005"));
+        h.append_many(vec![
+            device_frame("10.0.0.1:1", "A", "2005"),
+            device_frame("10.0.0.2:1", "B", "2025"),
+            device_frame("prov", "B", "2017"),
+        ])
+        .await
+        .unwrap();
+        assert_eq!(r.last_device_dialect("A").unwrap().as_deref(), Some("2005"));
+        assert_eq!(r.last_device_dialect("B").unwrap().as_deref(), Some("2025"));
         drop(h);
         tokio::task::spawn_blocking(move || join.join().unwrap())
             .await

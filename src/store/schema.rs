@@ -202,7 +202,20 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     EVENT_CURSORS,
     MERKLE,
     ARCHIVES,
+    DIALECTS_BY_WRITER,
 ];
+
+/// `device_dialects` kept by the writer, no longer by a trigger on `records`.
+///
+/// An `AFTER INSERT` trigger makes every record insert a statement that may write
+/// more than one row and abort part way, so SQLite opened a statement journal for
+/// each one and copied every page the insert touched into it first: the records
+/// table's last leaf and the retransmission index page, 16 KiB each, per record.
+/// That copy was a fifth of the store bench's time (`benches/README.md`). The
+/// writer now upserts the same row in the same transaction
+/// (`writer::DEVICE_DIALECT_SQL`), only for an MN it has not yet seen with that
+/// dialect, with the conditions the trigger had.
+pub(crate) const DIALECTS_BY_WRITER: &str = "DROP TRIGGER IF EXISTS records_device_dialect;";
 
 /// The Merkle tree over the records (RFC 6962) and the signed checkpoints cut from
 /// it (see [`super::merkle`]).
@@ -319,11 +332,14 @@ pub(crate) const EVENT_CURSORS: &str = r#"
 /// on `records (mn)` would answer it too, but MN-ordered index entries land on
 /// one page per device, the write amplification migration 3 -> 4 removed from the
 /// retransmission index. This table has one row per MN (a few pages for a
-/// thousand devices), is kept by a trigger in the transaction that inserts the
-/// record, and is only written when an MN is new or changes dialect: the upsert's
-/// `WHERE` leaves an unchanged row (and its page) alone. The device-peer test is
-/// the one the old query used: device peers are socket addresses, the only
-/// peers with a `:`; records a platform sent about a device carry its name.
+/// thousand devices), is kept in the transaction that inserts the record, and is
+/// only written when an MN is new or changes dialect: the upsert's `WHERE`
+/// leaves an unchanged row (and its page) alone. The device-peer test is the one
+/// the old query used: device peers are socket addresses, the only peers with a
+/// `:`; records a platform sent about a device carry its name. This step kept
+/// the table with a trigger; [`DIALECTS_BY_WRITER`] drops it (it made each
+/// record insert copy pages into a statement journal) and the writer keeps the
+/// table instead.
 ///
 /// Outside the hash chain, like cursors and alarms: derived from the records and
 /// rebuilt from them by this step's `INSERT ... SELECT` (one pass over the log,

@@ -32,6 +32,50 @@ const RETRANSMISSION_SQL: &str = "SELECT 1 FROM records \
      WHERE direction = 'in' AND kind = 'frame' AND qn IS NOT NULL AND qn <> '' \
      AND mn IS ?1 AND qn = ?2 AND cn IS ?3 LIMIT 1";
 
+/// What the `records_device_dialect` trigger did before `schema::DIALECTS_BY_WRITER`:
+/// the MN's dialect, written only when it is new or changed.
+pub(crate) const DEVICE_DIALECT_SQL: &str = "INSERT INTO device_dialects (mn, dialect) \
+     VALUES (?1, ?2) ON CONFLICT (mn) DO UPDATE SET dialect = excluded.dialect \
+     WHERE dialect <> excluded.dialect";
+
+/// Most MNs [`Dialects`] remembers. MNs come off the wire; past this many the
+/// memory starts over, which costs one upsert per device that changes nothing.
+const DIALECTS_REMEMBERED: usize = 16_384;
+
+/// The MN and dialect a record tells `device_dialects`, under the conditions the
+/// trigger had: an inbound frame with both, from a device connection (a socket
+/// address peer; a platform's request about a device carries its name).
+fn device_dialect(rec: &NewRecord) -> Option<(&str, &str)> {
+    let from_device = rec.direction == super::Direction::In
+        && rec.kind == super::Kind::Frame
+        && rec.peer.contains(':');
+    from_device
+        .then(|| Some((rec.mn.as_deref()?, rec.dialect.as_deref()?)))
+        .flatten()
+}
+
+/// What `device_dialects` holds for the MNs this writer wrote since it started
+/// (or since the memory last started over): a device that keeps its dialect
+/// costs no statement per frame. Only this writer writes the table; an entry
+/// is added after its transaction committed.
+#[derive(Default)]
+struct Dialects(std::collections::HashMap<Box<str>, Box<str>>);
+
+impl Dialects {
+    fn knows(&self, mn: &str, dialect: &str) -> bool {
+        self.0.get(mn).is_some_and(|d| **d == *dialect)
+    }
+
+    fn learn(&mut self, committed: Vec<(Box<str>, Box<str>)>) {
+        for (mn, dialect) in committed {
+            if self.0.len() >= DIALECTS_REMEMBERED && !self.0.contains_key(&mn) {
+                self.0.clear();
+            }
+            self.0.insert(mn, dialect);
+        }
+    }
+}
+
 /// Entry point of the write side.
 #[derive(Debug)]
 pub struct Store;
@@ -78,6 +122,7 @@ impl Store {
             counters: Arc::clone(&counters),
             checkpointer: Some(checkpointer),
             finished_pass: 0,
+            dialects: Dialects::default(),
         };
         let boost = writer.cfg.writer_boost;
         let thread = std::thread::Builder::new()
@@ -489,6 +534,8 @@ struct Writer {
     checkpointer: Option<Checkpointer>,
     /// The last of `Counters::complete_passes` this writer finished.
     finished_pass: u64,
+    /// What `device_dialects` holds, as far as this writer wrote it.
+    dialects: Dialects,
 }
 
 impl Writer {
@@ -752,6 +799,7 @@ impl Writer {
         let mut results = Vec::with_capacity(batch.len());
         let mut hashes = Vec::new();
         let keep = self.feed.capacity() > 0;
+        let mut learned = Vec::new();
         {
             let mut probe = tx
                 .prepare_cached(RETRANSMISSION_SQL)
@@ -777,6 +825,14 @@ impl Writer {
                                 .map(ToSqlOutput::Borrowed),
                         ))
                         .map_err(|e| ("insert a record", e))?;
+                    if let Some((mn, dialect)) = device_dialect(rec)
+                        .filter(|&(mn, dialect)| !self.dialects.knows(mn, dialect))
+                    {
+                        tx.prepare_cached(DEVICE_DIALECT_SQL)
+                            .and_then(|mut upsert| upsert.execute((mn, dialect)))
+                            .map_err(|e| ("keep the device's dialect", e))?;
+                        learned.push((mn.into(), dialect.into()));
+                    }
                     if let Some(tree) = &mut tree {
                         tree.push(leaf, |id, h| run.push(id, h));
                     }
@@ -808,6 +864,7 @@ impl Writer {
         })
         .map_err(|e| ("advance the chain head", e))?;
         tx.commit().map_err(|e| ("commit", e))?;
+        self.dialects.learn(learned);
         self.next_seq = seq;
         self.prev_hash = prev;
         self.tree = tree;
@@ -1092,6 +1149,26 @@ mod tests {
         let ops = insert_opcodes(&conn);
         assert!(ops.iter().any(|o| o == "Insert"), "{ops:?}");
         assert!(!ops.iter().any(|o| o == "OpenEphemeral"), "{ops:?}");
+    }
+
+    /// No trigger program runs per record insert, in a new log or an upgraded
+    /// one: with one, SQLite journals every page the insert touches first
+    /// (`schema::DIALECTS_BY_WRITER`).
+    #[test]
+    fn the_insert_runs_no_trigger() {
+        let dir = tempfile::tempdir().unwrap();
+        let fresh =
+            schema::open_writer(&dir.path().join("f.sqlite"), super::super::SyncMode::Off).unwrap();
+        let ops = insert_opcodes(&fresh);
+        assert!(ops.iter().any(|o| o == "Insert"), "{ops:?}");
+        assert!(!ops.iter().any(|o| o == "Program"), "{ops:?}");
+        let path = dir.path().join("old.sqlite");
+        {
+            let old = schema::file_at_version(&path, schema::latest_version() as usize - 1);
+            assert!(insert_opcodes(&old).iter().any(|o| o == "Program"));
+        }
+        let upgraded = schema::open_writer(&path, super::super::SyncMode::Off).unwrap();
+        assert!(!insert_opcodes(&upgraded).iter().any(|o| o == "Program"));
     }
 
     /// A v4 log gets the comparison form of the `verdict` CHECK in place: its rows
