@@ -42,6 +42,12 @@ pub(crate) const DEVICE_DIALECT_SQL: &str = "INSERT INTO device_dialects (mn, di
 /// memory starts over, which costs one upsert per device that changes nothing.
 const DIALECTS_REMEMBERED: usize = 16_384;
 
+/// Longest MN [`Dialects`] remembers, in bytes: the longest the decoder accepts
+/// (`field.malformed.mn` is an error past 32). A longer one, which a frame can
+/// carry up to its own size, is upserted every time instead, so the memory stays
+/// under ~1 MiB whatever the MNs.
+const DIALECT_MN_REMEMBERED: usize = 32;
+
 /// The MN and dialect a record tells `device_dialects`, under the conditions the
 /// trigger had: an inbound frame with both, from a device connection (a socket
 /// address peer; a platform's request about a device carries its name).
@@ -68,6 +74,9 @@ impl Dialects {
 
     fn learn(&mut self, committed: Vec<(Box<str>, Box<str>)>) {
         for (mn, dialect) in committed {
+            if mn.len() > DIALECT_MN_REMEMBERED {
+                continue;
+            }
             if self.0.len() >= DIALECTS_REMEMBERED && !self.0.contains_key(&mn) {
                 self.0.clear();
             }
@@ -1169,6 +1178,25 @@ mod tests {
         }
         let upgraded = schema::open_writer(&path, super::super::SyncMode::Off).unwrap();
         assert!(!insert_opcodes(&upgraded).iter().any(|o| o == "Program"));
+    }
+
+    /// The dialect memory keeps no MN longer than the decoder accepts and starts
+    /// over at its cap, so MNs off the wire cannot grow it.
+    #[test]
+    fn the_dialect_memory_is_bounded() {
+        let mut d = Dialects::default();
+        let long = "M".repeat(DIALECT_MN_REMEMBERED + 1);
+        d.learn(vec![(long.as_str().into(), "2017".into())]);
+        assert!(!d.knows(&long, "2017"));
+        d.learn(
+            (0..DIALECTS_REMEMBERED)
+                .map(|i| (format!("{i:032}").into(), "2017".into()))
+                .collect(),
+        );
+        assert_eq!(d.0.len(), DIALECTS_REMEMBERED);
+        d.learn(vec![("new".into(), "2005".into())]);
+        assert_eq!(d.0.len(), 1);
+        assert!(d.knows("new", "2005") && !d.knows("new", "2017"));
     }
 
     /// A v4 log gets the comparison form of the `verdict` CHECK in place: its rows
