@@ -254,8 +254,9 @@ pub fn crc_variant(raw: &[u8]) -> Option<CrcVariant> {
 pub fn decode(raw: Bytes, opts: &Options, devices: &dyn DeviceLookup) -> Frame {
     let mut findings = Vec::new();
     let env = envelope(&raw, opts, &mut findings);
-    let wire_seg = raw.slice(env.seg_start..env.seg_end);
-    let seg = &wire_seg[..];
+    // Borrowed from `raw`, which the frame keeps: one more reference to the
+    // shared buffer (`Bytes::slice`) is an atomic increment and decrement.
+    let seg = &raw[env.seg_start..env.seg_end];
     let cp_start = header::find_cp(seg, &mut findings);
     let header_end = cp_start.map_or(seg.len(), |c| c.key);
     let hdr = header::parse(seg, header_end, &mut findings);
@@ -270,7 +271,8 @@ pub fn decode(raw: Bytes, opts: &Options, devices: &dyn DeviceLookup) -> Frame {
     };
     let policy = profile.as_ref().and_then(|p| p.crc).unwrap_or(opts.crc);
 
-    let mut segment = wire_seg.clone();
+    // The plaintext segment, when decryption or a wrapper replaces the wire's.
+    let mut plain: Option<Bytes> = None;
     let mut encryption = None;
     let mut cp_span = None;
     let mut crc_check = None;
@@ -290,7 +292,7 @@ pub fn decode(raw: Bytes, opts: &Options, devices: &dyn DeviceLookup) -> Frame {
                             crc_check =
                                 Some(check_crc(seg, env.declared_crc, policy, &mut findings));
                         }
-                        segment = Bytes::from(w.plain);
+                        plain = Some(Bytes::from(w.plain));
                         cp_span = Some(w.cp);
                         encryption = Some(WireForm::Wrapper);
                     }
@@ -307,8 +309,8 @@ pub fn decode(raw: Bytes, opts: &Options, devices: &dyn DeviceLookup) -> Frame {
                     policy,
                     &mut findings,
                 ) {
-                    Some((plain, cp)) => {
-                        segment = Bytes::from(plain);
+                    Some((text, cp)) => {
+                        plain = Some(Bytes::from(text));
                         cp_span = Some(cp);
                     }
                     // The CRC is over plaintext we do not have: it cannot be judged.
@@ -330,6 +332,7 @@ pub fn decode(raw: Bytes, opts: &Options, devices: &dyn DeviceLookup) -> Frame {
         ));
     }
 
+    let segment = plain.unwrap_or_else(|| raw.slice(env.seg_start..env.seg_end));
     let crc_check =
         crc_check.unwrap_or_else(|| check_crc(&segment, env.declared_crc, policy, &mut findings));
 
@@ -766,7 +769,10 @@ fn decrypt(
 /// changing a byte.
 fn validate(f: &mut Frame, opts: &Options, dialect_override: Option<Dialect>) {
     let mut out = std::mem::take(&mut f.findings);
-    let seg = f.segment.clone();
+    // Moved out and back rather than cloned (an atomic increment and decrement
+    // of the shared buffer's count): the checks read the segment as `seg`,
+    // never through `f`.
+    let seg = std::mem::take(&mut f.segment);
     flag_and_dialect(f, &seg, dialect_override, &mut out);
     let is_2005 = f.dialect == Some(Dialect::V2005);
     check_qn(f, &seg, is_2005, &mut out);
@@ -776,6 +782,7 @@ fn validate(f: &mut Frame, opts: &Options, dialect_override: Option<Dialect>) {
     check_pw(f, &seg, &mut out);
     check_packet_and_rf(f, &seg, &mut out);
     device_time(f, &seg, opts, &mut out);
+    f.segment = seg;
     f.findings = out;
 }
 
@@ -1096,7 +1103,7 @@ fn device_time(f: &mut Frame, seg: &[u8], opts: &Options, out: &mut Vec<Finding>
                             time::rfc3339(t, f.data_time_ms)
                         ),
                     ));
-                } else if -delta > opts.stale_after_s && !f.rf() {
+                } else if -delta > opts.stale_after_s && field(seg, f.header.rf) != Some(b"1") {
                     out.push(Finding::new(
                         code::TIME_STALE,
                         Severity::Warning,
