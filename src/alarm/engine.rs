@@ -55,9 +55,33 @@ fn dec(x: f64) -> Decimal {
     Decimal::from_str(&format!("{x}")).unwrap_or_default()
 }
 
-/// The decimal's text read as f64 (correctly rounded), formatted on the stack: this
-/// runs for every value of every frame.
+/// Powers of ten an `f64` holds exactly (10^22 < 2^53 * 2^22; 10^23 is not exact).
+const EXACT_POW10: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+    1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+];
+
+/// The decimal's text read as f64 (correctly rounded): this runs for every value
+/// of every frame.
+///
+/// A decimal is `mantissa / 10^scale`. When both are exact in an `f64` (mantissa
+/// up to 2^53, scale up to 22) one IEEE division rounds the quotient correctly,
+/// which is what reading the text gives (Clinger's fast path, which the standard
+/// library's parser takes for such text too); the sign is the text's, negative
+/// zero included. Anything larger is formatted on the stack and parsed.
 fn to_f64(d: Decimal) -> f64 {
+    let m = d.mantissa().unsigned_abs();
+    if let Some(&p) = EXACT_POW10.get(d.scale() as usize) {
+        if m <= 1 << 53 {
+            let x = m as f64 / p;
+            return if d.is_sign_negative() { -x } else { x };
+        }
+    }
+    to_f64_by_text(d)
+}
+
+/// [`to_f64`] the long way: the decimal's text, parsed.
+fn to_f64_by_text(d: Decimal) -> f64 {
     let mut buf = StackText::default();
     if write!(buf, "{d}").is_err() {
         // Longer than any decimal's text: never happens, but stay exact if it did.
@@ -156,7 +180,9 @@ struct DeviceState {
     series: HashMap<String, Series>,
     /// Sorted by factor code: frames list a device's factors in the same order every
     /// time, and a binary search over a few short codes beats hashing each one.
-    factors: Vec<(String, FactorState)>,
+    /// Codes are inline (a factor state is ~900 bytes, so the entries are far
+    /// apart and a code on the heap cost a cache miss of its own per compare).
+    factors: Vec<(ShortText, FactorState)>,
     on: Enabled,
     /// `reference_o2` of the device, else the global one.
     reference_o2: Option<Decimal>,
@@ -167,16 +193,29 @@ struct DeviceState {
 impl DeviceState {
     /// The state of factor `f`; `None` when it is new and the device already
     /// has `cap` factors (`[alarms] max_factors_per_device`).
-    fn factor(&mut self, f: &str, cap: usize) -> Option<&mut FactorState> {
-        let i = match self.factors.binary_search_by(|(c, _)| c.as_str().cmp(f)) {
-            Ok(i) => i,
-            Err(_) if self.factors.len() >= cap => return None,
-            Err(i) => {
-                self.factors
-                    .insert(i, (f.to_owned(), FactorState::default()));
-                i
-            }
+    ///
+    /// `next` is where the previous factor of the same observation was, plus
+    /// one: an observation's factors come in code order, as they are kept here,
+    /// so the usual device (the same factors every time) is answered by one
+    /// compare at `next` instead of a binary search, whose probes each touched
+    /// another far-apart entry.
+    fn factor(&mut self, f: &str, cap: usize, next: &mut usize) -> Option<&mut FactorState> {
+        let i = match self.factors.get(*next) {
+            Some((c, _)) if c.is(f) => *next,
+            _ => match self
+                .factors
+                .binary_search_by(|(c, _)| c.as_bytes().cmp(f.as_bytes()))
+            {
+                Ok(i) => i,
+                Err(_) if self.factors.len() >= cap => return None,
+                Err(i) => {
+                    self.factors
+                        .insert(i, (ShortText::new(f), FactorState::default()));
+                    i
+                }
+            },
         };
+        *next = i + 1;
         Some(&mut self.factors[i].1)
     }
 }
@@ -570,9 +609,10 @@ impl Engine {
         }
         let suffix = if realtime { "Rtd" } else { "Avg" };
         let reference_o2 = d.reference_o2;
+        let mut next = 0;
         for vals in o.values.iter() {
             let f = vals.code();
-            let Some(st) = d.factor(f, cx.cfg.max_factors_per_device) else {
+            let Some(st) = d.factor(f, cx.cfg.max_factors_per_device, &mut next) else {
                 *untracked_factors += 1;
                 continue;
             };
@@ -645,7 +685,7 @@ impl Engine {
         let d = self.devices.get(mn)?;
         let i = d
             .factors
-            .binary_search_by(|(c, _)| c.as_str().cmp(f))
+            .binary_search_by(|(c, _)| c.as_bytes().cmp(f.as_bytes()))
             .ok()?;
         Some(&d.factors[i].1.forgery)
     }
@@ -1256,10 +1296,61 @@ mod tests {
         assert_eq!(e.evicted(), 2);
     }
 
-    /// Bounded property: thousands of observations for random MNs (some
-    /// registered, a few repeating) never leave more unregistered state than the
-    /// cap, never evict a registered device, and never raise `device.offline`
-    /// for an unregistered one.
+    /// The division fast path gives the bits reading the text gives, for
+    /// device-like values, both signs of zero, the edges of the fast path
+    /// (mantissa 2^53, scale 22) and the decimals beyond it.
+    #[test]
+    fn to_f64_is_the_decimal_text_read_as_f64() {
+        let mut cases: Vec<Decimal> = [
+            "0",
+            "-0",
+            "-0.000",
+            "1",
+            "-1",
+            "0.1",
+            "0.3",
+            "123.456",
+            "-98.7654321",
+            "9007199254740992",
+            "9007199254740993",
+            "-9007199254740992.5",
+            "0.0000000000000000000000001",
+            "1.2345678901234567890123456789",
+            "79228162514264337593543950335",
+            "-79228162514264337593543950335",
+            "0.9999999999999999999999999999",
+            "4503599627370497.5",
+        ]
+        .iter()
+        .map(|t| Decimal::from_str(t).expect(t))
+        .collect();
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..200_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Mantissas around 2^53 and below, every scale 0..=28, both signs.
+            let m = match x % 4 {
+                0 => (x >> 8) % 100_000,
+                1 => (x >> 4) & ((1 << 53) - 1),
+                2 => (1 << 53) - 2 + (x >> 60),
+                _ => x >> 1,
+            };
+            let mut d = Decimal::from_i128_with_scale(m as i128, ((x >> 40) % 29) as u32);
+            d.set_sign_negative(x & 1 == 1);
+            cases.push(d);
+        }
+        for d in cases {
+            assert_eq!(
+                to_f64(d).to_bits(),
+                to_f64_by_text(d).to_bits(),
+                "{d} (mantissa {}, scale {})",
+                d.mantissa(),
+                d.scale()
+            );
+        }
+    }
+
     /// A device inventing a new factor code in every frame keeps at most
     /// `max_factors_per_device` factors' state; the factors it has are still
     /// judged, the rest counted.
@@ -1297,6 +1388,10 @@ mod tests {
         assert!(has(&ev, "raise", "value.range"), "{ev:?}");
     }
 
+    /// Bounded property: thousands of observations for random MNs (some
+    /// registered, a few repeating) never leave more unregistered state than the
+    /// cap, never evict a registered device, and never raise `device.offline`
+    /// for an unregistered one.
     #[test]
     fn state_for_random_mns_stays_within_the_cap() {
         const CAP: usize = 50;

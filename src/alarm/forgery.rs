@@ -354,8 +354,8 @@ impl Forgery {
                 .or(g.copy_min_changes)
                 .unwrap_or(cfg.copy_min_changes),
             window,
-            raise_chi2: chi2_critical(alpha),
-            clear_chi2: chi2_critical(CLEAR_SIGNIFICANCE.max(alpha)),
+            raise_chi2: chi2_critical_memo(alpha),
+            clear_chi2: chi2_critical_memo(CLEAR_SIGNIFICANCE.max(alpha)),
             min_span: i64::from(cfg.digits_min_span),
         }
     }
@@ -712,6 +712,30 @@ fn chi2_sf(x: f64) -> f64 {
     (1.0 - p).max(0.0)
 }
 
+/// Significances whose critical values [`chi2_critical_memo`] keeps.
+const CHI2_MEMO: usize = 16;
+
+/// [`chi2_critical`], remembered: it costs 200 bisection steps, each a series
+/// of dozens of terms, and every factor of every new device asks for it (twice)
+/// with one of the few significances the configuration names. Remembers the
+/// first [`CHI2_MEMO`] significances asked for; any other is computed again.
+fn chi2_critical_memo(alpha: f64) -> f64 {
+    thread_local! {
+        static MEMO: std::cell::RefCell<Vec<(u64, f64)>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let key = alpha.to_bits();
+    MEMO.with_borrow_mut(|memo| {
+        if let Some(&(_, x)) = memo.iter().find(|(k, _)| *k == key) {
+            return x;
+        }
+        let x = chi2_critical(alpha);
+        if memo.len() < CHI2_MEMO {
+            memo.push((key, x));
+        }
+        x
+    })
+}
+
 /// The chi-square (9 df) value exceeded with probability `alpha`.
 fn chi2_critical(alpha: f64) -> f64 {
     let (mut lo, mut hi) = (0.0, 500.0);
@@ -846,6 +870,9 @@ mod tests {
             assert!((chi2_critical(p) - x).abs() < 0.01, "critical at {p}");
         }
         assert_eq!(chi2_sf(0.0), 1.0);
+        for p in [1e-6, 1e-3, 0.5, 1e-6] {
+            assert_eq!(chi2_critical_memo(p).to_bits(), chi2_critical(p).to_bits());
+        }
         assert!(chi2_sf(200.0) < 1e-30);
         assert!((chi2_critical(1e-6) - 44.6).abs() < 0.5);
     }
