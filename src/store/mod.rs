@@ -504,7 +504,8 @@ impl StoredRecord {
         if self.doc_stored { &self.doc } else { "" }
     }
 
-    /// Whether [`StoredRecord::document`] is a JSON object by construction: the
+    /// Whether [`StoredRecord::document`] is a JSON object by construction,
+    /// with the `hj212.frame.v1` keys and no others at its top level: the
     /// session's own text, or rebuilt from the raw bytes with a findings column
     /// that is JSON. A stored `doc` column, or a findings column that is not JSON
     /// (which the rebuild splices in as it is), can only have been altered in the
