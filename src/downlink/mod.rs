@@ -332,9 +332,7 @@ impl Devices {
         let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let t = &mut *guard;
         if let Some(s) = t.states.get_mut(mn) {
-            if t.unregistered.contains(mn) {
-                t.unregistered.touch(mn);
-            }
+            t.unregistered.refresh(mn);
             return f(s);
         }
         if !self.registered(mn) {
