@@ -71,24 +71,35 @@ impl Feed {
 
     /// Adds a committed batch (in seq order; empty when the feed keeps nothing) and
     /// tells the subscribers the log now ends at `last_seq`.
-    pub(crate) fn publish(&self, recs: Vec<StoredRecord>, last_seq: u64) {
+    ///
+    /// Returns the records the batch pushed out of the ring, for the caller to
+    /// drop when it suits it: freeing a record is a dozen frees of memory other
+    /// threads allocated, which the writer does after answering the appenders
+    /// rather than before, and not while readers wait for the ring's lock.
+    #[must_use = "the evicted records are dropped by the caller, after its answers"]
+    pub(crate) fn publish(&self, recs: Vec<StoredRecord>, last_seq: u64) -> Vec<Arc<StoredRecord>> {
+        let mut evicted = Vec::new();
         if self.cap > 0 && !recs.is_empty() {
+            let fresh: Vec<Arc<StoredRecord>> = recs.into_iter().map(Arc::new).collect();
             let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
             // Contiguity is what lets a reader index by seq; a gap (which the single
             // writer never produces) empties the ring instead of serving around it.
-            if ring.back().is_some_and(|b| b.seq + 1 != recs[0].seq) {
-                ring.clear();
+            if ring.back().is_some_and(|b| b.seq + 1 != fresh[0].seq) {
+                evicted.extend(ring.drain(..));
             }
-            for r in recs {
-                if ring.len() == self.cap {
-                    ring.pop_front();
-                }
-                ring.push_back(Arc::new(r));
-            }
+            let over = (ring.len() + fresh.len()).saturating_sub(self.cap);
+            let over = over.min(ring.len());
+            evicted.extend(ring.drain(..over));
+            // A batch larger than the ring keeps only its newest records.
+            let skip = fresh.len().saturating_sub(self.cap);
+            let mut fresh = fresh.into_iter();
+            evicted.extend(fresh.by_ref().take(skip));
+            ring.extend(fresh);
         }
         if last_seq != *self.last.borrow() {
             self.last.send_replace(last_seq);
         }
+        evicted
     }
 
     /// Up to `limit` records with `seq > after`, in order, when the ring reaches
@@ -208,10 +219,22 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_larger_than_the_ring_keeps_its_newest() {
+        let f = Feed::new(2);
+        let out = f.publish((1..=5).map(rec).collect(), 5);
+        assert_eq!(seqs(Some(out)), Some(vec![1, 2, 3]));
+        assert_eq!(seqs(f.read_after(3, 10)), Some(vec![4, 5]));
+        assert_eq!(seqs(f.read_after(2, 10)), None);
+        let out = f.publish(vec![rec(6)], 6);
+        assert_eq!(seqs(Some(out)), Some(vec![4]));
+        assert_eq!(seqs(f.read_after(4, 10)), Some(vec![5, 6]));
+    }
+
+    #[test]
     fn serves_only_what_it_reaches_back_to() {
         let f = Feed::new(4);
         assert_eq!(seqs(f.read_after(0, 10)), None, "empty: read SQLite");
-        f.publish((1..=3).map(rec).collect(), 3);
+        let _ = f.publish((1..=3).map(rec).collect(), 3);
         assert_eq!(seqs(f.read_after(0, 10)), Some(vec![1, 2, 3]));
         assert_eq!(seqs(f.read_after(1, 1)), Some(vec![2]));
         assert_eq!(seqs(f.read_after(3, 10)), Some(vec![]), "caught up");
@@ -220,7 +243,12 @@ mod tests {
             Some(vec![]),
             "ahead (read SQLite first)"
         );
-        f.publish((4..=6).map(rec).collect(), 6);
+        let out = f.publish((4..=6).map(rec).collect(), 6);
+        assert_eq!(
+            seqs(Some(out)),
+            Some(vec![1, 2]),
+            "handed back to the writer"
+        );
         // Holds 3..=6 now: a cursor at 1 is behind the ring.
         assert_eq!(seqs(f.read_after(1, 10)), None);
         assert_eq!(seqs(f.read_after(2, 10)), Some(vec![3, 4, 5, 6]));
@@ -230,12 +258,13 @@ mod tests {
     #[test]
     fn a_gap_empties_the_ring_and_zero_capacity_keeps_nothing() {
         let f = Feed::new(8);
-        f.publish((1..=3).map(rec).collect(), 3);
-        f.publish(vec![rec(7)], 7);
+        let _ = f.publish((1..=3).map(rec).collect(), 3);
+        let out = f.publish(vec![rec(7)], 7);
+        assert_eq!(seqs(Some(out)), Some(vec![1, 2, 3]));
         assert_eq!(seqs(f.read_after(3, 10)), None);
         assert_eq!(seqs(f.read_after(6, 10)), Some(vec![7]));
         let z = Feed::new(0);
-        z.publish(Vec::new(), 1);
+        let _ = z.publish(Vec::new(), 1);
         assert_eq!(seqs(z.read_after(0, 10)), None);
         assert_eq!(*z.subscribe().borrow(), 1, "still wakes subscribers");
     }

@@ -671,11 +671,12 @@ impl Writer {
                     }
                     answers.push((job.reply, res));
                 }
-                self.feed.publish(committed, self.next_seq - 1);
+                let evicted = self.feed.publish(committed, self.next_seq - 1);
                 for (reply, res) in answers {
                     // The waiter may have given up; the record is committed regardless.
                     let _ = reply.send(Ok(res));
                 }
+                drop(evicted);
                 self.finish_checkpoint();
             }
             Err((op, err)) => {
