@@ -1324,6 +1324,12 @@ mod tests {
         .iter()
         .map(|t| Decimal::from_str(t).expect(t))
         .collect();
+        // Negative zeros of every scale.
+        for scale in 0..=28 {
+            let mut z = Decimal::new(0, scale);
+            z.set_sign_negative(true);
+            cases.push(z);
+        }
         let mut x = 0x9E37_79B9_7F4A_7C15u64;
         for _ in 0..200_000 {
             x ^= x << 13;
@@ -1349,6 +1355,64 @@ mod tests {
                 d.scale()
             );
         }
+    }
+
+    /// The cursor gives each code its own state, as the binary search alone did:
+    /// codes inserted between known ones, codes left out, codes out of order,
+    /// and the cap reached partway through an observation.
+    #[test]
+    fn the_factor_cursor_finds_each_codes_own_state() {
+        // Each state is tagged with its code's number when created.
+        let tag = |c: &str| c.bytes().fold(0i64, |h, b| h * 131 + i64::from(b));
+        let walk = |d: &mut DeviceState, codes: &[&str], cap: usize| -> usize {
+            let mut next = 0;
+            let mut refused = 0;
+            for c in codes {
+                match d.factor(c, cap, &mut next) {
+                    Some(st) => {
+                        let (t, _) = *st.flag_since.get_or_insert((tag(c), 0));
+                        assert_eq!(t, tag(c), "{c} got another code's state");
+                    }
+                    None => refused += 1,
+                }
+            }
+            assert!(d.factors.len() <= cap);
+            assert!(
+                d.factors
+                    .windows(2)
+                    .all(|w| w[0].0.as_bytes() < w[1].0.as_bytes()),
+                "sorted, unique"
+            );
+            refused
+        };
+        let mut d = DeviceState::default();
+        assert_eq!(walk(&mut d, &["b", "d"], 6), 0);
+        assert_eq!(walk(&mut d, &["a", "b", "c", "d", "e"], 6), 0);
+        assert_eq!(walk(&mut d, &["b", "e"], 6), 0);
+        assert_eq!(walk(&mut d, &["e", "a", "c"], 6), 0);
+        assert_eq!(
+            walk(&mut d, &["a", "b", "c", "d", "e", "f", "g", "h"], 6),
+            2
+        );
+        assert_eq!(d.factors.len(), 6);
+        let mut x = 7u64;
+        let pool = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"];
+        for _ in 0..2_000 {
+            let mut codes = Vec::new();
+            for c in pool {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                if x >> 62 != 0 {
+                    codes.push(c);
+                }
+            }
+            if x & 1 == 1 {
+                codes.reverse();
+            }
+            walk(&mut d, &codes, 8);
+        }
+        assert_eq!(d.factors.len(), 8);
     }
 
     /// A device inventing a new factor code in every frame keeps at most

@@ -154,26 +154,33 @@ const ADDED: [&str; 9] = [
 ];
 
 /// The same JSON object as [`export_record_json`] without `raw`/`raw_b64`, built by
-/// appending the record's fields to the stored doc text. `None` (use the general
-/// path) unless the doc is a valid JSON object none of whose text names an added
-/// field, so the result can neither differ from the export nor repeat a key.
-/// `doc` is the record's document: only one read from the file's `doc` column
-/// is parsed to prove it valid (one this process wrote is valid by
-/// construction, and the proof was a full JSON parse of every record drained).
+/// appending the record's fields to the document's text, so the result can
+/// neither differ from the export nor repeat a key. `None` (use the general
+/// path) when that cannot be shown for `doc`, the record's document.
+///
+/// A document this process wrote (`StoredRecord::document_is_ours`) is valid
+/// JSON with the `hj212.frame.v1` keys and no others at its top level: it is
+/// spliced as it is (a key of an added name deeper in, a factor code from the
+/// wire, does not matter). Looking for the added names in it anyway was nine
+/// scans of every published document, a quarter of the publisher's own CPU per
+/// frame; proving it valid was a full JSON parse of every record drained. Text
+/// from the file must be valid JSON and name no added field anywhere.
 fn spliced_payload(rec: &StoredRecord, doc: &str) -> Option<Vec<u8>> {
     if doc.len() < 2 || !doc.starts_with('{') || !doc.ends_with('}') {
         return None;
     }
-    // A document of ours has the `hj212.frame.v1` keys at its top level and no
-    // other, so what is added cannot repeat one of them; a key of that name
-    // deeper in (a factor code from the wire) does not matter. Looking for the
-    // names anyway was nine scans of every published document, a quarter of
-    // the publisher's own CPU per frame.
     if !rec.document_is_ours() {
         if ADDED.iter().any(|k| doc.contains(k)) {
             return None;
         }
-        serde_json::from_str::<serde::de::IgnoredAny>(doc).ok()?;
+        // `IgnoredAny` does not decode `\u` escapes, so it takes a lone
+        // surrogate (`\ud800`), which no JSON reader accepts in a string:
+        // text with escapes is read whole.
+        if doc.contains("\\u") {
+            serde_json::from_str::<Value>(doc).ok()?;
+        } else {
+            serde_json::from_str::<serde::de::IgnoredAny>(doc).ok()?;
+        }
     }
     let mut out = Vec::with_capacity(doc.len() + 192);
     out.extend_from_slice(&doc.as_bytes()[..doc.len() - 1]);
@@ -415,6 +422,35 @@ mod tests {
         let got: Value = serde_json::from_slice(&p.payload).unwrap();
         assert_eq!(got["values"]["seq"]["Rtd"].to_string(), "1.5");
         assert_eq!(got["seq"], serde_json::json!(r.seq));
+    }
+
+    /// Text from the file is spliced only when it is valid JSON that names no
+    /// added field: a findings column altered into another array (with a
+    /// repeated key), or a stored document holding a lone surrogate, takes the
+    /// export path, and the payload is still the export object.
+    #[test]
+    fn altered_text_from_the_file_takes_the_export_path() {
+        let raw = crate::protocol::reply::envelope(
+            b"QN=20261128130501001;ST=32;CN=2011;PW=123456;MN=M1;Flag=5;\
+              CP=&&DataTime=20261128130501;a01012-Rtd=12.50&&",
+        );
+        let mut r = rec("");
+        r.raw = raw.to_vec();
+        r.doc_stored = false;
+        r.findings = r#"[{"seq":1,"seq":2}]"#.into();
+        assert!(!r.document_is_ours());
+        let p = plan(&r, &opts(false)).unwrap();
+        let mut want = export_record_json(&r);
+        want.shift_remove("raw");
+        want.shift_remove("raw_b64");
+        let got: Value = serde_json::from_slice(&p.payload).unwrap();
+        assert_eq!(got, Value::Object(want));
+        assert_eq!(got["findings"], serde_json::json!([{ "seq": 2 }]));
+
+        let r = rec(r#"{"schema":"hj212.frame.v1","info":"\ud800"}"#);
+        let p = plan(&r, &opts(false)).unwrap();
+        let got: Value = serde_json::from_slice(&p.payload).expect("a JSON payload");
+        assert_eq!(got["seq"], serde_json::json!(42));
     }
 
     /// A frame read back without its document (rebuilt, not parsed to prove it

@@ -504,17 +504,16 @@ impl StoredRecord {
         if self.doc_stored { &self.doc } else { "" }
     }
 
-    /// Whether [`StoredRecord::document`] is a JSON object by construction,
-    /// with the `hj212.frame.v1` keys and no others at its top level: the
-    /// session's own text, or rebuilt from the raw bytes with a findings column
-    /// that is JSON. A stored `doc` column, or a findings column that is not JSON
-    /// (which the rebuild splices in as it is), can only have been altered in the
-    /// file, and is not.
+    /// Whether [`StoredRecord::document`] is text this process wrote throughout
+    /// (`protocol::json`), hence a valid JSON object with the `hj212.frame.v1`
+    /// keys and no others at its top level: the session's own document, or one
+    /// rebuilt from the raw bytes with a findings column the rebuild rewrites.
+    /// A stored `doc` column, or a findings column that is not an array of
+    /// findings (which the rebuild splices in as it is), is text from the file,
+    /// which may have been altered, and is not.
     pub fn document_is_ours(&self) -> bool {
         !self.doc_stored
-            && (!self.doc.is_empty()
-                || self.findings == "[]"
-                || serde_json::from_str::<serde::de::IgnoredAny>(&self.findings).is_ok())
+            && (!self.doc.is_empty() || crate::protocol::json::findings_rewritten(&self.findings))
     }
 }
 

@@ -133,12 +133,6 @@ pub fn doc_rebuildable(f: &Frame) -> bool {
 /// ingest (the stored array was written by serde_json, which escapes two control
 /// characters differently); an array that does not parse is spliced as it is.
 pub fn rebuild_frame_doc(raw: &[u8], data_time: Option<&str>, findings: &str) -> String {
-    #[derive(serde::Deserialize)]
-    struct Stored {
-        code: String,
-        severity: String,
-        detail: String,
-    }
     let epoch = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
     let f = super::frame::decode(
         bytes::Bytes::copy_from_slice(raw),
@@ -148,7 +142,7 @@ pub fn rebuild_frame_doc(raw: &[u8], data_time: Option<&str>, findings: &str) ->
     if findings == "[]" {
         return write_doc(&f, data_time, std::iter::empty());
     }
-    match serde_json::from_str::<Vec<Stored>>(findings) {
+    match serde_json::from_str::<Vec<StoredFinding>>(findings) {
         Ok(list) => write_doc(
             &f,
             data_time,
@@ -163,6 +157,22 @@ pub fn rebuild_frame_doc(raw: &[u8], data_time: Option<&str>, findings: &str) ->
             doc
         }
     }
+}
+
+/// One finding as the frame log's `findings` column holds it.
+#[derive(serde::Deserialize)]
+struct StoredFinding {
+    code: String,
+    severity: String,
+    detail: String,
+}
+
+/// Whether [`rebuild_frame_doc`] writes `findings` into the document itself
+/// (an array of findings as the log stores them), rather than splicing the
+/// text in as it is (anything else, which only an altered file holds). A
+/// document rebuilt with findings it writes is this module's text throughout.
+pub fn findings_rewritten(findings: &str) -> bool {
+    findings == "[]" || serde_json::from_str::<Vec<StoredFinding>>(findings).is_ok()
 }
 
 /// The document of `f` with `dt` as its `data_time` and `findings` as
