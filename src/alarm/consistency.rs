@@ -391,19 +391,7 @@ impl DeviceCons {
 
     /// [`Self::factor`]'s index.
     fn index(&mut self, code: &str, cap: usize) -> Option<usize> {
-        let i = match self
-            .factors
-            .binary_search_by(|(c, _)| c.as_bytes().cmp(code.as_bytes()))
-        {
-            Ok(i) => i,
-            Err(_) if self.factors.len() >= cap => return None,
-            Err(i) => {
-                self.factors
-                    .insert(i, (ShortText::new(code), FactorCons::default()));
-                i
-            }
-        };
-        Some(i)
+        super::values::find_or_insert(&mut self.factors, code, cap, None)
     }
 
     /// The device's minute interval: configured, else learned.

@@ -200,21 +200,7 @@ impl DeviceState {
     /// compare at `next` instead of a binary search, whose probes each touched
     /// another far-apart entry.
     fn factor(&mut self, f: &str, cap: usize, next: &mut usize) -> Option<&mut FactorState> {
-        let i = match self.factors.get(*next) {
-            Some((c, _)) if c.is(f) => *next,
-            _ => match self
-                .factors
-                .binary_search_by(|(c, _)| c.as_bytes().cmp(f.as_bytes()))
-            {
-                Ok(i) => i,
-                Err(_) if self.factors.len() >= cap => return None,
-                Err(i) => {
-                    self.factors
-                        .insert(i, (ShortText::new(f), FactorState::default()));
-                    i
-                }
-            },
-        };
+        let i = super::values::find_or_insert(&mut self.factors, f, cap, Some(*next))?;
         *next = i + 1;
         Some(&mut self.factors[i].1)
     }

@@ -115,6 +115,30 @@ impl fmt::Display for ShortText {
     }
 }
 
+/// The index of `code` in `entries` (sorted by code, bytewise, as `str`
+/// orders), inserting a default entry in its place when it is new; `None`
+/// when it is new and `entries` holds `cap` already. `hint` is where it
+/// probably is (the detectors visit a device's factors in code order, the
+/// same ones every time): checked with one compare before searching.
+pub(super) fn find_or_insert<T: Default>(
+    entries: &mut Vec<(ShortText, T)>,
+    code: &str,
+    cap: usize,
+    hint: Option<usize>,
+) -> Option<usize> {
+    if let Some(h) = hint.filter(|&h| entries.get(h).is_some_and(|(c, _)| c.is(code))) {
+        return Some(h);
+    }
+    match entries.binary_search_by(|(c, _)| c.as_bytes().cmp(code.as_bytes())) {
+        Ok(i) => Some(i),
+        Err(_) if entries.len() >= cap => None,
+        Err(i) => {
+            entries.insert(i, (ShortText::new(code), T::default()));
+            Some(i)
+        }
+    }
+}
+
 /// One factor's place in [`Values::vals`].
 #[derive(Debug, Clone)]
 struct Span {

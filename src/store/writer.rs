@@ -1150,13 +1150,17 @@ mod tests {
         assert_eq!(n, 1);
     }
 
+    /// The record insert's opcodes in a new log under `dir`.
+    fn fresh_insert_opcodes(dir: &std::path::Path) -> Vec<String> {
+        let conn = schema::open_writer(&dir.join("f.sqlite"), super::super::SyncMode::Off).unwrap();
+        insert_opcodes(&conn)
+    }
+
     /// No temporary B-tree per row: the `verdict` CHECK is plain comparisons.
     #[test]
     fn the_insert_builds_no_temporary_btree() {
         let dir = tempfile::tempdir().unwrap();
-        let conn =
-            schema::open_writer(&dir.path().join("f.sqlite"), super::super::SyncMode::Off).unwrap();
-        let ops = insert_opcodes(&conn);
+        let ops = fresh_insert_opcodes(dir.path());
         assert!(ops.iter().any(|o| o == "Insert"), "{ops:?}");
         assert!(!ops.iter().any(|o| o == "OpenEphemeral"), "{ops:?}");
     }
@@ -1167,9 +1171,7 @@ mod tests {
     #[test]
     fn the_insert_runs_no_trigger() {
         let dir = tempfile::tempdir().unwrap();
-        let fresh =
-            schema::open_writer(&dir.path().join("f.sqlite"), super::super::SyncMode::Off).unwrap();
-        let ops = insert_opcodes(&fresh);
+        let ops = fresh_insert_opcodes(dir.path());
         assert!(ops.iter().any(|o| o == "Insert"), "{ops:?}");
         assert!(!ops.iter().any(|o| o == "Program"), "{ops:?}");
         let path = dir.path().join("old.sqlite");
