@@ -4,7 +4,12 @@
 //! and turned into the stored JSON document as a session does.
 //!
 //! Measures, per record, in the steady state (every device's windows full):
-//! - `from_record`: `Obs::from_record` (stored doc and findings text -> observation);
+//! - `from_record`: `Obs::from_record` on a record of the commit feed (the
+//!   session's document and findings text -> observation);
+//! - `from_file`: `Obs::from_record` on the same record read back from the log,
+//!   which keeps it without its document (the raw bytes decoded again);
+//!   `from_file-doc` the same records the way the detector read them before
+//!   issue 23 session 16: the document rebuilt from the raw bytes, then read;
 //! - `observe`: `Engine::observe` on a ready observation;
 //! - `feed`: `Feeder::feed`, what the detector task does per record (both of the above
 //!   plus the clock tick);
@@ -166,7 +171,7 @@ fn hist() -> Histogram<u64> {
 /// Per-record ns of a whole round (the round's time / its records): one sample per round.
 fn report(name: &str, h: &Histogram<u64>, total: Duration, n: u64) {
     println!(
-        "{name:12} {:8.0} ns/record (mean)  per-round p50 {:6} p90 {:6} p99 {:6} max {:6} ns/record",
+        "{name:13} {:8.0} ns/record (mean)  per-round p50 {:6} p90 {:6} p99 {:6} max {:6} ns/record",
         total.as_nanos() as f64 / n as f64,
         h.value_at_quantile(0.5),
         h.value_at_quantile(0.9),
@@ -225,6 +230,8 @@ fn main() {
     let (mut h_parse, mut h_obs, mut h_feed) = (hist(), hist(), hist());
     let (mut t_parse, mut t_obs, mut t_feed) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     let (mut h_old, mut t_old) = (hist(), Duration::ZERO);
+    let (mut h_file, mut t_file) = (hist(), Duration::ZERO);
+    let (mut h_file_doc, mut t_file_doc) = (hist(), Duration::ZERO);
     let (mut h_without, mut t_without) = (hist(), Duration::ZERO);
     let mut events: Vec<AlarmEvent> = Vec::new();
     let mut measured = 0u64;
@@ -242,6 +249,48 @@ fn main() {
         if warm {
             t_parse += dt;
             h_parse.record(dt.as_nanos() as u64 / n).expect("in range");
+        }
+
+        // As the log's reader hands them over: no document column.
+        let file: Vec<StoredRecord> = recs
+            .iter()
+            .map(|r| {
+                let r = r.clone().as_read_back();
+                assert!(
+                    r.document_rebuilt(),
+                    "a plain frame is kept without its document"
+                );
+                r
+            })
+            .collect();
+        // The two ways in turn, the first alternating by round.
+        for decoded in [round % 2 == 0, round % 2 == 1] {
+            let t = Instant::now();
+            for r in &file {
+                let o = if decoded {
+                    Obs::from_record(r, false)
+                } else {
+                    Obs::from_doc(
+                        r.seq,
+                        r.received_at_ms,
+                        &r.document(),
+                        &r.findings,
+                        r.duplicate,
+                        false,
+                    )
+                };
+                std::hint::black_box(o.expect("accepted inbound frame"));
+            }
+            let dt = t.elapsed();
+            if warm {
+                let (t_sum, h) = if decoded {
+                    (&mut t_file, &mut h_file)
+                } else {
+                    (&mut t_file_doc, &mut h_file_doc)
+                };
+                *t_sum += dt;
+                h.record(dt.as_nanos() as u64 / n).expect("in range");
+            }
         }
 
         // Both engines in turn, the first of them alternating by round: the
@@ -303,6 +352,8 @@ fn main() {
         println!("  event: {:?}", e.key());
     }
     report("from_record", &h_parse, t_parse, measured);
+    report("from_file", &h_file, t_file, measured);
+    report("from_file-doc", &h_file_doc, t_file_doc, measured);
     report("observe", &h_obs, t_obs, measured);
     report("observe-w/o", &h_without, t_without, measured);
     println!(

@@ -27,6 +27,9 @@ use serde::de::{
 };
 use serde_json::value::RawValue;
 
+use crate::protocol::cp::ValueKind;
+use crate::protocol::{Frame, json};
+
 use super::Val;
 use super::values::{ShortText, Values};
 
@@ -42,6 +45,40 @@ pub(super) struct DocFields {
 }
 
 impl DocFields {
+    /// What [`DocFields::parse`] reads from the document that
+    /// `protocol::json::rebuild_frame_doc(raw, data_time, findings)` writes, for
+    /// a frame decoded as that rebuild decodes it
+    /// ([`json::decode_for_rebuild`]) and a findings column it rewrites
+    /// ([`json::findings_rewritten`]; the findings are no field of these): the
+    /// same fields without writing the document's text and reading it back. The
+    /// values walk the document's own layout ([`json::visit_values`]); each
+    /// value is read as the document's JSON would be (a test holds both paths
+    /// to the same fields). `None` for the rare frame whose factor code or
+    /// suffix is spelled as serde_json's private number key, which the text
+    /// reading treats specially: its caller reads the document instead.
+    pub(super) fn of_rebuilt(f: &Frame, data_time: Option<&str>) -> Option<DocFields> {
+        let mut values = Values::default();
+        let mut walk = FrameValues {
+            values: &mut values,
+            start: 0,
+            code: ShortText::new(""),
+            odd: false,
+            loose: String::new(),
+        };
+        json::visit_values(f, &mut walk);
+        if walk.odd {
+            return None;
+        }
+        values.sort();
+        Some(DocFields {
+            mn: f.mn().map(str::to_owned),
+            cn: f.cn().map(str::to_owned),
+            data_time_ms: data_time.and_then(rfc3339_ms),
+            rf: f.rf(),
+            values,
+        })
+    }
+
     /// `None` if `doc` is not a JSON object.
     pub(super) fn parse(doc: &str) -> Option<DocFields> {
         let mut de = serde_json::Deserializer::from_str(doc);
@@ -390,6 +427,47 @@ impl Fields for ValuesFields<'_> {
     }
 }
 
+/// [`json::visit_values`] building [`Values`] as [`ValuesFields`] builds them
+/// from the document's text.
+struct FrameValues<'a> {
+    values: &'a mut Values,
+    start: usize,
+    code: ShortText,
+    /// A code or suffix is spelled as serde_json's private number key, which
+    /// the text reading treats specially (see [`number_key`]).
+    odd: bool,
+    /// Scratch for a loose number's normalised text.
+    loose: String,
+}
+
+impl json::ValuesVisitor for FrameValues<'_> {
+    fn factor(&mut self, code: &str) {
+        self.odd |= code == number_key();
+        self.start = self.values.begin_factor();
+        self.code = ShortText::new(code);
+    }
+
+    fn value(&mut self, suffix: &str, kind: ValueKind, text: &str) {
+        self.odd |= suffix == number_key();
+        // As `raw_leaf` reads what the document writes for each kind.
+        let val = match kind {
+            ValueKind::Number => number(text).map(Val::Num),
+            ValueKind::LooseNumber => {
+                self.loose.clear();
+                json::normalise_number(&mut self.loose, text);
+                number(&self.loose).map(Val::Num)
+            }
+            ValueKind::Text => Some(Val::Text(ShortText::new(text))),
+        };
+        self.values.put(self.start, ShortText::new(suffix), val);
+    }
+
+    fn end_factor(&mut self) {
+        let code = std::mem::replace(&mut self.code, ShortText::new(""));
+        self.values.end_factor(code, self.start, true);
+    }
+}
+
 /// The `code`s of a findings array text, as the `Value` path read them: an
 /// element that is not an object, or whose (last) `code` is not a string, is left
 /// out; anything but an array reads as none. Read in place: a frame with a finding
@@ -709,5 +787,158 @@ mod tests {
         ] {
             same(r#"{"mn":"M1"}"#, findings);
         }
+    }
+
+    /// `raw` received now as an accepted inbound frame, as the file holds it:
+    /// without its document when the log keeps none.
+    fn as_read_back(raw: &[u8]) -> crate::store::StoredRecord {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-12-07T04:00:00Z")
+            .unwrap()
+            .to_utc();
+        let f = protocol::decode(Bytes::copy_from_slice(raw), &Options::new(now), &());
+        let rec = crate::ingest::frame_record(
+            &f,
+            "10.0.0.1:1",
+            1,
+            crate::store::Direction::In,
+            now.timestamp_millis(),
+            true,
+        );
+        crate::store::StoredRecord::committed(
+            rec,
+            crate::store::Appended {
+                seq: 7,
+                duplicate: false,
+            },
+            [0; 32],
+        )
+        .as_read_back()
+    }
+
+    /// A segment in a frame with the right length and CRC.
+    fn framed(segment: &[u8]) -> Vec<u8> {
+        protocol::reply::envelope(segment).to_vec()
+    }
+
+    /// `Obs::from_record` on a frame read back without its document takes the
+    /// frame's fields from a decode ([`DocFields::of_rebuilt`]) instead of
+    /// rebuilding the document and reading it: the observation must be the one
+    /// the rebuilt document gives, for every fixture frame, for values the
+    /// fixtures lack, and for generated CP areas of every kind of value.
+    #[test]
+    fn frames_read_back_observe_as_their_rebuilt_documents() {
+        let head = "QN=20261207120000001;ST=22;CN=2011;PW=123456;MN=010000A8900016F000169DC0;Flag=4;CP=&&DataTime=20261207115959;";
+        let mut frames: Vec<Vec<u8>> = protocol::fixture_frames();
+        let odd: &[&[u8]] = &[
+            // Loose numbers, exponents, repeated suffixes and codes, numbers no
+            // decimal holds, negative zeros, texts with JSON escapes.
+            b"a01012-Rtd=+007.50,a01012-Flag=N;a01011-Rtd=1e3,a01012-Rtd=12.0,a01012-Flag=D;a34013-Rtd=99999999999999999999999999999999999,a34013-Rtd=5;w01018-Info=a\"b\\c\td;a21026-Rtd=-0,a21026-Min=-0.00,a21026-Max=.5,a21026-Avg=-.5,a21026-Cou=1.",
+            b"a34013-Avg=5,a34013-Avg=99999999999999999999999999999999999;a01012-Avg=00012;a01012-Avg=",
+            // Codes and suffixes that differ only in invalid UTF-8: one key in the
+            // document, so the last factor counts.
+            b"a\xff-Rtd=1,a\xfe-Rtd=2;b-R\xfftd=3,b-R\xfetd=4;c\xc3-Rtd=5",
+            // serde_json's private number key as a code and as a suffix.
+            b"$serde_json::private::Number-Rtd=1;a-Rtd=2",
+            b"a-$serde_json::private::Number=1,a-Rtd=2",
+            // Long codes, suffixes and texts (off the inline storage).
+            b"a_non_standard_factor_code_x-SampleTime_or_some_longer_suffix=a text longer than twenty-two bytes;a-Info=0123456789012345678901234",
+        ];
+        for cp in odd {
+            let mut seg = head.as_bytes().to_vec();
+            seg.extend_from_slice(cp);
+            seg.extend_from_slice(b"&&");
+            frames.push(framed(&seg));
+        }
+        // Generated CP areas: codes, suffixes and values from small alphabets
+        // that collide often.
+        let mut rng = 0x2026_1207_u64;
+        let mut next = |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let codes: &[&[u8]] = &[
+            b"a01012", b"a34013", b"w01018", b"a\xff", b"a\xfe", b"a01012",
+        ];
+        let suffixes: &[&[u8]] = &[
+            b"Rtd",
+            b"Flag",
+            b"Avg",
+            b"Min",
+            b"Max",
+            b"Cou",
+            b"SampleTime",
+        ];
+        let values: &[&[u8]] = &[
+            b"12.50",
+            b"+1",
+            b"007",
+            b".5",
+            b"1.",
+            b"-0",
+            b"-0.0",
+            b"1e3",
+            b"1E-2",
+            b"N",
+            b"D",
+            b"20261207115959",
+            b"x\"y",
+            b"q\"",
+            b"\\",
+            b"",
+            b"99999999999999999999999999999999",
+            b"-7",
+            b"18446744073709551616",
+            b"\xe4\xb8\xad",
+        ];
+        for _ in 0..2000 {
+            let mut seg = head.as_bytes().to_vec();
+            for g in 0..1 + next(4) {
+                if g > 0 {
+                    seg.push(b';');
+                }
+                for k in 0..1 + next(4) {
+                    if k > 0 {
+                        seg.push(b',');
+                    }
+                    seg.extend_from_slice(codes[next(codes.len() as u64) as usize]);
+                    seg.push(b'-');
+                    seg.extend_from_slice(suffixes[next(suffixes.len() as u64) as usize]);
+                    seg.push(b'=');
+                    seg.extend_from_slice(values[next(values.len() as u64) as usize]);
+                }
+            }
+            seg.extend_from_slice(b"&&");
+            frames.push(framed(&seg));
+        }
+        let mut decoded = 0;
+        for raw in &frames {
+            let r = as_read_back(raw);
+            let by_doc = Obs::from_doc(
+                r.seq,
+                r.received_at_ms,
+                &r.document(),
+                &r.findings,
+                false,
+                false,
+            );
+            let by_frame = Obs::from_record(&r, false);
+            assert_eq!(
+                format!("{:?}", by_frame.map(plain)),
+                format!("{:?}", by_doc.map(plain)),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+            if r.document_rebuilt()
+                && DocFields::of_rebuilt(&json::decode_for_rebuild(&r.raw), None).is_some()
+            {
+                decoded += 1;
+            }
+        }
+        assert!(
+            decoded > 1900,
+            "only {decoded} frames took the decoded path"
+        );
     }
 }

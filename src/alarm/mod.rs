@@ -97,6 +97,24 @@ impl Obs {
         if r.direction != Direction::In || r.kind != Kind::Frame || r.verdict != Verdict::Accepted {
             return None;
         }
+        // A frame read back from the file without its document: the fields come
+        // from the frame decoded as the rebuild would decode it, without writing
+        // the document and reading it back (the rebuild and the read were most of
+        // the detector's work whenever it read the file: behind the commit feed,
+        // at saturation and after a restart).
+        if r.document_rebuilt() && crate::protocol::json::findings_rewritten(&r.findings) {
+            let f = crate::protocol::json::decode_for_rebuild(&r.raw);
+            if let Some(fields) = doc::DocFields::of_rebuilt(&f, r.data_time.as_deref()) {
+                return Obs::from_fields(
+                    r.seq,
+                    r.received_at_ms,
+                    fields,
+                    &r.findings,
+                    r.duplicate,
+                    video,
+                );
+            }
+        }
         Obs::from_doc(
             r.seq,
             r.received_at_ms,
@@ -118,7 +136,24 @@ impl Obs {
         duplicate: bool,
         video: bool,
     ) -> Option<Obs> {
-        let doc = doc::DocFields::parse(doc)?;
+        Obs::from_fields(
+            seq,
+            received_ms,
+            doc::DocFields::parse(doc)?,
+            findings,
+            duplicate,
+            video,
+        )
+    }
+
+    fn from_fields(
+        seq: u64,
+        received_ms: i64,
+        doc: doc::DocFields,
+        findings: &str,
+        duplicate: bool,
+        video: bool,
+    ) -> Option<Obs> {
         let mn = doc.mn.filter(|m| !m.is_empty())?;
         let findings = doc::finding_codes(findings);
         Some(Obs {

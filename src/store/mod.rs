@@ -480,7 +480,7 @@ impl StoredRecord {
     /// document and that did not come through the feed, it is rebuilt from the
     /// raw bytes here, at each call: callers take it once per record.
     pub fn document(&self) -> std::borrow::Cow<'_, str> {
-        if self.doc_stored || !self.doc.is_empty() {
+        if !self.document_rebuilt() {
             std::borrow::Cow::Borrowed(&self.doc)
         } else {
             std::borrow::Cow::Owned(crate::protocol::json::rebuild_frame_doc(
@@ -489,6 +489,23 @@ impl StoredRecord {
                 &self.findings,
             ))
         }
+    }
+
+    /// The record as the log's reader hands it back: a frame the log keeps
+    /// without its document comes without it (its document is rebuilt on
+    /// demand). For benches and tests of the consumers' read-back path.
+    #[doc(hidden)]
+    pub fn as_read_back(mut self) -> StoredRecord {
+        if !self.doc_stored {
+            self.doc.clear();
+        }
+        self
+    }
+
+    /// Whether [`StoredRecord::document`] rebuilds the document from the raw
+    /// bytes (a frame kept without it, read from the file).
+    pub fn document_rebuilt(&self) -> bool {
+        !self.doc_stored && self.doc.is_empty()
     }
 
     /// Whether the record has a document: false only for one stored with an empty

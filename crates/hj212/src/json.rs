@@ -133,12 +133,7 @@ pub fn doc_rebuildable(f: &Frame) -> bool {
 /// ingest (the stored array was written by serde_json, which escapes two control
 /// characters differently); an array that does not parse is spliced as it is.
 pub fn rebuild_frame_doc(raw: &[u8], data_time: Option<&str>, findings: &str) -> String {
-    let epoch = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
-    let f = super::frame::decode(
-        bytes::Bytes::copy_from_slice(raw),
-        &super::frame::Options::new(epoch),
-        &(),
-    );
+    let f = decode_for_rebuild(raw);
     if findings == "[]" {
         return write_doc(&f, data_time, std::iter::empty());
     }
@@ -157,6 +152,18 @@ pub fn rebuild_frame_doc(raw: &[u8], data_time: Option<&str>, findings: &str) ->
             doc
         }
     }
+}
+
+/// `raw` decoded as [`rebuild_frame_doc`] decodes it: with default options, so
+/// the frame's fields and values are those of the document it rebuilds (see
+/// there). For consumers that want those values without the document's text.
+pub fn decode_for_rebuild(raw: &[u8]) -> Frame {
+    let epoch = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
+    super::frame::decode(
+        bytes::Bytes::copy_from_slice(raw),
+        &super::frame::Options::new(epoch),
+        &(),
+    )
 }
 
 /// One finding as the frame log's `findings` column holds it.
@@ -200,58 +207,15 @@ fn write_doc<'a>(
     push_opt(&mut out, "data_time", dt);
     push_opt(&mut out, "encryption", f.encryption.map(|e| e.as_str()));
 
-    // values: factor code -> suffix -> value, codes in first-seen order; a
-    // repeated key keeps its last value (the duplicate is a finding). Items are
-    // ranked by their code's first appearance and sorted, which keeps each
-    // code's items in frame order.
     out.push_str("\"values\":{");
-    let mut codes: Vec<&[u8]> = Vec::new();
-    let mut items: Vec<(usize, usize)> = Vec::with_capacity(f.pairs.len());
-    for (i, p) in f.pairs.iter().enumerate() {
-        if let (Some(c), Some(_)) = (p.code, p.suffix) {
-            let c = f.bytes(c);
-            // A code's items are usually adjacent: try the last code first.
-            let rank = if codes.last() == Some(&c) {
-                codes.len() - 1
-            } else if let Some(r) = codes.iter().position(|k| *k == c) {
-                r
-            } else {
-                codes.push(c);
-                codes.len() - 1
-            };
-            items.push((rank, i));
-        }
-    }
-    items.sort_unstable();
-    let suffix = |i: usize| f.bytes(f.pairs[i].suffix.expect("an item has a suffix"));
-    for (rank, group) in items.chunk_by(|a, b| a.0 == b.0).enumerate() {
-        if rank > 0 {
-            out.push(',');
-        }
-        push_str(&mut out, &lossy(codes[group[0].0]));
-        out.push_str(":{");
-        let mut first = true;
-        for (j, &(_, i)) in group.iter().enumerate() {
-            let sfx = suffix(i);
-            if group[j + 1..].iter().any(|&(_, k)| suffix(k) == sfx) {
-                continue;
-            }
-            if !first {
-                out.push(',');
-            }
-            first = false;
-            push_str(&mut out, &lossy(sfx));
-            out.push(':');
-            let p = &f.pairs[i];
-            let text = lossy(f.bytes(p.value));
-            match p.kind {
-                ValueKind::Number => out.push_str(&text),
-                ValueKind::LooseNumber => push_normalised(&mut out, &text),
-                ValueKind::Text => push_str(&mut out, &text),
-            }
-        }
-        out.push('}');
-    }
+    visit_values(
+        f,
+        &mut DocValues {
+            out: &mut out,
+            factors: 0,
+            first: true,
+        },
+    );
     out.push_str("},\"params\":{");
     let mut first = true;
     for (i, p) in f.pairs.iter().enumerate() {
@@ -306,6 +270,99 @@ fn write_doc<'a>(
     out
 }
 
+/// What the document's `values` object holds, in its order, for a reader that
+/// wants the values without the JSON text (see [`visit_values`]).
+pub trait ValuesVisitor {
+    /// A factor's object begins; `code` is its key.
+    fn factor(&mut self, code: &str);
+    /// One entry of the current factor: the suffix, how the document writes
+    /// the value (`Number` as is, `LooseNumber` through [`normalise_number`],
+    /// `Text` as a string) and the value's text.
+    fn value(&mut self, suffix: &str, kind: ValueKind, text: &str);
+    /// The current factor's object ends.
+    fn end_factor(&mut self);
+}
+
+/// Walks the CP items of `f` in the shape the document's `values` object gives
+/// them, the one place that shape is decided: factor code -> suffix -> value,
+/// codes in first-seen order, each code's items in frame order, a suffix
+/// repeated within a code kept at its last occurrence only (the duplicate is a
+/// finding). Codes, suffixes and values are read as [`lossy`] text, so two
+/// codes that differ only in invalid UTF-8 give two factors with the same key,
+/// as in the document.
+pub fn visit_values<V: ValuesVisitor>(f: &Frame, v: &mut V) {
+    // Items are ranked by their code's first appearance and sorted, which keeps
+    // each code's items in frame order.
+    let mut codes: Vec<&[u8]> = Vec::new();
+    let mut items: Vec<(usize, usize)> = Vec::with_capacity(f.pairs.len());
+    for (i, p) in f.pairs.iter().enumerate() {
+        if let (Some(c), Some(_)) = (p.code, p.suffix) {
+            let c = f.bytes(c);
+            // A code's items are usually adjacent: try the last code first.
+            let rank = if codes.last() == Some(&c) {
+                codes.len() - 1
+            } else if let Some(r) = codes.iter().position(|k| *k == c) {
+                r
+            } else {
+                codes.push(c);
+                codes.len() - 1
+            };
+            items.push((rank, i));
+        }
+    }
+    items.sort_unstable();
+    let suffix = |i: usize| f.bytes(f.pairs[i].suffix.expect("an item has a suffix"));
+    for group in items.chunk_by(|a, b| a.0 == b.0) {
+        v.factor(&lossy(codes[group[0].0]));
+        for (j, &(_, i)) in group.iter().enumerate() {
+            let sfx = suffix(i);
+            if group[j + 1..].iter().any(|&(_, k)| suffix(k) == sfx) {
+                continue;
+            }
+            let p = &f.pairs[i];
+            v.value(&lossy(sfx), p.kind, &lossy(f.bytes(p.value)));
+        }
+        v.end_factor();
+    }
+}
+
+/// [`visit_values`] writing the document's `values` entries.
+struct DocValues<'o> {
+    out: &'o mut String,
+    factors: usize,
+    first: bool,
+}
+
+impl ValuesVisitor for DocValues<'_> {
+    fn factor(&mut self, code: &str) {
+        if self.factors > 0 {
+            self.out.push(',');
+        }
+        self.factors += 1;
+        self.first = true;
+        push_str(self.out, code);
+        self.out.push_str(":{");
+    }
+
+    fn value(&mut self, suffix: &str, kind: ValueKind, text: &str) {
+        if !self.first {
+            self.out.push(',');
+        }
+        self.first = false;
+        push_str(self.out, suffix);
+        self.out.push(':');
+        match kind {
+            ValueKind::Number => self.out.push_str(text),
+            ValueKind::LooseNumber => push_normalised(self.out, text),
+            ValueKind::Text => push_str(self.out, text),
+        }
+    }
+
+    fn end_factor(&mut self) {
+        self.out.push('}');
+    }
+}
+
 /// `b` as text: borrowed when it is UTF-8 (checked on the fast path), with
 /// U+FFFD for invalid sequences otherwise, as [`String::from_utf8_lossy`].
 fn lossy(b: &[u8]) -> std::borrow::Cow<'_, str> {
@@ -327,6 +384,12 @@ fn push_num(out: &mut String, key: &str, v: Option<u32>) {
 
 fn push_u32(out: &mut String, v: u32) {
     out.push_str(super::build::decimal(u64::from(v), &mut [0; 20]));
+}
+
+/// Appends a loose number's text (`+5`, `007.50`) as the document writes it:
+/// JSON number syntax, no `+`, no leading zeros (`5`, `7.50`).
+pub fn normalise_number(out: &mut String, v: &str) {
+    push_normalised(out, v);
 }
 
 /// Normalises a loose decimal (`+1`, `.5`, `1.`, `007`) to JSON number syntax,
