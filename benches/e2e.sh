@@ -23,6 +23,8 @@
 # KEEP=1 keeps the temp dir.
 # Exit 0 when the run met its zero-loss condition, 1 otherwise.
 set -euo pipefail
+# `times` prints seconds with the locale's decimal separator.
+export LC_ALL=C
 
 SCENARIO=${1:-}
 BIN=${BIN:-target/release/hj212-gateway}

@@ -17,6 +17,8 @@
 # DEVICES, FRAME_SIZE (500), SIM_THREADS (1).
 # Exit 0 when every frame was acked, stored and published, 1 otherwise.
 set -euo pipefail
+# `times` prints seconds with the locale's decimal separator.
+export LC_ALL=C
 
 BIN=${BIN:-target/release/hj212-gateway}
 FLOOR=${FLOOR:-target/release/examples/floor}
@@ -100,12 +102,13 @@ for _ in $(seq 600); do
 done
 drain=$(python3 -c "import time; print(round(time.time() - $start, 1))")
 f2=$(ticks "$FLOOR_PID")
+m2=$(ticks "$MQ_PID")
 kill "$FLOOR_PID"
 wait "$FLOOR_PID" 2>/dev/null || true
 
-python3 - "$sim" "$WORK/stats.json" "$WORK/floor.db" "$TCK" $((f1 - f0)) $((f2 - f0)) $(($(cat "$WORK/s1") - $(cat "$WORK/s0"))) $((m1 - m0)) "$drain" "$RATE" "$DURATION" "$DEVICES" <<'PY'
+python3 - "$sim" "$WORK/stats.json" "$WORK/floor.db" "$TCK" $((f1 - f0)) $((f2 - f0)) $(($(cat "$WORK/s1") - $(cat "$WORK/s0"))) $((m1 - m0)) $((m2 - m0)) "$drain" "$RATE" "$DURATION" "$DEVICES" <<'PY'
 import json, sqlite3, sys
-sim, stats, db, tck, run_t, all_t, sim_t, mq_t, drain, rate, dur, dev = sys.argv[1:13]
+sim, stats, db, tck, run_t, all_t, sim_t, mq_t, mq_all_t, drain, rate, dur, dev = sys.argv[1:14]
 sim = json.loads(sim) if sim else {}
 st = json.load(open(stats))
 rows = sqlite3.connect(db).execute("SELECT count(*) FROM records").fetchone()[0]
@@ -119,7 +122,8 @@ out = {
                   floor_cpu_us_per_frame=per(run_t),
                   floor_cpu_us_per_frame_incl_drain=per(all_t),
                   simulator_cpu_us_per_frame=per(sim_t),
-                  mosquitto_cpu_us_per_frame=per(mq_t)),
+                  mosquitto_cpu_us_per_frame=per(mq_t),
+                  mosquitto_cpu_us_per_frame_incl_drain=per(mq_all_t)),
 }
 print(json.dumps(out, indent=1))
 ok = sim.get("acked") == st["frames"] == st["pubacks"] and rows == 2 * st["frames"] and sim.get("errors") == 0

@@ -14,8 +14,8 @@
 //!   chain, no index);
 //! - writes the ack (`CN=9014` with the frame's QN and MN) only after the commit;
 //! - publishes every committed frame's raw bytes to MQTT with QoS 1 (a bare
-//!   MQTT 3.1.1 publisher: one write per batch, PUBACKs counted, at most
-//!   [`INFLIGHT`] unacknowledged).
+//!   MQTT 3.1.1 publisher: one write per commit, or more when the window is
+//!   full, PUBACKs counted, at most [`INFLIGHT`] unacknowledged).
 //!
 //! It has no findings, downlink, alarms, metrics, evidence or configuration,
 //! and is not a gateway: it trusts every byte it is sent.
@@ -174,7 +174,9 @@ fn write_log(
 ) {
     let conn = rusqlite::Connection::open(path).expect("open the log");
     conn.execute_batch(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA page_size = 16384;
+        // The page size first, as the gateway does (src/store/schema.rs): SQLite
+        // ignores a change once the file is in WAL mode.
+        "PRAGMA page_size = 16384; PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;
          CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY, raw BLOB NOT NULL);",
     )
     .expect("create the log");
@@ -252,11 +254,12 @@ async fn publish(addr: String, mut rx: mpsc::Receiver<Vec<Bytes>>, stats: Arc<St
         .await
         .expect("connect to the broker");
     let _ = sock.set_nodelay(true);
-    // CONNECT (§3.1): protocol "MQTT" level 4, clean session, keep-alive 600 s.
+    // CONNECT (§3.1): protocol "MQTT" level 4, clean session, keep-alive 0
+    // (off: this publisher sends no PINGREQ, and an idle run must not be cut).
     let client_id = b"floor";
     let mut connect = vec![0x10];
     put_remaining_length(&mut connect, 10 + 2 + client_id.len());
-    connect.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0x02, 0x58]);
+    connect.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 0]);
     connect.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
     connect.extend_from_slice(client_id);
     sock.write_all(&connect).await.expect("CONNECT");
