@@ -181,9 +181,7 @@ fn info(i: &[u8]) -> Res<'_, &[u8]> {
 /// mutations of them, and random CP texts).
 pub fn parse(seg: &[u8], start: usize, end: usize, findings: &mut Vec<Finding>) -> Vec<Pair> {
     let mut pairs = Vec::with_capacity((end - start) / 12 + 1);
-    // A 256-bit Bloom filter (two bits per key) keeps duplicate detection
-    // linear: only a probable repeat pays for a scan of earlier keys.
-    let mut seen = [0u64; 4];
+    let mut seen = SeenKeys::default();
     let mut pos = start;
     // A key already scanned while looking past a value's `,` for a list item
     // (`list_item`): it was a key after all, and is not scanned twice.
@@ -340,9 +338,7 @@ pub fn parse_grammar(
     findings: &mut Vec<Finding>,
 ) -> Vec<Pair> {
     let mut pairs = Vec::with_capacity((end - start) / 12 + 1);
-    // A 256-bit Bloom filter (two bits per key) keeps duplicate detection
-    // linear: only a probable repeat pays for a scan of earlier keys.
-    let mut seen = [0u64; 4];
+    let mut seen = SeenKeys::default();
     let at = |rest: &[u8]| end - rest.len();
     let mut input = &seg[start..end];
     // `separators`, `key` and `value` take zero or more bytes: they cannot
@@ -450,10 +446,10 @@ struct Scanned {
 /// number classification. One body for both, so the grammar and the fast path
 /// cannot drift apart here; inlined, as it sits in the hottest loop.
 #[inline(always)]
-fn push_pair(
-    seg: &[u8],
+fn push_pair<'a>(
+    seg: &'a [u8],
     t: Scanned,
-    seen: &mut [u64; 4],
+    seen: &mut SeenKeys<'a>,
     pairs: &mut Vec<Pair>,
     findings: &mut Vec<Finding>,
 ) {
@@ -475,10 +471,7 @@ fn push_pair(
         ));
         return;
     }
-    let h = h.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    let (b1, b2) = ((h >> 56) as usize, ((h >> 48) & 255) as usize);
-    let probable = seen[b1 >> 6] & (1 << (b1 & 63)) != 0 && seen[b2 >> 6] & (1 << (b2 & 63)) != 0;
-    if probable && pairs.iter().any(|p: &Pair| &seg[p.key.range()] == kb) {
+    if seen.repeat(seg, pairs, kb, h) {
         findings.push(Finding::new(
             code::CP_DUPLICATE,
             Severity::Warning,
@@ -488,8 +481,6 @@ fn push_pair(
             ),
         ));
     }
-    seen[b1 >> 6] |= 1 << (b1 & 63);
-    seen[b2 >> 6] |= 1 << (b2 & 63);
     // Split at the FIRST '-': standard suffixes never contain '-', and a
     // key like `a21026-i22004-Info` is factor a21026, item `i22004-Info`.
     let (code_span, suffix) = match dash {
@@ -520,6 +511,54 @@ fn push_pair(
         value,
         kind,
     });
+}
+
+/// The keys a CP area has had so far, to tell a repeated key.
+///
+/// A 256-bit Bloom filter (two bits per key) keeps the usual CP of a few dozen
+/// keys linear: only a probable repeat pays for a scan of the earlier keys.
+/// Past [`SeenKeys::SMALL`] keys the filter is mostly ones and every key would
+/// pay for that scan, quadratic in a hostile CP of ~1,700 distinct keys (one
+/// 10 KiB frame cost milliseconds); from there a hash set of the keys, with
+/// std's randomly keyed hasher so that no chosen set of keys collides, takes
+/// over.
+#[derive(Default)]
+struct SeenKeys<'a> {
+    bloom: [u64; 4],
+    set: Option<std::collections::HashSet<&'a [u8]>>,
+}
+
+impl<'a> SeenKeys<'a> {
+    /// Keys kept by the Bloom filter alone.
+    const SMALL: usize = 64;
+
+    /// Whether `kb` (hashed `h` by the scan) is the key of one of `pairs`,
+    /// the pairs of `seg` so far; then records it.
+    #[inline(always)]
+    fn repeat(&mut self, seg: &'a [u8], pairs: &[Pair], kb: &'a [u8], h: u64) -> bool {
+        if pairs.len() >= Self::SMALL {
+            return self.repeat_in_set(seg, pairs, kb);
+        }
+        let h = h.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let (b1, b2) = ((h >> 56) as usize, ((h >> 48) & 255) as usize);
+        let bloom = &mut self.bloom;
+        let probable =
+            bloom[b1 >> 6] & (1 << (b1 & 63)) != 0 && bloom[b2 >> 6] & (1 << (b2 & 63)) != 0;
+        bloom[b1 >> 6] |= 1 << (b1 & 63);
+        bloom[b2 >> 6] |= 1 << (b2 & 63);
+        probable && pairs.iter().any(|p| &seg[p.key.range()] == kb)
+    }
+
+    /// [`SeenKeys::repeat`] past [`SeenKeys::SMALL`] keys; out of line, as the
+    /// usual CP never gets here.
+    #[cold]
+    #[inline(never)]
+    fn repeat_in_set(&mut self, seg: &'a [u8], pairs: &[Pair], kb: &'a [u8]) -> bool {
+        let set = self
+            .set
+            .get_or_insert_with(|| pairs.iter().map(|p| &seg[p.key.range()]).collect());
+        !set.insert(kb)
+    }
 }
 
 fn token_without_eq(tok: &[u8]) -> Finding {
@@ -821,5 +860,54 @@ mod tests {
             codes,
             [code::CP_DUPLICATE, code::CP_SYNTAX, code::CP_SYNTAX]
         );
+    }
+
+    /// Past [`SeenKeys::SMALL`] keys the repeats are found by a hash set: the
+    /// duplicate findings must still be exactly the keys seen before, in order,
+    /// for CP areas of every size around and far past the switch (a 10 KiB
+    /// frame holds ~1,700 keys), with repeats early, late and across it.
+    #[test]
+    fn repeated_keys_are_found_in_cp_areas_of_any_size() {
+        let mut x: u32 = 7;
+        for n in [1, 2, 30, 62, 63, 64, 65, 66, 100, 300, 1700] {
+            for distinct in [n / 3 + 1, n] {
+                let mut seg = Vec::new();
+                for k in 0..n {
+                    x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                    if k > 0 {
+                        seg.push(b';');
+                    }
+                    let key = (x >> 8) as usize % distinct;
+                    if key % 2 == 0 {
+                        seg.extend_from_slice(format!("k{key}=1").as_bytes());
+                    } else {
+                        seg.extend_from_slice(format!("a{key}-Rtd=1").as_bytes());
+                    }
+                }
+                let mut found = Vec::new();
+                let pairs = parse(&seg, 0, seg.len(), &mut found);
+                let mut seen = std::collections::HashSet::new();
+                let expected: Vec<String> = pairs
+                    .iter()
+                    .filter(|p| !seen.insert(&seg[p.key.range()]))
+                    .map(|p| {
+                        format!(
+                            "CP key {:?} repeated; the last value wins",
+                            String::from_utf8_lossy(&seg[p.key.range()])
+                        )
+                    })
+                    .collect();
+                let got: Vec<String> = found
+                    .iter()
+                    .filter(|f| f.code == code::CP_DUPLICATE)
+                    .map(|f| f.detail.to_string())
+                    .collect();
+                assert_eq!(pairs.len(), n);
+                assert_eq!(got, expected, "n {n}, distinct {distinct}");
+                let mut grammar = Vec::new();
+                parse_grammar(&seg, 0, seg.len(), &mut grammar);
+                assert_eq!(format!("{found:?}"), format!("{grammar:?}"));
+            }
+        }
     }
 }

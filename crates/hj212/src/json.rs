@@ -4,6 +4,8 @@
 //! Numbers keep the device's digits (`12.50` stays `12.50`): serde_json is
 //! built with `arbitrary_precision`, and values are never routed through f64.
 
+use std::collections::HashMap;
+
 use base64::Engine;
 use serde_json::{Map, Value, json};
 
@@ -218,15 +220,26 @@ fn write_doc<'a>(
     );
     out.push_str("},\"params\":{");
     let mut first = true;
+    let last = last_index(
+        f.pairs.iter().filter(|p| p.suffix.is_none()).count(),
+        f.pairs
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.suffix.is_none())
+            .map(|(i, p)| (i, f.bytes(p.key))),
+    );
     for (i, p) in f.pairs.iter().enumerate() {
         if p.suffix.is_some() {
             continue;
         }
         let key = f.bytes(p.key);
-        if f.pairs[i + 1..]
-            .iter()
-            .any(|q| q.suffix.is_none() && f.bytes(q.key) == key)
-        {
+        let repeated_later = match &last {
+            Some(last) => last[key] != i,
+            None => f.pairs[i + 1..]
+                .iter()
+                .any(|q| q.suffix.is_none() && f.bytes(q.key) == key),
+        };
+        if repeated_later {
             continue;
         }
         if !first {
@@ -294,6 +307,9 @@ pub fn visit_values<V: ValuesVisitor>(f: &Frame, v: &mut V) {
     // Items are ranked by their code's first appearance and sorted, which keeps
     // each code's items in frame order.
     let mut codes: Vec<&[u8]> = Vec::new();
+    // Past a few codes they are looked up by hash: a scan per item is
+    // quadratic in a hostile CP of ~1,700 codes (see `last_index`).
+    let mut rank_of: Option<HashMap<&[u8], usize>> = None;
     let mut items: Vec<(usize, usize)> = Vec::with_capacity(f.pairs.len());
     for (i, p) in f.pairs.iter().enumerate() {
         if let (Some(c), Some(_)) = (p.code, p.suffix) {
@@ -301,10 +317,18 @@ pub fn visit_values<V: ValuesVisitor>(f: &Frame, v: &mut V) {
             // A code's items are usually adjacent: try the last code first.
             let rank = if codes.last() == Some(&c) {
                 codes.len() - 1
+            } else if let Some(index) = &mut rank_of {
+                *index.entry(c).or_insert_with(|| {
+                    codes.push(c);
+                    codes.len() - 1
+                })
             } else if let Some(r) = codes.iter().position(|k| *k == c) {
                 r
             } else {
                 codes.push(c);
+                if codes.len() > SCAN_MAX {
+                    rank_of = Some(codes.iter().enumerate().map(|(r, k)| (*k, r)).collect());
+                }
                 codes.len() - 1
             };
             items.push((rank, i));
@@ -314,9 +338,17 @@ pub fn visit_values<V: ValuesVisitor>(f: &Frame, v: &mut V) {
     let suffix = |i: usize| f.bytes(f.pairs[i].suffix.expect("an item has a suffix"));
     for group in items.chunk_by(|a, b| a.0 == b.0) {
         v.factor(&lossy(codes[group[0].0]));
+        let last = last_index(
+            group.len(),
+            group.iter().enumerate().map(|(j, &(_, i))| (j, suffix(i))),
+        );
         for (j, &(_, i)) in group.iter().enumerate() {
             let sfx = suffix(i);
-            if group[j + 1..].iter().any(|&(_, k)| suffix(k) == sfx) {
+            let repeated_later = match &last {
+                Some(last) => last[sfx] != j,
+                None => group[j + 1..].iter().any(|&(_, k)| suffix(k) == sfx),
+            };
+            if repeated_later {
                 continue;
             }
             let p = &f.pairs[i];
@@ -361,6 +393,24 @@ impl ValuesVisitor for DocValues<'_> {
     fn end_factor(&mut self) {
         self.out.push('}');
     }
+}
+
+/// Keys looked up by scanning at most this many: a CP holds a few dozen items,
+/// and a scan of so few beats hashing them (at most ~2,000 short comparisons
+/// per frame).
+const SCAN_MAX: usize = 64;
+
+/// Where each key of `keys` (at most `n` of them, each with its position) last
+/// occurs, when `n` is more than [`SCAN_MAX`]; `None` for fewer, which the
+/// caller scans. Keeping only a key's last occurrence by scanning the ones
+/// after it is quadratic, and a hostile 10 KiB CP of ~1,700 distinct keys made
+/// that milliseconds of CPU per frame; this is linear, with std's randomly
+/// keyed hasher so that no chosen set of keys collides.
+fn last_index<'k>(
+    n: usize,
+    keys: impl Iterator<Item = (usize, &'k [u8])>,
+) -> Option<HashMap<&'k [u8], usize>> {
+    (n > SCAN_MAX).then(|| keys.map(|(i, k)| (k, i)).collect())
 }
 
 /// `b` as text: borrowed when it is UTF-8 (checked on the fast path), with
@@ -809,6 +859,57 @@ mod tests {
             raw.extend_from_slice(&crc);
             raw.extend_from_slice(b"\r\n");
             check(raw);
+        }
+    }
+
+    /// CP areas past the scan limit ([`SCAN_MAX`]): many codes, many suffixes of
+    /// one code, many parameters, each with repeats, give the reference's
+    /// document, where the hash lookups take over from the scans.
+    #[test]
+    fn large_cp_areas_equal_the_reference() {
+        let now = chrono::Utc.with_ymd_and_hms(2026, 6, 1, 0, 0, 0).unwrap();
+        let mut x: u32 = 99;
+        for n in [63, 64, 65, 66, 130, 200, 600] {
+            for shape in 0..4 {
+                let mut cp = Vec::new();
+                for k in 0..n {
+                    x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                    let r = (x >> 8) as usize % (n / 2 + 1);
+                    if k > 0 {
+                        cp.push(if x & 0x100 == 0 { b';' } else { b',' });
+                    }
+                    let item = match shape {
+                        // Many codes, a few suffixes each.
+                        0 => format!("c{r}-S{}={k}", r % 3),
+                        // One code, many suffixes.
+                        1 => format!("a01-S{r}={k}"),
+                        // Many parameters.
+                        2 => format!("P{r}={k}"),
+                        // All three, with invalid UTF-8 among the codes.
+                        _ => match k % 3 {
+                            0 => format!("c{r}-Rtd={k}"),
+                            1 => format!("a01-S{r}=+0{k}"),
+                            _ => format!("P{r}=v{k}"),
+                        },
+                    };
+                    cp.extend_from_slice(item.as_bytes());
+                    if shape == 3 && r % 7 == 0 {
+                        cp.extend_from_slice(b";\xff");
+                        cp.extend_from_slice(format!("{}-Rtd=1", r % 5).as_bytes());
+                    }
+                }
+                let mut body =
+                    b"QN=20260601080000000;ST=22;CN=2011;PW=123456;MN=MN1;Flag=4;CP=&&".to_vec();
+                body.extend_from_slice(&cp);
+                body.extend_from_slice(b"&&");
+                let raw = crate::reply::envelope(&body).to_vec();
+                let f = decode(Bytes::from(raw), &Options::new(now), &());
+                assert_eq!(
+                    frame_doc_and_time(&f),
+                    reference::reference_doc_and_time(&f),
+                    "n {n}, shape {shape}"
+                );
+            }
         }
     }
 
