@@ -471,6 +471,16 @@ fn push_pair<'a>(
         ));
         return;
     }
+    // The scans hash the key up to its `=`, spaces before it included, but the
+    // key is kept and compared without them: `a=1;a =2` repeats `a`, and a
+    // hash of the spaced form would hide that from the Bloom filter.
+    let h = if key_end < seg.len() && seg[key_end] == b' ' {
+        kb.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &c| {
+            h.rotate_left(5) ^ c as u64
+        })
+    } else {
+        h
+    };
     if seen.repeat(seg, pairs, kb, h) {
         findings.push(Finding::new(
             code::CP_DUPLICATE,
@@ -878,10 +888,12 @@ mod tests {
                         seg.push(b';');
                     }
                     let key = (x >> 8) as usize % distinct;
+                    // Some written with spaces before the `=`: the same key.
+                    let pad = if x & 0x300 == 0 { " " } else { "" };
                     if key % 2 == 0 {
-                        seg.extend_from_slice(format!("k{key}=1").as_bytes());
+                        seg.extend_from_slice(format!("k{key}{pad}=1").as_bytes());
                     } else {
-                        seg.extend_from_slice(format!("a{key}-Rtd=1").as_bytes());
+                        seg.extend_from_slice(format!("a{key}-Rtd{pad}=1").as_bytes());
                     }
                 }
                 let mut found = Vec::new();
@@ -908,6 +920,36 @@ mod tests {
                 parse_grammar(&seg, 0, seg.len(), &mut grammar);
                 assert_eq!(format!("{found:?}"), format!("{grammar:?}"));
             }
+        }
+    }
+
+    /// A key written with spaces before its `=` is the same key: `a=1;a =2`
+    /// repeats `a`, with few keys (the Bloom filter, which hashed the spaced
+    /// form and missed it) as with many (the hash set).
+    #[test]
+    fn a_key_with_spaces_before_its_equals_sign_is_a_repeat() {
+        for before in [0, 10, 70] {
+            let mut seg = Vec::new();
+            for k in 0..before {
+                seg.extend_from_slice(format!("k{k}=1;").as_bytes());
+            }
+            seg.extend_from_slice(b"a=1;b-Rtd=2;a  =3;b-Rtd =4");
+            let mut found = Vec::new();
+            let pairs = parse(&seg, 0, seg.len(), &mut found);
+            assert_eq!(pairs.len(), before + 4);
+            let repeats: Vec<&str> = found
+                .iter()
+                .filter(|f| f.code == code::CP_DUPLICATE)
+                .map(|f| &*f.detail)
+                .collect();
+            assert_eq!(
+                repeats,
+                [
+                    "CP key \"a\" repeated; the last value wins",
+                    "CP key \"b-Rtd\" repeated; the last value wins"
+                ],
+                "{before} keys before"
+            );
         }
     }
 }
