@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use hj212_gateway::protocol::framing::{self, Cut, FramerConfig};
 use hj212_gateway::protocol::reply;
+use hj212_gateway::publish::mqtt::encode_publish;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -233,21 +234,6 @@ fn write_log(
     }
 }
 
-/// MQTT 3.1.1 remaining length (§2.2.3).
-fn put_remaining_length(out: &mut Vec<u8>, mut n: usize) {
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            return;
-        }
-    }
-}
-
 /// Publishes every committed frame with QoS 1 on one connection.
 async fn publish(addr: String, mut rx: mpsc::Receiver<Vec<Bytes>>, stats: Arc<Stats>) {
     let mut sock = TcpStream::connect(addr.as_str())
@@ -257,8 +243,8 @@ async fn publish(addr: String, mut rx: mpsc::Receiver<Vec<Bytes>>, stats: Arc<St
     // CONNECT (§3.1): protocol "MQTT" level 4, clean session, keep-alive 0
     // (off: this publisher sends no PINGREQ, and an idle run must not be cut).
     let client_id = b"floor";
-    let mut connect = vec![0x10];
-    put_remaining_length(&mut connect, 10 + 2 + client_id.len());
+    // Remaining length 17: one byte, under 128 (§2.2.3).
+    let mut connect = vec![0x10, (10 + 2 + client_id.len()) as u8];
     connect.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 0]);
     connect.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
     connect.extend_from_slice(client_id);
@@ -293,7 +279,7 @@ async fn publish(addr: String, mut rx: mpsc::Receiver<Vec<Bytes>>, stats: Arc<St
             }
         });
     }
-    const TOPIC: &[u8] = b"hj212/floor";
+    const TOPIC: &str = "hj212/floor";
     let mut id: u16 = 0;
     let mut out = Vec::with_capacity(64 * 1024);
     while let Some(raws) = rx.recv().await {
@@ -316,13 +302,8 @@ async fn publish(addr: String, mut rx: mpsc::Receiver<Vec<Bytes>>, stats: Arc<St
                 }
             }
             id = id.checked_add(1).unwrap_or(1);
-            // PUBLISH (§3.3) QoS 1: topic, packet id, payload.
-            out.push(0x32);
-            put_remaining_length(&mut out, 2 + TOPIC.len() + 2 + raw.len());
-            out.extend_from_slice(&(TOPIC.len() as u16).to_be_bytes());
-            out.extend_from_slice(TOPIC);
-            out.extend_from_slice(&id.to_be_bytes());
-            out.extend_from_slice(raw);
+            // PUBLISH (§3.3) QoS 1, encoded by the gateway's own data connection.
+            encode_publish(&mut out, TOPIC, raw, false, false, id);
         }
         if wr.write_all(&out).await.is_err() {
             return;

@@ -91,6 +91,9 @@ use tracing::{debug, error, info, warn};
 
 mod wire;
 
+#[doc(hidden)]
+pub use wire::encode_publish;
+
 use wire::{Target, Wire};
 
 use super::merge::{self, Limit, Merged, Merger, Part};

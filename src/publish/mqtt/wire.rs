@@ -331,8 +331,10 @@ async fn push(wr: &mut WriteHalf<Box<dyn Io>>, buf: &[u8]) -> std::io::Result<Op
 }
 
 /// Appends a PUBLISH at QoS 1 (MQTT 3.1.1 section 3.3): fixed header, remaining
-/// length, topic, packet id, payload.
-fn encode_publish(
+/// length, topic, packet id, payload. Public (hidden) for `examples/floor.rs`,
+/// which publishes as the gateway does.
+#[doc(hidden)]
+pub fn encode_publish(
     out: &mut Vec<u8>,
     topic: &str,
     payload: &[u8],
