@@ -24,6 +24,11 @@
 //! aggregates; `observe-cons` is `observe` minus the same engine with those two
 //! disabled: what they cost per record.
 //!
+//! Last, `hostile` rows: one frame each of the largest CP a frame holds, ~750
+//! factors or one factor of ~600 values, and of half that size, against an
+//! ordinary frame (medians of single runs): the detector's work per item must
+//! stay linear (twice the items, twice the time).
+//!
 //! Run: `cargo bench --bench alarm`
 
 use std::time::{Duration, Instant};
@@ -367,4 +372,108 @@ fn main() {
         NEW_DETECTORS.join(", "),
         (t_obs.as_nanos() as f64 - t_old.as_nanos() as f64) / measured as f64
     );
+    hostile(&sample[0]);
+}
+
+/// A frame whose CP is items written by `item` for as long as the data segment
+/// stays within `limit` bytes (a frame's at most 9,999).
+fn hostile_frame(limit: usize, item: impl Fn(&mut Vec<u8>, usize)) -> StoredRecord {
+    let mn = fleet::mn("SIM", Edition::V2017, 0);
+    let head = Head {
+        qn: Some(&b"20260601000000000"[..]),
+        st: "22",
+        cn: 2011,
+        pw: "123456",
+        mn: &mn,
+        flag: Some(5),
+        split: None,
+    };
+    let mut buf = Vec::new();
+    build::device_frame(&mut buf, &head, None, |b| {
+        b.extend_from_slice(b"DataTime=20260601000000");
+        let mut one = Vec::new();
+        for i in 0.. {
+            one.clear();
+            one.push(b';');
+            item(&mut one, i);
+            // Room for the header and the closing `&&`.
+            if b.len() + one.len() > limit {
+                break;
+            }
+            b.extend_from_slice(&one);
+        }
+    });
+    let now = chrono::DateTime::from_timestamp_millis(1_780_272_000_040).expect("in range");
+    let f = protocol::decode(Bytes::copy_from_slice(&buf), &Options::new(now), &());
+    assert!(
+        !f.has_error(),
+        "a hostile frame is a valid one: {:?}",
+        f.findings
+    );
+    let rec = hj212_gateway::ingest::frame_record(
+        &f,
+        "127.0.0.1:40000",
+        0,
+        Direction::In,
+        1_780_272_000_040,
+        true,
+    );
+    StoredRecord::committed(
+        rec,
+        Appended {
+            seq: 1,
+            duplicate: false,
+        },
+        [0; 32],
+    )
+}
+
+/// What one frame of the largest CP a frame holds costs the detector, against
+/// an ordinary one: the per-item work must stay linear (issue 23).
+fn hostile(normal: &StoredRecord) {
+    const RUNS: usize = 101;
+    let codes = |b: &mut Vec<u8>, i| b.extend_from_slice(format!("c{i}-Rtd=1.5").as_bytes());
+    let suffixes = |b: &mut Vec<u8>, i| b.extend_from_slice(format!("a34013-s{i}=1.5").as_bytes());
+    // Each at half the size too: linear work doubles, quadratic quadruples.
+    let frames = [
+        ("normal", normal.clone()),
+        ("codes", hostile_frame(4_900, codes)),
+        ("codes", hostile_frame(9_800, codes)),
+        ("suffixes", hostile_frame(4_900, suffixes)),
+        ("suffixes", hostile_frame(9_800, suffixes)),
+    ];
+    let cfg = Config::parse("", std::path::Path::new("bench")).expect("default config");
+    for (name, rec) in frames {
+        let file = rec.clone().as_read_back();
+        let items = Obs::from_record(&rec, false)
+            .expect("accepted")
+            .values
+            .iter()
+            .map(|f| f.len())
+            .sum::<usize>();
+        let mut engine = Engine::new(cfg.alarms.clone());
+        let mut times = [Vec::new(), Vec::new(), Vec::new()];
+        for _ in 0..RUNS {
+            let t = Instant::now();
+            let o = std::hint::black_box(Obs::from_record(&rec, false).expect("accepted"));
+            times[0].push(t.elapsed());
+            let t = Instant::now();
+            std::hint::black_box(Obs::from_record(&file, false).expect("accepted"));
+            times[1].push(t.elapsed());
+            let t = Instant::now();
+            std::hint::black_box(engine.observe(&o));
+            times[2].push(t.elapsed());
+        }
+        let median = |v: &mut Vec<Duration>| {
+            v.sort();
+            v[v.len() / 2].as_nanos()
+        };
+        println!(
+            "hostile {name:9} {:5} bytes {items:5} values: from_record {:8} ns  from_file {:8} ns  observe {:8} ns (medians of {RUNS})",
+            rec.raw.len(),
+            median(&mut times[0]),
+            median(&mut times[1]),
+            median(&mut times[2]),
+        );
+    }
 }

@@ -4,14 +4,20 @@
 //! maps of `String`s a realtime frame of ten factors cost some sixty heap
 //! allocations (every code, suffix and flag, and every map node); here a frame's
 //! values live in two vectors, and codes, suffixes and flags are stored inline.
-//! A frame has some ten factors of two to five values each, so lookups scan.
+//! A frame has some ten factors of two to five values each, so lookups while
+//! building scan; a hostile frame's CP holds up to ~1,700 items, and past
+//! [`SCAN_MAX`] factors, or values of one factor, the builder looks them up by
+//! hash instead (a scan per item made such a frame cost the detector most of a
+//! millisecond).
 //!
 //! Factors are kept sorted by code: the engine visits them in that order, and the
 //! order of the events it emits for one frame follows it (as with the map this
 //! replaces). A factor can be present without usable values (`"a":{}`): the engine
 //! still sees it (a flag check runs for it).
 
+use std::collections::HashMap;
 use std::fmt;
+use std::hash::{Hash, Hasher};
 
 use rust_decimal::Decimal;
 
@@ -85,6 +91,13 @@ impl PartialEq for ShortText {
 
 impl Eq for ShortText {}
 
+impl Hash for ShortText {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Equal texts have equal bytes (a text is inline exactly when it fits).
+        self.as_bytes().hash(state);
+    }
+}
+
 impl PartialEq<str> for ShortText {
     fn eq(&self, other: &str) -> bool {
         self.is(other)
@@ -147,14 +160,38 @@ struct Span {
     end: usize,
 }
 
+/// Entries looked up by scanning at most this many while building: a frame
+/// has some ten factors of a few values each, and a scan of so few beats
+/// hashing them.
+const SCAN_MAX: usize = 64;
+
 /// factor -> suffix -> value of one observation: at most one entry per factor and
 /// per suffix within a factor, factors in code order.
 #[derive(Clone, Default)]
 pub struct Values {
     /// Sorted by code (bytewise, as `str` orders).
     factors: Vec<Span>,
-    /// The factors' `(suffix, value)`s, each factor's contiguous.
+    /// The factors' `(suffix, value)`s, each factor's contiguous. While
+    /// building past [`SCAN_MAX`] entries, and after, some are no factor's: an
+    /// entry replaced by a later one of the same suffix or code is left where
+    /// it is rather than removed (removing shifts the rest, which made a
+    /// hostile CP quadratic).
     vals: Vec<(ShortText, Val)>,
+    /// While building, once there are more than [`SCAN_MAX`] of them: where
+    /// each entry is. `None` otherwise, and after [`Values::sort`].
+    index: Option<Box<Index>>,
+}
+
+/// [`Values::index`].
+#[derive(Clone, Default)]
+struct Index {
+    /// code -> the position in `factors` of its latest factor; a factor whose
+    /// code maps elsewhere (or nowhere) was replaced.
+    factors: Option<HashMap<ShortText, usize>>,
+    /// suffix -> the position in `vals` of its latest value, for the factor
+    /// being read; a value of that factor whose suffix maps elsewhere (or
+    /// nowhere) was replaced.
+    suffixes: Option<HashMap<ShortText, usize>>,
 }
 
 /// One factor of [`Values`].
@@ -228,11 +265,13 @@ impl Values {
 
     /// The factor `code`, if present.
     pub fn get(&self, code: &str) -> Option<Factor<'_>> {
-        let code = ShortText::new(code);
-        self.factors
-            .iter()
-            .find(|s| s.code == code)
-            .map(|s| self.factor(s))
+        // A detector looks up one factor per factor it checks (O2 beside each
+        // pollutant): a scan would be quadratic in a CP of ~1,700 codes.
+        let i = self
+            .factors
+            .binary_search_by(|s| s.code.as_bytes().cmp(code.as_bytes()))
+            .ok()?;
+        Some(self.factor(&self.factors[i]))
     }
 
     /// The factors, in code order.
@@ -302,6 +341,7 @@ impl Values {
     pub(super) fn clear(&mut self) {
         self.factors.clear();
         self.vals.clear();
+        self.index = None;
     }
 
     /// Where the values of the factor being read start.
@@ -312,6 +352,9 @@ impl Values {
             self.factors.reserve(12);
             self.vals.reserve(32);
         }
+        if let Some(ix) = &mut self.index {
+            ix.suffixes = None;
+        }
         self.vals.len()
     }
 
@@ -319,11 +362,32 @@ impl Values {
     /// removes it for `None`: of repeated suffixes the last counts, also when it
     /// is unusable.
     pub(super) fn put(&mut self, start: usize, suffix: ShortText, val: Option<Val>) {
+        if let Some(seen) = self.index.as_mut().and_then(|ix| ix.suffixes.as_mut()) {
+            // An earlier value of `suffix` stays where it is, no longer mapped:
+            // `end_factor` drops it.
+            match val {
+                Some(v) => {
+                    seen.insert(suffix.clone(), self.vals.len());
+                    self.vals.push((suffix, v));
+                }
+                None => {
+                    seen.remove(&suffix);
+                }
+            }
+            return;
+        }
         if let Some(k) = self.vals[start..].iter().position(|(s, _)| *s == suffix) {
             self.vals.remove(start + k);
         }
         if let Some(v) = val {
             self.vals.push((suffix, v));
+            if self.vals.len() - start > SCAN_MAX {
+                // Unique so far (each repeat was removed above).
+                let seen = (start..self.vals.len())
+                    .map(|p| (self.vals[p].0.clone(), p))
+                    .collect();
+                self.index.get_or_insert_default().suffixes = Some(seen);
+            }
         }
     }
 
@@ -331,6 +395,30 @@ impl Values {
     /// that code, and is kept only if it was an object (the last of repeated
     /// factors counts, also when it is not an object).
     pub(super) fn end_factor(&mut self, code: ShortText, mut start: usize, is_object: bool) {
+        if let Some(seen) = self.index.as_mut().and_then(|ix| ix.suffixes.take()) {
+            // Keep the values their suffixes still map to, in the order read.
+            let mut kept = start;
+            for p in start..self.vals.len() {
+                if seen.get(&self.vals[p].0) == Some(&p) {
+                    self.vals.swap(kept, p);
+                    kept += 1;
+                }
+            }
+            self.vals.truncate(kept);
+        }
+        if let Some(seen) = self.index.as_mut().and_then(|ix| ix.factors.as_mut()) {
+            // An earlier factor of `code` stays where it is, no longer mapped:
+            // `sort` drops it (its values are no factor's).
+            if is_object {
+                seen.insert(code.clone(), self.factors.len());
+                let end = self.vals.len();
+                self.factors.push(Span { code, start, end });
+            } else {
+                seen.remove(&code);
+                self.vals.truncate(start);
+            }
+            return;
+        }
         if let Some(i) = self.factors.iter().position(|s| s.code == code) {
             let old = self.factors.remove(i);
             let n = old.end - old.start;
@@ -344,6 +432,13 @@ impl Values {
         if is_object {
             let end = self.vals.len();
             self.factors.push(Span { code, start, end });
+            if self.factors.len() > SCAN_MAX {
+                // Unique so far (each repeat was removed above).
+                let seen = (0..self.factors.len())
+                    .map(|i| (self.factors[i].code.clone(), i))
+                    .collect();
+                self.index.get_or_insert_default().factors = Some(seen);
+            }
         } else {
             self.vals.truncate(start);
         }
@@ -351,6 +446,13 @@ impl Values {
 
     /// Puts the factors read in code order (codes are unique by then).
     pub(super) fn sort(&mut self) {
+        if let Some(seen) = self.index.take().and_then(|ix| ix.factors) {
+            let mut i = 0;
+            self.factors.retain(|s| {
+                i += 1;
+                seen.get(&s.code) == Some(&(i - 1))
+            });
+        }
         self.factors
             .sort_unstable_by(|a, b| a.code.as_bytes().cmp(b.code.as_bytes()));
     }
@@ -425,6 +527,80 @@ mod tests {
             })
         );
         assert!(v.get("a3401").is_none() && v.get("a340130").is_none());
+    }
+
+    /// Building as the document readers do (`begin_factor`, `put`,
+    /// `end_factor`, `sort`) gives what a plain model gives: the last of
+    /// repeated suffixes and factors counts, also when it is unusable (`None`)
+    /// or not an object, values in the order their last occurrences were read.
+    /// Sizes cross `SCAN_MAX` for factors and for one factor's values, with and
+    /// without repeats on either side of the switch.
+    #[test]
+    fn building_reads_as_the_last_of_repeats_at_any_size() {
+        type Model = BTreeMap<String, Vec<(String, Val)>>;
+        let mut x = 11u64;
+        let mut next = move |n: u64| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 33) % n
+        };
+        for case in 0..600u64 {
+            // Few distinct codes (many repeats) up to many (few repeats).
+            let factors = next(3 * SCAN_MAX as u64);
+            let codes = 1 + next(4 * SCAN_MAX as u64);
+            let mut v = Values::default();
+            let mut model: Model = BTreeMap::new();
+            for _ in 0..factors {
+                let code = format!("c{}", next(codes));
+                // Mostly small factors; some cross the switch.
+                let (items, suffixes) = if next(8) == 0 {
+                    (next(3 * SCAN_MAX as u64), 1 + next(3 * SCAN_MAX as u64))
+                } else {
+                    (next(6), 1 + next(6))
+                };
+                let start = v.begin_factor();
+                let mut vals: Vec<(String, Val)> = Vec::new();
+                for _ in 0..items {
+                    let suffix = format!("s{}", next(suffixes));
+                    let val = match next(5) {
+                        0 => None,
+                        1 => Some(Val::Text(ShortText::new(
+                            &"T".repeat(1 + next(30) as usize),
+                        ))),
+                        _ => Some(Val::Num(Decimal::from(next(1000)))),
+                    };
+                    vals.retain(|(s, _)| *s != suffix);
+                    if let Some(val) = &val {
+                        vals.push((suffix.clone(), val.clone()));
+                    }
+                    v.put(start, ShortText::new(&suffix), val);
+                }
+                let is_object = next(6) != 0;
+                model.remove(&code);
+                if is_object {
+                    model.insert(code.clone(), vals);
+                }
+                v.end_factor(ShortText::new(&code), start, is_object);
+            }
+            v.sort();
+            let got: Vec<(String, Vec<(String, Val)>)> = v
+                .iter()
+                .map(|f| {
+                    let vals = f.iter().map(|(s, x)| (s.to_owned(), x.clone())).collect();
+                    (f.code().to_owned(), vals)
+                })
+                .collect();
+            let want: Vec<(String, Vec<(String, Val)>)> = model.into_iter().collect();
+            assert_eq!(got, want, "case {case}");
+            for (code, vals) in &want {
+                let f = v.get(code).expect("every factor is found");
+                for (s, x) in vals {
+                    assert_eq!(f.get(s), Some(x), "case {case} {code} {s}");
+                }
+            }
+            assert!(v.get("c").is_none() && v.get("d").is_none());
+        }
     }
 
     #[test]
