@@ -14,6 +14,11 @@ use bytes::Bytes;
 use hj212_gateway::protocol::framing::{self, Cut, FramerConfig};
 use hj212_gateway::protocol::{self, Options, cp, json};
 
+// The gateway's allocator (src/main.rs): a decode allocates its pairs and
+// findings, and what that costs in the gateway is what is measured.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn corpus() -> Vec<Vec<u8>> {
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),

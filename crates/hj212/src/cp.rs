@@ -171,12 +171,12 @@ fn info(i: &[u8]) -> Res<'_, &[u8]> {
 ///
 /// The hot path of decoding, so it is not written with the nom rules above but
 /// walks the bytes once, doing in that walk what the rules do in turn: the
-/// `separators` skip, the `key` scan (hashing the key and finding its first
-/// `-` as it goes), `equals`, and the `value` (with its `list_item`s) or `info`
-/// rule. Built from the
-/// rules ([`parse_grammar`]) the same scan is measurably slower (a second pass
-/// over every key for the hash and the dash; see `benches/README.md`, issue
-/// 19), so the rules are the specification and this loop the implementation;
+/// `separators` skip, the `key` scan (finding its first `-` as it goes, eight
+/// bytes at a time), `equals`, and the `value` (with its `list_item`s) or
+/// `info` rule. Built from the rules ([`parse_grammar`]) the same scan is
+/// measurably slower (a second pass over every key for the dash, and nom's
+/// per-byte predicates; see `benches/README.md`, issues 19 and 23), so the
+/// rules are the specification and this loop the implementation;
 /// unit tests hold the two to identical pairs and findings (the fixtures,
 /// mutations of them, and random CP texts).
 pub fn parse(seg: &[u8], start: usize, end: usize, findings: &mut Vec<Finding>) -> Vec<Pair> {
@@ -232,10 +232,7 @@ pub fn parse(seg: &[u8], start: usize, end: usize, findings: &mut Vec<Finding>) 
                 }
             }
         } else {
-            pos = eq + 1;
-            while pos < end && seg[pos] != b';' && seg[pos] != b',' {
-                pos += 1;
-            }
+            pos = value_end(seg, eq + 1, end);
             // `list_item`, in the same pass as the next key's scan.
             while pos < end && seg[pos] == b',' {
                 let mut t = pos + 1;
@@ -262,7 +259,6 @@ pub fn parse(seg: &[u8], start: usize, end: usize, findings: &mut Vec<Finding>) 
                 key,
                 key_end,
                 dash: k.dash,
-                h: k.h,
                 value,
                 info,
             },
@@ -275,56 +271,110 @@ pub fn parse(seg: &[u8], start: usize, end: usize, findings: &mut Vec<Finding>) 
 }
 
 /// A key scanned from `tok` up to `stop` (its `=`, a `;` or `,`, or the end),
-/// with its first `-` and its hash.
+/// with its first `-`.
 #[derive(Clone, Copy)]
 struct KeyScan {
     tok: usize,
     stop: usize,
     dash: Option<usize>,
-    h: u64,
 }
 
-/// [`KEY_CLASS`] of the bytes that end a key (`=`, `;`, `,`).
-const STOP: u8 = 1;
-/// [`KEY_CLASS`] of `-`.
-const DASH: u8 = 2;
+/// The scans read the CP eight bytes at a time as one `u64` (SWAR): a key or
+/// value is some 3 to 12 bytes, where a loop per byte paid a compare and a
+/// branch per byte and a SIMD search (`memchr3`) its setup per call.
+const ONES: u64 = 0x0101_0101_0101_0101;
+/// The high bit of every byte.
+const HIGHS: u64 = 0x8080_8080_8080_8080;
 
-/// What each byte is to the key scan, looked up once per byte: as a `match`
-/// on the byte the scan compiled to a jump table, an indirect branch per byte.
-const KEY_CLASS: [u8; 256] = {
-    let mut t = [0u8; 256];
-    t[b'=' as usize] = STOP;
-    t[b';' as usize] = STOP;
-    t[b',' as usize] = STOP;
-    t[b'-' as usize] = DASH;
-    t
-};
+/// The word of the eight bytes at `seg[pos..]`, first byte lowest; `None`
+/// when fewer than eight remain.
+#[inline(always)]
+fn word(seg: &[u8], pos: usize) -> Option<u64> {
+    let w: [u8; 8] = seg.get(pos..pos + 8)?.try_into().ok()?;
+    Some(u64::from_le_bytes(w))
+}
 
-/// The `key` rule with the hash and the first `-` taken in the same pass.
+/// The bytes of `w` equal to `b`, as their high bits. Only the lowest set bit
+/// is exact (a borrow out of a matching byte can set the bit of the byte
+/// above it), so callers take the lowest only: of a union of such masks the
+/// lowest set bit is still the first byte matching any of them.
+#[inline(always)]
+fn bytes_equal(w: u64, b: u8) -> u64 {
+    let x = w ^ (ONES * u64::from(b));
+    x.wrapping_sub(ONES) & !x & HIGHS
+}
+
+/// `stops` with the bytes from `avail` on marked as well, when fewer than
+/// eight bytes of the word are before the end: the end stops a scan too, and
+/// the bytes after it are not the CP's.
+#[inline(always)]
+fn with_end(stops: u64, avail: usize) -> u64 {
+    if avail < 8 {
+        stops | HIGHS << (8 * avail)
+    } else {
+        stops
+    }
+}
+
+/// The `key` rule: from `tok` up to the first `=`, `;` or `,` (or `end`),
+/// with the key's first `-` taken in the same pass.
 #[inline(always)]
 fn scan_key(seg: &[u8], tok: usize, end: usize) -> KeyScan {
     let mut dash = None;
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
     let mut pos = tok;
     while pos < end {
-        let c = seg[pos];
-        let class = KEY_CLASS[usize::from(c)];
-        if class == STOP {
+        let Some(w) = word(seg, pos) else {
+            // The last bytes of the segment, one at a time.
+            while pos < end && !matches!(seg[pos], b'=' | b';' | b',') {
+                if seg[pos] == b'-' && dash.is_none() {
+                    dash = Some(pos);
+                }
+                pos += 1;
+            }
+            break;
+        };
+        let stops = with_end(
+            bytes_equal(w, b'=') | bytes_equal(w, b';') | bytes_equal(w, b','),
+            end - pos,
+        );
+        let first_stop = (stops.trailing_zeros() / 8) as usize;
+        if dash.is_none() {
+            let dashes = bytes_equal(w, b'-');
+            let first_dash = (dashes.trailing_zeros() / 8) as usize;
+            if first_dash < first_stop {
+                dash = Some(pos + first_dash);
+            }
+        }
+        if first_stop < 8 {
+            pos += first_stop;
             break;
         }
-        if class == DASH && dash.is_none() {
-            dash = Some(pos);
-        }
-        // rotate-xor: one cycle per byte, off the multiply latency chain.
-        h = h.rotate_left(5) ^ c as u64;
-        pos += 1;
+        pos += 8;
     }
     KeyScan {
         tok,
         stop: pos,
         dash,
-        h,
     }
+}
+
+/// The `value` rule: from `pos` up to the first `;` or `,`, or `end`.
+#[inline(always)]
+fn value_end(seg: &[u8], mut pos: usize, end: usize) -> usize {
+    while pos < end {
+        let Some(w) = word(seg, pos) else {
+            while pos < end && seg[pos] != b';' && seg[pos] != b',' {
+                pos += 1;
+            }
+            break;
+        };
+        let stops = with_end(bytes_equal(w, b';') | bytes_equal(w, b','), end - pos);
+        if stops != 0 {
+            return pos + (stops.trailing_zeros() / 8) as usize;
+        }
+        pos += 8;
+    }
+    pos
 }
 
 /// [`parse`] written with the grammar rules: the same pairs and findings
@@ -360,15 +410,7 @@ pub fn parse_grammar(
             continue;
         };
         let eq = tok + raw_key.len();
-        let mut dash = None;
-        let mut h = 0xcbf2_9ce4_8422_2325u64;
-        for (k, &c) in raw_key.iter().enumerate() {
-            if c == b'-' && dash.is_none() {
-                dash = Some(tok + k);
-            }
-            // rotate-xor: one cycle per byte, off the multiply latency chain.
-            h = h.rotate_left(5) ^ c as u64;
-        }
+        let dash = raw_key.iter().position(|&c| c == b'-').map(|k| tok + k);
         let key_end = trim_spaces(seg, tok, eq);
         let key = Span::new(tok, key_end);
         let is_info = v_in.starts_with(b"//");
@@ -407,7 +449,6 @@ pub fn parse_grammar(
                 key,
                 key_end,
                 dash,
-                h,
                 value,
                 info: is_info,
             },
@@ -430,13 +471,12 @@ fn trim_spaces(seg: &[u8], start: usize, mut end: usize) -> usize {
 }
 
 /// One key/value token as a scan found it: where the key starts and ends, its
-/// first `-`, its hash, the value's span and whether it is `//` text.
+/// first `-`, the value's span and whether it is `//` text.
 struct Scanned {
     tok: usize,
     key: Span,
     key_end: usize,
     dash: Option<usize>,
-    h: u64,
     value: Span,
     info: bool,
 }
@@ -458,7 +498,6 @@ fn push_pair<'a>(
         key,
         key_end,
         dash,
-        h,
         value,
         info,
     } = t;
@@ -471,17 +510,8 @@ fn push_pair<'a>(
         ));
         return;
     }
-    // The scans hash the key up to its `=`, spaces before it included, but the
-    // key is kept and compared without them: `a=1;a =2` repeats `a`, and a
-    // hash of the spaced form would hide that from the Bloom filter.
-    let h = if key_end < seg.len() && seg[key_end] == b' ' {
-        kb.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &c| {
-            h.rotate_left(5) ^ c as u64
-        })
-    } else {
-        h
-    };
-    if seen.repeat(seg, pairs, kb, h) {
+    // Hashed as kept, without the spaces before its `=`: `a=1;a =2` repeats `a`.
+    if seen.repeat(seg, pairs, kb, key_hash(kb)) {
         findings.push(Finding::new(
             code::CP_DUPLICATE,
             Severity::Warning,
@@ -523,6 +553,28 @@ fn push_pair<'a>(
     });
 }
 
+/// A hash of a key for [`SeenKeys`]' Bloom filter, in constant time: its
+/// length and its first and last eight bytes (all of a key of up to 16, which
+/// every standard key is). Two keys that differ only in the middle of a longer
+/// one collide, which costs a scan of the keys so far, not a wrong answer.
+#[inline(always)]
+fn key_hash(kb: &[u8]) -> u64 {
+    let n = kb.len();
+    let u64_at = |i: usize| u64::from_le_bytes(kb[i..i + 8].try_into().expect("8 bytes"));
+    let u32_at = |i: usize| u64::from(u32::from_le_bytes(kb[i..i + 4].try_into().expect("4")));
+    // Overlapping loads at both ends cover every byte of a key of up to 16.
+    let (head, tail) = match n {
+        8.. => (u64_at(0), u64_at(n - 8)),
+        4..8 => (u32_at(0), u32_at(n - 4)),
+        1..4 => (
+            u64::from(kb[0]) | u64::from(kb[n / 2]) << 8,
+            u64::from(kb[n - 1]),
+        ),
+        0 => (0, 0),
+    };
+    (head ^ tail.rotate_left(29) ^ n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
 /// The keys a CP area has had so far, to tell a repeated key.
 ///
 /// A 256-bit Bloom filter (two bits per key) keeps the usual CP of a few dozen
@@ -542,14 +594,13 @@ impl<'a> SeenKeys<'a> {
     /// Keys kept by the Bloom filter alone.
     const SMALL: usize = 64;
 
-    /// Whether `kb` (hashed `h` by the scan) is the key of one of `pairs`,
-    /// the pairs of `seg` so far; then records it.
+    /// Whether `kb` (hashed `h` by [`key_hash`]) is the key of one of
+    /// `pairs`, the pairs of `seg` so far; then records it.
     #[inline(always)]
     fn repeat(&mut self, seg: &'a [u8], pairs: &[Pair], kb: &'a [u8], h: u64) -> bool {
         if pairs.len() >= Self::SMALL {
             return self.repeat_in_set(seg, pairs, kb);
         }
-        let h = h.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let (b1, b2) = ((h >> 56) as usize, ((h >> 48) & 255) as usize);
         let bloom = &mut self.bloom;
         let probable =
