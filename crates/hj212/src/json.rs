@@ -12,6 +12,7 @@ use serde_json::{Map, Value, json};
 use super::cp::ValueKind;
 use super::crc;
 use super::frame::Frame;
+use super::span::Span;
 use super::time;
 
 /// Schema identifier carried by every object.
@@ -219,6 +220,7 @@ fn write_doc<'a>(
         },
     );
     out.push_str("},\"params\":{");
+    let text = SegmentText::new(f);
     let mut first = true;
     let last = last_index(
         f.pairs.iter().filter(|p| p.suffix.is_none()).count(),
@@ -246,12 +248,12 @@ fn write_doc<'a>(
             out.push(',');
         }
         first = false;
-        push_str(&mut out, &lossy(key));
+        push_str(&mut out, &text.piece(p.key));
         out.push(':');
         if is_secret(key) {
             push_str(&mut out, REDACTED);
         } else {
-            push_str(&mut out, &lossy(f.bytes(p.value)));
+            push_str(&mut out, &text.piece(p.value));
         }
     }
     out.push_str("},\"findings\":[");
@@ -335,9 +337,13 @@ pub fn visit_values<V: ValuesVisitor>(f: &Frame, v: &mut V) {
         }
     }
     items.sort_unstable();
-    let suffix = |i: usize| f.bytes(f.pairs[i].suffix.expect("an item has a suffix"));
+    let text = SegmentText::new(f);
+    let suffix_span = |i: usize| f.pairs[i].suffix.expect("an item has a suffix");
+    let suffix = |i: usize| f.bytes(suffix_span(i));
     for group in items.chunk_by(|a, b| a.0 == b.0) {
-        v.factor(&lossy(codes[group[0].0]));
+        // The group's first item is the code's first appearance (`codes`).
+        let code = f.pairs[group[0].1].code.expect("an item has a code");
+        v.factor(&text.piece(code));
         let last = last_index(
             group.len(),
             group.iter().enumerate().map(|(j, &(_, i))| (j, suffix(i))),
@@ -352,7 +358,7 @@ pub fn visit_values<V: ValuesVisitor>(f: &Frame, v: &mut V) {
                 continue;
             }
             let p = &f.pairs[i];
-            v.value(&lossy(sfx), p.kind, &lossy(f.bytes(p.value)));
+            v.value(&text.piece(suffix_span(i)), p.kind, &text.piece(p.value));
         }
         v.end_factor();
     }
@@ -411,6 +417,34 @@ fn last_index<'k>(
     keys: impl Iterator<Item = (usize, &'k [u8])>,
 ) -> Option<HashMap<&'k [u8], usize>> {
     (n > SCAN_MAX).then(|| keys.map(|(i, k)| (k, i)).collect())
+}
+
+/// A frame's data segment as text, validated once: [`SegmentText::piece`]
+/// cuts a key, code, suffix or value from it with two boundary checks, where
+/// [`lossy`] per piece paid a UTF-8 validation call for each of the ~60
+/// pieces of a frame (on the sessions for the document, on the detector for
+/// every frame it reads back).
+struct SegmentText<'f> {
+    segment: &'f [u8],
+    text: Option<&'f str>,
+}
+
+impl<'f> SegmentText<'f> {
+    fn new(f: &'f Frame) -> SegmentText<'f> {
+        SegmentText {
+            segment: &f.segment,
+            text: std::str::from_utf8(&f.segment).ok(),
+        }
+    }
+
+    /// The span's bytes as [`lossy`] gives them: a piece of a UTF-8 segment
+    /// that starts and ends on character boundaries is UTF-8 itself.
+    fn piece(&self, s: Span) -> std::borrow::Cow<'f, str> {
+        match self.text.and_then(|t| t.get(s.range())) {
+            Some(t) => std::borrow::Cow::Borrowed(t),
+            None => lossy(&self.segment[s.range()]),
+        }
+    }
 }
 
 /// `b` as text: borrowed when it is UTF-8 (checked on the fast path), with
