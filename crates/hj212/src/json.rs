@@ -144,8 +144,7 @@ pub fn rebuild_frame_doc(raw: &[u8], data_time: Option<&str>, findings: &str) ->
         Ok(list) => write_doc(
             &f,
             data_time,
-            list.iter()
-                .map(|x| (x.code.as_str(), x.severity.as_str(), &*x.detail)),
+            list.iter().map(|x| (&*x.code, &*x.severity, &*x.detail)),
         ),
         Err(_) => {
             let mut doc = write_doc(&f, data_time, std::iter::empty());
@@ -169,12 +168,17 @@ pub fn decode_for_rebuild(raw: &[u8]) -> Frame {
     )
 }
 
-/// One finding as the frame log's `findings` column holds it.
+/// One finding as the frame log's `findings` column holds it, borrowed from
+/// the column's text where it has no escapes: checking the column of every
+/// record a consumer reads back allocated three strings per finding.
 #[derive(serde::Deserialize)]
-struct StoredFinding {
-    code: String,
-    severity: String,
-    detail: String,
+struct StoredFinding<'a> {
+    #[serde(borrow)]
+    code: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    severity: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    detail: std::borrow::Cow<'a, str>,
 }
 
 /// Whether [`rebuild_frame_doc`] writes `findings` into the document itself
