@@ -974,6 +974,28 @@ mod tests {
         }
     }
 
+    /// Keys that collide in `key_hash` (same length, same first and last eight
+    /// bytes) are still different keys: the Bloom filter's hit is only a
+    /// reason to compare, never a repeat by itself.
+    #[test]
+    fn keys_that_share_a_hash_are_not_repeats() {
+        let (a, b) = (b"aaaaaaaaXbbbbbbbb", b"aaaaaaaaYbbbbbbbb");
+        assert_eq!(key_hash(a), key_hash(b));
+        let seg = b"aaaaaaaaXbbbbbbbb=1;aaaaaaaaYbbbbbbbb=2;aaaaaaaaXbbbbbbbb=3";
+        for parse in [parse, parse_grammar] {
+            let mut findings = Vec::new();
+            let pairs = parse(seg, 0, seg.len(), &mut findings);
+            assert_eq!(pairs.len(), 3);
+            let repeats: Vec<_> = findings
+                .iter()
+                .filter(|f| f.code == code::CP_DUPLICATE)
+                .collect();
+            // Only the true repeat, the third key.
+            assert_eq!(repeats.len(), 1, "{findings:?}");
+            assert!(repeats[0].detail.contains("aaaaaaaaXbbbbbbbb"));
+        }
+    }
+
     /// A key written with spaces before its `=` is the same key: `a=1;a =2`
     /// repeats `a`, with few keys (the Bloom filter, which hashed the spaced
     /// form and missed it) as with many (the hash set).
