@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use common::{Bin, mn, qn, upload};
 use hj212_gateway::daemon::{self};
 use hj212_gateway::store::{Direction, Reader, RecordFilter, Verdict};
-use mqtt_support::{Device, Mosquitto, PATIENCE, Subscriber, data_seqs, free_port, mosquitto_bin};
+use mqtt_support::{Device, Mosquitto, PATIENCE, Subscriber, data_seqs, mosquitto_bin};
 
 fn expected_seqs(db: &Path) -> BTreeSet<u64> {
     Reader::open(db)
@@ -110,17 +110,16 @@ async fn mosquitto_tls_listener_with_a_generated_ca() {
     let Some(bin) = mosquitto_bin() else { return };
     let pki = tempfile::tempdir().expect("tempdir");
     let (ca, cert, key) = make_pki(pki.path());
-    let tls_port = free_port();
     let broker = Mosquitto::start(
         bin,
         &format!(
-            "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
+            "listener {{port2}} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
             ca.display(),
             cert.display(),
             key.display()
         ),
     );
-    mqtt_support::wait_listening(tls_port);
+    let tls_port = broker.port2;
     let sub = Subscriber::start(broker.port, "hj212/#", false).await;
     let (gw, db, _dir) = start_gateway(&format!(
         "url = \"mqtts://127.0.0.1:{tls_port}\"\nca_file = \"{}\"",

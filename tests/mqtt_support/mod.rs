@@ -92,38 +92,70 @@ pub struct Mosquitto {
     child: Option<Child>,
     /// Plain listener.
     pub port: u16,
+    /// A second free port, for a listener `extra` declares as `{port2}`.
+    pub port2: u16,
     /// Directory holding the config, persistence and any certificates.
     pub dir: tempfile::TempDir,
 }
 
 impl Mosquitto {
     /// Starts mosquitto with a plain listener on a free port plus `extra` config lines
-    /// (which may use `{dir}` for its directory).
+    /// (which may use `{dir}` for its directory and `{port2}` for a second free
+    /// port). A port is only free "a moment ago": taken meanwhile (tests run in
+    /// parallel), mosquitto exits at once, and it is started again on others.
     pub fn start(bin: PathBuf, extra: &str) -> Mosquitto {
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
         let d = dir.path().display().to_string();
         let conf = dir.path().join("mosquitto.conf");
-        let text = format!(
-            "user root\nper_listener_settings false\nallow_anonymous true\n\
-             persistence true\npersistence_location {d}/\nautosave_interval 1\n\
-             log_dest file {d}/mosquitto.log\nlistener {port} 127.0.0.1\n{}\n",
-            extra.replace("{dir}", &d)
-        );
-        std::fs::write(&conf, text).expect("write mosquitto.conf");
         let mut m = Mosquitto {
             bin,
             conf,
             child: None,
-            port,
+            port: 0,
+            port2: 0,
             dir,
         };
-        m.restart();
-        m
+        for attempt in 1.. {
+            let (port, port2) = (free_port(), free_port());
+            if port == port2 {
+                continue;
+            }
+            let text = format!(
+                "user root\nper_listener_settings false\nallow_anonymous true\n\
+                 persistence true\npersistence_location {d}/\nautosave_interval 1\n\
+                 log_dest file {d}/mosquitto.log\nlistener {port} 127.0.0.1\n{}\n",
+                extra
+                    .replace("{dir}", &d)
+                    .replace("{port2}", &port2.to_string())
+            );
+            std::fs::write(&m.conf, text).expect("write mosquitto.conf");
+            (m.port, m.port2) = (port, port2);
+            let listens: &[u16] = if extra.contains("{port2}") {
+                &[port, port2]
+            } else {
+                &[port]
+            };
+            match m.spawn_and_wait(listens) {
+                Ok(()) => return m,
+                Err(why) if attempt < 5 => eprintln!("mosquitto attempt {attempt}: {why}; again"),
+                Err(why) => panic!("mosquitto did not start: {why}"),
+            }
+        }
+        unreachable!()
     }
 
     /// (Re)starts the process with the same config and persistence.
     pub fn restart(&mut self) {
+        let ports = [self.port];
+        if let Err(why) = self.spawn_and_wait(&ports) {
+            panic!("mosquitto did not restart: {why}");
+        }
+    }
+
+    /// Spawns mosquitto and waits until it accepts connections on every port of
+    /// `ports`; `Err` with its log if it exits first or takes longer than
+    /// [`PATIENCE`].
+    fn spawn_and_wait(&mut self, ports: &[u16]) -> Result<(), String> {
         let child = Command::new(&self.bin)
             .arg("-c")
             .arg(&self.conf)
@@ -133,7 +165,27 @@ impl Mosquitto {
             .spawn()
             .expect("spawn mosquitto");
         self.child = Some(child);
-        wait_listening(self.port);
+        let deadline = Instant::now() + PATIENCE;
+        for &port in ports {
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                let exited = self
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
+                if let Some(status) = exited {
+                    self.child = None;
+                    return Err(format!("exited ({status}); its log: {}", self.log()));
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "nothing listens on {port}; its log: {}",
+                        self.log()
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
     }
 
     /// Stops it with SIGTERM (it saves its persistence) and waits.
