@@ -130,6 +130,7 @@ impl Store {
             cfg,
             counters: Arc::clone(&counters),
             checkpointer: Some(checkpointer),
+            hash_scratch: Vec::new(),
             finished_pass: 0,
             dialects: Dialects::default(),
         };
@@ -545,6 +546,8 @@ struct Writer {
     finished_pass: u64,
     /// What `device_dialects` holds, as far as this writer wrote it.
     dialects: Dialects,
+    /// A record's hashed encoding, reused from record to record.
+    hash_scratch: Vec<u8>,
 }
 
 impl Writer {
@@ -826,7 +829,7 @@ impl Writer {
                             .exists((rec.mn.as_deref(), rec.qn.as_deref(), rec.cn.as_deref()))
                             .map_err(|e| ("probe for a retransmission", e))?;
                     let cols = columns(rec, seq, duplicate);
-                    let (hash, leaf) = record_and_leaf_hash(&prev, &cols)
+                    let (hash, leaf) = record_and_leaf_hash(&prev, &cols, &mut self.hash_scratch)
                         .ok_or(("hash a record", rusqlite::Error::InvalidQuery))?;
                     insert
                         .execute(rusqlite::params_from_iter(
