@@ -35,7 +35,7 @@ use super::{AlarmEvent, DetectorKind, Obs};
 use crate::config::{AlarmsSection, DeviceKind};
 use crate::metrics::Metrics;
 use crate::registry::SharedRegistry;
-use crate::store::follower::{self, Consumer, Exec, Follower, Plan, Rewind, Start};
+use crate::store::follower::{self, Consumer, Follower, Plan, Rewind, Start};
 use crate::store::{AlarmRow, AlarmStore, Feed, StoreError, StoredRecord};
 
 /// The detector's cursor in the `cursors` table.
@@ -405,32 +405,26 @@ pub fn spawn(
     crash_loop_starts: u32,
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
-    let rt = tokio::runtime::Handle::current();
-    let (stopped, on_stop) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::Builder::new()
-        .name("hj212-alarms".into())
-        .spawn(move || {
-            // Code under the detector may expect a runtime context, as it had on
-            // the blocking pool.
-            let _context = rt.enter();
-            lower_priority(cfg.nice);
-            let alarms = Alarms {
-                cfg,
-                registry,
-                crash_loop_starts,
-            };
-            rt.block_on(follower::follow(alarms, db, feed, Exec::Inline, shutdown));
-            let _ = stopped.send(());
-        });
-    if let Err(e) = thread {
-        error!(error = %e, "alarm detector thread cannot start; no alarms");
-        return tokio::spawn(async {});
-    }
-    tokio::spawn(async move {
-        if on_stop.await.is_err() {
-            error!("alarm detector panicked; no alarms until the gateway restarts");
+    let nice = cfg.nice;
+    let alarms = Alarms {
+        cfg,
+        registry,
+        crash_loop_starts,
+    };
+    match follower::spawn_thread(
+        "hj212-alarms",
+        move || lower_priority(nice),
+        alarms,
+        db,
+        feed,
+        shutdown,
+    ) {
+        Ok(task) => task,
+        Err(e) => {
+            error!(error = %e, "alarm detector thread cannot start; no alarms");
+            tokio::spawn(async {})
         }
-    })
+    }
 }
 
 /// Lowers the calling thread's priority by `nice` steps (see [`crate::priority`]).

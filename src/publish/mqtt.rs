@@ -388,7 +388,24 @@ pub fn spawn(
     presence: Arc<Presence>,
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
-    follower::spawn(Mqtt { settings, presence }, db, feed, shutdown)
+    let mqtt = Mqtt { settings, presence };
+    // A thread of its own: on the async threads its pump queued behind two
+    // thousand sessions at every turn, and at saturation it fell seconds
+    // behind the log while the sessions kept up (benches/README.md, issue 23).
+    match follower::spawn_thread(
+        "hj212-mqtt",
+        || {},
+        mqtt.clone(),
+        db.clone(),
+        feed.clone(),
+        shutdown.clone(),
+    ) {
+        Ok(task) => task,
+        Err(e) => {
+            warn!(error = %e, "MQTT publisher thread cannot start; it runs on the async threads");
+            follower::spawn(mqtt, db, feed, shutdown)
+        }
+    }
 }
 
 /// The publisher as a consumer of the log (see [`crate::store::follower`]).

@@ -171,6 +171,43 @@ pub fn spawn<C: Consumer>(
     tokio::spawn(follow(consumer, db, feed, Exec::Pool, shutdown))
 }
 
+/// Runs `consumer` on a thread of its own named `name`, after `setup` has run
+/// there, until `shutdown` is cancelled; its blocking calls run in place. The
+/// returned task ends when the thread does, and panics if the thread did (so a
+/// watcher reports it as it would a consumer on the async threads).
+///
+/// For a consumer whose async part must not queue behind the sessions on the
+/// async threads (or that must run at another priority, which Linux keeps per
+/// thread). `Err` when the thread cannot be started.
+pub fn spawn_thread<C: Consumer + Send>(
+    name: &str,
+    setup: impl FnOnce() + Send + 'static,
+    consumer: C,
+    db: PathBuf,
+    feed: Arc<Feed>,
+    shutdown: CancellationToken,
+) -> std::io::Result<JoinHandle<()>> {
+    let rt = tokio::runtime::Handle::current();
+    let (stopped, on_stop) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            // Code under the consumer may expect a runtime context, as it has on
+            // the async threads.
+            let _context = rt.enter();
+            setup();
+            rt.block_on(follow(consumer, db, feed, Exec::Inline, shutdown));
+            let _ = stopped.send(());
+        })?;
+    let name = name.to_owned();
+    Ok(tokio::spawn(async move {
+        // The sender is dropped unsent only when the thread unwound.
+        if on_stop.await.is_err() {
+            panic!("the {name} thread panicked");
+        }
+    }))
+}
+
 /// Opens the follower and the consumer (retrying every [`super::OPEN_RETRY`] until
 /// the log can be opened; a damaged log stops it), runs the consumer, stops cleanly.
 pub async fn follow<C: Consumer>(
@@ -900,6 +937,56 @@ mod tests {
         let dl = list_dead_letters(&path, &Default::default()).unwrap();
         assert_eq!(dl.len(), 1);
         assert_eq!((dl[0].seq, dl[0].detail.as_str()), (3, "3 tries"));
+        drop(h);
+        j.join().unwrap();
+    }
+
+    /// `spawn_thread` runs the consumer on the named thread to the end of the
+    /// log (its cursor written); a panic there ends the returned task as a
+    /// panic, which the gateway's watcher reports.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_consumer_on_its_own_thread_runs_there_and_its_panic_is_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, h, j) = store(dir.path(), 4).await;
+        let picky = Picky {
+            poison: 0,
+            tries: 1,
+            opened: Arc::default(),
+        };
+        let thread_name = Arc::new(Mutex::new(None));
+        let seen = thread_name.clone();
+        let task = spawn_thread(
+            "test-consumer",
+            move || *seen.lock().unwrap() = std::thread::current().name().map(str::to_owned),
+            picky.clone(),
+            path.clone(),
+            h.feed(),
+            CancellationToken::new(),
+        )
+        .unwrap();
+        tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .expect("ran to the end of the log")
+            .expect("no panic");
+        assert_eq!(
+            thread_name.lock().unwrap().as_deref(),
+            Some("test-consumer")
+        );
+        assert_eq!(stored(&path, "picky"), Some(4));
+
+        let task = spawn_thread(
+            "test-panics",
+            || panic!("the consumer's thread fails"),
+            picky,
+            path,
+            h.feed(),
+            CancellationToken::new(),
+        )
+        .unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .expect("ended");
+        assert!(ended.is_err_and(|e| e.is_panic()));
         drop(h);
         j.join().unwrap();
     }
