@@ -215,8 +215,10 @@ fn write_doc<'a>(
     push_opt(&mut out, "encryption", f.encryption.map(|e| e.as_str()));
 
     out.push_str("\"values\":{");
-    visit_values(
+    let text = SegmentText::new(f);
+    visit_values_in(
         f,
+        &text,
         &mut DocValues {
             out: &mut out,
             factors: 0,
@@ -224,7 +226,6 @@ fn write_doc<'a>(
         },
     );
     out.push_str("},\"params\":{");
-    let text = SegmentText::new(f);
     let mut first = true;
     let last = last_index(
         f.pairs.iter().filter(|p| p.suffix.is_none()).count(),
@@ -310,6 +311,11 @@ pub trait ValuesVisitor {
 /// codes that differ only in invalid UTF-8 give two factors with the same key,
 /// as in the document.
 pub fn visit_values<V: ValuesVisitor>(f: &Frame, v: &mut V) {
+    visit_values_in(f, &SegmentText::new(f), v);
+}
+
+/// [`visit_values`] with the frame's text already validated.
+fn visit_values_in<V: ValuesVisitor>(f: &Frame, text: &SegmentText<'_>, v: &mut V) {
     // Items are ranked by their code's first appearance and sorted, which keeps
     // each code's items in frame order.
     let mut codes: Vec<&[u8]> = Vec::new();
@@ -341,7 +347,6 @@ pub fn visit_values<V: ValuesVisitor>(f: &Frame, v: &mut V) {
         }
     }
     items.sort_unstable();
-    let text = SegmentText::new(f);
     let suffix_span = |i: usize| f.pairs[i].suffix.expect("an item has a suffix");
     let suffix = |i: usize| f.bytes(suffix_span(i));
     for group in items.chunk_by(|a, b| a.0 == b.0) {
