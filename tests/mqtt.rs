@@ -347,22 +347,24 @@ async fn qos_0_and_2_also_publish_every_frame() {
     }
 }
 
-/// The publisher reads a backlog from the log file, then keeps up from the writer's
-/// in-memory commit feed. With a 4-record feed and four devices sending at once it
-/// crosses between the two sources all the time: every accepted frame is still
-/// published, and none twice.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tiny_commit_feed_loses_and_repeats_nothing() {
+/// A gateway with a 4-record commit feed that stored `backlog` frames while no
+/// broker was configured, restarted with one (`[mqtt]` plus `mqtt_extra`)
+/// while four devices send `live` frames each. Returns once every device is
+/// acked, with the seqs that must be published and the directory of the log.
+async fn backlog_then_live(
+    backlog: u32,
+    live: u32,
+    mqtt_extra: &str,
+) -> (Gw, Subscriber, BTreeSet<u64>, tempfile::TempDir) {
     let shared = tempfile::tempdir().expect("tempdir");
     let store = format!(
         "[store]\nsync = \"off\"\npath = {:?}\nfeed_records = 4\n",
         shared.path().join("frames.db")
     );
     let base = "[metrics]\nlisten = \"127.0.0.1:0\"\n[server]\nlisten = [\"127.0.0.1:0\"]\n";
-    // A backlog, stored while no broker is configured.
     let gw = start(&format!("{base}{store}")).await;
     let mut d = Device::connect(gw.addr).await;
-    for i in 0..40 {
+    for i in 0..backlog {
         d.send_acked(&upload(&mn(i % 4), &qn(i), "123456")).await;
     }
     drop(d);
@@ -371,7 +373,7 @@ async fn a_tiny_commit_feed_loses_and_repeats_nothing() {
     let port = rumqttd();
     let sub = Subscriber::start(port, "hj212/#", false).await;
     let gw = start(&format!(
-        "{base}{store}[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\nclient_id = \"gw-feed\"\n"
+        "{base}{store}[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\n{mqtt_extra}"
     ))
     .await;
     let mut senders = Vec::new();
@@ -379,8 +381,8 @@ async fn a_tiny_commit_feed_loses_and_repeats_nothing() {
         let addr = gw.addr;
         senders.push(tokio::spawn(async move {
             let mut d = Device::connect(addr).await;
-            for i in 0..60 {
-                d.send_acked(&upload(&mn(dev), &qn(1000 + dev * 100 + i), "123456"))
+            for i in 0..live {
+                d.send_acked(&upload(&mn(dev), &qn(10_000 + dev * 1000 + i), "123456"))
                     .await;
             }
         }));
@@ -388,20 +390,51 @@ async fn a_tiny_commit_feed_loses_and_repeats_nothing() {
     for s in senders {
         s.await.expect("device");
     }
-    let log = shared.path().join("frames.db");
-    let expected = expected_seqs(&log);
-    assert_eq!(expected.len(), 40 + 240);
-    let got = sub
-        .wait_for("every frame", |g| data_seqs(g).is_superset(&expected))
+    let expected = expected_seqs(&shared.path().join("frames.db"));
+    assert_eq!(expected.len() as u32, backlog + 4 * live);
+    (gw, sub, expected, shared)
+}
+
+/// The data seqs `sub` received, in arrival order, once every one of
+/// `expected` has arrived and anything published twice would have too.
+async fn published_seqs(sub: &Subscriber, expected: &BTreeSet<u64>) -> Vec<u64> {
+    sub.wait_for("every frame", |g| data_seqs(g).is_superset(expected))
         .await;
-    // Anything published twice would have arrived by now.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let got_now = sub.got.lock().unwrap().clone();
-    let data: Vec<u64> = got_now.iter().filter_map(|m| m.seq()).collect();
+    let got = sub.got.lock().unwrap();
+    got.iter().filter_map(|m| m.seq()).collect()
+}
+
+/// The publisher reads a backlog from the log file, then keeps up from the writer's
+/// in-memory commit feed. With a 4-record feed and four devices sending at once it
+/// crosses between the two sources all the time: every accepted frame is still
+/// published, and none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiny_commit_feed_loses_and_repeats_nothing() {
+    let (gw, sub, expected, _dir) = backlog_then_live(40, 60, "client_id = \"gw-feed\"\n").await;
+    let data = published_seqs(&sub, &expected).await;
     assert_eq!(data.len(), expected.len(), "no frame published twice");
-    assert!(data_seqs(&got).is_superset(&expected));
     let m = &gw.running.shared.metrics;
     assert!(m.feed_misses.get() > 0, "the backlog came from SQLite");
     assert!(m.feed_reads.get() > 0, "live frames came from the feed");
+    gw.running.stop().await.expect("stop");
+}
+
+/// Pages of 8 records (4 frames with their acks) with the same tiny feed, while
+/// a backlog of 300 frames drains and live frames arrive: the publisher
+/// switches between the file and the feed and reaches the head with a short
+/// page many times over. Every accepted frame is still published once, and in
+/// the order of the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_pages_publish_every_frame_once_in_log_order() {
+    let (gw, sub, expected, _dir) =
+        backlog_then_live(300, 40, "client_id = \"gw-pages\"\nbatch = 8\n").await;
+    let data = published_seqs(&sub, &expected).await;
+    let in_order: Vec<u64> = expected.iter().copied().collect();
+    assert_eq!(data, in_order, "each frame once, in the log's order");
+    assert!(
+        gw.running.shared.metrics.feed_misses.get() > 0,
+        "the backlog came from SQLite"
+    );
     gw.running.stop().await.expect("stop");
 }
