@@ -94,6 +94,8 @@ pub struct Mosquitto {
     pub port: u16,
     /// A second free port, for a listener `extra` declares as `{port2}`.
     pub port2: u16,
+    /// Whether `extra` declared that listener (a restart waits for it too).
+    second_listener: bool,
     /// Directory holding the config, persistence and any certificates.
     pub dir: tempfile::TempDir,
 }
@@ -113,6 +115,7 @@ impl Mosquitto {
             child: None,
             port: 0,
             port2: 0,
+            second_listener: extra.contains("{port2}"),
             dir,
         };
         for attempt in 1.. {
@@ -130,12 +133,7 @@ impl Mosquitto {
             );
             std::fs::write(&m.conf, text).expect("write mosquitto.conf");
             (m.port, m.port2) = (port, port2);
-            let listens: &[u16] = if extra.contains("{port2}") {
-                &[port, port2]
-            } else {
-                &[port]
-            };
-            match m.spawn_and_wait(listens) {
+            match m.spawn_and_wait() {
                 Ok(()) => return m,
                 Err(why) if attempt < 5 => eprintln!("mosquitto attempt {attempt}: {why}; again"),
                 Err(why) => panic!("mosquitto did not start: {why}"),
@@ -146,16 +144,15 @@ impl Mosquitto {
 
     /// (Re)starts the process with the same config and persistence.
     pub fn restart(&mut self) {
-        let ports = [self.port];
-        if let Err(why) = self.spawn_and_wait(&ports) {
+        if let Err(why) = self.spawn_and_wait() {
             panic!("mosquitto did not restart: {why}");
         }
     }
 
-    /// Spawns mosquitto and waits until it accepts connections on every port of
-    /// `ports`; `Err` with its log if it exits first or takes longer than
+    /// Spawns mosquitto and waits until it accepts connections on each of its
+    /// listeners; `Err` with its log if it exits first or takes longer than
     /// [`PATIENCE`].
-    fn spawn_and_wait(&mut self, ports: &[u16]) -> Result<(), String> {
+    fn spawn_and_wait(&mut self) -> Result<(), String> {
         let child = Command::new(&self.bin)
             .arg("-c")
             .arg(&self.conf)
@@ -166,7 +163,12 @@ impl Mosquitto {
             .expect("spawn mosquitto");
         self.child = Some(child);
         let deadline = Instant::now() + PATIENCE;
-        for &port in ports {
+        let ports = if self.second_listener {
+            vec![self.port, self.port2]
+        } else {
+            vec![self.port]
+        };
+        for port in ports {
             while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
                 let exited = self
                     .child
